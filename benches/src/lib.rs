@@ -1,0 +1,1 @@
+//! Sightline's benchmarks live in `benches/`; this library is empty.

@@ -1,0 +1,1 @@
+//! Sightline's integration tests live in `tests/`; this library is empty.

@@ -1,0 +1,81 @@
+//! Closing windows: turning a windowed collection into one final result per window.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+
+use differential_dataflow::difference::Semigroup;
+use differential_dataflow::{Hashable, VecCollection};
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+use timely::ExchangeData;
+
+use crate::window::{Time, WindowKey, Windows};
+
+/// The final contents of one window on one worker: every key with a non-zero accumulation,
+/// sorted by key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClosedWindow<K, R> {
+    /// Window start, ms since the epoch.
+    pub window_start: u64,
+    /// Window end (exclusive), ms since the epoch.
+    pub window_end: u64,
+    /// `(key, accumulated difference)`, sorted by key, zero accumulations left out.
+    pub entries: Vec<(K, R)>,
+}
+
+/// Emits each window of `updates` once, when it is closed.
+///
+/// Input: a collection whose keys name their window ([`WindowKey`]) and whose differences are
+/// the aggregate, each update at a time inside its key's window. Updates are exchanged by key
+/// and accumulated per window; when the input frontier passes a window's end, the worker
+/// emits one [`ClosedWindow`] with its share of the keys, at time `window_end − 1`, and
+/// forgets the window. State is therefore bounded by the open windows, not by history.
+///
+/// An update that arrives for a window that is already closed cannot happen while the time
+/// invariant holds (the frontier has passed every time in it); such an update would start a
+/// new accumulation and be emitted as a second part of that window.
+pub fn close_windows<'s, K, R>(updates: VecCollection<'s, Time, K, R>, windows: Windows, name: &str) -> StreamVec<'s, Time, ClosedWindow<K, R>>
+where
+    K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
+    R: Semigroup + ExchangeData,
+{
+    let exchange = Exchange::new(|(key, _time, _diff): &(K, Time, R)| key.hashed());
+    updates.inner.unary_frontier(exchange, name, move |_capability, _info| {
+        let mut open: BTreeMap<u64, (Capability<Time>, HashMap<K, R>)> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each(|cap, data| {
+                let Some(&least) = cap.least() else { return };
+                for (key, _time, diff) in data.drain(..) {
+                    let start = key.window_start();
+                    let (_, acc) = open.entry(start).or_insert_with(|| {
+                        let emit_at = windows.end_of(start).saturating_sub(1).max(least);
+                        (cap.delayed(&emit_at, 0), HashMap::new())
+                    });
+                    match acc.entry(key) {
+                        std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().plus_equals(&diff),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(diff);
+                        }
+                    }
+                }
+            });
+            while let Some((&start, _)) = open.first_key_value() {
+                let end = windows.end_of(start);
+                if frontier.less_than(&end) {
+                    break;
+                }
+                if let Some((_, (cap, acc))) = open.pop_first() {
+                    let mut entries: Vec<(K, R)> = acc.into_iter().filter(|(_, r)| !r.is_zero()).collect();
+                    if entries.is_empty() {
+                        continue;
+                    }
+                    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                    output.session(&cap).give(ClosedWindow { window_start: start, window_end: end, entries });
+                }
+            }
+        }
+    })
+}

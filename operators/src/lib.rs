@@ -1,0 +1,38 @@
+//! Sightline's differential-dataflow operators.
+//!
+//! One concern per module:
+//!
+//! - [`window`]: event-time tumbling windows and the [`Time`] of every dataflow;
+//! - [`histogram`]: the subtractable log-bucketed [`LatencyHistogram`] (≤ 1% relative error);
+//! - [`aggregates`]: the windowed aggregates (`event_counts`, `latency`, `latency_by_variant`,
+//!   `quality`), each a function from collections to a collection whose difference is the
+//!   aggregate;
+//! - [`close`]: [`close_windows`], which emits each window once, when the frontier has passed it.
+//!
+//! ```
+//! use differential_dataflow::input::Input;
+//! use sightline_operators::{close_windows, event_counts, Windows};
+//! use timely::dataflow::operators::Inspect;
+//!
+//! timely::execute_directly(|worker| {
+//!     let mut input = worker.dataflow::<u64, _, _>(|scope| {
+//!         let (input, events) = scope.new_collection();
+//!         let windows = Windows::new(60_000);
+//!         close_windows(event_counts(events, windows), windows, "counts")
+//!             .inspect(|w| println!("window {} has {} keys", w.window_start, w.entries.len()));
+//!         input
+//!     });
+//!     # let _: &mut differential_dataflow::input::InputSession<u64, sightline_schemas::Event, isize> = &mut input;
+//!     input.close();
+//! });
+//! ```
+
+pub mod aggregates;
+pub mod close;
+pub mod histogram;
+pub mod window;
+
+pub use aggregates::{event_counts, latency, latency_by_variant, quality, CountKey, LatencyKey, Outcome, QualityKey, VariantKey};
+pub use close::{close_windows, ClosedWindow};
+pub use histogram::LatencyHistogram;
+pub use window::{Time, WindowKey, Windows};

@@ -1,0 +1,124 @@
+//! The embedded default: an in-process Kafka cluster, a live generator, a local lake.
+//!
+//! `sightline demo` starts librdkafka's mock cluster (one broker, in this process), creates
+//! the topic `telemetry.events` with four partitions, produces generated events to it at a
+//! steady rate with event time = now (plus jitter, a few late and a few broken events), and
+//! runs the same pipeline as `sightline run` against it, writing to `./sightline-data`. The
+//! mock cluster keeps only the recent part of each partition, which is fine for a live demo
+//! that consumes while it produces.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+use crate::config::{Config, TopicConfig};
+use crate::generator::{Generator, GeneratorConfig};
+use crate::run::{run, Input, Job, Summary};
+
+/// The demo's topic.
+pub const DEMO_TOPIC: &str = "telemetry.events";
+
+/// Settings of a demo run.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Stop after this long; `None` runs until `stop` is set.
+    pub duration: Option<Duration>,
+    /// Events produced per second.
+    pub events_per_second: f64,
+    /// The configuration; its Kafka section is replaced by the mock cluster's.
+    pub config: Config,
+    /// Print one line per closed window.
+    pub print_windows: bool,
+    /// Set to stop (Ctrl-C).
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The configuration the demo starts from: 10 s windows and 2 s lateness so that progress
+/// shows quickly.
+pub fn demo_config() -> Config {
+    let mut config = Config::default();
+    config.pipeline.window_ms = 10_000;
+    config.pipeline.allowed_lateness_ms = 2_000;
+    config.pipeline.idle_timeout_ms = 2_000;
+    config
+}
+
+/// Runs the demo; returns the pipeline's summary and the number of events produced.
+pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
+    let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
+    cluster.create_topic(DEMO_TOPIC, 4, 1).context("creating the demo topic")?;
+    let bootstrap = cluster.bootstrap_servers();
+
+    let mut config = options.config.clone();
+    config.kafka.bootstrap_servers = bootstrap.clone();
+    config.kafka.topics = vec![TopicConfig { name: DEMO_TOPIC.into() }];
+    config.kafka.group_id = "sightline-demo".into();
+    config.kafka.commit_interval_ms = 1_000;
+
+    let stop = Arc::clone(&options.stop);
+    let produced = Arc::new(AtomicU64::new(0));
+    let producer_thread = {
+        let (stop, produced, bootstrap) = (Arc::clone(&stop), Arc::clone(&produced), bootstrap.clone());
+        let rate = options.events_per_second;
+        std::thread::Builder::new().name("demo-producer".into()).spawn(move || produce_live(&bootstrap, rate, &stop, &produced))?
+    };
+    if let Some(duration) = options.duration {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + duration;
+            while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let lake = sightline_sinks::Lake::open(&config.lake.location)?;
+    let job = Job { config: config.clone(), input: Input::Kafka(config.kafka.clone()), lake, stop: Arc::clone(&stop), print_windows: options.print_windows };
+    let summary = run(job);
+    stop.store(true, Ordering::Relaxed);
+    let produce_result = producer_thread.join().map_err(|_| anyhow::anyhow!("the demo producer panicked"))?;
+    drop(cluster);
+    produce_result?;
+    Ok((summary?, produced.load(Ordering::Relaxed)))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Produces generated events at `rate` per second, event time following the wall clock.
+fn produce_live(bootstrap: &str, rate: f64, stop: &AtomicBool, produced: &AtomicU64) -> anyhow::Result<()> {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "200000")
+        .create()
+        .context("creating the demo producer")?;
+    let mut generator = Generator::new(GeneratorConfig { seed: now_ms() as u64, start_ms: now_ms(), events_per_second: rate, ..GeneratorConfig::default() });
+    let started = Instant::now();
+    let mut line = Vec::with_capacity(2048);
+    while !stop.load(Ordering::Relaxed) {
+        let due = (started.elapsed().as_secs_f64() * rate) as u64;
+        while generator.emitted() < due && !stop.load(Ordering::Relaxed) {
+            line.clear();
+            generator.next_line(&mut line);
+            loop {
+                match producer.send(BaseRecord::<(), [u8]>::to(DEMO_TOPIC).payload(&line)) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => std::thread::sleep(Duration::from_millis(5)),
+                    Err((err, _)) => return Err(err).context("producing a demo event"),
+                }
+            }
+            produced.fetch_add(1, Ordering::Relaxed);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = producer.flush(Duration::from_secs(2));
+    Ok(())
+}

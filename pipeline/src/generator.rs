@@ -1,0 +1,457 @@
+//! The built-in event generator: realistic events of both seed taxonomies, as NDJSON.
+//!
+//! Events follow the canonical envelope of the platform spec, with every optional envelope
+//! field filled in the way a web or server SDK would, and the event-specific properties of
+//! each spec under `properties`. Names are weighted like a real product (views and
+//! integration calls are common, deals are rare); latencies are log-normal; a fraction of
+//! events carry experiment assignments. A generated event is about 870 bytes of JSON.
+//!
+//! Event time advances at `events_per_second` from `start_ms`, with a uniform jitter of up to
+//! `jitter_ms` (out-of-order arrival within the allowed lateness). A `late_fraction` of events
+//! is held back by 30–120 s, beyond any sensible allowed lateness, and a `bad_fraction` is
+//! deliberately broken (truncated, wrong types, missing fields, unknown names, invalid
+//! UTF-8, empty lines), so that every path of the pipeline is exercised. Output is fully
+//! determined by the seed.
+
+use std::io::Write;
+
+use sightline_schemas::format_rfc3339_ms;
+
+/// What the generator was asked to emit for one line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineKind {
+    /// A valid event, on time.
+    Good,
+    /// A valid event, held back beyond the allowed lateness.
+    Late,
+    /// A deliberately broken record.
+    Bad,
+}
+
+/// Settings of the generator.
+#[derive(Clone, Debug)]
+pub struct GeneratorConfig {
+    /// Seed of the pseudo-random sequence.
+    pub seed: u64,
+    /// Event time of the first event, ms since the epoch.
+    pub start_ms: i64,
+    /// Events per second of event time.
+    pub events_per_second: f64,
+    /// Maximum out-of-order jitter, ms.
+    pub jitter_ms: u64,
+    /// Fraction of events held back by 30–120 s.
+    pub late_fraction: f64,
+    /// Fraction of deliberately broken records.
+    pub bad_fraction: f64,
+    /// Number of distinct tenants.
+    pub tenants: u32,
+    /// Number of distinct users.
+    pub users: u32,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        GeneratorConfig {
+            seed: 42,
+            start_ms: 1_769_178_600_000, // 2026-01-23T14:30:00Z, the seed documents' example day
+            events_per_second: 1000.0,
+            jitter_ms: 2000,
+            late_fraction: 0.001,
+            bad_fraction: 0.001,
+            tenants: 50,
+            users: 5000,
+        }
+    }
+}
+
+/// SplitMix64: small, fast, and good enough for synthetic data.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `[0, n)`; `n` must be positive.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// One of the items.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+
+    /// Log-normal with the given median and shape.
+    pub fn log_normal(&mut self, median: f64, sigma: f64) -> f64 {
+        let (u1, u2) = (self.unit().max(1e-12), self.unit());
+        let normal = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        median * (sigma * normal).exp()
+    }
+}
+
+/// Event names with their relative frequency.
+const WEIGHTS: &[(&str, u32)] = &[
+    ("project_viewed", 120),
+    ("project_created", 25),
+    ("task_assigned", 60),
+    ("project_creation_error", 6),
+    ("project_feedback_submitted", 8),
+    ("recommendation_generated", 60),
+    ("recommendation_viewed", 40),
+    ("recommendation_accepted", 25),
+    ("recommendation_dismissed", 12),
+    ("action_executed", 25),
+    ("action_failed", 3),
+    ("action_rolled_back", 1),
+    ("outcome_reply_received", 10),
+    ("outcome_meeting_booked", 6),
+    ("outcome_deal_advanced", 3),
+    ("outcome_deliverable_shipped", 2),
+    ("signal_received", 50),
+    ("signal_processed", 48),
+    ("integration_call_success", 150),
+    ("integration_call_failed", 8),
+    ("circuit_breaker_opened", 1),
+];
+
+/// Generates NDJSON lines. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct Generator {
+    config: GeneratorConfig,
+    rng: Rng,
+    emitted: u64,
+    total_weight: u32,
+}
+
+impl Generator {
+    /// A generator with the given settings.
+    pub fn new(config: GeneratorConfig) -> Generator {
+        let rng = Rng::new(config.seed);
+        Generator { config, rng, emitted: 0, total_weight: WEIGHTS.iter().map(|w| w.1).sum() }
+    }
+
+    /// Number of lines generated so far.
+    pub fn emitted(&self) -> u64 {
+        self.emitted
+    }
+
+    /// The nominal event time of the next event (before jitter), ms since the epoch.
+    pub fn clock_ms(&self) -> i64 {
+        self.config.start_ms + (self.emitted as f64 * 1000.0 / self.config.events_per_second) as i64
+    }
+
+    /// Appends the next line (without a trailing newline) to `out` and says what it is.
+    pub fn next_line(&mut self, out: &mut Vec<u8>) -> LineKind {
+        let nominal = self.clock_ms();
+        self.emitted += 1;
+        let jitter = self.rng.below(self.config.jitter_ms + 1) as i64;
+        let roll = self.rng.unit();
+        if roll < self.config.bad_fraction {
+            self.bad_line(nominal - jitter, out);
+            return LineKind::Bad;
+        }
+        let (time, kind) = if roll < self.config.bad_fraction + self.config.late_fraction {
+            (nominal - 30_000 - self.rng.below(90_000) as i64, LineKind::Late)
+        } else {
+            (nominal - jitter, LineKind::Good)
+        };
+        self.event(time.max(0), out);
+        kind
+    }
+
+    /// Appends one valid event at `time_ms` to `out`.
+    pub fn event(&mut self, time_ms: i64, out: &mut Vec<u8>) {
+        let name = self.pick_name();
+        let r = &mut self.rng;
+        let tenant = r.below(u64::from(self.config.tenants));
+        let user = r.below(u64::from(self.config.users));
+        let session = r.next_u64() >> 24;
+        let spec = sightline_schemas::catalog::lookup(name).map(|s| s.event_type.as_str()).unwrap_or("action");
+        let from_platform_spec = matches!(name, "project_viewed" | "project_created" | "task_assigned" | "project_creation_error" | "project_feedback_submitted");
+        let (feature_area, workflow, surface) = if from_platform_spec {
+            ("projects", "project_creation", *r.pick(&["project_create_page", "task_board", "project_settings"]))
+        } else if name.starts_with("integration") || name == "circuit_breaker_opened" || name.starts_with("signal") {
+            ("integrations", "signal_ingestion", *r.pick(&["/crm/v3/objects/deals", "/gmail/v1/users/messages", "/calendar/v3/events"]))
+        } else {
+            ("command_queue", "todays_moves", *r.pick(&["command_queue_today", "/api/command-queue/today", "action_drawer"]))
+        };
+        let (source, platform, device) = match name {
+            "project_viewed" | "project_feedback_submitted" | "recommendation_viewed" => ("client", *r.pick(&["web", "web", "ios", "android"]), "desktop"),
+            "recommendation_accepted" | "recommendation_dismissed" | "task_assigned" => ("client", "web", "desktop"),
+            _ => (*r.pick(&["server", "worker"]), "api", "server"),
+        };
+        let _ = write!(
+            out,
+            r#"{{"event_id":"{}","event_name":"{name}","event_type":"{spec}","timestamp":"{}","schema_version":"1.0.0","source":"{source}","platform":"{platform}","app_version":"{}","tenant_id":"t_{:016x}","user_id":"u_{:016x}","user_role":"{}","session_id":"s_{session:010x}","auth_context":"{}","is_internal":{},"feature_area":"{feature_area}","workflow_name":"{workflow}","surface":"{surface}","#,
+            uuid_v4(r),
+            format_rfc3339_ms(time_ms),
+            r.pick(&["4.2.0", "4.2.1", "4.3.0-beta.1"]),
+            mix(tenant),
+            mix(user ^ 0xA5A5),
+            r.pick(&["admin", "member", "member", "viewer"]),
+            r.pick(&["sso", "scim", "passwordless", "api_token"]),
+            r.below(20) == 0,
+        );
+        if r.below(3) == 0 {
+            let _ = write!(out, r#""experiment_assignments":{{"exp_guided_setup":"{}","exp_aps_ranking_v2":"{}"}},"#, r.pick(&["control", "treatment"]), r.pick(&["control", "variant_a", "variant_b"]));
+        } else if r.below(2) == 0 {
+            let _ = write!(out, r#""experiment_assignments":{{"exp_guided_setup":"{}"}},"#, r.pick(&["control", "treatment"]));
+        }
+        let _ = write!(
+            out,
+            r#""request_id":"req_{:012x}","trace_id":"{:016x}{:016x}","device_type":"{device}","browser_family":"{}","os_family":"{}","country":"{}","region":"{}","connection_type":"{}","pii_classification":"{}","data_sensitivity":"{}","properties":"#,
+            r.next_u64() >> 16,
+            r.next_u64(),
+            r.next_u64(),
+            r.pick(&["chrome", "safari", "firefox", "edge"]),
+            r.pick(&["macos", "windows", "linux", "ios", "android"]),
+            r.pick(&["US", "DE", "GB", "FR", "BR", "IN"]),
+            r.pick(&["us-east", "eu-west", "eu-central", "ap-south"]),
+            r.pick(&["wifi", "ethernet", "cellular"]),
+            r.pick(&["none", "low", "low", "medium"]),
+            r.pick(&["internal", "internal", "internal", "public", "restricted"]),
+        );
+        self.properties(name, out);
+        out.push(b'}');
+    }
+
+    fn pick_name(&mut self) -> &'static str {
+        let mut roll = self.rng.below(u64::from(self.total_weight)) as u32;
+        for &(name, weight) in WEIGHTS {
+            if roll < weight {
+                return name;
+            }
+            roll -= weight;
+        }
+        WEIGHTS[0].0
+    }
+
+    fn properties(&mut self, name: &str, out: &mut Vec<u8>) {
+        let r = &mut self.rng;
+        let ms = |r: &mut Rng, median: f64| (r.log_normal(median, 0.6) * 10.0).round() / 10.0;
+        let id = |r: &mut Rng| uuid_v4(r);
+        let _ = match name {
+            "project_viewed" => write!(out, r#"{{"template_id":"tpl_{}","prepopulated":{},"time_to_first_paint_ms":{}}}"#, r.below(40), r.below(2) == 0, ms(r, 420.0)),
+            "project_created" => write!(
+                out,
+                r#"{{"project_id":"p_{:012x}","creation_path":"{}","member_count":{},"initial_tasks_count":{},"duration_ms":{},"validation_errors":[],"guardrail_status":"{}"}}"#,
+                r.next_u64() >> 16, r.pick(&["blank", "template", "import"]), 1 + r.below(12), r.below(30), ms(r, 1800.0), r.pick(&["pass", "pass", "pass", "warning", "fail"])
+            ),
+            "task_assigned" => write!(
+                out,
+                r#"{{"task_id":"tk_{:012x}","assignment_type":"{}","assignee_role":"{}","due_in_days":{},"priority":"{}","assignment_latency_ms":{}}}"#,
+                r.next_u64() >> 16, r.pick(&["direct", "bulk", "auto"]), r.pick(&["member", "admin"]), r.below(30), r.pick(&["low", "medium", "high"]), ms(r, 95.0)
+            ),
+            "project_creation_error" => write!(
+                out,
+                r#"{{"stage":"{}","error_code":"{}","http_status":{},"recoverable":{},"retry_count":{},"trace_id":"{:016x}"}}"#,
+                r.pick(&["load", "validation", "save", "notification"]), r.pick(&["E_TIMEOUT", "E_CONFLICT", "E_QUOTA", "E_VALIDATION"]), r.pick(&[400, 409, 429, 500, 503]), r.below(2) == 0, r.below(4), r.next_u64()
+            ),
+            "project_feedback_submitted" => write!(
+                out,
+                r#"{{"score":{},"sentiment":"{}","tags":["{}"],"comment_present":{},"correlation_id":"{}","blocked":false,"blocker_type":null}}"#,
+                1 + r.below(5), r.pick(&["positive", "neutral", "negative"]), r.pick(&["usability", "performance", "policy", "docs", "support"]), r.below(3) == 0, id(r)
+            ),
+            "recommendation_generated" => write!(
+                out,
+                r#"{{"recommendation_id":"{}","aps_score":{:.1},"action_type":"{}","revenue_impact":{},"urgency_days":{},"effort_minutes":{},"icp_score":{:.2},"reasoning":"High pipeline value, demo tomorrow (urgent), strong ICP fit","signal_source":"{}","signal_type":"{}"}}"#,
+                id(r), 20.0 + r.unit() * 80.0, r.pick(&["send_email", "create_task", "book_meeting"]), 1000 * r.below(100), r.below(14), 5 + r.below(60), r.unit(), r.pick(&["hubspot", "gmail", "calendar", "webhook"]), r.pick(&["form_submitted", "deal_stage_changed", "email_replied"])
+            ),
+            "recommendation_viewed" => write!(out, r#"{{"recommendations_shown":{},"top_score":{:.1},"bottom_score":{:.1}}}"#, 5 + r.below(10), 70.0 + r.unit() * 30.0, 20.0 + r.unit() * 30.0),
+            "recommendation_accepted" => write!(
+                out,
+                r#"{{"recommendation_id":"{}","queue_item_id":"{}","aps_score":{:.1},"action_type":"{}","time_to_decision_seconds":{}}}"#,
+                id(r), id(r), 40.0 + r.unit() * 60.0, r.pick(&["send_email", "create_task"]), (r.log_normal(15.0, 0.8) * 10.0).round() / 10.0
+            ),
+            "recommendation_dismissed" => write!(
+                out,
+                r#"{{"recommendation_id":"{}","queue_item_id":"{}","aps_score":{:.1},"action_type":"{}","dismiss_reason":"{}"}}"#,
+                id(r), id(r), 20.0 + r.unit() * 60.0, r.pick(&["send_email", "create_task"]), r.pick(&["not_relevant", "already_done", "bad_timing"])
+            ),
+            "action_executed" => write!(
+                out,
+                r#"{{"action_id":"{}","action_type":"{}","execution_mode":"{}","success":true,"error":null,"duration_ms":{},"metadata":{{"subject":"Follow up: Demo tomorrow","gmail_message_id":"msg_{}"}}}}"#,
+                id(r), r.pick(&["send_email", "create_task"]), r.pick(&["automated", "manual", "dry_run"]), ms(r, 450.0), r.below(100_000)
+            ),
+            "action_failed" => write!(
+                out,
+                r#"{{"action_id":"{}","action_type":"send_email","error_type":"{}","error_message":"Gmail API: Daily sending limit exceeded","retryable":{}}}"#,
+                id(r), r.pick(&["api_error", "validation_error", "rate_limit"]), r.below(2) == 0
+            ),
+            "action_rolled_back" => write!(
+                out,
+                r#"{{"action_id":"{}","action_type":"send_email","rollback_reason":"{}","rollback_success":true}}"#,
+                id(r), r.pick(&["user_requested", "failed_validation", "duplicate_detected"])
+            ),
+            "outcome_reply_received" => write!(
+                out,
+                r#"{{"draft_id":"{}","action_id":"{}","recommendation_id":"{}","time_to_reply_hours":{:.1},"reply_sentiment":"{}"}}"#,
+                id(r), id(r), id(r), r.log_normal(4.5, 0.7), r.pick(&["positive", "neutral", "negative"])
+            ),
+            "outcome_meeting_booked" => write!(
+                out,
+                r#"{{"draft_id":"{}","action_id":"{}","recommendation_id":"{}","meeting_time":"2026-01-24T14:00:00Z","time_to_book_hours":{}}}"#,
+                id(r), id(r), id(r), 1 + r.below(72)
+            ),
+            "outcome_deal_advanced" => write!(
+                out,
+                r#"{{"deal_id":"hs_deal_{}","recommendation_id":"{}","old_stage":"SQL","new_stage":"Opportunity","pipeline_value":{}}}"#,
+                r.below(10_000), id(r), 5000 * (1 + r.below(20))
+            ),
+            "outcome_deliverable_shipped" => write!(
+                out,
+                r#"{{"deliverable_id":"{}","client":"c_{:08x}","deliverable_type":"{}","on_time":{}}}"#,
+                id(r), r.next_u64() >> 32, r.pick(&["onboarding_doc", "report", "integration"]), r.below(4) != 0
+            ),
+            "signal_received" => write!(
+                out,
+                r#"{{"signal_id":"{}","source":"{}","signal_type":"{}","processed":false}}"#,
+                id(r), r.pick(&["hubspot", "gmail", "calendar", "webhook"]), r.pick(&["deal_stage_changed", "form_submitted", "email_replied"])
+            ),
+            "signal_processed" => write!(
+                out,
+                r#"{{"signal_id":"{}","source":"{}","signal_type":"{}","recommendation_generated":{},"processing_duration_ms":{}}}"#,
+                id(r), r.pick(&["hubspot", "gmail", "calendar", "webhook"]), r.pick(&["deal_stage_changed", "form_submitted"]), r.below(2) == 0, ms(r, 850.0)
+            ),
+            "integration_call_success" => write!(
+                out,
+                r#"{{"integration":"{}","endpoint":"/crm/v3/objects/deals","method":"{}","status_code":200,"duration_ms":{}}}"#,
+                r.pick(&["hubspot", "gmail", "calendar"]), r.pick(&["GET", "POST"]), ms(r, 350.0)
+            ),
+            "integration_call_failed" => write!(
+                out,
+                r#"{{"integration":"{}","endpoint":"/crm/v3/objects/deals","method":"GET","status_code":{},"error_message":"Rate limit exceeded","retryable":true}}"#,
+                r.pick(&["hubspot", "gmail", "calendar"]), r.pick(&[429, 500, 502, 503])
+            ),
+            _ => write!(out, r#"{{"service":"{}","failure_count":{},"threshold":5}}"#, r.pick(&["hubspot", "gmail", "calendar"]), 5 + r.below(3)),
+        };
+    }
+
+    fn bad_line(&mut self, time_ms: i64, out: &mut Vec<u8>) {
+        let variant = self.rng.below(7);
+        let start = out.len();
+        match variant {
+            0 => {
+                // Truncated JSON.
+                self.event(time_ms, out);
+                let keep = start + (out.len() - start) / 2;
+                out.truncate(keep);
+            }
+            1 => {
+                // Wrong type: user_id as a number.
+                self.event(time_ms, out);
+                replace_once(out, start, b"\"user_id\":\"u_", b"\"user_id\":12345,\"x_\":\"u_");
+            }
+            2 => {
+                // Missing required field.
+                self.event(time_ms, out);
+                replace_once(out, start, b"\"session_id\":", b"\"session_xx\":");
+            }
+            3 => {
+                // Unknown event name.
+                self.event(time_ms, out);
+                replace_once(out, start, b"\"event_name\":\"", b"\"event_name\":\"zz_unknown_");
+            }
+            4 => {
+                // Invalid UTF-8 inside a string.
+                self.event(time_ms, out);
+                replace_once(out, start, b"\"app_version\":\"", b"\"app_version\":\"\xff\xfe");
+            }
+            5 => {
+                // Not JSON at all.
+                out.extend_from_slice(b"GET /favicon.ico HTTP/1.1");
+            }
+            _ => {
+                // An empty line.
+            }
+        }
+    }
+}
+
+fn replace_once(out: &mut Vec<u8>, start: usize, from: &[u8], to: &[u8]) {
+    if let Some(pos) = out[start..].windows(from.len()).position(|w| w == from) {
+        let at = start + pos;
+        out.splice(at..at + from.len(), to.iter().copied());
+    }
+}
+
+fn mix(x: u64) -> u64 {
+    let mut r = Rng::new(x);
+    r.next_u64()
+}
+
+fn uuid_v4(r: &mut Rng) -> String {
+    let (a, b) = (r.next_u64(), r.next_u64());
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        ((b >> 48) & 0x3fff) | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sightline_schemas::Decoder;
+
+    #[test]
+    fn good_lines_decode_and_bad_lines_do_not() {
+        let decoder = Decoder::default();
+        let mut generator = Generator::new(GeneratorConfig { bad_fraction: 0.05, late_fraction: 0.02, ..GeneratorConfig::default() });
+        let (mut bytes, mut good, mut bad) = (0usize, 0, 0);
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..20_000 {
+            let mut line = Vec::new();
+            let kind = generator.next_line(&mut line);
+            bytes += line.len();
+            match (kind, decoder.decode(&line)) {
+                (LineKind::Bad, Ok(e)) => panic!("bad line decoded: {e:?} from {}", String::from_utf8_lossy(&line)),
+                (LineKind::Bad, Err(_)) => bad += 1,
+                (_, Ok(e)) => {
+                    good += 1;
+                    names.insert(e.event_name);
+                }
+                (_, Err(e)) => panic!("good line rejected: {e} in {}", String::from_utf8_lossy(&line)),
+            }
+        }
+        assert!(bad > 600 && good > 18_000, "bad {bad} good {good}");
+        assert_eq!(names.len(), sightline_schemas::catalog::CATALOG.len(), "every catalog event is generated");
+        let mean = bytes / 20_000;
+        assert!((750..=1000).contains(&mean), "mean line is {mean} bytes");
+    }
+
+    #[test]
+    fn same_seed_same_lines() {
+        let lines = |seed| {
+            let mut generator = Generator::new(GeneratorConfig { seed, ..GeneratorConfig::default() });
+            let mut out = Vec::new();
+            for _ in 0..100 {
+                generator.next_line(&mut out);
+                out.push(b'\n');
+            }
+            out
+        };
+        assert_eq!(lines(7), lines(7));
+        assert_ne!(lines(7), lines(8));
+    }
+}

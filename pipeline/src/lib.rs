@@ -1,0 +1,34 @@
+//! Sightline: product telemetry from Kafka to event-time windowed aggregates on
+//! timely/differential dataflow, written as Parquet to object storage.
+//!
+//! The binary (`sightline`) is a thin CLI over this library:
+//!
+//! - [`config`]: the layered configuration tree;
+//! - [`source`]: record readers (Kafka, NDJSON) and the ingest operator (decode, watermarks);
+//! - [`dataflow`]: the assembly of operators and sinks;
+//! - [`run`]: workers, reporting and shutdown;
+//! - [`generator`]: the built-in generator of realistic events;
+//! - [`demo`]: the embedded default — mock Kafka cluster, live generator, local lake.
+//!
+//! ```no_run
+//! use std::sync::{atomic::AtomicBool, Arc};
+//! use sightline::{config::Config, run::{run, Input, Job}};
+//!
+//! let job = Job {
+//!     config: Config::default(),
+//!     input: Input::Ndjson("events.ndjson".into()),
+//!     lake: sightline_sinks::Lake::open("./out").unwrap(),
+//!     stop: Arc::new(AtomicBool::new(false)),
+//!     print_windows: true,
+//! };
+//! let summary = run(job).unwrap();
+//! println!("{summary}");
+//! ```
+
+pub mod config;
+pub mod dataflow;
+pub mod demo;
+pub mod generator;
+pub mod report;
+pub mod run;
+pub mod source;

@@ -1,0 +1,174 @@
+//! Running a pipeline: timely workers, the reporting loop, shutdown.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sightline_operators::Time;
+use sightline_schemas::Decoder;
+use sightline_sinks::Lake;
+use tracing::info;
+
+use crate::config::{Config, KafkaConfig};
+use crate::dataflow::{build, windows_of, DataflowParts};
+use crate::report::{window_line, Progress};
+use crate::source::kafka::KafkaReader;
+use crate::source::ndjson::NdjsonReader;
+use crate::source::{IngestSettings, IngestStats, RecordReader};
+
+/// Where a run reads from.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// An NDJSON file, or `-` for standard input (bounded).
+    Ndjson(String),
+    /// NDJSON bytes in memory (bounded; benchmarks and tests).
+    Memory(Arc<[u8]>),
+    /// Kafka topics (unbounded).
+    Kafka(KafkaConfig),
+}
+
+/// A run of the pipeline.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// The configuration (workers, windows, lateness, limits).
+    pub config: Config,
+    /// The input.
+    pub input: Input,
+    /// The lake the sinks write to.
+    pub lake: Lake,
+    /// Set to stop an unbounded run. Open windows are not written: they are not final.
+    pub stop: Arc<AtomicBool>,
+    /// Print one line per closed window on standard output.
+    pub print_windows: bool,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Records read.
+    pub read: u64,
+    /// Events accepted.
+    pub accepted: u64,
+    /// Records rejected by decoding.
+    pub rejected: u64,
+    /// Late events.
+    pub late: u64,
+    /// Windows closed and written.
+    pub windows: u64,
+    /// Files written.
+    pub files: u64,
+    /// Rows written.
+    pub rows: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "read {} · accepted {} · rejected {} · late {} · windows {} · files written {} ({} rows, {} bytes)",
+            self.read, self.accepted, self.rejected, self.late, self.windows, self.files, self.rows, self.bytes
+        )
+    }
+}
+
+fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn RecordReader>> {
+    let max = job.config.pipeline.max_event_bytes;
+    Ok(match &job.input {
+        Input::Ndjson(path) => Box::new(NdjsonReader::open(path, worker, peers, max)?),
+        Input::Memory(bytes) => Box::new(NdjsonReader::new(Box::new(std::io::Cursor::new(Arc::clone(bytes))), "memory".into(), worker, peers, max)),
+        Input::Kafka(kafka) => Box::new(KafkaReader::connect(kafka, worker, peers, windows_of(&job.config.pipeline), max)?),
+    })
+}
+
+/// Runs `job` to completion (bounded input) or until `job.stop` is set, and returns what it did.
+pub fn run(job: Job) -> anyhow::Result<Summary> {
+    let workers = job.config.pipeline.workers;
+    let (reports_tx, reports_rx) = mpsc::channel();
+    let stats = Arc::new(IngestStats::default());
+    let frontiers: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
+    let finished = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+
+    let guards = {
+        let (job, stats, frontiers, finished) = (job.clone(), Arc::clone(&stats), Arc::clone(&frontiers), Arc::clone(&finished));
+        let reports_tx = std::sync::Mutex::new(reports_tx);
+        timely::execute(timely::Config::process(workers), move |worker| -> anyhow::Result<()> {
+            let result = (|| {
+                let (index, peers) = (worker.index(), worker.peers());
+                let reader = open_reader(&job, index, peers)?;
+                let p = &job.config.pipeline;
+                let settings = IngestSettings {
+                    tick_ms: p.tick_ms,
+                    lateness_ms: p.allowed_lateness_ms,
+                    idle_timeout: Duration::from_millis(p.idle_timeout_ms),
+                    batch_size: p.batch_size,
+                    windows: windows_of(p),
+                    decoder: Decoder::new(p.max_event_bytes),
+                };
+                let reports = reports_tx.lock().map_err(|_| anyhow::anyhow!("report channel poisoned"))?.clone();
+                let parts = DataflowParts { reader, settings, lake: job.lake.clone(), reports, stats: Arc::clone(&stats) };
+                let probe = worker.dataflow::<Time, _, _>(|scope| build(scope, parts));
+                loop {
+                    let durable = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
+                    frontiers[index].store(durable, Ordering::Release);
+                    if job.stop.load(Ordering::Relaxed) || !worker.step_or_park(Some(Duration::from_millis(20))) {
+                        break;
+                    }
+                }
+                if !job.stop.load(Ordering::Relaxed) {
+                    frontiers[index].store(u64::MAX, Ordering::Release);
+                }
+                Ok(())
+            })();
+            finished.fetch_add(1, Ordering::Release);
+            result
+        })
+        .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
+    };
+
+    let mut progress = Progress::default();
+    loop {
+        while let Ok(report) = reports_rx.recv_timeout(Duration::from_millis(50)) {
+            progress.add(report);
+        }
+        let durable = frontiers.iter().map(|f| f.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        for (start, window) in progress.release(durable) {
+            if job.print_windows {
+                println!("{}", window_line(start, &window));
+            }
+        }
+        if finished.load(Ordering::Acquire) as usize == workers {
+            break;
+        }
+    }
+    let mut errors = Vec::new();
+    for result in guards.join() {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(format!("{e:#}")),
+            Err(panic) => errors.push(format!("worker panicked: {panic}")),
+        }
+    }
+    while let Ok(report) = reports_rx.try_recv() {
+        progress.add(report);
+    }
+    if !job.stop.load(Ordering::Relaxed) {
+        for (start, window) in progress.release(u64::MAX) {
+            if job.print_windows {
+                println!("{}", window_line(start, &window));
+            }
+        }
+    }
+    if let Some(first) = errors.first() {
+        return Err(anyhow::anyhow!("{first}")).context(format!("{} of {workers} workers failed", errors.len()));
+    }
+    let (read, accepted, rejected, late) = stats.snapshot();
+    let t = &progress.totals;
+    let summary = Summary { read, accepted, rejected, late, windows: progress.windows, files: t.files, rows: t.rows, bytes: t.bytes };
+    info!(elapsed_ms = started.elapsed().as_millis() as u64, %summary, "run finished");
+    Ok(summary)
+}

@@ -1,0 +1,191 @@
+//! The Kafka source: one consumer per worker, partitions assigned across the cluster's workers.
+//!
+//! Every worker reads the metadata of the configured topics, lists all their partitions in
+//! a fixed order, and assigns itself those whose position is congruent to its global worker
+//! index modulo the number of workers; so partitions are spread over every worker of every
+//! process without a group rebalance. Offsets are not auto-committed: the pipeline tracks,
+//! per partition, the smallest offset whose window is not yet durable, and commits up to it
+//! (see [`RecordReader::durable_up_to`]).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sightline_operators::Windows;
+use tracing::{debug, info, warn};
+
+use super::{Payload, ReadStatus, Record, RecordReader};
+use crate::config::KafkaConfig;
+
+#[derive(Debug)]
+struct PartitionState {
+    topic: String,
+    partition: i32,
+    next_offset: Option<i64>,
+    /// Window start → smallest offset written into that window and not yet durable.
+    pending: BTreeMap<u64, i64>,
+    committed: Option<i64>,
+}
+
+/// One worker's Kafka consumer.
+pub struct KafkaReader {
+    consumer: BaseConsumer,
+    topics: Vec<String>,
+    /// `index[topic][partition]` → position in `partitions`.
+    index: Vec<Vec<Option<usize>>>,
+    partitions: Vec<PartitionState>,
+    windows: Windows,
+    max_event_bytes: usize,
+    commit_interval: Duration,
+    last_commit: Instant,
+}
+
+/// The partitions of `topics` that worker `worker` of `peers` reads, in assignment order.
+pub fn assign_partitions(partition_counts: &[(String, i32)], worker: usize, peers: usize) -> Vec<(String, i32)> {
+    let mut all: Vec<(String, i32)> = partition_counts.iter().flat_map(|(t, n)| (0..*n).map(move |p| (t.clone(), p))).collect();
+    all.sort();
+    all.into_iter().enumerate().filter(|(i, _)| i % peers.max(1) == worker).map(|(_, tp)| tp).collect()
+}
+
+impl KafkaReader {
+    /// Connects, reads topic metadata and assigns this worker's partitions.
+    pub fn connect(config: &KafkaConfig, worker: usize, peers: usize, windows: Windows, max_event_bytes: usize) -> anyhow::Result<KafkaReader> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        for (key, value) in &config.options {
+            client.set(key, value);
+        }
+        let consumer: BaseConsumer = client.create().context("creating the Kafka consumer")?;
+        let deadline = Instant::now() + Duration::from_millis(config.metadata_timeout_ms);
+        let mut counts = Vec::new();
+        for topic in &config.topics {
+            let partitions = loop {
+                let found = consumer
+                    .fetch_metadata(Some(&topic.name), Duration::from_secs(5))
+                    .ok()
+                    .and_then(|md| md.topics().iter().find(|t| t.name() == topic.name && t.error().is_none()).map(|t| t.partitions().len() as i32))
+                    .filter(|n| *n > 0);
+                match found {
+                    Some(n) => break n,
+                    None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(250)),
+                    None => bail!("topic `{}` not found on {} within {} ms", topic.name, config.bootstrap_servers, config.metadata_timeout_ms),
+                }
+            };
+            counts.push((topic.name.clone(), partitions));
+        }
+        let mine = assign_partitions(&counts, worker, peers);
+        let mut tpl = TopicPartitionList::new();
+        let topics: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
+        let mut index: Vec<Vec<Option<usize>>> = counts.iter().map(|(_, n)| vec![None; *n as usize]).collect();
+        let mut partitions = Vec::new();
+        for (topic, partition) in &mine {
+            tpl.add_partition_offset(topic, *partition, Offset::Stored).context("building the assignment")?;
+            let t = topics.iter().position(|n| n == topic).unwrap_or(0);
+            index[t][*partition as usize] = Some(partitions.len());
+            partitions.push(PartitionState { topic: topic.clone(), partition: *partition, next_offset: None, pending: BTreeMap::new(), committed: None });
+        }
+        consumer.assign(&tpl).context("assigning partitions")?;
+        info!(worker, peers, partitions = ?mine, "kafka source assigned");
+        Ok(KafkaReader {
+            consumer,
+            topics,
+            index,
+            partitions,
+            windows,
+            max_event_bytes,
+            commit_interval: Duration::from_millis(config.commit_interval_ms),
+            last_commit: Instant::now(),
+        })
+    }
+
+    fn commit(&mut self, durable_ms: u64) {
+        let mut tpl = TopicPartitionList::new();
+        for p in &mut self.partitions {
+            let width = self.windows.width_ms();
+            p.pending.retain(|start, _| start.saturating_add(width) > durable_ms);
+            let Some(next) = p.next_offset else { continue };
+            let committable = p.pending.values().copied().min().unwrap_or(next);
+            if p.committed.is_none_or(|c| committable > c) {
+                if tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(committable)).is_ok() {
+                    p.committed = Some(committable);
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            match self.consumer.commit(&tpl, CommitMode::Async) {
+                Ok(()) => debug!(partitions = tpl.count(), durable_ms, "committed offsets"),
+                Err(err) => warn!(error = %err, "offset commit failed; will retry"),
+            }
+        }
+    }
+}
+
+impl RecordReader for KafkaReader {
+    fn partitions(&self) -> usize {
+        self.partitions.len()
+    }
+
+    fn is_bounded(&self) -> bool {
+        false
+    }
+
+    fn read(&mut self, max: usize, emit: &mut dyn FnMut(Record<'_>)) -> anyhow::Result<ReadStatus> {
+        for _ in 0..max {
+            let message = match self.consumer.poll(Duration::ZERO) {
+                None => return Ok(ReadStatus::Idle),
+                Some(Err(err)) => {
+                    warn!(error = %err, "kafka consumer error");
+                    return Ok(ReadStatus::Idle);
+                }
+                Some(Ok(message)) => message,
+            };
+            let topic = message.topic();
+            let Some(position) = self.topics.iter().position(|t| t == topic).and_then(|t| self.index[t].get(message.partition() as usize).copied().flatten()) else {
+                warn!(topic, partition = message.partition(), "message from an unassigned partition ignored by this worker");
+                continue;
+            };
+            let bytes = message.payload().unwrap_or_default();
+            let payload = if bytes.len() > self.max_event_bytes { Payload::Oversize(bytes.len() as u64) } else { Payload::Bytes(bytes) };
+            emit(Record { partition: position, topic, kafka_partition: message.partition(), offset: message.offset(), payload });
+        }
+        Ok(ReadStatus::More)
+    }
+
+    fn track(&mut self, partition: usize, offset: i64, window_start_ms: u64) {
+        if let Some(p) = self.partitions.get_mut(partition) {
+            p.next_offset = Some(p.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
+            let slot = p.pending.entry(window_start_ms).or_insert(offset);
+            *slot = (*slot).min(offset);
+        }
+    }
+
+    fn durable_up_to(&mut self, durable_ms: u64) {
+        if self.last_commit.elapsed() >= self.commit_interval {
+            self.last_commit = Instant::now();
+            self.commit(durable_ms);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_spread_over_all_workers() {
+        let counts = vec![("b".to_string(), 3), ("a".to_string(), 2)];
+        let all: Vec<_> = (0..3).flat_map(|w| assign_partitions(&counts, w, 3)).collect();
+        assert_eq!(all.len(), 5);
+        assert_eq!(assign_partitions(&counts, 0, 3), vec![("a".to_string(), 0), ("b".to_string(), 1)]);
+        assert!(assign_partitions(&counts, 5, 6).is_empty());
+    }
+}

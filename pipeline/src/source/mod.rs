@@ -1,0 +1,229 @@
+//! Sources: where records come from, and the timely operator that turns them into events.
+//!
+//! A [`RecordReader`] hands out raw records (Kafka messages, NDJSON lines); [`ingest`] is the
+//! source operator that decodes them, tracks per-partition watermarks, holds the worker's
+//! capability at its watermark, and emits every record exactly once as either an accepted
+//! [`Event`] at its event-time tick or a [`DeadLetter`] (decode failure or late) at the
+//! current watermark tick.
+
+pub mod kafka;
+pub mod ndjson;
+pub mod watermark;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sightline_operators::{Time, Windows};
+use sightline_schemas::{DeadLetter, Decoder, Event, Origin};
+use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::{Scope, StreamVec};
+
+use watermark::Watermarks;
+
+/// The payload of a raw record.
+#[derive(Clone, Copy, Debug)]
+pub enum Payload<'a> {
+    /// The record's bytes.
+    Bytes(&'a [u8]),
+    /// The record was larger than the limit; only its size was kept.
+    Oversize(u64),
+}
+
+/// One raw record from a reader.
+#[derive(Clone, Copy, Debug)]
+pub struct Record<'a> {
+    /// Index of the record's partition among this reader's partitions (for watermarks).
+    pub partition: usize,
+    /// Kafka topic, or `file:<path>`.
+    pub topic: &'a str,
+    /// Kafka partition number (0 for files).
+    pub kafka_partition: i32,
+    /// Kafka offset, or 0-based line number.
+    pub offset: i64,
+    /// The bytes.
+    pub payload: Payload<'a>,
+}
+
+/// What a read call found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// More records may be available right away.
+    More,
+    /// Nothing available now; try again later.
+    Idle,
+    /// The input is bounded and has ended.
+    Exhausted,
+}
+
+/// A worker's share of an input.
+pub trait RecordReader {
+    /// Number of partitions this worker reads (watermarks are tracked per partition).
+    fn partitions(&self) -> usize;
+
+    /// Reads up to `max` records, handing each to `emit`.
+    fn read(&mut self, max: usize, emit: &mut dyn FnMut(Record<'_>)) -> anyhow::Result<ReadStatus>;
+
+    /// Whether the input is bounded (a file) rather than a live stream.
+    fn is_bounded(&self) -> bool;
+
+    /// Called after every record whose data lives in windows ending at or before
+    /// `durable_ms` is durable in every sink; a Kafka reader commits offsets here.
+    fn durable_up_to(&mut self, _durable_ms: u64) {}
+
+    /// Notes that the record at `(partition, offset)` was written into the window starting at
+    /// `window_start_ms`, so that its offset is committed only once that window is durable.
+    fn track(&mut self, _partition: usize, _offset: i64, _window_start_ms: u64) {}
+}
+
+/// Counters of one process's sources, shared by its workers.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Records read.
+    pub read: AtomicU64,
+    /// Events accepted.
+    pub accepted: AtomicU64,
+    /// Records rejected by decoding.
+    pub rejected: AtomicU64,
+    /// Events behind the watermark.
+    pub late: AtomicU64,
+}
+
+impl IngestStats {
+    /// `(read, accepted, rejected, late)` as of now.
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        (self.read.load(Ordering::Relaxed), self.accepted.load(Ordering::Relaxed), self.rejected.load(Ordering::Relaxed), self.late.load(Ordering::Relaxed))
+    }
+}
+
+/// Settings of the ingest operator.
+#[derive(Clone, Debug)]
+pub struct IngestSettings {
+    /// Timestamp granularity, ms.
+    pub tick_ms: u64,
+    /// Allowed lateness, ms.
+    pub lateness_ms: u64,
+    /// Idle timeout of a partition (unbounded inputs only).
+    pub idle_timeout: Duration,
+    /// Records per activation.
+    pub batch_size: usize,
+    /// The windows (to tell the reader which window each record lands in).
+    pub windows: Windows,
+    /// The decoder.
+    pub decoder: Decoder,
+}
+
+/// An accepted event or a dead letter, with its time and multiplicity.
+pub type Ingested = (Result<Event, DeadLetter>, Time, isize);
+
+fn wall_clock_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The source operator: reads, decodes, watermarks. See the module documentation.
+///
+/// `durable` is a probe on the sinks' output; the operator reports its frontier to the reader
+/// so that a Kafka reader commits only offsets whose windows are durable. Reader errors are
+/// logged and retried on the next activation; they never lose a record.
+pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, settings: IngestSettings, durable: ProbeHandle<Time>, stats: Arc<IngestStats>) -> StreamVec<'s, Time, Ingested> {
+    source(scope, "Ingest", move |capability, info| {
+        let activator = scope.activator_for(info.address.clone());
+        let bounded = reader.is_bounded();
+        let idle_timeout = (!bounded).then_some(settings.idle_timeout);
+        let mut marks = Watermarks::new(reader.partitions(), settings.lateness_ms, idle_timeout, Instant::now());
+        let mut cap = Some(capability);
+        let tick = settings.tick_ms.max(1);
+        let mut last_durable = 0;
+        let mut tracked: Vec<(usize, i64, u64)> = Vec::new();
+        move |output| {
+            let Some(c) = cap.as_mut() else { return };
+            if let Some(&durable_ms) = durable.with_frontier(|f| f.first().copied()).as_ref() {
+                if durable_ms > last_durable {
+                    last_durable = durable_ms;
+                    reader.durable_up_to(durable_ms);
+                }
+            }
+            let now = Instant::now();
+            let cap_time = *c.time();
+            let (mut read, mut accepted, mut rejected, mut late) = (0u64, 0u64, 0u64, 0u64);
+            let status = {
+                let mut session = output.session(c);
+                let decoder = &settings.decoder;
+                let windows = settings.windows;
+                let marks = &mut marks;
+                let tracked = &mut tracked;
+                let status = reader.read(settings.batch_size, &mut |record| {
+                    read += 1;
+                    let origin = || Origin { topic: record.topic.to_owned(), partition: record.kafka_partition, offset: record.offset };
+                    let (item, time) = match record.payload {
+                        Payload::Oversize(size) => {
+                            rejected += 1;
+                            marks.touch(record.partition, now);
+                            let err = sightline_schemas::DecodeError {
+                                kind: sightline_schemas::FailureKind::Oversize,
+                                reason: format!("record is {size} bytes, the limit is {}", decoder.max_event_bytes()),
+                                event_name: None,
+                                event_time_ms: None,
+                            };
+                            (Err(DeadLetter::from_decode_error(err, origin(), size)), cap_time)
+                        }
+                        Payload::Bytes(bytes) => match decoder.decode(bytes) {
+                            Ok(event) => {
+                                let event_ms = event.event_time_ms as u64;
+                                let watermark = marks.current_ms();
+                                if event_ms < watermark {
+                                    late += 1;
+                                    marks.touch(record.partition, now);
+                                    (Err(DeadLetter::late(&event, watermark, origin(), bytes.len() as u64)), cap_time)
+                                } else {
+                                    accepted += 1;
+                                    marks.observe(record.partition, event_ms, now);
+                                    (Ok(event), event_ms - event_ms % tick)
+                                }
+                            }
+                            Err(err) => {
+                                rejected += 1;
+                                marks.touch(record.partition, now);
+                                (Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64)), cap_time)
+                            }
+                        },
+                    };
+                    if !bounded {
+                        tracked.push((record.partition, record.offset, windows.start_of(time)));
+                    }
+                    session.give((item, time, 1));
+                });
+                for (partition, offset, window) in tracked.drain(..) {
+                    reader.track(partition, offset, window);
+                }
+                status
+            };
+            stats.read.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
+            stats.accepted.fetch_add(accepted, std::sync::atomic::Ordering::Relaxed);
+            stats.rejected.fetch_add(rejected, std::sync::atomic::Ordering::Relaxed);
+            stats.late.fetch_add(late, std::sync::atomic::Ordering::Relaxed);
+            let status = match status {
+                Ok(status) => status,
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), "source read failed; retrying");
+                    activator.activate_after(Duration::from_millis(200));
+                    return;
+                }
+            };
+            if status == ReadStatus::Exhausted {
+                cap = None;
+                return;
+            }
+            let watermark = marks.advance(Instant::now(), wall_clock_ms());
+            let target = watermark - watermark % tick;
+            if target > *c.time() {
+                c.downgrade(&target);
+            }
+            match status {
+                ReadStatus::More => activator.activate(),
+                _ => activator.activate_after(Duration::from_millis(20)),
+            }
+        }
+    })
+}

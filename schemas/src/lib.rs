@@ -1,0 +1,295 @@
+//! Sightline's event model.
+//!
+//! This crate is the bottom of the workspace: it depends on little more than serde, so every
+//! other crate builds on it quickly. It holds
+//!
+//! - the canonical envelope of the platform spec as a typed [`Event`] (event fields at the top
+//!   level, event-specific fields under `properties`),
+//! - the [`catalog`] of accepted events and their latency measures,
+//! - the [`Decoder`], which turns one raw record into an [`Event`] or a [`DecodeError`] that
+//!   says what failed, and
+//! - the self-describing [`DeadLetter`] record that every failure becomes.
+//!
+//! ```
+//! use sightline_schemas::{Decoder, FailureKind};
+//!
+//! let decoder = Decoder::default();
+//! let line = br#"{"event_id":"4b0e9a44-8f47-4d43-9a5e-0c1f6a9a1f00","event_name":"project_viewed",
+//!   "event_type":"view","timestamp":"2026-01-23T14:30:00Z","source":"client","platform":"web",
+//!   "app_version":"4.2.0","tenant_id":"t_9f2c","user_id":"u_71aa","session_id":"s_1",
+//!   "feature_area":"projects","pii_classification":"none","data_sensitivity":"internal",
+//!   "properties":{"prepopulated":true,"time_to_first_paint_ms":412.5}}"#;
+//! let event = decoder.decode(line).unwrap();
+//! assert_eq!(event.event_name.as_str(), "project_viewed");
+//! assert_eq!(event.latency_us, Some(412_500));
+//!
+//! let err = decoder.decode(b"{\"event_id\":").unwrap_err();
+//! assert_eq!(err.kind, FailureKind::Truncated);
+//! ```
+
+pub mod catalog;
+mod decode;
+mod time;
+
+pub use decode::{DecodeError, Decoder, DEFAULT_MAX_EVENT_BYTES};
+pub use time::{format_rfc3339_ms, parse_rfc3339_ms, utc_date_hour};
+
+use serde::{Deserialize, Serialize};
+
+/// The taxonomy class of an event (`event_type` in the envelope).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    /// Page or screen views, impressions, load milestones.
+    View,
+    /// Intentional user-initiated actions.
+    Action,
+    /// Successful completion of a workflow.
+    Outcome,
+    /// Client or server errors, denials, timeouts.
+    Error,
+    /// Background jobs, queues, circuit breakers.
+    SystemHealth,
+}
+
+impl EventType {
+    /// The name used in the envelope and in output tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::View => "view",
+            EventType::Action => "action",
+            EventType::Outcome => "outcome",
+            EventType::Error => "error",
+            EventType::SystemHealth => "system_health",
+        }
+    }
+}
+
+/// Who emitted the event (`source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// A browser or app.
+    Client,
+    /// A backend service.
+    Server,
+    /// A background worker.
+    Worker,
+    /// A public API call.
+    Api,
+}
+
+/// The platform the event came from (`platform`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Platform {
+    /// Web application.
+    Web,
+    /// iOS app.
+    Ios,
+    /// Android app.
+    Android,
+    /// Command-line tool.
+    Cli,
+    /// API client.
+    Api,
+}
+
+/// How much personal data the event declares it carries (`pii_classification`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PiiClassification {
+    /// No personal data.
+    None,
+    /// Low.
+    Low,
+    /// Medium.
+    Medium,
+    /// High.
+    High,
+}
+
+/// How sensitive the event is (`data_sensitivity`); drives routing and retention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSensitivity {
+    /// Public.
+    Public,
+    /// Internal.
+    Internal,
+    /// Restricted: kept apart, 30-day retention.
+    Restricted,
+}
+
+/// An `event_name` from the [`catalog`], stored as its index so that events stay cheap to copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EventName(u16);
+
+impl EventName {
+    /// Looks a name up in the catalog.
+    pub fn from_name(name: &str) -> Option<EventName> {
+        catalog::CATALOG.iter().position(|s| s.name == name).map(|i| EventName(i as u16))
+    }
+
+    /// The name's catalog entry.
+    pub fn spec(self) -> &'static catalog::EventSpec {
+        &catalog::CATALOG[usize::from(self.0) % catalog::CATALOG.len()]
+    }
+
+    /// The event name as a string.
+    pub fn as_str(self) -> &'static str {
+        self.spec().name
+    }
+
+    /// Every catalog name, in catalog order.
+    pub fn all() -> impl Iterator<Item = EventName> {
+        (0..catalog::CATALOG.len() as u16).map(EventName)
+    }
+}
+
+/// A decoded event in the canonical envelope.
+///
+/// Only the fields the pipeline uses downstream are kept; the rest of the envelope is
+/// checked by the decoder and then dropped. `event_time_ms` is the event's `timestamp` in
+/// milliseconds since the Unix epoch, UTC.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Event {
+    /// Event time, milliseconds since the epoch (UTC). Never negative.
+    pub event_time_ms: i64,
+    /// Which event this is.
+    pub event_name: EventName,
+    /// Its taxonomy class (always the one the catalog gives for the name).
+    pub event_type: EventType,
+    /// `event_id` (UUID).
+    pub event_id: String,
+    /// Who emitted it.
+    pub source: Source,
+    /// Where it was emitted.
+    pub platform: Platform,
+    /// `app_version` of the emitter.
+    pub app_version: String,
+    /// Tenant identifier (already a hash or pseudonym upstream).
+    pub tenant_id: String,
+    /// User identifier (already a stable hash upstream).
+    pub user_id: String,
+    /// Session identifier.
+    pub session_id: String,
+    /// Product area.
+    pub feature_area: String,
+    /// Workflow, if any.
+    pub workflow_name: Option<String>,
+    /// Component or endpoint, if any.
+    pub surface: Option<String>,
+    /// Experiment id → variant, sorted by experiment id.
+    pub experiment_assignments: Vec<(String, String)>,
+    /// Declared personal-data class.
+    pub pii_classification: PiiClassification,
+    /// Declared sensitivity.
+    pub data_sensitivity: DataSensitivity,
+    /// The event's latency measure in microseconds, for events whose schema names one.
+    pub latency_us: Option<u64>,
+}
+
+/// Why a record was not accepted. Each kind is a column value in the `quality` and
+/// `dead_letter` tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The bytes are not UTF-8.
+    InvalidUtf8,
+    /// The record is empty or only whitespace.
+    Empty,
+    /// The record is larger than the configured maximum.
+    Oversize,
+    /// The record is not JSON.
+    MalformedJson,
+    /// The JSON ends before it is complete.
+    Truncated,
+    /// A required field is absent.
+    MissingField,
+    /// A field has the wrong JSON type.
+    WrongType,
+    /// A field's value is outside its allowed set or range.
+    InvalidValue,
+    /// A field that the envelope does not allow.
+    UnknownField,
+    /// An `event_name` that is not in the catalog.
+    UnknownEvent,
+    /// The event arrived after its source's watermark had passed its time.
+    Late,
+}
+
+impl FailureKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [FailureKind; 11] = [
+        FailureKind::InvalidUtf8, FailureKind::Empty, FailureKind::Oversize, FailureKind::MalformedJson,
+        FailureKind::Truncated, FailureKind::MissingField, FailureKind::WrongType, FailureKind::InvalidValue,
+        FailureKind::UnknownField, FailureKind::UnknownEvent, FailureKind::Late,
+    ];
+
+    /// The snake_case name used in tables and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::InvalidUtf8 => "invalid_utf8",
+            FailureKind::Empty => "empty",
+            FailureKind::Oversize => "oversize",
+            FailureKind::MalformedJson => "malformed_json",
+            FailureKind::Truncated => "truncated",
+            FailureKind::MissingField => "missing_field",
+            FailureKind::WrongType => "wrong_type",
+            FailureKind::InvalidValue => "invalid_value",
+            FailureKind::UnknownField => "unknown_field",
+            FailureKind::UnknownEvent => "unknown_event",
+            FailureKind::Late => "late",
+        }
+    }
+}
+
+/// Where a record came from: a Kafka topic, partition and offset, or a file and line.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Origin {
+    /// Kafka topic, or `file:<path>` for replayed input.
+    pub topic: String,
+    /// Kafka partition (0 for files).
+    pub partition: i32,
+    /// Kafka offset, or the 0-based line number for files.
+    pub offset: i64,
+}
+
+/// A record that was not accepted, self-describing so that it can be inspected and replayed.
+///
+/// It never holds the raw payload: only its size. Scrubbed payloads are added by the
+/// privacy layer, so that nothing private can reach the dead-letter sink.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// What failed.
+    pub kind: FailureKind,
+    /// Human-readable reason, naming the field where known.
+    pub reason: String,
+    /// The event name, when the record got far enough to have one.
+    pub event_name: Option<String>,
+    /// The event time, when known (always known for late events).
+    pub event_time_ms: Option<i64>,
+    /// Where the record came from.
+    pub origin: Origin,
+    /// Size of the raw record in bytes.
+    pub payload_bytes: u64,
+}
+
+impl DeadLetter {
+    /// Builds the dead-letter record of a decode failure.
+    pub fn from_decode_error(err: DecodeError, origin: Origin, payload_bytes: u64) -> DeadLetter {
+        DeadLetter { kind: err.kind, reason: err.reason, event_name: err.event_name, event_time_ms: err.event_time_ms, origin, payload_bytes }
+    }
+
+    /// Builds the dead-letter record of an event that arrived behind its source's watermark.
+    pub fn late(event: &Event, watermark_ms: u64, origin: Origin, payload_bytes: u64) -> DeadLetter {
+        DeadLetter {
+            kind: FailureKind::Late,
+            reason: format!("event time {} is behind the watermark {}", format_rfc3339_ms(event.event_time_ms), format_rfc3339_ms(watermark_ms as i64)),
+            event_name: Some(event.event_name.as_str().to_owned()),
+            event_time_ms: Some(event.event_time_ms),
+            origin,
+            payload_bytes,
+        }
+    }
+}

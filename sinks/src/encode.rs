@@ -1,0 +1,38 @@
+//! Rows → Arrow → Parquet bytes.
+
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use bytes::Bytes;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use crate::Result;
+
+/// A row type of one output table: its name, Arrow schema and columnar encoding.
+pub trait Table: Sized + Clone + PartialOrd + 'static {
+    /// The table's name: the first path segment under the lake root.
+    const NAME: &'static str;
+
+    /// The Arrow schema of the table.
+    fn schema() -> SchemaRef;
+
+    /// Encodes rows as one record batch of [`Table::schema`].
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch>;
+}
+
+/// Encodes rows as one Parquet file (Snappy-compressed, one row group).
+pub fn parquet_encode<T: Table>(rows: &[T]) -> Result<Bytes> {
+    let batch = T::to_batch(rows)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_created_by(format!("sightline {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    let mut buffer = Vec::with_capacity(4096 + rows.len() * 64);
+    let mut writer = ArrowWriter::try_new(&mut buffer, Arc::clone(&batch.schema()), Some(props))?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(Bytes::from(buffer))
+}

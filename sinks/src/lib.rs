@@ -1,0 +1,64 @@
+//! Sightline's sinks.
+//!
+//! Encoding is separate from transport:
+//!
+//! - [`tables`] turns closed windows into typed rows, one row type per output table, and each
+//!   row type into Arrow record batches ([`Table`]);
+//! - [`parquet_encode`] turns record batches into Parquet bytes;
+//! - [`Lake`] writes bytes to object storage (local filesystem, memory, or any
+//!   `object_store` backend) under Hive-style paths with deterministic names;
+//! - [`write_windows`] is the timely operator that connects them, with the delivery contract
+//!   stated on it.
+//!
+//! ```
+//! use sightline_sinks::{Lake, tables::EventCountRow, Table};
+//!
+//! let lake = Lake::open("memory://").unwrap();
+//! let rows = vec![EventCountRow {
+//!     window_start_ms: 1_769_178_600_000, window_end_ms: 1_769_178_660_000,
+//!     event_name: "project_viewed".into(), event_type: "view".into(),
+//!     feature_area: "projects".into(), count: 3,
+//! }];
+//! let written = lake.write_window::<EventCountRow>(1_769_178_600_000, 1_769_178_660_000, &rows).unwrap();
+//! assert_eq!(written.path, "event_counts/dt=2026-01-23/hr=14/part-20260123T143000Z-20260123T143100Z.parquet");
+//! assert_eq!(lake.read_rows(&written.path).unwrap(), 1);
+//! ```
+
+mod dataflow;
+mod encode;
+mod lake;
+pub mod tables;
+
+pub use dataflow::{write_windows, WindowRows, WrittenWindow};
+pub use encode::{parquet_encode, Table};
+pub use lake::{window_path, Lake};
+
+/// Errors of the sinks. Each says whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Building the Arrow batch failed (a bug: the row types define their own schema).
+    #[error("building the Arrow batch failed")]
+    Arrow(#[from] arrow_schema::ArrowError),
+    /// Encoding or reading Parquet failed.
+    #[error("parquet encoding failed")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    /// The object store refused or failed a request.
+    #[error("object store request failed")]
+    Store(#[from] object_store::Error),
+    /// The lake URL is not one this build supports.
+    #[error("unsupported lake location `{0}` (use a path, file://, or memory://)")]
+    Location(String),
+    /// Local I/O failed (creating directories, starting the I/O runtime).
+    #[error("local I/O failed")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Whether the same request may succeed if retried.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Store(_) | Error::Io(_))
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
