@@ -119,7 +119,13 @@ pub fn run(job: Job) -> anyhow::Result<Summary> {
                         break;
                     }
                 }
-                if !job.stop.load(Ordering::Relaxed) {
+                if job.stop.load(Ordering::Relaxed) {
+                    // Open windows are not final: drop the dataflow without closing them. Their
+                    // records' offsets were never committed, so a restart reads them again.
+                    for id in worker.installed_dataflows() {
+                        worker.drop_dataflow(id);
+                    }
+                } else {
                     frontiers[index].store(u64::MAX, Ordering::Release);
                 }
                 Ok(())

@@ -123,6 +123,12 @@ fn wall_clock_ms() -> u64 {
 
 /// The source operator: reads, decodes, watermarks. See the module documentation.
 ///
+/// Accepted events are emitted at their event-time tick. Dead letters (decode failures and
+/// late events) are emitted at the source's processing time: the tick of the newest event
+/// time this worker has accepted (never behind its capability). Records that fail before the
+/// worker has seen any event time are held until it has one, or, if the input ends without
+/// one, emitted at the wall-clock tick.
+///
 /// `durable` is a probe on the sinks' output; the operator reports its frontier to the reader
 /// so that a Kafka reader commits only offsets whose windows are durable. Reader errors are
 /// logged and retried on the next activation; they never lose a record.
@@ -134,29 +140,30 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
         let mut marks = Watermarks::new(reader.partitions(), settings.lateness_ms, idle_timeout, Instant::now());
         let mut cap = Some(capability);
         let tick = settings.tick_ms.max(1);
+        let windows = settings.windows;
         let mut last_durable = 0;
-        let mut tracked: Vec<(usize, i64, u64)> = Vec::new();
+        let mut newest_ms: Option<u64> = None;
+        // Dead letters waiting for a processing time, with their partition and offset.
+        let mut waiting: Vec<(DeadLetter, usize, i64)> = Vec::new();
+        let mut ready: Vec<(Result<Event, DeadLetter>, usize, i64)> = Vec::with_capacity(settings.batch_size);
         move |output| {
             let Some(c) = cap.as_mut() else { return };
-            if let Some(&durable_ms) = durable.with_frontier(|f| f.first().copied()).as_ref() {
+            if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied()) {
                 if durable_ms > last_durable {
                     last_durable = durable_ms;
                     reader.durable_up_to(durable_ms);
                 }
             }
             let now = Instant::now();
-            let cap_time = *c.time();
             let (mut read, mut accepted, mut rejected, mut late) = (0u64, 0u64, 0u64, 0u64);
             let status = {
-                let mut session = output.session(c);
                 let decoder = &settings.decoder;
-                let windows = settings.windows;
                 let marks = &mut marks;
-                let tracked = &mut tracked;
-                let status = reader.read(settings.batch_size, &mut |record| {
+                let (ready, waiting, newest_ms) = (&mut ready, &mut waiting, &mut newest_ms);
+                reader.read(settings.batch_size, &mut |record| {
                     read += 1;
                     let origin = || Origin { topic: record.topic.to_owned(), partition: record.kafka_partition, offset: record.offset };
-                    let (item, time) = match record.payload {
+                    let item = match record.payload {
                         Payload::Oversize(size) => {
                             rejected += 1;
                             marks.touch(record.partition, now);
@@ -166,7 +173,7 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                                 event_name: None,
                                 event_time_ms: None,
                             };
-                            (Err(DeadLetter::from_decode_error(err, origin(), size)), cap_time)
+                            Err(DeadLetter::from_decode_error(err, origin(), size))
                         }
                         Payload::Bytes(bytes) => match decoder.decode(bytes) {
                             Ok(event) => {
@@ -175,42 +182,63 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                                 if event_ms < watermark {
                                     late += 1;
                                     marks.touch(record.partition, now);
-                                    (Err(DeadLetter::late(&event, watermark, origin(), bytes.len() as u64)), cap_time)
+                                    Err(DeadLetter::late(&event, watermark, origin(), bytes.len() as u64))
                                 } else {
                                     accepted += 1;
                                     marks.observe(record.partition, event_ms, now);
-                                    (Ok(event), event_ms - event_ms % tick)
+                                    *newest_ms = Some(newest_ms.map_or(event_ms, |n| n.max(event_ms)));
+                                    Ok(event)
                                 }
                             }
                             Err(err) => {
                                 rejected += 1;
                                 marks.touch(record.partition, now);
-                                (Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64)), cap_time)
+                                Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64))
                             }
                         },
                     };
-                    if !bounded {
-                        tracked.push((record.partition, record.offset, windows.start_of(time)));
+                    match item {
+                        Err(dead) if newest_ms.is_none() => waiting.push((dead, record.partition, record.offset)),
+                        item => ready.push((item, record.partition, record.offset)),
                     }
-                    session.give((item, time, 1));
-                });
-                for (partition, offset, window) in tracked.drain(..) {
-                    reader.track(partition, offset, window);
-                }
-                status
+                })
             };
-            stats.read.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
-            stats.accepted.fetch_add(accepted, std::sync::atomic::Ordering::Relaxed);
-            stats.rejected.fetch_add(rejected, std::sync::atomic::Ordering::Relaxed);
-            stats.late.fetch_add(late, std::sync::atomic::Ordering::Relaxed);
             let status = match status {
                 Ok(status) => status,
                 Err(err) => {
                     tracing::warn!(error = %format!("{err:#}"), "source read failed; retrying");
-                    activator.activate_after(Duration::from_millis(200));
-                    return;
+                    ReadStatus::Idle
                 }
             };
+            // The processing time of dead letters: the newest accepted event's tick, or the wall
+            // clock if the input ended without any.
+            let processing = match newest_ms {
+                Some(n) => Some(n - n % tick),
+                None if status == ReadStatus::Exhausted => Some(wall_clock_ms() - wall_clock_ms() % tick),
+                None => None,
+            }
+            .map(|t| t.max(*c.time()));
+            if let Some(processing) = processing {
+                ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), p, o)));
+                let mut session = output.session(c);
+                for (item, partition, offset) in ready.drain(..) {
+                    let time = match &item {
+                        Ok(event) => {
+                            let t = event.event_time_ms as u64;
+                            t - t % tick
+                        }
+                        Err(_) => processing,
+                    };
+                    if !bounded {
+                        reader.track(partition, offset, windows.start_of(time));
+                    }
+                    session.give((item, time, 1));
+                }
+            }
+            stats.read.fetch_add(read, Ordering::Relaxed);
+            stats.accepted.fetch_add(accepted, Ordering::Relaxed);
+            stats.rejected.fetch_add(rejected, Ordering::Relaxed);
+            stats.late.fetch_add(late, Ordering::Relaxed);
             if status == ReadStatus::Exhausted {
                 cap = None;
                 return;
