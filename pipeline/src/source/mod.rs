@@ -125,9 +125,9 @@ fn wall_clock_ms() -> u64 {
 ///
 /// Accepted events are emitted at their event-time tick. Dead letters (decode failures and
 /// late events) are emitted at the source's processing time: the tick of the newest event
-/// time this worker has accepted (never behind its capability). Records that fail before the
-/// worker has seen any event time are held until it has one, or, if the input ends without
-/// one, emitted at the wall-clock tick.
+/// time this worker had accepted when it read them (never behind its capability). Records
+/// that fail before the worker has accepted any event are processed at the tick of the first
+/// one it accepts, or, if the input ends without one, at the wall-clock tick.
 ///
 /// `durable` is a probe on the sinks' output; the operator reports its frontier to the reader
 /// so that a Kafka reader commits only offsets whose windows are durable. Reader errors are
@@ -145,7 +145,7 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
         let mut newest_ms: Option<u64> = None;
         // Dead letters waiting for a processing time, with their partition and offset.
         let mut waiting: Vec<(DeadLetter, usize, i64)> = Vec::new();
-        let mut ready: Vec<(Result<Event, DeadLetter>, usize, i64)> = Vec::with_capacity(settings.batch_size);
+        let mut ready: Vec<(Result<Event, DeadLetter>, Time, usize, i64)> = Vec::with_capacity(settings.batch_size);
         move |output| {
             let Some(c) = cap.as_mut() else { return };
             if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied()) {
@@ -197,9 +197,17 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                             }
                         },
                     };
-                    match item {
-                        Err(dead) if newest_ms.is_none() => waiting.push((dead, record.partition, record.offset)),
-                        item => ready.push((item, record.partition, record.offset)),
+                    match (item, *newest_ms) {
+                        (Err(dead), None) => waiting.push((dead, record.partition, record.offset)),
+                        (Err(dead), Some(newest)) => ready.push((Err(dead), newest - newest % tick, record.partition, record.offset)),
+                        (Ok(event), _) => {
+                            let t = event.event_time_ms as u64;
+                            let t = t - t % tick;
+                            // Records that failed before this worker knew any event time are
+                            // processed at the first one.
+                            ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), t, p, o)));
+                            ready.push((Ok(event), t, record.partition, record.offset));
+                        }
                     }
                 })
             };
@@ -210,25 +218,15 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                     ReadStatus::Idle
                 }
             };
-            // The processing time of dead letters: the newest accepted event's tick, or the wall
-            // clock if the input ended without any.
-            let processing = match newest_ms {
-                Some(n) => Some(n - n % tick),
-                None if status == ReadStatus::Exhausted => Some(wall_clock_ms() - wall_clock_ms() % tick),
-                None => None,
+            if status == ReadStatus::Exhausted && !waiting.is_empty() {
+                // The input ended without a single event time: use the wall clock.
+                let now_tick = wall_clock_ms() - wall_clock_ms() % tick;
+                let t = now_tick.max(*c.time());
+                ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), t, p, o)));
             }
-            .map(|t| t.max(*c.time()));
-            if let Some(processing) = processing {
-                ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), p, o)));
+            if !ready.is_empty() {
                 let mut session = output.session(c);
-                for (item, partition, offset) in ready.drain(..) {
-                    let time = match &item {
-                        Ok(event) => {
-                            let t = event.event_time_ms as u64;
-                            t - t % tick
-                        }
-                        Err(_) => processing,
-                    };
+                for (item, time, partition, offset) in ready.drain(..) {
                     if !bounded {
                         reader.track(partition, offset, windows.start_of(time));
                     }

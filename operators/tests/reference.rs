@@ -1,0 +1,243 @@
+//! Every aggregate against a naive reference model.
+//!
+//! Random events, random retracted "noise" events, random dead letters; random worker
+//! counts, arrival orders and batchings through the real dataflow (`close_windows` over each
+//! aggregate); compared with a from-scratch batch computation over the surviving input.
+//! Counts and sums must match exactly; quantiles within the histogram's stated 1%.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use differential_dataflow::input::Input;
+use proptest::prelude::*;
+use sightline_operators::{
+    close_windows, event_counts, histogram::RELATIVE_ACCURACY, latency, latency_by_variant, quality, ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome,
+    QualityKey, VariantKey, Windows,
+};
+use sightline_schemas::{DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification, Platform, Source};
+use timely::dataflow::operators::Inspect;
+
+const TICK: u64 = 1000;
+const BASE: u64 = 1_769_178_600_000;
+
+fn arb_event() -> impl Strategy<Value = Event> {
+    let names: Vec<EventName> = EventName::all().collect();
+    (
+        0u64..300_000,
+        proptest::sample::select(names),
+        proptest::sample::select(vec!["projects", "integrations", "command_queue"]),
+        proptest::option::of(proptest::sample::select(vec!["page", "/api/x"])),
+        proptest::option::of(0u64..5_000_000_000),
+        proptest::option::of(proptest::sample::select(vec!["control", "treatment"])),
+        proptest::option::of(proptest::sample::select(vec!["control", "a", "b"])),
+    )
+        .prop_map(|(offset, name, area, surface, latency, e1, e2)| {
+            let mut experiments = Vec::new();
+            if let Some(v) = e1 {
+                experiments.push(("exp_1".to_string(), v.to_string()));
+            }
+            if let Some(v) = e2 {
+                experiments.push(("exp_2".to_string(), v.to_string()));
+            }
+            Event {
+                event_time_ms: (BASE + offset) as i64,
+                event_name: name,
+                event_type: name.spec().event_type,
+                event_id: format!("id-{offset}"),
+                source: Source::Server,
+                platform: Platform::Web,
+                app_version: "1".into(),
+                tenant_id: "t".into(),
+                user_id: "u".into(),
+                session_id: "s".into(),
+                feature_area: area.to_string(),
+                workflow_name: None,
+                surface: surface.map(str::to_string),
+                experiment_assignments: experiments,
+                pii_classification: PiiClassification::None,
+                data_sensitivity: DataSensitivity::Internal,
+                latency_us: latency,
+            }
+        })
+}
+
+fn arb_dead() -> impl Strategy<Value = (DeadLetter, u64)> {
+    (0u64..300, proptest::sample::select(FailureKind::ALL.to_vec()), proptest::option::of(proptest::sample::select(vec!["task_assigned", "mystery"])), 0i64..1000).prop_map(
+        |(tick, kind, name, offset)| {
+            let dead = DeadLetter {
+                kind,
+                reason: format!("{kind:?}"),
+                event_name: name.map(str::to_string),
+                event_time_ms: None,
+                origin: Origin { topic: "t".into(), partition: 0, offset },
+                payload_bytes: 10,
+            };
+            (dead, BASE + tick * TICK)
+        },
+    )
+}
+
+type Captured<K, R> = Arc<Mutex<Vec<ClosedWindow<K, R>>>>;
+
+#[derive(Default, Clone)]
+struct Outputs {
+    counts: Captured<CountKey, isize>,
+    latency: Captured<LatencyKey, LatencyHistogram>,
+    variants: Captured<VariantKey, LatencyHistogram>,
+    quality: Captured<QualityKey, isize>,
+}
+
+/// Flattens the closed windows of every worker into one map, checking that no key of a
+/// window was emitted twice and that every key lies in the window it was emitted with.
+fn flatten<K: Ord + Clone + std::fmt::Debug + sightline_operators::WindowKey, R: Clone>(captured: &Captured<K, R>) -> BTreeMap<K, R> {
+    let mut out = BTreeMap::new();
+    for window in captured.lock().unwrap().iter() {
+        for (key, value) in &window.entries {
+            assert_eq!(key.window_start(), window.window_start);
+            assert!(out.insert(key.clone(), value.clone()).is_none(), "key {key:?} emitted twice");
+        }
+    }
+    out
+}
+
+fn tick_of(e: &Event) -> u64 {
+    e.event_time_ms as u64 / TICK * TICK
+}
+
+/// Feeds the updates through the real dataflow on `workers` threads.
+fn run_dataflow(workers: usize, width: u64, updates: Vec<(Event, u64, isize)>, dead: Vec<(DeadLetter, u64)>, batches: Vec<usize>) -> Outputs {
+    let outputs = Outputs::default();
+    let shared = outputs.clone();
+    // One time-ordered stream of input actions, cut into batches of the given sizes.
+    let mut actions: Vec<(u64, Result<(Event, isize), DeadLetter>)> = updates.into_iter().map(|(e, t, r)| (t, Ok((e, r)))).chain(dead.into_iter().map(|(d, t)| (t, Err(d)))).collect();
+    actions.sort_by_key(|a| a.0);
+    let actions = Arc::new(actions);
+    let batches = Arc::new(batches);
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let windows = Windows::new(width);
+        let out = shared.clone();
+        let (mut events_in, mut dead_in) = worker.dataflow::<u64, _, _>(|scope| {
+            let (events_in, events) = scope.new_collection::<Event, isize>();
+            let (dead_in, dead) = scope.new_collection::<DeadLetter, isize>();
+            let (c, l, v, q) = (out.counts.clone(), out.latency.clone(), out.variants.clone(), out.quality.clone());
+            close_windows(event_counts(events.clone(), windows), windows, "c").inspect(move |w| c.lock().unwrap().push(w.clone()));
+            close_windows(latency(events.clone(), windows), windows, "l").inspect(move |w| l.lock().unwrap().push(w.clone()));
+            close_windows(latency_by_variant(events.clone(), windows), windows, "v").inspect(move |w| v.lock().unwrap().push(w.clone()));
+            close_windows(quality(events, dead, windows), windows, "q").inspect(move |w| q.lock().unwrap().push(w.clone()));
+            (events_in, dead_in)
+        });
+        let (index, peers) = (worker.index(), worker.peers());
+        let mut position = 0;
+        let mut batch = 0;
+        while position < actions.len() {
+            let size = batches[batch % batches.len()].max(1);
+            batch += 1;
+            let end = (position + size).min(actions.len());
+            // Within a batch, workers take every peers-th action, in reverse order on odd batches.
+            let mut mine: Vec<usize> = (position..end).filter(|i| i % peers == index).collect();
+            if batch % 2 == 1 {
+                mine.reverse();
+            }
+            for i in mine {
+                let (time, action) = &actions[i];
+                match action {
+                    Ok((event, diff)) => events_in.update_at(event.clone(), *time, *diff),
+                    Err(d) => dead_in.update_at(d.clone(), *time, 1),
+                }
+            }
+            if end < actions.len() {
+                let next = actions[end].0;
+                events_in.advance_to(next);
+                dead_in.advance_to(next);
+            }
+            events_in.flush();
+            dead_in.flush();
+            worker.step();
+            position = end;
+        }
+    })
+    .unwrap();
+    outputs
+}
+
+fn within(got: f64, exact: f64) -> bool {
+    (got - exact).abs() <= RELATIVE_ACCURACY * exact * (1.0 + 1e-9) + 1e-9
+}
+
+fn check_histogram(h: &LatencyHistogram, samples: &mut Vec<u64>) -> Result<(), TestCaseError> {
+    samples.sort_unstable();
+    prop_assert_eq!(h.count, samples.len() as i64);
+    prop_assert_eq!(h.sum_us, samples.iter().map(|&s| i128::from(s)).sum::<i128>());
+    for q in [0.5, 0.9, 0.95, 0.99, 1.0] {
+        let exact = samples[(q * (samples.len() - 1) as f64).floor() as usize] as f64;
+        let got = h.quantile(q).unwrap_or(f64::NAN);
+        prop_assert!(within(got, exact), "q {} got {} exact {}", q, got, exact);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn aggregates_match_the_reference(
+        events in proptest::collection::vec(arb_event(), 0..250),
+        noise in proptest::collection::vec((arb_event(), 0u64..10), 0..40),
+        dead in proptest::collection::vec(arb_dead(), 0..30),
+        batches in proptest::collection::vec(1usize..60, 1..10),
+        workers in 1usize..=3,
+        width in proptest::sample::select(vec![1_000u64, 5_000, 60_000]),
+    ) {
+        let windows = Windows::new(width);
+        let mut updates: Vec<(Event, u64, isize)> = events.iter().map(|e| (e.clone(), tick_of(e), 1)).collect();
+        for (e, later) in &noise {
+            // Inserted, then retracted a few ticks later within the same window.
+            let t = tick_of(e);
+            let last_tick = windows.end_of(windows.start_of(t)) - TICK;
+            updates.push((e.clone(), t, 1));
+            updates.push((e.clone(), (t + later * TICK).min(last_tick), -1));
+        }
+        let out = run_dataflow(workers, width, updates, dead.clone(), batches);
+
+        // event_counts
+        let mut want_counts: BTreeMap<CountKey, isize> = BTreeMap::new();
+        for e in &events {
+            let key = CountKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name, event_type: e.event_type, feature_area: e.feature_area.clone() };
+            *want_counts.entry(key).or_default() += 1;
+        }
+        prop_assert_eq!(flatten(&out.counts), want_counts);
+
+        // latency
+        let mut want_latency: BTreeMap<LatencyKey, Vec<u64>> = BTreeMap::new();
+        let mut want_variants: BTreeMap<VariantKey, Vec<u64>> = BTreeMap::new();
+        for e in &events {
+            let Some(l) = e.latency_us else { continue };
+            let window_start = windows.start_of(e.event_time_ms as u64);
+            want_latency.entry(LatencyKey { window_start, event_name: e.event_name, feature_area: e.feature_area.clone(), surface: e.surface.clone().unwrap_or_default() }).or_default().push(l);
+            for (experiment_id, variant) in &e.experiment_assignments {
+                want_variants.entry(VariantKey { window_start, event_name: e.event_name, experiment_id: experiment_id.clone(), variant: variant.clone() }).or_default().push(l);
+            }
+        }
+        let got_latency = flatten(&out.latency);
+        prop_assert_eq!(got_latency.keys().collect::<Vec<_>>(), want_latency.keys().collect::<Vec<_>>());
+        for (key, mut samples) in want_latency {
+            check_histogram(&got_latency[&key], &mut samples)?;
+        }
+        let got_variants = flatten(&out.variants);
+        prop_assert_eq!(got_variants.keys().collect::<Vec<_>>(), want_variants.keys().collect::<Vec<_>>());
+        for (key, mut samples) in want_variants {
+            check_histogram(&got_variants[&key], &mut samples)?;
+        }
+
+        // quality
+        let mut want_quality: BTreeMap<QualityKey, isize> = BTreeMap::new();
+        for e in &events {
+            *want_quality.entry(QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().to_string(), outcome: Outcome::Accepted }).or_default() += 1;
+        }
+        for (d, t) in &dead {
+            let name = d.event_name.clone().unwrap_or_else(|| "unknown".into());
+            *want_quality.entry(QualityKey { window_start: windows.start_of(*t), event_name: name, outcome: Outcome::Rejected(d.kind) }).or_default() += 1;
+        }
+        prop_assert_eq!(flatten(&out.quality), want_quality);
+    }
+}
