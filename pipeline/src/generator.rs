@@ -357,12 +357,12 @@ impl Generator {
             1 => {
                 // Wrong type: user_id as a number.
                 self.event(time_ms, out);
-                replace_once(out, start, b"\"user_id\":\"u_", b"\"user_id\":12345,\"x_\":\"u_");
+                replace_string_field(out, start, b"user_id", Some(b"12345"));
             }
             2 => {
                 // Missing required field.
                 self.event(time_ms, out);
-                replace_once(out, start, b"\"session_id\":", b"\"session_xx\":");
+                replace_string_field(out, start, b"session_id", None);
             }
             3 => {
                 // Unknown event name.
@@ -389,6 +389,29 @@ fn replace_once(out: &mut Vec<u8>, start: usize, from: &[u8], to: &[u8]) {
     if let Some(pos) = out[start..].windows(from.len()).position(|w| w == from) {
         let at = start + pos;
         out.splice(at..at + from.len(), to.iter().copied());
+    }
+}
+
+/// Replaces the string value of `field` (after `start`) with the raw JSON `value`, or removes
+/// the field and its comma when `value` is `None`.
+fn replace_string_field(out: &mut Vec<u8>, start: usize, field: &[u8], value: Option<&[u8]>) {
+    let mut key = Vec::with_capacity(field.len() + 4);
+    key.push(b'"');
+    key.extend_from_slice(field);
+    key.extend_from_slice(b"\":\"");
+    let Some(pos) = out[start..].windows(key.len()).position(|w| w == key.as_slice()) else { return };
+    let key_at = start + pos;
+    let value_at = key_at + key.len() - 1;
+    let Some(len) = out[value_at + 1..].iter().position(|&b| b == b'"') else { return };
+    let value_end = value_at + 1 + len + 1;
+    match value {
+        Some(raw) => {
+            out.splice(value_at..value_end, raw.iter().copied());
+        }
+        None => {
+            let end = if out.get(value_end) == Some(&b',') { value_end + 1 } else { value_end };
+            out.drain(key_at..end);
+        }
     }
 }
 

@@ -1,0 +1,291 @@
+//! Shared helpers of the integration tests: reading the lake back with a real Parquet reader,
+//! and an independent reference computation of every table.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use sightline::config::Config;
+use sightline::generator::{Generator, GeneratorConfig, LineKind};
+use sightline::run::{run, Input, Job, Summary};
+
+pub const WINDOW_MS: u64 = 10_000;
+pub const LATENESS_MS: u64 = 10_000;
+pub const TICK_MS: u64 = 1_000;
+
+/// A test configuration: 10 s windows, 10 s lateness, `workers` threads.
+pub fn config(workers: usize) -> Config {
+    let mut config = Config::default();
+    config.pipeline.workers = workers;
+    config.pipeline.window_ms = WINDOW_MS;
+    config.pipeline.allowed_lateness_ms = LATENESS_MS;
+    config.pipeline.tick_ms = TICK_MS;
+    config.pipeline.batch_size = 97;
+    config
+}
+
+/// Generated lines with what the generator meant each to be.
+pub fn generate(events: usize, seed: u64, bad: f64, late: f64) -> Vec<(Vec<u8>, LineKind)> {
+    let mut generator = Generator::new(GeneratorConfig { seed, bad_fraction: bad, late_fraction: late, events_per_second: 500.0, ..GeneratorConfig::default() });
+    (0..events)
+        .map(|_| {
+            let mut line = Vec::new();
+            let kind = generator.next_line(&mut line);
+            (line, kind)
+        })
+        .collect()
+}
+
+/// Writes lines as an NDJSON file.
+pub fn write_ndjson(path: &Path, lines: &[(Vec<u8>, LineKind)]) {
+    let mut bytes = Vec::new();
+    for (line, _) in lines {
+        bytes.extend_from_slice(line);
+        bytes.push(b'\n');
+    }
+    std::fs::write(path, bytes).expect("writing the input");
+}
+
+/// Replays a file through the library with the given configuration.
+pub fn replay(input: &Path, lake_dir: &Path, config: Config) -> Summary {
+    let lake = sightline_sinks::Lake::open(lake_dir.to_str().expect("utf-8")).expect("lake");
+    let job = Job { config, input: Input::Ndjson(input.to_str().expect("utf-8").into()), lake, stop: Arc::new(AtomicBool::new(false)), print_windows: false };
+    run(job).expect("replay")
+}
+
+fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            parquet_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "parquet") {
+            out.push(path);
+        }
+    }
+}
+
+/// Every record batch of a table, read with the Parquet reader.
+pub fn read_table(lake_dir: &Path, table: &str) -> Vec<RecordBatch> {
+    let mut files = Vec::new();
+    parquet_files(&lake_dir.join(table), &mut files);
+    files.sort();
+    let mut batches = Vec::new();
+    for file in files {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).expect("open")).expect("parquet").build().expect("reader");
+        batches.extend(reader.map(|b| b.expect("batch")));
+    }
+    batches
+}
+
+fn col<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> &'a T {
+    batch.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_any().downcast_ref::<T>().unwrap_or_else(|| panic!("type of {name}"))
+}
+
+fn s(batch: &RecordBatch, name: &str, i: usize) -> String {
+    col::<StringArray>(batch, name).value(i).to_string()
+}
+
+fn ws(batch: &RecordBatch, i: usize) -> u64 {
+    (col::<TimestampMicrosecondArray>(batch, "window_start").value(i) / 1000) as u64
+}
+
+/// `event_counts` as (window start ms, name, type, area) → count.
+pub fn event_counts(lake_dir: &Path) -> BTreeMap<(u64, String, String, String), i64> {
+    let mut out = BTreeMap::new();
+    for b in read_table(lake_dir, "event_counts") {
+        for i in 0..b.num_rows() {
+            let key = (ws(&b, i), s(&b, "event_name", i), s(&b, "event_type", i), s(&b, "feature_area", i));
+            assert!(out.insert(key, col::<Int64Array>(&b, "count").value(i)).is_none(), "duplicate event_counts row");
+        }
+    }
+    out
+}
+
+/// A latency row's measures: count, mean, p50, p90, p95, p99, max (ms).
+pub type Stats = (i64, [f64; 6]);
+
+fn stats(b: &RecordBatch, i: usize) -> Stats {
+    let f = |n: &str| col::<Float64Array>(b, n).value(i);
+    (col::<Int64Array>(b, "count").value(i), [f("mean_ms"), f("p50_ms"), f("p90_ms"), f("p95_ms"), f("p99_ms"), f("max_ms")])
+}
+
+/// `latency` as (window start, name, area, surface) → stats.
+pub fn latency(lake_dir: &Path) -> BTreeMap<(u64, String, String, String), Stats> {
+    let mut out = BTreeMap::new();
+    for b in read_table(lake_dir, "latency") {
+        for i in 0..b.num_rows() {
+            let key = (ws(&b, i), s(&b, "event_name", i), s(&b, "feature_area", i), s(&b, "surface", i));
+            assert!(out.insert(key, stats(&b, i)).is_none(), "duplicate latency row");
+        }
+    }
+    out
+}
+
+/// `latency_by_variant` as (window start, name, experiment, variant) → stats.
+pub fn latency_by_variant(lake_dir: &Path) -> BTreeMap<(u64, String, String, String), Stats> {
+    let mut out = BTreeMap::new();
+    for b in read_table(lake_dir, "latency_by_variant") {
+        for i in 0..b.num_rows() {
+            let key = (ws(&b, i), s(&b, "event_name", i), s(&b, "experiment_id", i), s(&b, "variant", i));
+            assert!(out.insert(key, stats(&b, i)).is_none(), "duplicate latency_by_variant row");
+        }
+    }
+    out
+}
+
+/// `quality` as (window start, name, outcome) → count.
+pub fn quality(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
+    let mut out = BTreeMap::new();
+    for b in read_table(lake_dir, "quality") {
+        for i in 0..b.num_rows() {
+            let key = (ws(&b, i), s(&b, "event_name", i), s(&b, "outcome", i));
+            assert!(out.insert(key, col::<Int64Array>(&b, "count").value(i)).is_none(), "duplicate quality row");
+        }
+    }
+    out
+}
+
+/// `dead_letter` as (offset → (kind, reason)).
+pub fn dead_letters(lake_dir: &Path) -> BTreeMap<i64, (String, String)> {
+    let mut out = BTreeMap::new();
+    for b in read_table(lake_dir, "dead_letter") {
+        for i in 0..b.num_rows() {
+            let offset = col::<Int64Array>(&b, "offset").value(i);
+            assert!(out.insert(offset, (s(&b, "kind", i), s(&b, "reason", i))).is_none(), "duplicate dead letter at offset {offset}");
+        }
+    }
+    out
+}
+
+/// The latency field of each event and its unit in ms, written down here independently of
+/// the pipeline's catalog.
+fn latency_field(name: &str) -> Option<(&'static str, f64)> {
+    Some(match name {
+        "project_viewed" => ("time_to_first_paint_ms", 1.0),
+        "project_created" | "action_executed" | "integration_call_success" => ("duration_ms", 1.0),
+        "task_assigned" => ("assignment_latency_ms", 1.0),
+        "recommendation_accepted" => ("time_to_decision_seconds", 1000.0),
+        "signal_processed" => ("processing_duration_ms", 1.0),
+        _ => return None,
+    })
+}
+
+/// The reference: every table computed from scratch with serde_json and chrono, following the
+/// documented rules (per-worker round-robin lines, watermark = newest − lateness, dead letters
+/// at the tick of the newest accepted event before them, or of the first one after).
+#[derive(Debug, Default)]
+pub struct Reference {
+    pub counts: BTreeMap<(u64, String, String, String), i64>,
+    pub latency: BTreeMap<(u64, String, String, String), Vec<u64>>,
+    pub variants: BTreeMap<(u64, String, String, String), Vec<u64>>,
+    pub quality: BTreeMap<(u64, String, String), i64>,
+    /// Offsets (line numbers) of dead letters, with the expected kind when the test knows it.
+    pub dead: BTreeSet<i64>,
+    pub accepted: u64,
+    pub late: u64,
+    pub rejected: u64,
+}
+
+fn window(ms: u64) -> u64 {
+    ms - ms % WINDOW_MS
+}
+
+impl Reference {
+    /// `lines`: raw line and whether it is a valid event; `rejected_name`: the event name a
+    /// rejected line is counted under in `quality` (None → `unknown`), with its failure kind.
+    pub fn compute(lines: &[(Vec<u8>, Option<(Option<String>, String)>)], workers: usize) -> Reference {
+        let mut r = Reference::default();
+        for worker in 0..workers {
+            let mut newest: Option<u64> = None;
+            let mut waiting: Vec<(String, String)> = Vec::new();
+            for (offset, (line, failure)) in lines.iter().enumerate().filter(|(i, _)| i % workers == worker) {
+                let outcome: Result<serde_json::Value, (String, String)> = match failure {
+                    Some((name, kind)) => Err((name.clone().unwrap_or_else(|| "unknown".into()), kind.clone())),
+                    None => Ok(serde_json::from_slice(line).expect("valid line is JSON")),
+                };
+                let value = match outcome {
+                    Err((name, kind)) => {
+                        r.rejected += 1;
+                        r.dead.insert(offset as i64);
+                        match newest {
+                            Some(n) => *r.quality.entry((window(n), name, kind)).or_default() += 1,
+                            None => waiting.push((name, kind)),
+                        }
+                        continue;
+                    }
+                    Ok(v) => v,
+                };
+                let name = value["event_name"].as_str().expect("name").to_string();
+                let ts = chrono::DateTime::parse_from_rfc3339(value["timestamp"].as_str().expect("timestamp")).expect("rfc3339");
+                let t = ts.timestamp_millis() as u64;
+                let watermark = newest.map_or(0, |n| n.saturating_sub(LATENESS_MS));
+                if t < watermark {
+                    r.late += 1;
+                    r.dead.insert(offset as i64);
+                    *r.quality.entry((window(newest.unwrap_or(0)), name, "late".into())).or_default() += 1;
+                    continue;
+                }
+                r.accepted += 1;
+                newest = Some(newest.map_or(t, |n| n.max(t)));
+                for (n, kind) in waiting.drain(..) {
+                    *r.quality.entry((window(t), n, kind)).or_default() += 1;
+                }
+                let w = window(t);
+                let area = value["feature_area"].as_str().expect("area").to_string();
+                *r.counts.entry((w, name.clone(), value["event_type"].as_str().expect("type").to_string(), area.clone())).or_default() += 1;
+                *r.quality.entry((w, name.clone(), "accepted".into())).or_default() += 1;
+                if let Some((field, scale)) = latency_field(&name) {
+                    if let Some(v) = value["properties"][field].as_f64() {
+                        let us = (v * scale * 1000.0).round() as u64;
+                        let surface = value["surface"].as_str().unwrap_or_default().to_string();
+                        r.latency.entry((w, name.clone(), area, surface)).or_default().push(us);
+                        if let Some(map) = value["experiment_assignments"].as_object() {
+                            for (experiment, variant) in map {
+                                r.variants.entry((w, name.clone(), experiment.clone(), variant.as_str().expect("variant").to_string())).or_default().push(us);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        r
+    }
+}
+
+/// Asserts that a latency row matches the samples: exact count and mean, quantiles within 1%.
+pub fn assert_stats(key: &impl std::fmt::Debug, got: &Stats, samples: &[u64]) {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let n = sorted.len();
+    assert_eq!(got.0, n as i64, "count of {key:?}");
+    let mean = sorted.iter().map(|&s| s as f64).sum::<f64>() / n as f64 / 1000.0;
+    assert!((got.1[0] - mean).abs() <= 1e-9 * mean.max(1.0), "mean of {key:?}: {} vs {mean}", got.1[0]);
+    for (i, q) in [0.5, 0.9, 0.95, 0.99, 1.0].into_iter().enumerate() {
+        let exact = sorted[(q * (n - 1) as f64).floor() as usize] as f64 / 1000.0;
+        let value = got.1[i + 1];
+        assert!((value - exact).abs() <= 0.01 * exact + 1e-9, "q{q} of {key:?}: {value} vs exact {exact}");
+    }
+}
+
+/// Asserts two maps are equal, printing only the keys that differ.
+pub fn assert_maps_eq<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(got: &BTreeMap<K, V>, want: &BTreeMap<K, V>, what: &str) {
+    let mut diffs = Vec::new();
+    for (k, v) in want {
+        match got.get(k) {
+            Some(g) if g == v => {}
+            other => diffs.push(format!("{k:?}: got {other:?}, want {v:?}")),
+        }
+    }
+    for (k, g) in got {
+        if !want.contains_key(k) {
+            diffs.push(format!("{k:?}: got {g:?}, want nothing"));
+        }
+    }
+    assert!(diffs.is_empty(), "{what}: {} differences, first ones:\n{}", diffs.len(), diffs.iter().take(12).cloned().collect::<Vec<_>>().join("\n"));
+}
