@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -151,13 +153,14 @@ pub fn quality(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
     out
 }
 
-/// `dead_letter` as (offset → (kind, reason)).
-pub fn dead_letters(lake_dir: &Path) -> BTreeMap<i64, (String, String)> {
+/// `dead_letter` as ((partition, offset) → (kind, reason)).
+pub fn dead_letters(lake_dir: &Path) -> BTreeMap<(i32, i64), (String, String)> {
     let mut out = BTreeMap::new();
     for b in read_table(lake_dir, "dead_letter") {
         for i in 0..b.num_rows() {
             let offset = col::<Int64Array>(&b, "offset").value(i);
-            assert!(out.insert(offset, (s(&b, "kind", i), s(&b, "reason", i))).is_none(), "duplicate dead letter at offset {offset}");
+            let partition = col::<arrow_array::Int32Array>(&b, "partition").value(i);
+            assert!(out.insert((partition, offset), (s(&b, "kind", i), s(&b, "reason", i))).is_none(), "duplicate dead letter at {partition}/{offset}");
         }
     }
     out
@@ -192,14 +195,17 @@ pub struct Reference {
     pub rejected: u64,
 }
 
-fn window(ms: u64) -> u64 {
-    ms - ms % WINDOW_MS
-}
 
 impl Reference {
     /// `lines`: raw line and whether it is a valid event; `rejected_name`: the event name a
     /// rejected line is counted under in `quality` (None → `unknown`), with its failure kind.
     pub fn compute(lines: &[(Vec<u8>, Option<(Option<String>, String)>)], workers: usize) -> Reference {
+        Reference::compute_with(lines, workers, WINDOW_MS, LATENESS_MS)
+    }
+
+    /// [`Reference::compute`] with other windows and lateness.
+    pub fn compute_with(lines: &[(Vec<u8>, Option<(Option<String>, String)>)], workers: usize, window_ms: u64, lateness_ms: u64) -> Reference {
+        let window = |ms: u64| ms - ms % window_ms;
         let mut r = Reference::default();
         for worker in 0..workers {
             let mut newest: Option<u64> = None;
@@ -224,7 +230,7 @@ impl Reference {
                 let name = value["event_name"].as_str().expect("name").to_string();
                 let ts = chrono::DateTime::parse_from_rfc3339(value["timestamp"].as_str().expect("timestamp")).expect("rfc3339");
                 let t = ts.timestamp_millis() as u64;
-                let watermark = newest.map_or(0, |n| n.saturating_sub(LATENESS_MS));
+                let watermark = newest.map_or(0, |n| n.saturating_sub(lateness_ms));
                 if t < watermark {
                     r.late += 1;
                     r.dead.insert(offset as i64);
