@@ -146,8 +146,16 @@ impl Decoder {
             return Err(DecodeError::new(FailureKind::Oversize, format!("record is {} bytes, the limit is {}", bytes.len(), self.max_event_bytes)));
         }
         let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::new(FailureKind::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
-        if text.trim().is_empty() {
+        let trimmed = text.trim_start();
+        if trimmed.is_empty() {
             return Err(DecodeError::new(FailureKind::Empty, "empty record"));
+        }
+        if !trimmed.starts_with('{') {
+            // Serde would read an array as a struct's fields in order; an event is an object.
+            return Err(match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(value) => DecodeError::new(FailureKind::WrongType, format!("an event must be a JSON object, found {}", json_kind(&value))),
+                Err(e) => DecodeError::from_json(&e),
+            });
         }
         let wire: WireEnvelope<'_> = serde_json::from_str(text).map_err(|e| DecodeError::from_json(&e))?;
         Self::finish(wire)
@@ -210,6 +218,17 @@ impl Decoder {
             data_sensitivity: wire.data_sensitivity,
             latency_us,
         })
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -336,6 +355,9 @@ mod tests {
         assert_eq!(kind_of(&line(&[("properties", r#"{"assignment_latency_ms":"fast"}"#)])), FailureKind::WrongType);
         assert_eq!(kind_of(&line(&[("properties", r#"{"assignment_latency_ms":-1}"#)])), FailureKind::InvalidValue);
         assert_eq!(kind_of(&line(&[("properties", r#"[1]"#)])), FailureKind::WrongType);
+        assert_eq!(kind_of("[1,2]"), FailureKind::WrongType);
+        assert_eq!(kind_of("null"), FailureKind::WrongType);
+        assert_eq!(kind_of("GET / HTTP/1.1"), FailureKind::MalformedJson);
         let mut bytes = line(&[]).into_bytes();
         bytes[60] = 0xff;
         assert_eq!(Decoder::default().decode(&bytes).unwrap_err().kind, FailureKind::InvalidUtf8);

@@ -1,0 +1,106 @@
+//! Bad input: every kind of broken record is counted with its reason, the pipeline keeps
+//! running, and the good events' aggregates are exactly those of the good events alone.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+
+fn good_lines() -> Vec<Vec<u8>> {
+    generate(3_000, 5, 0.0, 0.0).into_iter().map(|(l, _)| l).collect()
+}
+
+/// (line, expected failure kind, a fragment the reason must contain).
+fn bad_lines(template: &[u8]) -> Vec<(Vec<u8>, &'static str, &'static str)> {
+    let text = String::from_utf8(template.to_vec()).expect("utf-8 template");
+    let mut invalid_utf8 = template.to_vec();
+    let at = text.find("\"app_version\":\"").expect("app_version") + 16;
+    invalid_utf8.splice(at..at, [0xC3, 0x28]);
+    let mut ten_mb = b"{\"event_id\":\"".to_vec();
+    ten_mb.extend(std::iter::repeat_n(b'x', 10 * 1024 * 1024));
+    ten_mb.extend_from_slice(b"\"}");
+    vec![
+        (template[..template.len() / 3].to_vec(), "truncated", "EOF"),
+        (b"{\"event_id\" \"x\"}".to_vec(), "malformed_json", "expected"),
+        (text.replacen("\"user_id\":\"u_", "\"user_id\":7,\"zz\":\"", 1).replacen(",\"zz\":\"", ",\"user_role\":\"", 1).into_bytes(), "wrong_type", "integer"),
+        (remove_field(&text, "tenant_id").into_bytes(), "missing_field", "tenant_id"),
+        (text.replacen("\"platform\":\"", "\"platform\":\"toaster_", 1).into_bytes(), "invalid_value", "toaster"),
+        (text.replacen("\"source\":", "\"ip_address\":\"203.0.113.9\",\"source\":", 1).into_bytes(), "unknown_field", "ip_address"),
+        (Vec::new(), "empty", "empty"),
+        (b"   \t ".to_vec(), "empty", "empty"),
+        (ten_mb, "oversize", "10485"),
+        (invalid_utf8, "invalid_utf8", "UTF-8"),
+        (b"[1,2,3]".to_vec(), "wrong_type", "an array"),
+        (b"null".to_vec(), "wrong_type", "null"),
+        (b"[".repeat(100_000), "malformed_json", "recursion"),
+        (format!("{{\"properties\":{}", "[".repeat(100_000)).into_bytes(), "truncated", "EOF"),
+    ]
+}
+
+fn remove_field(text: &str, field: &str) -> String {
+    let key = format!("\"{field}\":\"");
+    let start = text.find(&key).expect("field");
+    let end = start + key.len() + text[start + key.len()..].find('"').expect("closing quote") + 2;
+    format!("{}{}", &text[..start], &text[end..])
+}
+
+#[test]
+fn every_bad_record_is_counted_with_its_reason_and_good_ones_are_unaffected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = good_lines();
+    let bad = bad_lines(&good[0]);
+
+    // Good events only.
+    let clean_input = dir.path().join("clean.ndjson");
+    let clean: Vec<_> = good.iter().map(|l| (l.clone(), sightline::generator::LineKind::Good)).collect();
+    write_ndjson(&clean_input, &clean);
+    let clean_lake = dir.path().join("clean");
+    let clean_summary = replay(&clean_input, &clean_lake, config(1));
+    assert_eq!(clean_summary.rejected, 0);
+
+    // The same good events with the bad records spread among them.
+    let mut mixed = Vec::new();
+    let mut expected: BTreeMap<i64, (&str, &str)> = BTreeMap::new();
+    let mut bad_iter = bad.iter();
+    for (i, line) in good.iter().enumerate() {
+        if i % 200 == 100 {
+            if let Some((b, kind, fragment)) = bad_iter.next() {
+                expected.insert(mixed.len() as i64, (*kind, *fragment));
+                mixed.push((b.clone(), sightline::generator::LineKind::Bad));
+            }
+        }
+        mixed.push((line.clone(), sightline::generator::LineKind::Good));
+    }
+    assert_eq!(expected.len(), bad.len(), "every bad record is in the input");
+    let mixed_input = dir.path().join("mixed.ndjson");
+    write_ndjson(&mixed_input, &mixed);
+    let mixed_lake = dir.path().join("mixed");
+    let summary = replay(&mixed_input, &mixed_lake, config(1));
+
+    assert_eq!(summary.read, mixed.len() as u64);
+    assert_eq!(summary.rejected, bad.len() as u64);
+    assert_eq!(summary.accepted, clean_summary.accepted);
+    let dead = dead_letters(&mixed_lake);
+    assert_eq!(dead.len(), expected.len());
+    for (offset, (kind, fragment)) in &expected {
+        let (got_kind, reason) = &dead[&(0, *offset)];
+        assert_eq!(got_kind, kind, "line {offset}: {reason}");
+        assert!(reason.contains(fragment), "line {offset} ({kind}): reason `{reason}` should mention `{fragment}`");
+    }
+    let by_kind = quality(&mixed_lake).into_iter().filter(|(k, _)| k.2 != "accepted").fold(BTreeMap::new(), |mut m, (k, n)| {
+        *m.entry(k.2).or_insert(0) += n;
+        m
+    });
+    let mut want_kinds = BTreeMap::new();
+    for (_, kind, _) in &bad {
+        *want_kinds.entry(kind.to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(by_kind, want_kinds);
+
+    assert_maps_eq(&event_counts(&mixed_lake), &event_counts(&clean_lake), "event_counts with and without bad records");
+    assert_eq!(latency(&mixed_lake), latency(&clean_lake));
+    assert_eq!(latency_by_variant(&mixed_lake), latency_by_variant(&clean_lake));
+    let accepted = |lake| quality(lake).into_iter().filter(|(k, _)| k.2 == "accepted").collect::<BTreeMap<_, _>>();
+    assert_eq!(accepted(&mixed_lake), accepted(&clean_lake));
+}
