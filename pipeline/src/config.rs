@@ -178,7 +178,7 @@ mod tests {
     #[test]
     fn the_example_file_is_the_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sightline.example.toml");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let parsed: Config = toml_parse(&text);
         assert_eq!(parsed, Config::default(), "sightline.example.toml must list the defaults");
     }
