@@ -64,12 +64,11 @@ fn every_bad_record_is_counted_with_its_reason_and_good_ones_are_unaffected() {
     let mut expected: BTreeMap<i64, (&str, &str)> = BTreeMap::new();
     let mut bad_iter = bad.iter();
     for (i, line) in good.iter().enumerate() {
-        if i % 200 == 100 {
-            if let Some((b, kind, fragment)) = bad_iter.next() {
+        if i % 200 == 100
+            && let Some((b, kind, fragment)) = bad_iter.next() {
                 expected.insert(mixed.len() as i64, (*kind, *fragment));
                 mixed.push((b.clone(), sightline::generator::LineKind::Bad));
             }
-        }
         mixed.push((line.clone(), sightline::generator::LineKind::Good));
     }
     assert_eq!(expected.len(), bad.len(), "every bad record is in the input");

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use sightline::generator::LineKind;
 
-fn failure_of(line: &[u8], kind: LineKind) -> Option<(Option<String>, String)> {
+fn failure_of(line: &[u8], kind: LineKind) -> Failure {
     // The generator says which lines are broken; the reference names their failure kind by
     // what was done to them.
     if kind != LineKind::Bad {
@@ -43,7 +43,7 @@ fn check(workers: usize) {
     let lake = dir.path().join("lake");
     let summary = replay(&input, &lake, config(workers));
 
-    let classified: Vec<(Vec<u8>, Option<(Option<String>, String)>)> = lines.iter().map(|(l, k)| (l.clone(), failure_of(l, *k))).collect();
+    let classified: Vec<(Vec<u8>, Failure)> = lines.iter().map(|(l, k)| (l.clone(), failure_of(l, *k))).collect();
     let want = Reference::compute(&classified, workers);
     assert!(want.late > 50 && want.rejected > 50, "the input exercises every path: {want:?}");
 

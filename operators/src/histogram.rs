@@ -183,6 +183,7 @@ impl Multiply<isize> for LatencyHistogram {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

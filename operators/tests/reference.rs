@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
+
 //! Every aggregate against a naive reference model.
 //!
 //! Random events, random retracted "noise" events, random dead letters; random worker
@@ -164,7 +166,7 @@ fn within(got: f64, exact: f64) -> bool {
     (got - exact).abs() <= RELATIVE_ACCURACY * exact * (1.0 + 1e-9) + 1e-9
 }
 
-fn check_histogram(h: &LatencyHistogram, samples: &mut Vec<u64>) -> Result<(), TestCaseError> {
+fn check_histogram(h: &LatencyHistogram, samples: &mut [u64]) -> Result<(), TestCaseError> {
     samples.sort_unstable();
     prop_assert_eq!(h.count, samples.len() as i64);
     prop_assert_eq!(h.sum_us, samples.iter().map(|&s| i128::from(s)).sum::<i128>());

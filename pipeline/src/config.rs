@@ -135,7 +135,7 @@ impl Config {
         if p.workers == 0 {
             bail!("pipeline.workers must be at least 1");
         }
-        if p.tick_ms == 0 || p.window_ms == 0 || p.window_ms % p.tick_ms != 0 {
+        if p.tick_ms == 0 || p.window_ms == 0 || !p.window_ms.is_multiple_of(p.tick_ms) {
             bail!("pipeline.window-ms ({}) must be a positive multiple of pipeline.tick-ms ({})", p.window_ms, p.tick_ms);
         }
         if p.batch_size == 0 {
@@ -146,6 +146,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::result_large_err)]
 mod tests {
     use super::*;
 

@@ -31,6 +31,8 @@ pub struct DataflowParts {
     pub stats: Arc<IngestStats>,
 }
 
+// The `ok_err` split carries a whole dead letter in `Err`; it is moved, not copied around.
+#[allow(clippy::result_large_err)]
 /// Builds the pipeline's dataflow in `scope` and returns the probe on its sinks: when the
 /// probe's frontier has passed a time, every window ending at or before it is durable.
 pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> ProbeHandle<Time> {

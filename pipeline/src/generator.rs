@@ -4,7 +4,7 @@
 //! field filled in the way a web or server SDK would, and the event-specific properties of
 //! each spec under `properties`. Names are weighted like a real product (views and
 //! integration calls are common, deals are rare); latencies are log-normal; a fraction of
-//! events carry experiment assignments. A generated event is about 870 bytes of JSON.
+//! events carry experiment assignments. A generated event is about 880 bytes of JSON.
 //!
 //! Event time advances at `events_per_second` from `start_ms`, with a uniform jitter of up to
 //! `jitter_ms` (out-of-order arrival within the allowed lateness). A `late_fraction` of events
@@ -209,22 +209,27 @@ impl Generator {
             r.pick(&["sso", "scim", "passwordless", "api_token"]),
             r.below(20) == 0,
         );
-        if r.below(3) == 0 {
+        if r.below(4) == 0 {
             let _ = write!(out, r#""experiment_assignments":{{"exp_guided_setup":"{}","exp_aps_ranking_v2":"{}"}},"#, r.pick(&["control", "treatment"]), r.pick(&["control", "variant_a", "variant_b"]));
-        } else if r.below(2) == 0 {
+        } else if r.below(3) == 0 {
             let _ = write!(out, r#""experiment_assignments":{{"exp_guided_setup":"{}"}},"#, r.pick(&["control", "treatment"]));
+        }
+        let _ = write!(out, r#""request_id":"req_{:012x}","trace_id":"{:016x}{:016x}","device_type":"{device}","#, r.next_u64() >> 16, r.next_u64(), r.next_u64());
+        if device != "server" {
+            // Client context and coarse geo exist only for client events.
+            let _ = write!(
+                out,
+                r#""browser_family":"{}","os_family":"{}","connection_type":"{}","country":"{}","region":"{}","#,
+                r.pick(&["chrome", "safari", "firefox", "edge"]),
+                r.pick(&["macos", "windows", "linux", "ios", "android"]),
+                r.pick(&["wifi", "ethernet", "cellular"]),
+                r.pick(&["US", "DE", "GB", "FR", "BR", "IN"]),
+                r.pick(&["us-east", "eu-west", "eu-central", "ap-south"]),
+            );
         }
         let _ = write!(
             out,
-            r#""request_id":"req_{:012x}","trace_id":"{:016x}{:016x}","device_type":"{device}","browser_family":"{}","os_family":"{}","country":"{}","region":"{}","connection_type":"{}","pii_classification":"{}","data_sensitivity":"{}","properties":"#,
-            r.next_u64() >> 16,
-            r.next_u64(),
-            r.next_u64(),
-            r.pick(&["chrome", "safari", "firefox", "edge"]),
-            r.pick(&["macos", "windows", "linux", "ios", "android"]),
-            r.pick(&["US", "DE", "GB", "FR", "BR", "IN"]),
-            r.pick(&["us-east", "eu-west", "eu-central", "ap-south"]),
-            r.pick(&["wifi", "ethernet", "cellular"]),
+            r#""pii_classification":"{}","data_sensitivity":"{}","properties":"#,
             r.pick(&["none", "low", "low", "medium"]),
             r.pick(&["internal", "internal", "internal", "public", "restricted"]),
         );
@@ -433,6 +438,7 @@ fn uuid_v4(r: &mut Rng) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use sightline_schemas::Decoder;

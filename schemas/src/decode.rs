@@ -186,7 +186,7 @@ impl Decoder {
         }
         let latency_us = match (spec.latency_field, wire.properties) {
             (Some(field), Some(props)) => {
-                let found = extract_number(props, field).map_err(|e| with_name(e))?;
+                let found = extract_number(props, field).map_err(&with_name)?;
                 match found {
                     None => None,
                     Some(v) if v.is_finite() && v >= 0.0 => Some((v * spec.latency_scale_ms * 1000.0).round() as u64),
@@ -194,7 +194,7 @@ impl Decoder {
                 }
             }
             (None, Some(props)) => {
-                ensure_object(props).map_err(|e| with_name(e))?;
+                ensure_object(props).map_err(with_name)?;
                 None
             }
             (_, None) => None,
@@ -285,6 +285,7 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

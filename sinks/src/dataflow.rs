@@ -72,12 +72,11 @@ where
                     rows.extend(part.rows);
                 }
             });
-            if let Some((retry_at, _)) = backoff {
-                if Instant::now() < retry_at {
+            if let Some((retry_at, _)) = backoff
+                && Instant::now() < retry_at {
                     activator.activate_after(retry_at - Instant::now());
                     return;
                 }
-            }
             let ready: Vec<(u64, u64)> = pending.iter().filter(|(_, (cap, _))| !frontier.less_equal(cap.time())).map(|(k, _)| *k).collect();
             for window in ready {
                 let Some((cap, rows)) = pending.get_mut(&window) else { continue };

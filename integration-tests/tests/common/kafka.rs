@@ -182,7 +182,7 @@ pub fn round_trip(bootstrap: &str, topic: &str, partitions: i32, events: usize, 
 
     // Accepted events: exact. Rejected ones: exact per event name and kind (their processing
     // window depends on how partitions interleave).
-    let classified: Vec<(Vec<u8>, Option<(Option<String>, String)>)> =
+    let classified: Vec<(Vec<u8>, Failure)> =
         lines.iter().map(|(l, k)| (l.clone(), (*k == LineKind::Bad).then(|| (None, "rejected".to_string())))).collect();
     let want = Reference::compute_with(&classified, 1, 5_000, 1_000);
     assert_eq!(want.late, 0);

@@ -16,6 +16,10 @@ use sightline::config::Config;
 use sightline::generator::{Generator, GeneratorConfig, LineKind};
 use sightline::run::{run, Input, Job, Summary};
 
+/// What the reference knows of a rejected line: the event name it is counted under (None →
+/// `unknown`) and its failure kind; `None` for a valid line.
+pub type Failure = Option<(Option<String>, String)>;
+
 pub const WINDOW_MS: u64 = 10_000;
 pub const LATENESS_MS: u64 = 10_000;
 pub const TICK_MS: u64 = 1_000;
@@ -199,12 +203,12 @@ pub struct Reference {
 impl Reference {
     /// `lines`: raw line and whether it is a valid event; `rejected_name`: the event name a
     /// rejected line is counted under in `quality` (None → `unknown`), with its failure kind.
-    pub fn compute(lines: &[(Vec<u8>, Option<(Option<String>, String)>)], workers: usize) -> Reference {
+    pub fn compute(lines: &[(Vec<u8>, Failure)], workers: usize) -> Reference {
         Reference::compute_with(lines, workers, WINDOW_MS, LATENESS_MS)
     }
 
     /// [`Reference::compute`] with other windows and lateness.
-    pub fn compute_with(lines: &[(Vec<u8>, Option<(Option<String>, String)>)], workers: usize, window_ms: u64, lateness_ms: u64) -> Reference {
+    pub fn compute_with(lines: &[(Vec<u8>, Failure)], workers: usize, window_ms: u64, lateness_ms: u64) -> Reference {
         let window = |ms: u64| ms - ms % window_ms;
         let mut r = Reference::default();
         for worker in 0..workers {
@@ -246,8 +250,8 @@ impl Reference {
                 let area = value["feature_area"].as_str().expect("area").to_string();
                 *r.counts.entry((w, name.clone(), value["event_type"].as_str().expect("type").to_string(), area.clone())).or_default() += 1;
                 *r.quality.entry((w, name.clone(), "accepted".into())).or_default() += 1;
-                if let Some((field, scale)) = latency_field(&name) {
-                    if let Some(v) = value["properties"][field].as_f64() {
+                if let Some((field, scale)) = latency_field(&name)
+                    && let Some(v) = value["properties"][field].as_f64() {
                         let us = (v * scale * 1000.0).round() as u64;
                         let surface = value["surface"].as_str().unwrap_or_default().to_string();
                         r.latency.entry((w, name.clone(), area, surface)).or_default().push(us);
@@ -257,7 +261,6 @@ impl Reference {
                             }
                         }
                     }
-                }
             }
         }
         r

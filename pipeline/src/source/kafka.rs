@@ -114,11 +114,10 @@ impl KafkaReader {
             p.pending.retain(|start, _| start.saturating_add(width) > durable_ms);
             let Some(next) = p.next_offset else { continue };
             let committable = p.pending.values().copied().min().unwrap_or(next);
-            if p.committed.is_none_or(|c| committable > c) {
-                if tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(committable)).is_ok() {
+            if p.committed.is_none_or(|c| committable > c)
+                && tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(committable)).is_ok() {
                     p.committed = Some(committable);
                 }
-            }
         }
         if tpl.count() > 0 {
             match self.consumer.commit(&tpl, CommitMode::Async) {

@@ -148,12 +148,11 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
         let mut ready: Vec<(Result<Event, DeadLetter>, Time, usize, i64)> = Vec::with_capacity(settings.batch_size);
         move |output| {
             let Some(c) = cap.as_mut() else { return };
-            if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied()) {
-                if durable_ms > last_durable {
+            if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied())
+                && durable_ms > last_durable {
                     last_durable = durable_ms;
                     reader.durable_up_to(durable_ms);
                 }
-            }
             let now = Instant::now();
             let (mut read, mut accepted, mut rejected, mut late) = (0u64, 0u64, 0u64, 0u64);
             let status = {

@@ -109,6 +109,7 @@ impl RecordReader for NdjsonReader {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
