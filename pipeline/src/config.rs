@@ -103,13 +103,22 @@ impl Default for KafkaConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct LakeConfig {
-    /// A directory, `file:///abs/dir`, or `memory://`.
+    /// A directory, `file:///abs/dir`, `s3://bucket/prefix`, or `memory://`.
     pub location: String,
+    /// Settings of `s3://` locations; unset fields come from the `AWS_*` environment.
+    pub s3: sightline_sinks::S3Options,
 }
 
 impl Default for LakeConfig {
     fn default() -> Self {
-        LakeConfig { location: "./sightline-data".into() }
+        LakeConfig { location: "./sightline-data".into(), s3: sightline_sinks::S3Options::default() }
+    }
+}
+
+impl LakeConfig {
+    /// Opens the configured lake.
+    pub fn open(&self) -> anyhow::Result<sightline_sinks::Lake> {
+        sightline_sinks::Lake::open_with(&self.location, &self.s3).with_context(|| format!("opening the lake at {}", self.location))
     }
 }
 

@@ -78,7 +78,7 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
             stop.store(true, Ordering::Relaxed);
         });
     }
-    let lake = sightline_sinks::Lake::open(&config.lake.location)?;
+    let lake = config.lake.open()?;
     let job = Job { config: config.clone(), input: Input::Kafka(config.kafka.clone()), lake, stop: Arc::clone(&stop), print_windows: options.print_windows };
     let summary = run(job);
     stop.store(true, Ordering::Relaxed);

@@ -12,7 +12,6 @@ use sightline::config::Config;
 use sightline::demo::{demo_config, run_demo, DemoOptions};
 use sightline::generator::{Generator, GeneratorConfig};
 use sightline::run::{run, Input, Job};
-use sightline_sinks::Lake;
 
 /// Sightline: product telemetry → event-time windowed aggregates → Parquet.
 #[derive(Parser, Debug)]
@@ -38,7 +37,7 @@ enum Command {
         /// NDJSON file, or `-` for standard input.
         #[arg(long)]
         input: String,
-        /// Lake directory (or `memory://`) to write to.
+        /// Lake to write to: a directory, `s3://bucket/prefix` (with `[lake.s3]` settings), or `memory://`.
         #[arg(long)]
         out: String,
         /// Configuration file (TOML).
@@ -115,7 +114,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 config.pipeline.workers = w;
             }
             config.validate()?;
-            let lake = Lake::open(&config.lake.location)?;
+            let lake = config.lake.open()?;
             let job = Job { input: Input::Kafka(config.kafka.clone()), config, lake, stop: stop_on_ctrl_c()?, print_windows: true };
             let summary = run(job)?;
             println!("stopped: {summary}");
@@ -126,7 +125,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 config.pipeline.workers = w;
             }
             config.validate()?;
-            let lake = Lake::open(&out)?;
+            config.lake.location = out;
+            let lake = config.lake.open()?;
             let job = Job { input: Input::Ndjson(input), config, lake, stop: Arc::new(AtomicBool::new(false)), print_windows: false };
             let summary = run(job)?;
             println!("{summary}");

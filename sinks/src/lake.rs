@@ -32,6 +32,54 @@ fn compact_utc(ms: u64) -> String {
     out
 }
 
+/// Settings of the S3 API backend (AWS S3, MinIO, Ceph RGW, moto). Unset fields fall back to
+/// the standard `AWS_*` environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_REGION`, `AWS_ENDPOINT`, …).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct S3Options {
+    /// Endpoint URL, for S3-compatible services (`http://127.0.0.1:9000`).
+    pub endpoint: Option<String>,
+    /// Region (default `us-east-1`).
+    pub region: Option<String>,
+    /// Allow plain HTTP to the endpoint (local services only).
+    pub allow_http: bool,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+}
+
+#[cfg(feature = "s3")]
+fn open_s3(location: &str, rest: &str, s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
+    use object_store::aws::AmazonS3Builder;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(Error::Location(location.to_owned()));
+    }
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_allow_http(s3.allow_http);
+    if let Some(endpoint) = &s3.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if let Some(region) = &s3.region {
+        builder = builder.with_region(region);
+    }
+    if let Some(key) = &s3.access_key_id {
+        builder = builder.with_access_key_id(key);
+    }
+    if let Some(secret) = &s3.secret_access_key {
+        builder = builder.with_secret_access_key(secret);
+    }
+    let store: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
+    let prefix = prefix.trim_matches('/');
+    Ok(if prefix.is_empty() { store } else { Arc::new(object_store::prefix::PrefixStore::new(store, prefix)) })
+}
+
+#[cfg(not(feature = "s3"))]
+fn open_s3(location: &str, _rest: &str, _s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
+    Err(Error::Location(format!("{location} (this build has no S3 support: enable the `s3` feature)")))
+}
+
 /// A handle on the lake: an object store plus a blocking I/O runtime. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Lake {
@@ -42,10 +90,18 @@ pub struct Lake {
 
 impl Lake {
     /// Opens a lake at `location`: `memory://` (an in-process store, for tests), `file:///abs/dir`,
-    /// or a plain directory path, created if missing.
+    /// a plain directory path (created if missing), or `s3://bucket/prefix` configured from the
+    /// `AWS_*` environment.
     pub fn open(location: &str) -> Result<Lake> {
+        Lake::open_with(location, &S3Options::default())
+    }
+
+    /// [`Lake::open`], with explicit settings for `s3://` locations.
+    pub fn open_with(location: &str, s3: &S3Options) -> Result<Lake> {
         let store: Arc<dyn ObjectStore> = if location == "memory://" || location == "memory:" {
             Arc::new(InMemory::new())
+        } else if let Some(rest) = location.strip_prefix("s3://") {
+            open_s3(location, rest, s3)?
         } else if let Some(dir) = location.strip_prefix("file://").or_else(|| (!location.contains("://")).then_some(location)) {
             std::fs::create_dir_all(dir)?;
             Arc::new(LocalFileSystem::new_with_prefix(dir)?)
@@ -57,7 +113,7 @@ impl Lake {
 
     /// Wraps an existing object store (any `object_store` backend).
     pub fn from_store(store: Arc<dyn ObjectStore>, location: &str) -> Result<Lake> {
-        let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         Ok(Lake { store, location: location.to_owned(), runtime: Arc::new(runtime) })
     }
 

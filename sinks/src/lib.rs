@@ -5,8 +5,8 @@
 //! - [`tables`] turns closed windows into typed rows, one row type per output table, and each
 //!   row type into Arrow record batches ([`Table`]);
 //! - [`parquet_encode`] turns record batches into Parquet bytes;
-//! - [`Lake`] writes bytes to object storage (local filesystem, memory, or any
-//!   `object_store` backend) under Hive-style paths with deterministic names;
+//! - [`Lake`] writes bytes to object storage (local filesystem, memory, the S3 API with the
+//!   `s3` feature, or any `object_store` backend) under Hive-style paths with deterministic names;
 //! - [`write_windows`] is the timely operator that connects them, with the delivery contract
 //!   stated on it.
 //!
@@ -31,7 +31,7 @@ pub mod tables;
 
 pub use dataflow::{write_windows, WindowRows, WrittenWindow};
 pub use encode::{parquet_encode, Table};
-pub use lake::{window_path, Lake};
+pub use lake::{window_path, Lake, S3Options};
 
 /// Errors of the sinks. Each says whether retrying can help.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub enum Error {
     #[error("object store request failed")]
     Store(#[from] object_store::Error),
     /// The lake URL is not one this build supports.
-    #[error("unsupported lake location `{0}` (use a path, file://, or memory://)")]
+    #[error("unsupported lake location `{0}` (use a path, file://, s3://bucket/prefix, or memory://)")]
     Location(String),
     /// Local I/O failed (creating directories, starting the I/O runtime).
     #[error("local I/O failed")]

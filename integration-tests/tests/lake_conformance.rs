@@ -1,6 +1,9 @@
-//! The lake's conformance suite, run against every backend the sink supports here: the
-//! in-memory store and the local filesystem. (The S3 API backend joins this suite when it is
-//! enabled.) Each case writes real Parquet and reads it back with the Parquet reader.
+//! The lake's conformance suite, run against every backend the sink supports: the in-memory
+//! store, the local filesystem, and the S3 API (a real moto server). Each case writes real
+//! Parquet and reads it back with the Parquet reader. The last case replays a generated file
+//! into S3 through the configuration, as `sightline replay --out s3://…` does.
+
+mod common;
 
 use arrow_array::{Array, Int64Array, StringArray, TimestampMicrosecondArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -10,10 +13,13 @@ use sightline_sinks::{Lake, Table};
 const START: u64 = 1_769_178_600_000;
 const END: u64 = 1_769_178_660_000;
 
-fn backends() -> Vec<(Lake, Option<tempfile::TempDir>)> {
+/// Every backend, each with what keeps it alive (a temporary directory, a server).
+fn backends() -> Vec<(Lake, Box<dyn std::any::Any>)> {
     let dir = tempfile::tempdir().expect("tempdir");
     let local = Lake::open(dir.path().to_str().expect("utf-8 path")).expect("local lake");
-    vec![(Lake::open("memory://").expect("memory lake"), None), (local, Some(dir))]
+    let moto = common::moto::Moto::start();
+    let s3 = moto.lake("conformance", "lake/prefix");
+    vec![(Lake::open("memory://").expect("memory lake"), Box::new(())), (local, Box::new(dir)), (s3, Box::new(moto))]
 }
 
 fn counts(n: i64) -> Vec<EventCountRow> {
@@ -98,4 +104,37 @@ fn unsupported_locations_are_clear_errors() {
     let err = Lake::open("gopher://somewhere").expect_err("gopher is not a lake");
     assert!(err.to_string().contains("gopher://somewhere"));
     assert!(!err.is_retryable());
+}
+
+#[test]
+fn a_replay_writes_to_s3_through_the_configuration() {
+    let moto = common::moto::Moto::start();
+    moto.create_bucket("replay");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("events.ndjson");
+    common::write_ndjson(&input, &common::generate(4_000, 21, 0.01, 0.01));
+
+    let mut config = common::config(2);
+    config.lake.location = "s3://replay/sightline".into();
+    config.lake.s3 = moto.options();
+    let s3 = config.lake.open().expect("s3 lake");
+    let job = sightline::run::Job {
+        config: config.clone(),
+        input: sightline::run::Input::Ndjson(input.to_str().expect("utf-8").into()),
+        lake: s3.clone(),
+        stop: Default::default(),
+        print_windows: false,
+    };
+    let summary = sightline::run::run(job).expect("replay into s3");
+    let local = dir.path().join("local");
+    assert_eq!(common::replay(&input, &local, config), summary);
+
+    // The same files, with the same rows, as the local replay.
+    let files = s3.list("").expect("list");
+    assert_eq!(files.len() as u64, summary.files);
+    for path in &files {
+        assert!(path.contains("/dt=") && path.ends_with(".parquet"), "{path}");
+        let local_rows = Lake::open(local.to_str().expect("utf-8")).expect("local").read_rows(path).expect("local file");
+        assert_eq!(s3.read_rows(path).expect("s3 file"), local_rows, "{path}");
+    }
 }
