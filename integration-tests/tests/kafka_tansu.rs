@@ -8,13 +8,23 @@ use common::kafka::{round_trip, Tansu};
 fn tansu_round_trip_on_one_worker() {
     let broker = Tansu::start();
     broker.create_topic("tansu.events", 4);
-    round_trip(&broker.bootstrap, "tansu.events", 4, 3_000, 1);
+    round_trip(&broker.bootstrap, &[("tansu.events", 4)], 3_000, 1);
 }
 
 #[test]
-fn tansu_round_trip_on_three_workers() {
+fn tansu_two_topics_on_three_workers() {
     let broker = Tansu::start();
-    broker.create_topic("tansu.events.wide", 2);
-    // More workers than partitions: the third worker reads nothing and follows the clock.
-    round_trip(&broker.bootstrap, "tansu.events.wide", 2, 2_000, 3);
+    broker.create_topic("tansu.product", 2);
+    broker.create_topic("tansu.command-center", 1);
+    // Two topics, three partitions in all, spread over three workers; the topics' partitions
+    // interleave in the assignment order.
+    round_trip(&broker.bootstrap, &[("tansu.product", 2), ("tansu.command-center", 1)], 2_000, 3);
+}
+
+#[test]
+fn tansu_more_workers_than_partitions() {
+    let broker = Tansu::start();
+    broker.create_topic("tansu.narrow", 1);
+    // The second worker reads nothing and follows the wall clock, so it never holds windows open.
+    round_trip(&broker.bootstrap, &[("tansu.narrow", 1)], 1_500, 2);
 }

@@ -52,7 +52,7 @@ fn check(workers: usize) {
     assert_maps_eq(&event_counts(&lake), &want.counts, "event_counts");
     assert_maps_eq(&quality(&lake), &want.quality, "quality");
     let dead = dead_letters(&lake);
-    assert_eq!(dead.keys().map(|k| k.1).collect::<std::collections::BTreeSet<_>>(), want.dead);
+    assert_eq!(dead.keys().map(|k| k.2).collect::<std::collections::BTreeSet<_>>(), want.dead);
     assert!(dead.values().all(|(_, reason)| !reason.is_empty()));
 
     let got = latency(&lake);

@@ -76,14 +76,16 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// Reads `topic` from the beginning with a plain consumer until `events` records have come
+/// Reads `topics` from the beginning with a plain consumer until `events` records have come
 /// back, and returns each partition's next offset (last offset + 1).
-fn end_offsets(bootstrap: &str, topic: &str, partitions: i32, events: usize) -> BTreeMap<i32, i64> {
+fn end_offsets(bootstrap: &str, topics: &[(&str, i32)], events: usize) -> BTreeMap<(String, i32), i64> {
     use rdkafka::Message;
     let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", "sightline-test-reader").set("enable.auto.commit", "false").create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("assignment");
+    for (topic, partitions) in topics {
+        for p in 0..*partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).expect("assignment");
+        }
     }
     consumer.assign(&tpl).expect("assign");
     let mut next = BTreeMap::new();
@@ -93,20 +95,20 @@ fn end_offsets(bootstrap: &str, topic: &str, partitions: i32, events: usize) -> 
         assert!(Instant::now() < deadline, "a plain consumer read back only {seen} of {events} records");
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             seen += 1;
-            let slot = next.entry(m.partition()).or_insert(0);
+            let slot = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
             *slot = (*slot).max(m.offset() + 1);
         }
     }
     next
 }
 
-/// Runs the pipeline on `topic` (which must exist with `partitions` partitions), produces
-/// `events` generated events to it while it runs, and checks everything the lake and the
-/// consumer group hold.
-pub fn round_trip(bootstrap: &str, topic: &str, partitions: i32, events: usize, workers: usize) {
+/// Runs the pipeline on `topics` (which must exist with the given partition counts),
+/// produces `events` generated events to them, round-robin, while it runs, and checks
+/// everything the lake and the consumer group hold.
+pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, workers: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let lake_dir = dir.path().join("lake");
-    let group = format!("sightline-test-{topic}");
+    let group = format!("sightline-test-{}", topics[0].0);
 
     let mut config = Config::default();
     config.pipeline.workers = workers;
@@ -115,7 +117,7 @@ pub fn round_trip(bootstrap: &str, topic: &str, partitions: i32, events: usize, 
     config.pipeline.idle_timeout_ms = 1_000;
     config.kafka.bootstrap_servers = bootstrap.into();
     config.kafka.group_id = group.clone();
-    config.kafka.topics = vec![TopicConfig { name: topic.into() }];
+    config.kafka.topics = topics.iter().map(|(name, _)| TopicConfig { name: name.to_string() }).collect();
     config.kafka.commit_interval_ms = 0;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -131,6 +133,7 @@ pub fn round_trip(bootstrap: &str, topic: &str, partitions: i32, events: usize, 
         let mut line = Vec::new();
         let kind = generator.next_line(&mut line);
         let key = (i % 97).to_string();
+        let topic = topics[i % topics.len()].0;
         loop {
             match producer.send(BaseRecord::to(topic).payload(&line).key(&key)) {
                 Ok(()) => break,
@@ -155,11 +158,13 @@ pub fn round_trip(bootstrap: &str, topic: &str, partitions: i32, events: usize, 
     }
     // The end of each partition, read by a plain consumer from the beginning. (tansu 0.6's
     // ListOffsets answer lags behind what it serves, so the high watermark is not used.)
-    let end_offsets = end_offsets(bootstrap, topic, partitions, events);
+    let end_offsets = end_offsets(bootstrap, topics, events);
     let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", &group).create().expect("consumer");
     let mut ends = TopicPartitionList::new();
-    for p in 0..partitions {
-        ends.add_partition(topic, p);
+    for (topic, partitions) in topics {
+        for p in 0..*partitions {
+            ends.add_partition(topic, p);
+        }
     }
     let mut committed = BTreeMap::new();
     while Instant::now() < deadline {
@@ -168,7 +173,7 @@ pub fn round_trip(bootstrap: &str, topic: &str, partitions: i32, events: usize, 
             .expect("committed offsets")
             .elements()
             .iter()
-            .map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { o } else { 0 }))
+            .map(|e| ((e.topic().to_string(), e.partition()), if let Offset::Offset(o) = e.offset() { o } else { 0 }))
             .collect();
         if committed == end_offsets {
             break;

@@ -158,14 +158,15 @@ pub fn quality(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
     out
 }
 
-/// `dead_letter` as ((partition, offset) → (kind, reason)).
-pub fn dead_letters(lake_dir: &Path) -> BTreeMap<(i32, i64), (String, String)> {
+/// `dead_letter` as ((topic, partition, offset) → (kind, reason)).
+pub fn dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), (String, String)> {
     let mut out = BTreeMap::new();
     for b in read_table(lake_dir, "dead_letter") {
         for i in 0..b.num_rows() {
             let offset = col::<Int64Array>(&b, "offset").value(i);
             let partition = col::<arrow_array::Int32Array>(&b, "partition").value(i);
-            assert!(out.insert((partition, offset), (s(&b, "kind", i), s(&b, "reason", i))).is_none(), "duplicate dead letter at {partition}/{offset}");
+            let topic = s(&b, "topic", i);
+            assert!(out.insert((topic, partition, offset), (s(&b, "kind", i), s(&b, "reason", i))).is_none(), "duplicate dead letter at {partition}/{offset}");
         }
     }
     out
