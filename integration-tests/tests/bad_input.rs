@@ -32,6 +32,7 @@ fn bad_lines(template: &[u8]) -> Vec<(Vec<u8>, &'static str, &'static str)> {
         (ten_mb, "oversize", "10485"),
         (invalid_utf8, "invalid_utf8", "UTF-8"),
         (b"[1,2,3]".to_vec(), "wrong_type", "an array"),
+        (text.replacen("\"timestamp\":\"2026-", "\"timestamp\":\"2100-", 1).into_bytes(), "invalid_value", "ahead of the wall clock"),
         (b"null".to_vec(), "wrong_type", "null"),
         (b"[".repeat(100_000), "malformed_json", "recursion"),
         (format!("{{\"properties\":{}", "[".repeat(100_000)).into_bytes(), "truncated", "EOF"),

@@ -42,6 +42,9 @@ pub struct PipelineConfig {
     pub idle_timeout_ms: u64,
     /// Largest accepted record, bytes; larger ones are rejected as `oversize`.
     pub max_event_bytes: usize,
+    /// How far ahead of the wall clock an event time may be, ms. Later ones are rejected as
+    /// `invalid_value`, so that one bad clock cannot push the watermark into the future.
+    pub max_future_skew_ms: u64,
     /// Records a source worker reads per activation.
     pub batch_size: usize,
 }
@@ -55,6 +58,7 @@ impl Default for PipelineConfig {
             tick_ms: 1_000,
             idle_timeout_ms: 5_000,
             max_event_bytes: sightline_schemas::DEFAULT_MAX_EVENT_BYTES,
+            max_future_skew_ms: 3_600_000,
             batch_size: 4096,
         }
     }
@@ -125,7 +129,13 @@ impl LakeConfig {
 impl Config {
     /// Loads defaults, then `file` if given, then `SIGHTLINE__*` environment variables.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        Config::load_over(Config::default(), file)
+    }
+
+    /// Loads `base` (instead of the built-in defaults), then `file` if given, then
+    /// `SIGHTLINE__*` environment variables. The demo starts from its own base this way.
+    pub fn load_over(base: Config, file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(base));
         if let Some(file) = file {
             if !file.exists() {
                 bail!("config file {} does not exist", file.display());

@@ -145,10 +145,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             sink.flush()?;
         }
         Command::Demo { seconds, rate, out, config, workers } => {
-            let mut config = match config {
-                Some(path) => Config::load(Some(&path))?,
-                None => demo_config(),
-            };
+            let mut config = Config::load_over(demo_config(), config.as_deref())?;
             config.lake.location = out.clone();
             if let Some(w) = workers {
                 config.pipeline.workers = w;

@@ -108,6 +108,7 @@ pub fn run(job: Job) -> anyhow::Result<Summary> {
                     batch_size: p.batch_size,
                     windows: windows_of(p),
                     decoder: Decoder::new(p.max_event_bytes),
+                    max_future_skew_ms: p.max_future_skew_ms,
                 };
                 let reports = reports_tx.lock().map_err(|_| anyhow::anyhow!("report channel poisoned"))?.clone();
                 let parts = DataflowParts { reader, settings, lake: job.lake.clone(), reports, stats: Arc::clone(&stats) };
@@ -130,6 +131,10 @@ pub fn run(job: Job) -> anyhow::Result<Summary> {
                 }
                 Ok(())
             })();
+            if result.is_err() {
+                // The other workers cannot make progress without this one: stop them too.
+                job.stop.store(true, Ordering::Relaxed);
+            }
             finished.fetch_add(1, Ordering::Release);
             result
         })
@@ -138,7 +143,10 @@ pub fn run(job: Job) -> anyhow::Result<Summary> {
 
     let mut progress = Progress::default();
     loop {
-        while let Ok(report) = reports_rx.recv_timeout(Duration::from_millis(50)) {
+        if let Ok(report) = reports_rx.recv_timeout(Duration::from_millis(50)) {
+            progress.add(report);
+        }
+        while let Ok(report) = reports_rx.try_recv() {
             progress.add(report);
         }
         let durable = frontiers.iter().map(|f| f.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);

@@ -33,8 +33,16 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
-    fn new(kind: FailureKind, reason: impl Into<String>) -> DecodeError {
+    /// A failure of `kind`, explained by `reason`.
+    pub fn new(kind: FailureKind, reason: impl Into<String>) -> DecodeError {
         DecodeError { kind, reason: reason.into(), event_name: None, event_time_ms: None }
+    }
+
+    /// The same failure, naming the event it happened to.
+    pub fn of_event(mut self, event: &crate::Event) -> DecodeError {
+        self.event_name = Some(event.event_name.as_str().to_owned());
+        self.event_time_ms = Some(event.event_time_ms);
+        self
     }
 
     fn from_json(err: &serde_json::Error) -> DecodeError {

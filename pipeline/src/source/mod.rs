@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sightline_operators::{Time, Windows};
-use sightline_schemas::{DeadLetter, Decoder, Event, Origin};
+use sightline_schemas::{DeadLetter, DecodeError, Decoder, Event, FailureKind, Origin};
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::{Scope, StreamVec};
@@ -112,6 +112,8 @@ pub struct IngestSettings {
     pub windows: Windows,
     /// The decoder.
     pub decoder: Decoder,
+    /// How far ahead of the wall clock an event time may be, ms.
+    pub max_future_skew_ms: u64,
 }
 
 /// An accepted event or a dead letter, with its time and multiplicity.
@@ -154,6 +156,7 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                     reader.durable_up_to(durable_ms);
                 }
             let now = Instant::now();
+            let horizon_ms = wall_clock_ms().saturating_add(settings.max_future_skew_ms);
             let (mut read, mut accepted, mut rejected, mut late) = (0u64, 0u64, 0u64, 0u64);
             let status = {
                 let decoder = &settings.decoder;
@@ -166,15 +169,21 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                         Payload::Oversize(size) => {
                             rejected += 1;
                             marks.touch(record.partition, now);
-                            let err = sightline_schemas::DecodeError {
-                                kind: sightline_schemas::FailureKind::Oversize,
-                                reason: format!("record is {size} bytes, the limit is {}", decoder.max_event_bytes()),
-                                event_name: None,
-                                event_time_ms: None,
-                            };
+                            let err = DecodeError::new(FailureKind::Oversize, format!("record is {size} bytes, the limit is {}", decoder.max_event_bytes()));
                             Err(DeadLetter::from_decode_error(err, origin(), size))
                         }
                         Payload::Bytes(bytes) => match decoder.decode(bytes) {
+                            Ok(event) if event.event_time_ms as u64 > horizon_ms => {
+                                rejected += 1;
+                                marks.touch(record.partition, now);
+                                let reason = format!(
+                                    "timestamp {} is more than {} s ahead of the wall clock",
+                                    sightline_schemas::format_rfc3339_ms(event.event_time_ms),
+                                    settings.max_future_skew_ms / 1000
+                                );
+                                let err = DecodeError::new(FailureKind::InvalidValue, reason).of_event(&event);
+                                Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64))
+                            }
                             Ok(event) => {
                                 let event_ms = event.event_time_ms as u64;
                                 let watermark = marks.current_ms();
