@@ -8,7 +8,7 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sightline::generator::{Generator, GeneratorConfig};
 use sightline_operators::{LatencyHistogram, Windows};
 use sightline_schemas::Decoder;
@@ -81,7 +81,14 @@ fn windows(c: &mut Criterion) {
 fn parquet(c: &mut Criterion) {
     let stats = LatencyStats { count: 10, mean_ms: 12.0, p50_ms: 10.0, p90_ms: 20.0, p95_ms: 25.0, p99_ms: 40.0, max_ms: 50.0 };
     let rows: Vec<LatencyRow> = (0..1_000)
-        .map(|i| LatencyRow { window_start_ms: 0, window_end_ms: 60_000, event_name: format!("event_{}", i % 21), feature_area: "projects".into(), surface: format!("s{i}"), stats: stats.clone() })
+        .map(|i| LatencyRow {
+            window_start_ms: 0,
+            window_end_ms: 60_000,
+            event_name: format!("event_{}", i % 21),
+            feature_area: "projects".into(),
+            surface: format!("s{i}"),
+            stats: stats.clone(),
+        })
         .collect();
     let mut group = c.benchmark_group("parquet");
     group.throughput(Throughput::Elements(rows.len() as u64));

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::kafka::{round_trip, Tansu};
+use common::kafka::{Tansu, round_trip};
 
 #[test]
 fn tansu_round_trip_on_one_worker() {

@@ -24,7 +24,14 @@ fn backends() -> Vec<(Lake, Box<dyn std::any::Any>)> {
 
 fn counts(n: i64) -> Vec<EventCountRow> {
     (0..n)
-        .map(|i| EventCountRow { window_start_ms: START, window_end_ms: END, event_name: format!("e{i}"), event_type: "view".into(), feature_area: "projects".into(), count: i + 1 })
+        .map(|i| EventCountRow {
+            window_start_ms: START,
+            window_end_ms: END,
+            event_name: format!("e{i}"),
+            event_type: "view".into(),
+            feature_area: "projects".into(),
+            count: i + 1,
+        })
         .collect()
 }
 
@@ -67,8 +74,22 @@ fn a_rewrite_of_a_window_replaces_its_file() {
 fn every_table_round_trips() {
     let stats = LatencyStats { count: 2, mean_ms: 1.5, p50_ms: 1.0, p90_ms: 2.0, p95_ms: 2.0, p99_ms: 2.0, max_ms: 2.0 };
     for (lake, _dir) in backends() {
-        let latency = vec![LatencyRow { window_start_ms: START, window_end_ms: END, event_name: "a".into(), feature_area: "b".into(), surface: String::new(), stats: stats.clone() }];
-        let variants = vec![VariantLatencyRow { window_start_ms: START, window_end_ms: END, event_name: "a".into(), experiment_id: "x".into(), variant: "control".into(), stats: stats.clone() }];
+        let latency = vec![LatencyRow {
+            window_start_ms: START,
+            window_end_ms: END,
+            event_name: "a".into(),
+            feature_area: "b".into(),
+            surface: String::new(),
+            stats: stats.clone(),
+        }];
+        let variants = vec![VariantLatencyRow {
+            window_start_ms: START,
+            window_end_ms: END,
+            event_name: "a".into(),
+            experiment_id: "x".into(),
+            variant: "control".into(),
+            stats: stats.clone(),
+        }];
         let quality = vec![QualityRow { window_start_ms: START, window_end_ms: END, event_name: "unknown".into(), outcome: "truncated".into(), count: 4 }];
         let dead = vec![DeadLetterRow {
             window_start_ms: START,

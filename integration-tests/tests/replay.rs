@@ -38,7 +38,10 @@ fn failure_of(line: &[u8], kind: LineKind) -> Failure {
 fn check(workers: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("events.ndjson");
-    let lines = generate(40_000, 7 + workers as u64, 0.003, 0.003);
+    // Broken records first: they are read before any event time is known, and are processed
+    // at the first accepted event's tick.
+    let mut lines = vec![(Vec::new(), LineKind::Bad), (b"GET / HTTP/1.1".to_vec(), LineKind::Bad), (b"{\"event_id\":".to_vec(), LineKind::Bad)];
+    lines.extend(generate(40_000, 7 + workers as u64, 0.003, 0.003));
     write_ndjson(&input, &lines);
     let lake = dir.path().join("lake");
     let summary = replay(&input, &lake, config(workers));

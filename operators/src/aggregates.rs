@@ -74,8 +74,9 @@ impl Outcome {
 /// Key of `quality`: one window, event name (`unknown` when the record had none) and outcome.
 ///
 /// Accepted events count in the window of their event time. Rejected and late records count
-/// in the window of the time at which the pipeline processed them (their source's watermark),
-/// because a late event's own window has already been closed and written.
+/// in the window of the time at which the pipeline processed them (the newest event time their
+/// source worker had accepted, never behind its capability), because a late event's own
+/// window has already been closed and written.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct QualityKey {
     /// Window start, ms since the epoch.
@@ -148,16 +149,17 @@ pub fn latency_by_variant<'s>(events: VecCollection<'s, Time, Event>, windows: W
 ///
 /// Inputs: accepted events at their event-time tick; dead-letter records at the tick at which
 /// they were processed. Output: `(QualityKey, count)`.
-pub fn quality<'s>(events: VecCollection<'s, Time, Event>, rejected: VecCollection<'s, Time, DeadLetter>, windows: Windows) -> VecCollection<'s, Time, QualityKey> {
-    use timely::dataflow::operators::vec::Map;
+pub fn quality<'s>(
+    events: VecCollection<'s, Time, Event>,
+    rejected: VecCollection<'s, Time, DeadLetter>,
+    windows: Windows,
+) -> VecCollection<'s, Time, QualityKey> {
     use differential_dataflow::AsCollection;
+    use timely::dataflow::operators::vec::Map;
 
     let accepted = events.explode(move |e| {
-        let key = QualityKey {
-            window_start: windows.start_of(e.event_time_ms as u64),
-            event_name: e.event_name.as_str().to_owned(),
-            outcome: Outcome::Accepted,
-        };
+        let key =
+            QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().to_owned(), outcome: Outcome::Accepted };
         Some((key, 1isize))
     });
     let rejected = rejected

@@ -6,11 +6,11 @@ use std::hash::Hash;
 use differential_dataflow::difference::Semigroup;
 use differential_dataflow::{Hashable, VecCollection};
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
-use timely::dataflow::StreamVec;
 use timely::ExchangeData;
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::Operator;
 
 use crate::window::{Time, WindowKey, Windows};
 
@@ -47,7 +47,11 @@ where
         let mut open: BTreeMap<u64, (Capability<Time>, HashMap<K, R>)> = BTreeMap::new();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
-                let Some(&least) = cap.least() else { return };
+                // Every message here is sent under a capability; one without would carry no time.
+                let Some(&least) = cap.least() else {
+                    debug_assert!(false, "updates without a capability");
+                    return;
+                };
                 for (key, _time, diff) in data.drain(..) {
                     let start = key.window_start();
                     let (_, acc) = open.entry(start).or_insert_with(|| {

@@ -1,8 +1,8 @@
 //! A subtractable log-bucketed latency histogram, used as a differential-dataflow difference type.
 //!
-//! Values (latencies in microseconds) fall into logarithmic buckets: bucket `i ≥ 1` holds the
-//! values in `(γ^(i-1), γ^i]` with `γ = (1 + α) / (1 − α)` and `α = 0.01`; bucket `0` holds the
-//! value `0`. A bucket is read back as `2γ^i / (γ + 1)`, which is within a relative error of
+//! Values (latencies in microseconds) fall into logarithmic buckets: bucket `b ≥ 1` holds the
+//! values in `(γ^(b−2), γ^(b−1)]` with `γ = (1 + α) / (1 − α)` and `α = 0.01`; bucket `0` holds
+//! the value `0`. A bucket is read back as `2γ^(b−1) / (γ + 1)`, which is within a relative error of
 //! `α` (1%) of every value in the bucket — the DDSketch construction. The histogram stores a
 //! count per bucket, an exact count and an exact sum, all integers, so that adding,
 //! subtracting (retractions) and merging are exact: it implements differential's
@@ -27,9 +27,9 @@ pub fn bucket_of(value_us: u64) -> u16 {
     if value_us == 0 {
         return 0;
     }
-    // ln(u64::MAX) / ln(γ) ≈ 2,200, comfortably inside u16.
+    // ln(u64::MAX) / ln(γ) ≈ 2,200, comfortably inside u16. At an exact bucket boundary the
+    // rounding of `ln` may pick the neighbouring bucket, whose value is then exactly α away.
     let index = ((value_us as f64).ln() / GAMMA.ln()).ceil();
-    // Guard against the rounding of ln at exact bucket boundaries.
     (index.max(0.0) as u16).saturating_add(1)
 }
 
@@ -65,7 +65,21 @@ impl LatencyHistogram {
 
     /// Adds one sample.
     pub fn record(&mut self, value_us: u64) {
-        self.plus_equals(&LatencyHistogram::from_sample(value_us));
+        self.count += 1;
+        self.sum_us += i128::from(value_us);
+        self.add_to_bucket(bucket_of(value_us), 1);
+    }
+
+    fn add_to_bucket(&mut self, bucket: u16, n: i64) {
+        match self.buckets.binary_search_by_key(&bucket, |&(b, _)| b) {
+            Ok(i) => {
+                self.buckets[i].1 += n;
+                if self.buckets[i].1 == 0 {
+                    self.buckets.remove(i);
+                }
+            }
+            Err(i) => self.buckets.insert(i, (bucket, n)),
+        }
     }
 
     /// The mean in microseconds, exact up to floating-point division; `None` when empty.
@@ -106,18 +120,9 @@ impl Semigroup for LatencyHistogram {
     fn plus_equals(&mut self, rhs: &Self) {
         self.count += rhs.count;
         self.sum_us += rhs.sum_us;
-        if rhs.buckets.len() == 1 {
+        if let [(bucket, n)] = rhs.buckets[..] {
             // The common case: merging one sample into an accumulation.
-            let (bucket, n) = rhs.buckets[0];
-            match self.buckets.binary_search_by_key(&bucket, |&(b, _)| b) {
-                Ok(i) => {
-                    self.buckets[i].1 += n;
-                    if self.buckets[i].1 == 0 {
-                        self.buckets.remove(i);
-                    }
-                }
-                Err(i) => self.buckets.insert(i, (bucket, n)),
-            }
+            self.add_to_bucket(bucket, n);
             return;
         }
         let mut merged = Vec::with_capacity(self.buckets.len() + rhs.buckets.len());

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use differential_dataflow::input::Input;
 use proptest::prelude::*;
 use sightline_operators::{
-    close_windows, event_counts, histogram::RELATIVE_ACCURACY, latency, latency_by_variant, quality, ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome,
-    QualityKey, VariantKey, Windows,
+    ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityKey, VariantKey, Windows, close_windows, event_counts, histogram::RELATIVE_ACCURACY,
+    latency, latency_by_variant, quality,
 };
 use sightline_schemas::{DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification, Platform, Source};
 use timely::dataflow::operators::Inspect;
@@ -64,8 +64,13 @@ fn arb_event() -> impl Strategy<Value = Event> {
 }
 
 fn arb_dead() -> impl Strategy<Value = (DeadLetter, u64)> {
-    (0u64..300, proptest::sample::select(FailureKind::ALL.to_vec()), proptest::option::of(proptest::sample::select(vec!["task_assigned", "mystery"])), 0i64..1000).prop_map(
-        |(tick, kind, name, offset)| {
+    (
+        0u64..300,
+        proptest::sample::select(FailureKind::ALL.to_vec()),
+        proptest::option::of(proptest::sample::select(vec!["task_assigned", "mystery"])),
+        0i64..1000,
+    )
+        .prop_map(|(tick, kind, name, offset)| {
             let dead = DeadLetter {
                 kind,
                 reason: format!("{kind:?}"),
@@ -75,8 +80,7 @@ fn arb_dead() -> impl Strategy<Value = (DeadLetter, u64)> {
                 payload_bytes: 10,
             };
             (dead, BASE + tick * TICK)
-        },
-    )
+        })
 }
 
 type Captured<K, R> = Arc<Mutex<Vec<ClosedWindow<K, R>>>>;
@@ -111,7 +115,8 @@ fn run_dataflow(workers: usize, width: u64, updates: Vec<(Event, u64, isize)>, d
     let outputs = Outputs::default();
     let shared = outputs.clone();
     // One time-ordered stream of input actions, cut into batches of the given sizes.
-    let mut actions: Vec<(u64, Result<(Event, isize), DeadLetter>)> = updates.into_iter().map(|(e, t, r)| (t, Ok((e, r)))).chain(dead.into_iter().map(|(d, t)| (t, Err(d)))).collect();
+    let mut actions: Vec<(u64, Result<(Event, isize), DeadLetter>)> =
+        updates.into_iter().map(|(e, t, r)| (t, Ok((e, r)))).chain(dead.into_iter().map(|(d, t)| (t, Err(d)))).collect();
     actions.sort_by_key(|a| a.0);
     let actions = Arc::new(actions);
     let batches = Arc::new(batches);

@@ -9,9 +9,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{bail, Context};
-use figment::providers::{Env, Format, Serialized, Toml};
+use anyhow::{Context, bail};
 use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration.
@@ -160,6 +160,11 @@ impl Config {
         if p.batch_size == 0 {
             bail!("pipeline.batch-size must be at least 1");
         }
+        let mut names: Vec<&str> = self.kafka.topics.iter().map(|t| t.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+            bail!("kafka.topics lists `{}` twice", pair[0]);
+        }
         Ok(())
     }
 }
@@ -196,14 +201,35 @@ mod tests {
     }
 
     #[test]
-    fn the_example_file_is_the_default() {
+    fn the_example_file_lists_every_key_with_its_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sightline.example.toml");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let parsed: Config = toml_parse(&text);
-        assert_eq!(parsed, Config::default(), "sightline.example.toml must list the defaults");
+        let parsed: Config = Figment::from(Toml::string(&text)).extract().unwrap_or_else(|e| panic!("example config: {e}"));
+        assert_eq!(parsed, Config::default(), "sightline.example.toml must hold the defaults");
+        // Same keys, not just the same values: a key missing from the file would be filled in
+        // by `#[serde(default)]`. (Keys whose default is unset are documented as comments.)
+        let example: figment::value::Dict = Figment::from(Toml::string(&text)).extract().unwrap();
+        let defaults: figment::value::Dict = Figment::from(Serialized::defaults(Config::default())).extract().unwrap();
+        let (example, defaults) = (keys(&example, ""), keys(&defaults, ""));
+        for key in &example {
+            assert!(defaults.contains(key), "sightline.example.toml has `{key}`, which the configuration does not");
+        }
+        for key in defaults.iter().filter(|k| !example.contains(k)) {
+            // Unset by default: must be shown commented out.
+            let leaf = key.rsplit('.').next().unwrap_or(key);
+            assert!(text.contains(&format!("# {leaf} = ")), "sightline.example.toml does not document `{key}`");
+        }
     }
 
-    fn toml_parse(text: &str) -> Config {
-        Figment::from(Toml::string(text)).extract().unwrap_or_else(|e| panic!("example config: {e}"))
+    fn keys(dict: &figment::value::Dict, prefix: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, value) in dict {
+            let path = format!("{prefix}{key}");
+            match value {
+                figment::value::Value::Dict(_, inner) if !inner.is_empty() => out.extend(keys(inner, &format!("{path}."))),
+                _ => out.push(path),
+            }
+        }
+        out
     }
 }

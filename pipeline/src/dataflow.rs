@@ -1,21 +1,21 @@
 //! Assembly of the dataflow: source → decode → aggregates → closed windows → Parquet.
 
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::sync::mpsc::Sender;
 
 use differential_dataflow::AsCollection;
-use sightline_operators::{close_windows, event_counts, latency, latency_by_variant, quality, Time, Windows};
+use sightline_operators::{Time, Windows, close_windows, event_counts, latency, latency_by_variant, quality};
 use sightline_sinks::tables::{DeadLetterRow, EventCountRow, LatencyRow, QualityRow, VariantLatencyRow, WindowedDeadLetter};
-use sightline_sinks::{write_windows, Lake, Table, WindowRows, WrittenWindow};
+use sightline_sinks::{Lake, Table, WindowRows, WrittenWindow, write_windows};
+use timely::ExchangeData;
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, Inspect, Probe};
 use timely::dataflow::{Scope, StreamVec};
-use timely::ExchangeData;
 
 use crate::report::Report;
-use crate::source::{ingest, IngestSettings, IngestStats, RecordReader};
+use crate::source::{IngestSettings, IngestStats, RecordReader, ingest};
 
 /// Everything one worker needs to build its dataflow.
 pub struct DataflowParts {
@@ -54,15 +54,16 @@ pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> ProbeHandle<Ti
         let _ = quality_reports.send(Report::quality(part));
     });
 
-    let dead_letters = rejected
-        .inner
-        .map(move |(record, time, diff)| (WindowedDeadLetter { window_start: windows.start_of(time), record }, time, diff))
-        .as_collection();
+    let dead_letters =
+        rejected.inner.map(move |(record, time, diff)| (WindowedDeadLetter { window_start: windows.start_of(time), record }, time, diff)).as_collection();
 
     let written = [
         write_windows(closed_rows(close_windows(event_counts(events.clone(), windows), windows, "CloseEventCounts"), EventCountRow::from_closed), lake.clone()),
         write_windows(closed_rows(close_windows(latency(events.clone(), windows), windows, "CloseLatency"), LatencyRow::from_closed), lake.clone()),
-        write_windows(closed_rows(close_windows(latency_by_variant(events, windows), windows, "CloseLatencyByVariant"), VariantLatencyRow::from_closed), lake.clone()),
+        write_windows(
+            closed_rows(close_windows(latency_by_variant(events, windows), windows, "CloseLatencyByVariant"), VariantLatencyRow::from_closed),
+            lake.clone(),
+        ),
         write_windows(quality_parts, lake.clone()),
         write_windows(closed_rows(close_windows(dead_letters, windows, "CloseDeadLetters"), DeadLetterRow::from_closed), lake),
     ];

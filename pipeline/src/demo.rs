@@ -7,8 +7,8 @@
 //! mock cluster keeps only the recent part of each partition, which is fine for a live demo
 //! that consumes while it produces.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -19,7 +19,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 
 use crate::config::{Config, TopicConfig};
 use crate::generator::{Generator, GeneratorConfig};
-use crate::run::{run, Input, Job, Summary};
+use crate::run::{Input, Job, Summary, run};
 
 /// The demo's topic.
 pub const DEMO_TOPIC: &str = "telemetry.events";

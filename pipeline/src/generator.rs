@@ -183,8 +183,9 @@ impl Generator {
         let tenant = r.below(u64::from(self.config.tenants));
         let user = r.below(u64::from(self.config.users));
         let session = r.next_u64() >> 24;
-        let spec = sightline_schemas::catalog::lookup(name).map(|s| s.event_type.as_str()).unwrap_or("action");
-        let from_platform_spec = matches!(name, "project_viewed" | "project_created" | "task_assigned" | "project_creation_error" | "project_feedback_submitted");
+        let catalog_entry = sightline_schemas::EventName::from_name(name).map(|n| n.spec());
+        let spec = catalog_entry.map(|s| s.event_type.as_str()).unwrap_or("action");
+        let from_platform_spec = catalog_entry.is_some_and(|s| s.origin == sightline_schemas::catalog::PLATFORM);
         let (feature_area, workflow, surface) = if from_platform_spec {
             ("projects", "project_creation", *r.pick(&["project_create_page", "task_board", "project_settings"]))
         } else if name.starts_with("integration") || name == "circuit_breaker_opened" || name.starts_with("signal") {
@@ -210,11 +211,17 @@ impl Generator {
             r.below(20) == 0,
         );
         if r.below(4) == 0 {
-            let _ = write!(out, r#""experiment_assignments":{{"exp_guided_setup":"{}","exp_aps_ranking_v2":"{}"}},"#, r.pick(&["control", "treatment"]), r.pick(&["control", "variant_a", "variant_b"]));
+            let _ = write!(
+                out,
+                r#""experiment_assignments":{{"exp_guided_setup":"{}","exp_aps_ranking_v2":"{}"}},"#,
+                r.pick(&["control", "treatment"]),
+                r.pick(&["control", "variant_a", "variant_b"])
+            );
         } else if r.below(3) == 0 {
             let _ = write!(out, r#""experiment_assignments":{{"exp_guided_setup":"{}"}},"#, r.pick(&["control", "treatment"]));
         }
-        let _ = write!(out, r#""request_id":"req_{:012x}","trace_id":"{:016x}{:016x}","device_type":"{device}","#, r.next_u64() >> 16, r.next_u64(), r.next_u64());
+        let _ =
+            write!(out, r#""request_id":"req_{:012x}","trace_id":"{:016x}{:016x}","device_type":"{device}","#, r.next_u64() >> 16, r.next_u64(), r.next_u64());
         if device != "server" {
             // Client context and coarse geo exist only for client events.
             let _ = write!(
@@ -253,97 +260,168 @@ impl Generator {
         let ms = |r: &mut Rng, median: f64| (r.log_normal(median, 0.6) * 10.0).round() / 10.0;
         let id = |r: &mut Rng| uuid_v4(r);
         let _ = match name {
-            "project_viewed" => write!(out, r#"{{"template_id":"tpl_{}","prepopulated":{},"time_to_first_paint_ms":{}}}"#, r.below(40), r.below(2) == 0, ms(r, 420.0)),
+            "project_viewed" => {
+                write!(out, r#"{{"template_id":"tpl_{}","prepopulated":{},"time_to_first_paint_ms":{}}}"#, r.below(40), r.below(2) == 0, ms(r, 420.0))
+            }
             "project_created" => write!(
                 out,
                 r#"{{"project_id":"p_{:012x}","creation_path":"{}","member_count":{},"initial_tasks_count":{},"duration_ms":{},"validation_errors":[],"guardrail_status":"{}"}}"#,
-                r.next_u64() >> 16, r.pick(&["blank", "template", "import"]), 1 + r.below(12), r.below(30), ms(r, 1800.0), r.pick(&["pass", "pass", "pass", "warning", "fail"])
+                r.next_u64() >> 16,
+                r.pick(&["blank", "template", "import"]),
+                1 + r.below(12),
+                r.below(30),
+                ms(r, 1800.0),
+                r.pick(&["pass", "pass", "pass", "warning", "fail"])
             ),
             "task_assigned" => write!(
                 out,
                 r#"{{"task_id":"tk_{:012x}","assignment_type":"{}","assignee_role":"{}","due_in_days":{},"priority":"{}","assignment_latency_ms":{}}}"#,
-                r.next_u64() >> 16, r.pick(&["direct", "bulk", "auto"]), r.pick(&["member", "admin"]), r.below(30), r.pick(&["low", "medium", "high"]), ms(r, 95.0)
+                r.next_u64() >> 16,
+                r.pick(&["direct", "bulk", "auto"]),
+                r.pick(&["member", "admin"]),
+                r.below(30),
+                r.pick(&["low", "medium", "high"]),
+                ms(r, 95.0)
             ),
             "project_creation_error" => write!(
                 out,
                 r#"{{"stage":"{}","error_code":"{}","http_status":{},"recoverable":{},"retry_count":{},"trace_id":"{:016x}"}}"#,
-                r.pick(&["load", "validation", "save", "notification"]), r.pick(&["E_TIMEOUT", "E_CONFLICT", "E_QUOTA", "E_VALIDATION"]), r.pick(&[400, 409, 429, 500, 503]), r.below(2) == 0, r.below(4), r.next_u64()
+                r.pick(&["load", "validation", "save", "notification"]),
+                r.pick(&["E_TIMEOUT", "E_CONFLICT", "E_QUOTA", "E_VALIDATION"]),
+                r.pick(&[400, 409, 429, 500, 503]),
+                r.below(2) == 0,
+                r.below(4),
+                r.next_u64()
             ),
             "project_feedback_submitted" => write!(
                 out,
                 r#"{{"score":{},"sentiment":"{}","tags":["{}"],"comment_present":{},"correlation_id":"{}","blocked":false,"blocker_type":null}}"#,
-                1 + r.below(5), r.pick(&["positive", "neutral", "negative"]), r.pick(&["usability", "performance", "policy", "docs", "support"]), r.below(3) == 0, id(r)
+                1 + r.below(5),
+                r.pick(&["positive", "neutral", "negative"]),
+                r.pick(&["usability", "performance", "policy", "docs", "support"]),
+                r.below(3) == 0,
+                id(r)
             ),
             "recommendation_generated" => write!(
                 out,
                 r#"{{"recommendation_id":"{}","aps_score":{:.1},"action_type":"{}","revenue_impact":{},"urgency_days":{},"effort_minutes":{},"icp_score":{:.2},"reasoning":"High pipeline value, demo tomorrow (urgent), strong ICP fit","signal_source":"{}","signal_type":"{}"}}"#,
-                id(r), 20.0 + r.unit() * 80.0, r.pick(&["send_email", "create_task", "book_meeting"]), 1000 * r.below(100), r.below(14), 5 + r.below(60), r.unit(), r.pick(&["hubspot", "gmail", "calendar", "webhook"]), r.pick(&["form_submitted", "deal_stage_changed", "email_replied"])
+                id(r),
+                20.0 + r.unit() * 80.0,
+                r.pick(&["send_email", "create_task", "book_meeting"]),
+                1000 * r.below(100),
+                r.below(14),
+                5 + r.below(60),
+                r.unit(),
+                r.pick(&["hubspot", "gmail", "calendar", "webhook"]),
+                r.pick(&["form_submitted", "deal_stage_changed", "email_replied"])
             ),
-            "recommendation_viewed" => write!(out, r#"{{"recommendations_shown":{},"top_score":{:.1},"bottom_score":{:.1}}}"#, 5 + r.below(10), 70.0 + r.unit() * 30.0, 20.0 + r.unit() * 30.0),
+            "recommendation_viewed" => write!(
+                out,
+                r#"{{"recommendations_shown":{},"top_score":{:.1},"bottom_score":{:.1}}}"#,
+                5 + r.below(10),
+                70.0 + r.unit() * 30.0,
+                20.0 + r.unit() * 30.0
+            ),
             "recommendation_accepted" => write!(
                 out,
                 r#"{{"recommendation_id":"{}","queue_item_id":"{}","aps_score":{:.1},"action_type":"{}","time_to_decision_seconds":{}}}"#,
-                id(r), id(r), 40.0 + r.unit() * 60.0, r.pick(&["send_email", "create_task"]), (r.log_normal(15.0, 0.8) * 10.0).round() / 10.0
+                id(r),
+                id(r),
+                40.0 + r.unit() * 60.0,
+                r.pick(&["send_email", "create_task"]),
+                (r.log_normal(15.0, 0.8) * 10.0).round() / 10.0
             ),
             "recommendation_dismissed" => write!(
                 out,
                 r#"{{"recommendation_id":"{}","queue_item_id":"{}","aps_score":{:.1},"action_type":"{}","dismiss_reason":"{}"}}"#,
-                id(r), id(r), 20.0 + r.unit() * 60.0, r.pick(&["send_email", "create_task"]), r.pick(&["not_relevant", "already_done", "bad_timing"])
+                id(r),
+                id(r),
+                20.0 + r.unit() * 60.0,
+                r.pick(&["send_email", "create_task"]),
+                r.pick(&["not_relevant", "already_done", "bad_timing"])
             ),
             "action_executed" => write!(
                 out,
                 r#"{{"action_id":"{}","action_type":"{}","execution_mode":"{}","success":true,"error":null,"duration_ms":{},"metadata":{{"subject":"Follow up: Demo tomorrow","gmail_message_id":"msg_{}"}}}}"#,
-                id(r), r.pick(&["send_email", "create_task"]), r.pick(&["automated", "manual", "dry_run"]), ms(r, 450.0), r.below(100_000)
+                id(r),
+                r.pick(&["send_email", "create_task"]),
+                r.pick(&["automated", "manual", "dry_run"]),
+                ms(r, 450.0),
+                r.below(100_000)
             ),
             "action_failed" => write!(
                 out,
                 r#"{{"action_id":"{}","action_type":"send_email","error_type":"{}","error_message":"Gmail API: Daily sending limit exceeded","retryable":{}}}"#,
-                id(r), r.pick(&["api_error", "validation_error", "rate_limit"]), r.below(2) == 0
+                id(r),
+                r.pick(&["api_error", "validation_error", "rate_limit"]),
+                r.below(2) == 0
             ),
             "action_rolled_back" => write!(
                 out,
                 r#"{{"action_id":"{}","action_type":"send_email","rollback_reason":"{}","rollback_success":true}}"#,
-                id(r), r.pick(&["user_requested", "failed_validation", "duplicate_detected"])
+                id(r),
+                r.pick(&["user_requested", "failed_validation", "duplicate_detected"])
             ),
             "outcome_reply_received" => write!(
                 out,
                 r#"{{"draft_id":"{}","action_id":"{}","recommendation_id":"{}","time_to_reply_hours":{:.1},"reply_sentiment":"{}"}}"#,
-                id(r), id(r), id(r), r.log_normal(4.5, 0.7), r.pick(&["positive", "neutral", "negative"])
+                id(r),
+                id(r),
+                id(r),
+                r.log_normal(4.5, 0.7),
+                r.pick(&["positive", "neutral", "negative"])
             ),
             "outcome_meeting_booked" => write!(
                 out,
                 r#"{{"draft_id":"{}","action_id":"{}","recommendation_id":"{}","meeting_time":"2026-01-24T14:00:00Z","time_to_book_hours":{}}}"#,
-                id(r), id(r), id(r), 1 + r.below(72)
+                id(r),
+                id(r),
+                id(r),
+                1 + r.below(72)
             ),
             "outcome_deal_advanced" => write!(
                 out,
                 r#"{{"deal_id":"hs_deal_{}","recommendation_id":"{}","old_stage":"SQL","new_stage":"Opportunity","pipeline_value":{}}}"#,
-                r.below(10_000), id(r), 5000 * (1 + r.below(20))
+                r.below(10_000),
+                id(r),
+                5000 * (1 + r.below(20))
             ),
             "outcome_deliverable_shipped" => write!(
                 out,
                 r#"{{"deliverable_id":"{}","client":"c_{:08x}","deliverable_type":"{}","on_time":{}}}"#,
-                id(r), r.next_u64() >> 32, r.pick(&["onboarding_doc", "report", "integration"]), r.below(4) != 0
+                id(r),
+                r.next_u64() >> 32,
+                r.pick(&["onboarding_doc", "report", "integration"]),
+                r.below(4) != 0
             ),
             "signal_received" => write!(
                 out,
                 r#"{{"signal_id":"{}","source":"{}","signal_type":"{}","processed":false}}"#,
-                id(r), r.pick(&["hubspot", "gmail", "calendar", "webhook"]), r.pick(&["deal_stage_changed", "form_submitted", "email_replied"])
+                id(r),
+                r.pick(&["hubspot", "gmail", "calendar", "webhook"]),
+                r.pick(&["deal_stage_changed", "form_submitted", "email_replied"])
             ),
             "signal_processed" => write!(
                 out,
                 r#"{{"signal_id":"{}","source":"{}","signal_type":"{}","recommendation_generated":{},"processing_duration_ms":{}}}"#,
-                id(r), r.pick(&["hubspot", "gmail", "calendar", "webhook"]), r.pick(&["deal_stage_changed", "form_submitted"]), r.below(2) == 0, ms(r, 850.0)
+                id(r),
+                r.pick(&["hubspot", "gmail", "calendar", "webhook"]),
+                r.pick(&["deal_stage_changed", "form_submitted"]),
+                r.below(2) == 0,
+                ms(r, 850.0)
             ),
             "integration_call_success" => write!(
                 out,
                 r#"{{"integration":"{}","endpoint":"/crm/v3/objects/deals","method":"{}","status_code":200,"duration_ms":{}}}"#,
-                r.pick(&["hubspot", "gmail", "calendar"]), r.pick(&["GET", "POST"]), ms(r, 350.0)
+                r.pick(&["hubspot", "gmail", "calendar"]),
+                r.pick(&["GET", "POST"]),
+                ms(r, 350.0)
             ),
             "integration_call_failed" => write!(
                 out,
                 r#"{{"integration":"{}","endpoint":"/crm/v3/objects/deals","method":"GET","status_code":{},"error_message":"Rate limit exceeded","retryable":true}}"#,
-                r.pick(&["hubspot", "gmail", "calendar"]), r.pick(&[429, 500, 502, 503])
+                r.pick(&["hubspot", "gmail", "calendar"]),
+                r.pick(&[429, 500, 502, 503])
             ),
             _ => write!(out, r#"{{"service":"{}","failure_count":{},"threshold":5}}"#, r.pick(&["hubspot", "gmail", "calendar"]), 5 + r.below(3)),
         };
@@ -427,14 +505,7 @@ fn mix(x: u64) -> u64 {
 
 fn uuid_v4(r: &mut Rng) -> String {
     let (a, b) = (r.next_u64(), r.next_u64());
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        ((b >> 48) & 0x3fff) | 0x8000,
-        b & 0xffff_ffff_ffff
-    )
+    format!("{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}", a >> 32, (a >> 16) & 0xffff, a & 0x0fff, ((b >> 48) & 0x3fff) | 0x8000, b & 0xffff_ffff_ffff)
 }
 
 #[cfg(test)]

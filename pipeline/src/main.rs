@@ -2,16 +2,16 @@
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sightline::config::Config;
-use sightline::demo::{demo_config, run_demo, DemoOptions};
+use sightline::demo::{DemoOptions, demo_config, run_demo};
 use sightline::generator::{Generator, GeneratorConfig};
-use sightline::run::{run, Input, Job};
+use sightline::run::{Input, Job, run};
 
 /// Sightline: product telemetry → event-time windowed aggregates → Parquet.
 #[derive(Parser, Debug)]
@@ -76,10 +76,10 @@ enum Command {
         /// Events produced per second.
         #[arg(long, default_value_t = 2000.0)]
         rate: f64,
-        /// Lake directory.
-        #[arg(long, default_value = "./sightline-data")]
-        out: String,
-        /// Configuration file (TOML) to start from instead of the demo defaults.
+        /// Lake directory (default: `lake.location` of the configuration, `./sightline-data`).
+        #[arg(long)]
+        out: Option<String>,
+        /// Configuration file (TOML) layered over the demo defaults (10 s windows, 2 s lateness).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Worker threads.
@@ -132,7 +132,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{summary}");
         }
         Command::Generate { events, out, seed, rate, late_fraction, bad_fraction } => {
-            let sink: Box<dyn Write> = if out == "-" { Box::new(std::io::stdout().lock()) } else { Box::new(std::fs::File::create(&out).with_context(|| format!("creating {out}"))?) };
+            let sink: Box<dyn Write> =
+                if out == "-" { Box::new(std::io::stdout().lock()) } else { Box::new(std::fs::File::create(&out).with_context(|| format!("creating {out}"))?) };
             let mut sink = BufWriter::with_capacity(1 << 20, sink);
             let mut generator = Generator::new(GeneratorConfig { seed, events_per_second: rate, late_fraction, bad_fraction, ..GeneratorConfig::default() });
             let mut line = Vec::with_capacity(2048);
@@ -146,7 +147,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo { seconds, rate, out, config, workers } => {
             let mut config = Config::load_over(demo_config(), config.as_deref())?;
-            config.lake.location = out.clone();
+            if let Some(out) = out {
+                config.lake.location = out;
+            }
+            let out = config.lake.location.clone();
             if let Some(w) = workers {
                 config.pipeline.workers = w;
             }
@@ -159,7 +163,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 config.pipeline.allowed_lateness_ms / 1000,
                 config.pipeline.workers,
             );
-            let options = DemoOptions { duration: seconds.map(Duration::from_secs), events_per_second: rate, config, print_windows: true, stop: stop_on_ctrl_c()? };
+            let options =
+                DemoOptions { duration: seconds.map(Duration::from_secs), events_per_second: rate, config, print_windows: true, stop: stop_on_ctrl_c()? };
             let (summary, produced) = run_demo(options)?;
             println!("stopped after producing {produced} events: {summary}");
             println!("query it: duckdb -c \"SELECT * FROM read_parquet('{out}/latency/**/*.parquet', hive_partitioning=true) LIMIT 10\"");

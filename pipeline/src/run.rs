@@ -1,8 +1,8 @@
 //! Running a pipeline: timely workers, the reporting loop, shutdown.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -12,8 +12,8 @@ use sightline_sinks::Lake;
 use tracing::info;
 
 use crate::config::{Config, KafkaConfig};
-use crate::dataflow::{build, windows_of, DataflowParts};
-use crate::report::{window_line, Progress};
+use crate::dataflow::{DataflowParts, build, windows_of};
+use crate::report::{Progress, window_line};
 use crate::source::kafka::KafkaReader;
 use crate::source::ndjson::NdjsonReader;
 use crate::source::{IngestSettings, IngestStats, RecordReader};
@@ -143,13 +143,13 @@ pub fn run(job: Job) -> anyhow::Result<Summary> {
 
     let mut progress = Progress::default();
     loop {
-        if let Ok(report) = reports_rx.recv_timeout(Duration::from_millis(50)) {
-            progress.add(report);
-        }
+        std::thread::sleep(Duration::from_millis(50));
+        // Frontiers first, then reports: every report of a window behind this frontier was
+        // sent before the frontier passed it, so it is in the channel by now.
+        let durable = frontiers.iter().map(|f| f.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
         while let Ok(report) = reports_rx.try_recv() {
             progress.add(report);
         }
-        let durable = frontiers.iter().map(|f| f.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
         for (start, window) in progress.release(durable) {
             if job.print_windows {
                 println!("{}", window_line(start, &window));

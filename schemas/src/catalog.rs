@@ -29,8 +29,10 @@ const fn spec(name: &'static str, event_type: EventType, latency_field: Option<&
     EventSpec { name, event_type, latency_field, latency_scale_ms, origin }
 }
 
-const PLATFORM: &str = "000 platform spec";
-const COMMAND_CENTER: &str = "004 command-center spec";
+/// `origin` of the events of the platform spec (`000_…txt`).
+pub const PLATFORM: &str = "000 platform spec";
+/// `origin` of the events of the command-center spec (`004_…txt`).
+pub const COMMAND_CENTER: &str = "004 command-center spec";
 
 /// Every event Sightline accepts, in the order the seed documents list them.
 pub const CATALOG: &[EventSpec] = &[
@@ -57,11 +59,6 @@ pub const CATALOG: &[EventSpec] = &[
     spec("circuit_breaker_opened", EventType::SystemHealth, None, 1.0, COMMAND_CENTER),
 ];
 
-/// Looks an event up by name.
-pub fn lookup(name: &str) -> Option<&'static EventSpec> {
-    CATALOG.iter().find(|s| s.name == name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,7 +71,7 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), CATALOG.len());
-        assert_eq!(lookup("signal_processed").and_then(|s| s.latency_field), Some("processing_duration_ms"));
-        assert!(lookup("no_such_event").is_none());
+        assert_eq!(crate::EventName::from_name("signal_processed").and_then(|n| n.spec().latency_field), Some("processing_duration_ms"));
+        assert!(crate::EventName::from_name("no_such_event").is_none());
     }
 }

@@ -9,8 +9,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::{DataSensitivity, Event, EventName, EventType, FailureKind, PiiClassification, Platform, Source};
@@ -185,9 +185,18 @@ impl Decoder {
             )));
         }
         let Some(event_time_ms) = crate::parse_rfc3339_ms(&wire.timestamp).filter(|t| *t >= 0) else {
-            return Err(with_name(DecodeError::new(FailureKind::InvalidValue, format!("timestamp `{}` is not an RFC 3339 UTC time after 1970", wire.timestamp))));
+            return Err(with_name(DecodeError::new(
+                FailureKind::InvalidValue,
+                format!("timestamp `{}` is not an RFC 3339 UTC time after 1970", wire.timestamp),
+            )));
         };
-        for (field, value) in [("event_id", &wire.event_id), ("tenant_id", &wire.tenant_id), ("user_id", &wire.user_id), ("session_id", &wire.session_id), ("feature_area", &wire.feature_area)] {
+        for (field, value) in [
+            ("event_id", &wire.event_id),
+            ("tenant_id", &wire.tenant_id),
+            ("user_id", &wire.user_id),
+            ("session_id", &wire.session_id),
+            ("feature_area", &wire.feature_area),
+        ] {
             if value.is_empty() {
                 return Err(with_name(DecodeError::new(FailureKind::InvalidValue, format!("{field} is empty"))));
             }
@@ -198,7 +207,9 @@ impl Decoder {
                 match found {
                     None => None,
                     Some(v) if v.is_finite() && v >= 0.0 => Some((v * spec.latency_scale_ms * 1000.0).round() as u64),
-                    Some(v) => return Err(with_name(DecodeError::new(FailureKind::InvalidValue, format!("properties.{field} = {v} is not a non-negative latency")))),
+                    Some(v) => {
+                        return Err(with_name(DecodeError::new(FailureKind::InvalidValue, format!("properties.{field} = {v} is not a non-negative latency"))));
+                    }
                 }
             }
             (None, Some(props)) => {
@@ -252,11 +263,7 @@ fn extract_number(props: &RawValue, field: &str) -> Result<Option<f64>, DecodeEr
 }
 
 fn ensure_object(props: &RawValue) -> Result<(), DecodeError> {
-    if props.get().trim_start().starts_with('{') {
-        Ok(())
-    } else {
-        Err(DecodeError::new(FailureKind::WrongType, "properties must be a JSON object"))
-    }
+    if props.get().trim_start().starts_with('{') { Ok(()) } else { Err(DecodeError::new(FailureKind::WrongType, "properties must be a JSON object")) }
 }
 
 struct FieldSeed<'f> {

@@ -31,7 +31,7 @@ pub mod catalog;
 mod decode;
 mod time;
 
-pub use decode::{DecodeError, Decoder, DEFAULT_MAX_EVENT_BYTES};
+pub use decode::{DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder};
 pub use time::{format_rfc3339_ms, parse_rfc3339_ms, utc_date_hour};
 
 use serde::{Deserialize, Serialize};
@@ -122,8 +122,24 @@ pub enum DataSensitivity {
 }
 
 /// An `event_name` from the [`catalog`], stored as its index so that events stay cheap to copy.
+/// Deserializing checks the index, so an `EventName` always names a catalog entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u16", into = "u16")]
 pub struct EventName(u16);
+
+impl TryFrom<u16> for EventName {
+    type Error = String;
+
+    fn try_from(index: u16) -> Result<EventName, String> {
+        if usize::from(index) < catalog::CATALOG.len() { Ok(EventName(index)) } else { Err(format!("event index {index} is not in the catalog")) }
+    }
+}
+
+impl From<EventName> for u16 {
+    fn from(name: EventName) -> u16 {
+        name.0
+    }
+}
 
 impl EventName {
     /// Looks a name up in the catalog.
@@ -133,7 +149,8 @@ impl EventName {
 
     /// The name's catalog entry.
     pub fn spec(self) -> &'static catalog::EventSpec {
-        &catalog::CATALOG[usize::from(self.0) % catalog::CATALOG.len()]
+        // Every constructor checks the index against the catalog.
+        &catalog::CATALOG[usize::from(self.0)]
     }
 
     /// The event name as a string.
@@ -221,9 +238,17 @@ pub enum FailureKind {
 impl FailureKind {
     /// Every kind, in declaration order.
     pub const ALL: [FailureKind; 11] = [
-        FailureKind::InvalidUtf8, FailureKind::Empty, FailureKind::Oversize, FailureKind::MalformedJson,
-        FailureKind::Truncated, FailureKind::MissingField, FailureKind::WrongType, FailureKind::InvalidValue,
-        FailureKind::UnknownField, FailureKind::UnknownEvent, FailureKind::Late,
+        FailureKind::InvalidUtf8,
+        FailureKind::Empty,
+        FailureKind::Oversize,
+        FailureKind::MalformedJson,
+        FailureKind::Truncated,
+        FailureKind::MissingField,
+        FailureKind::WrongType,
+        FailureKind::InvalidValue,
+        FailureKind::UnknownField,
+        FailureKind::UnknownEvent,
+        FailureKind::Late,
     ];
 
     /// The snake_case name used in tables and metrics.

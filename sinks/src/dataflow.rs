@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use differential_dataflow::Hashable;
 use serde::{Deserialize, Serialize};
 use sightline_operators::Time;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
-use timely::dataflow::StreamVec;
 use timely::ExchangeData;
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::Operator;
 use tracing::{error, warn};
 
 use crate::{Lake, Table};
@@ -57,7 +58,9 @@ pub fn write_windows<'s, R>(parts: StreamVec<'s, Time, WindowRows<R>>, lake: Lak
 where
     R: Table + ExchangeData,
 {
-    let exchange = Exchange::new(|part: &WindowRows<R>| part.window_start_ms);
+    // Hashed: window starts are multiples of the width, which a plain modulo would send to
+    // one worker.
+    let exchange = Exchange::new(|part: &WindowRows<R>| part.window_start_ms.hashed());
     let name = format!("WriteParquet({})", R::NAME);
     let scope = parts.scope();
     parts.unary_frontier(exchange, &name, move |_capability, info| {
@@ -66,7 +69,11 @@ where
         let mut backoff: Option<(Instant, Duration)> = None;
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
-                let Some(&least) = cap.least() else { return };
+                // Every message here is sent under a capability; one without would carry no time.
+                let Some(&least) = cap.least() else {
+                    debug_assert!(false, "window parts without a capability");
+                    return;
+                };
                 for part in data.drain(..) {
                     let (_, rows) = pending.entry((part.window_start_ms, part.window_end_ms)).or_insert_with(|| (cap.delayed(&least, 0), Vec::new()));
                     rows.extend(part.rows);

@@ -26,10 +26,7 @@ pub trait Table: Sized + Clone + PartialOrd + 'static {
 /// Encodes rows as one Parquet file (Snappy-compressed, one row group).
 pub fn parquet_encode<T: Table>(rows: &[T]) -> Result<Bytes> {
     let batch = T::to_batch(rows)?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_created_by(format!("sightline {}", env!("CARGO_PKG_VERSION")))
-        .build();
+    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).set_created_by(format!("sightline {}", env!("CARGO_PKG_VERSION"))).build();
     let mut buffer = Vec::with_capacity(4096 + rows.len() * 64);
     let mut writer = ArrowWriter::try_new(&mut buffer, Arc::clone(&batch.schema()), Some(props))?;
     writer.write(&batch)?;

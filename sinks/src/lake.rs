@@ -9,7 +9,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use sightline_schemas::utc_date_hour;
 
-use crate::{parquet_encode, Error, Result, Table, WrittenWindow};
+use crate::{Error, Result, Table, WrittenWindow, parquet_encode};
 
 /// Where a window's file lives, relative to the lake root:
 /// `<table>/dt=YYYY-MM-DD/hr=HH/part-<start>-<end>.parquet`, with `dt` and `hr` taken from the

@@ -29,9 +29,9 @@ mod encode;
 mod lake;
 pub mod tables;
 
-pub use dataflow::{write_windows, WindowRows, WrittenWindow};
-pub use encode::{parquet_encode, Table};
-pub use lake::{window_path, Lake, S3Options};
+pub use dataflow::{WindowRows, WrittenWindow, write_windows};
+pub use encode::{Table, parquet_encode};
+pub use lake::{Lake, S3Options, window_path};
 
 /// Errors of the sinks. Each says whether retrying can help.
 #[derive(Debug, thiserror::Error)]

@@ -195,7 +195,11 @@ impl Table for LatencyRow {
 
     fn schema() -> SchemaRef {
         let mut fields = window_fields();
-        fields.extend([Field::new("event_name", DataType::Utf8, false), Field::new("feature_area", DataType::Utf8, false), Field::new("surface", DataType::Utf8, false)]);
+        fields.extend([
+            Field::new("event_name", DataType::Utf8, false),
+            Field::new("feature_area", DataType::Utf8, false),
+            Field::new("surface", DataType::Utf8, false),
+        ]);
         fields.extend(LatencyStats::fields());
         Arc::new(Schema::new(fields))
     }
@@ -247,7 +251,11 @@ impl Table for VariantLatencyRow {
 
     fn schema() -> SchemaRef {
         let mut fields = window_fields();
-        fields.extend([Field::new("event_name", DataType::Utf8, false), Field::new("experiment_id", DataType::Utf8, false), Field::new("variant", DataType::Utf8, false)]);
+        fields.extend([
+            Field::new("event_name", DataType::Utf8, false),
+            Field::new("experiment_id", DataType::Utf8, false),
+            Field::new("variant", DataType::Utf8, false),
+        ]);
         fields.extend(LatencyStats::fields());
         Arc::new(Schema::new(fields))
     }
@@ -280,7 +288,13 @@ impl QualityRow {
     pub fn from_closed(w: ClosedWindow<QualityKey, isize>) -> Vec<QualityRow> {
         w.entries
             .into_iter()
-            .map(|(k, n)| QualityRow { window_start_ms: w.window_start, window_end_ms: w.window_end, event_name: k.event_name, outcome: k.outcome.as_str().to_owned(), count: n as i64 })
+            .map(|(k, n)| QualityRow {
+                window_start_ms: w.window_start,
+                window_end_ms: w.window_end,
+                event_name: k.event_name,
+                outcome: k.outcome.as_str().to_owned(),
+                count: n as i64,
+            })
             .collect()
     }
 }
@@ -290,7 +304,11 @@ impl Table for QualityRow {
 
     fn schema() -> SchemaRef {
         let mut fields = window_fields();
-        fields.extend([Field::new("event_name", DataType::Utf8, false), Field::new("outcome", DataType::Utf8, false), Field::new("count", DataType::Int64, false)]);
+        fields.extend([
+            Field::new("event_name", DataType::Utf8, false),
+            Field::new("outcome", DataType::Utf8, false),
+            Field::new("count", DataType::Int64, false),
+        ]);
         Arc::new(Schema::new(fields))
     }
 

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
@@ -14,7 +14,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{Offset, TopicPartitionList};
 use sightline::config::{Config, TopicConfig};
 use sightline::generator::{Generator, GeneratorConfig, LineKind};
-use sightline::run::{run, Input, Job};
+use sightline::run::{Input, Job, run};
 
 use super::*;
 
@@ -80,7 +80,12 @@ fn now_ms() -> i64 {
 /// back, and returns each partition's next offset (last offset + 1).
 fn end_offsets(bootstrap: &str, topics: &[(&str, i32)], events: usize) -> BTreeMap<(String, i32), i64> {
     use rdkafka::Message;
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", "sightline-test-reader").set("enable.auto.commit", "false").create().expect("consumer");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "sightline-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for (topic, partitions) in topics {
         for p in 0..*partitions {
@@ -126,8 +131,17 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
     let pipeline = std::thread::spawn(move || run(job));
 
     // Event times start now, so that no partition's idle clock makes them late.
-    let mut generator = Generator::new(GeneratorConfig { seed: 11, start_ms: now_ms(), events_per_second: 1000.0, late_fraction: 0.0, bad_fraction: 0.01, jitter_ms: 500, ..GeneratorConfig::default() });
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "5").create().expect("producer");
+    let mut generator = Generator::new(GeneratorConfig {
+        seed: 11,
+        start_ms: now_ms(),
+        events_per_second: 1000.0,
+        late_fraction: 0.0,
+        bad_fraction: 0.01,
+        jitter_ms: 500,
+        ..GeneratorConfig::default()
+    });
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "5").create().expect("producer");
     let mut lines = Vec::new();
     for i in 0..events {
         let mut line = Vec::new();
@@ -187,8 +201,7 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
 
     // Accepted events: exact. Rejected ones: exact per event name and kind (their processing
     // window depends on how partitions interleave).
-    let classified: Vec<(Vec<u8>, Failure)> =
-        lines.iter().map(|(l, k)| (l.clone(), (*k == LineKind::Bad).then(|| (None, "rejected".to_string())))).collect();
+    let classified: Vec<(Vec<u8>, Failure)> = lines.iter().map(|(l, k)| (l.clone(), (*k == LineKind::Bad).then(|| (None, "rejected".to_string())))).collect();
     let want = Reference::compute_with(&classified, 1, 5_000, 1_000);
     assert_eq!(want.late, 0);
     assert_maps_eq(&event_counts(&lake_dir), &want.counts, "event_counts");

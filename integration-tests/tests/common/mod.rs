@@ -8,14 +8,14 @@ pub mod moto;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sightline::config::Config;
 use sightline::generator::{Generator, GeneratorConfig, LineKind};
-use sightline::run::{run, Input, Job, Summary};
+use sightline::run::{Input, Job, Summary, run};
 
 /// What the reference knows of a rejected line: the event name it is counted under (None →
 /// `unknown`) and its failure kind; `None` for a valid line.
@@ -38,7 +38,8 @@ pub fn config(workers: usize) -> Config {
 
 /// Generated lines with what the generator meant each to be.
 pub fn generate(events: usize, seed: u64, bad: f64, late: f64) -> Vec<(Vec<u8>, LineKind)> {
-    let mut generator = Generator::new(GeneratorConfig { seed, bad_fraction: bad, late_fraction: late, events_per_second: 500.0, ..GeneratorConfig::default() });
+    let mut generator =
+        Generator::new(GeneratorConfig { seed, bad_fraction: bad, late_fraction: late, events_per_second: 500.0, ..GeneratorConfig::default() });
     (0..events)
         .map(|_| {
             let mut line = Vec::new();
@@ -201,7 +202,6 @@ pub struct Reference {
     pub rejected: u64,
 }
 
-
 impl Reference {
     /// `lines`: raw line and whether it is a valid event; `rejected_name`: the event name a
     /// rejected line is counted under in `quality` (None → `unknown`), with its failure kind.
@@ -253,16 +253,17 @@ impl Reference {
                 *r.counts.entry((w, name.clone(), value["event_type"].as_str().expect("type").to_string(), area.clone())).or_default() += 1;
                 *r.quality.entry((w, name.clone(), "accepted".into())).or_default() += 1;
                 if let Some((field, scale)) = latency_field(&name)
-                    && let Some(v) = value["properties"][field].as_f64() {
-                        let us = (v * scale * 1000.0).round() as u64;
-                        let surface = value["surface"].as_str().unwrap_or_default().to_string();
-                        r.latency.entry((w, name.clone(), area, surface)).or_default().push(us);
-                        if let Some(map) = value["experiment_assignments"].as_object() {
-                            for (experiment, variant) in map {
-                                r.variants.entry((w, name.clone(), experiment.clone(), variant.as_str().expect("variant").to_string())).or_default().push(us);
-                            }
+                    && let Some(v) = value["properties"][field].as_f64()
+                {
+                    let us = (v * scale * 1000.0).round() as u64;
+                    let surface = value["surface"].as_str().unwrap_or_default().to_string();
+                    r.latency.entry((w, name.clone(), area, surface)).or_default().push(us);
+                    if let Some(map) = value["experiment_assignments"].as_object() {
+                        for (experiment, variant) in map {
+                            r.variants.entry((w, name.clone(), experiment.clone(), variant.as_str().expect("variant").to_string())).or_default().push(us);
                         }
                     }
+                }
             }
         }
         r

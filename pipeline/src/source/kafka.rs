@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -24,6 +24,10 @@ use crate::config::KafkaConfig;
 struct PartitionState {
     topic: String,
     partition: i32,
+    /// The next offset to read: after the last message read, or the committed offset at start.
+    read_next: Option<i64>,
+    /// When the partition was last found caught up with its end, or not.
+    caught_up: Option<(Instant, bool)>,
     next_offset: Option<i64>,
     /// Window start → smallest offset written into that window and not yet durable.
     pending: BTreeMap<u64, i64>,
@@ -41,6 +45,7 @@ pub struct KafkaReader {
     max_event_bytes: usize,
     commit_interval: Duration,
     last_commit: Instant,
+    last_durable_ms: u64,
 }
 
 /// The partitions of `topics` that worker `worker` of `peers` reads, in assignment order.
@@ -91,7 +96,26 @@ impl KafkaReader {
             tpl.add_partition_offset(topic, *partition, Offset::Stored).context("building the assignment")?;
             let t = topics.iter().position(|n| n == topic).unwrap_or(0);
             index[t][*partition as usize] = Some(partitions.len());
-            partitions.push(PartitionState { topic: topic.clone(), partition: *partition, next_offset: None, pending: BTreeMap::new(), committed: None });
+            partitions.push(PartitionState {
+                topic: topic.clone(),
+                partition: *partition,
+                read_next: None,
+                caught_up: None,
+                next_offset: None,
+                pending: BTreeMap::new(),
+                committed: None,
+            });
+        }
+        // Where each partition resumes, so that a partition can be known to be caught up
+        // before it has delivered anything.
+        if let Ok(committed) = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            for element in committed.elements() {
+                if let (Offset::Offset(o), Some(t)) = (element.offset(), topics.iter().position(|n| n == element.topic()))
+                    && let Some(Some(i)) = index[t].get(element.partition() as usize)
+                {
+                    partitions[*i].read_next = Some(o);
+                }
+            }
         }
         consumer.assign(&tpl).context("assigning partitions")?;
         info!(worker, peers, partitions = ?mine, "kafka source assigned");
@@ -104,9 +128,13 @@ impl KafkaReader {
             max_event_bytes,
             commit_interval: Duration::from_millis(config.commit_interval_ms),
             last_commit: Instant::now(),
+            last_durable_ms: 0,
         })
     }
 
+    /// Commits, synchronously, every partition's smallest offset whose window is not durable
+    /// at `durable_ms`. An offset counts as committed only once the broker said so, so a
+    /// failed commit is tried again at the next call.
     fn commit(&mut self, durable_ms: u64) {
         let mut tpl = TopicPartitionList::new();
         for p in &mut self.partitions {
@@ -114,10 +142,9 @@ impl KafkaReader {
             p.pending.retain(|start, _| start.saturating_add(width) > durable_ms);
             let Some(next) = p.next_offset else { continue };
             let committable = p.pending.values().copied().min().unwrap_or(next);
-            if p.committed.is_none_or(|c| committable > c)
-                && tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(committable)).is_ok() {
-                    p.committed = Some(committable);
-                }
+            if p.committed.is_none_or(|c| committable > c) && tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(committable)).is_ok() {
+                p.committed = Some(committable);
+            }
         }
         if tpl.count() > 0 {
             match self.consumer.commit(&tpl, CommitMode::Async) {
@@ -148,15 +175,38 @@ impl RecordReader for KafkaReader {
                 Some(Ok(message)) => message,
             };
             let topic = message.topic();
-            let Some(position) = self.topics.iter().position(|t| t == topic).and_then(|t| self.index[t].get(message.partition() as usize).copied().flatten()) else {
+            let Some(position) = self.topics.iter().position(|t| t == topic).and_then(|t| self.index[t].get(message.partition() as usize).copied().flatten())
+            else {
                 warn!(topic, partition = message.partition(), "message from an unassigned partition ignored by this worker");
                 continue;
             };
+            if let Some(p) = self.partitions.get_mut(position) {
+                p.read_next = Some(message.offset() + 1);
+            }
             let bytes = message.payload().unwrap_or_default();
             let payload = if bytes.len() > self.max_event_bytes { Payload::Oversize(bytes.len() as u64) } else { Payload::Bytes(bytes) };
             emit(Record { partition: position, topic, kafka_partition: message.partition(), offset: message.offset(), payload });
         }
         Ok(ReadStatus::More)
+    }
+
+    fn caught_up(&mut self, partition: usize) -> bool {
+        let Some(p) = self.partitions.get_mut(partition) else { return true };
+        if let Some((checked, answer)) = p.caught_up
+            && checked.elapsed() < Duration::from_secs(1)
+        {
+            return answer;
+        }
+        // One broker round trip, only for a partition that has been silent for the idle timeout.
+        let answer = match self.consumer.fetch_watermarks(&p.topic, p.partition, Duration::from_secs(1)) {
+            Ok((low, high)) => p.read_next.unwrap_or(low) >= high,
+            Err(err) => {
+                debug!(topic = %p.topic, partition = p.partition, error = %err, "could not read the partition's end; not treating it as idle");
+                false
+            }
+        };
+        p.caught_up = Some((Instant::now(), answer));
+        answer
     }
 
     fn track(&mut self, partition: usize, offset: i64, window_start_ms: u64) {
@@ -168,6 +218,7 @@ impl RecordReader for KafkaReader {
     }
 
     fn durable_up_to(&mut self, durable_ms: u64) {
+        self.last_durable_ms = durable_ms;
         if self.last_commit.elapsed() >= self.commit_interval {
             self.last_commit = Instant::now();
             self.commit(durable_ms);

@@ -3,15 +3,15 @@
 //! A [`RecordReader`] hands out raw records (Kafka messages, NDJSON lines); [`ingest`] is the
 //! source operator that decodes them, tracks per-partition watermarks, holds the worker's
 //! capability at its watermark, and emits every record exactly once as either an accepted
-//! [`Event`] at its event-time tick or a [`DeadLetter`] (decode failure or late) at the
-//! current watermark tick.
+//! [`Event`] at its event-time tick or a [`DeadLetter`] (decode failure or late) at its
+//! processing tick (see [`ingest`]).
 
 pub mod kafka;
 pub mod ndjson;
 pub mod watermark;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sightline_operators::{Time, Windows};
@@ -75,6 +75,12 @@ pub trait RecordReader {
     /// Notes that the record at `(partition, offset)` was written into the window starting at
     /// `window_start_ms`, so that its offset is committed only once that window is durable.
     fn track(&mut self, _partition: usize, _offset: i64, _window_start_ms: u64) {}
+
+    /// Whether everything `partition` holds has been read (asked before a silent partition is
+    /// treated as idle). Readers that cannot tell say yes.
+    fn caught_up(&mut self, _partition: usize) -> bool {
+        true
+    }
 }
 
 /// Counters of one process's sources, shared by its workers.
@@ -134,7 +140,13 @@ fn wall_clock_ms() -> u64 {
 /// `durable` is a probe on the sinks' output; the operator reports its frontier to the reader
 /// so that a Kafka reader commits only offsets whose windows are durable. Reader errors are
 /// logged and retried on the next activation; they never lose a record.
-pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, settings: IngestSettings, durable: ProbeHandle<Time>, stats: Arc<IngestStats>) -> StreamVec<'s, Time, Ingested> {
+pub fn ingest<'s>(
+    scope: Scope<'s, Time>,
+    mut reader: Box<dyn RecordReader>,
+    settings: IngestSettings,
+    durable: ProbeHandle<Time>,
+    stats: Arc<IngestStats>,
+) -> StreamVec<'s, Time, Ingested> {
     source(scope, "Ingest", move |capability, info| {
         let activator = scope.activator_for(info.address.clone());
         let bounded = reader.is_bounded();
@@ -151,10 +163,11 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
         move |output| {
             let Some(c) = cap.as_mut() else { return };
             if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied())
-                && durable_ms > last_durable {
-                    last_durable = durable_ms;
-                    reader.durable_up_to(durable_ms);
-                }
+                && durable_ms > last_durable
+            {
+                last_durable = durable_ms;
+                reader.durable_up_to(durable_ms);
+            }
             let now = Instant::now();
             let horizon_ms = wall_clock_ms().saturating_add(settings.max_future_skew_ms);
             let (mut read, mut accepted, mut rejected, mut late) = (0u64, 0u64, 0u64, 0u64);
@@ -168,14 +181,12 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                     let item = match record.payload {
                         Payload::Oversize(size) => {
                             rejected += 1;
-                            marks.touch(record.partition, now);
                             let err = DecodeError::new(FailureKind::Oversize, format!("record is {size} bytes, the limit is {}", decoder.max_event_bytes()));
                             Err(DeadLetter::from_decode_error(err, origin(), size))
                         }
                         Payload::Bytes(bytes) => match decoder.decode(bytes) {
                             Ok(event) if event.event_time_ms as u64 > horizon_ms => {
                                 rejected += 1;
-                                marks.touch(record.partition, now);
                                 let reason = format!(
                                     "timestamp {} is more than {} s ahead of the wall clock",
                                     sightline_schemas::format_rfc3339_ms(event.event_time_ms),
@@ -189,7 +200,6 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                                 let watermark = marks.current_ms();
                                 if event_ms < watermark {
                                     late += 1;
-                                    marks.touch(record.partition, now);
                                     Err(DeadLetter::late(&event, watermark, origin(), bytes.len() as u64))
                                 } else {
                                     accepted += 1;
@@ -200,7 +210,6 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                             }
                             Err(err) => {
                                 rejected += 1;
-                                marks.touch(record.partition, now);
                                 Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64))
                             }
                         },
@@ -228,13 +237,18 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
             };
             if status == ReadStatus::Exhausted && !waiting.is_empty() {
                 // The input ended without a single event time: use the wall clock.
-                let now_tick = wall_clock_ms() - wall_clock_ms() % tick;
-                let t = now_tick.max(*c.time());
+                let wall = wall_clock_ms();
+                let t = wall - wall % tick;
                 ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), t, p, o)));
             }
             if !ready.is_empty() {
+                let floor = *c.time();
                 let mut session = output.session(c);
                 for (item, time, partition, offset) in ready.drain(..) {
+                    // An idle jump may have moved the capability past the newest event time;
+                    // a dead letter is then processed at the capability, never behind it, so
+                    // it can never land in a window that is already closed.
+                    let time = time.max(floor);
                     if !bounded {
                         reader.track(partition, offset, windows.start_of(time));
                     }
@@ -249,7 +263,7 @@ pub fn ingest<'s>(scope: Scope<'s, Time>, mut reader: Box<dyn RecordReader>, set
                 cap = None;
                 return;
             }
-            let watermark = marks.advance(Instant::now(), wall_clock_ms());
+            let watermark = marks.advance(Instant::now(), wall_clock_ms(), &mut |partition| reader.caught_up(partition));
             let target = watermark - watermark % tick;
             if target > *c.time() {
                 c.downgrade(&target);

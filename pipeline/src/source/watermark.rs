@@ -1,11 +1,14 @@
 //! Per-partition event-time watermarks.
 //!
 //! A source worker's watermark is the minimum over its partitions of (largest event time
-//! seen − allowed lateness). It only moves forward. A partition that has delivered nothing
-//! for `idle_timeout` follows the wall clock instead, so an idle partition never stalls the
-//! frontier; a worker with no partitions at all follows the wall clock too. Bounded inputs
-//! (file replay) have no idle timeout: their watermark is purely data-driven, and they end by
-//! dropping their capability.
+//! seen − allowed lateness). It only moves forward. A partition that has delivered no
+//! accepted event for `idle_timeout`, and whose reader has caught up with its end, follows
+//! the wall clock instead, so an idle partition never stalls the frontier; a worker with no
+//! partitions at all follows the wall clock too. Rejected records do not keep a partition
+//! active: a partition that sends only garbage goes idle like a silent one. A partition that
+//! is silent because its reader is behind (a slow first fetch, a catch-up after a restart) is
+//! not idle, so its backlog is not declared late. Bounded inputs (file replay) have no idle
+//! timeout: their watermark is purely data-driven, and they end by dropping their capability.
 
 use std::time::{Duration, Instant};
 
@@ -46,30 +49,26 @@ impl Watermarks {
         }
     }
 
-    /// Marks `partition` as active without an event (a record that failed to decode).
-    pub fn touch(&mut self, partition: usize, now: Instant) {
-        if let Some(p) = self.partitions.get_mut(partition) {
-            p.last_activity = now;
-        }
-    }
-
-    /// Re-evaluates idleness against the wall clock and returns the watermark.
-    pub fn advance(&mut self, now: Instant, wall_ms: u64) -> u64 {
-        self.recompute(Some(now), wall_ms);
+    /// Re-evaluates idleness against the wall clock and returns the watermark. `caught_up` is
+    /// asked, only for partitions silent for longer than the idle timeout, whether the reader
+    /// has read everything the partition holds.
+    pub fn advance(&mut self, now: Instant, wall_ms: u64, caught_up: &mut dyn FnMut(usize) -> bool) -> u64 {
+        let idle: Vec<bool> = match self.idle_timeout {
+            Some(timeout) => self.partitions.iter().enumerate().map(|(i, p)| now.duration_since(p.last_activity) >= timeout && caught_up(i)).collect(),
+            None => vec![false; self.partitions.len()],
+        };
+        self.recompute(Some(&idle), wall_ms);
         self.current_ms
     }
 
-    fn recompute(&mut self, now: Option<Instant>, wall_ms: u64) {
-        let idle = |p: &Partition| match (now, self.idle_timeout) {
-            (Some(now), Some(timeout)) => now.duration_since(p.last_activity) >= timeout,
-            _ => false,
-        };
+    fn recompute(&mut self, idle: Option<&[bool]>, wall_ms: u64) {
         let candidate = if self.partitions.is_empty() {
-            if now.is_some() && self.idle_timeout.is_some() { Some(wall_ms) } else { None }
+            if idle.is_some() && self.idle_timeout.is_some() { Some(wall_ms) } else { None }
         } else {
             let mut min: Option<u64> = None;
-            for p in &self.partitions {
-                let high = if idle(p) { Some(p.max_seen_ms.unwrap_or(0).max(wall_ms)) } else { p.max_seen_ms };
+            for (i, p) in self.partitions.iter().enumerate() {
+                let is_idle = idle.is_some_and(|idle| idle.get(i).copied().unwrap_or(false));
+                let high = if is_idle { Some(p.max_seen_ms.unwrap_or(0).max(wall_ms)) } else { p.max_seen_ms };
                 let Some(high) = high else {
                     min = None;
                     break;
@@ -107,9 +106,11 @@ mod tests {
         let t0 = Instant::now();
         let mut w = Watermarks::new(2, 1_000, Some(Duration::from_secs(5)), t0);
         w.observe(0, 100_000, t0);
-        assert_eq!(w.advance(t0 + Duration::from_secs(1), 500_000), 0);
-        // Partition 1 has been idle for 6 s; partition 0 too, so both follow the wall clock.
-        assert_eq!(w.advance(t0 + Duration::from_secs(6), 500_000), 499_000);
+        assert_eq!(w.advance(t0 + Duration::from_secs(1), 500_000, &mut |_| true), 0);
+        // Both partitions have been silent for 6 s, but partition 1's reader is behind: not idle.
+        assert_eq!(w.advance(t0 + Duration::from_secs(6), 500_000, &mut |p| p == 0), 0);
+        // Caught up: both follow the wall clock.
+        assert_eq!(w.advance(t0 + Duration::from_secs(6), 500_000, &mut |_| true), 499_000);
         // Activity on partition 0 does not move the watermark back.
         w.observe(0, 100_001, t0 + Duration::from_secs(7));
         assert_eq!(w.current_ms(), 499_000);
@@ -118,7 +119,15 @@ mod tests {
     #[test]
     fn a_worker_without_partitions_follows_the_clock_only_when_unbounded() {
         let t0 = Instant::now();
-        assert_eq!(Watermarks::new(0, 1_000, Some(Duration::from_secs(1)), t0).advance(t0, 10_000), 9_000);
-        assert_eq!(Watermarks::new(0, 1_000, None, t0).advance(t0, 10_000), 0);
+        assert_eq!(Watermarks::new(0, 1_000, Some(Duration::from_secs(1)), t0).advance(t0, 10_000, &mut |_| true), 9_000);
+        assert_eq!(Watermarks::new(0, 1_000, None, t0).advance(t0, 10_000, &mut |_| true), 0);
+    }
+
+    #[test]
+    fn bounded_inputs_never_go_idle() {
+        let t0 = Instant::now();
+        let mut w = Watermarks::new(1, 1_000, None, t0);
+        w.observe(0, 5_000, t0);
+        assert_eq!(w.advance(t0 + Duration::from_secs(3600), 1_000_000, &mut |_| true), 4_000);
     }
 }

@@ -1,0 +1,78 @@
+//! An unbounded source whose partitions go idle: the watermark follows the wall clock, and a
+//! record that fails after that is processed at the new capability, never in a window that is
+//! already written (which would rewrite that window's file with a partial content).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sightline::dataflow::{DataflowParts, build};
+use sightline::generator::{Generator, GeneratorConfig};
+use sightline::source::{IngestSettings, IngestStats, Payload, ReadStatus, Record, RecordReader};
+use sightline_operators::{Time, Windows};
+use sightline_schemas::Decoder;
+use sightline_sinks::Lake;
+
+/// One good event, silence, one broken record, then the end.
+struct Scripted {
+    started: Instant,
+    step: usize,
+    good: Vec<u8>,
+}
+
+impl RecordReader for Scripted {
+    fn partitions(&self) -> usize {
+        1
+    }
+
+    fn is_bounded(&self) -> bool {
+        false
+    }
+
+    fn read(&mut self, _max: usize, emit: &mut dyn FnMut(Record<'_>)) -> anyhow::Result<ReadStatus> {
+        let record = |offset, payload| Record { partition: 0, topic: "scripted", kafka_partition: 0, offset, payload };
+        match self.step {
+            0 => emit(record(0, Payload::Bytes(&self.good))),
+            1 if self.started.elapsed() < Duration::from_millis(600) => return Ok(ReadStatus::Idle),
+            1 => emit(record(1, Payload::Bytes(b"{\"broken\":"))),
+            _ => return Ok(ReadStatus::Exhausted),
+        }
+        self.step += 1;
+        Ok(ReadStatus::Idle)
+    }
+}
+
+#[test]
+fn a_record_after_an_idle_jump_never_reopens_a_written_window() {
+    let mut good = Vec::new();
+    Generator::new(GeneratorConfig { bad_fraction: 0.0, late_fraction: 0.0, ..GeneratorConfig::default() }).event(1_769_178_605_000, &mut good);
+    let lake = Lake::open("memory://").expect("lake");
+    let check = lake.clone();
+    let (reports, _keep) = std::sync::mpsc::channel();
+    timely::execute_directly(move |worker| {
+        let windows = Windows::new(10_000);
+        let settings = IngestSettings {
+            tick_ms: 1_000,
+            lateness_ms: 1_000,
+            idle_timeout: Duration::from_millis(100),
+            batch_size: 16,
+            windows,
+            decoder: Decoder::default(),
+            max_future_skew_ms: 3_600_000,
+        };
+        let reader = Box::new(Scripted { started: Instant::now(), step: 0, good: good.clone() });
+        let parts = DataflowParts { reader, settings, lake: lake.clone(), reports: reports.clone(), stats: Arc::new(IngestStats::default()) };
+        let probe = worker.dataflow::<Time, _, _>(|scope| build(scope, parts));
+        while !probe.done() {
+            worker.step_or_park(Some(Duration::from_millis(10)));
+        }
+    });
+
+    let quality = check.list("quality").expect("list");
+    assert_eq!(quality.len(), 2, "the event's window and the later processing window: {quality:?}");
+    assert!(quality[0].contains("part-20260123T143000Z-20260123T143010Z"), "{quality:?}");
+    // The event's window still holds its accepted event: it was written once, not replaced.
+    assert_eq!(check.read_rows(&quality[0]).expect("rows"), 1);
+    let dead = check.list("dead_letter").expect("list");
+    assert_eq!(dead.len(), 1);
+    assert!(!dead[0].contains("dt=2026-01-23"), "the broken record is processed at the wall clock, not in January: {dead:?}");
+}
