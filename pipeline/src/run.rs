@@ -18,8 +18,12 @@ use crate::source::kafka::KafkaReader;
 use crate::source::ndjson::NdjsonReader;
 use crate::source::{IngestSettings, IngestStats, RecordReader};
 
+/// Makes worker `index` of `peers` its reader (for inputs the CLI does not know: benchmarks,
+/// tests).
+pub type ReaderFactory = Arc<dyn Fn(usize, usize) -> anyhow::Result<Box<dyn RecordReader>> + Send + Sync>;
+
 /// Where a run reads from.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Input {
     /// An NDJSON file, or `-` for standard input (bounded).
     Ndjson(String),
@@ -27,6 +31,19 @@ pub enum Input {
     Memory(Arc<[u8]>),
     /// Kafka topics (unbounded).
     Kafka(KafkaConfig),
+    /// Any reader.
+    Custom(ReaderFactory),
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Ndjson(path) => f.debug_tuple("Ndjson").field(path).finish(),
+            Input::Memory(bytes) => write!(f, "Memory({} bytes)", bytes.len()),
+            Input::Kafka(kafka) => f.debug_tuple("Kafka").field(kafka).finish(),
+            Input::Custom(_) => f.write_str("Custom"),
+        }
+    }
 }
 
 /// A run of the pipeline.
@@ -81,6 +98,7 @@ fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn
         Input::Ndjson(path) => Box::new(NdjsonReader::open(path, worker, peers, max)?),
         Input::Memory(bytes) => Box::new(NdjsonReader::new(Box::new(std::io::Cursor::new(Arc::clone(bytes))), "memory".into(), worker, peers, max)),
         Input::Kafka(kafka) => Box::new(KafkaReader::connect(kafka, worker, peers, windows_of(&job.config.pipeline), max)?),
+        Input::Custom(factory) => factory(worker, peers)?,
     })
 }
 

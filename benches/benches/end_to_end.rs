@@ -1,0 +1,148 @@
+//! The end-to-end benchmark: the whole dataflow (decode, watermarks, every aggregate, closing
+//! windows, Parquet encoding, the lake) over generated events held in memory, beside the
+//! parse-only baseline over the same bytes, and memory growth with the number of events.
+//!
+//! Run `benches/run` (or `cargo bench -p sightline-benches --bench end_to_end -- --report
+//! benches/REPORT.md`). Each configuration runs in a child process of its own, so that its peak
+//! resident memory (`VmHWM`) is its own. Figures are reported per worker thread and as ratios
+//! measured in the same run; compare ratios, not bare times, across machines.
+//!
+//! - **pipeline**: `sightline::run` with a [`CyclingReader`] on 1 and 2 workers, lake in memory.
+//! - **parse-only**: the same reader on the same number of threads, each event decoded by the
+//!   pipeline's `Decoder` and dropped: the fastest way this code base has to read these bytes
+//!   into events.
+//! - **memory growth**: the pipeline on 1 worker over N, 4N and 16N events with the same key
+//!   cardinality, event time advancing so that 16N events span one hour.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sightline::config::Config;
+use sightline::run::{run, Input, Job};
+use sightline_benches::{peak_rss_kib, Block, CyclingReader};
+use sightline_schemas::Decoder;
+
+const BLOCK: usize = 20_000;
+const START_MS: i64 = 1_769_178_600_000;
+/// 16N events over one hour of event time.
+const BASE_EVENTS: u64 = 625_000;
+const EVENTS_PER_SECOND: f64 = (16 * BASE_EVENTS) as f64 / 3600.0;
+
+#[derive(Debug, Clone)]
+struct Measurement {
+    mode: String,
+    workers: usize,
+    events: u64,
+    seconds: f64,
+    rss_kib: u64,
+}
+
+impl Measurement {
+    fn per_worker(&self) -> f64 {
+        self.events as f64 / self.seconds / self.workers as f64
+    }
+}
+
+fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
+    let block = Block::generate(BLOCK, 1);
+    let started = Instant::now();
+    match mode {
+        "pipeline" => {
+            let mut config = Config::default();
+            config.pipeline.workers = workers;
+            let factory_block = Arc::clone(&block);
+            let factory: sightline::run::ReaderFactory = Arc::new(move |worker, peers| {
+                Ok(Box::new(CyclingReader::new(Arc::clone(&factory_block), worker, peers, events, START_MS, EVENTS_PER_SECOND)) as Box<dyn sightline::source::RecordReader>)
+            });
+            let job = Job { config, input: Input::Custom(factory), lake: sightline_sinks::Lake::open("memory://")?, stop: Default::default(), print_windows: false };
+            let summary = run(job)?;
+            anyhow::ensure!(summary.read == events, "read {} of {events}", summary.read);
+        }
+        "parse" => {
+            let threads: Vec<_> = (0..workers)
+                .map(|worker| {
+                    let block = Arc::clone(&block);
+                    std::thread::spawn(move || {
+                        let decoder = Decoder::default();
+                        let mut reader = CyclingReader::new(block, worker, workers, events, START_MS, EVENTS_PER_SECOND);
+                        let mut accepted = 0u64;
+                        reader.for_each(|line| accepted += u64::from(decoder.decode(line).is_ok()));
+                        accepted
+                    })
+                })
+                .collect();
+            let accepted: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+            anyhow::ensure!(accepted > events / 2, "only {accepted} of {events} decoded");
+        }
+        other => anyhow::bail!("unknown mode {other}"),
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!("RESULT {mode} {workers} {events} {seconds} {}", peak_rss_kib().unwrap_or(0));
+    Ok(())
+}
+
+fn measure(mode: &str, workers: usize, events: u64) -> anyhow::Result<Measurement> {
+    let exe = std::env::current_exe()?;
+    let output = Command::new(exe).args(["--child", mode, &workers.to_string(), &events.to_string()]).output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(output.status.success(), "{mode} on {workers} workers failed: {}", String::from_utf8_lossy(&output.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("RESULT ")).ok_or_else(|| anyhow::anyhow!("no result in {stdout}"))?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let m = Measurement { mode: mode.into(), workers, events, seconds: fields[4].parse()?, rss_kib: fields[5].parse()? };
+    eprintln!("{:>9} {} worker(s) {:>9} events: {:7.2} s, {:>9.0} events/s per worker, peak RSS {} MiB", m.mode, m.workers, m.events, m.seconds, m.per_worker(), m.rss_kib / 1024);
+    Ok(m)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024));
+    format!("{} core(s), {} GiB, {}", cores, mem.unwrap_or(0), cpu.unwrap_or_else(|| "unknown CPU".into()))
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**not met**" }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        return child(&args[i + 1], args[i + 2].parse()?, args[i + 3].parse()?);
+    }
+    let report = args.iter().position(|a| a == "--report").and_then(|i| args.get(i + 1)).cloned();
+    let block_bytes = Block::generate(BLOCK, 1).bytes() / BLOCK;
+
+    let pipeline = [measure("pipeline", 1, BASE_EVENTS)?, measure("pipeline", 2, BASE_EVENTS)?];
+    let parse = [measure("parse", 1, BASE_EVENTS)?, measure("parse", 2, BASE_EVENTS)?];
+    let growth = [pipeline[0].clone(), measure("pipeline", 1, 4 * BASE_EVENTS)?, measure("pipeline", 1, 16 * BASE_EVENTS)?];
+
+    let mut md = String::new();
+    md.push_str("# Sightline end-to-end benchmark\n\n");
+    md.push_str(&format!("- machine: {}\n- command: `benches/run` (`cargo bench -p sightline-benches --bench end_to_end -- --report benches/REPORT.md`)\n", machine()));
+    md.push_str(&format!("- input: generated events cycled from a block of {BLOCK} lines, {block_bytes} bytes each on average, 0.1% late and 0.1% broken; event time advances {EVENTS_PER_SECOND:.0} events/s (16 × {BASE_EVENTS} events span one hour)\n"));
+    md.push_str("- pipeline: decode, watermarks, event_counts, latency, latency_by_variant, quality, dead letters, closing windows, Parquet encoding, in-memory lake; 60 s windows. Validation against the schema registry and privacy are not built yet, so they are not in these figures.\n\n");
+    md.push_str("## Throughput\n\n| run | workers | events | seconds | events/s per worker | peak RSS (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
+    for m in pipeline.iter().chain(parse.iter()) {
+        md.push_str(&format!("| {} | {} | {} | {:.2} | {:.0} | {} |\n", m.mode, m.workers, m.events, m.seconds, m.per_worker(), m.rss_kib / 1024));
+    }
+    md.push_str("\n## Memory growth (1 worker, same key cardinality)\n\n| events | × | seconds | peak RSS (MiB) | RSS / RSS at 1× |\n| ---: | ---: | ---: | ---: | ---: |\n");
+    for (m, x) in growth.iter().zip([1, 4, 16]) {
+        md.push_str(&format!("| {} | {x} | {:.2} | {} | {:.2} |\n", m.events, m.seconds, m.rss_kib / 1024, m.rss_kib as f64 / growth[0].rss_kib as f64));
+    }
+    let ratio = |i: usize| pipeline[i].per_worker() / parse[i].per_worker();
+    let growth_ratio = growth[2].rss_kib as f64 / growth[0].rss_kib as f64;
+    md.push_str("\n## Targets\n\n| target | measured | verdict |\n| --- | --- | --- |\n");
+    for i in 0..2 {
+        md.push_str(&format!("| ≥ 1,000,000 events/s per worker ({} worker(s)) | {:.0} | {} |\n", i + 1, pipeline[i].per_worker(), verdict(pipeline[i].per_worker() >= 1e6)));
+        md.push_str(&format!("| pipeline ≥ 50% of parse-only ({} worker(s)) | {:.0}% | {} |\n", i + 1, 100.0 * ratio(i), verdict(ratio(i) >= 0.5)));
+    }
+    md.push_str(&format!("| peak RSS at 16× within 10% of 1× | {:.2}× | {} |\n", growth_ratio, verdict(growth_ratio <= 1.10)));
+    md.push_str(&format!("| under 1 GiB for {} events over one hour | {} MiB | {} |\n", growth[2].events, growth[2].rss_kib / 1024, verdict(growth[2].rss_kib < 1024 * 1024)));
+    print!("{md}");
+    if let Some(path) = report {
+        std::fs::write(&path, md)?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
