@@ -8,7 +8,7 @@ use differential_dataflow::{Hashable, VecCollection};
 use serde::{Deserialize, Serialize};
 use timely::ExchangeData;
 use timely::dataflow::StreamVec;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, ParallelizationContract, Pipeline};
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 
@@ -29,10 +29,13 @@ pub struct ClosedWindow<K, R> {
 /// Emits each window of `updates` once, when it is closed.
 ///
 /// Input: a collection whose keys name their window ([`WindowKey`]) and whose differences are
-/// the aggregate, each update at a time inside its key's window. Updates are exchanged by key
-/// and accumulated per window; when the input frontier passes a window's end, the worker
-/// emits one [`ClosedWindow`] with its share of the keys, at time `window_end − 1`, and
-/// forgets the window. State is therefore bounded by the open windows, not by history.
+/// the aggregate, each update at a time inside its key's window. Aggregation has two phases:
+/// each worker first combines its own updates per window and key, without moving them; when
+/// its input frontier passes a window's end, it sends its partial sums, exchanged by key, to
+/// the key's owner, which adds them up and emits one [`ClosedWindow`] with its share of the
+/// keys, at time `window_end − 1`, once every worker's partials are in. Per-event traffic
+/// between workers is therefore nil (only keys × workers per window cross), and state is
+/// bounded by the open windows, not by history. Exact because differences form a semigroup.
 ///
 /// An update that arrives for a window that is already closed cannot happen while the time
 /// invariant holds (the frontier has passed every time in it); such an update would start a
@@ -42,8 +45,26 @@ where
     K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
     R: Semigroup + ExchangeData,
 {
+    use timely::dataflow::operators::vec::Map;
+
+    let partials = accumulate(updates.inner, Pipeline, windows, &format!("{name}Combine"));
+    let partials = partials.flat_map(|w| {
+        let at = w.window_end.saturating_sub(1);
+        w.entries.into_iter().map(move |(key, diff)| (key, at, diff))
+    });
     let exchange = Exchange::new(|(key, _time, _diff): &(K, Time, R)| key.hashed());
-    updates.inner.unary_frontier(exchange, name, move |_capability, _info| {
+    accumulate(partials, exchange, windows, name)
+}
+
+/// Accumulates `(key, time, diff)` per window and key, and emits each window once the input
+/// frontier has passed its end.
+fn accumulate<'s, K, R, P>(updates: StreamVec<'s, Time, (K, Time, R)>, pact: P, windows: Windows, name: &str) -> StreamVec<'s, Time, ClosedWindow<K, R>>
+where
+    K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
+    R: Semigroup + ExchangeData,
+    P: ParallelizationContract<Time, Vec<(K, Time, R)>>,
+{
+    updates.unary_frontier(pact, name, move |_capability, _info| {
         let mut open: BTreeMap<u64, (Capability<Time>, HashMap<K, R>)> = BTreeMap::new();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
