@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sightline::config::Config;
-use sightline::run::{run, Input, Job};
-use sightline_benches::{peak_rss_kib, Block, CyclingReader};
+use sightline::run::{Input, Job, run};
+use sightline_benches::{Block, CyclingReader, peak_rss_kib};
 use sightline_schemas::Decoder;
 
 const BLOCK: usize = 20_000;
@@ -53,9 +53,11 @@ fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
             config.pipeline.workers = workers;
             let factory_block = Arc::clone(&block);
             let factory: sightline::run::ReaderFactory = Arc::new(move |worker, peers| {
-                Ok(Box::new(CyclingReader::new(Arc::clone(&factory_block), worker, peers, events, START_MS, EVENTS_PER_SECOND)) as Box<dyn sightline::source::RecordReader>)
+                Ok(Box::new(CyclingReader::new(Arc::clone(&factory_block), worker, peers, events, START_MS, EVENTS_PER_SECOND))
+                    as Box<dyn sightline::source::RecordReader>)
             });
-            let job = Job { config, input: Input::Custom(factory), lake: sightline_sinks::Lake::open("memory://")?, stop: Default::default(), print_windows: false };
+            let job =
+                Job { config, input: Input::Custom(factory), lake: sightline_sinks::Lake::open("memory://")?, stop: Default::default(), print_windows: false };
             let summary = run(job)?;
             anyhow::ensure!(summary.read == events, "read {} of {events}", summary.read);
         }
@@ -90,14 +92,26 @@ fn measure(mode: &str, workers: usize, events: u64) -> anyhow::Result<Measuremen
     let line = stdout.lines().find(|l| l.starts_with("RESULT ")).ok_or_else(|| anyhow::anyhow!("no result in {stdout}"))?;
     let fields: Vec<&str> = line.split_whitespace().collect();
     let m = Measurement { mode: mode.into(), workers, events, seconds: fields[4].parse()?, rss_kib: fields[5].parse()? };
-    eprintln!("{:>9} {} worker(s) {:>9} events: {:7.2} s, {:>9.0} events/s per worker, peak RSS {} MiB", m.mode, m.workers, m.events, m.seconds, m.per_worker(), m.rss_kib / 1024);
+    eprintln!(
+        "{:>9} {} worker(s) {:>9} events: {:7.2} s, {:>9.0} events/s per worker, peak RSS {} MiB",
+        m.mode,
+        m.workers,
+        m.events,
+        m.seconds,
+        m.per_worker(),
+        m.rss_kib / 1024
+    );
     Ok(m)
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024));
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024));
     format!("{} core(s), {} GiB, {}", cores, mem.unwrap_or(0), cpu.unwrap_or_else(|| "unknown CPU".into()))
 }
 
@@ -119,7 +133,10 @@ fn main() -> anyhow::Result<()> {
 
     let mut md = String::new();
     md.push_str("# Sightline end-to-end benchmark\n\n");
-    md.push_str(&format!("- machine: {}\n- command: `benches/run` (`cargo bench -p sightline-benches --bench end_to_end -- --report benches/REPORT.md`)\n", machine()));
+    md.push_str(&format!(
+        "- machine: {}\n- command: `benches/run` (`cargo bench -p sightline-benches --bench end_to_end -- --report benches/REPORT.md`)\n",
+        machine()
+    ));
     md.push_str(&format!("- input: generated events cycled from a block of {BLOCK} lines, {block_bytes} bytes each on average, 0.1% late and 0.1% broken; event time advances {EVENTS_PER_SECOND:.0} events/s (16 × {BASE_EVENTS} events span one hour)\n"));
     md.push_str("- pipeline: decode, watermarks, event_counts, latency, latency_by_variant, quality, dead letters, closing windows, Parquet encoding, in-memory lake; 60 s windows. Validation against the schema registry and privacy are not built yet, so they are not in these figures.\n\n");
     md.push_str("## Throughput\n\n| run | workers | events | seconds | events/s per worker | peak RSS (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
@@ -134,11 +151,21 @@ fn main() -> anyhow::Result<()> {
     let growth_ratio = growth[2].rss_kib as f64 / growth[0].rss_kib as f64;
     md.push_str("\n## Targets\n\n| target | measured | verdict |\n| --- | --- | --- |\n");
     for i in 0..2 {
-        md.push_str(&format!("| ≥ 1,000,000 events/s per worker ({} worker(s)) | {:.0} | {} |\n", i + 1, pipeline[i].per_worker(), verdict(pipeline[i].per_worker() >= 1e6)));
+        md.push_str(&format!(
+            "| ≥ 1,000,000 events/s per worker ({} worker(s)) | {:.0} | {} |\n",
+            i + 1,
+            pipeline[i].per_worker(),
+            verdict(pipeline[i].per_worker() >= 1e6)
+        ));
         md.push_str(&format!("| pipeline ≥ 50% of parse-only ({} worker(s)) | {:.0}% | {} |\n", i + 1, 100.0 * ratio(i), verdict(ratio(i) >= 0.5)));
     }
     md.push_str(&format!("| peak RSS at 16× within 10% of 1× | {:.2}× | {} |\n", growth_ratio, verdict(growth_ratio <= 1.10)));
-    md.push_str(&format!("| under 1 GiB for {} events over one hour | {} MiB | {} |\n", growth[2].events, growth[2].rss_kib / 1024, verdict(growth[2].rss_kib < 1024 * 1024)));
+    md.push_str(&format!(
+        "| under 1 GiB for {} events over one hour | {} MiB | {} |\n",
+        growth[2].events,
+        growth[2].rss_kib / 1024,
+        verdict(growth[2].rss_kib < 1024 * 1024)
+    ));
     print!("{md}");
     if let Some(path) = report {
         std::fs::write(&path, md)?;

@@ -68,7 +68,15 @@ pub struct CyclingReader {
 impl CyclingReader {
     /// A reader for worker `worker` of `peers`.
     pub fn new(block: Arc<Block>, worker: usize, peers: usize, total: u64, start_ms: i64, events_per_second: f64) -> CyclingReader {
-        CyclingReader { block, next: worker as u64, peers: peers.max(1) as u64, total, start_ms, ms_per_event: 1000.0 / events_per_second, buf: Vec::with_capacity(4096) }
+        CyclingReader {
+            block,
+            next: worker as u64,
+            peers: peers.max(1) as u64,
+            total,
+            start_ms,
+            ms_per_event: 1000.0 / events_per_second,
+            buf: Vec::with_capacity(4096),
+        }
     }
 
     /// Puts event `i` into the buffer, with its timestamp rewritten.

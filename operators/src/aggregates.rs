@@ -5,6 +5,12 @@
 //! [`LatencyHistogram`], both abelian, so the accumulated difference of a key *is* the
 //! aggregate, insertions and retractions are exact, and batches merge in any order. Closing a
 //! window (see [`crate::close_windows`]) reads that accumulation once the frontier has passed.
+//!
+//! The functions take any `E: Borrow<Event>`: the pipeline passes `Arc<Event>`, so that the
+//! four aggregates share each event instead of each receiving a deep copy, and copy out only
+//! the fields their keys need.
+
+use std::borrow::{Borrow, Cow};
 
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
@@ -81,8 +87,8 @@ impl Outcome {
 pub struct QualityKey {
     /// Window start, ms since the epoch.
     pub window_start: u64,
-    /// The event name, or `unknown`.
-    pub event_name: String,
+    /// The event name, or `unknown` (borrowed from the catalog for accepted events).
+    pub event_name: Cow<'static, str>,
     /// What happened to the records counted here.
     pub outcome: Outcome,
 }
@@ -100,13 +106,14 @@ window_key!(CountKey, LatencyKey, VariantKey, QualityKey);
 ///
 /// Input: accepted events at their event-time tick. Output: `(CountKey, count)` as the
 /// difference.
-pub fn event_counts<'s>(events: VecCollection<'s, Time, Event>, windows: Windows) -> VecCollection<'s, Time, CountKey> {
+pub fn event_counts<'s, E: Borrow<Event> + Clone + 'static>(events: VecCollection<'s, Time, E>, windows: Windows) -> VecCollection<'s, Time, CountKey> {
     events.explode(move |e| {
+        let e = e.borrow();
         let key = CountKey {
             window_start: windows.start_of(e.event_time_ms as u64),
             event_name: e.event_name,
             event_type: e.event_type,
-            feature_area: e.feature_area,
+            feature_area: e.feature_area.clone(),
         };
         Some((key, 1isize))
     })
@@ -116,14 +123,18 @@ pub fn event_counts<'s>(events: VecCollection<'s, Time, Event>, windows: Windows
 ///
 /// Input: accepted events; those without a latency measure are skipped. Output:
 /// `(LatencyKey, histogram)` with the histogram of the events' latency as the difference.
-pub fn latency<'s>(events: VecCollection<'s, Time, Event>, windows: Windows) -> VecCollection<'s, Time, LatencyKey, LatencyHistogram> {
+pub fn latency<'s, E: Borrow<Event> + Clone + 'static>(
+    events: VecCollection<'s, Time, E>,
+    windows: Windows,
+) -> VecCollection<'s, Time, LatencyKey, LatencyHistogram> {
     events.explode(move |e| {
+        let e = e.borrow();
         let latency = e.latency_us?;
         let key = LatencyKey {
             window_start: windows.start_of(e.event_time_ms as u64),
             event_name: e.event_name,
-            feature_area: e.feature_area,
-            surface: e.surface.unwrap_or_default(),
+            feature_area: e.feature_area.clone(),
+            surface: e.surface.clone().unwrap_or_default(),
         };
         Some((key, LatencyHistogram::from_sample(latency)))
     })
@@ -134,14 +145,24 @@ pub fn latency<'s>(events: VecCollection<'s, Time, Event>, windows: Windows) -> 
 /// Input: accepted events; an event contributes once for each of its
 /// `experiment_assignments`, and not at all without a latency measure. Output:
 /// `(VariantKey, histogram)`.
-pub fn latency_by_variant<'s>(events: VecCollection<'s, Time, Event>, windows: Windows) -> VecCollection<'s, Time, VariantKey, LatencyHistogram> {
+pub fn latency_by_variant<'s, E: Borrow<Event> + Clone + 'static>(
+    events: VecCollection<'s, Time, E>,
+    windows: Windows,
+) -> VecCollection<'s, Time, VariantKey, LatencyHistogram> {
     events.explode(move |e| {
+        let e = e.borrow();
         let window_start = windows.start_of(e.event_time_ms as u64);
-        let latency = e.latency_us;
         let event_name = e.event_name;
-        e.experiment_assignments.into_iter().filter_map(move |(experiment_id, variant)| {
-            latency.map(|l| (VariantKey { window_start, event_name, experiment_id, variant }, LatencyHistogram::from_sample(l)))
-        })
+        let mut out = Vec::new();
+        if let Some(l) = e.latency_us {
+            for (experiment_id, variant) in &e.experiment_assignments {
+                out.push((
+                    VariantKey { window_start, event_name, experiment_id: experiment_id.clone(), variant: variant.clone() },
+                    LatencyHistogram::from_sample(l),
+                ));
+            }
+        }
+        out
     })
 }
 
@@ -149,8 +170,8 @@ pub fn latency_by_variant<'s>(events: VecCollection<'s, Time, Event>, windows: W
 ///
 /// Inputs: accepted events at their event-time tick; dead-letter records at the tick at which
 /// they were processed. Output: `(QualityKey, count)`.
-pub fn quality<'s>(
-    events: VecCollection<'s, Time, Event>,
+pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
+    events: VecCollection<'s, Time, E>,
     rejected: VecCollection<'s, Time, DeadLetter>,
     windows: Windows,
 ) -> VecCollection<'s, Time, QualityKey> {
@@ -158,8 +179,9 @@ pub fn quality<'s>(
     use timely::dataflow::operators::vec::Map;
 
     let accepted = events.explode(move |e| {
+        let e = e.borrow();
         let key =
-            QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().to_owned(), outcome: Outcome::Accepted };
+            QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: Cow::Borrowed(e.event_name.as_str()), outcome: Outcome::Accepted };
         Some((key, 1isize))
     });
     let rejected = rejected
@@ -167,7 +189,7 @@ pub fn quality<'s>(
         .map(move |(record, time, diff)| {
             let key = QualityKey {
                 window_start: windows.start_of(time),
-                event_name: record.event_name.unwrap_or_else(|| "unknown".to_owned()),
+                event_name: record.event_name.map_or(Cow::Borrowed("unknown"), Cow::Owned),
                 outcome: Outcome::Rejected(record.kind),
             };
             (key, time, diff)

@@ -239,11 +239,11 @@ proptest! {
         // quality
         let mut want_quality: BTreeMap<QualityKey, isize> = BTreeMap::new();
         for e in &events {
-            *want_quality.entry(QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().to_string(), outcome: Outcome::Accepted }).or_default() += 1;
+            *want_quality.entry(QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().into(), outcome: Outcome::Accepted }).or_default() += 1;
         }
         for (d, t) in &dead {
             let name = d.event_name.clone().unwrap_or_else(|| "unknown".into());
-            *want_quality.entry(QualityKey { window_start: windows.start_of(*t), event_name: name, outcome: Outcome::Rejected(d.kind) }).or_default() += 1;
+            *want_quality.entry(QualityKey { window_start: windows.start_of(*t), event_name: name.into(), outcome: Outcome::Rejected(d.kind) }).or_default() += 1;
         }
         prop_assert_eq!(flatten(&out.quality), want_quality);
     }

@@ -45,7 +45,8 @@ pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> ProbeHandle<Ti
         Ok(event) => Ok((event, time, diff)),
         Err(dead) => Err((dead, time, diff)),
     });
-    let events = oks.as_collection();
+    // Shared, not copied, by the four aggregates.
+    let events = oks.map(|(event, time, diff)| (std::sync::Arc::new(event), time, diff)).as_collection();
     let rejected = errs.as_collection();
 
     let quality_parts = closed_rows(close_windows(quality(events.clone(), rejected.clone(), windows), windows, "CloseQuality"), QualityRow::from_closed);

@@ -291,7 +291,7 @@ impl QualityRow {
             .map(|(k, n)| QualityRow {
                 window_start_ms: w.window_start,
                 window_end_ms: w.window_end,
-                event_name: k.event_name,
+                event_name: k.event_name.into_owned(),
                 outcome: k.outcome.as_str().to_owned(),
                 count: n as i64,
             })
