@@ -13,10 +13,21 @@
 //!   into events.
 //! - **memory growth**: the pipeline on 1 worker over N, 4N and 16N events with the same key
 //!   cardinality, event time advancing so that 16N events span one hour.
+//! - **Kafka path** (with `--kafka`; needs tansu, which `scripts/test` installs): the same
+//!   events produced to a local tansu broker, read by a bare rdkafka consumer (the broker's
+//!   limit) and by the pipeline on 1 worker.
 
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use sightline::config::TopicConfig;
+use sightline::source::IngestStats;
 
 use sightline::config::Config;
 use sightline::run::{Input, Job, run};
@@ -27,6 +38,8 @@ const BLOCK: usize = 20_000;
 const START_MS: i64 = 1_769_178_600_000;
 /// 16N events over one hour of event time.
 const BASE_EVENTS: u64 = 625_000;
+/// Events through the Kafka path.
+const KAFKA_EVENTS: u64 = 200_000;
 const EVENTS_PER_SECOND: f64 = (16 * BASE_EVENTS) as f64 / 3600.0;
 
 #[derive(Debug, Clone)]
@@ -104,6 +117,84 @@ fn measure(mode: &str, workers: usize, events: u64) -> anyhow::Result<Measuremen
     Ok(m)
 }
 
+/// Events through the Kafka path: (bare consumer events/s, pipeline events/s).
+fn kafka_path(events: u64) -> anyhow::Result<(f64, f64)> {
+    use sightline_integration_tests::servers::Tansu;
+    const TOPIC: &str = "bench.events";
+    let broker = Tansu::start();
+    broker.create_topic(TOPIC, 2);
+    // Event time starts now, so that no idle partition makes the events late.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).set("linger.ms", "20").set("queue.buffering.max.messages", "500000").create()?;
+    let mut reader = CyclingReader::new(Block::generate(BLOCK, 1), 0, 1, events, now, EVENTS_PER_SECOND);
+    let mut failed = None;
+    reader.for_each(|line| {
+        loop {
+            match producer.send(BaseRecord::<(), [u8]>::to(TOPIC).payload(line)) {
+                Ok(()) => break,
+                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                Err((err, _)) => {
+                    failed = Some(err);
+                    break;
+                }
+            }
+        }
+    });
+    if let Some(err) = failed {
+        anyhow::bail!("producing to tansu: {err}");
+    }
+    producer.flush(Duration::from_secs(120))?;
+
+    // The bare consumer: read every record once, do nothing with it.
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).set("group.id", "bench-bare").create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset(TOPIC, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    let mut seen = 0u64;
+    while seen < events {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "bare consumer read only {seen} of {events}");
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            seen += 1;
+        }
+    }
+    let bare = events as f64 / started.elapsed().as_secs_f64();
+    drop(consumer);
+
+    // The pipeline on one worker, from the same topic.
+    let mut config = Config::default();
+    config.kafka.bootstrap_servers = broker.bootstrap.clone();
+    config.kafka.group_id = "bench-pipeline".into();
+    config.kafka.topics = vec![TopicConfig { name: TOPIC.into() }];
+    let stats = Arc::new(IngestStats::default());
+    let job = Job {
+        input: Input::Kafka(config.kafka.clone()),
+        config,
+        lake: sightline_sinks::Lake::open("memory://")?,
+        stop: Default::default(),
+        print_windows: false,
+    };
+    let stop = Arc::clone(&job.stop);
+    let started = Instant::now();
+    let pipeline = {
+        let stats = Arc::clone(&stats);
+        std::thread::spawn(move || sightline::run::run_with_stats(job, stats))
+    };
+    while stats.read.load(Ordering::Relaxed) < events {
+        anyhow::ensure!(!pipeline.is_finished() && started.elapsed() < Duration::from_secs(600), "the pipeline read only {:?}", stats.snapshot());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let through_pipeline = events as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    pipeline.join().map_err(|_| anyhow::anyhow!("pipeline panicked"))??;
+    Ok((bare, through_pipeline))
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -130,11 +221,18 @@ fn main() -> anyhow::Result<()> {
     let pipeline = [measure("pipeline", 1, BASE_EVENTS)?, measure("pipeline", 2, BASE_EVENTS)?];
     let parse = [measure("parse", 1, BASE_EVENTS)?, measure("parse", 2, BASE_EVENTS)?];
     let growth = [pipeline[0].clone(), measure("pipeline", 1, 4 * BASE_EVENTS)?, measure("pipeline", 1, 16 * BASE_EVENTS)?];
+    let kafka = if args.iter().any(|a| a == "--kafka") {
+        let (bare, through) = kafka_path(KAFKA_EVENTS)?;
+        eprintln!("    kafka {KAFKA_EVENTS} events: bare consumer {bare:.0} events/s, pipeline (1 worker) {through:.0} events/s");
+        Some((bare, through))
+    } else {
+        None
+    };
 
     let mut md = String::new();
     md.push_str("# Sightline end-to-end benchmark\n\n");
     md.push_str(&format!(
-        "- machine: {}\n- command: `benches/run` (`cargo bench -p sightline-benches --bench end_to_end -- --report benches/REPORT.md`)\n",
+        "- machine: {}\n- command: `benches/run` (`cargo bench -p sightline-benches --bench end_to_end -- --kafka --report benches/REPORT.md`)\n",
         machine()
     ));
     md.push_str(&format!("- input: generated events cycled from a block of {BLOCK} lines, {block_bytes} bytes each on average, 0.1% late and 0.1% broken; event time advances {EVENTS_PER_SECOND:.0} events/s (16 × {BASE_EVENTS} events span one hour)\n"));
@@ -149,14 +247,14 @@ fn main() -> anyhow::Result<()> {
     }
     let ratio = |i: usize| pipeline[i].per_worker() / parse[i].per_worker();
     let growth_ratio = growth[2].rss_kib as f64 / growth[0].rss_kib as f64;
+    if let Some((bare, through)) = kafka {
+        md.push_str(&format!(
+            "\n## Kafka path ({KAFKA_EVENTS} events, local tansu broker, in-memory storage, 2 partitions)\n\n| reader | events/s |\n| --- | ---: |\n| bare rdkafka consumer | {bare:.0} |\n| pipeline, 1 worker | {through:.0} |\n"
+        ));
+    }
     md.push_str("\n## Targets\n\n| target | measured | verdict |\n| --- | --- | --- |\n");
     for (i, run) in pipeline.iter().enumerate() {
-        md.push_str(&format!(
-            "| ≥ 1,000,000 events/s per worker ({} worker(s)) | {:.0} | {} |\n",
-            i + 1,
-            run.per_worker(),
-            verdict(run.per_worker() >= 1e6)
-        ));
+        md.push_str(&format!("| ≥ 1,000,000 events/s per worker ({} worker(s)) | {:.0} | {} |\n", i + 1, run.per_worker(), verdict(run.per_worker() >= 1e6)));
         md.push_str(&format!("| pipeline ≥ 50% of parse-only ({} worker(s)) | {:.0}% | {} |\n", i + 1, 100.0 * ratio(i), verdict(ratio(i) >= 0.5)));
     }
     md.push_str(&format!("| peak RSS at 16× within 10% of 1× | {:.2}× | {} |\n", growth_ratio, verdict(growth_ratio <= 1.10)));
@@ -166,6 +264,12 @@ fn main() -> anyhow::Result<()> {
         growth[2].rss_kib / 1024,
         verdict(growth[2].rss_kib < 1024 * 1024)
     ));
+    match kafka {
+        Some((bare, through)) => {
+            md.push_str(&format!("| Kafka path ≥ 80% of the bare consumer | {:.0}% | {} |\n", 100.0 * through / bare, verdict(through >= 0.8 * bare)))
+        }
+        None => md.push_str("| Kafka path ≥ 80% of the bare consumer | not run (`--kafka`) | — |\n"),
+    }
     print!("{md}");
     if let Some(path) = report {
         std::fs::write(&path, md)?;

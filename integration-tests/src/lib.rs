@@ -1,1 +1,138 @@
-//! Sightline's integration tests live in `tests/`; this library is empty.
+//! Sightline's integration tests live in `tests/`. This library holds what they share with the
+//! benchmarks: the real servers, each started on a free loopback port by the test that needs
+//! it and stopped when dropped. `scripts/test` installs them; nothing here downloads anything.
+
+pub mod servers {
+    //! tansu (a Kafka-protocol broker) and moto (an S3 API).
+
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use sightline_sinks::{Lake, S3Options};
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+    }
+
+    fn wait_for(address: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(address).is_err() {
+            assert!(Instant::now() < deadline, "{what} did not start listening on {address}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A tansu broker on a free loopback port, stopped when dropped.
+    pub struct Tansu {
+        child: Child,
+        /// `host:port` of the broker.
+        pub bootstrap: String,
+    }
+
+    fn tansu_binary() -> String {
+        if let Ok(bin) = std::env::var("TANSU_BIN") {
+            return bin;
+        }
+        let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+        let candidate = format!("{home}/bin/tansu");
+        if std::path::Path::new(&candidate).exists() { candidate } else { "tansu".into() }
+    }
+
+    impl Tansu {
+        /// Starts `tansu broker` with in-memory storage and waits until it accepts connections.
+        pub fn start() -> Tansu {
+            let port = free_port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let child = Command::new(tansu_binary())
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("tansu is not installed: ./scripts/test installs it (cargo install tansu --locked --features dynostore)");
+            let server = Tansu { child, bootstrap: format!("127.0.0.1:{port}") };
+            wait_for(&server.bootstrap, "tansu");
+            server
+        }
+
+        /// Creates a topic with the broker's own CLI.
+        pub fn create_topic(&self, name: &str, partitions: i32) {
+            let status = Command::new(tansu_binary())
+                .args(["topic", "create", "--broker", &format!("tcp://{}", self.bootstrap), "--partitions", &partitions.to_string(), name])
+                .stdout(Stdio::null())
+                .status()
+                .expect("running tansu topic create");
+            assert!(status.success(), "tansu topic create failed");
+        }
+    }
+
+    impl Drop for Tansu {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// A running moto server.
+    pub struct Moto {
+        child: Child,
+        port: u16,
+    }
+
+    fn moto_binary() -> String {
+        if let Ok(bin) = std::env::var("MOTO_SERVER") {
+            return bin;
+        }
+        format!("{}/../.tools/venv/bin/moto_server", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    impl Moto {
+        /// Starts the server and waits until it answers.
+        pub fn start() -> Moto {
+            let port = free_port();
+            let child = Command::new(moto_binary())
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("moto_server ({}) could not start: {e}; ./scripts/test installs it", moto_binary()));
+            let server = Moto { child, port };
+            wait_for(&format!("127.0.0.1:{port}"), "moto");
+            server
+        }
+
+        /// The S3 settings that reach this server.
+        pub fn options(&self) -> S3Options {
+            S3Options {
+                endpoint: Some(format!("http://127.0.0.1:{}", self.port)),
+                region: Some("us-east-1".into()),
+                allow_http: true,
+                access_key_id: Some("sightline-test".into()),
+                secret_access_key: Some("sightline-test-secret".into()),
+            }
+        }
+
+        /// Creates a bucket (moto accepts an unsigned `PUT /bucket`).
+        pub fn create_bucket(&self, bucket: &str) {
+            let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to moto");
+            write!(stream, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port).expect("request");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).expect("response");
+            assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {response}");
+        }
+
+        /// A lake in a new bucket of this server, under `prefix`.
+        pub fn lake(&self, bucket: &str, prefix: &str) -> Lake {
+            self.create_bucket(bucket);
+            Lake::open_with(&format!("s3://{bucket}/{prefix}"), &self.options()).expect("s3 lake")
+        }
+    }
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -2,7 +2,8 @@
 
 mod common;
 
-use common::kafka::{Tansu, round_trip};
+use common::kafka::round_trip;
+use sightline_integration_tests::servers::Tansu;
 
 #[test]
 fn tansu_round_trip_on_one_worker() {

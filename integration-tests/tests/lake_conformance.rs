@@ -17,7 +17,7 @@ const END: u64 = 1_769_178_660_000;
 fn backends() -> Vec<(Lake, Box<dyn std::any::Any>)> {
     let dir = tempfile::tempdir().expect("tempdir");
     let local = Lake::open(dir.path().to_str().expect("utf-8 path")).expect("local lake");
-    let moto = common::moto::Moto::start();
+    let moto = sightline_integration_tests::servers::Moto::start();
     let s3 = moto.lake("conformance", "lake/prefix");
     vec![(Lake::open("memory://").expect("memory lake"), Box::new(())), (local, Box::new(dir)), (s3, Box::new(moto))]
 }
@@ -129,7 +129,7 @@ fn unsupported_locations_are_clear_errors() {
 
 #[test]
 fn a_replay_writes_to_s3_through_the_configuration() {
-    let moto = common::moto::Moto::start();
+    let moto = sightline_integration_tests::servers::Moto::start();
     moto.create_bucket("replay");
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("events.ndjson");

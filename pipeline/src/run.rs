@@ -104,9 +104,13 @@ fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn
 
 /// Runs `job` to completion (bounded input) or until `job.stop` is set, and returns what it did.
 pub fn run(job: Job) -> anyhow::Result<Summary> {
+    run_with_stats(job, Arc::new(IngestStats::default()))
+}
+
+/// [`run`], updating `stats` as records are read, so that a caller can watch progress.
+pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summary> {
     let workers = job.config.pipeline.workers;
     let (reports_tx, reports_rx) = mpsc::channel();
-    let stats = Arc::new(IngestStats::default());
     let frontiers: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
     let finished = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

@@ -2,8 +2,6 @@
 //! the lake against the reference and the committed offsets against the topic's end.
 
 use std::collections::BTreeMap;
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,60 +15,6 @@ use sightline::generator::{Generator, GeneratorConfig, LineKind};
 use sightline::run::{Input, Job, run};
 
 use super::*;
-
-/// A tansu broker on a free loopback port, stopped when dropped.
-pub struct Tansu {
-    child: Child,
-    /// `host:port` of the broker.
-    pub bootstrap: String,
-}
-
-fn tansu_binary() -> String {
-    if let Ok(bin) = std::env::var("TANSU_BIN") {
-        return bin;
-    }
-    let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
-    let candidate = format!("{home}/bin/tansu");
-    if std::path::Path::new(&candidate).exists() { candidate } else { "tansu".into() }
-}
-
-impl Tansu {
-    /// Starts `tansu broker` with in-memory storage and waits until it accepts connections.
-    pub fn start() -> Tansu {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu is not installed: ./scripts/test installs it (cargo install tansu --locked --features dynostore)");
-        let server = Tansu { child, bootstrap: format!("127.0.0.1:{port}") };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&server.bootstrap).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start listening on {}", server.bootstrap);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        server
-    }
-
-    /// Creates a topic with the broker's own CLI.
-    pub fn create_topic(&self, name: &str, partitions: i32) {
-        let status = Command::new(tansu_binary())
-            .args(["topic", "create", "--broker", &format!("tcp://{}", self.bootstrap), "--partitions", &partitions.to_string(), name])
-            .stdout(Stdio::null())
-            .status()
-            .expect("running tansu topic create");
-        assert!(status.success(), "tansu topic create failed");
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 pub mod kafka;
-pub mod moto;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
