@@ -27,8 +27,6 @@ pub type ReaderFactory = Arc<dyn Fn(usize, usize) -> anyhow::Result<Box<dyn Reco
 pub enum Input {
     /// An NDJSON file, or `-` for standard input (bounded).
     Ndjson(String),
-    /// NDJSON bytes in memory (bounded; benchmarks and tests).
-    Memory(Arc<[u8]>),
     /// Kafka topics (unbounded).
     Kafka(KafkaConfig),
     /// Any reader.
@@ -39,7 +37,6 @@ impl std::fmt::Debug for Input {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Input::Ndjson(path) => f.debug_tuple("Ndjson").field(path).finish(),
-            Input::Memory(bytes) => write!(f, "Memory({} bytes)", bytes.len()),
             Input::Kafka(kafka) => f.debug_tuple("Kafka").field(kafka).finish(),
             Input::Custom(_) => f.write_str("Custom"),
         }
@@ -96,7 +93,6 @@ fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn
     let max = job.config.pipeline.max_event_bytes;
     Ok(match &job.input {
         Input::Ndjson(path) => Box::new(NdjsonReader::open(path, worker, peers, max)?),
-        Input::Memory(bytes) => Box::new(NdjsonReader::new(Box::new(std::io::Cursor::new(Arc::clone(bytes))), "memory".into(), worker, peers, max)),
         Input::Kafka(kafka) => Box::new(KafkaReader::connect(kafka, worker, peers, windows_of(&job.config.pipeline), max)?),
         Input::Custom(factory) => factory(worker, peers)?,
     })

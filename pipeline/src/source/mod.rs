@@ -135,7 +135,8 @@ fn wall_clock_ms() -> u64 {
 /// late events) are emitted at the source's processing time: the tick of the newest event
 /// time this worker had accepted when it read them (never behind its capability). Records
 /// that fail before the worker has accepted any event are processed at the tick of the first
-/// one it accepts, or, if the input ends without one, at the wall-clock tick.
+/// one it accepts; if the capability moves on before that (idle partitions), at the
+/// capability; if a bounded input ends without one, at the wall-clock tick.
 ///
 /// `durable` is a probe on the sinks' output; the operator reports its frontier to the reader
 /// so that a Kafka reader commits only offsets whose windows are durable. Reader errors are
@@ -235,11 +236,18 @@ pub fn ingest<'s>(
                     ReadStatus::Idle
                 }
             };
-            if status == ReadStatus::Exhausted && !waiting.is_empty() {
-                // The input ended without a single event time: use the wall clock.
-                let wall = wall_clock_ms();
-                let t = wall - wall % tick;
-                ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), t, p, o)));
+            if !waiting.is_empty() {
+                // Still no event time. If the input ended, use the wall clock; if the capability
+                // has moved on without one (idle partitions of a stream that sends only broken
+                // records), use the capability, so that such records never pile up here.
+                if status == ReadStatus::Exhausted {
+                    let wall = wall_clock_ms();
+                    let t = wall - wall % tick;
+                    ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), t, p, o)));
+                } else if *c.time() > 0 {
+                    let t = *c.time();
+                    ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), t, p, o)));
+                }
             }
             if !ready.is_empty() {
                 let floor = *c.time();
