@@ -64,6 +64,9 @@ fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
         "pipeline" => {
             let mut config = Config::default();
             config.pipeline.workers = workers;
+            if let Some(batch) = std::env::var("SIGHTLINE_BENCH_BATCH").ok().and_then(|b| b.parse().ok()) {
+                config.pipeline.batch_size = batch;
+            }
             let factory_block = Arc::clone(&block);
             let factory: sightline::run::ReaderFactory = Arc::new(move |worker, peers| {
                 Ok(Box::new(CyclingReader::new(Arc::clone(&factory_block), worker, peers, events, START_MS, EVENTS_PER_SECOND))
@@ -98,8 +101,17 @@ fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
 }
 
 fn measure(mode: &str, workers: usize, events: u64) -> anyhow::Result<Measurement> {
+    measure_with_batch(mode, workers, events, None)
+}
+
+fn measure_with_batch(mode: &str, workers: usize, events: u64, batch: Option<usize>) -> anyhow::Result<Measurement> {
     let exe = std::env::current_exe()?;
-    let output = Command::new(exe).args(["--child", mode, &workers.to_string(), &events.to_string()]).output()?;
+    let mut command = Command::new(exe);
+    command.args(["--child", mode, &workers.to_string(), &events.to_string()]);
+    if let Some(batch) = batch {
+        command.env("SIGHTLINE_BENCH_BATCH", batch.to_string());
+    }
+    let output = command.output()?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     anyhow::ensure!(output.status.success(), "{mode} on {workers} workers failed: {}", String::from_utf8_lossy(&output.stderr));
     let line = stdout.lines().find(|l| l.starts_with("RESULT ")).ok_or_else(|| anyhow::anyhow!("no result in {stdout}"))?;
@@ -221,6 +233,8 @@ fn main() -> anyhow::Result<()> {
     let pipeline = [measure("pipeline", 1, BASE_EVENTS)?, measure("pipeline", 2, BASE_EVENTS)?];
     let parse = [measure("parse", 1, BASE_EVENTS)?, measure("parse", 2, BASE_EVENTS)?];
     let growth = [pipeline[0].clone(), measure("pipeline", 1, 4 * BASE_EVENTS)?, measure("pipeline", 1, 16 * BASE_EVENTS)?];
+    let batches: Vec<(usize, Measurement)> =
+        [256, 1024, 4096, 16384].into_iter().map(|b| measure_with_batch("pipeline", 1, BASE_EVENTS, Some(b)).map(|m| (b, m))).collect::<anyhow::Result<_>>()?;
     let kafka = if args.iter().any(|a| a == "--kafka") {
         let (bare, through) = kafka_path(KAFKA_EVENTS)?;
         eprintln!("    kafka {KAFKA_EVENTS} events: bare consumer {bare:.0} events/s, pipeline (1 worker) {through:.0} events/s");
@@ -240,6 +254,10 @@ fn main() -> anyhow::Result<()> {
     md.push_str("## Throughput\n\n| run | workers | events | seconds | events/s per worker | peak RSS (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
     for m in pipeline.iter().chain(parse.iter()) {
         md.push_str(&format!("| {} | {} | {} | {:.2} | {:.0} | {} |\n", m.mode, m.workers, m.events, m.seconds, m.per_worker(), m.rss_kib / 1024));
+    }
+    md.push_str("\n## Source batch size (`pipeline.batch-size`, 1 worker)\n\n| batch | events/s | peak RSS (MiB) |\n| ---: | ---: | ---: |\n");
+    for (batch, m) in &batches {
+        md.push_str(&format!("| {batch} | {:.0} | {} |\n", m.per_worker(), m.rss_kib / 1024));
     }
     md.push_str("\n## Memory growth (1 worker, same key cardinality)\n\n| events | × | seconds | peak RSS (MiB) | RSS / RSS at 1× |\n| ---: | ---: | ---: | ---: | ---: |\n");
     for (m, x) in growth.iter().zip([1, 4, 16]) {
