@@ -35,12 +35,14 @@ pub struct DataflowParts {
 #[allow(clippy::result_large_err)]
 /// Builds the pipeline's dataflow in `scope` and returns the probe on its sinks: when the
 /// probe's frontier has passed a time, every window ending at or before it is durable.
-pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> ProbeHandle<Time> {
+/// Also returns the probe on the sources' output, whose frontier is the global watermark.
+pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> (ProbeHandle<Time>, ProbeHandle<Time>) {
     let DataflowParts { reader, settings, lake, reports, stats } = parts;
     let windows = settings.windows;
     let durable = ProbeHandle::new();
 
-    let ingested = ingest(scope, reader, settings, durable.clone(), stats);
+    let watermark = ProbeHandle::new();
+    let ingested = ingest(scope, reader, settings, durable.clone(), stats).probe_with(&watermark);
     let (oks, errs) = ingested.ok_err(|(item, time, diff)| match item {
         Ok(event) => Ok((event, time, diff)),
         Err(dead) => Err((dead, time, diff)),
@@ -74,7 +76,7 @@ pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> ProbeHandle<Ti
             let _ = reports.send(Report::Written(written.clone()));
         })
         .probe_with(&durable);
-    durable
+    (durable, watermark)
 }
 
 /// Maps each closed window to its rows.

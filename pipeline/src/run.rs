@@ -98,6 +98,40 @@ fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn
     })
 }
 
+/// Measures, per window, the delay between the watermark passing its end and the window being
+/// durable in every table.
+struct CloseDelays {
+    width_ms: u64,
+    next_end: Option<u64>,
+    passed: std::collections::VecDeque<(u64, Instant)>,
+}
+
+impl CloseDelays {
+    fn new(width_ms: u64) -> CloseDelays {
+        CloseDelays { width_ms: width_ms.max(1), next_end: None, passed: Default::default() }
+    }
+
+    fn observe(&mut self, watermark: u64, durable: u64, stats: &IngestStats) {
+        let now = Instant::now();
+        // The end of input is not a watermark: nothing is timed past it.
+        if watermark != u64::MAX && watermark > 0 {
+            let next = self.next_end.get_or_insert(watermark - watermark % self.width_ms + self.width_ms);
+            while *next <= watermark {
+                self.passed.push_back((*next, now));
+                *next += self.width_ms;
+            }
+        }
+        while let Some(&(end, at)) = self.passed.front() {
+            if durable < end {
+                break;
+            }
+            self.passed.pop_front();
+            stats.closed_windows.fetch_add(1, Ordering::Relaxed);
+            stats.max_close_delay_ms.fetch_max(now.duration_since(at).as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Runs `job` to completion (bounded input) or until `job.stop` is set, and returns what it did.
 pub fn run(job: Job) -> anyhow::Result<Summary> {
     run_with_stats(job, Arc::new(IngestStats::default()))
@@ -108,11 +142,13 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
     let workers = job.config.pipeline.workers;
     let (reports_tx, reports_rx) = mpsc::channel();
     let frontiers: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
+    let watermarks: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
     let finished = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
 
     let guards = {
-        let (job, stats, frontiers, finished) = (job.clone(), Arc::clone(&stats), Arc::clone(&frontiers), Arc::clone(&finished));
+        let (job, stats, frontiers, watermarks, finished) =
+            (job.clone(), Arc::clone(&stats), Arc::clone(&frontiers), Arc::clone(&watermarks), Arc::clone(&finished));
         let reports_tx = std::sync::Mutex::new(reports_tx);
         timely::execute(timely::Config::process(workers), move |worker| -> anyhow::Result<()> {
             let result = (|| {
@@ -130,10 +166,11 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                 };
                 let reports = reports_tx.lock().map_err(|_| anyhow::anyhow!("report channel poisoned"))?.clone();
                 let parts = DataflowParts { reader, settings, lake: job.lake.clone(), reports, stats: Arc::clone(&stats) };
-                let probe = worker.dataflow::<Time, _, _>(|scope| build(scope, parts));
+                let (probe, watermark) = worker.dataflow::<Time, _, _>(|scope| build(scope, parts));
                 loop {
                     let durable = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
                     frontiers[index].store(durable, Ordering::Release);
+                    watermarks[index].store(watermark.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX)), Ordering::Release);
                     if job.stop.load(Ordering::Relaxed) || !worker.step_or_park(Some(Duration::from_millis(20))) {
                         break;
                     }
@@ -160,11 +197,14 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
     };
 
     let mut progress = Progress::default();
+    let mut delays = CloseDelays::new(job.config.pipeline.window_ms);
     loop {
         std::thread::sleep(Duration::from_millis(50));
         // Frontiers first, then reports: every report of a window behind this frontier was
         // sent before the frontier passed it, so it is in the channel by now.
         let durable = frontiers.iter().map(|f| f.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        let watermark = watermarks.iter().map(|f| f.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        delays.observe(watermark, durable, &stats);
         while let Ok(report) = reports_rx.try_recv() {
             progress.add(report);
         }

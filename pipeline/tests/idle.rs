@@ -61,7 +61,7 @@ fn a_record_after_an_idle_jump_never_reopens_a_written_window() {
         };
         let reader = Box::new(Scripted { started: Instant::now(), step: 0, good: good.clone() });
         let parts = DataflowParts { reader, settings, lake: lake.clone(), reports: reports.clone(), stats: Arc::new(IngestStats::default()) };
-        let probe = worker.dataflow::<Time, _, _>(|scope| build(scope, parts));
+        let (probe, _watermark) = worker.dataflow::<Time, _, _>(|scope| build(scope, parts));
         while !probe.done() {
             worker.step_or_park(Some(Duration::from_millis(10)));
         }

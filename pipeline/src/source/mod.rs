@@ -94,6 +94,11 @@ pub struct IngestStats {
     pub rejected: AtomicU64,
     /// Events behind the watermark.
     pub late: AtomicU64,
+    /// Windows whose closing delay was measured: from the moment the watermark of every source
+    /// passed a window's end to the moment every table of that window was durable.
+    pub closed_windows: AtomicU64,
+    /// The largest such delay, in ms (sampled every 50 ms by the run loop).
+    pub max_close_delay_ms: AtomicU64,
 }
 
 impl IngestStats {
