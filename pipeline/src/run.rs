@@ -98,6 +98,23 @@ fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn
     })
 }
 
+/// Counts a worker out when it ends, however it ends. A worker that fails or panics also sets
+/// the run's stop flag (the caller's, too): the others cannot make progress without it.
+struct WorkerExit<'a> {
+    finished: &'a AtomicU64,
+    stop: &'a AtomicBool,
+    failed: bool,
+}
+
+impl Drop for WorkerExit<'_> {
+    fn drop(&mut self) {
+        if self.failed || std::thread::panicking() {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        self.finished.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// Measures, per window, the delay between the watermark passing its end and the window being
 /// durable in every table.
 struct CloseDelays {
@@ -116,6 +133,11 @@ impl CloseDelays {
         // The end of input is not a watermark: nothing is timed past it.
         if watermark != u64::MAX && watermark > 0 {
             let next = self.next_end.get_or_insert(watermark - watermark % self.width_ms + self.width_ms);
+            // A jump over many windows (idle partitions reaching the wall clock) times only the
+            // last of them, so that the bookkeeping stays small.
+            if watermark.saturating_sub(*next) / self.width_ms > 1_000 {
+                *next = watermark - watermark % self.width_ms;
+            }
             while *next <= watermark {
                 self.passed.push_back((*next, now));
                 *next += self.width_ms;
@@ -151,6 +173,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             (job.clone(), Arc::clone(&stats), Arc::clone(&frontiers), Arc::clone(&watermarks), Arc::clone(&finished));
         let reports_tx = std::sync::Mutex::new(reports_tx);
         timely::execute(timely::Config::process(workers), move |worker| -> anyhow::Result<()> {
+            let mut exit = WorkerExit { finished: &finished, stop: &job.stop, failed: false };
             let result = (|| {
                 let (index, peers) = (worker.index(), worker.peers());
                 let reader = open_reader(&job, index, peers)?;
@@ -186,11 +209,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                 }
                 Ok(())
             })();
-            if result.is_err() {
-                // The other workers cannot make progress without this one: stop them too.
-                job.stop.store(true, Ordering::Relaxed);
-            }
-            finished.fetch_add(1, Ordering::Release);
+            exit.failed = result.is_err();
             result
         })
         .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?

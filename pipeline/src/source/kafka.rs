@@ -26,6 +26,10 @@ struct PartitionState {
     partition: i32,
     /// The next offset to read: after the last message read, or the committed offset at start.
     read_next: Option<i64>,
+    /// The gap to the partition's end at the last check, to notice a gap that never closes.
+    last_gap: Option<i64>,
+    /// Consecutive failed queries of the partition's end.
+    failed_checks: u32,
     /// When the partition was last found caught up with its end, or not.
     caught_up: Option<(Instant, bool)>,
     next_offset: Option<i64>,
@@ -46,6 +50,7 @@ pub struct KafkaReader {
     commit_interval: Duration,
     last_commit: Instant,
     last_durable_ms: u64,
+    last_end_query: Option<Instant>,
 }
 
 /// The partitions of `topics` that worker `worker` of `peers` reads, in assignment order.
@@ -100,6 +105,8 @@ impl KafkaReader {
                 topic: topic.clone(),
                 partition: *partition,
                 read_next: None,
+                last_gap: None,
+                failed_checks: 0,
                 caught_up: None,
                 next_offset: None,
                 pending: BTreeMap::new(),
@@ -129,6 +136,7 @@ impl KafkaReader {
             commit_interval: Duration::from_millis(config.commit_interval_ms),
             last_commit: Instant::now(),
             last_durable_ms: 0,
+            last_end_query: None,
         })
     }
 
@@ -142,16 +150,36 @@ impl KafkaReader {
             p.pending.retain(|start, _| start.saturating_add(width) > durable_ms);
             let Some(next) = p.next_offset else { continue };
             let committable = p.pending.values().copied().min().unwrap_or(next);
-            if p.committed.is_none_or(|c| committable > c) && tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(committable)).is_ok() {
-                p.committed = Some(committable);
+            if p.committed.is_none_or(|c| committable > c) {
+                // Adding a partition to a fresh list cannot fail for a valid offset.
+                let _ = tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(committable));
             }
         }
-        if tpl.count() > 0 {
-            match self.consumer.commit(&tpl, CommitMode::Async) {
-                Ok(()) => debug!(partitions = tpl.count(), durable_ms, "committed offsets"),
-                Err(err) => warn!(error = %err, "offset commit failed; will retry"),
-            }
+        if tpl.count() == 0 {
+            return;
         }
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                for element in tpl.elements() {
+                    let committed = match element.offset() {
+                        Offset::Offset(o) => o,
+                        _ => continue,
+                    };
+                    if let Some(p) = self.partitions.iter_mut().find(|p| p.partition == element.partition() && p.topic == element.topic()) {
+                        p.committed = Some(committed);
+                    }
+                }
+                debug!(partitions = tpl.count(), durable_ms, "committed offsets");
+            }
+            Err(err) => warn!(error = %err, "offset commit failed; will retry"),
+        }
+    }
+}
+
+impl Drop for KafkaReader {
+    /// A last commit of what is durable, so that a clean stop resumes where it left off.
+    fn drop(&mut self) {
+        self.commit(self.last_durable_ms);
     }
 }
 
@@ -197,12 +225,32 @@ impl RecordReader for KafkaReader {
         {
             return answer;
         }
-        // One broker round trip, only for a partition that has been silent for the idle timeout.
+        // One broker round trip (at most 1 s), only for a partition that has been silent for
+        // the idle timeout, and at most one every 200 ms for the whole worker, so that many
+        // silent partitions cannot stall the worker thread.
+        if self.last_end_query.is_some_and(|at| at.elapsed() < Duration::from_millis(200)) {
+            return p.caught_up.is_some_and(|(_, answer)| answer);
+        }
+        self.last_end_query = Some(Instant::now());
         let answer = match self.consumer.fetch_watermarks(&p.topic, p.partition, Duration::from_secs(1)) {
-            Ok((low, high)) => p.read_next.unwrap_or(low) >= high,
+            Ok((low, high)) => {
+                // Retention may have moved the start past where this reader resumes.
+                let next = p.read_next.unwrap_or(low).max(low);
+                let gap = high - next;
+                // A gap that stays the same while nothing arrives is not data on its way (for
+                // example transaction markers, which a consumer never receives).
+                let stuck = gap > 0 && p.last_gap == Some(gap);
+                p.last_gap = Some(gap);
+                p.failed_checks = 0;
+                gap <= 0 || stuck
+            }
             Err(err) => {
-                debug!(topic = %p.topic, partition = p.partition, error = %err, "could not read the partition's end; not treating it as idle");
-                false
+                // A broker that cannot say where the partition ends must not stall the
+                // pipeline for good: after three failed checks, silence alone decides.
+                p.failed_checks += 1;
+                let give_up = p.failed_checks >= 3;
+                warn!(topic = %p.topic, partition = p.partition, error = %err, treated_as_idle = give_up, "could not read the partition's end");
+                give_up
             }
         };
         p.caught_up = Some((Instant::now(), answer));
