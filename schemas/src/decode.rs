@@ -148,10 +148,16 @@ impl Decoder {
         self.max_event_bytes
     }
 
+    /// The failure of a record of `size` bytes that is over the limit (also used by readers
+    /// that measure a record without holding it).
+    pub fn oversize(&self, size: u64) -> DecodeError {
+        DecodeError::new(FailureKind::Oversize, format!("record is {size} bytes, the limit is {}", self.max_event_bytes))
+    }
+
     /// Decodes one record (one JSON object, no trailing newline required).
     pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
         if bytes.len() > self.max_event_bytes {
-            return Err(DecodeError::new(FailureKind::Oversize, format!("record is {} bytes, the limit is {}", bytes.len(), self.max_event_bytes)));
+            return Err(self.oversize(bytes.len() as u64));
         }
         let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::new(FailureKind::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
         let trimmed = text.trim_start();

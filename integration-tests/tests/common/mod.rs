@@ -122,28 +122,26 @@ fn stats(b: &RecordBatch, i: usize) -> Stats {
     (col::<Int64Array>(b, "count").value(i), [f("mean_ms"), f("p50_ms"), f("p90_ms"), f("p95_ms"), f("p99_ms"), f("max_ms")])
 }
 
-/// `latency` as (window start, name, area, surface) → stats.
-pub fn latency(lake_dir: &Path) -> BTreeMap<(u64, String, String, String), Stats> {
+/// A latency table as (window start, name, first dimension, second dimension) → stats.
+fn latency_table(lake_dir: &Path, table: &str, dims: [&str; 2]) -> BTreeMap<(u64, String, String, String), Stats> {
     let mut out = BTreeMap::new();
-    for b in read_table(lake_dir, "latency") {
+    for b in read_table(lake_dir, table) {
         for i in 0..b.num_rows() {
-            let key = (ws(&b, i), s(&b, "event_name", i), s(&b, "feature_area", i), s(&b, "surface", i));
-            assert!(out.insert(key, stats(&b, i)).is_none(), "duplicate latency row");
+            let key = (ws(&b, i), s(&b, "event_name", i), s(&b, dims[0], i), s(&b, dims[1], i));
+            assert!(out.insert(key, stats(&b, i)).is_none(), "duplicate {table} row");
         }
     }
     out
 }
 
+/// `latency` as (window start, name, area, surface) → stats.
+pub fn latency(lake_dir: &Path) -> BTreeMap<(u64, String, String, String), Stats> {
+    latency_table(lake_dir, "latency", ["feature_area", "surface"])
+}
+
 /// `latency_by_variant` as (window start, name, experiment, variant) → stats.
 pub fn latency_by_variant(lake_dir: &Path) -> BTreeMap<(u64, String, String, String), Stats> {
-    let mut out = BTreeMap::new();
-    for b in read_table(lake_dir, "latency_by_variant") {
-        for i in 0..b.num_rows() {
-            let key = (ws(&b, i), s(&b, "event_name", i), s(&b, "experiment_id", i), s(&b, "variant", i));
-            assert!(out.insert(key, stats(&b, i)).is_none(), "duplicate latency_by_variant row");
-        }
-    }
-    out
+    latency_table(lake_dir, "latency_by_variant", ["experiment_id", "variant"])
 }
 
 /// `quality` as (window start, name, outcome) → count.

@@ -187,8 +187,7 @@ pub fn ingest<'s>(
                     let item = match record.payload {
                         Payload::Oversize(size) => {
                             rejected += 1;
-                            let err = DecodeError::new(FailureKind::Oversize, format!("record is {size} bytes, the limit is {}", decoder.max_event_bytes()));
-                            Err(DeadLetter::from_decode_error(err, origin(), size))
+                            Err(DeadLetter::from_decode_error(decoder.oversize(size), origin(), size))
                         }
                         Payload::Bytes(bytes) => match decoder.decode(bytes) {
                             Ok(event) if event.event_time_ms as u64 > horizon_ms => {
