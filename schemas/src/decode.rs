@@ -1,19 +1,24 @@
-//! Decoding of one raw record into an [`Event`].
+//! Decoding of one raw record into a validated, privacy-safe [`Event`].
 //!
-//! Decoding borrows from the input wherever it can (`Cow<str>` fields, `properties` kept as a
-//! raw JSON slice until the event's name says which field holds its latency) and allocates only
-//! for the fields an [`Event`] keeps. Every failure is a [`DecodeError`] with a
-//! [`FailureKind`]; decoding never panics.
+//! The envelope is read by a typed serde struct that borrows from the input (`Cow<str>`
+//! fields, `properties` kept as a raw JSON slice); `properties` is then checked against the
+//! event's schema by the streaming validator ([`crate::validate`]), which also picks up the
+//! latency measure. Identifiers are pseudonymized and free text scrubbed before the event
+//! leaves the decoder. When the typed read fails, the record is re-read as a JSON value and
+//! checked against the envelope schema to say exactly where and why (slow path, bad records
+//! only). Every failure is a [`DecodeError`]; decoding never panics.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
+use std::sync::Arc;
 
-use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::{DataSensitivity, Event, EventName, EventType, FailureKind, PiiClassification, Platform, Source};
+use crate::pii::{KeyRing, Privacy};
+use crate::registry::{PiiAction, Registry, Version};
+use crate::{DataSensitivity, Event, EventName, EventType, FailureKind, PiiClassification, Platform, PrivacyCounts, Source, Violation};
 
 /// Default upper bound on the size of one record: 1 MiB.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
@@ -30,18 +35,36 @@ pub struct DecodeError {
     pub event_name: Option<String>,
     /// The event time, when known.
     pub event_time_ms: Option<i64>,
+    /// The schema version tried, when known.
+    pub schema_version: Option<String>,
+    /// Each violation (JSON pointer, keyword, message), at most [`crate::MAX_VIOLATIONS`].
+    pub violations: Vec<Violation>,
+    /// Whether the record declared restricted data.
+    pub restricted: bool,
 }
 
 impl DecodeError {
     /// A failure of `kind`, explained by `reason`.
     pub fn new(kind: FailureKind, reason: impl Into<String>) -> DecodeError {
-        DecodeError { kind, reason: reason.into(), event_name: None, event_time_ms: None }
+        DecodeError { kind, reason: reason.into(), event_name: None, event_time_ms: None, schema_version: None, violations: Vec::new(), restricted: false }
+    }
+
+    /// A failure explained by schema violations (the first one gives the kind and reason).
+    pub fn from_violations(violations: Vec<Violation>) -> DecodeError {
+        let (kind, reason) = violations.first().map_or((FailureKind::InvalidValue, String::from("invalid record")), |v| (v.kind(), v.message.clone()));
+        DecodeError { violations, ..DecodeError::new(kind, reason) }
+    }
+
+    fn at(kind: FailureKind, pointer: &str, keyword: &str, message: String) -> DecodeError {
+        let violation = Violation { pointer: pointer.to_owned(), keyword: keyword.to_owned(), message: message.clone() };
+        DecodeError { violations: vec![violation], ..DecodeError::new(kind, message) }
     }
 
     /// The same failure, naming the event it happened to.
     pub fn of_event(mut self, event: &crate::Event) -> DecodeError {
         self.event_name = Some(event.event_name.as_str().to_owned());
         self.event_time_ms = Some(event.event_time_ms);
+        self.restricted = event.is_restricted();
         self
     }
 
@@ -61,16 +84,67 @@ impl DecodeError {
     }
 }
 
-/// Decodes records of the canonical envelope. Cheap to clone; holds only limits.
+/// How a topic's records are laid out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Format {
+    /// The canonical envelope of the platform spec (event fields at the top, the rest under
+    /// `properties`).
+    #[default]
+    Envelope,
+    /// The command-center spec's flat records: `event` names the event, `timestamp` and
+    /// `user_id` are envelope fields, every other key is a property. The envelope fields a flat
+    /// record lacks come from the defaults.
+    Flat(FlatDefaults),
+}
+
+/// Envelope values for flat records, which carry none of their own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct FlatDefaults {
+    /// `tenant_id` (pseudonymized like any other).
+    pub tenant_id: String,
+    /// `user_id` when the record has none.
+    pub user_id: String,
+    /// `session_id`.
+    pub session_id: String,
+    /// `source` (client, server, worker, api).
+    pub source: String,
+    /// `platform` (web, ios, android, cli, api).
+    pub platform: String,
+    /// `app_version`.
+    pub app_version: String,
+    /// `feature_area`.
+    pub feature_area: String,
+    /// `pii_classification` (none, low, medium, high).
+    pub pii_classification: String,
+    /// `data_sensitivity` (public, internal, restricted).
+    pub data_sensitivity: String,
+}
+
+impl Default for FlatDefaults {
+    fn default() -> Self {
+        FlatDefaults {
+            tenant_id: "default".into(),
+            user_id: "anonymous".into(),
+            session_id: "none".into(),
+            source: "server".into(),
+            platform: "api".into(),
+            app_version: "unknown".into(),
+            feature_area: "command_center".into(),
+            pii_classification: "low".into(),
+            data_sensitivity: "internal".into(),
+        }
+    }
+}
+
+/// Decodes, validates and pseudonymizes records. One per worker (it caches the current
+/// pseudonym key).
 #[derive(Clone, Debug)]
 pub struct Decoder {
     max_event_bytes: usize,
-}
-
-impl Default for Decoder {
-    fn default() -> Self {
-        Decoder { max_event_bytes: DEFAULT_MAX_EVENT_BYTES }
-    }
+    registry: &'static Registry,
+    privacy: Privacy,
+    format: Format,
 }
 
 /// The envelope as it appears on the wire. Unknown top-level fields are rejected: the envelope
@@ -110,19 +184,18 @@ struct WireEnvelope<'a> {
     experiment_assignments: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
     #[serde(borrow, default)]
     properties: Option<&'a RawValue>,
-    // Optional envelope fields that are checked for type here and used by later stages.
     #[serde(borrow, default)]
     user_role: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    auth_context: Option<Cow<'a, str>>,
+    #[serde(default)]
+    auth_context: Option<AuthContext>,
     #[serde(default)]
     is_internal: Option<bool>,
     #[serde(borrow, default)]
     request_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     trace_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    device_type: Option<Cow<'a, str>>,
+    #[serde(default)]
+    device_type: Option<DeviceType>,
     #[serde(borrow, default)]
     browser_family: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -135,12 +208,57 @@ struct WireEnvelope<'a> {
     connection_type: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     schema_version: Option<Cow<'a, str>>,
+    #[serde(default)]
+    geo_consent: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum AuthContext {
+    Sso,
+    Scim,
+    Passwordless,
+    ApiToken,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum DeviceType {
+    Desktop,
+    Mobile,
+    Tablet,
+    Server,
+}
+
+impl<'a> WireEnvelope<'a> {
+    /// The value of a top-level string field, for the schema's fixed envelope values.
+    fn text(&self, field: &str) -> Option<&str> {
+        match field {
+            "feature_area" => Some(&self.feature_area),
+            "workflow_name" => self.workflow_name.as_deref(),
+            "surface" => self.surface.as_deref(),
+            "app_version" => Some(&self.app_version),
+            "user_role" => self.user_role.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn restricted(&self) -> bool {
+        self.data_sensitivity == DataSensitivity::Restricted || self.pii_classification == PiiClassification::High
+    }
 }
 
 impl Decoder {
-    /// A decoder that rejects records larger than `max_event_bytes`.
-    pub fn new(max_event_bytes: usize) -> Decoder {
-        Decoder { max_event_bytes }
+    /// A decoder of canonical-envelope records up to `max_event_bytes`, pseudonymizing with
+    /// `keys`.
+    pub fn new(max_event_bytes: usize, keys: Arc<KeyRing>) -> Decoder {
+        Decoder { max_event_bytes, registry: Registry::embedded(), privacy: Privacy::new(keys), format: Format::Envelope }
+    }
+
+    /// The same decoder for records in `format`.
+    pub fn with_format(mut self, format: Format) -> Decoder {
+        self.format = format;
+        self
     }
 
     /// The largest record this decoder accepts, in bytes.
@@ -154,8 +272,15 @@ impl Decoder {
         DecodeError::new(FailureKind::Oversize, format!("record is {size} bytes, the limit is {}", self.max_event_bytes))
     }
 
-    /// Decodes one record (one JSON object, no trailing newline required).
-    pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+    /// What a dead-letter record keeps of `bytes`: the redacted payload, or nothing for a
+    /// record over the size limit.
+    pub fn redact_payload(&mut self, bytes: &[u8], event_time_ms: Option<i64>) -> Option<String> {
+        (bytes.len() <= self.max_event_bytes).then(|| self.privacy.redact_payload(bytes, event_time_ms))
+    }
+
+    /// Decodes, validates and pseudonymizes one record (one JSON object, no trailing newline
+    /// required).
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
         if bytes.len() > self.max_event_bytes {
             return Err(self.oversize(bytes.len() as u64));
         }
@@ -166,33 +291,83 @@ impl Decoder {
         }
         if !trimmed.starts_with('{') {
             // Serde would read an array as a struct's fields in order; an event is an object.
-            return Err(match serde_json::from_str::<serde_json::Value>(text) {
-                Ok(value) => DecodeError::new(FailureKind::WrongType, format!("an event must be a JSON object, found {}", json_kind(&value))),
+            return Err(match serde_json::from_str::<Value>(text) {
+                Ok(value) => DecodeError::at(FailureKind::WrongType, "", "type", format!("an event must be a JSON object, found {}", json_kind(&value))),
                 Err(e) => DecodeError::from_json(&e),
             });
         }
-        let wire: WireEnvelope<'_> = serde_json::from_str(text).map_err(|e| DecodeError::from_json(&e))?;
-        Self::finish(wire)
+        match &self.format {
+            Format::Envelope => self.decode_envelope(text),
+            Format::Flat(defaults) => {
+                let envelope = flat_to_envelope(self.registry, text, defaults)?;
+                self.decode_envelope(&envelope)
+            }
+        }
     }
 
-    fn finish(wire: WireEnvelope<'_>) -> Result<Event, DecodeError> {
-        let with_name = |mut e: DecodeError| {
+    fn decode_envelope(&mut self, text: &str) -> Result<Event, DecodeError> {
+        match serde_json::from_str::<WireEnvelope<'_>>(text) {
+            Ok(wire) => self.finish(wire),
+            Err(e) => Err(self.explain(text, &e)),
+        }
+    }
+
+    /// Slow path: says where and why a record that the typed read refused breaks the envelope.
+    fn explain(&self, text: &str, err: &serde_json::Error) -> DecodeError {
+        let fallback = DecodeError::from_json(err);
+        if !err.is_data() {
+            return fallback;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(text) else { return fallback };
+        let violations = self.registry.envelope_violations(&value);
+        let mut error = if violations.is_empty() { fallback } else { DecodeError::from_violations(violations) };
+        error.event_name = value.get("event_name").and_then(Value::as_str).map(str::to_owned);
+        error.event_time_ms = value.get("timestamp").and_then(Value::as_str).and_then(crate::parse_rfc3339_ms);
+        error.schema_version = value.get("schema_version").and_then(Value::as_str).map(str::to_owned);
+        error.restricted = value.get("data_sensitivity").and_then(Value::as_str) == Some("restricted") || value.get("pii_classification").and_then(Value::as_str) == Some("high");
+        error
+    }
+
+    fn finish(&mut self, wire: WireEnvelope<'_>) -> Result<Event, DecodeError> {
+        let context = |mut e: DecodeError| {
             e.event_name = Some(wire.event_name.to_string());
+            e.schema_version = wire.schema_version.as_deref().map(str::to_owned);
+            e.restricted = wire.restricted();
+            e.event_time_ms = crate::parse_rfc3339_ms(&wire.timestamp);
             e
         };
         let Some(event_name) = EventName::from_name(&wire.event_name) else {
-            return Err(with_name(DecodeError::new(FailureKind::UnknownEvent, format!("event_name `{}` is not in the catalog", wire.event_name))));
+            return Err(context(DecodeError::at(FailureKind::UnknownEvent, "/event_name", "enum", format!("event_name `{}` is not in the registry", wire.event_name))));
         };
         let spec = event_name.spec();
+        let version = match wire.schema_version.as_deref() {
+            None => None,
+            Some(text) => Some(Version::parse(text).ok_or_else(|| {
+                context(DecodeError::at(FailureKind::UnknownSchemaVersion, "/schema_version", "pattern", format!("schema_version `{text}` is not MAJOR.MINOR.PATCH")))
+            })?),
+        };
+        let Some(schema) = spec.schema(version) else {
+            let known: Vec<String> = spec.versions.iter().map(|s| s.version.to_string()).collect();
+            return Err(context(DecodeError::at(
+                FailureKind::UnknownSchemaVersion,
+                "/schema_version",
+                "x-sightline.version",
+                format!("{} has no schema version {}; known: {}", spec.name, wire.schema_version.as_deref().unwrap_or_default(), known.join(", ")),
+            )));
+        };
         if wire.event_type != spec.event_type {
-            return Err(with_name(DecodeError::new(
+            return Err(context(DecodeError::at(
                 FailureKind::InvalidValue,
+                "/event_type",
+                "const",
                 format!("event_type `{}` does not match `{}` for {}", wire.event_type.as_str(), spec.event_type.as_str(), spec.name),
             )));
         }
         let Some(event_time_ms) = crate::parse_rfc3339_ms(&wire.timestamp).filter(|t| *t >= 0) else {
-            return Err(with_name(DecodeError::new(
+            return Err(context(DecodeError::at(
                 FailureKind::InvalidValue,
+                "/timestamp",
+                "format",
                 format!("timestamp `{}` is not an RFC 3339 UTC time after 1970", wire.timestamp),
             )));
         };
@@ -204,26 +379,59 @@ impl Decoder {
             ("feature_area", &wire.feature_area),
         ] {
             if value.is_empty() {
-                return Err(with_name(DecodeError::new(FailureKind::InvalidValue, format!("{field} is empty"))));
+                return Err(context(DecodeError::at(FailureKind::InvalidValue, &format!("/{field}"), "minLength", format!("{field} is empty"))));
             }
         }
-        let latency_us = match (spec.latency_field, wire.properties) {
-            (Some(field), Some(props)) => {
-                let found = extract_number(props, field).map_err(&with_name)?;
-                match found {
-                    None => None,
-                    Some(v) if v.is_finite() && v >= 0.0 => Some((v * spec.latency_scale_ms * 1000.0).round() as u64),
-                    Some(v) => {
-                        return Err(with_name(DecodeError::new(FailureKind::InvalidValue, format!("properties.{field} = {v} is not a non-negative latency"))));
-                    }
-                }
+        for (field, expected) in &schema.envelope {
+            if wire.text(field) != Some(expected.as_str()) {
+                return Err(context(DecodeError::at(
+                    FailureKind::InvalidValue,
+                    &format!("/{field}"),
+                    "const",
+                    format!("{} requires {field} = `{expected}`, found {:?}", spec.name, wire.text(field).unwrap_or("nothing")),
+                )));
             }
-            (None, Some(props)) => {
-                ensure_object(props).map_err(with_name)?;
-                None
-            }
-            (_, None) => None,
+        }
+        let latency_field = schema.latency.as_ref().map(|l| l.field.as_str());
+        let raw = wire.properties.map_or("{}", RawValue::get);
+        let checked = crate::validate::check_properties(raw, &schema.properties, latency_field, &self.privacy.scrubber).map_err(|e| {
+            let mut err = DecodeError::from_json(&e);
+            err.reason = format!("properties: {}", err.reason);
+            context(err)
+        })?;
+        if !checked.violations.is_empty() {
+            return Err(context(DecodeError::from_violations(checked.violations)));
+        }
+        let latency_us = match (checked.latency, &schema.latency) {
+            (Some(v), Some(l)) if v.is_finite() && v >= 0.0 => Some((v * l.scale_ms * 1000.0).round() as u64),
+            _ => None,
         };
+
+        // Privacy: identifiers become pseudonyms, free text is scrubbed, geo needs consent.
+        let mut privacy = PrivacyCounts {
+            pseudonymized: 3 + checked.pseudonymized as u16,
+            scrubbed: checked.scrubbed as u16,
+            dropped: checked.dropped as u16,
+        };
+        if wire.geo_consent != Some(true) {
+            privacy.dropped += u16::from(wire.country.is_some()) + u16::from(wire.region.is_some());
+        }
+        let pseudonyms = &mut self.privacy.pseudonyms;
+        let user_id = pseudonyms.pseudonym(&wire.user_id, event_time_ms);
+        let tenant_id = pseudonyms.pseudonym(&wire.tenant_id, event_time_ms);
+        let session_id = pseudonyms.pseudonym(&wire.session_id, event_time_ms);
+        let scrubber = &self.privacy.scrubber;
+        let mut scrub = |text: Option<Cow<'_, str>>| {
+            text.map(|t| match scrubber.scrub(&t) {
+                Cow::Borrowed(_) => t.into_owned(),
+                Cow::Owned(clean) => {
+                    privacy.scrubbed += 1;
+                    clean
+                }
+            })
+        };
+        let workflow_name = scrub(wire.workflow_name);
+        let surface = scrub(wire.surface);
         Ok(Event {
             event_time_ms,
             event_name,
@@ -232,76 +440,87 @@ impl Decoder {
             source: wire.source,
             platform: wire.platform,
             app_version: wire.app_version.into_owned(),
-            tenant_id: wire.tenant_id.into_owned(),
-            user_id: wire.user_id.into_owned(),
-            session_id: wire.session_id.into_owned(),
+            tenant_id,
+            user_id,
+            session_id,
             feature_area: wire.feature_area.into_owned(),
-            workflow_name: wire.workflow_name.map(Cow::into_owned),
-            surface: wire.surface.map(Cow::into_owned),
+            workflow_name,
+            surface,
             experiment_assignments: wire.experiment_assignments.unwrap_or_default().into_iter().map(|(k, v)| (k.into_owned(), v.into_owned())).collect(),
             pii_classification: wire.pii_classification,
             data_sensitivity: wire.data_sensitivity,
             latency_us,
+            privacy,
         })
     }
 }
 
-fn json_kind(value: &serde_json::Value) -> &'static str {
+/// Envelope fields the privacy layer handles in [`Decoder::finish`], with the action the code
+/// applies; a test checks the envelope schema says the same.
+pub const ENVELOPE_PRIVACY: &[(&str, PiiAction)] = &[
+    ("user_id", PiiAction::Pseudonymize),
+    ("tenant_id", PiiAction::Pseudonymize),
+    ("session_id", PiiAction::Pseudonymize),
+    ("workflow_name", PiiAction::Scrub),
+    ("surface", PiiAction::Scrub),
+    ("country", PiiAction::Consent),
+    ("region", PiiAction::Consent),
+];
+
+/// Rewrites a flat record into the canonical envelope.
+fn flat_to_envelope(registry: &Registry, text: &str, defaults: &FlatDefaults) -> Result<String, DecodeError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| DecodeError::from_json(&e))?;
+    let Value::Object(mut record) = value else {
+        return Err(DecodeError::at(FailureKind::WrongType, "", "type", "an event must be a JSON object".into()));
+    };
+    let mut take_string = |field: &str, required: bool| match record.remove(field) {
+        Some(Value::String(s)) => Ok(Some(s)),
+        None if !required => Ok(None),
+        None => Err(DecodeError::at(FailureKind::MissingField, &format!("/{field}"), "required", format!("flat record has no `{field}`"))),
+        Some(other) => Err(DecodeError::at(FailureKind::WrongType, &format!("/{field}"), "type", format!("`{field}` must be a string, found {}", json_kind(&other)))),
+    };
+    let name = take_string("event", true)?.unwrap_or_default();
+    let timestamp = take_string("timestamp", true)?.unwrap_or_default();
+    let user_id = take_string("user_id", false)?.unwrap_or_else(|| defaults.user_id.clone());
+    let event_id = take_string("event_id", false)?.unwrap_or_else(|| {
+        let digest = blake3::hash(text.as_bytes());
+        digest.as_bytes()[..16].iter().fold(String::from("flat-"), |mut s, b| {
+            s.push_str(&format!("{b:02x}"));
+            s
+        })
+    });
+    let Some((_, spec)) = registry.event(&name) else {
+        let mut err = DecodeError::at(FailureKind::UnknownEvent, "/event", "enum", format!("event `{name}` is not in the registry"));
+        err.event_name = Some(name);
+        return Err(err);
+    };
+    let envelope = serde_json::json!({
+        "event_id": event_id,
+        "event_name": name,
+        "event_type": spec.event_type.as_str(),
+        "timestamp": timestamp,
+        "source": defaults.source,
+        "platform": defaults.platform,
+        "app_version": defaults.app_version,
+        "tenant_id": defaults.tenant_id,
+        "user_id": user_id,
+        "session_id": defaults.session_id,
+        "feature_area": defaults.feature_area,
+        "pii_classification": defaults.pii_classification,
+        "data_sensitivity": defaults.data_sensitivity,
+        "properties": Value::Object(record),
+    });
+    Ok(envelope.to_string())
+}
+
+fn json_kind(value: &Value) -> &'static str {
     match value {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
-}
-
-/// Finds the numeric field `field` in the JSON object `props`, skipping every other value
-/// without building it.
-fn extract_number(props: &RawValue, field: &str) -> Result<Option<f64>, DecodeError> {
-    let mut de = serde_json::Deserializer::from_str(props.get());
-    FieldSeed { field }.deserialize(&mut de).map_err(|e| {
-        let mut err = DecodeError::from_json(&e);
-        err.reason = format!("properties: {}", err.reason);
-        err
-    })
-}
-
-fn ensure_object(props: &RawValue) -> Result<(), DecodeError> {
-    if props.get().trim_start().starts_with('{') { Ok(()) } else { Err(DecodeError::new(FailureKind::WrongType, "properties must be a JSON object")) }
-}
-
-struct FieldSeed<'f> {
-    field: &'f str,
-}
-
-impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
-    type Value = Option<f64>;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FieldSeed<'_> {
-    type Value = Option<f64>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "an object of properties")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut found = None;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if key == self.field {
-                let value: Option<f64> = map.next_value().map_err(|e: A::Error| de::Error::custom(format_args!("field `{}`: {e}", self.field)))?;
-                found = value;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(found)
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -326,7 +545,7 @@ mod tests {
             ("pii_classification", r#""low""#),
             ("data_sensitivity", r#""internal""#),
             ("experiment_assignments", r#"{"exp_b":"treatment","exp_a":"control"}"#),
-            ("properties", r#"{"task_id":"tk_1","nested":{"a":[1,2]},"assignment_latency_ms":12.5}"#),
+            ("properties", r#"{"task_id":"tk_1","assignment_type":"direct","assignee_role":"member","due_in_days":3,"priority":"high","assignment_latency_ms":12.5}"#),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -342,22 +561,90 @@ mod tests {
         format!("{{{}}}", body.join(","))
     }
 
+    fn decoder() -> Decoder {
+        Decoder::new(DEFAULT_MAX_EVENT_BYTES, Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap()))
+    }
+
     fn kind_of(text: &str) -> FailureKind {
-        Decoder::default().decode(text.as_bytes()).unwrap_err().kind
+        decoder().decode(text.as_bytes()).unwrap_err().kind
+    }
+
+    fn violation_of(text: &str) -> (String, String) {
+        let err = decoder().decode(text.as_bytes()).unwrap_err();
+        let v = err.violations.first().unwrap_or_else(|| panic!("no violation in {err:?}"));
+        (v.pointer.clone(), v.keyword.clone())
     }
 
     #[test]
     fn decodes_a_full_envelope() {
-        let event = Decoder::default().decode(line(&[]).as_bytes()).unwrap();
+        let event = decoder().decode(line(&[]).as_bytes()).unwrap();
         assert_eq!(event.event_name.as_str(), "task_assigned");
         assert_eq!(event.event_time_ms, 1_769_178_600_250);
         assert_eq!(event.latency_us, Some(12_500));
         assert_eq!(event.experiment_assignments, vec![("exp_a".into(), "control".into()), ("exp_b".into(), "treatment".into())]);
+        assert!(event.user_id.starts_with("test.") && event.tenant_id.starts_with("test.") && event.session_id.starts_with("test."));
+        assert_eq!(event.privacy, PrivacyCounts { pseudonymized: 4, scrubbed: 0, dropped: 0 });
+    }
+
+    #[test]
+    fn violations_carry_pointer_and_keyword() {
+        let v = |o: &[(&str, &str)]| violation_of(&line(o));
+        assert_eq!(v(&[("platform", r#""toaster""#)]), ("/platform".into(), "enum".into()));
+        assert_eq!(v(&[("user_id", "42")]), ("/user_id".into(), "type".into()));
+        assert_eq!(v(&[("user_id", "")]), ("".into(), "required".into()));
+        assert_eq!(v(&[("ip_address", r#""10.0.0.1""#)]), ("".into(), "additionalProperties".into()));
+        assert_eq!(v(&[("schema_version", r#""9.0.0""#)]), ("/schema_version".into(), "x-sightline.version".into()));
+        assert_eq!(
+            v(&[("properties", r#"{"task_id":"tk_1","assignment_type":"sideways","assignee_role":"m","due_in_days":3,"priority":"high","assignment_latency_ms":1}"#)]),
+            ("/properties/assignment_type".into(), "enum".into())
+        );
+        assert_eq!(kind_of(&line(&[("schema_version", r#""9.0.0""#)])), FailureKind::UnknownSchemaVersion);
+        assert_eq!(kind_of(&line(&[("schema_version", r#""one""#)])), FailureKind::UnknownSchemaVersion);
+    }
+
+    #[test]
+    fn scrubs_and_drops_envelope_pii() {
+        let event = decoder()
+            .decode(line(&[("surface", r#""/users/jane@example.com/tasks""#), ("country", r#""DE""#), ("region", r#""eu-central""#)]).as_bytes())
+            .unwrap();
+        assert_eq!(event.surface.as_deref(), Some("/users/[email]/tasks"));
+        assert_eq!(event.privacy.scrubbed, 1);
+        assert_eq!(event.privacy.dropped, 2, "geo without consent");
+        let event = decoder().decode(line(&[("country", r#""DE""#), ("geo_consent", "true")]).as_bytes()).unwrap();
+        assert_eq!(event.privacy.dropped, 0);
+    }
+
+    #[test]
+    fn envelope_privacy_matches_the_envelope_schema() {
+        let registry = Registry::embedded();
+        for (field, action) in ENVELOPE_PRIVACY {
+            assert_eq!(registry.envelope_action(field), Some(*action), "{field}");
+        }
+        let props = registry.envelope()["properties"].as_object().unwrap();
+        for (field, schema) in props {
+            let action = schema["x-action"].as_str().unwrap();
+            if action != "keep" {
+                assert!(ENVELOPE_PRIVACY.iter().any(|(f, _)| f == field), "{field} is `{action}` in the schema but the decoder keeps it");
+            }
+        }
+    }
+
+    #[test]
+    fn flat_records_get_envelope_defaults() {
+        let mut flat = decoder().with_format(Format::Flat(FlatDefaults::default()));
+        let event = flat
+            .decode(br#"{"event":"signal_received","signal_id":"uuid","source":"hubspot","signal_type":"deal_stage_changed","processed":false,"timestamp":"2026-01-23T14:25:00Z"}"#)
+            .unwrap();
+        assert_eq!(event.event_name.as_str(), "signal_received");
+        assert_eq!(event.source, Source::Server, "the signal's `source` stays a property");
+        assert!(event.event_id.starts_with("flat-"));
+        assert_eq!(flat.decode(br#"{"event":"nope","timestamp":"2026-01-23T14:25:00Z"}"#).unwrap_err().kind, FailureKind::UnknownEvent);
+        assert_eq!(flat.decode(br#"{"timestamp":"2026-01-23T14:25:00Z"}"#).unwrap_err().kind, FailureKind::MissingField);
     }
 
     #[test]
     fn escaped_strings_decode() {
-        let event = Decoder::default().decode(line(&[("feature_area", r#""pro\"jects\u00e9""#)]).as_bytes()).unwrap();
+        let event = decoder().decode(line(&[("feature_area", r#""pro\"jects\u00e9""#)]).as_bytes()).unwrap();
         assert_eq!(event.feature_area, "pro\"jectsé");
     }
 
@@ -374,37 +661,40 @@ mod tests {
         assert_eq!(kind_of(&line(&[("timestamp", r#""yesterday""#)])), FailureKind::InvalidValue);
         assert_eq!(kind_of(&line(&[("ip_address", r#""10.0.0.1""#)])), FailureKind::UnknownField);
         assert_eq!(kind_of(&line(&[("event_name", r#""mystery""#)])), FailureKind::UnknownEvent);
-        assert_eq!(kind_of(&line(&[("properties", r#"{"assignment_latency_ms":"fast"}"#)])), FailureKind::WrongType);
-        assert_eq!(kind_of(&line(&[("properties", r#"{"assignment_latency_ms":-1}"#)])), FailureKind::InvalidValue);
+        let props = |latency: &str| format!(r#"{{"task_id":"t","assignment_type":"auto","assignee_role":"m","due_in_days":1,"priority":"low","assignment_latency_ms":{latency}}}"#);
+        assert_eq!(kind_of(&line(&[("properties", &props(r#""fast""#))])), FailureKind::WrongType);
+        assert_eq!(kind_of(&line(&[("properties", &props("-1"))])), FailureKind::InvalidValue);
+        assert_eq!(kind_of(&line(&[("properties", r#"{"task_id":"t"}"#)])), FailureKind::MissingField);
+        assert_eq!(kind_of(&line(&[("properties", &props("1").replace("}", r#","lat":52.5}"#))])), FailureKind::PiiRejected);
         assert_eq!(kind_of(&line(&[("properties", r#"[1]"#)])), FailureKind::WrongType);
         assert_eq!(kind_of("[1,2]"), FailureKind::WrongType);
         assert_eq!(kind_of("null"), FailureKind::WrongType);
         assert_eq!(kind_of("GET / HTTP/1.1"), FailureKind::MalformedJson);
         let mut bytes = line(&[]).into_bytes();
         bytes[60] = 0xff;
-        assert_eq!(Decoder::default().decode(&bytes).unwrap_err().kind, FailureKind::InvalidUtf8);
-        assert_eq!(Decoder::new(100).decode(line(&[]).as_bytes()).unwrap_err().kind, FailureKind::Oversize);
+        assert_eq!(decoder().decode(&bytes).unwrap_err().kind, FailureKind::InvalidUtf8);
+        assert_eq!(Decoder::new(100, Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap())).decode(line(&[]).as_bytes()).unwrap_err().kind, FailureKind::Oversize);
     }
 
     #[test]
     fn errors_name_the_field() {
-        let err = Decoder::default().decode(line(&[("session_id", "")]).as_bytes()).unwrap_err();
+        let err = decoder().decode(line(&[("session_id", "")]).as_bytes()).unwrap_err();
         assert!(err.reason.contains("session_id"), "{}", err.reason);
-        let err = Decoder::default().decode(line(&[("event_name", r#""mystery""#)]).as_bytes()).unwrap_err();
+        let err = decoder().decode(line(&[("event_name", r#""mystery""#)]).as_bytes()).unwrap_err();
         assert_eq!(err.event_name.as_deref(), Some("mystery"));
     }
 
     proptest::proptest! {
         #[test]
         fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
-            let _ = Decoder::default().decode(&bytes);
+            let _ = decoder().decode(&bytes);
         }
 
         #[test]
         fn never_panics_on_truncations(cut in 0usize..600) {
             let text = line(&[]);
             let cut = cut.min(text.len());
-            let _ = Decoder::default().decode(&text.as_bytes()[..cut]);
+            let _ = decoder().decode(&text.as_bytes()[..cut]);
         }
     }
 }

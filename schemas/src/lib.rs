@@ -1,19 +1,25 @@
-//! Sightline's event model.
+//! Sightline's event model, schema registry and privacy layer.
 //!
-//! This crate is the bottom of the workspace: it depends on little more than serde, so every
-//! other crate builds on it quickly. It holds
+//! This crate is the bottom of the workspace. It holds
 //!
 //! - the canonical envelope of the platform spec as a typed [`Event`] (event fields at the top
 //!   level, event-specific fields under `properties`),
-//! - the [`catalog`] of accepted events and their latency measures,
-//! - the [`Decoder`], which turns one raw record into an [`Event`] or a [`DecodeError`] that
-//!   says what failed, and
-//! - the self-describing [`DeadLetter`] record that every failure becomes.
+//! - the [`registry`] of versioned JSON Schemas, one per event and version, with each field's
+//!   PII class and handling, compiled once into streaming validators ([`validate`]),
+//! - the [`pii`] layer: pattern scrubbing, keyed pseudonyms with 30-day key rotation, and the
+//!   redaction of dead-letter payloads,
+//! - the [`Decoder`], which turns one raw record into a validated, privacy-safe [`Event`] or a
+//!   [`DecodeError`] that says what failed and where (JSON pointer and schema keyword), and
+//! - the self-describing [`DeadLetter`] record that every failure becomes, and [`lint`], the
+//!   registry's checks (`sightline schemas lint`).
 //!
 //! ```
-//! use sightline_schemas::{Decoder, FailureKind};
+//! use std::sync::Arc;
+//! use sightline_schemas::{Decoder, FailureKind, pii::KeyRing};
 //!
-//! let decoder = Decoder::default();
+//! // In production the key comes from the configuration or a key file.
+//! let key = KeyRing::from_hex("k1", &std::env::var("DOC_KEY").unwrap_or("0f".repeat(32)), 30).unwrap();
+//! let mut decoder = Decoder::new(1 << 20, Arc::new(key));
 //! let line = br#"{"event_id":"4b0e9a44-8f47-4d43-9a5e-0c1f6a9a1f00","event_name":"project_viewed",
 //!   "event_type":"view","timestamp":"2026-01-23T14:30:00Z","source":"client","platform":"web",
 //!   "app_version":"4.2.0","tenant_id":"t_9f2c","user_id":"u_71aa","session_id":"s_1",
@@ -22,6 +28,7 @@
 //! let event = decoder.decode(line).unwrap();
 //! assert_eq!(event.event_name.as_str(), "project_viewed");
 //! assert_eq!(event.latency_us, Some(412_500));
+//! assert!(event.user_id.starts_with("k1."), "stored as a pseudonym");
 //!
 //! let err = decoder.decode(b"{\"event_id\":").unwrap_err();
 //! assert_eq!(err.kind, FailureKind::Truncated);
@@ -29,9 +36,13 @@
 
 pub mod catalog;
 mod decode;
+pub mod lint;
+pub mod pii;
+pub mod registry;
 mod time;
+pub mod validate;
 
-pub use decode::{DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder};
+pub use decode::{DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, FlatDefaults, Format};
 pub use time::{format_rfc3339_ms, parse_rfc3339_ms, utc_date_hour};
 
 use serde::{Deserialize, Serialize};
@@ -131,7 +142,7 @@ impl TryFrom<u16> for EventName {
     type Error = String;
 
     fn try_from(index: u16) -> Result<EventName, String> {
-        if usize::from(index) < catalog::CATALOG.len() { Ok(EventName(index)) } else { Err(format!("event index {index} is not in the catalog")) }
+        if usize::from(index) < registry::Registry::embedded().events().len() { Ok(EventName(index)) } else { Err(format!("event index {index} is not in the catalog")) }
     }
 }
 
@@ -142,25 +153,25 @@ impl From<EventName> for u16 {
 }
 
 impl EventName {
-    /// Looks a name up in the catalog.
+    /// Looks a name up in the registry.
     pub fn from_name(name: &str) -> Option<EventName> {
-        catalog::CATALOG.iter().position(|s| s.name == name).map(|i| EventName(i as u16))
+        registry::Registry::embedded().event(name).map(|(i, _)| EventName(i as u16))
     }
 
-    /// The name's catalog entry.
-    pub fn spec(self) -> &'static catalog::EventSpec {
-        // Every constructor checks the index against the catalog.
-        &catalog::CATALOG[usize::from(self.0)]
+    /// The name's registry entry: event type, origin, versions and their schemas.
+    pub fn spec(self) -> &'static registry::EventSpec {
+        // Every constructor checks the index against the registry.
+        &registry::Registry::embedded().events()[usize::from(self.0)]
     }
 
     /// The event name as a string.
     pub fn as_str(self) -> &'static str {
-        self.spec().name
+        &self.spec().name
     }
 
-    /// Every catalog name, in catalog order.
+    /// Every registered name, in registry (alphabetical) order.
     pub fn all() -> impl Iterator<Item = EventName> {
-        (0..catalog::CATALOG.len() as u16).map(EventName)
+        (0..registry::Registry::embedded().events().len() as u16).map(EventName)
     }
 }
 
@@ -205,6 +216,56 @@ pub struct Event {
     pub data_sensitivity: DataSensitivity,
     /// The event's latency measure in microseconds, for events whose schema names one.
     pub latency_us: Option<u64>,
+    /// What the privacy layer did to this event.
+    pub privacy: PrivacyCounts,
+}
+
+/// What the privacy layer did to one event, counted per field (for the `quality` table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PrivacyCounts {
+    /// Identifier and contact fields replaced by pseudonyms (or never stored).
+    pub pseudonymized: u16,
+    /// Free-text fields in which personal data or a secret was found and scrubbed.
+    pub scrubbed: u16,
+    /// Fields the schema says to drop (IP addresses, secrets, geo without consent) that were present.
+    pub dropped: u16,
+}
+
+impl PrivacyCounts {
+    /// Whether the event carried personal data where it should not have: a PII violation in
+    /// the sense of the platform spec's success criteria.
+    pub fn violation(&self) -> bool {
+        self.scrubbed > 0 || self.dropped > 0
+    }
+}
+
+/// Upper bound on the violations a dead letter lists.
+pub const MAX_VIOLATIONS: usize = 8;
+
+/// One way a record broke its schema: where (JSON pointer into the record), which schema
+/// keyword, and a message.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Violation {
+    /// JSON pointer of the offending value (`/properties/comment`), or of the missing field.
+    pub pointer: String,
+    /// The JSON Schema keyword that failed (`required`, `type`, `enum`, `maxLength`, …).
+    pub keyword: String,
+    /// What failed.
+    pub message: String,
+}
+
+impl Violation {
+    /// The failure kind this violation stands for.
+    pub fn kind(&self) -> FailureKind {
+        match self.keyword.as_str() {
+            "required" => FailureKind::MissingField,
+            "additionalProperties" => FailureKind::UnknownField,
+            "type" => FailureKind::WrongType,
+            "x-pii" => FailureKind::PiiRejected,
+            "enum" if self.pointer == "/event_name" => FailureKind::UnknownEvent,
+            _ => FailureKind::InvalidValue,
+        }
+    }
 }
 
 /// Why a record was not accepted. Each kind is a column value in the `quality` and
@@ -229,15 +290,19 @@ pub enum FailureKind {
     InvalidValue,
     /// A field that the envelope does not allow.
     UnknownField,
-    /// An `event_name` that is not in the catalog.
+    /// An `event_name` that is not in the registry.
     UnknownEvent,
+    /// A `schema_version` the registry does not have for the event.
+    UnknownSchemaVersion,
+    /// Data that must never be collected (exact coordinates).
+    PiiRejected,
     /// The event arrived after its source's watermark had passed its time.
     Late,
 }
 
 impl FailureKind {
     /// Every kind, in declaration order.
-    pub const ALL: [FailureKind; 11] = [
+    pub const ALL: [FailureKind; 13] = [
         FailureKind::InvalidUtf8,
         FailureKind::Empty,
         FailureKind::Oversize,
@@ -248,6 +313,8 @@ impl FailureKind {
         FailureKind::InvalidValue,
         FailureKind::UnknownField,
         FailureKind::UnknownEvent,
+        FailureKind::UnknownSchemaVersion,
+        FailureKind::PiiRejected,
         FailureKind::Late,
     ];
 
@@ -264,6 +331,8 @@ impl FailureKind {
             FailureKind::InvalidValue => "invalid_value",
             FailureKind::UnknownField => "unknown_field",
             FailureKind::UnknownEvent => "unknown_event",
+            FailureKind::UnknownSchemaVersion => "unknown_schema_version",
+            FailureKind::PiiRejected => "pii_rejected",
             FailureKind::Late => "late",
         }
     }
@@ -282,8 +351,8 @@ pub struct Origin {
 
 /// A record that was not accepted, self-describing so that it can be inspected and replayed.
 ///
-/// It never holds the raw payload: only its size. Scrubbed payloads are added by the
-/// privacy layer, so that nothing private can reach the dead-letter sink.
+/// It never holds the raw payload: only its size and the payload as the privacy layer left it
+/// ([`pii::Privacy::redact_payload`]), so that nothing private can reach a dead-letter sink.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeadLetter {
     /// What failed.
@@ -298,16 +367,35 @@ pub struct DeadLetter {
     pub origin: Origin,
     /// Size of the raw record in bytes.
     pub payload_bytes: u64,
+    /// The schema version tried, when the event got that far.
+    pub schema_version: Option<String>,
+    /// Each violation found (pointer, keyword, message), at most [`MAX_VIOLATIONS`].
+    pub violations: Vec<Violation>,
+    /// The redacted payload (`None` for records too large to keep).
+    pub payload: Option<String>,
+    /// Whether the record declared restricted data (routes it to the restricted lake prefix).
+    pub restricted: bool,
 }
 
 impl DeadLetter {
     /// Builds the dead-letter record of a decode failure.
-    pub fn from_decode_error(err: DecodeError, origin: Origin, payload_bytes: u64) -> DeadLetter {
-        DeadLetter { kind: err.kind, reason: err.reason, event_name: err.event_name, event_time_ms: err.event_time_ms, origin, payload_bytes }
+    pub fn from_decode_error(err: DecodeError, origin: Origin, payload_bytes: u64, payload: Option<String>) -> DeadLetter {
+        DeadLetter {
+            kind: err.kind,
+            reason: err.reason,
+            event_name: err.event_name,
+            event_time_ms: err.event_time_ms,
+            origin,
+            payload_bytes,
+            schema_version: err.schema_version,
+            violations: err.violations,
+            payload,
+            restricted: err.restricted,
+        }
     }
 
     /// Builds the dead-letter record of an event that arrived behind its source's watermark.
-    pub fn late(event: &Event, watermark_ms: u64, origin: Origin, payload_bytes: u64) -> DeadLetter {
+    pub fn late(event: &Event, watermark_ms: u64, origin: Origin, payload_bytes: u64, payload: Option<String>) -> DeadLetter {
         DeadLetter {
             kind: FailureKind::Late,
             reason: format!("event time {} is behind the watermark {}", format_rfc3339_ms(event.event_time_ms), format_rfc3339_ms(watermark_ms as i64)),
@@ -315,6 +403,18 @@ impl DeadLetter {
             event_time_ms: Some(event.event_time_ms),
             origin,
             payload_bytes,
+            schema_version: None,
+            violations: Vec::new(),
+            payload,
+            restricted: event.is_restricted(),
         }
+    }
+}
+
+impl Event {
+    /// Whether the event goes to the restricted lake prefix: it declares
+    /// `data_sensitivity: restricted` or `pii_classification: high`.
+    pub fn is_restricted(&self) -> bool {
+        self.data_sensitivity == DataSensitivity::Restricted || self.pii_classification == PiiClassification::High
     }
 }

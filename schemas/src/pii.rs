@@ -1,0 +1,487 @@
+//! Privacy before persistence: pattern scrubbing, keyed pseudonyms, payload redaction.
+//!
+//! - [`Scrubber`] finds and replaces e-mail addresses, phone numbers, IP addresses, bearer
+//!   tokens, API keys and other secrets, and coordinate pairs in free text. `sightline pii-scan`
+//!   uses the same patterns to audit what was stored.
+//! - [`KeyRing`] turns identifiers into pseudonyms with keyed BLAKE3. The key rotates every
+//!   `rotation_days` (30 by default) of *event time*: the key of period `p` is derived from the
+//!   configured secret and `p`, and the pseudonym carries the key id `<key-id>.<p>`, so the same
+//!   user gets the same pseudonym within a period and unlinkable ones across periods. Replays
+//!   give the same pseudonyms as the live run.
+//! - [`Privacy::redact_payload`] is what a dead-letter record keeps of a bad record: the JSON
+//!   with every field handled as its schema says (identifiers pseudonymized, free text scrubbed,
+//!   dropped fields removed, undeclared fields replaced by `[redacted]`), or, when the record is
+//!   not JSON, its scrubbed text.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use regex::Regex;
+use serde_json::{Map, Value};
+
+use crate::registry::{FieldRule, ObjectRule, PiiAction, Registry, Version};
+
+/// Default key rotation period.
+pub const DEFAULT_ROTATION_DAYS: u32 = 30;
+/// Longest payload a dead-letter record keeps, in bytes; longer ones are cut (and marked).
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
+/// What undeclared values are replaced with in dead-letter payloads.
+pub const REDACTED: &str = "[redacted]";
+
+/// The patterns, each with the marker that replaces its matches. Order matters: the first
+/// alternative that matches at a position wins.
+const PATTERNS: &[(&str, &str)] = &[
+    ("email", r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"),
+    ("token", r"(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}"),
+    ("token", r"\beyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}"),
+    ("token", r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{10,}"),
+    ("token", r"\bAKIA[0-9A-Z]{16}\b"),
+    ("token", r"\bgh[pousr]_[A-Za-z0-9]{30,}"),
+    ("token", r"\bxox[abprs]-[A-Za-z0-9\-]{10,}"),
+    ("token", r"\bAIza[0-9A-Za-z_\-]{35}"),
+    ("token", r"(?i:\b(?:api[_\-]?key|secret|password|passwd|access[_\-]?token|auth[_\-]?token)\s*[=:]\s*)[^\s,;]{6,}"),
+    ("coordinates", r"-?\b\d{1,3}\.\d{4,}\s*,\s*-?\d{1,3}\.\d{4,}\b"),
+    ("ip", r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b"),
+    ("ip", r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b"),
+    ("ip", r"\b(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?\b"),
+    ("phone", r"(?:\+\d{1,3}[\s.\-]?)?\(?\b\d{2,4}\)?[\s.\-]\d{3,4}[\s.\-]\d{3,4}\b"),
+    ("phone", r"\+\d{8,15}\b"),
+];
+
+/// One match of a PII or secret pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// `email`, `token`, `coordinates`, `ip` or `phone`.
+    pub kind: &'static str,
+    /// The matched text.
+    pub text: String,
+}
+
+/// Finds and replaces personal data and secrets in free text.
+#[derive(Clone, Debug)]
+pub struct Scrubber {
+    any: Regex,
+}
+
+impl Default for Scrubber {
+    fn default() -> Self {
+        Scrubber::new()
+    }
+}
+
+impl Scrubber {
+    /// The scrubber with Sightline's patterns.
+    pub fn new() -> Scrubber {
+        let alternation: Vec<String> = PATTERNS.iter().enumerate().map(|(i, (_, p))| format!("(?P<p{i}>{p})")).collect();
+        // The patterns are constants, tested below.
+        #[allow(clippy::expect_used)]
+        let any = Regex::new(&alternation.join("|")).expect("scrubber patterns compile");
+        Scrubber { any }
+    }
+
+    /// Whether `text` contains anything to scrub.
+    pub fn finds(&self, text: &str) -> bool {
+        self.any.is_match(text)
+    }
+
+    /// Every match in `text`.
+    pub fn scan(&self, text: &str) -> Vec<Finding> {
+        self.any
+            .captures_iter(text)
+            .filter_map(|c| {
+                let (i, m) = (0..PATTERNS.len()).find_map(|i| c.name(&format!("p{i}")).map(|m| (i, m)))?;
+                Some(Finding { kind: PATTERNS[i].0, text: m.as_str().to_owned() })
+            })
+            .collect()
+    }
+
+    /// `text` with every match replaced by its marker (`[email]`, `[phone]`, …).
+    pub fn scrub<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        if !self.finds(text) {
+            return Cow::Borrowed(text);
+        }
+        Cow::Owned(
+            self.any
+                .replace_all(text, |c: &regex::Captures<'_>| {
+                    let kind = (0..PATTERNS.len()).find(|i| c.name(&format!("p{i}")).is_some()).map_or("redacted", |i| PATTERNS[i].0);
+                    format!("[{kind}]")
+                })
+                .into_owned(),
+        )
+    }
+}
+
+/// Why a key could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The secret is too short or not hex.
+    #[error("the pseudonym key must be at least 32 hex digits (16 bytes): {0}")]
+    Invalid(String),
+    /// The key file could not be read.
+    #[error("cannot read the pseudonym key file {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The key id is empty or has characters outside `[A-Za-z0-9_-]`.
+    #[error("the key id `{0}` must be non-empty and use only letters, digits, `_` and `-`")]
+    KeyId(String),
+    /// The rotation period is zero.
+    #[error("the key rotation period must be at least one day")]
+    Rotation,
+}
+
+/// The pseudonymization key: a secret, its id, and the rotation period.
+#[derive(Clone)]
+pub struct KeyRing {
+    key_id: String,
+    secret: Vec<u8>,
+    rotation_ms: i64,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("KeyRing").field("key_id", &self.key_id).field("rotation_ms", &self.rotation_ms).finish_non_exhaustive()
+    }
+}
+
+impl KeyRing {
+    /// A key ring from a hex secret (at least 16 bytes).
+    pub fn from_hex(key_id: &str, hex: &str, rotation_days: u32) -> Result<KeyRing, KeyError> {
+        let hex = hex.trim();
+        let secret = decode_hex(hex).filter(|s| s.len() >= 16).ok_or_else(|| KeyError::Invalid(format!("{} characters", hex.len())))?;
+        KeyRing::new(key_id, secret, rotation_days)
+    }
+
+    /// A key ring whose hex secret is the content of `path`.
+    pub fn from_file(key_id: &str, path: &Path, rotation_days: u32) -> Result<KeyRing, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::File { path: path.display().to_string(), source })?;
+        KeyRing::from_hex(key_id, &text, rotation_days)
+    }
+
+    /// A key ring with a random secret (pseudonyms differ from run to run): for demos and
+    /// one-off replays that configure no key.
+    pub fn ephemeral(rotation_days: u32) -> Result<KeyRing, KeyError> {
+        let mut secret = vec![0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
+            .map_err(|source| KeyError::File { path: "/dev/urandom".into(), source })?;
+        KeyRing::new("ephemeral", secret, rotation_days)
+    }
+
+    fn new(key_id: &str, secret: Vec<u8>, rotation_days: u32) -> Result<KeyRing, KeyError> {
+        if key_id.is_empty() || !key_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(KeyError::KeyId(key_id.to_owned()));
+        }
+        if rotation_days == 0 {
+            return Err(KeyError::Rotation);
+        }
+        Ok(KeyRing { key_id: key_id.to_owned(), secret, rotation_ms: i64::from(rotation_days) * 86_400_000 })
+    }
+
+    /// The rotation period `event_time_ms` falls in (periods start at the Unix epoch).
+    pub fn period(&self, event_time_ms: i64) -> i64 {
+        event_time_ms.div_euclid(self.rotation_ms)
+    }
+
+    /// The key of one period, derived from the secret.
+    fn period_key(&self, period: i64) -> [u8; 32] {
+        let mut material = self.secret.clone();
+        material.extend_from_slice(&period.to_le_bytes());
+        blake3::derive_key(&format!("sightline pseudonym {}", self.key_id), &material)
+    }
+}
+
+/// A key ring with the key of the most recent period cached. One per worker.
+#[derive(Clone, Debug)]
+pub struct Pseudonymizer {
+    ring: Arc<KeyRing>,
+    cached: Option<(i64, blake3::Hasher)>,
+}
+
+impl Pseudonymizer {
+    /// A pseudonymizer over `ring`.
+    pub fn new(ring: Arc<KeyRing>) -> Pseudonymizer {
+        Pseudonymizer { ring, cached: None }
+    }
+
+    /// The pseudonym of `value` at `event_time_ms`: `<key-id>.<period>.<24 hex digits>`.
+    pub fn pseudonym(&mut self, value: &str, event_time_ms: i64) -> String {
+        let period = self.ring.period(event_time_ms);
+        let hasher = match &self.cached {
+            Some((p, h)) if *p == period => h,
+            _ => &self.cached.insert((period, blake3::Hasher::new_keyed(&self.ring.period_key(period)))).1,
+        };
+        let digest = hasher.clone().update(value.as_bytes()).finalize();
+        let mut out = String::with_capacity(self.ring.key_id.len() + 32);
+        let _ = write!(out, "{}.{period}.", self.ring.key_id);
+        for b in &digest.as_bytes()[..12] {
+            let _ = write!(out, "{b:02x}");
+        }
+        out
+    }
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+}
+
+/// Scrubber and pseudonymizer together: everything one worker needs to make a record safe to
+/// store.
+#[derive(Clone, Debug)]
+pub struct Privacy {
+    /// Pattern scrubbing.
+    pub scrubber: Scrubber,
+    /// Pseudonyms.
+    pub pseudonyms: Pseudonymizer,
+}
+
+impl Privacy {
+    /// Privacy with the given key ring.
+    pub fn new(ring: Arc<KeyRing>) -> Privacy {
+        Privacy { scrubber: Scrubber::new(), pseudonyms: Pseudonymizer::new(ring) }
+    }
+
+    /// What a dead-letter record keeps of the raw record `bytes`: see the module docs.
+    /// `event_time_ms` selects the pseudonym key (the record's own time when it has one).
+    pub fn redact_payload(&mut self, bytes: &[u8], event_time_ms: Option<i64>) -> String {
+        let text = String::from_utf8_lossy(bytes);
+        let mut out = match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(mut record)) => {
+                let time = event_time_ms
+                    .or_else(|| record.get("timestamp").and_then(Value::as_str).and_then(crate::parse_rfc3339_ms))
+                    .unwrap_or_else(now_ms);
+                self.redact_record(&mut record, time);
+                Value::Object(record).to_string()
+            }
+            Ok(mut other) => {
+                self.redact_unknown(&mut other);
+                other.to_string()
+            }
+            Err(_) => self.scrubber.scrub(&text).into_owned(),
+        };
+        if out.len() > MAX_PAYLOAD_BYTES {
+            let mut cut = MAX_PAYLOAD_BYTES;
+            while !out.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.truncate(cut);
+            out.push_str("…[truncated]");
+        }
+        out
+    }
+
+    fn redact_record(&mut self, record: &mut Map<String, Value>, time: i64) {
+        let registry = Registry::embedded();
+        let consent = record.get("geo_consent") == Some(&Value::Bool(true));
+        let schema = record.get("event_name").and_then(Value::as_str).and_then(|n| registry.event(n)).and_then(|(_, spec)| {
+            match record.get("schema_version").and_then(Value::as_str) {
+                Some(v) => Version::parse(v).and_then(|v| spec.schema(Some(v))),
+                None => spec.schema(None),
+            }
+        });
+        let properties_rule = schema.map(|s| &s.properties);
+        let keys: Vec<String> = record.keys().cloned().collect();
+        for key in keys {
+            if key == "properties" {
+                if let Some(props) = record.get_mut(&key) {
+                    match (properties_rule, props) {
+                        (Some(rule), Value::Object(map)) => self.redact_object(map, rule, time),
+                        (_, other) => self.redact_unknown(other),
+                    }
+                }
+                continue;
+            }
+            let action = registry.envelope_action(&key);
+            let keep = match action {
+                Some(PiiAction::Consent) => consent,
+                Some(PiiAction::Drop) => false,
+                _ => true,
+            };
+            if !keep {
+                record.remove(&key);
+                continue;
+            }
+            if let Some(value) = record.get_mut(&key) {
+                match action {
+                    Some(PiiAction::Pseudonymize) => self.pseudonymize(value, time),
+                    Some(_) => self.scrub_strings(value),
+                    None => undeclared(value),
+                }
+            }
+        }
+    }
+
+    fn redact_object(&mut self, map: &mut Map<String, Value>, rule: &ObjectRule, time: i64) {
+        let keys: Vec<String> = map.keys().cloned().collect();
+        for key in keys {
+            let Some(value) = map.get_mut(&key) else { continue };
+            match rule.field(&key) {
+                Some((_, field)) if matches!(field.action, PiiAction::Drop | PiiAction::Consent) => {
+                    map.remove(&key);
+                }
+                Some((_, field)) => self.redact_field(value, field, time),
+                None => undeclared(value),
+            }
+        }
+    }
+
+    fn redact_field(&mut self, value: &mut Value, field: &FieldRule, time: i64) {
+        match (value, field.action) {
+            (Value::Object(map), _) => match &field.object {
+                Some(rule) => self.redact_object(map, rule, time),
+                None => map.values_mut().for_each(undeclared),
+            },
+            (Value::Array(items), _) => {
+                for item in items {
+                    match &field.items {
+                        Some(rule) => self.redact_field(item, rule, time),
+                        None => undeclared(item),
+                    }
+                }
+            }
+            (value, PiiAction::Pseudonymize) => self.pseudonymize(value, time),
+            (value, _) => self.scrub_strings(value),
+        }
+    }
+
+    fn pseudonymize(&mut self, value: &mut Value, time: i64) {
+        if let Value::String(s) = value {
+            *s = self.pseudonyms.pseudonym(s, time);
+        } else {
+            undeclared(value);
+        }
+    }
+
+    fn scrub_strings(&self, value: &mut Value) {
+        match value {
+            Value::String(s) => {
+                if let Cow::Owned(clean) = self.scrubber.scrub(s) {
+                    *s = clean;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| self.scrub_strings(v)),
+            Value::Object(map) => map.values_mut().for_each(|v| self.scrub_strings(v)),
+            _ => {}
+        }
+    }
+
+    /// Values with no schema to say what they are: strings and containers are redacted,
+    /// numbers, booleans and null kept.
+    fn redact_unknown(&self, value: &mut Value) {
+        match value {
+            Value::Object(map) => map.values_mut().for_each(undeclared),
+            Value::Array(items) => items.iter_mut().for_each(undeclared),
+            other => undeclared(other),
+        }
+    }
+}
+
+fn undeclared(value: &mut Value) {
+    if matches!(value, Value::String(_) | Value::Object(_) | Value::Array(_)) {
+        *value = Value::String(REDACTED.to_owned());
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> Arc<KeyRing> {
+        Arc::new(KeyRing::from_hex("k1", "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff", 30).unwrap())
+    }
+
+    #[test]
+    fn scrubs_each_pattern() {
+        let s = Scrubber::new();
+        for (text, marker) in [
+            ("mail jane.doe@example.com now", "[email]"),
+            ("call +1 415 555 0134", "[phone]"),
+            ("call (415) 555-0134", "[phone]"),
+            ("from 192.168.10.7 today", "[ip]"),
+            ("from 2001:db8::8a2e:370:7334", "[ip]"),
+            ("Authorization: Bearer abcdef123456789", "[token]"),
+            ("key sk_live_4eC39HqLyjWDarjtT1zdp7dc", "[token]"),
+            ("AKIAIOSFODNN7EXAMPLE", "[token]"),
+            ("password=hunter22", "[token]"),
+            ("jwt eyJhbGciOiJI.eyJzdWIiOiIx.SflKxwRJSMeKK", "[token]"),
+            ("at 52.520008, 13.404954", "[coordinates]"),
+        ] {
+            let clean = s.scrub(text);
+            assert!(clean.contains(marker), "{text} -> {clean}");
+            assert!(s.scan(&clean).is_empty(), "{clean} still matches");
+        }
+    }
+
+    #[test]
+    fn leaves_ordinary_text_alone() {
+        let s = Scrubber::new();
+        for text in [
+            "High pipeline value ($50k ARR), demo tomorrow (urgent), strong ICP fit",
+            "Gmail API: Daily sending limit exceeded",
+            "2026-01-23T14:30:00Z",
+            "/crm/v3/objects/deals",
+            "Follow up: Demo tomorrow",
+            "version 4.3.0-beta.1",
+            "k1.689.0a1b2c3d4e5f60718293a4b5",
+            "retry 3 of 5 after 1500 ms",
+        ] {
+            assert!(!s.finds(text), "{text}: {:?}", s.scan(text));
+        }
+    }
+
+    #[test]
+    fn pseudonyms_rotate_with_the_period() {
+        let mut p = Pseudonymizer::new(ring());
+        let period_ms = 30 * 86_400_000i64;
+        let boundary = 700 * period_ms;
+        let before = p.pseudonym("casey", boundary - 1);
+        let before_again = p.pseudonym("casey", boundary - period_ms + 5);
+        let after = p.pseudonym("casey", boundary);
+        assert_eq!(before, before_again, "same user, same period");
+        assert!(before.starts_with("k1.699.") && after.starts_with("k1.700."), "{before} {after}");
+        assert_ne!(before[7..], after[7..]);
+        assert_ne!(p.pseudonym("casey", 5), p.pseudonym("morgan", 5));
+        let mut other = Pseudonymizer::new(Arc::new(KeyRing::from_hex("k1", &"ab".repeat(32), 30).unwrap()));
+        assert_ne!(other.pseudonym("casey", 5), p.pseudonym("casey", 5), "the secret matters");
+    }
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(KeyRing::from_hex("k1", "abcd", 30).is_err());
+        assert!(KeyRing::from_hex("k1", &"zz".repeat(16), 30).is_err());
+        assert!(KeyRing::from_hex("k 1", &"ab".repeat(16), 30).is_err());
+        assert!(KeyRing::from_hex("k1", &"ab".repeat(16), 0).is_err());
+        assert!(!format!("{:?}", ring()).contains("0011"));
+    }
+
+    #[test]
+    fn redacts_payloads_by_schema() {
+        let mut privacy = Privacy::new(ring());
+        let raw = br#"{"event_name":"outcome_reply_received","user_id":"casey","country":"DE","ip":"10.1.2.3","timestamp":"2026-01-23T18:30:00Z",
+            "properties":{"draft_id":"d1","recipient":"john@acmecorp.com","reply_sentiment":"upbeat","notes":"ring 415-555-0134","time_to_reply_hours":4.5}}"#;
+        let out = privacy.redact_payload(raw, None);
+        assert!(!out.contains("casey") && !out.contains("john@") && !out.contains("10.1.2.3") && !out.contains("555"), "{out}");
+        assert!(!out.contains("\"country\""), "no consent, no geo: {out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert!(v["user_id"].as_str().unwrap().starts_with("k1."));
+        assert_eq!(v["properties"]["draft_id"], "d1");
+        assert_eq!(v["properties"]["notes"], REDACTED);
+        assert_eq!(v["ip"], REDACTED);
+        assert_eq!(v["properties"]["time_to_reply_hours"], 4.5);
+        let out = privacy.redact_payload(b"{\"user_id\": \"x@y.io\", truncated", None);
+        assert!(!out.contains("x@y.io"), "{out}");
+    }
+}

@@ -1,0 +1,371 @@
+//! Streaming validation of an event's `properties` against its compiled schema.
+//!
+//! The validator is a serde visitor: it walks the raw JSON once, checks each value against its
+//! [`FieldRule`] as it goes by, and never builds a JSON tree. Strings are borrowed from the
+//! input; the JSON pointer of a value is a chain of stack frames and is only rendered when a
+//! violation is recorded. On the way it picks up the event's latency measure and counts what
+//! the privacy layer does to each field.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use crate::pii::Scrubber;
+use crate::registry::{FieldRule, ObjectRule, PiiAction, Types};
+use crate::{MAX_VIOLATIONS, Violation};
+
+/// Names that mark exact coordinates; an event carrying one is rejected, whatever its schema.
+const COORDINATE_NAMES: &[&str] = &["lat", "lng", "lon", "latitude", "longitude", "coordinates", "geo_point", "gps"];
+
+/// What validating one payload found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Every violation, up to [`MAX_VIOLATIONS`], in document order.
+    pub violations: Vec<Violation>,
+    /// The latency property's value, if the payload had it.
+    pub latency: Option<f64>,
+    /// Identifier and contact fields, which are never stored as they arrived.
+    pub pseudonymized: u32,
+    /// Free-text fields in which the scrubber found personal data or a secret.
+    pub scrubbed: u32,
+    /// Fields the schema says to drop that were present.
+    pub dropped: u32,
+}
+
+/// Validates the JSON object `raw` against `rule`. `latency_field` names the top-level
+/// property whose number is the event's latency. JSON syntax errors come back as `Err`.
+pub fn check_properties(raw: &str, rule: &ObjectRule, latency_field: Option<&str>, scrubber: &Scrubber) -> Result<Checked, serde_json::Error> {
+    let mut checked = Checked::default();
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let root = Path { parent: None, segment: Segment::Key("properties") };
+    let mut state = State { checked: &mut checked, latency_field, scrubber };
+    ValueSeed { rule: Rule::Object(rule), path: &root, state: &mut state, depth: 0 }.deserialize(&mut de)?;
+    de.end()?;
+    Ok(checked)
+}
+
+struct State<'s, 'r> {
+    checked: &'s mut Checked,
+    latency_field: Option<&'r str>,
+    scrubber: &'r Scrubber,
+}
+
+impl State<'_, '_> {
+    fn violation(&mut self, path: &Path<'_>, keyword: &'static str, message: impl fmt::Display) {
+        if self.checked.violations.len() < MAX_VIOLATIONS {
+            self.checked.violations.push(Violation { pointer: path.render(), keyword: keyword.to_owned(), message: format!("{}: {message}", path.render()) });
+        }
+    }
+}
+
+/// A JSON pointer as a chain of frames on the stack.
+struct Path<'a> {
+    parent: Option<&'a Path<'a>>,
+    segment: Segment<'a>,
+}
+
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+impl Path<'_> {
+    fn render(&self) -> String {
+        let mut parts = Vec::new();
+        let mut at = Some(self);
+        while let Some(p) = at {
+            parts.push(match p.segment {
+                Segment::Key(k) => k.replace('~', "~0").replace('/', "~1"),
+                Segment::Index(i) => i.to_string(),
+            });
+            at = p.parent;
+        }
+        parts.iter().rev().fold(String::new(), |mut s, p| {
+            s.push('/');
+            s.push_str(p);
+            s
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rule<'r> {
+    Field(&'r FieldRule),
+    Object(&'r ObjectRule),
+}
+
+struct ValueSeed<'a, 's, 'r> {
+    rule: Rule<'r>,
+    path: &'a Path<'a>,
+    state: &'a mut State<'s, 'r>,
+    /// 0 for the `properties` object itself, 1 for its fields, and so on.
+    depth: u32,
+}
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_, '_, '_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl ValueSeed<'_, '_, '_> {
+    fn types(&self) -> Types {
+        match self.rule {
+            Rule::Field(f) => f.types,
+            Rule::Object(_) => Types::OBJECT,
+        }
+    }
+
+    /// Checks the JSON type; records a violation and returns false if it is not allowed.
+    fn type_ok(&mut self, found: Types) -> bool {
+        let allowed = self.types();
+        if allowed.accepts(found) {
+            return true;
+        }
+        self.state.violation(self.path, "type", format_args!("expected {}, found {}", allowed.names(), found.names()));
+        false
+    }
+
+    fn number(mut self, value: f64, integral: bool) {
+        let found = if integral { Types::INTEGER } else { Types::NUMBER };
+        if !self.type_ok(found) {
+            return;
+        }
+        let Rule::Field(rule) = self.rule else { return };
+        if rule.minimum.is_some_and(|m| value < m) || rule.maximum.is_some_and(|m| value > m) {
+            let keyword = if rule.minimum.is_some_and(|m| value < m) { "minimum" } else { "maximum" };
+            self.state.violation(self.path, keyword, format_args!("{value} is outside [{}, {}]", fmt_bound(rule.minimum), fmt_bound(rule.maximum)));
+            return;
+        }
+        if self.depth == 1
+            && let (Some(field), Segment::Key(key)) = (self.state.latency_field, &self.path.segment)
+            && field == *key
+        {
+            self.state.checked.latency = Some(value);
+        }
+        self.privacy(None);
+    }
+
+    fn string(mut self, value: &str) {
+        if !self.type_ok(Types::STRING) {
+            return;
+        }
+        let Rule::Field(rule) = self.rule else { return };
+        if let Some(allowed) = &rule.enum_values
+            && !allowed.iter().any(|a| a == value)
+        {
+            self.state.violation(self.path, "enum", format_args!("`{}` is not one of {}", truncate(value), allowed.join(", ")));
+            return;
+        }
+        if rule.min_length.is_some() || rule.max_length.is_some() {
+            let chars = value.chars().count();
+            if rule.max_length.is_some_and(|m| chars > m) {
+                self.state.violation(self.path, "maxLength", format_args!("{chars} characters, the limit is {}", rule.max_length.unwrap_or_default()));
+                return;
+            }
+            if rule.min_length.is_some_and(|m| chars < m) {
+                self.state.violation(self.path, "minLength", format_args!("{chars} characters, at least {} needed", rule.min_length.unwrap_or_default()));
+                return;
+            }
+        }
+        if rule.date_time && crate::parse_rfc3339_ms(value).is_none() {
+            self.state.violation(self.path, "format", format_args!("`{}` is not an RFC 3339 date-time", truncate(value)));
+            return;
+        }
+        self.privacy(Some(value));
+    }
+
+    /// Counts what the privacy layer does with a present, valid value.
+    fn privacy(self, text: Option<&str>) {
+        let Rule::Field(rule) = self.rule else { return };
+        let checked = &mut *self.state.checked;
+        match rule.action {
+            PiiAction::Keep | PiiAction::Consent => {}
+            PiiAction::Pseudonymize => checked.pseudonymized += 1,
+            PiiAction::Drop => checked.dropped += 1,
+            PiiAction::Scrub => {
+                if text.is_some_and(|t| self.state.scrubber.finds(t)) {
+                    checked.scrubbed += 1;
+                }
+            }
+        }
+    }
+}
+
+fn fmt_bound(b: Option<f64>) -> String {
+    b.map_or_else(|| "…".to_owned(), |b| b.to_string())
+}
+
+fn truncate(s: &str) -> Cow<'_, str> {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => Cow::Owned(format!("{}…", &s[..i])),
+        None => Cow::Borrowed(s),
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(mut self, _: bool) -> Result<(), E> {
+        if self.type_ok(Types::BOOLEAN) {
+            self.privacy(None);
+        }
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.number(v as f64, true);
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.number(v as f64, true);
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        // JSON Schema: 3.0 is an integer.
+        self.number(v, v.fract() == 0.0);
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.string(v);
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(mut self) -> Result<(), E> {
+        self.type_ok(Types::NULL);
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        let rule = self.rule;
+        if !self.type_ok(Types::ARRAY) {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(());
+        }
+        let items = match rule {
+            Rule::Field(f) => f.items.as_deref(),
+            Rule::Object(_) => None,
+        };
+        let mut index = 0;
+        loop {
+            let more = match items {
+                Some(rule) => {
+                    let path = Path { parent: Some(self.path), segment: Segment::Index(index) };
+                    seq.next_element_seed(ValueSeed { rule: Rule::Field(rule), path: &path, state: self.state, depth: self.depth + 1 })?.is_some()
+                }
+                None => seq.next_element::<IgnoredAny>()?.is_some(),
+            };
+            if !more {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        let rule = self.rule;
+        let object = match rule {
+            Rule::Object(o) => Some(o),
+            Rule::Field(f) if self.type_ok(Types::OBJECT) => f.object.as_ref(),
+            Rule::Field(_) => {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                return Ok(());
+            }
+        };
+        let Some(object) = object else {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(());
+        };
+        let mut seen = 0u64;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let path = Path { parent: Some(self.path), segment: Segment::Key(&key) };
+            match object.field(&key) {
+                Some((index, rule)) => {
+                    seen |= 1 << index;
+                    map.next_value_seed(ValueSeed { rule: Rule::Field(rule), path: &path, state: self.state, depth: self.depth + 1 })?;
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                    if COORDINATE_NAMES.contains(&key.to_ascii_lowercase().as_str()) {
+                        self.state.violation(&path, "x-pii", "exact coordinates are not accepted");
+                    } else {
+                        self.state.violation(&path, "additionalProperties", "property is not declared in the schema");
+                    }
+                }
+            }
+        }
+        let required = object.required_mask();
+        if seen & required != required {
+            for (i, (name, _)) in object.fields.iter().enumerate() {
+                if required & (1 << i) != 0 && seen & (1 << i) == 0 {
+                    let path = Path { parent: Some(self.path), segment: Segment::Key(name) };
+                    self.state.violation(&path, "required", "required property is missing");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+
+    fn check(event: &str, raw: &str) -> Checked {
+        let (_, spec) = Registry::embedded().event(event).unwrap();
+        let schema = spec.default_schema().unwrap();
+        check_properties(raw, &schema.properties, schema.latency.as_ref().map(|l| l.field.as_str()), &Scrubber::new()).unwrap()
+    }
+
+    #[test]
+    fn reports_pointer_and_keyword() {
+        let c = check("integration_call_success", r#"{"integration":"hubspot","endpoint":"/x","method":"GET","status_code":200,"duration_ms":35.5}"#);
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        assert_eq!(c.latency, Some(35.5));
+        let c = check("integration_call_success", r#"{"integration":"salesforce","endpoint":"/x","method":"GET","status_code":"200","extra":1}"#);
+        let found: Vec<(&str, &str)> = c.violations.iter().map(|v| (v.pointer.as_str(), v.keyword.as_str())).collect();
+        assert_eq!(
+            found,
+            [
+                ("/properties/integration", "enum"),
+                ("/properties/status_code", "type"),
+                ("/properties/extra", "additionalProperties"),
+                ("/properties/duration_ms", "required")
+            ]
+        );
+    }
+
+    #[test]
+    fn coordinates_and_long_comments_are_violations() {
+        let c = check("circuit_breaker_opened", r#"{"service":"hubspot","failure_count":5,"threshold":5,"latitude":52.52}"#);
+        assert_eq!(c.violations[0].keyword, "x-pii");
+        let comment = "x".repeat(501);
+        let raw = format!(r#"{{"score":4,"sentiment":"positive","tags":[],"comment_present":true,"correlation_id":"c","blocked":false,"blocker_type":null,"comment":"{comment}"}}"#);
+        let c = check("project_feedback_submitted", &raw);
+        assert_eq!(c.violations.iter().map(|v| (v.pointer.as_str(), v.keyword.as_str())).collect::<Vec<_>>(), [("/properties/comment", "maxLength")]);
+    }
+
+    #[test]
+    fn counts_privacy_work() {
+        let c = check(
+            "outcome_reply_received",
+            r#"{"draft_id":"d","action_id":"a","recommendation_id":"r","recipient":"john@acmecorp.com","time_to_reply_hours":4.5}"#,
+        );
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        assert_eq!(c.pseudonymized, 1);
+        let c = check("action_failed", r#"{"action_id":"a","action_type":"send_email","error_type":"api_error","error_message":"token sk_live_abcdefghijkl1234 for ops@example.com","retryable":false}"#);
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        assert_eq!(c.scrubbed, 1);
+    }
+}
