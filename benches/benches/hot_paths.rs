@@ -1,5 +1,6 @@
-//! Micro-benchmarks of the per-event hot paths: decoding, histogram update and quantile
-//! read, window assignment, and Parquet encoding of a closed window.
+//! Micro-benchmarks of the per-event hot paths: decoding (envelope parse, schema validation,
+//! privacy), pseudonymization and scrubbing on their own, histogram update and quantile read,
+//! window assignment, and Parquet encoding of a closed window.
 //!
 //! Run with `cargo bench -p sightline-benches --bench hot_paths`. Each group reports
 //! throughput in events (or rows) per second; compare groups within one run, not across
@@ -11,7 +12,10 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sightline::generator::{Generator, GeneratorConfig};
 use sightline_operators::{LatencyHistogram, Windows};
+use std::sync::Arc;
+
 use sightline_schemas::Decoder;
+use sightline_schemas::pii::{KeyRing, Pseudonymizer, Scrubber};
 use sightline_sinks::parquet_encode;
 use sightline_sinks::tables::{LatencyRow, LatencyStats};
 
@@ -29,13 +33,20 @@ fn events(n: usize) -> Vec<Vec<u8>> {
 fn decode(c: &mut Criterion) {
     let lines = events(10_000);
     let bytes: usize = lines.iter().map(Vec::len).sum();
-    let decoder = Decoder::default();
+    let mut decoder = Decoder::new(1 << 20, bench_key());
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(lines.len() as u64));
-    group.bench_function(format!("envelope ({} bytes/event)", bytes / lines.len()), |b| {
+    group.bench_function(format!("decode + validate + privacy ({} bytes/event)", bytes / lines.len()), |b| {
         b.iter(|| {
             for line in &lines {
                 black_box(decoder.decode(line).ok());
+            }
+        })
+    });
+    group.bench_function("envelope parse only", |b| {
+        b.iter(|| {
+            for line in &lines {
+                black_box(decoder.parse_only(line).ok());
             }
         })
     });
@@ -46,6 +57,32 @@ fn decode(c: &mut Criterion) {
             }
         })
     });
+    group.finish();
+}
+
+fn bench_key() -> Arc<KeyRing> {
+    // A fixed key for measurement only; production keys come from configuration.
+    Arc::new(KeyRing::from_hex("bench", &"3c".repeat(32), 30).unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn privacy(c: &mut Criterion) {
+    let ids: Vec<String> = (0..10_000u64).map(|i| format!("u_{:016x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15))).collect();
+    let mut pseudonyms = Pseudonymizer::new(bench_key());
+    let mut group = c.benchmark_group("privacy");
+    group.throughput(Throughput::Elements(ids.len() as u64));
+    group.bench_function("pseudonym (keyed BLAKE3)", |b| {
+        b.iter(|| {
+            for id in &ids {
+                black_box(pseudonyms.pseudonym(id, 1_769_178_600_000));
+            }
+        })
+    });
+    let scrubber = Scrubber::new();
+    let clean = "High pipeline value ($50k ARR), demo tomorrow (urgent), strong ICP fit";
+    let dirty = "Call Jane at +1 415 555 0134 or jane.doe@example.com, token sk_live_4eC39HqLyjWDarjtT1zdp7dc";
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("scrub clean free text", |b| b.iter(|| black_box(scrubber.scrub(black_box(clean)))));
+    group.bench_function("scrub dirty free text", |b| b.iter(|| black_box(scrubber.scrub(black_box(dirty)))));
     group.finish();
 }
 
@@ -92,9 +129,9 @@ fn parquet(c: &mut Criterion) {
         .collect();
     let mut group = c.benchmark_group("parquet");
     group.throughput(Throughput::Elements(rows.len() as u64));
-    group.bench_function("encode 1000 latency rows", |b| b.iter(|| parquet_encode(black_box(&rows)).map(|bytes| bytes.len())));
+    group.bench_function("encode 1000 latency rows", |b| b.iter(|| parquet_encode(black_box(&rows), &[]).map(|bytes| bytes.len())));
     group.finish();
 }
 
-criterion_group!(hot_paths, decode, histogram, windows, parquet);
+criterion_group!(hot_paths, decode, privacy, histogram, windows, parquet);
 criterion_main!(hot_paths);

@@ -23,7 +23,7 @@ fn bad_lines(template: &[u8]) -> Vec<(Vec<u8>, &'static str, &'static str)> {
     vec![
         (template[..template.len() / 3].to_vec(), "truncated", "EOF"),
         (b"{\"event_id\" \"x\"}".to_vec(), "malformed_json", "expected"),
-        (text.replacen("\"user_id\":\"u_", "\"user_id\":7,\"zz\":\"", 1).replacen(",\"zz\":\"", ",\"user_role\":\"", 1).into_bytes(), "wrong_type", "integer"),
+        (text.replacen("\"user_id\":\"u_", "\"user_id\":7,\"zz\":\"", 1).replacen(",\"zz\":\"", ",\"user_role\":\"", 1).into_bytes(), "wrong_type", "/user_id"),
         (remove_field(&text, "tenant_id").into_bytes(), "missing_field", "tenant_id"),
         (text.replacen("\"platform\":\"", "\"platform\":\"toaster_", 1).into_bytes(), "invalid_value", "toaster"),
         (text.replacen("\"source\":", "\"ip_address\":\"203.0.113.9\",\"source\":", 1).into_bytes(), "unknown_field", "ip_address"),
@@ -56,9 +56,9 @@ fn an_input_without_a_single_good_event_is_still_fully_accounted_for() {
     let lake = dir.path().join("lake");
     let summary = replay(&input, &lake, config(2));
     assert_eq!((summary.read, summary.accepted, summary.rejected), (bad.len() as u64, 0, bad.len() as u64));
-    assert_eq!(dead_letters(&lake).len(), bad.len());
-    assert_eq!(quality(&lake).values().sum::<i64>(), bad.len() as i64);
-    assert!(event_counts(&lake).is_empty());
+    assert_eq!(all_dead_letters(&lake).len(), bad.len());
+    assert_eq!(records_counted(&lake), bad.len() as i64);
+    assert!(routes(&lake).iter().all(|r| event_counts(r).is_empty()));
 }
 
 #[test]
@@ -98,7 +98,7 @@ fn every_bad_record_is_counted_with_its_reason_and_good_ones_are_unaffected() {
     assert_eq!(summary.read, mixed.len() as u64);
     assert_eq!(summary.rejected, bad.len() as u64);
     assert_eq!(summary.accepted, clean_summary.accepted);
-    let dead = dead_letters(&mixed_lake);
+    let dead = all_dead_letters(&mixed_lake);
     assert_eq!(dead.len(), expected.len());
     for (offset, (kind, fragment)) in &expected {
         let origin = format!("file:{}", mixed_input.display());
@@ -106,7 +106,7 @@ fn every_bad_record_is_counted_with_its_reason_and_good_ones_are_unaffected() {
         assert_eq!(got_kind, kind, "line {offset}: {reason}");
         assert!(reason.contains(fragment), "line {offset} ({kind}): reason `{reason}` should mention `{fragment}`");
     }
-    let by_kind = quality(&mixed_lake).into_iter().filter(|(k, _)| k.2 != "accepted").fold(BTreeMap::new(), |mut m, (k, n)| {
+    let by_kind = routes(&mixed_lake).iter().flat_map(|r| quality(r)).filter(|(k, _)| k.2 != "accepted").fold(BTreeMap::new(), |mut m, (k, n)| {
         *m.entry(k.2).or_insert(0) += n;
         m
     });
@@ -116,9 +116,11 @@ fn every_bad_record_is_counted_with_its_reason_and_good_ones_are_unaffected() {
     }
     assert_eq!(by_kind, want_kinds);
 
-    assert_maps_eq(&event_counts(&mixed_lake), &event_counts(&clean_lake), "event_counts with and without bad records");
-    assert_eq!(latency(&mixed_lake), latency(&clean_lake));
-    assert_eq!(latency_by_variant(&mixed_lake), latency_by_variant(&clean_lake));
-    let accepted = |lake| quality(lake).into_iter().filter(|(k, _)| k.2 == "accepted").collect::<BTreeMap<_, _>>();
-    assert_eq!(accepted(&mixed_lake), accepted(&clean_lake));
+    for (mixed_route, clean_route) in routes(&mixed_lake).iter().zip(routes(&clean_lake)) {
+        assert_maps_eq(&event_counts(mixed_route), &event_counts(&clean_route), "event_counts with and without bad records");
+        assert_eq!(latency(mixed_route), latency(&clean_route));
+        assert_eq!(latency_by_variant(mixed_route), latency_by_variant(&clean_route));
+        let accepted = |lake| quality(lake).into_iter().filter(|(k, _)| k.2 == "accepted").collect::<BTreeMap<_, _>>();
+        assert_eq!(accepted(mixed_route), accepted(&clean_route));
+    }
 }

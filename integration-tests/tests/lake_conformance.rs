@@ -94,14 +94,18 @@ fn every_table_round_trips() {
         let dead = vec![DeadLetterRow {
             window_start_ms: START,
             window_end_ms: END,
+            processor: sightline_sinks::tables::PROCESSOR.into(),
             kind: "late".into(),
             reason: "behind".into(),
             event_name: None,
+            schema_version: Some("1.0.0".into()),
+            violations: r#"[{"pointer":"/properties/x","keyword":"type","message":"m"}]"#.into(),
             event_time_ms: Some(START as i64),
             topic: "t".into(),
             partition: 3,
             offset: 99,
             payload_bytes: 870,
+            payload: Some(r#"{"user_id":"k1.700.abc"}"#.into()),
             copies: 1,
         }];
         let paths = [
@@ -117,6 +121,46 @@ fn every_table_round_trips() {
         }
         let tables: Vec<String> = lake.list("").expect("list").into_iter().map(|p| p.split('/').next().unwrap_or_default().to_string()).collect();
         assert_eq!(tables, vec!["dead_letter", "latency", "latency_by_variant", "quality"]);
+    }
+}
+
+fn retention_days(lake: &Lake, path: &str) -> Option<String> {
+    let bytes = lake.get(path).expect("get");
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).expect("parquet");
+    let kv = builder.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
+    kv.into_iter().find(|k| k.key == "sightline.retention_days").and_then(|k| k.value)
+}
+
+#[test]
+fn restricted_route_is_a_separate_prefix_with_its_own_retention() {
+    for (lake, _keep) in backends() {
+        let standard = lake.clone().with_retention(sightline_sinks::Retention { aggregates_days: 365, raw_days: 90 });
+        let restricted = standard.routed("restricted", "restricted", 30);
+        let a = standard.write_window(START, END, &counts(1)).expect("standard");
+        let r = restricted.write_window(START, END, &counts(2)).expect("restricted");
+        assert_eq!(r.path, format!("restricted/{}", a.path), "{}", lake.location());
+        assert_eq!(retention_days(&lake, &a.path).as_deref(), Some("365"));
+        assert_eq!(retention_days(&lake, &r.path).as_deref(), Some("30"));
+        let dead = vec![DeadLetterRow {
+            window_start_ms: START,
+            window_end_ms: END,
+            processor: "p".into(),
+            kind: "empty".into(),
+            reason: "r".into(),
+            event_name: None,
+            schema_version: None,
+            violations: "[]".into(),
+            event_time_ms: None,
+            topic: "t".into(),
+            partition: 0,
+            offset: 1,
+            payload_bytes: 0,
+            payload: None,
+            copies: 1,
+        }];
+        let d = standard.write_window(START, END, &dead).expect("dead letters");
+        assert_eq!(retention_days(&lake, &d.path).as_deref(), Some("90"), "per-record tables keep the raw retention");
+        assert_eq!(read_batches(&lake, &r.path)[0].num_rows(), 2);
     }
 }
 
@@ -145,6 +189,7 @@ fn a_replay_writes_to_s3_through_the_configuration() {
         lake: s3.clone(),
         stop: Default::default(),
         print_windows: false,
+        format: Default::default(),
     };
     let summary = sightline::run::run(job).expect("replay into s3");
     let local = dir.path().join("local");

@@ -58,21 +58,35 @@ pub struct VariantKey {
     pub variant: String,
 }
 
-/// What happened to a record: accepted, or rejected for a reason (late included).
+/// What a `quality` count counts: records by outcome (accepted, or rejected for a reason,
+/// late included), and the privacy layer's work on accepted events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Outcome {
-    /// Decoded and inside the watermark.
+    /// Records decoded, validated and inside the watermark.
     Accepted,
-    /// Sent to the dead-letter path.
+    /// Records sent to the dead-letter path.
     Rejected(FailureKind),
+    /// Identifier and contact fields of accepted events, pseudonymized.
+    PseudonymizedFields,
+    /// Free-text fields of accepted events in which personal data or a secret was scrubbed.
+    ScrubbedFields,
+    /// Fields of accepted events dropped by policy (IPs, secrets, geo without consent).
+    DroppedFields,
+    /// Accepted events that carried personal data where they should not (scrubbed or dropped
+    /// fields): the platform spec's "PII violations".
+    PiiViolations,
 }
 
 impl Outcome {
-    /// `accepted`, or the failure kind's name.
+    /// `accepted`, the failure kind's name, or the privacy counter's name.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Accepted => "accepted",
             Outcome::Rejected(kind) => kind.as_str(),
+            Outcome::PseudonymizedFields => "pseudonymized_fields",
+            Outcome::ScrubbedFields => "scrubbed_fields",
+            Outcome::DroppedFields => "dropped_fields",
+            Outcome::PiiViolations => "pii_violations",
         }
     }
 }
@@ -180,9 +194,18 @@ pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
 
     let accepted = events.explode(move |e| {
         let e = e.borrow();
-        let key =
-            QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: Cow::Borrowed(e.event_name.as_str()), outcome: Outcome::Accepted };
-        Some((key, 1isize))
+        let (window_start, name, p) = (windows.start_of(e.event_time_ms as u64), e.event_name.as_str(), e.privacy);
+        let key = move |outcome| QualityKey { window_start, event_name: Cow::Borrowed(name), outcome };
+        [
+            (Outcome::Accepted, 1isize),
+            (Outcome::PseudonymizedFields, p.pseudonymized as isize),
+            (Outcome::ScrubbedFields, p.scrubbed as isize),
+            (Outcome::DroppedFields, p.dropped as isize),
+            (Outcome::PiiViolations, isize::from(p.violation())),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n != 0)
+        .map(move |(outcome, n)| (key(outcome), n))
     });
     let rejected = rejected
         .inner

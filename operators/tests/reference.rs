@@ -16,7 +16,7 @@ use sightline_operators::{
     ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityKey, VariantKey, Windows, close_windows, event_counts, histogram::RELATIVE_ACCURACY,
     latency, latency_by_variant, quality,
 };
-use sightline_schemas::{DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification, Platform, Source};
+use sightline_schemas::{DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification, Platform, PrivacyCounts, Source};
 use timely::dataflow::operators::Inspect;
 
 const TICK: u64 = 1000;
@@ -32,8 +32,9 @@ fn arb_event() -> impl Strategy<Value = Event> {
         proptest::option::of(0u64..5_000_000_000),
         proptest::option::of(proptest::sample::select(vec!["control", "treatment"])),
         proptest::option::of(proptest::sample::select(vec!["control", "a", "b"])),
+        (0u16..4, 0u16..2, 0u16..3),
     )
-        .prop_map(|(offset, name, area, surface, latency, e1, e2)| {
+        .prop_map(|(offset, name, area, surface, latency, e1, e2, (pseudonymized, scrubbed, dropped))| {
             let mut experiments = Vec::new();
             if let Some(v) = e1 {
                 experiments.push(("exp_1".to_string(), v.to_string()));
@@ -59,6 +60,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
                 pii_classification: PiiClassification::None,
                 data_sensitivity: DataSensitivity::Internal,
                 latency_us: latency,
+                privacy: PrivacyCounts { pseudonymized, scrubbed, dropped },
             }
         })
 }
@@ -78,6 +80,10 @@ fn arb_dead() -> impl Strategy<Value = (DeadLetter, u64)> {
                 event_time_ms: None,
                 origin: Origin { topic: "t".into(), partition: 0, offset },
                 payload_bytes: 10,
+                schema_version: None,
+                violations: Vec::new(),
+                payload: None,
+                restricted: false,
             };
             (dead, BASE + tick * TICK)
         })
@@ -239,7 +245,19 @@ proptest! {
         // quality
         let mut want_quality: BTreeMap<QualityKey, isize> = BTreeMap::new();
         for e in &events {
-            *want_quality.entry(QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().into(), outcome: Outcome::Accepted }).or_default() += 1;
+            let key = |outcome| QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().into(), outcome };
+            *want_quality.entry(key(Outcome::Accepted)).or_default() += 1;
+            let p = e.privacy;
+            for (outcome, n) in [
+                (Outcome::PseudonymizedFields, p.pseudonymized),
+                (Outcome::ScrubbedFields, p.scrubbed),
+                (Outcome::DroppedFields, p.dropped),
+                (Outcome::PiiViolations, u16::from(p.scrubbed > 0 || p.dropped > 0)),
+            ] {
+                if n > 0 {
+                    *want_quality.entry(key(outcome)).or_default() += isize::from(n as i16);
+                }
+            }
         }
         for (d, t) in &dead {
             let name = d.event_name.clone().unwrap_or_else(|| "unknown".into());

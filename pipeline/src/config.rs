@@ -24,6 +24,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// Where closed windows are written.
     pub lake: LakeConfig,
+    /// Pseudonymization keys.
+    pub privacy: PrivacyConfig,
 }
 
 /// Dataflow settings.
@@ -70,6 +72,76 @@ impl Default for PipelineConfig {
 pub struct TopicConfig {
     /// Topic name.
     pub name: String,
+    /// Record layout: `envelope` (the platform spec's canonical envelope) or `flat` (the
+    /// command-center spec's records: `event`, `timestamp`, optional `user_id`, properties at
+    /// the top level).
+    #[serde(default)]
+    pub format: TopicFormat,
+    /// Envelope values for `flat` records (tenant, source, platform, …).
+    #[serde(default)]
+    pub defaults: sightline_schemas::FlatDefaults,
+}
+
+impl TopicConfig {
+    /// A topic in the canonical envelope format.
+    pub fn envelope(name: &str) -> TopicConfig {
+        TopicConfig { name: name.to_owned(), format: TopicFormat::Envelope, defaults: Default::default() }
+    }
+
+    /// The decoder format of this topic.
+    pub fn decoder_format(&self) -> sightline_schemas::Format {
+        match self.format {
+            TopicFormat::Envelope => sightline_schemas::Format::Envelope,
+            TopicFormat::Flat => sightline_schemas::Format::Flat(self.defaults.clone()),
+        }
+    }
+}
+
+/// Record layout of a topic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TopicFormat {
+    /// The canonical envelope.
+    #[default]
+    Envelope,
+    /// Flat records with envelope defaults.
+    Flat,
+}
+
+/// Pseudonymization keys. The secret comes from `key` (best set through the environment:
+/// `SIGHTLINE__PRIVACY__KEY`) or from `key-file`; never from code. `sightline run` refuses to
+/// start without one; `demo` and `replay` use a random key for the run when none is set (their
+/// pseudonyms then differ between runs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Names the secret; pseudonyms carry `<key-id>.<period>`. Change it with the secret.
+    pub key_id: String,
+    /// The secret, hex (at least 32 hex digits).
+    pub key: Option<String>,
+    /// A file holding the hex secret.
+    pub key_file: Option<std::path::PathBuf>,
+    /// Days of event time per key period: pseudonyms change every period.
+    pub rotation_days: u32,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig { key_id: "k1".into(), key: None, key_file: None, rotation_days: sightline_schemas::pii::DEFAULT_ROTATION_DAYS }
+    }
+}
+
+impl PrivacyConfig {
+    /// The configured key ring, or `None` when no secret is configured.
+    pub fn key_ring(&self) -> anyhow::Result<Option<sightline_schemas::pii::KeyRing>> {
+        use sightline_schemas::pii::KeyRing;
+        Ok(match (&self.key, &self.key_file) {
+            (Some(_), Some(_)) => bail!("set privacy.key or privacy.key-file, not both"),
+            (Some(hex), None) => Some(KeyRing::from_hex(&self.key_id, hex, self.rotation_days)?),
+            (None, Some(path)) => Some(KeyRing::from_file(&self.key_id, path, self.rotation_days)?),
+            (None, None) => None,
+        })
+    }
 }
 
 /// The Kafka source.
@@ -86,8 +158,12 @@ pub struct KafkaConfig {
     pub commit_interval_ms: u64,
     /// How long to wait for the topics to appear at start-up, ms.
     pub metadata_timeout_ms: u64,
-    /// Extra librdkafka consumer properties (for example `security.protocol`).
+    /// Extra librdkafka properties for the consumer and the dead-letter producer (for example
+    /// `security.protocol`).
     pub options: BTreeMap<String, String>,
+    /// Topic that receives one JSON record per dead letter (unset: dead letters go to the
+    /// `dead_letter` table only).
+    pub dead_letter_topic: Option<String>,
 }
 
 impl Default for KafkaConfig {
@@ -95,10 +171,11 @@ impl Default for KafkaConfig {
         KafkaConfig {
             bootstrap_servers: "localhost:9092".into(),
             group_id: "sightline".into(),
-            topics: vec![TopicConfig { name: "telemetry.events".into() }],
+            topics: vec![TopicConfig::envelope("telemetry.events")],
             commit_interval_ms: 5_000,
             metadata_timeout_ms: 30_000,
             options: BTreeMap::new(),
+            dead_letter_topic: None,
         }
     }
 }
@@ -111,18 +188,36 @@ pub struct LakeConfig {
     pub location: String,
     /// Settings of `s3://` locations; unset fields come from the `AWS_*` environment.
     pub s3: sightline_sinks::S3Options,
+    /// Days aggregate tables are kept (Parquet metadata `sightline.retention_days`, S3 tag
+    /// `retention-days`).
+    pub aggregate_retention_days: u32,
+    /// Days per-record tables (`dead_letter`) are kept.
+    pub raw_retention_days: u32,
+    /// Prefix under which everything derived from restricted records is written
+    /// (`data_sensitivity: restricted` or `pii_classification: high`).
+    pub restricted_prefix: String,
+    /// Days restricted data is kept.
+    pub restricted_retention_days: u32,
 }
 
 impl Default for LakeConfig {
     fn default() -> Self {
-        LakeConfig { location: "./sightline-data".into(), s3: sightline_sinks::S3Options::default() }
+        LakeConfig {
+            location: "./sightline-data".into(),
+            s3: sightline_sinks::S3Options::default(),
+            aggregate_retention_days: 365,
+            raw_retention_days: 90,
+            restricted_prefix: "restricted".into(),
+            restricted_retention_days: 30,
+        }
     }
 }
 
 impl LakeConfig {
-    /// Opens the configured lake.
+    /// Opens the configured lake (the standard route).
     pub fn open(&self) -> anyhow::Result<sightline_sinks::Lake> {
-        sightline_sinks::Lake::open_with(&self.location, &self.s3).with_context(|| format!("opening the lake at {}", self.location))
+        let lake = sightline_sinks::Lake::open_with(&self.location, &self.s3).with_context(|| format!("opening the lake at {}", self.location))?;
+        Ok(lake.with_retention(sightline_sinks::Retention { aggregates_days: self.aggregate_retention_days, raw_days: self.raw_retention_days }))
     }
 }
 
@@ -165,6 +260,13 @@ impl Config {
         if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
             bail!("kafka.topics lists `{}` twice", pair[0]);
         }
+        if self.kafka.dead_letter_topic.as_deref().is_some_and(|dlq| names.contains(&dlq)) {
+            bail!("kafka.dead-letter-topic must not be one of the input topics");
+        }
+        if self.lake.restricted_prefix.trim_matches('/').is_empty() {
+            bail!("lake.restricted-prefix must not be empty: restricted data is kept apart");
+        }
+        self.privacy.key_ring().context("privacy")?;
         Ok(())
     }
 }

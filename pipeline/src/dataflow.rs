@@ -1,11 +1,19 @@
-//! Assembly of the dataflow: source → decode → aggregates → closed windows → Parquet.
+//! Assembly of the dataflow: source → decode, validate, pseudonymize → aggregates per route →
+//! closed windows → Parquet, and dead letters → Parquet and the Kafka dead-letter topic.
+//!
+//! Records are routed before they are aggregated: events that declare restricted data
+//! (`data_sensitivity: restricted` or `pii_classification: high`), and dead letters of such
+//! records, are aggregated and written apart, under the restricted lake prefix with its own
+//! retention. The two routes run the same operators.
 
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 
 use differential_dataflow::AsCollection;
+use differential_dataflow::VecCollection;
 use sightline_operators::{Time, Windows, close_windows, event_counts, latency, latency_by_variant, quality};
-use sightline_sinks::tables::{DeadLetterRow, EventCountRow, LatencyRow, QualityRow, VariantLatencyRow, WindowedDeadLetter};
+use sightline_schemas::{DeadLetter, Event};
+use sightline_sinks::tables::{DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow, VariantLatencyRow, WindowedDeadLetter};
 use sightline_sinks::{Lake, Table, WindowRows, WrittenWindow, write_windows};
 use timely::ExchangeData;
 use timely::dataflow::operators::core::OkErr;
@@ -14,6 +22,7 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, Inspect, Probe};
 use timely::dataflow::{Scope, StreamVec};
 
+use crate::dead_letters::{DeadLetterTopic, produce_dead_letters};
 use crate::report::Report;
 use crate::source::{IngestSettings, IngestStats, RecordReader, ingest};
 
@@ -23,8 +32,12 @@ pub struct DataflowParts {
     pub reader: Box<dyn RecordReader>,
     /// Source settings.
     pub settings: IngestSettings,
-    /// The lake.
+    /// The lake (standard route).
     pub lake: Lake,
+    /// The lake of the restricted route.
+    pub restricted_lake: Lake,
+    /// The Kafka dead-letter topic, if configured.
+    pub dead_letter_topic: Option<DeadLetterTopic>,
     /// Where progress reports go.
     pub reports: Sender<Report>,
     /// Shared source counters.
@@ -34,10 +47,11 @@ pub struct DataflowParts {
 // The `ok_err` split carries a whole dead letter in `Err`; it is moved, not copied around.
 #[allow(clippy::result_large_err)]
 /// Builds the pipeline's dataflow in `scope` and returns the probe on its sinks: when the
-/// probe's frontier has passed a time, every window ending at or before it is durable.
-/// Also returns the probe on the sources' output, whose frontier is the global watermark.
+/// probe's frontier has passed a time, every window ending at or before it is durable (and
+/// every dead letter up to it is in the dead-letter topic). Also returns the probe on the
+/// sources' output, whose frontier is the global watermark.
 pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> (ProbeHandle<Time>, ProbeHandle<Time>) {
-    let DataflowParts { reader, settings, lake, reports, stats } = parts;
+    let DataflowParts { reader, settings, lake, restricted_lake, dead_letter_topic, reports, stats } = parts;
     let windows = settings.windows;
     let durable = ProbeHandle::new();
 
@@ -47,29 +61,19 @@ pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> (ProbeHandle<T
         Ok(event) => Ok((event, time, diff)),
         Err(dead) => Err((dead, time, diff)),
     });
-    // Shared, not copied, by the four aggregates.
-    let events = oks.map(|(event, time, diff)| (std::sync::Arc::new(event), time, diff)).as_collection();
+    // Shared, not copied, by the aggregates.
+    let events = oks.map(|(event, time, diff)| (Arc::new(event), time, diff)).as_collection();
     let rejected = errs.as_collection();
 
-    let quality_parts = closed_rows(close_windows(quality(events.clone(), rejected.clone(), windows), windows, "CloseQuality"), QualityRow::from_closed);
-    let quality_reports = reports.clone();
-    let quality_parts = quality_parts.inspect(move |part| {
-        let _ = quality_reports.send(Report::quality(part));
-    });
-
-    let dead_letters =
-        rejected.inner.map(move |(record, time, diff)| (WindowedDeadLetter { window_start: windows.start_of(time), record }, time, diff)).as_collection();
-
-    let written = [
-        write_windows(closed_rows(close_windows(event_counts(events.clone(), windows), windows, "CloseEventCounts"), EventCountRow::from_closed), lake.clone()),
-        write_windows(closed_rows(close_windows(latency(events.clone(), windows), windows, "CloseLatency"), LatencyRow::from_closed), lake.clone()),
-        write_windows(
-            closed_rows(close_windows(latency_by_variant(events, windows), windows, "CloseLatencyByVariant"), VariantLatencyRow::from_closed),
-            lake.clone(),
-        ),
-        write_windows(quality_parts, lake.clone()),
-        write_windows(closed_rows(close_windows(dead_letters, windows, "CloseDeadLetters"), DeadLetterRow::from_closed), lake),
-    ];
+    let mut written = Vec::new();
+    if let Some(topic) = dead_letter_topic {
+        written.push(produce_dead_letters(rejected.inner.clone(), topic));
+    }
+    for (route_lake, restricted) in [(lake, false), (restricted_lake, true)] {
+        let events = events.clone().filter(move |e: &Arc<Event>| e.is_restricted() == restricted);
+        let rejected = rejected.clone().filter(move |d: &DeadLetter| d.restricted == restricted);
+        written.extend(aggregate_and_write(events, rejected, windows, &route_lake, &reports));
+    }
     scope
         .concatenate(written)
         .inspect(move |written: &WrittenWindow| {
@@ -77,6 +81,43 @@ pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> (ProbeHandle<T
         })
         .probe_with(&durable);
     (durable, watermark)
+}
+
+/// Every aggregate of one route, closed and written to `lake`.
+fn aggregate_and_write<'s>(
+    events: VecCollection<'s, Time, Arc<Event>>,
+    rejected: VecCollection<'s, Time, DeadLetter>,
+    windows: Windows,
+    lake: &Lake,
+    reports: &Sender<Report>,
+) -> Vec<StreamVec<'s, Time, WrittenWindow>> {
+    let route = lake.route().to_owned();
+    let name = |what: &str| format!("{what}({route})");
+    let closed_quality = close_windows(quality(events.clone(), rejected.clone(), windows), windows, &name("CloseQuality"));
+    let summaries = closed_quality.clone().map(|w| {
+        let (window_start_ms, window_end_ms) = w.bounds();
+        WindowRows { window_start_ms, window_end_ms, rows: QualitySummaryRow::from_closed(&w) }
+    });
+    let quality_reports = reports.clone();
+    let quality_parts = closed_rows(closed_quality, QualityRow::from_closed).inspect(move |part| {
+        let _ = quality_reports.send(Report::quality(part));
+    });
+    let dead_letters =
+        rejected.inner.map(move |(record, time, diff)| (WindowedDeadLetter { window_start: windows.start_of(time), record }, time, diff)).as_collection();
+    vec![
+        write_windows(
+            closed_rows(close_windows(event_counts(events.clone(), windows), windows, &name("CloseEventCounts")), EventCountRow::from_closed),
+            lake.clone(),
+        ),
+        write_windows(closed_rows(close_windows(latency(events.clone(), windows), windows, &name("CloseLatency")), LatencyRow::from_closed), lake.clone()),
+        write_windows(
+            closed_rows(close_windows(latency_by_variant(events, windows), windows, &name("CloseLatencyByVariant")), VariantLatencyRow::from_closed),
+            lake.clone(),
+        ),
+        write_windows(quality_parts, lake.clone()),
+        write_windows(summaries, lake.clone()),
+        write_windows(closed_rows(close_windows(dead_letters, windows, &name("CloseDeadLetters")), DeadLetterRow::from_closed), lake.clone()),
+    ]
 }
 
 /// Maps each closed window to its rows.

@@ -23,6 +23,8 @@ use crate::run::{Input, Job, Summary, run};
 
 /// The demo's topic.
 pub const DEMO_TOPIC: &str = "telemetry.events";
+/// The demo's dead-letter topic.
+pub const DEMO_DEAD_LETTER_TOPIC: &str = "telemetry.dead-letter";
 
 /// Settings of a demo run.
 #[derive(Clone, Debug)]
@@ -53,12 +55,14 @@ pub fn demo_config() -> Config {
 pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
     let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
     cluster.create_topic(DEMO_TOPIC, 4, 1).context("creating the demo topic")?;
+    cluster.create_topic(DEMO_DEAD_LETTER_TOPIC, 1, 1).context("creating the demo dead-letter topic")?;
     let bootstrap = cluster.bootstrap_servers();
 
     let mut config = options.config.clone();
     config.kafka.bootstrap_servers = bootstrap.clone();
-    config.kafka.topics = vec![TopicConfig { name: DEMO_TOPIC.into() }];
+    config.kafka.topics = vec![TopicConfig::envelope(DEMO_TOPIC)];
     config.kafka.group_id = "sightline-demo".into();
+    config.kafka.dead_letter_topic = Some(DEMO_DEAD_LETTER_TOPIC.into());
     config.kafka.commit_interval_ms = 1_000;
 
     let stop = Arc::clone(&options.stop);
@@ -79,7 +83,14 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
         });
     }
     let lake = config.lake.open()?;
-    let job = Job { config: config.clone(), input: Input::Kafka(config.kafka.clone()), lake, stop: Arc::clone(&stop), print_windows: options.print_windows };
+    let job = Job {
+        config: config.clone(),
+        input: Input::Kafka(config.kafka.clone()),
+        lake,
+        stop: Arc::clone(&stop),
+        print_windows: options.print_windows,
+        format: Default::default(),
+    };
     let summary = run(job);
     stop.store(true, Ordering::Relaxed);
     let produce_result = producer_thread.join().map_err(|_| anyhow::anyhow!("the demo producer panicked"))?;

@@ -43,6 +43,11 @@ pub struct GeneratorConfig {
     pub late_fraction: f64,
     /// Fraction of deliberately broken records.
     pub bad_fraction: f64,
+    /// Fraction of "dirty" records: personal data where it must not be (e-mail addresses,
+    /// phone numbers, tokens in free text, an IP address field, coordinates, geo without
+    /// consent, a raw e-mail as `user_id`). Some are accepted after scrubbing, some rejected;
+    /// none may leave raw personal data in any output.
+    pub dirty_fraction: f64,
     /// Number of distinct tenants.
     pub tenants: u32,
     /// Number of distinct users.
@@ -58,6 +63,7 @@ impl Default for GeneratorConfig {
             jitter_ms: 2000,
             late_fraction: 0.001,
             bad_fraction: 0.001,
+            dirty_fraction: 0.0,
             tenants: 50,
             users: 5000,
         }
@@ -167,7 +173,10 @@ impl Generator {
             self.bad_line(nominal - jitter, out);
             return LineKind::Bad;
         }
-        let (time, kind) = if roll < self.config.bad_fraction + self.config.late_fraction {
+        if roll < self.config.bad_fraction + self.config.dirty_fraction {
+            return self.dirty_line(nominal - jitter, out);
+        }
+        let (time, kind) = if roll < self.config.bad_fraction + self.config.dirty_fraction + self.config.late_fraction {
             (nominal - 30_000 - self.rng.below(90_000) as i64, LineKind::Late)
         } else {
             (nominal - jitter, LineKind::Good)
@@ -179,6 +188,10 @@ impl Generator {
     /// Appends one valid event at `time_ms` to `out`.
     pub fn event(&mut self, time_ms: i64, out: &mut Vec<u8>) {
         let name = self.pick_name();
+        self.event_named(name, time_ms, out);
+    }
+
+    fn event_named(&mut self, name: &str, time_ms: i64, out: &mut Vec<u8>) {
         let r = &mut self.rng;
         let tenant = r.below(u64::from(self.config.tenants));
         let user = r.below(u64::from(self.config.users));
@@ -233,6 +246,7 @@ impl Generator {
                 r.pick(&["US", "DE", "GB", "FR", "BR", "IN"]),
                 r.pick(&["us-east", "eu-west", "eu-central", "ap-south"]),
             );
+            out.extend_from_slice(br#""geo_consent":true,"#);
         }
         let _ = write!(
             out,
@@ -427,6 +441,58 @@ impl Generator {
         };
     }
 
+    fn dirty_line(&mut self, time_ms: i64, out: &mut Vec<u8>) -> LineKind {
+        let start = out.len();
+        match self.rng.below(7) {
+            0 => {
+                // An e-mail address in a path: accepted, scrubbed.
+                self.event_named("integration_call_success", time_ms, out);
+                replace_once(out, start, b"\"surface\":\"", b"\"surface\":\"/users/jane.doe@example.com");
+                LineKind::Good
+            }
+            1 => {
+                // A raw e-mail address as user_id: accepted, pseudonymized.
+                self.event(time_ms, out);
+                replace_string_field(out, start, b"user_id", Some(b"\"casey@acmecorp.com\""));
+                LineKind::Good
+            }
+            2 => {
+                // An IP address in an undeclared field: rejected, payload redacted.
+                self.event(time_ms, out);
+                replace_once(out, start, b"\"app_version\":", b"\"client_ip\":\"203.0.113.7\",\"app_version\":");
+                LineKind::Bad
+            }
+            3 => {
+                // Exact coordinates: rejected.
+                self.event_named("circuit_breaker_opened", time_ms, out);
+                replace_once(out, start, b"\"threshold\":", b"\"latitude\":52.520008,\"longitude\":13.404954,\"threshold\":");
+                LineKind::Bad
+            }
+            4 => {
+                // Coarse geo without consent: accepted, country and region dropped.
+                self.event_named("project_viewed", time_ms, out);
+                replace_once(out, start, br#""geo_consent":true,"#, b"");
+                LineKind::Good
+            }
+            5 => {
+                // Contact data and a secret in free text: accepted, scrubbed.
+                self.event_named("action_failed", time_ms, out);
+                replace_once(
+                    out,
+                    start,
+                    b"Gmail API: Daily sending limit exceeded",
+                    b"SMTP 550 for jane.doe@example.com (+1 415 555 0134), key sk_live_4eC39HqLyjWDarjtT1zdp7dc from 198.51.100.23",
+                );
+                LineKind::Good
+            }
+            _ => {
+                // Truncated JSON with an e-mail address and a bearer token: rejected, scrubbed text kept.
+                out.extend_from_slice(br#"{"event_name":"action_failed","note":"Authorization: Bearer abcdefghijklmnop123 for jane.doe@example.com","#);
+                LineKind::Bad
+            }
+        }
+    }
+
     fn bad_line(&mut self, time_ms: i64, out: &mut Vec<u8>) {
         let variant = self.rng.below(7);
         let start = out.len();
@@ -516,8 +582,8 @@ mod tests {
 
     #[test]
     fn good_lines_decode_and_bad_lines_do_not() {
-        let decoder = Decoder::default();
-        let mut generator = Generator::new(GeneratorConfig { bad_fraction: 0.05, late_fraction: 0.02, ..GeneratorConfig::default() });
+        let mut decoder = Decoder::new(1 << 20, std::sync::Arc::new(sightline_schemas::pii::KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap()));
+        let mut generator = Generator::new(GeneratorConfig { bad_fraction: 0.05, late_fraction: 0.02, dirty_fraction: 0.02, ..GeneratorConfig::default() });
         let (mut bytes, mut good, mut bad) = (0usize, 0, 0);
         let mut names = std::collections::BTreeSet::new();
         for _ in 0..20_000 {
@@ -535,7 +601,7 @@ mod tests {
             }
         }
         assert!(bad > 600 && good > 18_000, "bad {bad} good {good}");
-        assert_eq!(names.len(), sightline_schemas::catalog::CATALOG.len(), "every catalog event is generated");
+        assert_eq!(names.len(), sightline_schemas::EventName::all().count(), "every registered event is generated");
         let mean = bytes / 20_000;
         assert!((750..=1000).contains(&mean), "mean line is {mean} bytes");
     }

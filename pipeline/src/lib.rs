@@ -27,8 +27,10 @@
 
 pub mod config;
 pub mod dataflow;
+pub mod dead_letters;
 pub mod demo;
 pub mod generator;
+pub mod pii_scan;
 pub mod report;
 pub mod run;
 pub mod source;

@@ -12,6 +12,7 @@ use sightline::config::Config;
 use sightline::demo::{DemoOptions, demo_config, run_demo};
 use sightline::generator::{Generator, GeneratorConfig};
 use sightline::run::{Input, Job, run};
+use sightline_schemas::Format;
 
 /// Sightline: product telemetry → event-time windowed aggregates → Parquet.
 #[derive(Parser, Debug)]
@@ -46,6 +47,27 @@ enum Command {
         /// Worker threads (overrides pipeline.workers).
         #[arg(long)]
         workers: Option<usize>,
+        /// Record format of the input: `envelope`, or `flat` (the command-center spec's
+        /// records, with the default envelope values).
+        #[arg(long, value_enum, default_value = "envelope")]
+        format: InputFormat,
+    },
+    /// Schema registry tools.
+    Schemas {
+        #[command(subcommand)]
+        command: SchemasCommand,
+    },
+    /// Audit stored output for personal data: every string in every Parquet file under a lake
+    /// directory, or every record of a Kafka topic (dead letters). Exits 1 if anything is found.
+    PiiScan {
+        /// A lake directory (or `s3://…` with `--config`), unless `--topic` is given.
+        target: Option<String>,
+        /// Scan this Kafka topic instead (brokers from `--config`'s `[kafka]`).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Configuration file (TOML) for S3 settings or Kafka brokers.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Write generated events as NDJSON.
     Generate {
@@ -67,6 +89,9 @@ enum Command {
         /// Fraction of deliberately broken records.
         #[arg(long, default_value_t = 0.001)]
         bad_fraction: f64,
+        /// Fraction of records with personal data where it must not be (for privacy tests).
+        #[arg(long, default_value_t = 0.0)]
+        dirty_fraction: f64,
     },
     /// The embedded default: mock Kafka cluster, live generator, local lake in ./sightline-data.
     Demo {
@@ -85,6 +110,27 @@ enum Command {
         /// Worker threads.
         #[arg(long)]
         workers: Option<usize>,
+    },
+}
+
+/// Record format of a replayed file.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum InputFormat {
+    /// The canonical envelope.
+    Envelope,
+    /// Flat command-center records.
+    Flat,
+}
+
+/// What `schemas` does.
+#[derive(Subcommand, Debug)]
+enum SchemasCommand {
+    /// Checks a schema registry directory: valid JSON Schema, consistent with the envelope,
+    /// each new version compatible with the previous one of its major version.
+    Lint {
+        /// The registry directory (default: `schemas/registry`).
+        #[arg(default_value = "schemas/registry")]
+        dir: PathBuf,
     },
 }
 
@@ -115,11 +161,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             config.validate()?;
             let lake = config.lake.open()?;
-            let job = Job { input: Input::Kafka(config.kafka.clone()), config, lake, stop: stop_on_ctrl_c()?, print_windows: true };
+            if config.privacy.key_ring()?.is_none() {
+                anyhow::bail!("`run` needs a pseudonymization key: set privacy.key (SIGHTLINE__PRIVACY__KEY) or privacy.key-file");
+            }
+            let job = Job { input: Input::Kafka(config.kafka.clone()), config, lake, stop: stop_on_ctrl_c()?, print_windows: true, format: Format::Envelope };
             let summary = run(job)?;
             println!("stopped: {summary}");
         }
-        Command::Replay { input, out, config, workers } => {
+        Command::Replay { input, out, config, workers, format } => {
             let mut config = Config::load(config.as_deref())?;
             if let Some(w) = workers {
                 config.pipeline.workers = w;
@@ -127,15 +176,41 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             config.validate()?;
             config.lake.location = out;
             let lake = config.lake.open()?;
-            let job = Job { input: Input::Ndjson(input), config, lake, stop: Arc::new(AtomicBool::new(false)), print_windows: false };
+            let format = match format {
+                InputFormat::Envelope => Format::Envelope,
+                InputFormat::Flat => Format::Flat(Default::default()),
+            };
+            let job = Job { input: Input::Ndjson(input), config, lake, stop: Arc::new(AtomicBool::new(false)), print_windows: false, format };
             let summary = run(job)?;
             println!("{summary}");
         }
-        Command::Generate { events, out, seed, rate, late_fraction, bad_fraction } => {
+        Command::Schemas { command: SchemasCommand::Lint { dir } } => match sightline_schemas::lint::lint_dir(&dir) {
+            Ok(files) => println!("{}: {files} schema files, no problems", dir.display()),
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                anyhow::bail!("{} problem(s) in {}", problems.len(), dir.display());
+            }
+        },
+        Command::PiiScan { target, topic, config } => {
+            let config = Config::load(config.as_deref())?;
+            let report = match (target, topic) {
+                (_, Some(topic)) => sightline::pii_scan::scan_topic(&config.kafka, &topic)?,
+                (Some(target), None) => sightline::pii_scan::scan_lake(&target, &config.lake.s3)?,
+                (None, None) => anyhow::bail!("give a lake directory or --topic"),
+            };
+            println!("{report}");
+            if !report.findings.is_empty() {
+                std::process::exit(1);
+            }
+        }
+        Command::Generate { events, out, seed, rate, late_fraction, bad_fraction, dirty_fraction } => {
             let sink: Box<dyn Write> =
                 if out == "-" { Box::new(std::io::stdout().lock()) } else { Box::new(std::fs::File::create(&out).with_context(|| format!("creating {out}"))?) };
             let mut sink = BufWriter::with_capacity(1 << 20, sink);
-            let mut generator = Generator::new(GeneratorConfig { seed, events_per_second: rate, late_fraction, bad_fraction, ..GeneratorConfig::default() });
+            let mut generator =
+                Generator::new(GeneratorConfig { seed, events_per_second: rate, late_fraction, bad_fraction, dirty_fraction, ..GeneratorConfig::default() });
             let mut line = Vec::with_capacity(2048);
             for _ in 0..events {
                 line.clear();

@@ -20,6 +20,8 @@ pub enum Report {
         rejected: u64,
         /// Late events.
         late: u64,
+        /// Accepted events with PII violations (scrubbed or dropped fields).
+        pii_violations: u64,
     },
     /// A window file is durable.
     Written(WrittenWindow),
@@ -28,15 +30,17 @@ pub enum Report {
 impl Report {
     /// Sums a worker's quality rows of one window.
     pub fn quality(part: &WindowRows<QualityRow>) -> Report {
-        let (mut accepted, mut rejected, mut late) = (0, 0, 0);
+        let (mut accepted, mut rejected, mut late, mut pii_violations) = (0, 0, 0, 0);
         for row in &part.rows {
             match row.outcome.as_str() {
                 "accepted" => accepted += row.count as u64,
                 "late" => late += row.count as u64,
+                "pii_violations" => pii_violations += row.count as u64,
+                "pseudonymized_fields" | "scrubbed_fields" | "dropped_fields" => {}
                 _ => rejected += row.count as u64,
             }
         }
-        Report::Quality { window_start_ms: part.window_start_ms, window_end_ms: part.window_end_ms, accepted, rejected, late }
+        Report::Quality { window_start_ms: part.window_start_ms, window_end_ms: part.window_end_ms, accepted, rejected, late, pii_violations }
     }
 }
 
@@ -51,6 +55,8 @@ pub struct WindowProgress {
     pub rejected: u64,
     /// Late events.
     pub late: u64,
+    /// Accepted events with PII violations.
+    pub pii_violations: u64,
     /// Files written.
     pub files: u64,
     /// Rows written, over all tables.
@@ -73,12 +79,13 @@ impl Progress {
     /// Takes one report in.
     pub fn add(&mut self, report: Report) {
         match report {
-            Report::Quality { window_start_ms, window_end_ms, accepted, rejected, late } => {
+            Report::Quality { window_start_ms, window_end_ms, accepted, rejected, late, pii_violations } => {
                 let w = self.open.entry(window_start_ms).or_default();
                 w.window_end_ms = window_end_ms;
                 w.accepted += accepted;
                 w.rejected += rejected;
                 w.late += late;
+                w.pii_violations += pii_violations;
             }
             Report::Written(written) => {
                 let w = self.open.entry(written.window_start_ms).or_default();
@@ -103,6 +110,7 @@ impl Progress {
                 t.accepted += w.accepted;
                 t.rejected += w.rejected;
                 t.late += w.late;
+                t.pii_violations += w.pii_violations;
                 t.files += w.files;
                 t.rows += w.rows;
                 t.bytes += w.bytes;
@@ -118,13 +126,15 @@ pub fn window_line(start_ms: u64, w: &WindowProgress) -> String {
     let start = sightline_schemas::format_rfc3339_ms(start_ms as i64);
     let end = sightline_schemas::format_rfc3339_ms(w.window_end_ms as i64);
     format!(
-        "window {}–{} closed: in {} · accepted {} · rejected {} · late {} · {} files, {} rows written",
+        "window {}–{} closed: in {} · accepted {} · rejected {} ({:.2}%) · late {} · PII violations {} · {} files, {} rows written",
         &start[..19],
         &end[11..19],
         w.accepted + w.rejected + w.late,
         w.accepted,
         w.rejected,
+        if w.accepted + w.rejected > 0 { 100.0 * w.rejected as f64 / (w.accepted + w.rejected) as f64 } else { 0.0 },
         w.late,
+        w.pii_violations,
         w.files,
         w.rows
     )

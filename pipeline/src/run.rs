@@ -7,16 +7,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sightline_operators::Time;
-use sightline_schemas::Decoder;
+use sightline_schemas::pii::KeyRing;
+use sightline_schemas::{Decoder, Format};
 use sightline_sinks::Lake;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Config, KafkaConfig};
 use crate::dataflow::{DataflowParts, build, windows_of};
+use crate::dead_letters::DeadLetterTopic;
 use crate::report::{Progress, window_line};
 use crate::source::kafka::KafkaReader;
 use crate::source::ndjson::NdjsonReader;
-use crate::source::{IngestSettings, IngestStats, RecordReader};
+use crate::source::{Decoders, IngestSettings, IngestStats, RecordReader};
 
 /// Makes worker `index` of `peers` its reader (for inputs the CLI does not know: benchmarks,
 /// tests).
@@ -56,6 +58,8 @@ pub struct Job {
     pub stop: Arc<AtomicBool>,
     /// Print one line per closed window on standard output.
     pub print_windows: bool,
+    /// Record format of file and custom inputs (Kafka topics declare their own).
+    pub format: Format,
 }
 
 /// What a run did.
@@ -96,6 +100,19 @@ fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn
         Input::Kafka(kafka) => Box::new(KafkaReader::connect(kafka, worker, peers, windows_of(&job.config.pipeline), max)?),
         Input::Custom(factory) => factory(worker, peers)?,
     })
+}
+
+/// The decoders of one worker: the replay format (or the canonical envelope) by default, and
+/// each Kafka topic's declared format.
+fn decoders_for(job: &Job, keys: &Arc<KeyRing>) -> Decoders {
+    let base = Decoder::new(job.config.pipeline.max_event_bytes, Arc::clone(keys));
+    let mut decoders = Decoders::new(base.clone().with_format(job.format.clone()));
+    if let Input::Kafka(kafka) = &job.input {
+        for topic in &kafka.topics {
+            decoders = decoders.with_topic(&topic.name, base.clone().with_format(topic.decoder_format()));
+        }
+    }
+    decoders
 }
 
 /// Counts a worker out when it ends, however it ends. A worker that fails or panics also sets
@@ -162,6 +179,13 @@ pub fn run(job: Job) -> anyhow::Result<Summary> {
 /// [`run`], updating `stats` as records are read, so that a caller can watch progress.
 pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summary> {
     let workers = job.config.pipeline.workers;
+    let keys = match job.config.privacy.key_ring()? {
+        Some(ring) => Arc::new(ring),
+        None => {
+            warn!("no pseudonymization key configured (privacy.key or privacy.key-file): using a random key for this run");
+            Arc::new(KeyRing::ephemeral(job.config.privacy.rotation_days)?)
+        }
+    };
     let (reports_tx, reports_rx) = mpsc::channel();
     let frontiers: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
     let watermarks: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
@@ -169,8 +193,8 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
     let started = Instant::now();
 
     let guards = {
-        let (job, stats, frontiers, watermarks, finished) =
-            (job.clone(), Arc::clone(&stats), Arc::clone(&frontiers), Arc::clone(&watermarks), Arc::clone(&finished));
+        let (job, stats, frontiers, watermarks, finished, keys) =
+            (job.clone(), Arc::clone(&stats), Arc::clone(&frontiers), Arc::clone(&watermarks), Arc::clone(&finished), Arc::clone(&keys));
         let reports_tx = std::sync::Mutex::new(reports_tx);
         timely::execute(timely::Config::process(workers), move |worker| -> anyhow::Result<()> {
             let mut exit = WorkerExit { finished: &finished, stop: &job.stop, failed: false };
@@ -184,11 +208,17 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                     idle_timeout: Duration::from_millis(p.idle_timeout_ms),
                     batch_size: p.batch_size,
                     windows: windows_of(p),
-                    decoder: Decoder::new(p.max_event_bytes),
+                    decoders: decoders_for(&job, &keys),
                     max_future_skew_ms: p.max_future_skew_ms,
                 };
                 let reports = reports_tx.lock().map_err(|_| anyhow::anyhow!("report channel poisoned"))?.clone();
-                let parts = DataflowParts { reader, settings, lake: job.lake.clone(), reports, stats: Arc::clone(&stats) };
+                let dead_letter_topic = match &job.input {
+                    Input::Kafka(kafka) => kafka.dead_letter_topic.as_deref().map(|topic| DeadLetterTopic::connect(kafka, topic)).transpose()?,
+                    _ => None,
+                };
+                let l = &job.config.lake;
+                let restricted_lake = job.lake.routed("restricted", &l.restricted_prefix, l.restricted_retention_days);
+                let parts = DataflowParts { reader, settings, lake: job.lake.clone(), restricted_lake, dead_letter_topic, reports, stats: Arc::clone(&stats) };
                 let (probe, watermark) = worker.dataflow::<Time, _, _>(|scope| build(scope, parts));
                 loop {
                     let durable = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));

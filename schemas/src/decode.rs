@@ -305,6 +305,13 @@ impl Decoder {
         }
     }
 
+    /// Reads the envelope of a canonical record with the typed reader and throws it away: no
+    /// schema validation, no privacy. The benchmarks' parse-only baseline.
+    pub fn parse_only(&self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::new(FailureKind::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+        serde_json::from_str::<WireEnvelope<'_>>(text).map(drop).map_err(|e| DecodeError::from_json(&e))
+    }
+
     fn decode_envelope(&mut self, text: &str) -> Result<Event, DecodeError> {
         match serde_json::from_str::<WireEnvelope<'_>>(text) {
             Ok(wire) => self.finish(wire),
@@ -324,7 +331,8 @@ impl Decoder {
         error.event_name = value.get("event_name").and_then(Value::as_str).map(str::to_owned);
         error.event_time_ms = value.get("timestamp").and_then(Value::as_str).and_then(crate::parse_rfc3339_ms);
         error.schema_version = value.get("schema_version").and_then(Value::as_str).map(str::to_owned);
-        error.restricted = value.get("data_sensitivity").and_then(Value::as_str) == Some("restricted") || value.get("pii_classification").and_then(Value::as_str) == Some("high");
+        error.restricted = value.get("data_sensitivity").and_then(Value::as_str) == Some("restricted")
+            || value.get("pii_classification").and_then(Value::as_str) == Some("high");
         error
     }
 
@@ -337,13 +345,23 @@ impl Decoder {
             e
         };
         let Some(event_name) = EventName::from_name(&wire.event_name) else {
-            return Err(context(DecodeError::at(FailureKind::UnknownEvent, "/event_name", "enum", format!("event_name `{}` is not in the registry", wire.event_name))));
+            return Err(context(DecodeError::at(
+                FailureKind::UnknownEvent,
+                "/event_name",
+                "enum",
+                format!("event_name `{}` is not in the registry", wire.event_name),
+            )));
         };
         let spec = event_name.spec();
         let version = match wire.schema_version.as_deref() {
             None => None,
             Some(text) => Some(Version::parse(text).ok_or_else(|| {
-                context(DecodeError::at(FailureKind::UnknownSchemaVersion, "/schema_version", "pattern", format!("schema_version `{text}` is not MAJOR.MINOR.PATCH")))
+                context(DecodeError::at(
+                    FailureKind::UnknownSchemaVersion,
+                    "/schema_version",
+                    "pattern",
+                    format!("schema_version `{text}` is not MAJOR.MINOR.PATCH"),
+                ))
             })?),
         };
         let Some(schema) = spec.schema(version) else {
@@ -408,11 +426,7 @@ impl Decoder {
         };
 
         // Privacy: identifiers become pseudonyms, free text is scrubbed, geo needs consent.
-        let mut privacy = PrivacyCounts {
-            pseudonymized: 3 + checked.pseudonymized as u16,
-            scrubbed: checked.scrubbed as u16,
-            dropped: checked.dropped as u16,
-        };
+        let mut privacy = PrivacyCounts { pseudonymized: 3 + checked.pseudonymized as u16, scrubbed: checked.scrubbed as u16, dropped: checked.dropped as u16 };
         if wire.geo_consent != Some(true) {
             privacy.dropped += u16::from(wire.country.is_some()) + u16::from(wire.region.is_some());
         }
@@ -477,7 +491,9 @@ fn flat_to_envelope(registry: &Registry, text: &str, defaults: &FlatDefaults) ->
         Some(Value::String(s)) => Ok(Some(s)),
         None if !required => Ok(None),
         None => Err(DecodeError::at(FailureKind::MissingField, &format!("/{field}"), "required", format!("flat record has no `{field}`"))),
-        Some(other) => Err(DecodeError::at(FailureKind::WrongType, &format!("/{field}"), "type", format!("`{field}` must be a string, found {}", json_kind(&other)))),
+        Some(other) => {
+            Err(DecodeError::at(FailureKind::WrongType, &format!("/{field}"), "type", format!("`{field}` must be a string, found {}", json_kind(&other))))
+        }
     };
     let name = take_string("event", true)?.unwrap_or_default();
     let timestamp = take_string("timestamp", true)?.unwrap_or_default();
@@ -545,7 +561,10 @@ mod tests {
             ("pii_classification", r#""low""#),
             ("data_sensitivity", r#""internal""#),
             ("experiment_assignments", r#"{"exp_b":"treatment","exp_a":"control"}"#),
-            ("properties", r#"{"task_id":"tk_1","assignment_type":"direct","assignee_role":"member","due_in_days":3,"priority":"high","assignment_latency_ms":12.5}"#),
+            (
+                "properties",
+                r#"{"task_id":"tk_1","assignment_type":"direct","assignee_role":"member","due_in_days":3,"priority":"high","assignment_latency_ms":12.5}"#,
+            ),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -595,7 +614,10 @@ mod tests {
         assert_eq!(v(&[("ip_address", r#""10.0.0.1""#)]), ("".into(), "additionalProperties".into()));
         assert_eq!(v(&[("schema_version", r#""9.0.0""#)]), ("/schema_version".into(), "x-sightline.version".into()));
         assert_eq!(
-            v(&[("properties", r#"{"task_id":"tk_1","assignment_type":"sideways","assignee_role":"m","due_in_days":3,"priority":"high","assignment_latency_ms":1}"#)]),
+            v(&[(
+                "properties",
+                r#"{"task_id":"tk_1","assignment_type":"sideways","assignee_role":"m","due_in_days":3,"priority":"high","assignment_latency_ms":1}"#
+            )]),
             ("/properties/assignment_type".into(), "enum".into())
         );
         assert_eq!(kind_of(&line(&[("schema_version", r#""9.0.0""#)])), FailureKind::UnknownSchemaVersion);
@@ -661,7 +683,9 @@ mod tests {
         assert_eq!(kind_of(&line(&[("timestamp", r#""yesterday""#)])), FailureKind::InvalidValue);
         assert_eq!(kind_of(&line(&[("ip_address", r#""10.0.0.1""#)])), FailureKind::UnknownField);
         assert_eq!(kind_of(&line(&[("event_name", r#""mystery""#)])), FailureKind::UnknownEvent);
-        let props = |latency: &str| format!(r#"{{"task_id":"t","assignment_type":"auto","assignee_role":"m","due_in_days":1,"priority":"low","assignment_latency_ms":{latency}}}"#);
+        let props = |latency: &str| {
+            format!(r#"{{"task_id":"t","assignment_type":"auto","assignee_role":"m","due_in_days":1,"priority":"low","assignment_latency_ms":{latency}}}"#)
+        };
         assert_eq!(kind_of(&line(&[("properties", &props(r#""fast""#))])), FailureKind::WrongType);
         assert_eq!(kind_of(&line(&[("properties", &props("-1"))])), FailureKind::InvalidValue);
         assert_eq!(kind_of(&line(&[("properties", r#"{"task_id":"t"}"#)])), FailureKind::MissingField);
@@ -673,7 +697,10 @@ mod tests {
         let mut bytes = line(&[]).into_bytes();
         bytes[60] = 0xff;
         assert_eq!(decoder().decode(&bytes).unwrap_err().kind, FailureKind::InvalidUtf8);
-        assert_eq!(Decoder::new(100, Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap())).decode(line(&[]).as_bytes()).unwrap_err().kind, FailureKind::Oversize);
+        assert_eq!(
+            Decoder::new(100, Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap())).decode(line(&[]).as_bytes()).unwrap_err().kind,
+            FailureKind::Oversize
+        );
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub mod registry;
 mod time;
 pub mod validate;
 
-pub use decode::{DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, FlatDefaults, Format};
+pub use decode::{DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, ENVELOPE_PRIVACY, FlatDefaults, Format};
 pub use time::{format_rfc3339_ms, parse_rfc3339_ms, utc_date_hour};
 
 use serde::{Deserialize, Serialize};
@@ -142,7 +142,11 @@ impl TryFrom<u16> for EventName {
     type Error = String;
 
     fn try_from(index: u16) -> Result<EventName, String> {
-        if usize::from(index) < registry::Registry::embedded().events().len() { Ok(EventName(index)) } else { Err(format!("event index {index} is not in the catalog")) }
+        if usize::from(index) < registry::Registry::embedded().events().len() {
+            Ok(EventName(index))
+        } else {
+            Err(format!("event index {index} is not in the catalog"))
+        }
     }
 }
 

@@ -159,10 +159,8 @@ fn compatibility(event: &EventSpec, problems: &mut Vec<Problem>) {
         let mut breaks = Vec::new();
         compare_object("/properties", &previous.properties, &schema.properties, &mut breaks);
         for b in breaks {
-            problems.push(Problem {
-                file: schema.file.clone(),
-                message: format!("breaking change from {} at {b} (needs a new major version)", previous.version),
-            });
+            problems
+                .push(Problem { file: schema.file.clone(), message: format!("breaking change from {} at {b} (needs a new major version)", previous.version) });
         }
     }
 }

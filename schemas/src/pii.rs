@@ -256,9 +256,7 @@ impl Privacy {
         let text = String::from_utf8_lossy(bytes);
         let mut out = match serde_json::from_str::<Value>(&text) {
             Ok(Value::Object(mut record)) => {
-                let time = event_time_ms
-                    .or_else(|| record.get("timestamp").and_then(Value::as_str).and_then(crate::parse_rfc3339_ms))
-                    .unwrap_or_else(now_ms);
+                let time = event_time_ms.or_else(|| record.get("timestamp").and_then(Value::as_str).and_then(crate::parse_rfc3339_ms)).unwrap_or_else(now_ms);
                 self.redact_record(&mut record, time);
                 Value::Object(record).to_string()
             }

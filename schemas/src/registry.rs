@@ -561,7 +561,10 @@ fn compile_object(path: &str, pointer: &str, object: &Map<String, Value>) -> Res
     fields.sort_by(|a, b| a.0.cmp(&b.0));
     let required: Vec<String> = match object.get("required") {
         None => Vec::new(),
-        Some(Value::Array(names)) => names.iter().map(|n| n.as_str().map(str::to_owned).ok_or_else(|| err(path, format!("{pointer}: `required` lists strings")))).collect::<Result<_, _>>()?,
+        Some(Value::Array(names)) => names
+            .iter()
+            .map(|n| n.as_str().map(str::to_owned).ok_or_else(|| err(path, format!("{pointer}: `required` lists strings"))))
+            .collect::<Result<_, _>>()?,
         Some(_) => return Err(err(path, format!("{pointer}: `required` must be an array"))),
     };
     let rule = ObjectRule { fields, required };
@@ -688,6 +691,19 @@ mod tests {
         let (_, signal) = registry.event("signal_processed").unwrap();
         assert_eq!(signal.latency().map(|l| l.field.as_str()), Some("processing_duration_ms"));
         assert_eq!(registry.event("recommendation_accepted").unwrap().1.latency().unwrap().scale_ms, 1000.0);
+        let with_latency: Vec<(&str, &str)> = registry.events().iter().filter_map(|e| e.latency().map(|l| (e.name.as_str(), l.field.as_str()))).collect();
+        assert_eq!(
+            with_latency,
+            [
+                ("action_executed", "duration_ms"),
+                ("integration_call_success", "duration_ms"),
+                ("project_created", "duration_ms"),
+                ("project_viewed", "time_to_first_paint_ms"),
+                ("recommendation_accepted", "time_to_decision_seconds"),
+                ("signal_processed", "processing_duration_ms"),
+                ("task_assigned", "assignment_latency_ms"),
+            ]
+        );
     }
 
     #[test]

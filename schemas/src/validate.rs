@@ -351,7 +351,9 @@ mod tests {
         let c = check("circuit_breaker_opened", r#"{"service":"hubspot","failure_count":5,"threshold":5,"latitude":52.52}"#);
         assert_eq!(c.violations[0].keyword, "x-pii");
         let comment = "x".repeat(501);
-        let raw = format!(r#"{{"score":4,"sentiment":"positive","tags":[],"comment_present":true,"correlation_id":"c","blocked":false,"blocker_type":null,"comment":"{comment}"}}"#);
+        let raw = format!(
+            r#"{{"score":4,"sentiment":"positive","tags":[],"comment_present":true,"correlation_id":"c","blocked":false,"blocker_type":null,"comment":"{comment}"}}"#
+        );
         let c = check("project_feedback_submitted", &raw);
         assert_eq!(c.violations.iter().map(|v| (v.pointer.as_str(), v.keyword.as_str())).collect::<Vec<_>>(), [("/properties/comment", "maxLength")]);
     }
@@ -364,7 +366,10 @@ mod tests {
         );
         assert!(c.violations.is_empty(), "{:?}", c.violations);
         assert_eq!(c.pseudonymized, 1);
-        let c = check("action_failed", r#"{"action_id":"a","action_type":"send_email","error_type":"api_error","error_message":"token sk_live_abcdefghijkl1234 for ops@example.com","retryable":false}"#);
+        let c = check(
+            "action_failed",
+            r#"{"action_id":"a","action_type":"send_email","error_type":"api_error","error_message":"token sk_live_abcdefghijkl1234 for ops@example.com","retryable":false}"#,
+        );
         assert!(c.violations.is_empty(), "{:?}", c.violations);
         assert_eq!(c.scrubbed, 1);
     }

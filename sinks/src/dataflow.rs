@@ -87,6 +87,7 @@ where
             let ready: Vec<(u64, u64)> = pending.iter().filter(|(_, (cap, _))| !frontier.less_equal(cap.time())).map(|(k, _)| *k).collect();
             for window in ready {
                 let Some((cap, rows)) = pending.get_mut(&window) else { continue };
+                *rows = R::combine(std::mem::take(rows));
                 rows.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
                 match lake.write_window::<R>(window.0, window.1, rows) {
                     Ok(written) => {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutOptions, PutPayload, TagSet};
 use sightline_schemas::utc_date_hour;
 
 use crate::{Error, Result, Table, WrittenWindow, parquet_encode};
@@ -80,12 +80,35 @@ fn open_s3(location: &str, _rest: &str, _s3: &S3Options) -> Result<Arc<dyn Objec
     Err(Error::Location(format!("{location} (this build has no S3 support: enable the `s3` feature)")))
 }
 
+/// How long files are kept, in days, by kind of data. Written into every file's Parquet
+/// metadata (`sightline.retention_days`) and, on S3, as the object tag `retention-days`, for
+/// lifecycle rules to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Aggregate tables (platform spec: 12 months).
+    pub aggregates_days: u32,
+    /// Per-record tables such as `dead_letter` (platform spec: 90 days raw).
+    pub raw_days: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { aggregates_days: 365, raw_days: 90 }
+    }
+}
+
 /// A handle on the lake: an object store plus a blocking I/O runtime. Cheap to clone.
+///
+/// A lake may be *routed* under a prefix ([`Lake::routed`]): the restricted route writes the
+/// same tables under `restricted/` with its own retention.
 #[derive(Clone, Debug)]
 pub struct Lake {
     store: Arc<dyn ObjectStore>,
     location: String,
     runtime: Arc<tokio::runtime::Runtime>,
+    prefix: String,
+    route: String,
+    retention: Retention,
 }
 
 impl Lake {
@@ -114,7 +137,37 @@ impl Lake {
     /// Wraps an existing object store (any `object_store` backend).
     pub fn from_store(store: Arc<dyn ObjectStore>, location: &str) -> Result<Lake> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        Ok(Lake { store, location: location.to_owned(), runtime: Arc::new(runtime) })
+        Ok(Lake {
+            store,
+            location: location.to_owned(),
+            runtime: Arc::new(runtime),
+            prefix: String::new(),
+            route: "standard".into(),
+            retention: Retention::default(),
+        })
+    }
+
+    /// The same lake with retention `retention` for the standard route.
+    pub fn with_retention(mut self, retention: Retention) -> Lake {
+        self.retention = retention;
+        self
+    }
+
+    /// The same store, writing under `<prefix>/` as route `route`, every table kept for
+    /// `retention_days`.
+    pub fn routed(&self, route: &str, prefix: &str, retention_days: u32) -> Lake {
+        let prefix = prefix.trim_matches('/');
+        Lake {
+            prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+            route: route.to_owned(),
+            retention: Retention { aggregates_days: retention_days, raw_days: retention_days },
+            ..self.clone()
+        }
+    }
+
+    /// The route name (`standard`, `restricted`).
+    pub fn route(&self) -> &str {
+        &self.route
     }
 
     /// The location the lake was opened at.
@@ -125,10 +178,15 @@ impl Lake {
     /// Encodes `rows` as Parquet and writes them as the file of window `[start, end)` of table
     /// `T`, replacing any earlier file of the same window. Blocks until the store has the file.
     pub fn write_window<T: Table>(&self, window_start_ms: u64, window_end_ms: u64, rows: &[T]) -> Result<WrittenWindow> {
-        let bytes = parquet_encode(rows)?;
-        let path = window_path(T::NAME, window_start_ms, window_end_ms);
+        let days = if T::RAW { self.retention.raw_days } else { self.retention.aggregates_days };
+        let bytes = parquet_encode(rows, &[("sightline.retention_days", days.to_string()), ("sightline.route", self.route.clone())])?;
+        let path = format!("{}{}", self.prefix, window_path(T::NAME, window_start_ms, window_end_ms));
         let size = bytes.len() as u64;
-        self.put(&path, bytes)?;
+        let mut tags = TagSet::default();
+        tags.push("retention-days", &days.to_string());
+        tags.push("route", &self.route);
+        let location = Path::from(path.as_str());
+        self.runtime.block_on(self.store.put_opts(&location, PutPayload::from(bytes), PutOptions::from(tags)))?;
         Ok(WrittenWindow { table: T::NAME.to_owned(), window_start_ms, window_end_ms, rows: rows.len() as u64, bytes: size, path })
     }
 
@@ -159,6 +217,23 @@ impl Lake {
         })?;
         paths.sort();
         Ok(paths)
+    }
+
+    /// Every non-null string cell of the Parquet file at `path`, as (column, value).
+    pub fn string_cells(&self, path: &str) -> Result<Vec<(String, String)>> {
+        use arrow_array::Array;
+        let bytes = self.get(path)?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+        let mut cells = Vec::new();
+        for batch in reader {
+            let batch = batch?;
+            for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+                if let Some(strings) = column.as_any().downcast_ref::<arrow_array::StringArray>() {
+                    cells.extend(strings.iter().flatten().map(|v| (field.name().clone(), v.to_owned())));
+                }
+            }
+        }
+        Ok(cells)
     }
 
     /// Reads the Parquet file at `path` and returns its number of rows (a real Parquet reader:

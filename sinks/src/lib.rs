@@ -31,7 +31,7 @@ pub mod tables;
 
 pub use dataflow::{WindowRows, WrittenWindow, write_windows};
 pub use encode::{Table, parquet_encode};
-pub use lake::{Lake, S3Options, window_path};
+pub use lake::{Lake, Retention, S3Options, window_path};
 
 /// Errors of the sinks. Each says whether retrying can help.
 #[derive(Debug, thiserror::Error)]

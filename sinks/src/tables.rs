@@ -6,11 +6,11 @@
 
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
-use sightline_operators::{ClosedWindow, CountKey, LatencyHistogram, LatencyKey, QualityKey, VariantKey};
-use sightline_schemas::DeadLetter;
+use sightline_operators::{ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityKey, VariantKey};
+use sightline_schemas::{DeadLetter, FailureKind};
 
 use crate::{Result, Table};
 
@@ -319,19 +319,30 @@ impl Table for QualityRow {
     }
 }
 
-/// A row of `dead_letter`: one rejected or late record, without its payload.
+/// Name and version of the processor, recorded in every dead-letter row.
+pub const PROCESSOR: &str = concat!("sightline ", env!("CARGO_PKG_VERSION"));
+
+/// A row of `dead_letter`: one rejected or late record, self-describing, with its payload as
+/// the privacy layer left it (identifiers pseudonymized, free text scrubbed, undeclared values
+/// redacted).
 #[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
 pub struct DeadLetterRow {
     /// Start of the window in which the record was processed, ms since the epoch.
     pub window_start_ms: u64,
     /// End of that window.
     pub window_end_ms: u64,
+    /// Processor name and version (`sightline 0.1.0`).
+    pub processor: String,
     /// Failure kind.
     pub kind: String,
     /// Reason, naming the field where known.
     pub reason: String,
     /// Event name, when known.
     pub event_name: Option<String>,
+    /// Schema version tried, when known.
+    pub schema_version: Option<String>,
+    /// The violations as a JSON array of `{pointer, keyword, message}`.
+    pub violations: String,
     /// Event time, ms since the epoch, when known.
     pub event_time_ms: Option<i64>,
     /// Source topic (or `file:<path>`).
@@ -342,32 +353,37 @@ pub struct DeadLetterRow {
     pub offset: i64,
     /// Size of the raw record.
     pub payload_bytes: i64,
+    /// The redacted payload (null for records over the size limit).
+    pub payload: Option<String>,
     /// How many identical records (same origin) this row stands for; 1 unless a source replayed.
     pub copies: i64,
 }
 
 impl DeadLetterRow {
+    /// The row of one dead letter.
+    pub fn new(window_start_ms: u64, window_end_ms: u64, d: DeadLetter, copies: i64) -> DeadLetterRow {
+        DeadLetterRow {
+            window_start_ms,
+            window_end_ms,
+            processor: PROCESSOR.to_owned(),
+            kind: d.kind.as_str().to_owned(),
+            reason: d.reason,
+            event_name: d.event_name,
+            schema_version: d.schema_version,
+            violations: serde_json::to_string(&d.violations).unwrap_or_else(|_| "[]".into()),
+            event_time_ms: d.event_time_ms,
+            topic: d.origin.topic,
+            partition: d.origin.partition,
+            offset: d.origin.offset,
+            payload_bytes: d.payload_bytes as i64,
+            payload: d.payload,
+            copies,
+        }
+    }
+
     /// Rows of a closed `dead_letter` window.
     pub fn from_closed(w: ClosedWindow<crate::tables::WindowedDeadLetter, isize>) -> Vec<DeadLetterRow> {
-        w.entries
-            .into_iter()
-            .map(|(k, n)| {
-                let d = k.record;
-                DeadLetterRow {
-                    window_start_ms: w.window_start,
-                    window_end_ms: w.window_end,
-                    kind: d.kind.as_str().to_owned(),
-                    reason: d.reason,
-                    event_name: d.event_name,
-                    event_time_ms: d.event_time_ms,
-                    topic: d.origin.topic,
-                    partition: d.origin.partition,
-                    offset: d.origin.offset,
-                    payload_bytes: d.payload_bytes as i64,
-                    copies: n as i64,
-                }
-            })
-            .collect()
+        w.entries.into_iter().map(|(k, n)| DeadLetterRow::new(w.window_start, w.window_end, k.record, n as i64)).collect()
     }
 }
 
@@ -388,18 +404,23 @@ impl sightline_operators::WindowKey for WindowedDeadLetter {
 
 impl Table for DeadLetterRow {
     const NAME: &'static str = "dead_letter";
+    const RAW: bool = true;
 
     fn schema() -> SchemaRef {
         let mut fields = window_fields();
         fields.extend([
+            Field::new("processor", DataType::Utf8, false),
             Field::new("kind", DataType::Utf8, false),
             Field::new("reason", DataType::Utf8, false),
             Field::new("event_name", DataType::Utf8, true),
+            Field::new("schema_version", DataType::Utf8, true),
+            Field::new("violations", DataType::Utf8, false),
             Field::new("event_time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
             Field::new("topic", DataType::Utf8, false),
             Field::new("partition", DataType::Int32, false),
             Field::new("offset", DataType::Int64, false),
             Field::new("payload_bytes", DataType::Int64, false),
+            Field::new("payload", DataType::Utf8, true),
             Field::new("copies", DataType::Int64, false),
         ]);
         Arc::new(Schema::new(fields))
@@ -408,16 +429,130 @@ impl Table for DeadLetterRow {
     fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
         let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
         columns.extend([
+            strings(rows, |r| &r.processor),
             strings(rows, |r| &r.kind),
             strings(rows, |r| &r.reason),
             opt_strings(rows, |r| r.event_name.as_deref()),
+            opt_strings(rows, |r| r.schema_version.as_deref()),
+            strings(rows, |r| &r.violations),
             Arc::new(TimestampMicrosecondArray::from_iter(rows.iter().map(|r| r.event_time_ms.map(|t| t * 1000))).with_timezone("UTC")) as ArrayRef,
             strings(rows, |r| &r.topic),
             Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))) as ArrayRef,
             ints(rows, |r| r.offset),
             ints(rows, |r| r.payload_bytes),
+            opt_strings(rows, |r| r.payload.as_deref()),
             ints(rows, |r| r.copies),
         ]);
         batch(Self::schema(), columns)
+    }
+}
+
+/// A row of `quality_summary`: one window's totals and the platform spec's success criteria
+/// (< 1% of records rejected for schema violations, < 0.1% of accepted events with PII
+/// violations).
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct QualitySummaryRow {
+    /// Window start, ms since the epoch.
+    pub window_start_ms: u64,
+    /// Window end, ms since the epoch.
+    pub window_end_ms: u64,
+    /// Records accepted.
+    pub accepted: i64,
+    /// Records rejected (every failure kind but `late`).
+    pub rejected: i64,
+    /// Records that arrived behind the watermark.
+    pub late: i64,
+    /// Accepted events with PII violations.
+    pub pii_violations: i64,
+    /// `rejected / (accepted + rejected)`; 0 for an empty window.
+    pub rejection_rate: f64,
+    /// `pii_violations / accepted`; 0 for an empty window.
+    pub pii_violation_rate: f64,
+    /// `rejection_rate < 1%`.
+    pub meets_rejection_target: bool,
+    /// `pii_violation_rate < 0.1%`.
+    pub meets_pii_target: bool,
+}
+
+/// Target of the platform spec: fewer than 1% of records rejected.
+pub const REJECTION_TARGET: f64 = 0.01;
+/// Target of the platform spec: fewer than 0.1% of events with PII violations.
+pub const PII_VIOLATION_TARGET: f64 = 0.001;
+
+impl QualitySummaryRow {
+    /// The summary of one worker's part of a closed `quality` window (parts are merged by
+    /// [`Table::combine`] before writing).
+    pub fn from_closed(w: &ClosedWindow<QualityKey, isize>) -> Vec<QualitySummaryRow> {
+        let (mut accepted, mut rejected, mut late, mut pii) = (0, 0, 0, 0);
+        for (k, n) in &w.entries {
+            let n = *n as i64;
+            match k.outcome {
+                Outcome::Accepted => accepted += n,
+                Outcome::Rejected(FailureKind::Late) => late += n,
+                Outcome::Rejected(_) => rejected += n,
+                Outcome::PiiViolations => pii += n,
+                Outcome::PseudonymizedFields | Outcome::ScrubbedFields | Outcome::DroppedFields => {}
+            }
+        }
+        vec![QualitySummaryRow::totals(w.window_start, w.window_end, accepted, rejected, late, pii)]
+    }
+
+    fn totals(window_start_ms: u64, window_end_ms: u64, accepted: i64, rejected: i64, late: i64, pii_violations: i64) -> QualitySummaryRow {
+        let ratio = |a: i64, b: i64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+        let rejection_rate = ratio(rejected, accepted + rejected);
+        let pii_violation_rate = ratio(pii_violations, accepted);
+        QualitySummaryRow {
+            window_start_ms,
+            window_end_ms,
+            accepted,
+            rejected,
+            late,
+            pii_violations,
+            rejection_rate,
+            pii_violation_rate,
+            meets_rejection_target: rejection_rate < REJECTION_TARGET,
+            meets_pii_target: pii_violation_rate < PII_VIOLATION_TARGET,
+        }
+    }
+}
+
+impl Table for QualitySummaryRow {
+    const NAME: &'static str = "quality_summary";
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        fields.extend([
+            Field::new("accepted", DataType::Int64, false),
+            Field::new("rejected", DataType::Int64, false),
+            Field::new("late", DataType::Int64, false),
+            Field::new("pii_violations", DataType::Int64, false),
+            Field::new("rejection_rate", DataType::Float64, false),
+            Field::new("pii_violation_rate", DataType::Float64, false),
+            Field::new("meets_rejection_target", DataType::Boolean, false),
+            Field::new("meets_pii_target", DataType::Boolean, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            ints(rows, |r| r.accepted),
+            ints(rows, |r| r.rejected),
+            ints(rows, |r| r.late),
+            ints(rows, |r| r.pii_violations),
+            floats(rows, |r| r.rejection_rate),
+            floats(rows, |r| r.pii_violation_rate),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.meets_rejection_target)))) as ArrayRef,
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.meets_pii_target)))) as ArrayRef,
+        ]);
+        batch(Self::schema(), columns)
+    }
+
+    fn combine(rows: Vec<Self>) -> Vec<Self> {
+        let Some(first) = rows.first() else { return rows };
+        let (start, end) = (first.window_start_ms, first.window_end_ms);
+        let sum = |f: fn(&QualitySummaryRow) -> i64| rows.iter().map(f).sum::<i64>();
+        vec![QualitySummaryRow::totals(start, end, sum(|r| r.accepted), sum(|r| r.rejected), sum(|r| r.late), sum(|r| r.pii_violations))]
     }
 }

@@ -61,17 +61,25 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
 
     let mut config = Config::default();
     config.pipeline.workers = workers;
+    config.privacy.key = Some(TEST_KEY.into());
     config.pipeline.window_ms = 5_000;
     config.pipeline.allowed_lateness_ms = 1_000;
     config.pipeline.idle_timeout_ms = 1_000;
     config.kafka.bootstrap_servers = bootstrap.into();
     config.kafka.group_id = group.clone();
-    config.kafka.topics = topics.iter().map(|(name, _)| TopicConfig { name: name.to_string() }).collect();
+    config.kafka.topics = topics.iter().map(|(name, _)| TopicConfig::envelope(name)).collect();
     config.kafka.commit_interval_ms = 0;
 
     let stop = Arc::new(AtomicBool::new(false));
     let lake = sightline_sinks::Lake::open(lake_dir.to_str().expect("utf-8")).expect("lake");
-    let job = Job { config: config.clone(), input: Input::Kafka(config.kafka.clone()), lake, stop: Arc::clone(&stop), print_windows: false };
+    let job = Job {
+        config: config.clone(),
+        input: Input::Kafka(config.kafka.clone()),
+        lake,
+        stop: Arc::clone(&stop),
+        print_windows: false,
+        format: Default::default(),
+    };
     let pipeline = std::thread::spawn(move || run(job));
 
     // Event times start now, so that no partition's idle clock makes them late.
@@ -106,7 +114,7 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
     // offsets reach the end of every partition.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let counted: i64 = quality(&lake_dir).values().sum();
+        let counted = records_counted(&lake_dir);
         if counted as usize >= events {
             break;
         }
@@ -148,17 +156,19 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
     let classified: Vec<(Vec<u8>, Failure)> = lines.iter().map(|(l, k)| (l.clone(), (*k == LineKind::Bad).then(|| (None, "rejected".to_string())))).collect();
     let want = Reference::compute_with(&classified, 1, 5_000, 1_000);
     assert_eq!(want.late, 0);
-    assert_maps_eq(&event_counts(&lake_dir), &want.counts, "event_counts");
-    let accepted: BTreeMap<_, _> = quality(&lake_dir).into_iter().filter(|(k, _)| k.2 == "accepted").collect();
-    let want_accepted: BTreeMap<_, _> = want.quality.into_iter().filter(|(k, _)| k.2 == "accepted").collect();
-    assert_maps_eq(&accepted, &want_accepted, "quality (accepted)");
-    let rejected: i64 = quality(&lake_dir).into_iter().filter(|(k, _)| k.2 != "accepted").map(|(_, n)| n).sum();
+    for (route, want) in routes(&lake_dir).iter().zip([&want.standard, &want.restricted]) {
+        assert_maps_eq(&event_counts(route), &want.counts, "event_counts");
+        let accepted: BTreeMap<_, _> = quality(route).into_iter().filter(|(k, _)| k.2 == "accepted").collect();
+        let want_accepted: BTreeMap<_, _> = want.quality.iter().filter(|(k, _)| k.2 == "accepted").map(|(k, v)| (k.clone(), *v)).collect();
+        assert_maps_eq(&accepted, &want_accepted, "quality (accepted)");
+        let got = latency(route);
+        for (key, samples) in &want.latency {
+            assert_stats(key, &got[key], samples);
+        }
+    }
+    let rejected: i64 = routes(&lake_dir).iter().flat_map(|r| quality(r)).filter(|(k, _)| k.2 != "accepted").map(|(_, n)| n).sum();
     assert_eq!(rejected as u64, want.rejected);
     assert_eq!(summary.rejected, want.rejected);
-    let dead = dead_letters(&lake_dir);
+    let dead = all_dead_letters(&lake_dir);
     assert_eq!(dead.len() as u64, want.rejected, "one dead letter per rejected record");
-    let got = latency(&lake_dir);
-    for (key, samples) in &want.latency {
-        assert_stats(key, &got[key], samples);
-    }
 }

@@ -32,8 +32,12 @@ pub fn config(workers: usize) -> Config {
     config.pipeline.allowed_lateness_ms = LATENESS_MS;
     config.pipeline.tick_ms = TICK_MS;
     config.pipeline.batch_size = 97;
+    config.privacy.key = Some(TEST_KEY.into());
     config
 }
+
+/// The tests' pseudonymization secret (configured like a deployment's, never built in).
+pub const TEST_KEY: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
 
 /// Generated lines with what the generator meant each to be.
 pub fn generate(events: usize, seed: u64, bad: f64, late: f64) -> Vec<(Vec<u8>, LineKind)> {
@@ -61,7 +65,14 @@ pub fn write_ndjson(path: &Path, lines: &[(Vec<u8>, LineKind)]) {
 /// Replays a file through the library with the given configuration.
 pub fn replay(input: &Path, lake_dir: &Path, config: Config) -> Summary {
     let lake = sightline_sinks::Lake::open(lake_dir.to_str().expect("utf-8")).expect("lake");
-    let job = Job { config, input: Input::Ndjson(input.to_str().expect("utf-8").into()), lake, stop: Arc::new(AtomicBool::new(false)), print_windows: false };
+    let job = Job {
+        config,
+        input: Input::Ndjson(input.to_str().expect("utf-8").into()),
+        lake,
+        stop: Arc::new(AtomicBool::new(false)),
+        print_windows: false,
+        format: Default::default(),
+    };
     run(job).expect("replay")
 }
 
@@ -144,8 +155,10 @@ pub fn latency_by_variant(lake_dir: &Path) -> BTreeMap<(u64, String, String, Str
     latency_table(lake_dir, "latency_by_variant", ["experiment_id", "variant"])
 }
 
-/// `quality` as (window start, name, outcome) → count.
-pub fn quality(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
+/// The privacy counters among `quality`'s outcomes.
+pub const PRIVACY_COUNTERS: [&str; 4] = ["pseudonymized_fields", "scrubbed_fields", "dropped_fields", "pii_violations"];
+
+fn quality_rows(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
     let mut out = BTreeMap::new();
     for b in read_table(lake_dir, "quality") {
         for i in 0..b.num_rows() {
@@ -156,7 +169,37 @@ pub fn quality(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
     out
 }
 
-/// `dead_letter` as ((topic, partition, offset) → (kind, reason)).
+/// `quality`'s record outcomes (accepted, late, failure kinds) as (window start, name,
+/// outcome) → count; the privacy counters are left out (see [`privacy_counters`]).
+pub fn quality(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
+    quality_rows(lake_dir).into_iter().filter(|(k, _)| !PRIVACY_COUNTERS.contains(&k.2.as_str())).collect()
+}
+
+/// `quality`'s privacy counters, summed over windows and event names: counter → total.
+pub fn privacy_counters(lake_dir: &Path) -> BTreeMap<String, i64> {
+    quality_rows(lake_dir).into_iter().filter(|(k, _)| PRIVACY_COUNTERS.contains(&k.2.as_str())).fold(BTreeMap::new(), |mut m, (k, n)| {
+        *m.entry(k.2).or_default() += n;
+        m
+    })
+}
+
+/// The two routes of a lake: the standard one at its root, the restricted one under
+/// `restricted/`.
+pub fn routes(lake_dir: &Path) -> [PathBuf; 2] {
+    [lake_dir.to_path_buf(), lake_dir.join("restricted")]
+}
+
+/// Records counted in `quality` over both routes.
+pub fn records_counted(lake_dir: &Path) -> i64 {
+    routes(lake_dir).iter().map(|r| quality(r).values().sum::<i64>()).sum()
+}
+
+/// Dead letters of both routes.
+pub fn all_dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), (String, String)> {
+    routes(lake_dir).iter().flat_map(|r| dead_letters(r)).collect()
+}
+
+/// `dead_letter` as ((topic, partition, offset) → (kind, reason followed by the violations)).
 pub fn dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), (String, String)> {
     let mut out = BTreeMap::new();
     for b in read_table(lake_dir, "dead_letter") {
@@ -164,7 +207,8 @@ pub fn dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), (String, St
             let offset = col::<Int64Array>(&b, "offset").value(i);
             let partition = col::<arrow_array::Int32Array>(&b, "partition").value(i);
             let topic = s(&b, "topic", i);
-            assert!(out.insert((topic, partition, offset), (s(&b, "kind", i), s(&b, "reason", i))).is_none(), "duplicate dead letter at {partition}/{offset}");
+            let explained = format!("{} {}", s(&b, "reason", i), s(&b, "violations", i));
+            assert!(out.insert((topic, partition, offset), (s(&b, "kind", i), explained)).is_none(), "duplicate dead letter at {partition}/{offset}");
         }
     }
     out
@@ -183,15 +227,33 @@ fn latency_field(name: &str) -> Option<(&'static str, f64)> {
     })
 }
 
-/// The reference: every table computed from scratch with serde_json and chrono, following the
-/// documented rules (per-worker round-robin lines, watermark = newest − lateness, dead letters
-/// at the tick of the newest accepted event before them, or of the first one after).
+/// The aggregates of one route.
 #[derive(Debug, Default)]
-pub struct Reference {
+pub struct Aggregates {
     pub counts: BTreeMap<(u64, String, String, String), i64>,
     pub latency: BTreeMap<(u64, String, String, String), Vec<u64>>,
     pub variants: BTreeMap<(u64, String, String, String), Vec<u64>>,
     pub quality: BTreeMap<(u64, String, String), i64>,
+}
+
+/// Whether a record goes to the restricted route, decided from its raw JSON as documented:
+/// `data_sensitivity: restricted` or `pii_classification: high` (records that are not JSON
+/// objects stay on the standard route).
+fn restricted(line: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else { return false };
+    v["data_sensitivity"] == "restricted" || v["pii_classification"] == "high"
+}
+
+/// The reference: every table computed from scratch with serde_json and chrono, following the
+/// documented rules (per-worker round-robin lines, watermark = newest − lateness, dead letters
+/// at the tick of the newest accepted event before them, or of the first one after, records
+/// routed by their declared sensitivity).
+#[derive(Debug, Default)]
+pub struct Reference {
+    /// The standard route.
+    pub standard: Aggregates,
+    /// The restricted route.
+    pub restricted: Aggregates,
     /// Offsets (line numbers) of dead letters, with the expected kind when the test knows it.
     pub dead: BTreeSet<i64>,
     pub accepted: u64,
@@ -212,8 +274,13 @@ impl Reference {
         let mut r = Reference::default();
         for worker in 0..workers {
             let mut newest: Option<u64> = None;
-            let mut waiting: Vec<(String, String)> = Vec::new();
+            let mut waiting: Vec<(String, String, bool)> = Vec::new();
             for (offset, (line, failure)) in lines.iter().enumerate().filter(|(i, _)| i % workers == worker) {
+                let route_restricted = restricted(line);
+                fn pick(r: &mut Reference, restricted: bool) -> &mut Aggregates {
+                    if restricted { &mut r.restricted } else { &mut r.standard }
+                }
+
                 let outcome: Result<serde_json::Value, (String, String)> = match failure {
                     Some((name, kind)) => Err((name.clone().unwrap_or_else(|| "unknown".into()), kind.clone())),
                     None => Ok(serde_json::from_slice(line).expect("valid line is JSON")),
@@ -223,8 +290,8 @@ impl Reference {
                         r.rejected += 1;
                         r.dead.insert(offset as i64);
                         match newest {
-                            Some(n) => *r.quality.entry((window(n), name, kind)).or_default() += 1,
-                            None => waiting.push((name, kind)),
+                            Some(n) => *pick(&mut r, route_restricted).quality.entry((window(n), name, kind)).or_default() += 1,
+                            None => waiting.push((name, kind, route_restricted)),
                         }
                         continue;
                     }
@@ -237,33 +304,53 @@ impl Reference {
                 if t < watermark {
                     r.late += 1;
                     r.dead.insert(offset as i64);
-                    *r.quality.entry((window(newest.unwrap_or(0)), name, "late".into())).or_default() += 1;
+                    *pick(&mut r, route_restricted).quality.entry((window(newest.unwrap_or(0)), name, "late".into())).or_default() += 1;
                     continue;
                 }
                 r.accepted += 1;
                 newest = Some(newest.map_or(t, |n| n.max(t)));
-                for (n, kind) in waiting.drain(..) {
-                    *r.quality.entry((window(t), n, kind)).or_default() += 1;
+                for (n, kind, in_restricted) in waiting.drain(..) {
+                    let q = if in_restricted { &mut r.restricted.quality } else { &mut r.standard.quality };
+                    *q.entry((window(t), n, kind)).or_default() += 1;
                 }
                 let w = window(t);
                 let area = value["feature_area"].as_str().expect("area").to_string();
-                *r.counts.entry((w, name.clone(), value["event_type"].as_str().expect("type").to_string(), area.clone())).or_default() += 1;
-                *r.quality.entry((w, name.clone(), "accepted".into())).or_default() += 1;
+                let a = pick(&mut r, route_restricted);
+                *a.counts.entry((w, name.clone(), value["event_type"].as_str().expect("type").to_string(), area.clone())).or_default() += 1;
+                *a.quality.entry((w, name.clone(), "accepted".into())).or_default() += 1;
                 if let Some((field, scale)) = latency_field(&name)
                     && let Some(v) = value["properties"][field].as_f64()
                 {
                     let us = (v * scale * 1000.0).round() as u64;
                     let surface = value["surface"].as_str().unwrap_or_default().to_string();
-                    r.latency.entry((w, name.clone(), area, surface)).or_default().push(us);
+                    a.latency.entry((w, name.clone(), area, surface)).or_default().push(us);
                     if let Some(map) = value["experiment_assignments"].as_object() {
                         for (experiment, variant) in map {
-                            r.variants.entry((w, name.clone(), experiment.clone(), variant.as_str().expect("variant").to_string())).or_default().push(us);
+                            a.variants.entry((w, name.clone(), experiment.clone(), variant.as_str().expect("variant").to_string())).or_default().push(us);
                         }
                     }
                 }
             }
         }
         r
+    }
+}
+
+/// Asserts that one route of the lake holds exactly the reference's aggregates: counts and
+/// record outcomes exact, latency counts exact and quantiles within 1%.
+pub fn assert_route_matches(route_dir: &Path, want: &Aggregates) {
+    let what = route_dir.display();
+    assert_maps_eq(&event_counts(route_dir), &want.counts, &format!("event_counts of {what}"));
+    assert_maps_eq(&quality(route_dir), &want.quality, &format!("quality of {what}"));
+    let got = latency(route_dir);
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.latency.keys().collect::<Vec<_>>(), "latency keys of {what}");
+    for (key, samples) in &want.latency {
+        assert_stats(key, &got[key], samples);
+    }
+    let got = latency_by_variant(route_dir);
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.variants.keys().collect::<Vec<_>>(), "latency_by_variant keys of {what}");
+    for (key, samples) in &want.variants {
+        assert_stats(key, &got[key], samples);
     }
 }
 

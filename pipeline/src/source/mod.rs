@@ -121,10 +121,39 @@ pub struct IngestSettings {
     pub batch_size: usize,
     /// The windows (to tell the reader which window each record lands in).
     pub windows: Windows,
-    /// The decoder.
-    pub decoder: Decoder,
+    /// The decoders, by topic.
+    pub decoders: Decoders,
     /// How far ahead of the wall clock an event time may be, ms.
     pub max_future_skew_ms: u64,
+}
+
+/// One worker's decoders: the default one (canonical envelope, or the format a replay was
+/// given) and one per topic declared with another format.
+#[derive(Clone, Debug)]
+pub struct Decoders {
+    default: Decoder,
+    by_topic: Vec<(String, Decoder)>,
+}
+
+impl Decoders {
+    /// Decoders that all use `default`.
+    pub fn new(default: Decoder) -> Decoders {
+        Decoders { default, by_topic: Vec::new() }
+    }
+
+    /// Uses `decoder` for records of `topic`.
+    pub fn with_topic(mut self, topic: &str, decoder: Decoder) -> Decoders {
+        self.by_topic.push((topic.to_owned(), decoder));
+        self
+    }
+
+    /// The decoder of `topic`.
+    pub fn for_topic(&mut self, topic: &str) -> &mut Decoder {
+        match self.by_topic.iter_mut().find(|(t, _)| t == topic) {
+            Some((_, decoder)) => decoder,
+            None => &mut self.default,
+        }
+    }
 }
 
 /// An accepted event or a dead letter, with its time and multiplicity.
@@ -153,6 +182,7 @@ pub fn ingest<'s>(
     durable: ProbeHandle<Time>,
     stats: Arc<IngestStats>,
 ) -> StreamVec<'s, Time, Ingested> {
+    let mut decoders = settings.decoders.clone();
     source(scope, "Ingest", move |capability, info| {
         let activator = scope.activator_for(info.address.clone());
         let bounded = reader.is_bounded();
@@ -178,16 +208,17 @@ pub fn ingest<'s>(
             let horizon_ms = wall_clock_ms().saturating_add(settings.max_future_skew_ms);
             let (mut read, mut accepted, mut rejected, mut late) = (0u64, 0u64, 0u64, 0u64);
             let status = {
-                let decoder = &settings.decoder;
+                let decoders = &mut decoders;
                 let marks = &mut marks;
                 let (ready, waiting, newest_ms) = (&mut ready, &mut waiting, &mut newest_ms);
                 reader.read(settings.batch_size, &mut |record| {
                     read += 1;
                     let origin = || Origin { topic: record.topic.to_owned(), partition: record.kafka_partition, offset: record.offset };
+                    let decoder = decoders.for_topic(record.topic);
                     let item = match record.payload {
                         Payload::Oversize(size) => {
                             rejected += 1;
-                            Err(DeadLetter::from_decode_error(decoder.oversize(size), origin(), size))
+                            Err(DeadLetter::from_decode_error(decoder.oversize(size), origin(), size, None))
                         }
                         Payload::Bytes(bytes) => match decoder.decode(bytes) {
                             Ok(event) if event.event_time_ms as u64 > horizon_ms => {
@@ -198,14 +229,16 @@ pub fn ingest<'s>(
                                     settings.max_future_skew_ms / 1000
                                 );
                                 let err = DecodeError::new(FailureKind::InvalidValue, reason).of_event(&event);
-                                Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64))
+                                let payload = decoder.redact_payload(bytes, Some(event.event_time_ms));
+                                Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64, payload))
                             }
                             Ok(event) => {
                                 let event_ms = event.event_time_ms as u64;
                                 let watermark = marks.current_ms();
                                 if event_ms < watermark {
                                     late += 1;
-                                    Err(DeadLetter::late(&event, watermark, origin(), bytes.len() as u64))
+                                    let payload = decoder.redact_payload(bytes, Some(event.event_time_ms));
+                                    Err(DeadLetter::late(&event, watermark, origin(), bytes.len() as u64, payload))
                                 } else {
                                     accepted += 1;
                                     marks.observe(record.partition, event_ms, now);
@@ -215,7 +248,8 @@ pub fn ingest<'s>(
                             }
                             Err(err) => {
                                 rejected += 1;
-                                Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64))
+                                let payload = decoder.redact_payload(bytes, err.event_time_ms);
+                                Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64, payload))
                             }
                         },
                     };

@@ -1,0 +1,99 @@
+//! `sightline pii-scan`: audits stored output for personal data.
+//!
+//! Every string cell of every Parquet file under a lake, or every record of a Kafka topic (the
+//! dead-letter topic), is run through the same patterns the scrubber removes: e-mail
+//! addresses, IP addresses, phone numbers, bearer tokens, API keys and other secrets, and
+//! coordinate pairs. Anything found is a privacy defect: the pipeline is meant to have removed
+//! it before storing.
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sightline_schemas::pii::{Finding, Scrubber};
+use sightline_sinks::{Lake, S3Options};
+
+use crate::config::KafkaConfig;
+
+/// What a scan looked at and found.
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    /// What was scanned.
+    pub target: String,
+    /// Files or topic partitions read.
+    pub sources: u64,
+    /// String values (cells or records) checked.
+    pub values: u64,
+    /// Each finding, with where it was (`file:column` or `topic/partition/offset`).
+    pub findings: Vec<(String, Finding)>,
+}
+
+impl fmt::Display for ScanReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (at, finding) in self.findings.iter().take(50) {
+            writeln!(f, "FOUND {} at {at}: {:?}", finding.kind, finding.text)?;
+        }
+        write!(f, "pii-scan {}: {} sources, {} values, {} findings", self.target, self.sources, self.values, self.findings.len())
+    }
+}
+
+/// Scans every Parquet file under `location` (a directory, `file://`, or `s3://`).
+pub fn scan_lake(location: &str, s3: &S3Options) -> anyhow::Result<ScanReport> {
+    let lake = Lake::open_with(location, s3).with_context(|| format!("opening {location}"))?;
+    let scrubber = Scrubber::new();
+    let mut report = ScanReport { target: location.to_owned(), ..ScanReport::default() };
+    for path in lake.list("")?.into_iter().filter(|p| p.ends_with(".parquet")) {
+        report.sources += 1;
+        for (column, value) in lake.string_cells(&path).with_context(|| format!("reading {path}"))? {
+            report.values += 1;
+            report.findings.extend(scrubber.scan(&value).into_iter().map(|f| (format!("{path}:{column}"), f)));
+        }
+    }
+    Ok(report)
+}
+
+/// Scans every record of `topic`, from the start of each partition to its current end.
+pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.bootstrap_servers).set("group.id", "sightline-pii-scan").set("enable.auto.commit", "false");
+    for (key, value) in &kafka.options {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config.create().context("creating the scan consumer")?;
+    let timeout = Duration::from_millis(kafka.metadata_timeout_ms.max(1000));
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).context("fetching topic metadata")?;
+    let partitions: Vec<i32> = metadata.topics().iter().filter(|t| t.name() == topic).flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    if partitions.is_empty() {
+        anyhow::bail!("topic {topic} does not exist or has no partitions");
+    }
+    let scrubber = Scrubber::new();
+    let mut report = ScanReport { target: format!("topic {topic}"), ..ScanReport::default() };
+    for partition in partitions {
+        report.sources += 1;
+        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).context("fetching partition ends")?;
+        if high <= low {
+            continue;
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
+        consumer.assign(&assignment)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut next = low;
+        while next < high {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("timed out reading {topic}/{partition} at offset {next} of {high}");
+            }
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let message = message.context("reading the topic")?;
+            next = message.offset() + 1;
+            let text = String::from_utf8_lossy(message.payload().unwrap_or_default());
+            report.values += 1;
+            let at = format!("{topic}/{partition}/{}", message.offset());
+            report.findings.extend(scrubber.scan(&text).into_iter().map(|f| (at.clone(), f)));
+        }
+    }
+    Ok(report)
+}
