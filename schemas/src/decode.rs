@@ -273,9 +273,18 @@ impl Decoder {
     }
 
     /// What a dead-letter record keeps of `bytes`: the redacted payload, or nothing for a
-    /// record over the size limit.
+    /// record over the size limit. A flat record that can be rewritten into the envelope is
+    /// kept in envelope form, so that its properties are redacted by their schema.
     pub fn redact_payload(&mut self, bytes: &[u8], event_time_ms: Option<i64>) -> Option<String> {
-        (bytes.len() <= self.max_event_bytes).then(|| self.privacy.redact_payload(bytes, event_time_ms))
+        if bytes.len() > self.max_event_bytes {
+            return None;
+        }
+        if let Format::Flat(defaults) = &self.format
+            && let Ok(envelope) = std::str::from_utf8(bytes).map_err(drop).and_then(|t| flat_to_envelope(self.registry, t, defaults).map_err(drop))
+        {
+            return Some(self.privacy.redact_payload(envelope.as_bytes(), event_time_ms));
+        }
+        Some(self.privacy.redact_payload(bytes, event_time_ms))
     }
 
     /// Decodes, validates and pseudonymizes one record (one JSON object, no trailing newline

@@ -16,7 +16,8 @@ use sightline::run::{Input, Job, run};
 
 use super::*;
 
-fn now_ms() -> i64 {
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
