@@ -1,17 +1,21 @@
 """Reads a Sightline lake with DuckDB and pyarrow, exactly as the README tells users to, and
 checks what every reader must see: the same rows, UTC timestamps, Hive partitions that agree
-with the data, and totals that agree with the replay's summary.
+with the data, totals that agree with the replay's summary (over the standard route and the
+restricted one under restricted/), and the retention tags in the Parquet metadata.
 
 usage: check_lake.py LAKE_DIR SUMMARY_FILE
 """
 
+import glob
 import re
 import sys
 
 import duckdb
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-TABLES = ["event_counts", "latency", "latency_by_variant", "quality", "dead_letter"]
+TABLES = ["event_counts", "latency", "latency_by_variant", "quality", "quality_summary", "dead_letter"]
+PRIVACY_COUNTERS = "('pseudonymized_fields', 'scrubbed_fields', 'dropped_fields', 'pii_violations')"
 
 lake, summary_path = sys.argv[1], sys.argv[2]
 summary = open(summary_path, encoding="utf-8").read()
@@ -34,13 +38,20 @@ con = duckdb.connect()
 con.execute("SET TimeZone = 'UTC'")
 
 
+def dirs(table):
+    """The table's directories: the standard route, and the restricted route when present."""
+    return [d for d in (f"{lake}/{table}", f"{lake}/restricted/{table}") if glob.glob(f"{d}/**/*.parquet", recursive=True)]
+
+
 def scan(table):
-    return f"read_parquet('{lake}/{table}/**/*.parquet', hive_partitioning=true)"
+    paths = ", ".join(f"'{d}/**/*.parquet'" for d in dirs(table))
+    return f"read_parquet([{paths}], hive_partitioning=true)"
 
 
+check("restricted records are written under restricted/", len(dirs("event_counts")) == 2, str(dirs("event_counts")))
 for table in TABLES:
     duck_rows = con.execute(f"SELECT count(*) FROM {scan(table)}").fetchone()[0]
-    arrow_rows = ds.dataset(f"{lake}/{table}", format="parquet", partitioning="hive").count_rows()
+    arrow_rows = sum(ds.dataset(d, format="parquet", partitioning="hive").count_rows() for d in dirs(table))
     check(f"{table}: duckdb and pyarrow read the same {duck_rows} rows", duck_rows == arrow_rows and duck_rows > 0, f"{duck_rows} vs {arrow_rows}")
     types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {scan(table)})").fetchall())
     check(f"{table}: window_start is a UTC timestamp", types.get("window_start") == "TIMESTAMP WITH TIME ZONE", str(types.get("window_start")))
@@ -49,18 +60,38 @@ for table in TABLES:
         f"OR CAST(strftime(window_start, '%H') AS INTEGER) != CAST(hr AS INTEGER)"
     ).fetchone()[0]
     check(f"{table}: dt/hr partitions agree with window_start", mismatched == 0, f"{mismatched} rows disagree")
-    schema = ds.dataset(f"{lake}/{table}", format="parquet").schema
+    schema = ds.dataset(dirs(table)[0], format="parquet").schema
     check(f"{table}: pyarrow sees microsecond UTC timestamps", str(schema.field("window_start").type) == "timestamp[us, tz=UTC]", str(schema.field("window_start").type))
 
 accepted_counts = con.execute(f"SELECT sum(count) FROM {scan('event_counts')}").fetchone()[0]
 accepted_quality = con.execute(f"SELECT sum(count) FROM {scan('quality')} WHERE outcome = 'accepted'").fetchone()[0]
 late_quality = con.execute(f"SELECT sum(count) FROM {scan('quality')} WHERE outcome = 'late'").fetchone()[0] or 0
-rejected_quality = con.execute(f"SELECT sum(count) FROM {scan('quality')} WHERE outcome NOT IN ('accepted', 'late')").fetchone()[0] or 0
+rejected_quality = con.execute(f"SELECT sum(count) FROM {scan('quality')} WHERE outcome NOT IN ('accepted', 'late') AND outcome NOT IN {PRIVACY_COUNTERS}").fetchone()[0] or 0
 dead = con.execute(f"SELECT count(*) FROM {scan('dead_letter')}").fetchone()[0]
 check("event_counts total equals the accepted events", accepted_counts == numbers["accepted"], f"{accepted_counts} vs {numbers}")
 check("quality accepted/rejected/late equal the summary", (accepted_quality, rejected_quality, late_quality) == (numbers["accepted"], numbers["rejected"], numbers["late"]), f"{(accepted_quality, rejected_quality, late_quality)} vs {numbers}")
 check("one dead letter per rejected or late record", dead == numbers["rejected"] + numbers["late"], f"{dead}")
 check("every record read is accounted for", numbers["read"] == numbers["accepted"] + numbers["rejected"] + numbers["late"], str(numbers))
+summary_totals = con.execute(f"SELECT sum(accepted), sum(rejected), sum(late) FROM {scan('quality_summary')}").fetchone()
+check("quality_summary totals equal the summary", tuple(summary_totals) == (numbers["accepted"], numbers["rejected"], numbers["late"]), str(summary_totals))
+wrong_verdicts = con.execute(
+    f"SELECT count(*) FROM {scan('quality_summary')} WHERE meets_rejection_target != (rejection_rate < 0.01) OR meets_pii_target != (pii_violation_rate < 0.001)"
+).fetchone()[0]
+check("quality_summary verdicts follow the seed's targets (< 1% rejected, < 0.1% PII violations)", wrong_verdicts == 0, f"{wrong_verdicts} rows")
+pseudonymized = con.execute(f"SELECT sum(count) FROM {scan('quality')} WHERE outcome = 'pseudonymized_fields'").fetchone()[0] or 0
+check("every accepted event's identifiers were pseudonymized", pseudonymized >= 3 * numbers["accepted"], f"{pseudonymized}")
+explained = con.execute(f"SELECT count(*) FROM {scan('dead_letter')} WHERE kind NOT IN ('late', 'empty', 'oversize', 'invalid_utf8', 'truncated', 'malformed_json') AND json_array_length(violations::JSON) = 0").fetchone()[0]
+check("schema failures carry their violations (pointer, keyword)", explained == 0, f"{explained} rows without")
+
+
+def retention(table, route_dir):
+    files = glob.glob(f"{route_dir}/{table}/**/*.parquet", recursive=True)
+    return {pq.read_metadata(f).metadata.get(b"sightline.retention_days") for f in files}
+
+
+check("aggregates carry their 365-day retention", retention("event_counts", lake) == {b"365"}, str(retention("event_counts", lake)))
+check("dead letters carry the 90-day raw retention", retention("dead_letter", lake) == {b"90"}, str(retention("dead_letter", lake)))
+check("restricted data carries its 30-day retention", retention("event_counts", f"{lake}/restricted") == {b"30"}, str(retention("event_counts", f"{lake}/restricted")))
 disordered = con.execute(
     f"SELECT count(*) FROM {scan('latency')} WHERE NOT (p50_ms <= p90_ms AND p90_ms <= p95_ms AND p95_ms <= p99_ms AND p99_ms <= max_ms AND count > 0)"
 ).fetchone()[0]
