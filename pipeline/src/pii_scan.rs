@@ -97,3 +97,25 @@ pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport
     }
     Ok(report)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use sightline_sinks::tables::QualityRow;
+
+    #[test]
+    fn finds_what_it_is_meant_to_find_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = dir.path().to_str().unwrap();
+        let lake = Lake::open(location).unwrap();
+        let row = |name: &str| QualityRow { window_start_ms: 0, window_end_ms: 1000, event_name: name.into(), outcome: "accepted".into(), count: 1 };
+        lake.write_window(0, 1000, &[row("project_viewed"), row("k1.700.0a1b2c3d4e5f60718293a4b5")]).unwrap();
+        assert!(scan_lake(location, &S3Options::default()).unwrap().findings.is_empty());
+        lake.routed("restricted", "restricted", 30).write_window(0, 1000, &[row("mail jane@example.com from 10.0.0.7")]).unwrap();
+        let report = scan_lake(location, &S3Options::default()).unwrap();
+        let kinds: Vec<&str> = report.findings.iter().map(|(_, f)| f.kind).collect();
+        assert_eq!(kinds, ["email", "ip"], "{report}");
+        assert!(report.findings[0].0.starts_with("restricted/quality/"), "{report}");
+    }
+}
