@@ -42,7 +42,9 @@ fuzz_target!(|data: &[u8]| {
                     err.kind,
                     FailureKind::MissingField | FailureKind::UnknownField | FailureKind::UnknownSchemaVersion | FailureKind::PiiRejected
                 );
-                assert!(!schema_failure || !err.violations.is_empty() || !err.reason.is_empty(), "{err:?}");
+                assert!(!schema_failure || !err.violations.is_empty(), "a schema failure without a violation: {err:?}");
+                let stored = format!("{} {:?} {:?}", err.reason, err.violations, err.event_name);
+                assert!(s.scrubber.scan(&stored).is_empty(), "the dead letter's fields hold personal data: {stored}");
                 if let Some(payload) = decoder.redact_payload(data, err.event_time_ms) {
                     let found = s.scrubber.scan(&payload);
                     assert!(found.is_empty(), "redacted payload still holds {found:?}: {payload}");

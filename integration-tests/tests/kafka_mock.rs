@@ -52,7 +52,14 @@ fn flat_topic_dead_letter_topic_and_nothing_private_stored() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let lake = sightline_sinks::Lake::open(lake_dir.to_str().expect("utf-8")).expect("lake");
-    let job = Job { config: config.clone(), input: Input::Kafka(config.kafka.clone()), lake, stop: Arc::clone(&stop), print_windows: false, format: Default::default() };
+    let job = Job {
+        config: config.clone(),
+        input: Input::Kafka(config.kafka.clone()),
+        lake,
+        stop: Arc::clone(&stop),
+        print_windows: false,
+        format: Default::default(),
+    };
     let pipeline = std::thread::spawn(move || run(job));
 
     let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("producer");
@@ -69,10 +76,21 @@ fn flat_topic_dead_letter_topic_and_nothing_private_stored() {
         send("casey.flat", record.to_string().as_bytes());
         flat_lines += 1;
     }
-    let broken = format!(r#"{{"event":"integration_call_failed","integration":"salesforce","endpoint":"/x","method":"GET","status_code":500,"error_message":"token sk_live_4eC39HqLyjWDarjtT1zdp7dc","retryable":true,"timestamp":"{}"}}"#, sightline_schemas::format_rfc3339_ms(now));
+    let broken = format!(
+        r#"{{"event":"integration_call_failed","integration":"salesforce","endpoint":"/x","method":"GET","status_code":500,"error_message":"token sk_live_4eC39HqLyjWDarjtT1zdp7dc","retryable":true,"timestamp":"{}"}}"#,
+        sightline_schemas::format_rfc3339_ms(now)
+    );
     send("casey.flat", broken.as_bytes());
 
-    let mut generator = Generator::new(GeneratorConfig { seed: 5, start_ms: now, late_fraction: 0.0, bad_fraction: 0.0, dirty_fraction: 0.5, jitter_ms: 200, ..GeneratorConfig::default() });
+    let mut generator = Generator::new(GeneratorConfig {
+        seed: 5,
+        start_ms: now,
+        late_fraction: 0.0,
+        bad_fraction: 0.0,
+        dirty_fraction: 0.5,
+        jitter_ms: 200,
+        ..GeneratorConfig::default()
+    });
     let (mut accepted, mut rejected) = (flat_lines as u64, 1u64);
     for _ in 0..400 {
         let mut line = Vec::new();
@@ -88,7 +106,12 @@ fn flat_topic_dead_letter_topic_and_nothing_private_stored() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut dlq = scan_topic(&config.kafka, "mock.dlq").expect("scan");
     while (common::records_counted(&lake_dir) as u64) < total || dlq.values < rejected {
-        assert!(Instant::now() < deadline, "{} of {total} records counted, {} of {rejected} dead letters on the topic", common::records_counted(&lake_dir), dlq.values);
+        assert!(
+            Instant::now() < deadline,
+            "{} of {total} records counted, {} of {rejected} dead letters on the topic",
+            common::records_counted(&lake_dir),
+            dlq.values
+        );
         assert!(!pipeline.is_finished(), "the pipeline stopped early: {:?}", pipeline.join());
         std::thread::sleep(Duration::from_millis(250));
         dlq = scan_topic(&config.kafka, "mock.dlq").expect("scan");

@@ -28,8 +28,12 @@ fn failure_of(line: &[u8], kind: LineKind) -> Failure {
     } else {
         "missing_field"
     };
-    // Records that are JSON objects are counted under the event name they declare.
-    let name = serde_json::from_slice::<serde_json::Value>(line).ok().and_then(|v| v["event_name"].as_str().map(str::to_owned));
+    // Records that are JSON objects are counted under the event name they declare, if it is a
+    // registered one (an unknown name is input, not a label: it is counted as `unknown`).
+    let name = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v["event_name"].as_str().map(str::to_owned))
+        .filter(|n| sightline_schemas::EventName::from_name(n).is_some());
     Some((name, kind.to_string()))
 }
 

@@ -7,17 +7,22 @@
 //! still has one record per bad event.
 //!
 //! **Delivery contract.** The operator holds the capability of every dead letter until the
-//! broker has acknowledged it (`flush`); the sinks' durability frontier, and with it the source
-//! offsets that are committed, never passes a dead letter that is not in the topic. A failed
-//! flush is retried with backoff; nothing is dropped.
+//! broker has acknowledged it: a batch counts as delivered only when `flush` returned and the
+//! delivery reports of all its records were successes. The sinks' durability frontier, and with
+//! it the source offsets that are committed, never passes a dead letter that is not in the
+//! topic. A failed batch is sent again with backoff, so delivery is at-least-once: a retry may
+//! repeat records, which their keys identify. Nothing is dropped.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::ClientConfig;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext};
 use serde::Serialize;
 use sightline_operators::Time;
 use sightline_schemas::{DeadLetter, Origin, Violation};
@@ -77,26 +82,49 @@ impl<'a> DeadLetterRecord<'a> {
     }
 }
 
+/// Counts failed deliveries, from librdkafka's delivery reports.
+#[derive(Default)]
+struct Deliveries {
+    failed: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((err, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = Some(err.to_string());
+            }
+        }
+    }
+}
+
 /// A producer for the dead-letter topic.
 pub struct DeadLetterTopic {
-    producer: BaseProducer,
+    producer: BaseProducer<Deliveries>,
     topic: String,
 }
 
 impl DeadLetterTopic {
-    /// Connects a producer (idempotent, `acks=all`) for `topic` with the consumer's settings.
+    /// Connects a producer (`acks=all`) for `topic` with the consumer's settings.
     pub fn connect(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<DeadLetterTopic> {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &kafka.bootstrap_servers).set("acks", "all").set("linger.ms", "5");
         for (key, value) in &kafka.options {
             config.set(key, value);
         }
-        let producer = config.create().context("creating the dead-letter producer")?;
+        let producer = config.create_with_context(Deliveries::default()).context("creating the dead-letter producer")?;
         Ok(DeadLetterTopic { producer, topic: topic.to_owned() })
     }
 
-    /// Sends `records` and waits until the broker has acknowledged all of them.
+    /// Sends `records` and waits until the broker has acknowledged every one of them.
     fn send_all(&self, records: &[DeadLetter]) -> anyhow::Result<()> {
+        let failed_before = self.producer.context().failed.load(Ordering::Relaxed);
         for dead in records {
             let json = serde_json::to_vec(&DeadLetterRecord::of(dead))?;
             let key = format!("{}/{}/{}", dead.origin.topic, dead.origin.partition, dead.origin.offset);
@@ -111,6 +139,12 @@ impl DeadLetterTopic {
             }
         }
         self.producer.flush(Duration::from_secs(10)).context("waiting for the broker to acknowledge dead letters")?;
+        let deliveries = self.producer.context();
+        let failed = deliveries.failed.load(Ordering::Relaxed) - failed_before;
+        if failed > 0 {
+            let last = deliveries.last_error.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+            anyhow::bail!("{failed} of {} dead letters were not delivered (last error: {last})", records.len());
+        }
         Ok(())
     }
 }

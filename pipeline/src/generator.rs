@@ -443,7 +443,7 @@ impl Generator {
 
     fn dirty_line(&mut self, time_ms: i64, out: &mut Vec<u8>) -> LineKind {
         let start = out.len();
-        match self.rng.below(7) {
+        match self.rng.below(9) {
             0 => {
                 // An e-mail address in a path: accepted, scrubbed.
                 self.event_named("integration_call_success", time_ms, out);
@@ -484,6 +484,18 @@ impl Generator {
                     b"SMTP 550 for jane.doe@example.com (+1 415 555 0134), key sk_live_4eC39HqLyjWDarjtT1zdp7dc from 198.51.100.23",
                 );
                 LineKind::Good
+            }
+            6 => {
+                // An e-mail address as an enum value: rejected; the value appears nowhere.
+                self.event_named("integration_call_failed", time_ms, out);
+                replace_once(out, start, b"\"integration\":\"", b"\"integration\":\"jane.doe@example.com\",\"zz_was\":\"");
+                LineKind::Bad
+            }
+            7 => {
+                // An e-mail address as the event name: rejected as unknown, counted as `unknown`.
+                self.event(time_ms, out);
+                replace_string_field(out, start, b"event_name", Some(b"\"jane.doe@example.com\""));
+                LineKind::Bad
             }
             _ => {
                 // Truncated JSON with an e-mail address and a bearer token: rejected, scrubbed text kept.

@@ -34,7 +34,9 @@ pub struct ScanReport {
 impl fmt::Display for ScanReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (at, finding) in self.findings.iter().take(50) {
-            writeln!(f, "FOUND {} at {at}: {:?}", finding.kind, finding.text)?;
+            // The report is itself output: show the kind and a masked excerpt, not the value.
+            let masked: String = finding.text.chars().take(2).chain("***".chars()).collect();
+            writeln!(f, "FOUND {} at {at}: {masked} ({} characters)", finding.kind, finding.text.chars().count())?;
         }
         write!(f, "pii-scan {}: {} sources, {} values, {} findings", self.target, self.sources, self.values, self.findings.len())
     }

@@ -288,8 +288,41 @@ impl Decoder {
     }
 
     /// Decodes, validates and pseudonymizes one record (one JSON object, no trailing newline
-    /// required).
+    /// required). A failure is sanitized before it is returned: see [`Decoder::sanitize`].
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        self.decode_raw(bytes).map_err(|e| self.sanitize(e))
+    }
+
+    /// Makes a failure safe to store: reasons and violation messages are pattern-scrubbed and
+    /// cut to 512 characters, pointer segments that are not safe names are redacted, an event
+    /// name is kept only if it is registered and a schema version only if it is well-formed.
+    /// (Envelope messages are already masked: they never quote the offending value.)
+    fn sanitize(&self, mut e: DecodeError) -> DecodeError {
+        let scrubber = &self.privacy.scrubber;
+        let clean = |text: &str| {
+            let mut t = scrubber.scrub(text).into_owned();
+            if let Some((cut, _)) = t.char_indices().nth(512) {
+                t.truncate(cut);
+                t.push('…');
+            }
+            t
+        };
+        e.reason = clean(&e.reason);
+        for v in &mut e.violations {
+            v.message = clean(&v.message);
+            v.pointer = v
+                .pointer
+                .split('/')
+                .map(|segment| if segment.is_empty() || scrubber.safe_key(segment) { segment } else { "[redacted]" })
+                .collect::<Vec<_>>()
+                .join("/");
+        }
+        e.event_name = e.event_name.filter(|n| self.registry.event(n).is_some());
+        e.schema_version = e.schema_version.filter(|v| Version::parse(v).is_some());
+        e
+    }
+
+    fn decode_raw(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
         if bytes.len() > self.max_event_bytes {
             return Err(self.oversize(bytes.len() as u64));
         }
@@ -435,9 +468,11 @@ impl Decoder {
         };
 
         // Privacy: identifiers become pseudonyms, free text is scrubbed, geo needs consent.
-        let mut privacy = PrivacyCounts { pseudonymized: 3 + checked.pseudonymized as u16, scrubbed: checked.scrubbed as u16, dropped: checked.dropped as u16 };
+        let count = |n: u32| u16::try_from(n).unwrap_or(u16::MAX);
+        let mut privacy =
+            PrivacyCounts { pseudonymized: count(checked.pseudonymized).saturating_add(3), scrubbed: count(checked.scrubbed), dropped: count(checked.dropped) };
         if wire.geo_consent != Some(true) {
-            privacy.dropped += u16::from(wire.country.is_some()) + u16::from(wire.region.is_some());
+            privacy.dropped = privacy.dropped.saturating_add(u16::from(wire.country.is_some()) + u16::from(wire.region.is_some()));
         }
         let pseudonyms = &mut self.privacy.pseudonyms;
         let user_id = pseudonyms.pseudonym(&wire.user_id, event_time_ms);
@@ -448,13 +483,22 @@ impl Decoder {
             text.map(|t| match scrubber.scrub(&t) {
                 Cow::Borrowed(_) => t.into_owned(),
                 Cow::Owned(clean) => {
-                    privacy.scrubbed += 1;
+                    privacy.scrubbed = privacy.scrubbed.saturating_add(1);
                     clean
                 }
             })
         };
+        // Free text by the envelope schema; feature areas and experiment names are labels, but
+        // they reach the aggregates, so they get the same pass.
         let workflow_name = scrub(wire.workflow_name);
         let surface = scrub(wire.surface);
+        let feature_area = scrub(Some(wire.feature_area)).unwrap_or_default();
+        let experiment_assignments: Vec<(String, String)> = wire
+            .experiment_assignments
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (scrub(Some(k)).unwrap_or_default(), scrub(Some(v)).unwrap_or_default()))
+            .collect();
         Ok(Event {
             event_time_ms,
             event_name,
@@ -466,10 +510,10 @@ impl Decoder {
             tenant_id,
             user_id,
             session_id,
-            feature_area: wire.feature_area.into_owned(),
+            feature_area,
             workflow_name,
             surface,
-            experiment_assignments: wire.experiment_assignments.unwrap_or_default().into_iter().map(|(k, v)| (k.into_owned(), v.into_owned())).collect(),
+            experiment_assignments,
             pii_classification: wire.pii_classification,
             data_sensitivity: wire.data_sensitivity,
             latency_us,
@@ -507,6 +551,7 @@ fn flat_to_envelope(registry: &Registry, text: &str, defaults: &FlatDefaults) ->
     let name = take_string("event", true)?.unwrap_or_default();
     let timestamp = take_string("timestamp", true)?.unwrap_or_default();
     let user_id = take_string("user_id", false)?.unwrap_or_else(|| defaults.user_id.clone());
+    let schema_version = take_string("schema_version", false)?;
     let event_id = take_string("event_id", false)?.unwrap_or_else(|| {
         let digest = blake3::hash(text.as_bytes());
         digest.as_bytes()[..16].iter().fold(String::from("flat-"), |mut s, b| {
@@ -535,6 +580,10 @@ fn flat_to_envelope(registry: &Registry, text: &str, defaults: &FlatDefaults) ->
         "data_sensitivity": defaults.data_sensitivity,
         "properties": Value::Object(record),
     });
+    let mut envelope = envelope;
+    if let Some(version) = schema_version {
+        envelope["schema_version"] = Value::String(version);
+    }
     Ok(envelope.to_string())
 }
 
@@ -717,7 +766,10 @@ mod tests {
         let err = decoder().decode(line(&[("session_id", "")]).as_bytes()).unwrap_err();
         assert!(err.reason.contains("session_id"), "{}", err.reason);
         let err = decoder().decode(line(&[("event_name", r#""mystery""#)]).as_bytes()).unwrap_err();
-        assert_eq!(err.event_name.as_deref(), Some("mystery"));
+        assert_eq!(err.event_name, None, "an unregistered name is input, not a label");
+        assert!(err.reason.contains("`mystery`"), "{}", err.reason);
+        let err = decoder().decode(line(&[("event_name", r#""jane@example.com""#)]).as_bytes()).unwrap_err();
+        assert!(!err.reason.contains("jane@"), "{}", err.reason);
     }
 
     proptest::proptest! {

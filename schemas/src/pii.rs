@@ -41,12 +41,16 @@ const PATTERNS: &[(&str, &str)] = &[
     ("token", r"\bgh[pousr]_[A-Za-z0-9]{30,}"),
     ("token", r"\bxox[abprs]-[A-Za-z0-9\-]{10,}"),
     ("token", r"\bAIza[0-9A-Za-z_\-]{35}"),
-    ("token", r"(?i:\b(?:api[_\-]?key|secret|password|passwd|access[_\-]?token|auth[_\-]?token)\s*[=:]\s*)[^\s,;]{6,}"),
+    ("token", r#"(?i:\b(?:api[_\-]?key|secret|password|passwd|access[_\-]?token|auth[_\-]?token)"?\s*[=:]\s*"?)[^\s,;"]{6,}"#),
     ("coordinates", r"-?\b\d{1,3}\.\d{4,}\s*,\s*-?\d{1,3}\.\d{4,}\b"),
     ("ip", r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b"),
     ("ip", r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b"),
     ("ip", r"\b(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?\b"),
+    ("ip", r"\b(?:[0-9A-Fa-f]{1,4}:){1,7}:"),
+    ("ip", r"::(?:[fF]{4}:)?[0-9A-Fa-f]{1,4}\b"),
     ("phone", r"(?:\+\d{1,3}[\s.\-]?)?\(?\b\d{2,4}\)?[\s.\-]\d{3,4}[\s.\-]\d{3,4}\b"),
+    ("phone", r"\(\d{3}\)\s?\d{3}[\s.\-]?\d{4}\b"),
+    ("phone", r"\b\d{3}[.\-]?\d{3}[.\-]?\d{4}\b"),
     ("phone", r"\+\d{8,15}\b"),
 ];
 
@@ -95,6 +99,12 @@ impl Scrubber {
                 Some(Finding { kind: PATTERNS[i].0, text: m.as_str().to_owned() })
             })
             .collect()
+    }
+
+    /// Whether `key` may be kept as an object key or pointer segment: a short identifier-like
+    /// name in which the scrubber finds nothing.
+    pub fn safe_key(&self, key: &str) -> bool {
+        !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') && !self.finds(key)
     }
 
     /// `text` with every match replaced by its marker (`[email]`, `[phone]`, …).
@@ -264,7 +274,7 @@ impl Privacy {
                 self.redact_unknown(&mut other);
                 other.to_string()
             }
-            Err(_) => self.scrubber.scrub(&text).into_owned(),
+            Err(_) => self.redact_unparsed(&text),
         };
         if out.len() > MAX_PAYLOAD_BYTES {
             let mut cut = MAX_PAYLOAD_BYTES;
@@ -277,6 +287,56 @@ impl Privacy {
         out
     }
 
+    /// A record that is not valid JSON: the content of every string literal is replaced by
+    /// `[redacted]` (a key-looking literal followed by `:` is kept when it is a safe name), and
+    /// the text between them is pattern-scrubbed. Identifiers cannot be told from anything else
+    /// here, so none is kept.
+    fn redact_unparsed(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len().min(MAX_PAYLOAD_BYTES));
+        let mut rest = text;
+        while let Some(open) = rest.find('"') {
+            out.push_str(&self.scrubber.scrub(&rest[..open]));
+            let body = &rest[open + 1..];
+            let mut end = None;
+            let mut escaped = false;
+            for (i, c) in body.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            let (content, after) = match end {
+                Some(i) => (&body[..i], &body[i + 1..]),
+                None => (body, ""),
+            };
+            let is_key = after.trim_start().starts_with(':');
+            out.push('"');
+            out.push_str(if is_key && self.scrubber.safe_key(content) { content } else { REDACTED });
+            if end.is_some() {
+                out.push('"');
+            }
+            rest = after;
+        }
+        out.push_str(&self.scrubber.scrub(rest));
+        out
+    }
+
+    /// Renames the keys of `map` that are not safe names.
+    fn safe_keys(&self, map: &mut Map<String, Value>) {
+        if map.keys().all(|k| self.scrubber.safe_key(k)) {
+            return;
+        }
+        let old = std::mem::take(map);
+        for (i, (key, value)) in old.into_iter().enumerate() {
+            let key = if self.scrubber.safe_key(&key) { key } else { format!("[redacted-key-{i}]") };
+            map.insert(key, value);
+        }
+    }
+
     fn redact_record(&mut self, record: &mut Map<String, Value>, time: i64) {
         let registry = Registry::embedded();
         let consent = record.get("geo_consent") == Some(&Value::Bool(true));
@@ -287,6 +347,7 @@ impl Privacy {
             }
         });
         let properties_rule = schema.map(|s| &s.properties);
+        self.safe_keys(record);
         let keys: Vec<String> = record.keys().cloned().collect();
         for key in keys {
             if key == "properties" {
@@ -319,6 +380,7 @@ impl Privacy {
     }
 
     fn redact_object(&mut self, map: &mut Map<String, Value>, rule: &ObjectRule, time: i64) {
+        self.safe_keys(map);
         let keys: Vec<String> = map.keys().cloned().collect();
         for key in keys {
             let Some(value) = map.get_mut(&key) else { continue };
@@ -367,7 +429,10 @@ impl Privacy {
                 }
             }
             Value::Array(items) => items.iter_mut().for_each(|v| self.scrub_strings(v)),
-            Value::Object(map) => map.values_mut().for_each(|v| self.scrub_strings(v)),
+            Value::Object(map) => {
+                self.safe_keys(map);
+                map.values_mut().for_each(|v| self.scrub_strings(v));
+            }
             _ => {}
         }
     }
@@ -416,6 +481,10 @@ mod tests {
             ("password=hunter22", "[token]"),
             ("jwt eyJhbGciOiJI.eyJzdWIiOiIx.SflKxwRJSMeKK", "[token]"),
             ("at 52.520008, 13.404954", "[coordinates]"),
+            ("call (415)555-0134", "[phone]"),
+            ("call 4155550134", "[phone]"),
+            ("from ::1 and 2001:db8::", "[ip]"),
+            (r#"{"password":"hunter22"}"#, "[token]"),
         ] {
             let clean = s.scrub(text);
             assert!(clean.contains(marker), "{text} -> {clean}");
@@ -479,7 +548,10 @@ mod tests {
         assert_eq!(v["properties"]["notes"], REDACTED);
         assert_eq!(v["ip"], REDACTED);
         assert_eq!(v["properties"]["time_to_reply_hours"], 4.5);
-        let out = privacy.redact_payload(b"{\"user_id\": \"x@y.io\", truncated", None);
-        assert!(!out.contains("x@y.io"), "{out}");
+        let out = privacy.redact_payload(br#"{"user_id": "casey", "jane@x.io": 1, "note": "a \" quote"#, None);
+        assert!(!out.contains("casey") && !out.contains("jane") && !out.contains("quote"), "{out}");
+        assert!(out.contains(r#""user_id": "[redacted]""#), "{out}");
+        let out = privacy.redact_payload(br#"{"event_name":"signal_received","jane@x.io":"v","properties":{"ok@x.io":{"a":1}}}"#, None);
+        assert!(!out.contains('@'), "keys are redacted too: {out}");
     }
 }

@@ -448,7 +448,12 @@ impl Registry {
         self.envelope_validator
             .iter_errors(record)
             .take(crate::MAX_VIOLATIONS)
-            .map(|e| crate::Violation { pointer: e.instance_path().as_str().to_owned(), keyword: e.kind().keyword().to_owned(), message: e.to_string() })
+            // Masked: the message names the rule, never the offending value.
+            .map(|e| crate::Violation {
+                pointer: e.instance_path().as_str().to_owned(),
+                keyword: e.kind().keyword().to_owned(),
+                message: e.masked().to_string(),
+            })
             .collect()
     }
 }
