@@ -82,6 +82,7 @@ fn privacy(c: &mut Criterion) {
     let dirty = "Call Jane at +1 415 555 0134 or jane.doe@example.com, token sk_live_4eC39HqLyjWDarjtT1zdp7dc";
     group.throughput(Throughput::Elements(1));
     group.bench_function("scrub clean free text", |b| b.iter(|| black_box(scrubber.scrub(black_box(clean)))));
+    group.bench_function("scrub a label (surface)", |b| b.iter(|| black_box(scrubber.scrub(black_box("project_create_page")))));
     group.bench_function("scrub dirty free text", |b| b.iter(|| black_box(scrubber.scrub(black_box(dirty)))));
     group.finish();
 }
