@@ -1,8 +1,8 @@
 //! The windowed aggregates, each a function from collections to a collection whose key names a
 //! window and whose difference is the aggregate itself.
 //!
-//! Every aggregate here is linear: its difference type is a count (`isize`) or a
-//! [`LatencyHistogram`], both abelian, so the accumulated difference of a key *is* the
+//! Every aggregate here is linear: its difference type is a count (`isize`), a
+//! [`LatencyHistogram`] or [`QualityCounts`], all abelian, so the accumulated difference of a key *is* the
 //! aggregate, insertions and retractions are exact, and batches merge in any order. Closing a
 //! window (see [`crate::close_windows`]) reads that accumulation once the frontier has passed.
 //!
@@ -87,6 +87,99 @@ impl Outcome {
             Outcome::ScrubbedFields => "scrubbed_fields",
             Outcome::DroppedFields => "dropped_fields",
             Outcome::PiiViolations => "pii_violations",
+        }
+    }
+}
+
+/// The difference of `quality`: records, and what the privacy layer did to them, summed. One
+/// update per record carries all five counts (instead of one update per counter).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct QualityCounts {
+    /// Records.
+    pub records: i64,
+    /// Identifier and contact fields pseudonymized.
+    pub pseudonymized: i64,
+    /// Free-text fields in which personal data was scrubbed.
+    pub scrubbed: i64,
+    /// Fields dropped by policy.
+    pub dropped: i64,
+    /// Records with PII violations.
+    pub pii_violations: i64,
+}
+
+impl QualityCounts {
+    /// The counts of one record (`n` copies of it) with nothing done to it.
+    pub fn records(n: i64) -> QualityCounts {
+        QualityCounts { records: n, ..QualityCounts::default() }
+    }
+
+    /// The counts of one accepted event.
+    pub fn of_event(e: &Event) -> QualityCounts {
+        let p = e.privacy;
+        QualityCounts {
+            records: 1,
+            pseudonymized: i64::from(p.pseudonymized),
+            scrubbed: i64::from(p.scrubbed),
+            dropped: i64::from(p.dropped),
+            pii_violations: i64::from(p.violation()),
+        }
+    }
+
+    /// The privacy counters with their outcome names, for the table rows.
+    pub fn privacy_counters(&self) -> [(Outcome, i64); 4] {
+        [
+            (Outcome::PseudonymizedFields, self.pseudonymized),
+            (Outcome::ScrubbedFields, self.scrubbed),
+            (Outcome::DroppedFields, self.dropped),
+            (Outcome::PiiViolations, self.pii_violations),
+        ]
+    }
+}
+
+impl differential_dataflow::difference::IsZero for QualityCounts {
+    fn is_zero(&self) -> bool {
+        *self == QualityCounts::default()
+    }
+}
+
+impl differential_dataflow::difference::Semigroup for QualityCounts {
+    fn plus_equals(&mut self, rhs: &Self) {
+        self.records += rhs.records;
+        self.pseudonymized += rhs.pseudonymized;
+        self.scrubbed += rhs.scrubbed;
+        self.dropped += rhs.dropped;
+        self.pii_violations += rhs.pii_violations;
+    }
+}
+
+impl differential_dataflow::difference::Monoid for QualityCounts {
+    fn zero() -> Self {
+        QualityCounts::default()
+    }
+}
+
+impl differential_dataflow::difference::Abelian for QualityCounts {
+    fn negate(&mut self) {
+        *self = self.multiply_by(-1);
+    }
+}
+
+impl differential_dataflow::difference::Multiply<isize> for QualityCounts {
+    type Output = QualityCounts;
+
+    fn multiply(self, rhs: &isize) -> QualityCounts {
+        self.multiply_by(*rhs as i64)
+    }
+}
+
+impl QualityCounts {
+    fn multiply_by(self, k: i64) -> QualityCounts {
+        QualityCounts {
+            records: self.records * k,
+            pseudonymized: self.pseudonymized * k,
+            scrubbed: self.scrubbed * k,
+            dropped: self.dropped * k,
+            pii_violations: self.pii_violations * k,
         }
     }
 }
@@ -180,32 +273,25 @@ pub fn latency_by_variant<'s, E: Borrow<Event> + Clone + 'static>(
     })
 }
 
-/// Counts records per window, event name and outcome: accepted, or each rejection kind.
+/// Counts records per window, event name and outcome (accepted, or each rejection kind), with
+/// the privacy layer's counters of the accepted ones.
 ///
 /// Inputs: accepted events at their event-time tick; dead-letter records at the tick at which
-/// they were processed. Output: `(QualityKey, count)`.
+/// they were processed. Output: `(QualityKey, QualityCounts)`; keys are `Accepted` or
+/// `Rejected(kind)`.
 pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     rejected: VecCollection<'s, Time, DeadLetter>,
     windows: Windows,
-) -> VecCollection<'s, Time, QualityKey> {
+) -> VecCollection<'s, Time, QualityKey, QualityCounts> {
     use differential_dataflow::AsCollection;
     use timely::dataflow::operators::vec::Map;
 
     let accepted = events.explode(move |e| {
         let e = e.borrow();
-        let (window_start, name, p) = (windows.start_of(e.event_time_ms as u64), e.event_name.as_str(), e.privacy);
-        let key = move |outcome| QualityKey { window_start, event_name: Cow::Borrowed(name), outcome };
-        [
-            (Outcome::Accepted, 1isize),
-            (Outcome::PseudonymizedFields, p.pseudonymized as isize),
-            (Outcome::ScrubbedFields, p.scrubbed as isize),
-            (Outcome::DroppedFields, p.dropped as isize),
-            (Outcome::PiiViolations, isize::from(p.violation())),
-        ]
-        .into_iter()
-        .filter(|(_, n)| *n != 0)
-        .map(move |(outcome, n)| (key(outcome), n))
+        let key =
+            QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: Cow::Borrowed(e.event_name.as_str()), outcome: Outcome::Accepted };
+        Some((key, QualityCounts::of_event(e)))
     });
     let rejected = rejected
         .inner
@@ -215,7 +301,7 @@ pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
                 event_name: record.event_name.map_or(Cow::Borrowed("unknown"), Cow::Owned),
                 outcome: Outcome::Rejected(record.kind),
             };
-            (key, time, diff)
+            (key, time, QualityCounts::records(diff as i64))
         })
         .as_collection();
     accepted.concat(rejected)

@@ -32,7 +32,7 @@ pub mod close;
 pub mod histogram;
 pub mod window;
 
-pub use aggregates::{CountKey, LatencyKey, Outcome, QualityKey, VariantKey, event_counts, latency, latency_by_variant, quality};
+pub use aggregates::{CountKey, LatencyKey, Outcome, QualityCounts, QualityKey, VariantKey, event_counts, latency, latency_by_variant, quality};
 pub use close::{ClosedWindow, close_windows};
 pub use histogram::LatencyHistogram;
 pub use window::{Time, WindowKey, Windows};

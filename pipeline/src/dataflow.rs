@@ -18,7 +18,7 @@ use sightline_sinks::{Lake, Table, WindowRows, WrittenWindow, write_windows};
 use timely::ExchangeData;
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
-use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::vec::{Map, Partition};
 use timely::dataflow::operators::{Concatenate, Inspect, Probe};
 use timely::dataflow::{Scope, StreamVec};
 
@@ -61,18 +61,16 @@ pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> (ProbeHandle<T
         Ok(event) => Ok((event, time, diff)),
         Err(dead) => Err((dead, time, diff)),
     });
-    // Shared, not copied, by the aggregates.
-    let events = oks.map(|(event, time, diff)| (Arc::new(event), time, diff)).as_collection();
-    let rejected = errs.as_collection();
-
     let mut written = Vec::new();
     if let Some(topic) = dead_letter_topic {
-        written.push(produce_dead_letters(rejected.inner.clone(), topic));
+        written.push(produce_dead_letters(errs.clone(), topic));
     }
-    for (route_lake, restricted) in [(lake, false), (restricted_lake, true)] {
-        let events = events.clone().filter(move |e: &Arc<Event>| e.is_restricted() == restricted);
-        let rejected = rejected.clone().filter(move |d: &DeadLetter| d.restricted == restricted);
-        written.extend(aggregate_and_write(events, rejected, windows, &route_lake, &reports));
+    // One pass routes each record (0: standard, 1: restricted); events are wrapped in an `Arc`
+    // on the way, so that the aggregates share them instead of copying them.
+    let events = oks.partition(2, |(event, time, diff)| (u64::from(event.is_restricted()), (Arc::new(event), time, diff)));
+    let rejected = errs.partition(2, |(dead, time, diff)| (u64::from(dead.restricted), (dead, time, diff)));
+    for ((route_lake, events), rejected) in [lake, restricted_lake].into_iter().zip(events).zip(rejected) {
+        written.extend(aggregate_and_write(events.as_collection(), rejected.as_collection(), windows, &route_lake, &reports));
     }
     scope
         .concatenate(written)

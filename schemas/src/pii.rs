@@ -105,13 +105,15 @@ impl Default for Scrubber {
 }
 
 impl Scrubber {
-    /// The scrubber with Sightline's patterns.
+    /// The scrubber with Sightline's patterns (compiled once per process; clones share it).
     pub fn new() -> Scrubber {
-        let alternation: Vec<String> = PATTERNS.iter().enumerate().map(|(i, (_, p))| format!("(?P<p{i}>{p})")).collect();
-        // The patterns are constants, tested below.
-        #[allow(clippy::expect_used)]
-        let any = Regex::new(&alternation.join("|")).expect("scrubber patterns compile");
-        Scrubber { any }
+        static COMPILED: std::sync::LazyLock<Regex> = std::sync::LazyLock::new(|| {
+            let alternation: Vec<String> = PATTERNS.iter().enumerate().map(|(i, (_, p))| format!("(?P<p{i}>{p})")).collect();
+            // The patterns are constants, tested below.
+            #[allow(clippy::expect_used)]
+            Regex::new(&alternation.join("|")).expect("scrubber patterns compile")
+        });
+        Scrubber { any: COMPILED.clone() }
     }
 
     /// Whether `text` contains anything to scrub.

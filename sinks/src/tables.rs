@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
-use sightline_operators::{ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityKey, VariantKey};
+use sightline_operators::{ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityCounts, QualityKey, VariantKey};
 use sightline_schemas::{DeadLetter, FailureKind};
 
 use crate::{Result, Table};
@@ -285,17 +285,22 @@ pub struct QualityRow {
 
 impl QualityRow {
     /// Rows of a closed `quality` window.
-    pub fn from_closed(w: ClosedWindow<QualityKey, isize>) -> Vec<QualityRow> {
-        w.entries
-            .into_iter()
-            .map(|(k, n)| QualityRow {
+    pub fn from_closed(w: ClosedWindow<QualityKey, QualityCounts>) -> Vec<QualityRow> {
+        let mut rows = Vec::with_capacity(w.entries.len() * 2);
+        for (k, counts) in w.entries {
+            let row = |outcome: Outcome, count: i64| QualityRow {
                 window_start_ms: w.window_start,
                 window_end_ms: w.window_end,
-                event_name: k.event_name.into_owned(),
-                outcome: k.outcome.as_str().to_owned(),
-                count: n as i64,
-            })
-            .collect()
+                event_name: k.event_name.to_string(),
+                outcome: outcome.as_str().to_owned(),
+                count,
+            };
+            if counts.records != 0 {
+                rows.push(row(k.outcome, counts.records));
+            }
+            rows.extend(counts.privacy_counters().into_iter().filter(|(_, n)| *n != 0).map(|(o, n)| row(o, n)));
+        }
+        rows
     }
 }
 
@@ -482,16 +487,16 @@ pub const PII_VIOLATION_TARGET: f64 = 0.001;
 impl QualitySummaryRow {
     /// The summary of one worker's part of a closed `quality` window (parts are merged by
     /// [`Table::combine`] before writing).
-    pub fn from_closed(w: &ClosedWindow<QualityKey, isize>) -> Vec<QualitySummaryRow> {
+    pub fn from_closed(w: &ClosedWindow<QualityKey, QualityCounts>) -> Vec<QualitySummaryRow> {
         let (mut accepted, mut rejected, mut late, mut pii) = (0, 0, 0, 0);
-        for (k, n) in &w.entries {
-            let n = *n as i64;
+        for (k, counts) in &w.entries {
+            let n = counts.records;
+            pii += counts.pii_violations;
             match k.outcome {
                 Outcome::Accepted => accepted += n,
                 Outcome::Rejected(FailureKind::Late) => late += n,
                 Outcome::Rejected(_) => rejected += n,
-                Outcome::PiiViolations => pii += n,
-                Outcome::PseudonymizedFields | Outcome::ScrubbedFields | Outcome::DroppedFields => {}
+                Outcome::PseudonymizedFields | Outcome::ScrubbedFields | Outcome::DroppedFields | Outcome::PiiViolations => {}
             }
         }
         vec![QualitySummaryRow::totals(w.window_start, w.window_end, accepted, rejected, late, pii)]
