@@ -367,9 +367,26 @@ impl Decoder {
         if !err.is_data() {
             return fallback;
         }
-        let Ok(value) = serde_json::from_str::<Value>(text) else { return fallback };
+        // The typed read stops at the first unexpected field, before it has seen the whole
+        // record: a record that is not JSON at all is a syntax failure, whatever came first.
+        let value = match serde_json::from_str::<Value>(text) {
+            Ok(value) => value,
+            Err(syntax) => return DecodeError::from_json(&syntax),
+        };
         let violations = self.registry.envelope_violations(&value);
-        let mut error = if violations.is_empty() { fallback } else { DecodeError::from_violations(violations) };
+        let mut error = if violations.is_empty() {
+            // The envelope schema and the typed read disagree; say what the typed read saw.
+            let keyword = match fallback.kind {
+                FailureKind::MissingField => "required",
+                FailureKind::UnknownField => "additionalProperties",
+                FailureKind::InvalidValue => "enum",
+                _ => "type",
+            };
+            let violation = Violation { pointer: String::new(), keyword: keyword.to_owned(), message: fallback.reason.clone() };
+            DecodeError { violations: vec![violation], ..fallback }
+        } else {
+            DecodeError::from_violations(violations)
+        };
         error.event_name = value.get("event_name").and_then(Value::as_str).map(str::to_owned);
         error.event_time_ms = value.get("timestamp").and_then(Value::as_str).and_then(crate::parse_rfc3339_ms);
         error.schema_version = value.get("schema_version").and_then(Value::as_str).map(str::to_owned);
@@ -680,6 +697,15 @@ mod tests {
         );
         assert_eq!(kind_of(&line(&[("schema_version", r#""9.0.0""#)])), FailureKind::UnknownSchemaVersion);
         assert_eq!(kind_of(&line(&[("schema_version", r#""one""#)])), FailureKind::UnknownSchemaVersion);
+    }
+
+    #[test]
+    fn a_record_that_is_not_json_is_a_syntax_failure_whatever_the_typed_read_saw_first() {
+        // Found by the fuzz target: an unknown first field, then a syntax error further on.
+        let err = decoder().decode(br#"{"event":"x","trace_id":"60c5d2e18a3ion_ms":350}"#).unwrap_err();
+        assert_eq!(err.kind, FailureKind::MalformedJson, "{err:?}");
+        let err = decoder().decode(br#"{"event":"x","trace_id":"60c5d2e18a"#).unwrap_err();
+        assert_eq!(err.kind, FailureKind::Truncated, "{err:?}");
     }
 
     #[test]
