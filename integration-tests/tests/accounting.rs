@@ -53,7 +53,10 @@ fn apply(line: &[u8], c: &Corruption) -> Vec<u8> {
                 // Remove the key and its (string, or object up to its first `},`) value.
                 Some(start) => {
                     let rest = &text[start + key.len()..];
-                    let end = if rest.starts_with('"') { rest[1..].find('"').map(|i| i + 2) } else { rest.find("},").map(|i| i + 1) };
+                    let end = match rest.strip_prefix('"') {
+                        Some(string) => string.find('"').map(|i| i + 2),
+                        None => rest.find("},").map(|i| i + 1),
+                    };
                     match end {
                         Some(end) => format!("{}{}", &text[..start], rest[end..].trim_start_matches(',')).into_bytes(),
                         None => line.to_vec(),

@@ -86,6 +86,8 @@ impl DecodeError {
 
 /// How a topic's records are laid out.
 #[derive(Clone, Debug, Default, PartialEq)]
+// One per topic, built at start-up: the size of the flat variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Format {
     /// The canonical envelope of the platform spec (event fields at the top, the rest under
     /// `properties`).

@@ -2,6 +2,8 @@
 //! handled; deliberately broken variants rejected with the right failure kind, JSON pointer
 //! and keyword; no dead-letter payload keeps raw personal data.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 
