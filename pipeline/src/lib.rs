@@ -8,7 +8,8 @@
 //! - [`dataflow`]: the assembly of operators and sinks;
 //! - [`run`]: workers, reporting and shutdown;
 //! - [`generator`]: the built-in generator of realistic events;
-//! - [`demo`]: the embedded default — mock Kafka cluster, live generator, local lake.
+//! - [`demo`]: the embedded default — mock Kafka cluster, live generator, local lake;
+//! - [`dead_letters`]: the Kafka dead-letter topic; [`pii_scan`]: the audit of stored output.
 //!
 //! ```no_run
 //! use std::sync::{atomic::AtomicBool, Arc};
@@ -20,6 +21,7 @@
 //!     lake: sightline_sinks::Lake::open("./out").unwrap(),
 //!     stop: Arc::new(AtomicBool::new(false)),
 //!     print_windows: true,
+//!     format: sightline_schemas::Format::Envelope,
 //! };
 //! let summary = run(job).unwrap();
 //! println!("{summary}");
