@@ -17,16 +17,14 @@ fn mock_cluster_round_trip_on_two_workers() {
 /// neither the lake nor the dead-letter topic holds an e-mail address, IP address or token.
 #[test]
 fn flat_topic_dead_letter_topic_and_nothing_private_stored() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    use sightline::config::{Config, TopicConfig, TopicFormat};
+    use sightline::config::{TopicConfig, TopicFormat};
     use sightline::generator::{Generator, GeneratorConfig, LineKind};
     use sightline::pii_scan::{scan_lake, scan_topic};
-    use sightline::run::{Input, Job, run};
 
     let cluster = MockCluster::new(1).expect("mock cluster");
     for (topic, partitions) in [("casey.flat", 1), ("mock.dirty", 2), ("mock.dlq", 1)] {
@@ -36,31 +34,12 @@ fn flat_topic_dead_letter_topic_and_nothing_private_stored() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lake_dir = dir.path().join("lake");
 
-    let mut config = Config::default();
-    config.pipeline.workers = 2;
-    config.privacy.key = Some(common::TEST_KEY.into());
-    config.pipeline.window_ms = 5_000;
-    config.pipeline.allowed_lateness_ms = 1_000;
-    config.pipeline.idle_timeout_ms = 1_000;
-    config.kafka.bootstrap_servers = bootstrap.clone();
-    config.kafka.group_id = "flat-dlq".into();
-    config.kafka.commit_interval_ms = 0;
+    let mut config = common::kafka::kafka_config(&bootstrap, "flat-dlq", 2);
     config.kafka.dead_letter_topic = Some("mock.dlq".into());
     let mut flat = TopicConfig::envelope("casey.flat");
     flat.format = TopicFormat::Flat;
     config.kafka.topics = vec![flat, TopicConfig::envelope("mock.dirty")];
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let lake = sightline_sinks::Lake::open(lake_dir.to_str().expect("utf-8")).expect("lake");
-    let job = Job {
-        config: config.clone(),
-        input: Input::Kafka(config.kafka.clone()),
-        lake,
-        stop: Arc::clone(&stop),
-        print_windows: false,
-        format: Default::default(),
-    };
-    let pipeline = std::thread::spawn(move || run(job));
+    let (stop, pipeline) = common::kafka::start(&config, &lake_dir);
 
     let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("producer");
     let send = |topic: &str, payload: &[u8]| {

@@ -328,7 +328,7 @@ impl Decoder {
         if bytes.len() > self.max_event_bytes {
             return Err(self.oversize(bytes.len() as u64));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::new(FailureKind::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+        let text = utf8(bytes)?;
         let trimmed = text.trim_start();
         if trimmed.is_empty() {
             return Err(DecodeError::new(FailureKind::Empty, "empty record"));
@@ -352,7 +352,7 @@ impl Decoder {
     /// Reads the envelope of a canonical record with the typed reader and throws it away: no
     /// schema validation, no privacy. The benchmarks' parse-only baseline.
     pub fn parse_only(&self, bytes: &[u8]) -> Result<(), DecodeError> {
-        let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::new(FailureKind::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+        let text = utf8(bytes)?;
         serde_json::from_str::<WireEnvelope<'_>>(text).map(drop).map_err(|e| DecodeError::from_json(&e))
     }
 
@@ -604,6 +604,10 @@ fn flat_to_envelope(registry: &Registry, text: &str, defaults: &FlatDefaults) ->
         envelope["schema_version"] = Value::String(version);
     }
     Ok(envelope.to_string())
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, DecodeError> {
+    std::str::from_utf8(bytes).map_err(|e| DecodeError::new(FailureKind::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))
 }
 
 fn json_kind(value: &Value) -> &'static str {

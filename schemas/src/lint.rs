@@ -40,7 +40,7 @@ impl std::fmt::Display for Problem {
 pub fn lint_dir(dir: &Path) -> Result<usize, Vec<Problem>> {
     let problem = |message: String| vec![Problem { file: dir.display().to_string(), message }];
     let mut files = Vec::new();
-    collect(dir, dir, &mut files).map_err(|e| problem(e.to_string()))?;
+    crate::registry::collect_json(dir, dir, &mut files).map_err(|e| problem(e.to_string()))?;
     if files.is_empty() {
         return Err(problem("no schema files (*.json) found".into()));
     }
@@ -73,20 +73,6 @@ pub fn lint_files(files: Vec<(String, String)>) -> Result<usize, Vec<Problem>> {
         compatibility(event, &mut problems);
     }
     if problems.is_empty() { Ok(count) } else { Err(problems) }
-}
-
-fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> std::io::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            collect(root, &path, out)?;
-        } else if path.extension().is_some_and(|e| e == "json") {
-            let relative = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
-            out.push((relative, std::fs::read_to_string(&path)?));
-        }
-    }
-    Ok(())
 }
 
 fn strings(value: Option<&Value>) -> Option<BTreeSet<String>> {

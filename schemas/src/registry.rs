@@ -458,7 +458,8 @@ impl Registry {
     }
 }
 
-fn collect_json(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> std::io::Result<()> {
+/// Every `*.json` under `dir`, as (path relative to `root` with `/` separators, text), sorted.
+pub(crate) fn collect_json(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> std::io::Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
     entries.sort();
     for path in entries {

@@ -16,6 +16,37 @@ use sightline::run::{Input, Job, run};
 
 use super::*;
 
+/// The configuration of a Kafka test run: 5 s windows, 1 s lateness and idle timeout, the test
+/// key, offsets committed at every chance.
+pub fn kafka_config(bootstrap: &str, group: &str, workers: usize) -> Config {
+    let mut config = Config::default();
+    config.pipeline.workers = workers;
+    config.privacy.key = Some(TEST_KEY.into());
+    config.pipeline.window_ms = 5_000;
+    config.pipeline.allowed_lateness_ms = 1_000;
+    config.pipeline.idle_timeout_ms = 1_000;
+    config.kafka.bootstrap_servers = bootstrap.into();
+    config.kafka.group_id = group.into();
+    config.kafka.commit_interval_ms = 0;
+    config
+}
+
+/// Runs the pipeline over `config`'s Kafka input on a thread, writing to `lake_dir`; returns
+/// its stop flag and the thread.
+pub fn start(config: &Config, lake_dir: &Path) -> (Arc<AtomicBool>, std::thread::JoinHandle<anyhow::Result<sightline::run::Summary>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let lake = sightline_sinks::Lake::open(lake_dir.to_str().expect("utf-8")).expect("lake");
+    let job = Job {
+        config: config.clone(),
+        input: Input::Kafka(config.kafka.clone()),
+        lake,
+        stop: Arc::clone(&stop),
+        print_windows: false,
+        format: Default::default(),
+    };
+    (stop, std::thread::spawn(move || run(job)))
+}
+
 /// Milliseconds since the epoch, now.
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -60,28 +91,9 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
     let lake_dir = dir.path().join("lake");
     let group = format!("sightline-test-{}", topics[0].0);
 
-    let mut config = Config::default();
-    config.pipeline.workers = workers;
-    config.privacy.key = Some(TEST_KEY.into());
-    config.pipeline.window_ms = 5_000;
-    config.pipeline.allowed_lateness_ms = 1_000;
-    config.pipeline.idle_timeout_ms = 1_000;
-    config.kafka.bootstrap_servers = bootstrap.into();
-    config.kafka.group_id = group.clone();
+    let mut config = kafka_config(bootstrap, &group, workers);
     config.kafka.topics = topics.iter().map(|(name, _)| TopicConfig::envelope(name)).collect();
-    config.kafka.commit_interval_ms = 0;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let lake = sightline_sinks::Lake::open(lake_dir.to_str().expect("utf-8")).expect("lake");
-    let job = Job {
-        config: config.clone(),
-        input: Input::Kafka(config.kafka.clone()),
-        lake,
-        stop: Arc::clone(&stop),
-        print_windows: false,
-        format: Default::default(),
-    };
-    let pipeline = std::thread::spawn(move || run(job));
+    let (stop, pipeline) = start(&config, &lake_dir);
 
     // Event times start now, so that no partition's idle clock makes them late.
     let mut generator = Generator::new(GeneratorConfig {
