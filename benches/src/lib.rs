@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sightline::generator::{Generator, GeneratorConfig};
 use sightline::source::{Payload, ReadStatus, Record, RecordReader};
-use sightline_schemas::format_rfc3339_ms;
+use sightline_schemas::rfc3339_bytes;
 
 /// A block of generated NDJSON lines, with the position of each line's timestamp value.
 #[derive(Debug)]
@@ -86,7 +86,7 @@ impl CyclingReader {
         self.buf.extend_from_slice(&self.block.lines[slot]);
         if let Some(at) = self.block.timestamp_at[slot] {
             let time = self.start_ms + (i as f64 * self.ms_per_event) as i64;
-            self.buf[at..at + 24].copy_from_slice(format_rfc3339_ms(time).as_bytes());
+            self.buf[at..at + 24].copy_from_slice(&rfc3339_bytes(time));
         }
     }
 

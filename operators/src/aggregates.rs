@@ -14,7 +14,7 @@ use std::borrow::{Borrow, Cow};
 
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
-use sightline_schemas::{DeadLetter, Event, EventName, EventType, FailureKind};
+use sightline_schemas::{DeadLetter, Event, EventName, EventType, FailureKind, Label};
 
 use crate::histogram::LatencyHistogram;
 use crate::window::{Time, WindowKey, Windows};
@@ -29,7 +29,7 @@ pub struct CountKey {
     /// `event_type`.
     pub event_type: EventType,
     /// `feature_area`.
-    pub feature_area: String,
+    pub feature_area: Label,
 }
 
 /// Key of `latency`: one window, event name, feature area and surface (empty when absent).
@@ -40,9 +40,9 @@ pub struct LatencyKey {
     /// `event_name`.
     pub event_name: EventName,
     /// `feature_area`.
-    pub feature_area: String,
+    pub feature_area: Label,
     /// `surface`, or the empty string when the event has none.
-    pub surface: String,
+    pub surface: Label,
 }
 
 /// Key of `latency_by_variant`: one window, event name, experiment and variant.
@@ -53,9 +53,9 @@ pub struct VariantKey {
     /// `event_name`.
     pub event_name: EventName,
     /// An experiment id from `experiment_assignments`.
-    pub experiment_id: String,
+    pub experiment_id: Label,
     /// The event's bucket in that experiment.
-    pub variant: String,
+    pub variant: Label,
 }
 
 /// What a `quality` count counts: records by outcome (accepted, or rejected for a reason,
@@ -234,6 +234,7 @@ pub fn latency<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     windows: Windows,
 ) -> VecCollection<'s, Time, LatencyKey, LatencyHistogram> {
+    let no_surface = Label::from("");
     events.explode(move |e| {
         let e = e.borrow();
         let latency = e.latency_us?;
@@ -241,7 +242,7 @@ pub fn latency<'s, E: Borrow<Event> + Clone + 'static>(
             window_start: windows.start_of(e.event_time_ms as u64),
             event_name: e.event_name,
             feature_area: e.feature_area.clone(),
-            surface: e.surface.clone().unwrap_or_default(),
+            surface: e.surface.clone().unwrap_or_else(|| no_surface.clone()),
         };
         Some((key, LatencyHistogram::from_sample(latency)))
     })
@@ -260,16 +261,16 @@ pub fn latency_by_variant<'s, E: Borrow<Event> + Clone + 'static>(
         let e = e.borrow();
         let window_start = windows.start_of(e.event_time_ms as u64);
         let event_name = e.event_name;
-        let mut out = Vec::new();
-        if let Some(l) = e.latency_us {
-            for (experiment_id, variant) in &e.experiment_assignments {
-                out.push((
-                    VariantKey { window_start, event_name, experiment_id: experiment_id.clone(), variant: variant.clone() },
-                    LatencyHistogram::from_sample(l),
-                ));
-            }
-        }
-        out
+        // The event's shared assignment list, iterated without a per-event vector.
+        let (latency, assignments) = match e.latency_us {
+            Some(l) => (l, e.experiment_assignments.clone()),
+            None => (0, Default::default()),
+        };
+        (0..assignments.len()).map(move |i| {
+            let (experiment_id, variant) = &assignments[i];
+            let key = VariantKey { window_start, event_name, experiment_id: experiment_id.clone(), variant: variant.clone() };
+            (key, LatencyHistogram::from_sample(latency))
+        })
     })
 }
 

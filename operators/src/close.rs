@@ -56,6 +56,10 @@ where
     accumulate(partials, exchange, windows, name)
 }
 
+/// One window's accumulation per key. foldhash rather than std's SipHash: the keys are short
+/// labels, hashed once per update, and foldhash is seeded per process like SipHash.
+type Accumulation<K, R> = HashMap<K, R, foldhash::fast::RandomState>;
+
 /// Accumulates `(key, time, diff)` per window and key, and emits each window once the input
 /// frontier has passed its end.
 fn accumulate<'s, K, R, P>(updates: StreamVec<'s, Time, (K, Time, R)>, pact: P, windows: Windows, name: &str) -> StreamVec<'s, Time, ClosedWindow<K, R>>
@@ -65,7 +69,7 @@ where
     P: ParallelizationContract<Time, Vec<(K, Time, R)>>,
 {
     updates.unary_frontier(pact, name, move |_capability, _info| {
-        let mut open: BTreeMap<u64, (Capability<Time>, HashMap<K, R>)> = BTreeMap::new();
+        let mut open: BTreeMap<u64, (Capability<Time>, Accumulation<K, R>)> = BTreeMap::new();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 // Every message here is sent under a capability; one without would carry no time.
@@ -77,7 +81,7 @@ where
                     let start = key.window_start();
                     let (_, acc) = open.entry(start).or_insert_with(|| {
                         let emit_at = windows.end_of(start).saturating_sub(1).max(least);
-                        (cap.delayed(&emit_at, 0), HashMap::new())
+                        (cap.delayed(&emit_at, 0), Accumulation::default())
                     });
                     match acc.entry(key) {
                         std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().plus_equals(&diff),

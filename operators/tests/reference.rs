@@ -35,12 +35,12 @@ fn arb_event() -> impl Strategy<Value = Event> {
         (0u16..4, 0u16..2, 0u16..3),
     )
         .prop_map(|(offset, name, area, surface, latency, e1, e2, (pseudonymized, scrubbed, dropped))| {
-            let mut experiments = Vec::new();
+            let mut experiments: Vec<(sightline_schemas::Label, sightline_schemas::Label)> = Vec::new();
             if let Some(v) = e1 {
-                experiments.push(("exp_1".to_string(), v.to_string()));
+                experiments.push(("exp_1".into(), v.into()));
             }
             if let Some(v) = e2 {
-                experiments.push(("exp_2".to_string(), v.to_string()));
+                experiments.push(("exp_2".into(), v.into()));
             }
             Event {
                 event_time_ms: (BASE + offset) as i64,
@@ -53,10 +53,10 @@ fn arb_event() -> impl Strategy<Value = Event> {
                 tenant_id: "t".into(),
                 user_id: "u".into(),
                 session_id: "s".into(),
-                feature_area: area.to_string(),
+                feature_area: area.into(),
                 workflow_name: None,
-                surface: surface.map(str::to_string),
-                experiment_assignments: experiments,
+                surface: surface.map(Into::into),
+                experiment_assignments: experiments.into(),
                 pii_classification: PiiClassification::None,
                 data_sensitivity: DataSensitivity::Internal,
                 latency_us: latency,
@@ -227,7 +227,7 @@ proptest! {
             let Some(l) = e.latency_us else { continue };
             let window_start = windows.start_of(e.event_time_ms as u64);
             want_latency.entry(LatencyKey { window_start, event_name: e.event_name, feature_area: e.feature_area.clone(), surface: e.surface.clone().unwrap_or_default() }).or_default().push(l);
-            for (experiment_id, variant) in &e.experiment_assignments {
+            for (experiment_id, variant) in e.experiment_assignments.iter() {
                 want_variants.entry(VariantKey { window_start, event_name: e.event_name, experiment_id: experiment_id.clone(), variant: variant.clone() }).or_default().push(l);
             }
         }

@@ -195,7 +195,9 @@ impl Generator {
         let r = &mut self.rng;
         let tenant = r.below(u64::from(self.config.tenants));
         let user = r.below(u64::from(self.config.users));
-        let session = r.next_u64() >> 24;
+        // A user's events share a session for up to five minutes of event time (sessions start
+        // at a different offset for each user), as real sessions do.
+        let session = mix(user.wrapping_mul(SESSION_MS) ^ ((time_ms as u64).wrapping_add(mix(user) % SESSION_MS) / SESSION_MS)) >> 24;
         let catalog_entry = sightline_schemas::EventName::from_name(name).map(|n| n.spec());
         let spec = catalog_entry.map(|s| s.event_type.as_str()).unwrap_or("action");
         let from_platform_spec = catalog_entry.is_some_and(|s| s.origin == sightline_schemas::catalog::PLATFORM);
@@ -575,6 +577,9 @@ fn replace_string_field(out: &mut Vec<u8>, start: usize, field: &[u8], value: Op
         }
     }
 }
+
+/// Longest session, ms of event time.
+const SESSION_MS: u64 = 300_000;
 
 fn mix(x: u64) -> u64 {
     let mut r = Rng::new(x);

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::memo::{Label, Memo};
 use crate::pii::{KeyRing, Privacy};
 use crate::registry::{PiiAction, Registry, Version};
 use crate::{DataSensitivity, Event, EventName, EventType, FailureKind, PiiClassification, Platform, PrivacyCounts, Source, Violation};
@@ -139,15 +140,29 @@ impl Default for FlatDefaults {
     }
 }
 
-/// Decodes, validates and pseudonymizes records. One per worker (it caches the current
-/// pseudonym key).
+/// Decodes, validates and pseudonymizes records. One per worker: it caches the current
+/// pseudonym key, and memoizes labels, assignments and pseudonyms ([`crate::memo`]).
 #[derive(Clone, Debug)]
 pub struct Decoder {
     max_event_bytes: usize,
     registry: &'static Registry,
     privacy: Privacy,
     format: Format,
+    /// Envelope labels (feature areas, surfaces, workflows, experiment ids and variants) →
+    /// the label after scrubbing, and whether scrubbing changed it.
+    labels: Memo<(Label, bool)>,
+    /// `app_version` values (kept as they are).
+    versions: Memo<Label>,
+    /// The raw JSON of `experiment_assignments` → the sorted, scrubbed pairs and how many of
+    /// their strings scrubbing changed; `None` when the JSON is not an object of strings.
+    assignments: Memo<Option<(Assignments, u16)>>,
 }
+
+/// An event's experiment assignments, shared by the events that have the same ones.
+type Assignments = Arc<[(Label, Label)]>;
+
+/// Distinct labels, versions and assignment sets a decoder memoizes (per generation).
+const LABEL_MEMO: usize = 4096;
 
 /// The envelope as it appears on the wire. Unknown top-level fields are rejected: the envelope
 /// is an allowlist.
@@ -182,8 +197,9 @@ struct WireEnvelope<'a> {
     workflow_name: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     surface: Option<Cow<'a, str>>,
+    /// Read (and type-checked) in [`Decoder::finish`], through a memo: assignments repeat.
     #[serde(borrow, default)]
-    experiment_assignments: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    experiment_assignments: Option<&'a RawValue>,
     #[serde(borrow, default)]
     properties: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -254,7 +270,15 @@ impl Decoder {
     /// A decoder of canonical-envelope records up to `max_event_bytes`, pseudonymizing with
     /// `keys`.
     pub fn new(max_event_bytes: usize, keys: Arc<KeyRing>) -> Decoder {
-        Decoder { max_event_bytes, registry: Registry::embedded(), privacy: Privacy::new(keys), format: Format::Envelope }
+        Decoder {
+            max_event_bytes,
+            registry: Registry::embedded(),
+            privacy: Privacy::new(keys),
+            format: Format::Envelope,
+            labels: Memo::new(LABEL_MEMO),
+            versions: Memo::new(LABEL_MEMO),
+            assignments: Memo::new(LABEL_MEMO),
+        }
     }
 
     /// The same decoder for records in `format`.
@@ -358,7 +382,7 @@ impl Decoder {
 
     fn decode_envelope(&mut self, text: &str) -> Result<Event, DecodeError> {
         match serde_json::from_str::<WireEnvelope<'_>>(text) {
-            Ok(wire) => self.finish(wire),
+            Ok(wire) => self.finish(text, wire),
             Err(e) => Err(self.explain(text, &e)),
         }
     }
@@ -397,7 +421,7 @@ impl Decoder {
         error
     }
 
-    fn finish(&mut self, wire: WireEnvelope<'_>) -> Result<Event, DecodeError> {
+    fn finish(&mut self, text: &str, wire: WireEnvelope<'_>) -> Result<Event, DecodeError> {
         let context = |mut e: DecodeError| {
             e.event_name = Some(wire.event_name.to_string());
             e.schema_version = wire.schema_version.as_deref().map(str::to_owned);
@@ -493,31 +517,33 @@ impl Decoder {
         if wire.geo_consent != Some(true) {
             privacy.dropped = privacy.dropped.saturating_add(u16::from(wire.country.is_some()) + u16::from(wire.region.is_some()));
         }
-        let pseudonyms = &mut self.privacy.pseudonyms;
-        let user_id = pseudonyms.pseudonym(&wire.user_id, event_time_ms);
-        let tenant_id = pseudonyms.pseudonym(&wire.tenant_id, event_time_ms);
-        let session_id = pseudonyms.pseudonym(&wire.session_id, event_time_ms);
-        let scrubber = &self.privacy.scrubber;
-        let mut scrub = |text: Option<Cow<'_, str>>| {
-            text.map(|t| match scrubber.scrub(&t) {
-                Cow::Borrowed(_) => t.into_owned(),
-                Cow::Owned(clean) => {
-                    privacy.scrubbed = privacy.scrubbed.saturating_add(1);
-                    clean
-                }
-            })
+        let experiment_assignments = match wire.experiment_assignments {
+            None => Assignments::default(),
+            Some(raw) => {
+                let Some((pairs, scrubbed)) = self.assignments(raw.get()) else {
+                    // Not an object of strings: the slow path says where.
+                    let err = serde_json::from_str::<BTreeMap<Cow<'_, str>, Cow<'_, str>>>(raw.get()).err();
+                    return Err(err.map_or_else(|| DecodeError::new(FailureKind::WrongType, "experiment_assignments"), |e| self.explain(text, &e)));
+                };
+                privacy.scrubbed = privacy.scrubbed.saturating_add(scrubbed);
+                pairs
+            }
         };
+        let pseudonyms = &mut self.privacy.pseudonyms;
+        let user_id = pseudonyms.pseudonym_label(&wire.user_id, event_time_ms);
+        let tenant_id = pseudonyms.pseudonym_label(&wire.tenant_id, event_time_ms);
+        let session_id = pseudonyms.pseudonym_label(&wire.session_id, event_time_ms);
         // Free text by the envelope schema; feature areas and experiment names are labels, but
         // they reach the aggregates, so they get the same pass.
-        let workflow_name = scrub(wire.workflow_name);
-        let surface = scrub(wire.surface);
-        let feature_area = scrub(Some(wire.feature_area)).unwrap_or_default();
-        let experiment_assignments: Vec<(String, String)> = wire
-            .experiment_assignments
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (scrub(Some(k)).unwrap_or_default(), scrub(Some(v)).unwrap_or_default()))
-            .collect();
+        let mut label = |text: &str| {
+            let (clean, scrubbed) = scrub_label(&mut self.labels, &self.privacy.scrubber, text);
+            privacy.scrubbed = privacy.scrubbed.saturating_add(u16::from(scrubbed));
+            clean
+        };
+        let workflow_name = wire.workflow_name.as_deref().map(&mut label);
+        let surface = wire.surface.as_deref().map(&mut label);
+        let feature_area = label(&wire.feature_area);
+        let app_version = self.versions.get_or_derive(&wire.app_version, |_| true, |v| Label::from(v));
         Ok(Event {
             event_time_ms,
             event_name,
@@ -525,7 +551,7 @@ impl Decoder {
             event_id: wire.event_id.into_owned(),
             source: wire.source,
             platform: wire.platform,
-            app_version: wire.app_version.into_owned(),
+            app_version,
             tenant_id,
             user_id,
             session_id,
@@ -539,6 +565,40 @@ impl Decoder {
             privacy,
         })
     }
+
+    /// The experiment assignments of `raw` (a JSON object of strings), sorted by experiment
+    /// and scrubbed, with the number of strings scrubbing changed; `None` if `raw` is not an
+    /// object of strings. Memoized on the raw text.
+    fn assignments(&mut self, raw: &str) -> Option<(Assignments, u16)> {
+        let (labels, scrubber) = (&mut self.labels, &self.privacy.scrubber);
+        self.assignments.get_or_derive(
+            raw,
+            |_| true,
+            |raw| {
+                let map = serde_json::from_str::<BTreeMap<Cow<'_, str>, Cow<'_, str>>>(raw).ok()?;
+                let mut scrubbed = 0u16;
+                let mut label = |text: &str| {
+                    let (clean, changed) = scrub_label(labels, scrubber, text);
+                    scrubbed = scrubbed.saturating_add(u16::from(changed));
+                    clean
+                };
+                let pairs: Assignments = map.iter().map(|(k, v)| (label(k), label(v))).collect();
+                Some((pairs, scrubbed))
+            },
+        )
+    }
+}
+
+/// `text` scrubbed, as a shared label, and whether scrubbing changed it; memoized in `labels`.
+fn scrub_label(labels: &mut Memo<(Label, bool)>, scrubber: &crate::pii::Scrubber, text: &str) -> (Label, bool) {
+    labels.get_or_derive(
+        text,
+        |_| true,
+        |text| match scrubber.scrub(text) {
+            Cow::Borrowed(same) => (Label::from(same), false),
+            Cow::Owned(clean) => (Label::from(clean), true),
+        },
+    )
 }
 
 /// Envelope fields the privacy layer handles in [`Decoder::finish`], with the action the code
@@ -681,7 +741,7 @@ mod tests {
         assert_eq!(event.event_name.as_str(), "task_assigned");
         assert_eq!(event.event_time_ms, 1_769_178_600_250);
         assert_eq!(event.latency_us, Some(12_500));
-        assert_eq!(event.experiment_assignments, vec![("exp_a".into(), "control".into()), ("exp_b".into(), "treatment".into())]);
+        assert_eq!(&event.experiment_assignments[..], &[("exp_a".into(), "control".into()), ("exp_b".into(), "treatment".into())]);
         assert!(event.user_id.starts_with("test.") && event.tenant_id.starts_with("test.") && event.session_id.starts_with("test."));
         assert_eq!(event.privacy, PrivacyCounts { pseudonymized: 4, scrubbed: 0, dropped: 0 });
     }
@@ -703,6 +763,31 @@ mod tests {
         );
         assert_eq!(kind_of(&line(&[("schema_version", r#""9.0.0""#)])), FailureKind::UnknownSchemaVersion);
         assert_eq!(kind_of(&line(&[("schema_version", r#""one""#)])), FailureKind::UnknownSchemaVersion);
+        // Assignments are read after the typed envelope (through the memo): still explained.
+        assert_eq!(v(&[("experiment_assignments", r#"{"exp_a":3}"#)]), ("/experiment_assignments/exp_a".into(), "type".into()));
+        assert_eq!(v(&[("experiment_assignments", r#"["exp_a"]"#)]), ("/experiment_assignments".into(), "type".into()));
+    }
+
+    #[test]
+    fn memoized_labels_and_assignments_match_a_fresh_decoder() {
+        // One decoder sees every line several times (memo hits); each line is also decoded by a
+        // fresh decoder (memo misses). Scrubbing counts are per event either way.
+        let lines = [
+            line(&[]),
+            line(&[("surface", r#""/users/jane@example.com/tasks""#)]),
+            line(&[("experiment_assignments", r#"{"exp_a":"call +1 415 555 0100"}"#)]),
+            line(&[("experiment_assignments", r#"{"exp_a":"control"}"#), ("workflow_name", r#""onboarding""#)]),
+            line(&[("experiment_assignments", "null")]),
+        ];
+        let mut warm = decoder();
+        for _ in 0..3 {
+            for text in &lines {
+                assert_eq!(warm.decode(text.as_bytes()).unwrap(), decoder().decode(text.as_bytes()).unwrap(), "{text}");
+            }
+        }
+        let scrubbed = warm.decode(lines[2].as_bytes()).unwrap();
+        assert_eq!(&*scrubbed.experiment_assignments[0].1, "call [phone]");
+        assert_eq!(scrubbed.privacy.scrubbed, 1);
     }
 
     #[test]
@@ -757,7 +842,7 @@ mod tests {
     #[test]
     fn escaped_strings_decode() {
         let event = decoder().decode(line(&[("feature_area", r#""pro\"jects\u00e9""#)]).as_bytes()).unwrap();
-        assert_eq!(event.feature_area, "pro\"jectsé");
+        assert_eq!(&*event.feature_area, "pro\"jectsé");
     }
 
     #[test]

@@ -37,13 +37,17 @@
 pub mod catalog;
 mod decode;
 pub mod lint;
+pub mod memo;
 pub mod pii;
 pub mod registry;
 mod time;
 pub mod validate;
 
 pub use decode::{DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, ENVELOPE_PRIVACY, FlatDefaults, Format};
-pub use time::{format_rfc3339_ms, parse_rfc3339_ms, utc_date_hour};
+pub use memo::Label;
+pub use time::{format_rfc3339_ms, parse_rfc3339_ms, rfc3339_bytes, utc_date_hour};
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -199,21 +203,22 @@ pub struct Event {
     /// Where it was emitted.
     pub platform: Platform,
     /// `app_version` of the emitter.
-    pub app_version: String,
-    /// Tenant identifier (already a hash or pseudonym upstream).
-    pub tenant_id: String,
-    /// User identifier (already a stable hash upstream).
-    pub user_id: String,
-    /// Session identifier.
-    pub session_id: String,
-    /// Product area.
-    pub feature_area: String,
-    /// Workflow, if any.
-    pub workflow_name: Option<String>,
-    /// Component or endpoint, if any.
-    pub surface: Option<String>,
-    /// Experiment id → variant, sorted by experiment id.
-    pub experiment_assignments: Vec<(String, String)>,
+    pub app_version: Label,
+    /// Tenant identifier, as a keyed pseudonym.
+    pub tenant_id: Label,
+    /// User identifier, as a keyed pseudonym.
+    pub user_id: Label,
+    /// Session identifier, as a keyed pseudonym.
+    pub session_id: Label,
+    /// Product area (scrubbed).
+    pub feature_area: Label,
+    /// Workflow, if any (scrubbed).
+    pub workflow_name: Option<Label>,
+    /// Component or endpoint, if any (scrubbed).
+    pub surface: Option<Label>,
+    /// Experiment id → variant, sorted by experiment id (scrubbed). Events with the same
+    /// assignments share one list.
+    pub experiment_assignments: Arc<[(Label, Label)]>,
     /// Declared personal-data class.
     pub pii_classification: PiiClassification,
     /// Declared sensitivity.

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde_json::{Map, Value};
 
+use crate::memo::{Label, Memo};
 use crate::registry::{FieldRule, ObjectRule, PiiAction, Registry, Version};
 
 /// Default key rotation period.
@@ -247,31 +248,49 @@ pub struct Pseudonymizer {
     ring: Arc<KeyRing>,
     /// The period, its key, and the pseudonym prefix `<key-id>.<period>.`.
     cached: Option<(i64, [u8; 32], String)>,
+    /// Pseudonyms already computed, with their period.
+    memo: Memo<(i64, Label)>,
 }
+
+/// Pseudonyms a worker keeps memoized: the users, tenants and sessions active now.
+const PSEUDONYM_MEMO: usize = 1 << 15;
 
 impl Pseudonymizer {
     /// A pseudonymizer over `ring`.
     pub fn new(ring: Arc<KeyRing>) -> Pseudonymizer {
-        Pseudonymizer { ring, cached: None }
+        Pseudonymizer { ring, cached: None, memo: Memo::new(PSEUDONYM_MEMO) }
     }
 
     /// The pseudonym of `value` at `event_time_ms`: `<key-id>.<period>.<24 hex digits>`.
     pub fn pseudonym(&mut self, value: &str, event_time_ms: i64) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let period = self.ring.period(event_time_ms);
-        let (_, key, prefix) = match &self.cached {
-            Some(cached) if cached.0 == period => cached,
-            _ => self.cached.insert((period, self.ring.period_key(period), format!("{}.{period}.", self.ring.key_id))),
-        };
-        let digest = blake3::keyed_hash(key, value.as_bytes());
-        let mut out = String::with_capacity(prefix.len() + 24);
-        out.push_str(prefix);
-        for &b in &digest.as_bytes()[..12] {
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 15)]));
-        }
-        out
+        keyed_pseudonym(&self.ring, &mut self.cached, value, period)
     }
+
+    /// [`Pseudonymizer::pseudonym`] as a shared [`Label`], memoized: an identifier seen again
+    /// in the same key period costs one lookup instead of a keyed hash and an allocation.
+    pub fn pseudonym_label(&mut self, value: &str, event_time_ms: i64) -> Label {
+        let period = self.ring.period(event_time_ms);
+        let (ring, cached) = (&self.ring, &mut self.cached);
+        self.memo.get_or_derive(value, |(p, _)| *p == period, |v| (period, Label::from(keyed_pseudonym(ring, cached, v, period)))).1
+    }
+}
+
+/// The pseudonym of `value` in `period`, with the period's key cached in `cached`.
+fn keyed_pseudonym(ring: &KeyRing, cached: &mut Option<(i64, [u8; 32], String)>, value: &str, period: i64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let (_, key, prefix) = match cached {
+        Some(c) if c.0 == period => c,
+        _ => cached.insert((period, ring.period_key(period), format!("{}.{period}.", ring.key_id))),
+    };
+    let digest = blake3::keyed_hash(key, value.as_bytes());
+    let mut out = String::with_capacity(prefix.len() + 24);
+    out.push_str(prefix);
+    for &b in &digest.as_bytes()[..12] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
@@ -575,6 +594,19 @@ mod tests {
         assert_ne!(p.pseudonym("casey", 5), p.pseudonym("morgan", 5));
         let mut other = Pseudonymizer::new(Arc::new(KeyRing::from_hex("k1", &"ab".repeat(32), 30).unwrap()));
         assert_ne!(other.pseudonym("casey", 5), p.pseudonym("casey", 5), "the secret matters");
+    }
+
+    #[test]
+    fn memoized_pseudonyms_follow_the_period() {
+        let mut memoized = Pseudonymizer::new(ring());
+        let mut fresh = Pseudonymizer::new(ring());
+        let period_ms = 30 * 86_400_000i64;
+        // Alternate across a period boundary, so that every memoized value is checked for age.
+        for (i, t) in [5, period_ms + 5, 6, period_ms + 6, 2 * period_ms].into_iter().enumerate() {
+            for user in ["casey", "morgan", "casey"] {
+                assert_eq!(&*memoized.pseudonym_label(user, t), fresh.pseudonym(user, t), "step {i}, {user}");
+            }
+        }
     }
 
     #[test]

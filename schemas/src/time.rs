@@ -5,8 +5,6 @@
 //! (a space instead of `T` and a lower-case `z` are accepted too) and returns milliseconds
 //! since the Unix epoch, UTC. Fractions beyond milliseconds are truncated.
 
-use std::fmt::Write;
-
 /// Parses an RFC 3339 timestamp into milliseconds since the Unix epoch (UTC).
 ///
 /// Returns `None` for anything that is not a valid timestamp, including out-of-range
@@ -71,15 +69,38 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
 }
 
 /// Formats milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+///
+/// Years outside 0..=9999 cannot be written in this form; they are clamped (no event time
+/// the decoder accepts is outside them).
 pub fn format_rfc3339_ms(ms: i64) -> String {
-    let mut out = String::with_capacity(24);
+    let bytes = rfc3339_bytes(ms);
+    // Every byte written is an ASCII digit or separator.
+    bytes.iter().map(|&b| char::from(b)).collect()
+}
+
+/// The 24 ASCII bytes of [`format_rfc3339_ms`], written digit by digit: `write!` through
+/// `core::fmt` costs about ten times as much, and the benchmark reader formats one per event.
+pub fn rfc3339_bytes(ms: i64) -> [u8; 24] {
     let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
     let (y, m, d) = civil_from_days(days);
     let (h, rem) = (rem / 3_600_000, rem % 3_600_000);
     let (mi, rem) = (rem / 60_000, rem % 60_000);
     let (s, milli) = (rem / 1000, rem % 1000);
-    // Writing to a String cannot fail.
-    let _ = write!(out, "{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z");
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut digits = |at: usize, width: usize, value: i64| {
+        let mut v = value;
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    digits(0, 4, y.clamp(0, 9999));
+    digits(5, 2, m);
+    digits(8, 2, d);
+    digits(11, 2, h);
+    digits(14, 2, mi);
+    digits(17, 2, s);
+    digits(20, 3, milli);
     out
 }
 
@@ -163,6 +184,14 @@ mod tests {
         #[test]
         fn format_then_parse_roundtrips(ms in 0i64..8_000_000_000_000) {
             prop_assert_eq!(parse_rfc3339_ms(&format_rfc3339_ms(ms)), Some(ms));
+        }
+
+        #[test]
+        fn format_matches_the_fmt_reference(ms in 0i64..250_000_000_000_000) {
+            let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+            let (y, m, d) = civil_from_days(days);
+            let (h, mi, s, milli) = (rem / 3_600_000, rem % 3_600_000 / 60_000, rem % 60_000 / 1000, rem % 1000);
+            prop_assert_eq!(format_rfc3339_ms(ms), format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z"));
         }
     }
 }

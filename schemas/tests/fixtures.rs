@@ -100,7 +100,7 @@ fn every_platform_example_is_accepted_with_its_pii_handled() {
     for line in &examples {
         let event = decoder.decode(line.as_bytes()).unwrap_or_else(|e| panic!("{e} ({:?}) in {line}", e.violations));
         let raw: Value = serde_json::from_str(line).unwrap();
-        assert_ne!(event.user_id, raw["user_id"].as_str().unwrap(), "user_id is pseudonymized");
+        assert_ne!(&*event.user_id, raw["user_id"].as_str().unwrap(), "user_id is pseudonymized");
         let geo = raw.get("country").is_some() as u16 + raw.get("region").is_some() as u16;
         let consented = raw["geo_consent"] == true;
         match event.event_name.as_str() {

@@ -128,7 +128,7 @@ impl EventCountRow {
                 window_end_ms: w.window_end,
                 event_name: k.event_name.as_str().to_owned(),
                 event_type: k.event_type.as_str().to_owned(),
-                feature_area: k.feature_area,
+                feature_area: k.feature_area.to_string(),
                 count: n as i64,
             })
             .collect()
@@ -182,8 +182,8 @@ impl LatencyRow {
                 window_start_ms: w.window_start,
                 window_end_ms: w.window_end,
                 event_name: k.event_name.as_str().to_owned(),
-                feature_area: k.feature_area,
-                surface: k.surface,
+                feature_area: k.feature_area.to_string(),
+                surface: k.surface.to_string(),
                 stats: LatencyStats::from_histogram(&h),
             })
             .collect()
@@ -238,8 +238,8 @@ impl VariantLatencyRow {
                 window_start_ms: w.window_start,
                 window_end_ms: w.window_end,
                 event_name: k.event_name.as_str().to_owned(),
-                experiment_id: k.experiment_id,
-                variant: k.variant,
+                experiment_id: k.experiment_id.to_string(),
+                variant: k.variant.to_string(),
                 stats: LatencyStats::from_histogram(&h),
             })
             .collect()

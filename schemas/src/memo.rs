@@ -1,0 +1,119 @@
+//! Bounded memo tables for the decoder's repeated work, and the shared [`Label`] strings they
+//! hand out.
+//!
+//! Events repeat a small set of strings: feature areas, surfaces, app versions, experiment
+//! assignments, and the identifiers of the users, tenants and sessions active right now. The
+//! decoder memoizes what it derives from them (a scrubbed label, a pseudonym) as a shared
+//! [`Label`], so that a repeat costs one hash lookup instead of a scrub pass, a keyed hash and
+//! an allocation, and every later copy (into the aggregates' keys) is a reference count.
+//!
+//! A [`Memo`] keeps two generations of at most `capacity` entries each: when the current one is
+//! full it becomes the previous one, and the previous one is dropped. A value found in the
+//! previous generation moves to the current one, so what is in use stays; memory is bounded
+//! whatever the cardinality of the input, and a stream of distinct values costs one insertion
+//! each. The hasher is seeded per process (foldhash), so input cannot be crafted to collide.
+//!
+//! Keys are the raw strings, identifiers included: a memo lives in one worker's memory, never
+//! leaves it, and holds no more than the records in flight already do.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A shared, immutable string: a label or a pseudonym that many events carry. Cloning it is a
+/// reference count; it compares, hashes and serializes as the string.
+pub type Label = Arc<str>;
+
+type Table<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
+/// A bounded map from raw strings to what was derived from them. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct Memo<V> {
+    current: Table<V>,
+    previous: Table<V>,
+    capacity: usize,
+}
+
+impl<V: Clone> Memo<V> {
+    /// A memo of at most `capacity` entries per generation (at least 1).
+    pub fn new(capacity: usize) -> Memo<V> {
+        Memo { current: Table::default(), previous: Table::default(), capacity: capacity.max(1) }
+    }
+
+    /// The value memoized for `key` if `fresh` accepts it; otherwise `derive(key)`, memoized.
+    pub fn get_or_derive(&mut self, key: &str, fresh: impl Fn(&V) -> bool, derive: impl FnOnce(&str) -> V) -> V {
+        if let Some(value) = self.current.get(key)
+            && fresh(value)
+        {
+            return value.clone();
+        }
+        let (boxed, value) = match self.previous.remove_entry(key) {
+            Some((boxed, value)) if fresh(&value) => (boxed, value),
+            _ => (Box::from(key), derive(key)),
+        };
+        if self.current.len() >= self.capacity && !self.current.contains_key(key) {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(boxed, value.clone());
+        value
+    }
+
+    /// Entries held, both generations.
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    /// Whether the memo holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn derives_once_per_key_while_in_use() {
+        let mut memo = Memo::new(4);
+        let mut calls = 0;
+        for _ in 0..3 {
+            for key in ["a", "b", "c"] {
+                let v = memo.get_or_derive(
+                    key,
+                    |_| true,
+                    |k| {
+                        calls += 1;
+                        k.to_uppercase()
+                    },
+                );
+                assert_eq!(v, key.to_uppercase());
+            }
+        }
+        assert_eq!(calls, 3);
+    }
+
+    #[test]
+    fn a_stale_value_is_derived_again() {
+        let mut memo = Memo::new(4);
+        assert_eq!(memo.get_or_derive("id", |v: &(i64, String)| v.0 == 1, |k| (1, format!("{k}@1"))), (1, "id@1".to_owned()));
+        assert_eq!(memo.get_or_derive("id", |v| v.0 == 2, |k| (2, format!("{k}@2"))), (2, "id@2".to_owned()));
+        assert_eq!(memo.get_or_derive("id", |v| v.0 == 2, |_| unreachable!("memoized")), (2, "id@2".to_owned()));
+    }
+
+    proptest! {
+        /// Whatever the sequence of keys, the memo returns what `derive` would, and never holds
+        /// more than two generations.
+        #[test]
+        fn agrees_with_deriving_every_time(keys in proptest::collection::vec(0u8..40, 0..400), capacity in 1usize..16) {
+            let mut memo = Memo::new(capacity);
+            for k in keys {
+                let key = format!("k{k}");
+                let got = memo.get_or_derive(&key, |_| true, |k| format!("{k}!"));
+                prop_assert_eq!(got, format!("{key}!"));
+                prop_assert!(memo.len() <= 2 * capacity);
+            }
+        }
+    }
+}
