@@ -11,7 +11,7 @@
 //! the registry accepts is exactly what the pipeline enforces. The envelope schema is full JSON
 //! Schema and is compiled by the `jsonschema` crate, which explains envelope failures.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
@@ -38,9 +38,20 @@ pub struct Version {
 impl Version {
     /// Parses `MAJOR.MINOR.PATCH`.
     pub fn parse(text: &str) -> Option<Version> {
-        let mut parts = text.split('.').map(|p| if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) { p.parse::<u32>().ok() } else { None });
-        let version = Version { major: parts.next()??, minor: parts.next()??, patch: parts.next()?? };
-        parts.next().is_none().then_some(version)
+        // One pass over the bytes: every record with a `schema_version` comes through here.
+        let (mut numbers, mut part, mut digits) = ([0u32; 3], 0, 0);
+        for b in text.bytes() {
+            match b {
+                b'0'..=b'9' => {
+                    numbers[part] = numbers[part].checked_mul(10)?.checked_add(u32::from(b - b'0'))?;
+                    digits += 1;
+                }
+                b'.' if digits > 0 && part < 2 => (part, digits) = (part + 1, 0),
+                _ => return None,
+            }
+        }
+        let [major, minor, patch] = numbers;
+        (part == 2 && digits > 0).then_some(Version { major, minor, patch })
     }
 }
 
@@ -204,17 +215,35 @@ pub struct ObjectRule {
     pub fields: Vec<(String, FieldRule)>,
     /// Names of the required properties.
     pub required: Vec<String>,
+    /// Property name → index in `fields`: one hash per key on the hot path, instead of a
+    /// binary search of string comparisons.
+    index: HashMap<String, usize, foldhash::fast::RandomState>,
+    /// Bit mask of the required properties' indexes.
+    required_mask: u64,
 }
 
 impl ObjectRule {
+    /// The rule of an object with `fields` (at most 64) of which `required` are required; the
+    /// name of a required property that is not among the fields is the error.
+    pub fn new(mut fields: Vec<(String, FieldRule)>, required: Vec<String>) -> Result<ObjectRule, String> {
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        let index: HashMap<_, _, _> = fields.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect();
+        let mut required_mask = 0u64;
+        for name in &required {
+            let i = index.get(name).ok_or_else(|| name.clone())?;
+            required_mask |= 1u64.checked_shl(*i as u32).ok_or_else(|| name.clone())?;
+        }
+        Ok(ObjectRule { fields, required, index, required_mask })
+    }
+
     /// The rule of property `name` and its index, if declared.
     pub fn field(&self, name: &str) -> Option<(usize, &FieldRule)> {
-        self.fields.binary_search_by(|(n, _)| n.as_str().cmp(name)).ok().map(|i| (i, &self.fields[i].1))
+        self.index.get(name).map(|&i| (i, &self.fields[i].1))
     }
 
     /// Bit mask of the required properties' indexes (objects have at most 64 properties).
     pub fn required_mask(&self) -> u64 {
-        self.required.iter().filter_map(|r| self.field(r)).fold(0, |m, (i, _)| m | (1 << i))
+        self.required_mask
     }
 }
 
@@ -560,11 +589,10 @@ fn compile_object(path: &str, pointer: &str, object: &Map<String, Value>) -> Res
     if props.len() > 64 {
         return Err(err(path, format!("{pointer}: at most 64 properties per object")));
     }
-    let mut fields = props
+    let fields = props
         .iter()
         .map(|(name, schema)| compile_field(path, &format!("{pointer}/{name}"), schema).map(|rule| (name.clone(), rule)))
         .collect::<Result<Vec<_>, _>>()?;
-    fields.sort_by(|a, b| a.0.cmp(&b.0));
     let required: Vec<String> = match object.get("required") {
         None => Vec::new(),
         Some(Value::Array(names)) => names
@@ -573,11 +601,7 @@ fn compile_object(path: &str, pointer: &str, object: &Map<String, Value>) -> Res
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(err(path, format!("{pointer}: `required` must be an array"))),
     };
-    let rule = ObjectRule { fields, required };
-    if let Some(missing) = rule.required.iter().find(|r| rule.field(r).is_none()) {
-        return Err(err(path, format!("{pointer}: required property `{missing}` is not declared in `properties`")));
-    }
-    Ok(rule)
+    ObjectRule::new(fields, required).map_err(|missing| err(path, format!("{pointer}: required property `{missing}` is not declared in `properties`")))
 }
 
 fn compile_field(path: &str, pointer: &str, schema: &Value) -> Result<FieldRule, RegistryError> {
@@ -727,8 +751,20 @@ mod tests {
     #[test]
     fn versions_parse_strictly() {
         assert_eq!(Version::parse("1.10.0"), Some(Version { major: 1, minor: 10, patch: 0 }));
-        for bad in ["1.0", "1.0.0.0", "v1.0.0", "1..0", "1.0.x", "", "1.0.-1"] {
+        for bad in ["1.0", "1.0.0.0", "v1.0.0", "1..0", "1.0.x", "", "1.0.-1", "1.0.", ".1.0", "1.0.99999999999", "1.0.0 "] {
             assert_eq!(Version::parse(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The one-pass parser agrees with splitting on dots and parsing each part.
+        #[test]
+        fn version_parse_agrees_with_split_and_parse(text in "[0-9.x]{0,14}") {
+            let parts: Vec<&str> = text.split('.').collect();
+            let reference = (parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())))
+                .then(|| Some(Version { major: parts[0].parse().ok()?, minor: parts[1].parse().ok()?, patch: parts[2].parse().ok()? }))
+                .flatten();
+            proptest::prop_assert_eq!(Version::parse(&text), reference);
         }
     }
 

@@ -195,6 +195,34 @@ impl ValueSeed<'_, '_, '_> {
     }
 }
 
+/// Reads an object key, borrowed from the input unless it has escapes. (`Cow<str>`'s own
+/// `Deserialize` always copies, which cost an allocation per property.)
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Cow<'de, str>, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a property name")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+}
+
 fn fmt_bound(b: Option<f64>) -> String {
     b.map_or_else(|| "…".to_owned(), |b| b.to_string())
 }
@@ -287,7 +315,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
             return Ok(());
         };
         let mut seen = 0u64;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = map.next_key_seed(KeySeed)? {
             let path = Path { parent: Some(self.path), segment: Segment::Key(&key) };
             match object.field(&key) {
                 Some((index, rule)) => {
