@@ -53,6 +53,24 @@ struct Measurement {
     rss_kib: u64,
 }
 
+/// Runs of each throughput configuration.
+const ROUNDS: usize = 3;
+
+/// The median run of a configuration, and the range of events/s per worker over its runs.
+struct Median {
+    median: Measurement,
+    low: f64,
+    high: f64,
+}
+
+impl Median {
+    fn of(mut runs: Vec<Measurement>) -> Median {
+        runs.sort_by(|a, b| a.per_worker().total_cmp(&b.per_worker()));
+        let (low, high) = (runs[0].per_worker(), runs[runs.len() - 1].per_worker());
+        Median { median: runs.swap_remove(runs.len() / 2), low, high }
+    }
+}
+
 impl Measurement {
     fn per_worker(&self) -> f64 {
         self.events as f64 / self.seconds / self.workers as f64
@@ -264,11 +282,30 @@ fn main() -> anyhow::Result<()> {
     let report = args.iter().position(|a| a == "--report").and_then(|i| args.get(i + 1)).cloned();
     let block_bytes = Block::generate(BLOCK, 1).bytes() / BLOCK;
 
-    let pipeline = [measure("pipeline", 1, BASE_EVENTS)?, measure("pipeline", 2, BASE_EVENTS)?];
-    let parse = [measure("parse", 1, BASE_EVENTS)?, measure("parse", 2, BASE_EVENTS)?];
-    let growth = [pipeline[0].clone(), measure("pipeline", 1, 4 * BASE_EVENTS)?, measure("pipeline", 1, 16 * BASE_EVENTS)?];
-    let batches: Vec<(usize, Measurement)> =
-        [256, 1024, 4096, 16384].into_iter().map(|b| measure_with_batch("pipeline", 1, BASE_EVENTS, Some(b)).map(|m| (b, m))).collect::<anyhow::Result<_>>()?;
+    // This machine's run-to-run spread is ±15%: each throughput configuration runs ROUNDS
+    // times, the pipeline and its parse-only baseline interleaved so that drift hits both, and
+    // the median is reported with the range.
+    let mut rounds: Vec<[Measurement; 4]> = Vec::new();
+    for _ in 0..ROUNDS {
+        rounds.push([
+            measure("pipeline", 1, BASE_EVENTS)?,
+            measure("parse", 1, BASE_EVENTS)?,
+            measure("pipeline", 2, BASE_EVENTS)?,
+            measure("parse", 2, BASE_EVENTS)?,
+        ]);
+    }
+    let runs = |i: usize| rounds.iter().map(|r| r[i].clone()).collect::<Vec<_>>();
+    let pipeline = [Median::of(runs(0)), Median::of(runs(2))];
+    let parse = [Median::of(runs(1)), Median::of(runs(3))];
+    let growth = [pipeline[0].median.clone(), measure("pipeline", 1, 4 * BASE_EVENTS)?, measure("pipeline", 1, 16 * BASE_EVENTS)?];
+    const BATCHES: [usize; 4] = [256, 1024, 4096, 16384];
+    let mut batch_runs: Vec<Vec<Measurement>> = vec![Vec::new(); BATCHES.len()];
+    for _ in 0..ROUNDS {
+        for (runs, batch) in batch_runs.iter_mut().zip(BATCHES) {
+            runs.push(measure_with_batch("pipeline", 1, BASE_EVENTS, Some(batch))?);
+        }
+    }
+    let batches: Vec<(usize, Median)> = BATCHES.into_iter().zip(batch_runs.into_iter().map(Median::of)).collect();
     let kafka = if args.iter().any(|a| a == "--kafka") {
         let k = kafka_path(KAFKA_EVENTS)?;
         eprintln!(
@@ -287,20 +324,35 @@ fn main() -> anyhow::Result<()> {
         machine()
     ));
     md.push_str(&format!("- input: generated events cycled from a block of {BLOCK} lines, {block_bytes} bytes each on average, 0.1% late and 0.1% broken; event time advances {EVENTS_PER_SECOND:.0} events/s (16 × {BASE_EVENTS} events span one hour)\n"));
-    md.push_str("- pipeline: decode, schema validation (streaming, compiled registry), privacy (3 keyed-BLAKE3 pseudonyms per event, scrubbing of free text), watermarks, event_counts, latency, latency_by_variant, quality, quality_summary, dead letters, standard and restricted routes, closing windows, Parquet encoding, lake on local disk (a temporary directory); 60 s windows.\n- parse-only: the typed envelope read (`Decoder::parse_only`: no validation, no privacy), the fastest way this code base has to turn the bytes into envelope fields.\n\n");
-    md.push_str("## Throughput\n\n| run | workers | events | seconds | events/s per worker | peak RSS (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
-    for m in pipeline.iter().chain(parse.iter()) {
-        md.push_str(&format!("| {} | {} | {} | {:.2} | {:.0} | {} |\n", m.mode, m.workers, m.events, m.seconds, m.per_worker(), m.rss_kib / 1024));
+    md.push_str("- pipeline: decode, schema validation (streaming, compiled registry), privacy (3 keyed-BLAKE3 pseudonyms per event and scrubbed labels, memoized per worker; scrubbing of free text), watermarks, event_counts, latency, latency_by_variant, quality, quality_summary, dead letters, standard and restricted routes, closing windows, Parquet encoding, lake on local disk (a temporary directory); 60 s windows.\n- parse-only: the typed envelope read (`Decoder::parse_only`: no validation, no privacy), the fastest way this code base has to turn the bytes into envelope fields.\n\n");
+    md.push_str(&format!(
+        "## Throughput (median of {ROUNDS} interleaved runs)\n\n| run | workers | events | seconds | events/s per worker | range of the runs | peak RSS (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    ));
+    for run in pipeline.iter().chain(parse.iter()) {
+        let m = &run.median;
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.0} | {:.0}–{:.0} | {} |\n",
+            m.mode,
+            m.workers,
+            m.events,
+            m.seconds,
+            m.per_worker(),
+            run.low,
+            run.high,
+            m.rss_kib / 1024
+        ));
     }
-    md.push_str("\n## Source batch size (`pipeline.batch-size`, 1 worker)\n\n| batch | events/s | peak RSS (MiB) |\n| ---: | ---: | ---: |\n");
-    for (batch, m) in &batches {
-        md.push_str(&format!("| {batch} | {:.0} | {} |\n", m.per_worker(), m.rss_kib / 1024));
+    md.push_str(&format!(
+        "\n## Source batch size (`pipeline.batch-size`, 1 worker, median of {ROUNDS} interleaved runs)\n\n| batch | events/s | range of the runs | peak RSS (MiB) |\n| ---: | ---: | ---: | ---: |\n"
+    ));
+    for (batch, run) in &batches {
+        md.push_str(&format!("| {batch} | {:.0} | {:.0}–{:.0} | {} |\n", run.median.per_worker(), run.low, run.high, run.median.rss_kib / 1024));
     }
     md.push_str("\n## Memory growth (1 worker, same key cardinality)\n\n| events | × | seconds | peak RSS (MiB) | RSS / RSS at 1× |\n| ---: | ---: | ---: | ---: | ---: |\n");
     for (m, x) in growth.iter().zip([1, 4, 16]) {
         md.push_str(&format!("| {} | {x} | {:.2} | {} | {:.2} |\n", m.events, m.seconds, m.rss_kib / 1024, m.rss_kib as f64 / growth[0].rss_kib as f64));
     }
-    let ratio = |i: usize| pipeline[i].per_worker() / parse[i].per_worker();
+    let ratio = |i: usize| pipeline[i].median.per_worker() / parse[i].median.per_worker();
     let growth_ratio = growth[2].rss_kib as f64 / growth[0].rss_kib as f64;
     if let Some(k) = kafka {
         md.push_str(&format!(
@@ -309,7 +361,7 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     md.push_str("\n## Targets\n\n| target | measured | verdict |\n| --- | --- | --- |\n");
-    for (i, run) in pipeline.iter().enumerate() {
+    for (i, run) in pipeline.iter().map(|p| &p.median).enumerate() {
         md.push_str(&format!("| ≥ 1,000,000 events/s per worker ({} worker(s)) | {:.0} | {} |\n", i + 1, run.per_worker(), verdict(run.per_worker() >= 1e6)));
         md.push_str(&format!("| pipeline ≥ 50% of parse-only ({} worker(s)) | {:.0}% | {} |\n", i + 1, 100.0 * ratio(i), verdict(ratio(i) >= 0.5)));
     }

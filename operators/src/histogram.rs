@@ -16,6 +16,9 @@
 use differential_dataflow::difference::{Abelian, IsZero, Monoid, Multiply, Semigroup};
 use serde::{Deserialize, Serialize};
 
+/// The buckets of a [`LatencyHistogram`]: one `(bucket, count)` pair inline, more on the heap.
+pub type Buckets = smallvec::SmallVec<[(u16, i64); 1]>;
+
 /// The histogram's relative accuracy, `α`.
 pub const RELATIVE_ACCURACY: f64 = 0.01;
 
@@ -53,14 +56,15 @@ pub struct LatencyHistogram {
     pub count: i64,
     /// Sum of the samples in microseconds.
     pub sum_us: i128,
-    /// `(bucket, count)` pairs, sorted by bucket, with no zero counts.
-    pub buckets: Vec<(u16, i64)>,
+    /// `(bucket, count)` pairs, sorted by bucket, with no zero counts. One pair is stored
+    /// inline: every event's latency is a one-sample histogram, which then costs no allocation.
+    pub buckets: Buckets,
 }
 
 impl LatencyHistogram {
     /// The histogram of a single sample.
     pub fn from_sample(value_us: u64) -> LatencyHistogram {
-        LatencyHistogram { count: 1, sum_us: i128::from(value_us), buckets: vec![(bucket_of(value_us), 1)] }
+        LatencyHistogram { count: 1, sum_us: i128::from(value_us), buckets: smallvec::smallvec![(bucket_of(value_us), 1)] }
     }
 
     /// Adds one sample.
@@ -125,7 +129,7 @@ impl Semigroup for LatencyHistogram {
             self.add_to_bucket(bucket, n);
             return;
         }
-        let mut merged = Vec::with_capacity(self.buckets.len() + rhs.buckets.len());
+        let mut merged = Buckets::with_capacity(self.buckets.len() + rhs.buckets.len());
         let (mut a, mut b) = (self.buckets.iter().peekable(), rhs.buckets.iter().peekable());
         loop {
             let next = match (a.peek(), b.peek()) {
