@@ -61,7 +61,7 @@ impl Default for PipelineConfig {
             idle_timeout_ms: 5_000,
             max_event_bytes: sightline_schemas::DEFAULT_MAX_EVENT_BYTES,
             max_future_skew_ms: 3_600_000,
-            batch_size: 4096,
+            batch_size: 1024,
         }
     }
 }
