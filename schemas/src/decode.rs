@@ -1,9 +1,10 @@
 //! Decoding of one raw record into a validated, privacy-safe [`Event`].
 //!
-//! The envelope is read by a typed serde struct that borrows from the input (`Cow<str>`
-//! fields, `properties` kept as a raw JSON slice); `properties` is then checked against the
-//! event's schema by the streaming validator ([`crate::validate`]), which also picks up the
-//! latency measure. Identifiers are pseudonymized and free text scrubbed before the event
+//! The envelope is read in one pass by the envelope reader (`wire`), which borrows strings
+//! from the input and hands `properties` to the streaming validator ([`crate::validate`]) as
+//! it goes by, once `event_name` and `schema_version` have said which schema applies; the
+//! validator also picks up the latency measure. (In an unusual field order `properties` is
+//! kept as a raw slice and validated after the read.) Identifiers are pseudonymized and free text scrubbed before the event
 //! leaves the decoder. When the typed read fails, the record is re-read as a JSON value and
 //! checked against the envelope schema to say exactly where and why (slow path, bad records
 //! only). Every failure is a [`DecodeError`]; decoding never panics.
@@ -14,12 +15,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::memo::{Label, Memo};
 use crate::pii::{KeyRing, Privacy};
-use crate::registry::{PiiAction, Registry, Version};
-use crate::{DataSensitivity, Event, EventName, EventType, FailureKind, PiiClassification, Platform, PrivacyCounts, Source, Violation};
+use crate::registry::{EventSchema, PiiAction, Registry, Version};
+use crate::validate::Checked;
+use crate::wire::{self, Mode, Properties, WireEnvelope};
+use crate::{DataSensitivity, Event, EventName, FailureKind, PiiClassification, PrivacyCounts, Violation};
 
 /// Default upper bound on the size of one record: 1 MiB.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
@@ -164,91 +166,7 @@ type Assignments = Arc<[(Label, Label)]>;
 /// Distinct labels, versions and assignment sets a decoder memoizes (per generation).
 const LABEL_MEMO: usize = 4096;
 
-/// The envelope as it appears on the wire. Unknown top-level fields are rejected: the envelope
-/// is an allowlist.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-// The optional envelope fields are deserialized so that their types are checked; the event
-// keeps only what later stages use.
-#[allow(dead_code)]
-struct WireEnvelope<'a> {
-    #[serde(borrow)]
-    event_id: Cow<'a, str>,
-    #[serde(borrow)]
-    event_name: Cow<'a, str>,
-    event_type: EventType,
-    #[serde(borrow)]
-    timestamp: Cow<'a, str>,
-    source: Source,
-    platform: Platform,
-    #[serde(borrow)]
-    app_version: Cow<'a, str>,
-    #[serde(borrow)]
-    tenant_id: Cow<'a, str>,
-    #[serde(borrow)]
-    user_id: Cow<'a, str>,
-    #[serde(borrow)]
-    session_id: Cow<'a, str>,
-    #[serde(borrow)]
-    feature_area: Cow<'a, str>,
-    pii_classification: PiiClassification,
-    data_sensitivity: DataSensitivity,
-    #[serde(borrow, default)]
-    workflow_name: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    surface: Option<Cow<'a, str>>,
-    /// Read (and type-checked) in [`Decoder::finish`], through a memo: assignments repeat.
-    #[serde(borrow, default)]
-    experiment_assignments: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    properties: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    user_role: Option<Cow<'a, str>>,
-    #[serde(default)]
-    auth_context: Option<AuthContext>,
-    #[serde(default)]
-    is_internal: Option<bool>,
-    #[serde(borrow, default)]
-    request_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    trace_id: Option<Cow<'a, str>>,
-    #[serde(default)]
-    device_type: Option<DeviceType>,
-    #[serde(borrow, default)]
-    browser_family: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    os_family: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    country: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    region: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    connection_type: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    schema_version: Option<Cow<'a, str>>,
-    #[serde(default)]
-    geo_consent: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum AuthContext {
-    Sso,
-    Scim,
-    Passwordless,
-    ApiToken,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum DeviceType {
-    Desktop,
-    Mobile,
-    Tablet,
-    Server,
-}
-
-impl<'a> WireEnvelope<'a> {
+impl WireEnvelope<'_> {
     /// The value of a top-level string field, for the schema's fixed envelope values.
     fn text(&self, field: &str) -> Option<&str> {
         match field {
@@ -314,7 +232,7 @@ impl Decoder {
     }
 
     /// Decodes, validates and pseudonymizes one record (one JSON object, no trailing newline
-    /// required). A failure is sanitized before it is returned: see [`Decoder::sanitize`].
+    /// required). A failure is sanitized before it is returned: see `Decoder::sanitize`.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
         self.decode_raw(bytes).map_err(|e| self.sanitize(e))
     }
@@ -377,11 +295,11 @@ impl Decoder {
     /// schema validation, no privacy. The benchmarks' parse-only baseline.
     pub fn parse_only(&self, bytes: &[u8]) -> Result<(), DecodeError> {
         let text = utf8(bytes)?;
-        serde_json::from_str::<WireEnvelope<'_>>(text).map(drop).map_err(|e| DecodeError::from_json(&e))
+        wire::read(text, Mode::Raw).map(drop).map_err(|e| DecodeError::from_json(&e))
     }
 
     fn decode_envelope(&mut self, text: &str) -> Result<Event, DecodeError> {
-        match serde_json::from_str::<WireEnvelope<'_>>(text) {
+        match wire::read(text, Mode::Validate(&self.privacy.scrubber)) {
             Ok(wire) => self.finish(text, wire),
             Err(e) => Err(self.explain(text, &e)),
         }
@@ -421,7 +339,8 @@ impl Decoder {
         error
     }
 
-    fn finish(&mut self, text: &str, wire: WireEnvelope<'_>) -> Result<Event, DecodeError> {
+    fn finish(&mut self, text: &str, mut wire: WireEnvelope<'_>) -> Result<Event, DecodeError> {
+        let properties = std::mem::replace(&mut wire.properties, Properties::Absent);
         let context = |mut e: DecodeError| {
             e.event_name = Some(wire.event_name.to_string());
             e.schema_version = wire.schema_version.as_deref().map(str::to_owned);
@@ -495,9 +414,7 @@ impl Decoder {
                 )));
             }
         }
-        let latency_field = schema.latency.as_ref().map(|l| l.field.as_str());
-        let raw = wire.properties.map_or("{}", RawValue::get);
-        let checked = crate::validate::check_properties(raw, &schema.properties, latency_field, &self.privacy.scrubber).map_err(|e| {
+        let checked = self.properties(text, properties, schema).map_err(|e| {
             let mut err = DecodeError::from_json(&e);
             err.reason = format!("properties: {}", err.reason);
             context(err)
@@ -515,7 +432,7 @@ impl Decoder {
         let mut privacy =
             PrivacyCounts { pseudonymized: count(checked.pseudonymized).saturating_add(3), scrubbed: count(checked.scrubbed), dropped: count(checked.dropped) };
         if wire.geo_consent != Some(true) {
-            privacy.dropped = privacy.dropped.saturating_add(u16::from(wire.country.is_some()) + u16::from(wire.region.is_some()));
+            privacy.dropped = privacy.dropped.saturating_add(u16::from(wire.country) + u16::from(wire.region));
         }
         let experiment_assignments = match wire.experiment_assignments {
             None => Assignments::default(),
@@ -566,6 +483,23 @@ impl Decoder {
         })
     }
 
+    /// What validating the record's `properties` against `schema` found. The envelope reader
+    /// has usually done it on its pass; a record whose `schema_version` came after its
+    /// `properties` and chose another schema than the one assumed is read again.
+    fn properties(&self, text: &str, properties: Properties<'_>, schema: &'static EventSchema) -> Result<Checked, serde_json::Error> {
+        let raw = match properties {
+            Properties::Checked(checked, assumed) if std::ptr::eq(assumed, schema) => return Ok(checked),
+            Properties::Checked(..) => match wire::read(text, Mode::Raw)?.properties {
+                Properties::Raw(raw) => raw.get(),
+                _ => "{}",
+            },
+            Properties::Raw(raw) => raw.get(),
+            Properties::Absent => "{}",
+        };
+        let latency_field = schema.latency.as_ref().map(|l| l.field.as_str());
+        crate::validate::check_properties(raw, &schema.properties, latency_field, &self.privacy.scrubber)
+    }
+
     /// The experiment assignments of `raw` (a JSON object of strings), sorted by experiment
     /// and scrubbed, with the number of strings scrubbing changed; `None` if `raw` is not an
     /// object of strings. Memoized on the raw text.
@@ -601,7 +535,7 @@ fn scrub_label(labels: &mut Memo<(Label, bool)>, scrubber: &crate::pii::Scrubber
     )
 }
 
-/// Envelope fields the privacy layer handles in [`Decoder::finish`], with the action the code
+/// Envelope fields the privacy layer handles in `Decoder::finish`, with the action the code
 /// applies; a test checks the envelope schema says the same.
 pub const ENVELOPE_PRIVACY: &[(&str, PiiAction)] = &[
     ("user_id", PiiAction::Pseudonymize),
@@ -685,8 +619,14 @@ fn json_kind(value: &Value) -> &'static str {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::Source;
 
     fn line(overrides: &[(&str, &str)]) -> String {
+        join(&fields(overrides))
+    }
+
+    /// The record as ordered `(field, JSON value)` pairs.
+    fn fields(overrides: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut fields: Vec<(String, String)> = [
             ("event_id", r#""4b0e9a44-8f47-4d43-9a5e-0c1f6a9a1f00""#),
             ("event_name", r#""task_assigned""#),
@@ -717,8 +657,47 @@ mod tests {
                 None => fields.push((k.to_string(), v.to_string())),
             }
         }
-        let body: Vec<String> = fields.into_iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        fields
+    }
+
+    fn join(fields: &[(String, String)]) -> String {
+        let body: Vec<String> = fields.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("\"{k}\":{v}")).collect();
         format!("{{{}}}", body.join(","))
+    }
+
+    /// A failure's kind, violations (pointer, keyword) and event name.
+    type Failure = (FailureKind, Vec<(String, String)>, Option<String>);
+
+    /// What a decode says, without the byte positions in serde's messages.
+    fn outcome(result: Result<Event, DecodeError>) -> Result<Event, Failure> {
+        result.map_err(|e| (e.kind, e.violations.into_iter().map(|v| (v.pointer, v.keyword)).collect(), e.event_name))
+    }
+
+    /// Records whose `properties` the envelope reader validates on its pass or afterwards,
+    /// depending on the field order: valid and invalid ones, a version that changes the
+    /// schema, an unknown version and an unknown event.
+    fn order_cases() -> Vec<Vec<(String, String)>> {
+        let feedback = |version: &str, comment: &str| {
+            let props = format!(
+                r#"{{"score":4,"sentiment":"positive","tags":["docs"],"comment_present":true,"correlation_id":"c","blocked":false,"blocker_type":null{comment}}}"#
+            );
+            fields(&[("event_name", r#""project_feedback_submitted""#), ("event_type", r#""outcome""#), ("schema_version", version), ("properties", &props)])
+        };
+        vec![
+            fields(&[]),
+            fields(&[("schema_version", r#""1.0.0""#)]),
+            fields(&[("properties", r#"{"task_id":"t","assignment_type":"sideways","due_in_days":"3","extra":1}"#)]),
+            fields(&[("properties", "null")]),
+            fields(&[("properties", r#"[1]"#)]),
+            fields(&[("schema_version", r#""9.0.0""#)]),
+            fields(&[("schema_version", "null")]),
+            fields(&[("event_name", r#""mystery""#)]),
+            // 1.1.0 (the newest) adds `comment`: assuming it and then meeting 1.0.0 must re-check.
+            feedback(r#""1.0.0""#, r#","comment":"fine""#),
+            feedback(r#""1.1.0""#, r#","comment":"fine""#),
+            feedback(r#""1.0.0""#, ""),
+            feedback("", r#","comment":"mail me at jane@example.com""#),
+        ]
     }
 
     fn decoder() -> Decoder {
@@ -889,7 +868,54 @@ mod tests {
         assert!(!err.reason.contains("jane@"), "{}", err.reason);
     }
 
+    #[test]
+    fn behaves_like_a_derived_reader_on_bad_envelopes() {
+        let (base, props) = (line(&[]), r#""properties":{}"#);
+        let err = decoder().decode(base.replacen('{', r#"{"user_id":"u_0","#, 1).as_bytes()).unwrap_err();
+        assert!(err.reason.starts_with("duplicate field `user_id`"), "{}", err.reason);
+        let err = decoder().decode(base.replacen('{', &format!("{{{props},"), 1).as_bytes()).unwrap_err();
+        assert!(err.reason.starts_with("duplicate field `properties`"), "{}", err.reason);
+        // `decode` explains these by the envelope schema; `parse_only` keeps serde's words.
+        let err = decoder().parse_only(line(&[("ip_address", r#""10.0.0.1""#)]).as_bytes()).unwrap_err();
+        assert!(err.reason.starts_with("unknown field `ip_address`, expected one of `event_id`"), "{}", err.reason);
+        assert_eq!(err.kind, FailureKind::UnknownField);
+        let err = decoder().parse_only(line(&[("tenant_id", ""), ("session_id", "")]).as_bytes()).unwrap_err();
+        assert!(err.reason.starts_with("missing field `tenant_id`"), "{}", err.reason);
+        assert_eq!(err.kind, FailureKind::MissingField);
+        let err = decoder().decode(&base.as_bytes()[..base.find("\"priority\"").unwrap()]).unwrap_err();
+        assert_eq!(err.kind, FailureKind::Truncated, "{err:?}");
+        let err = decoder().decode(line(&[("properties", r#"{"task_id":tk}"#)]).as_bytes()).unwrap_err();
+        assert_eq!(err.kind, FailureKind::MalformedJson, "{err:?}");
+    }
+
+    #[test]
+    fn a_late_schema_version_that_changes_the_schema_is_checked_against_its_own() {
+        let mut case = order_cases().swap_remove(8);
+        let version = case.iter().position(|(k, _)| k == "schema_version").unwrap();
+        let moved = case.remove(version);
+        case.push(moved);
+        assert_eq!(violation_of(&join(&case)), ("/properties/comment".into(), "additionalProperties".into()));
+        let mut cases = order_cases();
+        for valid in [0, 1, 9, 10, 11] {
+            assert!(decoder().decode(join(&cases[valid]).as_bytes()).is_ok(), "{}", join(&cases[valid]));
+        }
+        let comment = cases.swap_remove(11);
+        assert_eq!(decoder().decode(join(&comment).as_bytes()).unwrap().privacy.scrubbed, 1);
+    }
+
     proptest::proptest! {
+        /// The envelope reader validates `properties` on its pass only when `event_name` and
+        /// `schema_version` came first; any order must give what the canonical order gives.
+        #[test]
+        fn field_order_changes_nothing(case in 0usize..12, order in proptest::collection::vec(proptest::num::u32::ANY, 20)) {
+            let canonical = order_cases().swap_remove(case);
+            let mut shuffled: Vec<(u32, (String, String))> = order.iter().copied().zip(canonical.iter().cloned()).collect();
+            proptest::prop_assert_eq!(shuffled.len(), canonical.len());
+            shuffled.sort_by_key(|(k, _)| *k);
+            let shuffled: Vec<(String, String)> = shuffled.into_iter().map(|(_, f)| f).collect();
+            proptest::prop_assert_eq!(outcome(decoder().decode(join(&shuffled).as_bytes())), outcome(decoder().decode(join(&canonical).as_bytes())), "{}", join(&shuffled));
+        }
+
         #[test]
         fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
             let _ = decoder().decode(&bytes);

@@ -42,6 +42,7 @@ pub mod pii;
 pub mod registry;
 mod time;
 pub mod validate;
+mod wire;
 
 pub use decode::{DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, ENVELOPE_PRIVACY, FlatDefaults, Format};
 pub use memo::Label;

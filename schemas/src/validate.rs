@@ -36,13 +36,59 @@ pub struct Checked {
 /// Validates the JSON object `raw` against `rule`. `latency_field` names the top-level
 /// property whose number is the event's latency. JSON syntax errors come back as `Err`.
 pub fn check_properties(raw: &str, rule: &ObjectRule, latency_field: Option<&str>, scrubber: &Scrubber) -> Result<Checked, serde_json::Error> {
-    let mut checked = Checked::default();
     let mut de = serde_json::Deserializer::from_str(raw);
-    let root = Path { parent: None, segment: Segment::Key("properties") };
-    let mut state = State { checked: &mut checked, latency_field, scrubber };
-    ValueSeed { rule: Rule::Object(rule), path: &root, state: &mut state, depth: 0 }.deserialize(&mut de)?;
+    let checked = check(&mut de, rule, latency_field, scrubber)?;
     de.end()?;
     Ok(checked)
+}
+
+/// Validates the value `deserializer` reads next against `rule`.
+fn check<'de, D: de::Deserializer<'de>>(deserializer: D, rule: &ObjectRule, latency_field: Option<&str>, scrubber: &Scrubber) -> Result<Checked, D::Error> {
+    let mut checked = Checked::default();
+    let root = Path { parent: None, segment: Segment::Key("properties") };
+    let mut state = State { checked: &mut checked, latency_field, scrubber };
+    ValueSeed { rule: Rule::Object(rule), path: &root, state: &mut state, depth: 0 }.deserialize(deserializer)?;
+    Ok(checked)
+}
+
+/// Validates `properties` while the envelope reader goes over it, so that the record is read
+/// once ([`check_properties`] reads a slice kept for later). JSON `null` reads as `None`, the
+/// same as an absent field.
+pub(crate) struct PropertiesSeed<'r> {
+    /// The rule of the event's `properties`.
+    pub rule: &'r ObjectRule,
+    /// The top-level property holding the latency measure.
+    pub latency_field: Option<&'r str>,
+    /// Finds personal data in free text.
+    pub scrubber: &'r Scrubber,
+}
+
+impl<'de> DeserializeSeed<'de> for PropertiesSeed<'_> {
+    type Value = Option<Checked>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Option<Checked>, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PropertiesSeed<'_> {
+    type Value = Option<Checked>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the event's properties")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Option<Checked>, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Option<Checked>, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Option<Checked>, D::Error> {
+        check(deserializer, self.rule, self.latency_field, self.scrubber).map(Some)
+    }
 }
 
 struct State<'s, 'r> {
@@ -195,31 +241,31 @@ impl ValueSeed<'_, '_, '_> {
     }
 }
 
-/// Reads an object key, borrowed from the input unless it has escapes. (`Cow<str>`'s own
+/// A JSON string, borrowed from the input unless it has escapes. (`Cow<str>`'s own
 /// `Deserialize` always copies, which cost an allocation per property.)
-struct KeySeed;
+pub(crate) struct Text<'a>(pub Cow<'a, str>);
 
-impl<'de> DeserializeSeed<'de> for KeySeed {
-    type Value = Cow<'de, str>;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Cow<'de, str>, D::Error> {
-        deserializer.deserialize_str(self)
+impl<'de> de::Deserialize<'de> for Text<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Text<'de>, D::Error> {
+        deserializer.deserialize_str(TextVisitor)
     }
 }
 
-impl<'de> Visitor<'de> for KeySeed {
-    type Value = Cow<'de, str>;
+struct TextVisitor;
+
+impl<'de> Visitor<'de> for TextVisitor {
+    type Value = Text<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a property name")
+        write!(f, "a string")
     }
 
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
-        Ok(Cow::Borrowed(v))
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+        Ok(Text(Cow::Borrowed(v)))
     }
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Cow<'de, str>, E> {
-        Ok(Cow::Owned(v.to_owned()))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+        Ok(Text(Cow::Owned(v.to_owned())))
     }
 }
 
@@ -315,7 +361,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
             return Ok(());
         };
         let mut seen = 0u64;
-        while let Some(key) = map.next_key_seed(KeySeed)? {
+        while let Some(Text(key)) = map.next_key()? {
             let path = Path { parent: Some(self.path), segment: Segment::Key(&key) };
             match object.field(&key) {
                 Some((index, rule)) => {
