@@ -59,15 +59,15 @@ pub fn build<'s>(scope: Scope<'s, Time>, parts: DataflowParts) -> (ProbeHandle<T
     let ingested = ingest(scope, reader, settings, durable.clone(), stats).probe_with(&watermark);
     let (oks, errs) = ingested.ok_err(|(item, time, diff)| match item {
         Ok(event) => Ok((event, time, diff)),
-        Err(dead) => Err((dead, time, diff)),
+        Err(dead) => Err((*dead, time, diff)),
     });
     let mut written = Vec::new();
     if let Some(topic) = dead_letter_topic {
         written.push(produce_dead_letters(errs.clone(), topic));
     }
-    // One pass routes each record (0: standard, 1: restricted); events are wrapped in an `Arc`
-    // on the way, so that the aggregates share them instead of copying them.
-    let events = oks.partition(2, |(event, time, diff)| (u64::from(event.is_restricted()), (Arc::new(event), time, diff)));
+    // One pass routes each record (0: standard, 1: restricted). Events come in an `Arc`, so
+    // that the aggregates share them instead of copying them.
+    let events = oks.partition(2, |(event, time, diff)| (u64::from(event.is_restricted()), (event, time, diff)));
     let rejected = errs.partition(2, |(dead, time, diff)| (u64::from(dead.restricted), (dead, time, diff)));
     for ((route_lake, events), rejected) in [lake, restricted_lake].into_iter().zip(events).zip(rejected) {
         written.extend(aggregate_and_write(events.as_collection(), rejected.as_collection(), windows, &route_lake, &reports));

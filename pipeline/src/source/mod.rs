@@ -156,8 +156,13 @@ impl Decoders {
     }
 }
 
-/// An accepted event or a dead letter, with its time and multiplicity.
-pub type Ingested = (Result<Event, DeadLetter>, Time, isize);
+/// An accepted event or a dead letter, with its time and multiplicity. Both are behind a
+/// pointer: an event is about 200 bytes and a record is moved through several containers on
+/// its way to the aggregates, which share it (`Arc`) instead of copying it.
+pub type Ingested = (Outcome, Time, isize);
+
+/// What a record became: a shared event or a boxed dead letter.
+pub type Outcome = Result<Arc<Event>, Box<DeadLetter>>;
 
 fn wall_clock_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -195,7 +200,7 @@ pub fn ingest<'s>(
         let mut newest_ms: Option<u64> = None;
         // Dead letters waiting for a processing time, with their partition and offset.
         let mut waiting: Vec<(DeadLetter, usize, i64)> = Vec::new();
-        let mut ready: Vec<(Result<Event, DeadLetter>, Time, usize, i64)> = Vec::with_capacity(settings.batch_size);
+        let mut ready: Vec<(Outcome, Time, usize, i64)> = Vec::with_capacity(settings.batch_size);
         move |output| {
             let Some(c) = cap.as_mut() else { return };
             if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied())
@@ -255,14 +260,14 @@ pub fn ingest<'s>(
                     };
                     match (item, *newest_ms) {
                         (Err(dead), None) => waiting.push((dead, record.partition, record.offset)),
-                        (Err(dead), Some(newest)) => ready.push((Err(dead), newest - newest % tick, record.partition, record.offset)),
+                        (Err(dead), Some(newest)) => ready.push((Err(Box::new(dead)), newest - newest % tick, record.partition, record.offset)),
                         (Ok(event), _) => {
                             let t = event.event_time_ms as u64;
                             let t = t - t % tick;
                             // Records that failed before this worker knew any event time are
                             // processed at the first one.
-                            ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), t, p, o)));
-                            ready.push((Ok(event), t, record.partition, record.offset));
+                            ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)));
+                            ready.push((Ok(Arc::new(event)), t, record.partition, record.offset));
                         }
                     }
                 })
@@ -281,10 +286,10 @@ pub fn ingest<'s>(
                 if status == ReadStatus::Exhausted {
                     let wall = wall_clock_ms();
                     let t = wall - wall % tick;
-                    ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), t, p, o)));
+                    ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)));
                 } else if *c.time() > 0 {
                     let t = *c.time();
-                    ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(dead), t, p, o)));
+                    ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)));
                 }
             }
             if !ready.is_empty() {
