@@ -327,6 +327,8 @@ fn err(file: &str, message: impl Into<String>) -> RegistryError {
 /// All event schemas and the envelope schema.
 pub struct Registry {
     events: Vec<EventSpec>,
+    /// Event name → index in `events` (every record looks its name up).
+    by_name: HashMap<String, usize, foldhash::fast::RandomState>,
     envelope: Value,
     envelope_file: String,
     envelope_validator: jsonschema::Validator,
@@ -430,7 +432,7 @@ impl Registry {
         if events.len() > usize::from(u16::MAX) {
             return Err(err("events/", "too many events"));
         }
-        let events = events
+        let events: Vec<EventSpec> = events
             .into_iter()
             .map(|(name, mut versions)| {
                 versions.sort_by_key(|s| s.version);
@@ -438,12 +440,13 @@ impl Registry {
                 EventSpec { name, event_type, origin, versions }
             })
             .collect();
+        let by_name = events.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
         let envelope_actions = envelope
             .get("properties")
             .and_then(Value::as_object)
             .map(|props| props.iter().filter_map(|(k, v)| Some((k.clone(), parse_action(v.get("x-action")?.as_str()?)?))).collect())
             .unwrap_or_default();
-        Ok(Registry { events, envelope, envelope_file, envelope_validator, envelope_actions })
+        Ok(Registry { events, by_name, envelope, envelope_file, envelope_validator, envelope_actions })
     }
 
     /// Every event, sorted by name. [`crate::EventName`] indexes this list.
@@ -453,7 +456,7 @@ impl Registry {
 
     /// The event called `name`.
     pub fn event(&self, name: &str) -> Option<(usize, &EventSpec)> {
-        self.events.binary_search_by(|e| e.name.as_str().cmp(name)).ok().map(|i| (i, &self.events[i]))
+        self.by_name.get(name).map(|&i| (i, &self.events[i]))
     }
 
     /// The envelope schema document.
