@@ -10,8 +10,8 @@
 //! - **pipeline**: `sightline::run` with a [`CyclingReader`] on 1 and 2 workers, lake in a
 //!   temporary directory (an in-memory lake would count every file written as resident memory).
 //! - **parse-only**: the same reader on the same number of threads, each event's envelope read by
-//!   `Decoder::parse_only` (no validation, no privacy) and dropped: the fastest way this code base has to read these bytes
-//!   into events.
+//!   `Decoder::parse_only` (the envelope reader with `properties` skipped: no validation, no
+//!   privacy) and dropped: the fastest way this code base has to read these bytes into events.
 //! - **memory growth**: the pipeline on 1 worker over N, 4N and 16N events with the same key
 //!   cardinality, event time advancing so that 16N events span one hour.
 //! - **Kafka path** (with `--kafka`; needs tansu, which `scripts/test` installs): the same
@@ -324,7 +324,7 @@ fn main() -> anyhow::Result<()> {
         machine()
     ));
     md.push_str(&format!("- input: generated events cycled from a block of {BLOCK} lines, {block_bytes} bytes each on average, 0.1% late and 0.1% broken; event time advances {EVENTS_PER_SECOND:.0} events/s (16 × {BASE_EVENTS} events span one hour)\n"));
-    md.push_str("- pipeline: decode, schema validation (streaming, compiled registry), privacy (3 keyed-BLAKE3 pseudonyms per event and scrubbed labels, memoized per worker; scrubbing of free text), watermarks, event_counts, latency, latency_by_variant, quality, quality_summary, dead letters, standard and restricted routes, closing windows, Parquet encoding, lake on local disk (a temporary directory); 60 s windows.\n- parse-only: the typed envelope read (`Decoder::parse_only`: no validation, no privacy), the fastest way this code base has to turn the bytes into envelope fields.\n\n");
+    md.push_str("- pipeline: decode, schema validation (streaming, in the same pass as the envelope read, compiled registry), privacy (3 keyed-BLAKE3 pseudonyms per event and scrubbed labels, memoized per worker; scrubbing of free text), watermarks, event_counts, latency, latency_by_variant, quality, quality_summary, dead letters, standard and restricted routes, closing windows, Parquet encoding, lake on local disk (a temporary directory); 60 s windows.\n- parse-only: the envelope read with `properties` skipped (`Decoder::parse_only`: no validation, no privacy), the fastest way this code base has to turn the bytes into envelope fields.\n\n");
     md.push_str(&format!(
         "## Throughput (median of {ROUNDS} interleaved runs)\n\n| run | workers | events | seconds | events/s per worker | range of the runs | peak RSS (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     ));

@@ -291,8 +291,9 @@ impl Decoder {
         }
     }
 
-    /// Reads the envelope of a canonical record with the typed reader and throws it away: no
-    /// schema validation, no privacy. The benchmarks' parse-only baseline.
+    /// Reads the envelope of a canonical record and throws it away: the same reader as
+    /// [`Decoder::decode`], with `properties` skipped instead of validated, and no privacy. The
+    /// benchmarks' parse-only baseline.
     pub fn parse_only(&self, bytes: &[u8]) -> Result<(), DecodeError> {
         let text = utf8(bytes)?;
         wire::read(text, Mode::Raw).map(drop).map_err(|e| DecodeError::from_json(&e))
