@@ -143,7 +143,7 @@ impl Default for FlatDefaults {
 }
 
 /// Decodes, validates and pseudonymizes records. One per worker: it caches the current
-/// pseudonym key, and memoizes labels, assignments and pseudonyms ([`crate::memo`]).
+/// pseudonym key, and memoizes labels and assignments ([`crate::memo`]).
 #[derive(Clone, Debug)]
 pub struct Decoder {
     max_event_bytes: usize,
@@ -448,9 +448,9 @@ impl Decoder {
             }
         };
         let pseudonyms = &mut self.privacy.pseudonyms;
-        let user_id = pseudonyms.pseudonym_label(&wire.user_id, event_time_ms);
-        let tenant_id = pseudonyms.pseudonym_label(&wire.tenant_id, event_time_ms);
-        let session_id = pseudonyms.pseudonym_label(&wire.session_id, event_time_ms);
+        let user_id = pseudonyms.pseudonym_of(&wire.user_id, event_time_ms);
+        let tenant_id = pseudonyms.pseudonym_of(&wire.tenant_id, event_time_ms);
+        let session_id = pseudonyms.pseudonym_of(&wire.session_id, event_time_ms);
         // Free text by the envelope schema; feature areas and experiment names are labels, but
         // they reach the aggregates, so they get the same pass.
         let mut label = |text: &str| {

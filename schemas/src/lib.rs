@@ -46,6 +46,7 @@ mod wire;
 
 pub use decode::{DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, ENVELOPE_PRIVACY, FlatDefaults, Format};
 pub use memo::Label;
+pub use pii::Pseudonym;
 pub use time::{format_rfc3339_ms, parse_rfc3339_ms, rfc3339_bytes, utc_date_hour};
 
 use std::sync::Arc;
@@ -206,11 +207,11 @@ pub struct Event {
     /// `app_version` of the emitter.
     pub app_version: Label,
     /// Tenant identifier, as a keyed pseudonym.
-    pub tenant_id: Label,
+    pub tenant_id: pii::Pseudonym,
     /// User identifier, as a keyed pseudonym.
-    pub user_id: Label,
+    pub user_id: pii::Pseudonym,
     /// Session identifier, as a keyed pseudonym.
-    pub session_id: Label,
+    pub session_id: pii::Pseudonym,
     /// Product area (scrubbed).
     pub feature_area: Label,
     /// Workflow, if any (scrubbed).

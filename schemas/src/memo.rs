@@ -1,11 +1,14 @@
 //! Bounded memo tables for the decoder's repeated work, and the shared [`Label`] strings they
 //! hand out.
 //!
-//! Events repeat a small set of strings: feature areas, surfaces, app versions, experiment
-//! assignments, and the identifiers of the users, tenants and sessions active right now. The
-//! decoder memoizes what it derives from them (a scrubbed label, a pseudonym) as a shared
-//! [`Label`], so that a repeat costs one hash lookup instead of a scrub pass, a keyed hash and
-//! an allocation, and every later copy (into the aggregates' keys) is a reference count.
+//! Events repeat a small set of strings: feature areas, surfaces, workflows, app versions,
+//! experiment assignments. The decoder memoizes what it derives from them (a scrubbed label)
+//! as a shared [`Label`], so that a repeat costs one hash lookup instead of a scrub pass and an
+//! allocation, and every later copy (into the aggregates' keys) is a reference count.
+//!
+//! Identifiers (users, sessions) are not memoized: there are too many active at once for a
+//! table of them to stay in cache, and a keyed hash costs less than the misses
+//! ([`crate::pii::Pseudonym`]).
 //!
 //! A [`Memo`] keeps two generations of at most `capacity` entries each: when the current one is
 //! full it becomes the previous one, and the previous one is dropped. A value found in the
@@ -19,7 +22,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// A shared, immutable string: a label or a pseudonym that many events carry. Cloning it is a
+/// A shared, immutable string: a label that many events carry. Cloning it is a
 /// reference count; it compares, hashes and serializes as the string.
 pub type Label = Arc<str>;
 

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use regex::Regex;
 use serde_json::{Map, Value};
 
-use crate::memo::{Label, Memo};
 use crate::registry::{FieldRule, ObjectRule, PiiAction, Registry, Version};
 
 /// Default key rotation period.
@@ -172,8 +171,9 @@ pub enum KeyError {
         /// Why.
         source: std::io::Error,
     },
-    /// The key id is empty or has characters outside `[A-Za-z0-9_-]`.
-    #[error("the key id `{0}` must be non-empty and use only letters, digits, `_` and `-`")]
+    /// The key id is empty, longer than [`MAX_KEY_ID`] bytes, or has characters outside
+    /// `[A-Za-z0-9_-]`.
+    #[error("the key id `{0}` must be 1 to 16 characters, only letters, digits, `_` and `-`")]
     KeyId(String),
     /// The rotation period is zero.
     #[error("the key rotation period must be at least one day")]
@@ -220,7 +220,7 @@ impl KeyRing {
     }
 
     fn new(key_id: &str, secret: Vec<u8>, rotation_days: u32) -> Result<KeyRing, KeyError> {
-        if key_id.is_empty() || !key_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        if key_id.is_empty() || key_id.len() > MAX_KEY_ID || !key_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
             return Err(KeyError::KeyId(key_id.to_owned()));
         }
         if rotation_days == 0 {
@@ -243,54 +243,157 @@ impl KeyRing {
 }
 
 /// A key ring with the key of the most recent period cached. One per worker.
+///
+/// Pseudonyms are computed for every identifier of every event, not memoized: a memo of the
+/// active users and sessions missed cache on nearly every lookup (the input streams through
+/// the caches), and a keyed hash of a short identifier costs less than those misses
+/// (`benches/README.md`).
 #[derive(Clone, Debug)]
 pub struct Pseudonymizer {
     ring: Arc<KeyRing>,
     /// The period, its key, and the pseudonym prefix `<key-id>.<period>.`.
     cached: Option<(i64, [u8; 32], String)>,
-    /// Pseudonyms already computed, with their period.
-    memo: Memo<(i64, Label)>,
 }
-
-/// Pseudonyms a worker keeps memoized: the users, tenants and sessions active now.
-const PSEUDONYM_MEMO: usize = 1 << 15;
 
 impl Pseudonymizer {
     /// A pseudonymizer over `ring`.
     pub fn new(ring: Arc<KeyRing>) -> Pseudonymizer {
-        Pseudonymizer { ring, cached: None, memo: Memo::new(PSEUDONYM_MEMO) }
+        Pseudonymizer { ring, cached: None }
     }
 
     /// The pseudonym of `value` at `event_time_ms`: `<key-id>.<period>.<24 hex digits>`.
     pub fn pseudonym(&mut self, value: &str, event_time_ms: i64) -> String {
-        let period = self.ring.period(event_time_ms);
-        keyed_pseudonym(&self.ring, &mut self.cached, value, period)
+        self.pseudonym_of(value, event_time_ms).as_str().to_owned()
     }
 
-    /// [`Pseudonymizer::pseudonym`] as a shared [`Label`], memoized: an identifier seen again
-    /// in the same key period costs one lookup instead of a keyed hash and an allocation.
-    pub fn pseudonym_label(&mut self, value: &str, event_time_ms: i64) -> Label {
+    /// [`Pseudonymizer::pseudonym`] as an inline [`Pseudonym`], without an allocation.
+    pub fn pseudonym_of(&mut self, value: &str, event_time_ms: i64) -> Pseudonym {
         let period = self.ring.period(event_time_ms);
-        let (ring, cached) = (&self.ring, &mut self.cached);
-        self.memo.get_or_derive(value, |(p, _)| *p == period, |v| (period, Label::from(keyed_pseudonym(ring, cached, v, period)))).1
+        keyed_pseudonym(&self.ring, &mut self.cached, value, period)
     }
 }
 
 /// The pseudonym of `value` in `period`, with the period's key cached in `cached`.
-fn keyed_pseudonym(ring: &KeyRing, cached: &mut Option<(i64, [u8; 32], String)>, value: &str, period: i64) -> String {
+fn keyed_pseudonym(ring: &KeyRing, cached: &mut Option<(i64, [u8; 32], String)>, value: &str, period: i64) -> Pseudonym {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let (_, key, prefix) = match cached {
         Some(c) if c.0 == period => c,
         _ => cached.insert((period, ring.period_key(period), format!("{}.{period}.", ring.key_id))),
     };
     let digest = blake3::keyed_hash(key, value.as_bytes());
-    let mut out = String::with_capacity(prefix.len() + 24);
-    out.push_str(prefix);
-    for &b in &digest.as_bytes()[..12] {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 15)]));
+    let mut out = Pseudonym { len: 0, bytes: [0; PSEUDONYM_MAX] };
+    // The prefix fits: a key id is at most MAX_KEY_ID bytes and a period at most 20 characters.
+    let (head, tail) = out.bytes.split_at_mut(prefix.len().min(PSEUDONYM_MAX - 24));
+    head.copy_from_slice(&prefix.as_bytes()[..head.len()]);
+    for (pair, &b) in tail.chunks_exact_mut(2).zip(&digest.as_bytes()[..12]) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 15)];
     }
+    out.len = (head.len() + 24) as u8;
     out
+}
+
+/// The longest key id a [`KeyRing`] accepts, in bytes.
+pub const MAX_KEY_ID: usize = 16;
+
+/// The longest pseudonym: a key id, `.`, a period (at most 20 characters), `.`, 24 hex digits.
+const PSEUDONYM_MAX: usize = MAX_KEY_ID + 1 + 20 + 1 + 24;
+
+/// A pseudonym (`<key-id>.<period>.<24 hex digits>`), stored inline.
+///
+/// Events carry three, for identifiers of high cardinality (users, sessions). As a shared
+/// string each cost two cache misses per event, the reference count going up when the event
+/// was decoded and down when it was dropped, on memory the streaming input keeps evicting; a
+/// pseudonym is a plain value, copied with the event. It dereferences, compares, hashes and
+/// serializes as the string.
+#[derive(Clone, Copy)]
+pub struct Pseudonym {
+    len: u8,
+    bytes: [u8; PSEUDONYM_MAX],
+}
+
+impl Pseudonym {
+    /// The pseudonym as a string.
+    pub fn as_str(&self) -> &str {
+        // Only ever built from a `&str` (`TryFrom`) or from ASCII (`keyed_pseudonym`).
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Pseudonym {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// A string too long to be a [`Pseudonym`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a pseudonym is at most {PSEUDONYM_MAX} bytes, this one is {0}")]
+pub struct PseudonymTooLong(pub usize);
+
+impl TryFrom<&str> for Pseudonym {
+    type Error = PseudonymTooLong;
+
+    fn try_from(text: &str) -> Result<Pseudonym, PseudonymTooLong> {
+        let mut out = Pseudonym { len: 0, bytes: [0; PSEUDONYM_MAX] };
+        let slot = out.bytes.get_mut(..text.len()).ok_or(PseudonymTooLong(text.len()))?;
+        slot.copy_from_slice(text.as_bytes());
+        out.len = text.len() as u8;
+        Ok(out)
+    }
+}
+
+impl PartialEq for Pseudonym {
+    fn eq(&self, other: &Pseudonym) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Pseudonym {}
+
+impl PartialOrd for Pseudonym {
+    fn partial_cmp(&self, other: &Pseudonym) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pseudonym {
+    fn cmp(&self, other: &Pseudonym) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl std::hash::Hash for Pseudonym {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl std::fmt::Debug for Pseudonym {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Pseudonym {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Pseudonym {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Pseudonym {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Pseudonym, D::Error> {
+        let text = crate::validate::Text::deserialize(deserializer)?;
+        Pseudonym::try_from(&*text.0).map_err(serde::de::Error::custom)
+    }
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
@@ -597,16 +700,46 @@ mod tests {
     }
 
     #[test]
-    fn memoized_pseudonyms_follow_the_period() {
-        let mut memoized = Pseudonymizer::new(ring());
-        let mut fresh = Pseudonymizer::new(ring());
-        let period_ms = 30 * 86_400_000i64;
-        // Alternate across a period boundary, so that every memoized value is checked for age.
-        for (i, t) in [5, period_ms + 5, 6, period_ms + 6, 2 * period_ms].into_iter().enumerate() {
-            for user in ["casey", "morgan", "casey"] {
-                assert_eq!(&*memoized.pseudonym_label(user, t), fresh.pseudonym(user, t), "step {i}, {user}");
+    fn inline_pseudonyms_match_a_string_reference() {
+        // The reference: the keyed hash of the period, formatted through `String`s.
+        let reference = |ring: &KeyRing, value: &str, t: i64| {
+            let period = ring.period(t);
+            let digest = blake3::keyed_hash(&ring.period_key(period), value.as_bytes());
+            let hex: String = digest.as_bytes()[..12].iter().map(|b| format!("{b:02x}")).collect();
+            format!("{}.{period}.{hex}", ring.key_id)
+        };
+        let long = Arc::new(KeyRing::from_hex("sixteen-chars-id", &"5a".repeat(32), 1).unwrap());
+        for ring in [ring(), long] {
+            let mut p = Pseudonymizer::new(Arc::clone(&ring));
+            let period_ms = ring.rotation_ms;
+            // Alternate across period boundaries, so that the cached period key is checked too.
+            for t in [5, period_ms + 5, 6, 2 * period_ms, i64::MAX, i64::MIN, -1] {
+                for user in ["casey", "morgan", "", "ü-ñ"] {
+                    let got = p.pseudonym_of(user, t);
+                    assert_eq!(got.as_str(), reference(&ring, user, t), "{t} {user}");
+                    assert_eq!(p.pseudonym(user, t), got.as_str());
+                }
             }
         }
+        assert!(KeyRing::from_hex("seventeen-chars-x", &"5a".repeat(32), 30).is_err(), "key ids are at most 16 bytes");
+    }
+
+    #[test]
+    fn a_pseudonym_behaves_like_its_string() {
+        let words = ["k1.700.ab", "k1.700.b", "k1.70.ab", "", "k1.700.ab"];
+        let pseudonyms: Vec<Pseudonym> = words.iter().map(|w| Pseudonym::try_from(*w).unwrap()).collect();
+        for (a, pa) in words.iter().zip(&pseudonyms) {
+            for (b, pb) in words.iter().zip(&pseudonyms) {
+                assert_eq!(a.cmp(b), pa.cmp(pb), "{a} {b}");
+                assert_eq!(a == b, pa == pb, "{a} {b}");
+            }
+            let json = serde_json::to_string(pa).unwrap();
+            assert_eq!(json, serde_json::to_string(a).unwrap());
+            assert_eq!(serde_json::from_str::<Pseudonym>(&json).unwrap(), *pa);
+            assert_eq!(format!("{pa} {pa:?}"), format!("{a} {a:?}"));
+        }
+        assert_eq!(Pseudonym::try_from("x".repeat(63).as_str()), Err(PseudonymTooLong(63)));
+        assert!(serde_json::from_str::<Pseudonym>(&format!("\"{}\"", "x".repeat(63))).is_err());
     }
 
     #[test]
