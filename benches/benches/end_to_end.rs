@@ -17,6 +17,10 @@
 //! - **Kafka path** (with `--kafka`; needs tansu, which `scripts/test` installs): the same
 //!   events produced to a local tansu broker, read by a bare rdkafka consumer (the broker's
 //!   limit) and by the pipeline on 1 worker.
+//! - **cost of one event** (when valgrind is installed): instructions and L1 data misses per
+//!   event of the pipeline and of parse-only on 1 worker, from cachegrind runs at two sizes.
+//!   Deterministic where the timings are not: decisions between close alternatives were made
+//!   on these counts (`benches/README.md`).
 
 use std::process::Command;
 use std::sync::Arc;
@@ -158,6 +162,50 @@ fn measure_with_batch(mode: &str, workers: usize, events: u64, batch: Option<usi
         m.rss_kib / 1024
     );
     Ok(m)
+}
+
+/// Instructions and level-1 data-cache misses per event of one mode, from cachegrind.
+#[derive(Debug, Clone, Copy)]
+struct PerEvent {
+    instructions: f64,
+    l1_data_misses: f64,
+}
+
+/// Events of the two cachegrind runs whose difference gives the cost of one event.
+const CACHEGRIND_EVENTS: [u64; 2] = [40_000, 100_000];
+
+/// The marginal cost of one event in `mode` on one worker: cachegrind's counts over
+/// [`CACHEGRIND_EVENTS`], the difference divided by the difference in events (so start-up and
+/// the input block's generation cancel out). Deterministic, unlike wall-clock time on a shared
+/// machine. `None` when valgrind is not installed.
+fn per_event(mode: &str) -> anyhow::Result<Option<PerEvent>> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe()?;
+    let mut totals = Vec::new();
+    for events in CACHEGRIND_EVENTS {
+        let out = tempfile::NamedTempFile::new()?;
+        let status = Command::new("valgrind")
+            .args(["--tool=cachegrind", "--cache-sim=yes", "--quiet", &format!("--cachegrind-out-file={}", out.path().display())])
+            .arg(&exe)
+            .args(["--child", mode, "1", &events.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "cachegrind of {mode} failed");
+        // The totals line: `summary: Ir I1mr ILmr Dr D1mr DLmr Dw D1mw DLmw`.
+        let text = std::fs::read_to_string(out.path())?;
+        let events_line = text.lines().find_map(|l| l.strip_prefix("events: ")).ok_or_else(|| anyhow::anyhow!("no events line"))?;
+        let summary = text.lines().find_map(|l| l.strip_prefix("summary: ")).ok_or_else(|| anyhow::anyhow!("no summary line"))?;
+        let counts: std::collections::HashMap<&str, f64> =
+            events_line.split_whitespace().zip(summary.split_whitespace().map(|n| n.parse().unwrap_or(0.0))).collect();
+        let count = |name: &str| counts.get(name).copied().unwrap_or(0.0);
+        totals.push((count("Ir"), count("D1mr") + count("D1mw")));
+    }
+    let events = (CACHEGRIND_EVENTS[1] - CACHEGRIND_EVENTS[0]) as f64;
+    let per = PerEvent { instructions: (totals[1].0 - totals[0].0) / events, l1_data_misses: (totals[1].1 - totals[0].1) / events };
+    eprintln!("{mode:>9} per event: {:.0} instructions, {:.1} L1 data misses", per.instructions, per.l1_data_misses);
+    Ok(Some(per))
 }
 
 /// What the Kafka path measured.
@@ -306,6 +354,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let batches: Vec<(usize, Median)> = BATCHES.into_iter().zip(batch_runs.into_iter().map(Median::of)).collect();
+    let cachegrind = match (per_event("pipeline")?, per_event("parse")?) {
+        (Some(pipeline), Some(parse)) => Some((pipeline, parse)),
+        _ => None,
+    };
     let kafka = if args.iter().any(|a| a == "--kafka") {
         let k = kafka_path(KAFKA_EVENTS)?;
         eprintln!(
@@ -351,6 +403,19 @@ fn main() -> anyhow::Result<()> {
     md.push_str("\n## Memory growth (1 worker, same key cardinality)\n\n| events | × | seconds | peak RSS (MiB) | RSS / RSS at 1× |\n| ---: | ---: | ---: | ---: | ---: |\n");
     for (m, x) in growth.iter().zip([1, 4, 16]) {
         md.push_str(&format!("| {} | {x} | {:.2} | {} | {:.2} |\n", m.events, m.seconds, m.rss_kib / 1024, m.rss_kib as f64 / growth[0].rss_kib as f64));
+    }
+    if let Some((p, q)) = cachegrind {
+        md.push_str(&format!(
+            "\n## Cost of one event (1 worker, cachegrind)\n\nThe difference between runs of {} and {} events, divided by the difference: deterministic, where the wall-clock figures above spread with the machine's load. L1 data misses are cachegrind's model of this machine's first-level cache; a miss costs more than an instruction, so the time ratio is lower than the instruction ratio.\n\n| run | instructions | L1 data misses |\n| --- | ---: | ---: |\n| pipeline | {:.0} | {:.1} |\n| parse | {:.0} | {:.1} |\n| parse / pipeline | {:.0}% | {:.0}% |\n",
+            CACHEGRIND_EVENTS[0],
+            CACHEGRIND_EVENTS[1],
+            p.instructions,
+            p.l1_data_misses,
+            q.instructions,
+            q.l1_data_misses,
+            100.0 * q.instructions / p.instructions,
+            100.0 * q.l1_data_misses / p.l1_data_misses
+        ));
     }
     let ratio = |i: usize| pipeline[i].median.per_worker() / parse[i].median.per_worker();
     let growth_ratio = growth[2].rss_kib as f64 / growth[0].rss_kib as f64;
