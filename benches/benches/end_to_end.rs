@@ -58,7 +58,7 @@ struct Measurement {
 }
 
 /// Runs of each throughput configuration.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// The median run of a configuration, and the range of events/s per worker over its runs.
 struct Median {
@@ -417,7 +417,15 @@ fn main() -> anyhow::Result<()> {
             100.0 * q.l1_data_misses / p.l1_data_misses
         ));
     }
-    let ratio = |i: usize| pipeline[i].median.per_worker() / parse[i].median.per_worker();
+    // The ratio of each round (pipeline and parse-only run back to back), then the median:
+    // the machine's speed drifts over minutes, and a round's two runs see the same machine.
+    let ratios: Vec<(f64, f64, f64)> = (0..2)
+        .map(|w| {
+            let mut r: Vec<f64> = rounds.iter().map(|round| round[2 * w].per_worker() / round[2 * w + 1].per_worker()).collect();
+            r.sort_by(f64::total_cmp);
+            (r[r.len() / 2], r[0], r[r.len() - 1])
+        })
+        .collect();
     let growth_ratio = growth[2].rss_kib as f64 / growth[0].rss_kib as f64;
     if let Some(k) = kafka {
         md.push_str(&format!(
@@ -428,7 +436,15 @@ fn main() -> anyhow::Result<()> {
     md.push_str("\n## Targets\n\n| target | measured | verdict |\n| --- | --- | --- |\n");
     for (i, run) in pipeline.iter().map(|p| &p.median).enumerate() {
         md.push_str(&format!("| ≥ 1,000,000 events/s per worker ({} worker(s)) | {:.0} | {} |\n", i + 1, run.per_worker(), verdict(run.per_worker() >= 1e6)));
-        md.push_str(&format!("| pipeline ≥ 50% of parse-only ({} worker(s)) | {:.0}% | {} |\n", i + 1, 100.0 * ratio(i), verdict(ratio(i) >= 0.5)));
+        let (median, low, high) = ratios[i];
+        md.push_str(&format!(
+            "| pipeline ≥ 50% of parse-only ({} worker(s); median of the rounds' ratios) | {:.0}% (rounds: {:.0}–{:.0}%) | {} |\n",
+            i + 1,
+            100.0 * median,
+            100.0 * low,
+            100.0 * high,
+            verdict(median >= 0.5)
+        ));
     }
     md.push_str(&format!("| peak RSS at 16× within 10% of 1× | {:.2}× | {} |\n", growth_ratio, verdict(growth_ratio <= 1.10)));
     md.push_str(&format!(
