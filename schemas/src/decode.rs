@@ -1,10 +1,11 @@
 //! Decoding of one raw record into a validated, privacy-safe [`Event`].
 //!
 //! The envelope is read in one pass by the envelope reader (`wire`), which borrows strings
-//! from the input and hands `properties` to the streaming validator ([`crate::validate`]) as
-//! it goes by, once `event_name` and `schema_version` have said which schema applies; the
-//! validator also picks up the latency measure. (In an unusual field order `properties` is
-//! kept as a raw slice and validated after the read.) Identifiers are pseudonymized and free text scrubbed before the event
+//! from the input and, once `event_name` has been read, hands `properties` to the streaming
+//! validator ([`crate::validate`]) as it goes by; the validator also picks up the latency
+//! measure. (When `properties` comes before `event_name` it is kept as a raw slice and
+//! validated after the read; when a later `schema_version` names another schema than the
+//! newest, which was assumed, the record is read again.) Identifiers are pseudonymized and free text scrubbed before the event
 //! leaves the decoder. When the typed read fails, the record is re-read as a JSON value and
 //! checked against the envelope schema to say exactly where and why (slow path, bad records
 //! only). Every failure is a [`DecodeError`]; decoding never panics.
@@ -302,6 +303,14 @@ impl Decoder {
     fn decode_envelope(&mut self, text: &str) -> Result<Event, DecodeError> {
         match wire::read(text, Mode::Validate(&self.privacy.scrubber)) {
             Ok(wire) => self.finish(text, wire),
+            // Parsing `properties` can fail where skipping them does not (a number out of
+            // range, a lone surrogate escape): read again with them kept raw, so that the
+            // envelope is checked first and the failure keeps its context (event, time,
+            // restricted route), whatever the field order. Bad records only.
+            Err(e) if !e.is_data() => match wire::read(text, Mode::Raw) {
+                Ok(wire) => self.finish(text, wire),
+                Err(raw) => Err(self.explain(text, &raw)),
+            },
             Err(e) => Err(self.explain(text, &e)),
         }
     }
@@ -666,12 +675,12 @@ mod tests {
         format!("{{{}}}", body.join(","))
     }
 
-    /// A failure's kind, violations (pointer, keyword) and event name.
-    type Failure = (FailureKind, Vec<(String, String)>, Option<String>);
+    /// A failure's kind, violations (pointer, keyword), event name, event time and route.
+    type Failure = (FailureKind, Vec<(String, String)>, Option<String>, Option<i64>, bool);
 
     /// What a decode says, without the byte positions in serde's messages.
     fn outcome(result: Result<Event, DecodeError>) -> Result<Event, Failure> {
-        result.map_err(|e| (e.kind, e.violations.into_iter().map(|v| (v.pointer, v.keyword)).collect(), e.event_name))
+        result.map_err(|e| (e.kind, e.violations.into_iter().map(|v| (v.pointer, v.keyword)).collect(), e.event_name, e.event_time_ms, e.restricted))
     }
 
     /// Records whose `properties` the envelope reader validates on its pass or afterwards,
@@ -698,6 +707,9 @@ mod tests {
             feedback(r#""1.1.0""#, r#","comment":"fine""#),
             feedback(r#""1.0.0""#, ""),
             feedback("", r#","comment":"mail me at jane@example.com""#),
+            // Values that skipping accepts and parsing refuses, on the restricted route.
+            fields(&[("data_sensitivity", r#""restricted""#), ("properties", r#"{"task_id":"t","due_in_days":1e400}"#)]),
+            fields(&[("properties", r#"{"task_id":"\ud800"}"#)]),
         ]
     }
 
@@ -870,6 +882,19 @@ mod tests {
     }
 
     #[test]
+    fn a_value_that_cannot_be_parsed_keeps_its_context() {
+        // Found in review: parsing `properties` in the envelope's pass met this before the
+        // envelope was complete, and the dead letter lost its event and its route.
+        let cases = order_cases();
+        let err = decoder().decode(join(&cases[12]).as_bytes()).unwrap_err();
+        assert_eq!(err.kind, FailureKind::MalformedJson, "{err:?}");
+        assert!(err.restricted && err.event_name.as_deref() == Some("task_assigned") && err.event_time_ms.is_some(), "{err:?}");
+        assert!(err.reason.starts_with("properties: "), "{}", err.reason);
+        let err = decoder().decode(join(&cases[13]).as_bytes()).unwrap_err();
+        assert_eq!((err.kind, err.event_name.as_deref()), (FailureKind::MalformedJson, Some("task_assigned")), "{err:?}");
+    }
+
+    #[test]
     fn behaves_like_a_derived_reader_on_bad_envelopes() {
         let (base, props) = (line(&[]), r#""properties":{}"#);
         let err = decoder().decode(base.replacen('{', r#"{"user_id":"u_0","#, 1).as_bytes()).unwrap_err();
@@ -891,11 +916,17 @@ mod tests {
 
     #[test]
     fn a_late_schema_version_that_changes_the_schema_is_checked_against_its_own() {
-        let mut case = order_cases().swap_remove(8);
-        let version = case.iter().position(|(k, _)| k == "schema_version").unwrap();
-        let moved = case.remove(version);
-        case.push(moved);
-        assert_eq!(violation_of(&join(&case)), ("/properties/comment".into(), "additionalProperties".into()));
+        // 1.0.0 has no `comment`; the newest version, assumed until `schema_version` is read,
+        // has. Early or late, the record is checked against 1.0.0.
+        let late = order_cases().swap_remove(8);
+        let position = |case: &[(String, String)], field: &str| case.iter().position(|(k, _)| k == field).unwrap();
+        assert!(position(&late, "schema_version") > position(&late, "properties"));
+        let mut early = late.clone();
+        let version = early.remove(position(&early, "schema_version"));
+        early.insert(position(&early, "event_name") + 1, version);
+        for case in [&late, &early] {
+            assert_eq!(violation_of(&join(case)), ("/properties/comment".into(), "additionalProperties".into()), "{}", join(case));
+        }
         let mut cases = order_cases();
         for valid in [0, 1, 9, 10, 11] {
             assert!(decoder().decode(join(&cases[valid]).as_bytes()).is_ok(), "{}", join(&cases[valid]));
@@ -905,11 +936,13 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The envelope reader validates `properties` on its pass only when `event_name` and
-        /// `schema_version` came first; any order must give what the canonical order gives.
+        /// The envelope reader validates `properties` on its pass when `event_name` came
+        /// first (assuming the newest schema until `schema_version` says otherwise); any
+        /// order must give what the canonical order gives.
         #[test]
-        fn field_order_changes_nothing(case in 0usize..12, order in proptest::collection::vec(proptest::num::u32::ANY, 20)) {
-            let canonical = order_cases().swap_remove(case);
+        fn field_order_changes_nothing(case in 0usize..1000, order in proptest::collection::vec(proptest::num::u32::ANY, 20)) {
+            let mut cases = order_cases();
+            let canonical = cases.swap_remove(case % cases.len());
             let mut shuffled: Vec<(u32, (String, String))> = order.iter().copied().zip(canonical.iter().cloned()).collect();
             proptest::prop_assert_eq!(shuffled.len(), canonical.len());
             shuffled.sort_by_key(|(k, _)| *k);

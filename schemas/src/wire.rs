@@ -3,10 +3,12 @@
 //!
 //! The reader is a hand-written serde visitor. A derived one would have to keep `properties` as
 //! a raw slice and validate it in a second pass over the same bytes; this one already knows the
-//! event's schema when it reaches `properties` in the usual field order (`event_name` and
-//! `schema_version` first), and hands the deserializer to the streaming validator
-//! ([`crate::validate`]). In any other order it keeps the raw slice and the decoder validates it
-//! afterwards, so field order never changes the outcome, only the speed.
+//! event's schema when it reaches `properties` after `event_name` (the usual order), and hands
+//! the deserializer to the streaming validator ([`crate::validate`]). The schema is the one of
+//! the `schema_version` read so far, or the newest; the decoder reads the record again if a
+//! later `schema_version` names another. When `properties` comes before `event_name` the reader
+//! keeps the raw slice and the decoder validates it afterwards. Field order never changes the
+//! outcome, only the speed.
 //!
 //! It behaves like `#[derive(Deserialize)]` with `deny_unknown_fields`: the same
 //! `unknown field`, `missing field` and `duplicate field` errors, which
