@@ -191,44 +191,48 @@ impl EventName {
 /// checked by the decoder and then dropped. `event_time_ms` is the event's `timestamp` in
 /// milliseconds since the Unix epoch, UTC.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+// Laid out in this order (`repr(C)`): what the aggregates read is in the first two cache lines
+// of the event, the pseudonyms (three of its six lines) last. Measured: 106 → 103 L1 data misses
+// per event (`benches/README.md`).
+#[repr(C)]
 pub struct Event {
-    /// Event time, milliseconds since the epoch (UTC). Never negative.
-    pub event_time_ms: i64,
+    /// What the privacy layer did to this event.
+    pub privacy: PrivacyCounts,
     /// Which event this is.
     pub event_name: EventName,
+    /// Event time, milliseconds since the epoch (UTC). Never negative.
+    pub event_time_ms: i64,
+    /// The event's latency measure in microseconds, for events whose schema names one.
+    pub latency_us: Option<u64>,
+    /// Product area (scrubbed).
+    pub feature_area: Label,
+    /// Component or endpoint, if any (scrubbed).
+    pub surface: Option<Label>,
     /// Its taxonomy class (always the one the catalog gives for the name).
     pub event_type: EventType,
-    /// `event_id` (UUID).
-    pub event_id: String,
+    /// Declared personal-data class.
+    pub pii_classification: PiiClassification,
+    /// Declared sensitivity.
+    pub data_sensitivity: DataSensitivity,
     /// Who emitted it.
     pub source: Source,
     /// Where it was emitted.
     pub platform: Platform,
+    /// Experiment id → variant, sorted by experiment id (scrubbed). Events with the same
+    /// assignments share one list.
+    pub experiment_assignments: Arc<[(Label, Label)]>,
+    /// Workflow, if any (scrubbed).
+    pub workflow_name: Option<Label>,
     /// `app_version` of the emitter.
     pub app_version: Label,
+    /// `event_id` (UUID).
+    pub event_id: String,
     /// Tenant identifier, as a keyed pseudonym.
     pub tenant_id: pii::Pseudonym,
     /// User identifier, as a keyed pseudonym.
     pub user_id: pii::Pseudonym,
     /// Session identifier, as a keyed pseudonym.
     pub session_id: pii::Pseudonym,
-    /// Product area (scrubbed).
-    pub feature_area: Label,
-    /// Workflow, if any (scrubbed).
-    pub workflow_name: Option<Label>,
-    /// Component or endpoint, if any (scrubbed).
-    pub surface: Option<Label>,
-    /// Experiment id → variant, sorted by experiment id (scrubbed). Events with the same
-    /// assignments share one list.
-    pub experiment_assignments: Arc<[(Label, Label)]>,
-    /// Declared personal-data class.
-    pub pii_classification: PiiClassification,
-    /// Declared sensitivity.
-    pub data_sensitivity: DataSensitivity,
-    /// The event's latency measure in microseconds, for events whose schema names one.
-    pub latency_us: Option<u64>,
-    /// What the privacy layer did to this event.
-    pub privacy: PrivacyCounts,
 }
 
 /// What the privacy layer did to one event, counted per field (for the `quality` table).
