@@ -5,8 +5,8 @@
 //! validator ([`crate::validate`]) as it goes by; the validator also picks up the latency
 //! measure. (When `properties` comes before `event_name` it is kept as a raw slice and
 //! validated after the read; when a later `schema_version` names another schema than the
-//! newest, which was assumed, the record is read again.) Identifiers are pseudonymized and free text scrubbed before the event
-//! leaves the decoder. When the typed read fails, the record is re-read as a JSON value and
+//! newest, which was assumed, the record is read again.) Identifiers are pseudonymized and
+//! free text scrubbed before the event leaves the decoder. When the typed read fails, the record is re-read as a JSON value and
 //! checked against the envelope schema to say exactly where and why (slow path, bad records
 //! only). Every failure is a [`DecodeError`]; decoding never panics.
 
@@ -470,7 +470,7 @@ impl Decoder {
         let workflow_name = wire.workflow_name.as_deref().map(&mut label);
         let surface = wire.surface.as_deref().map(&mut label);
         let feature_area = label(&wire.feature_area);
-        let app_version = self.versions.get_or_derive(&wire.app_version, |_| true, |v| Label::from(v));
+        let app_version = self.versions.get_or_derive(&wire.app_version, |v| Label::from(v));
         Ok(Event {
             event_time_ms,
             event_name,
@@ -515,34 +515,26 @@ impl Decoder {
     /// object of strings. Memoized on the raw text.
     fn assignments(&mut self, raw: &str) -> Option<(Assignments, u16)> {
         let (labels, scrubber) = (&mut self.labels, &self.privacy.scrubber);
-        self.assignments.get_or_derive(
-            raw,
-            |_| true,
-            |raw| {
-                let map = serde_json::from_str::<BTreeMap<Cow<'_, str>, Cow<'_, str>>>(raw).ok()?;
-                let mut scrubbed = 0u16;
-                let mut label = |text: &str| {
-                    let (clean, changed) = scrub_label(labels, scrubber, text);
-                    scrubbed = scrubbed.saturating_add(u16::from(changed));
-                    clean
-                };
-                let pairs: Assignments = map.iter().map(|(k, v)| (label(k), label(v))).collect();
-                Some((pairs, scrubbed))
-            },
-        )
+        self.assignments.get_or_derive(raw, |raw| {
+            let map = serde_json::from_str::<BTreeMap<Cow<'_, str>, Cow<'_, str>>>(raw).ok()?;
+            let mut scrubbed = 0u16;
+            let mut label = |text: &str| {
+                let (clean, changed) = scrub_label(labels, scrubber, text);
+                scrubbed = scrubbed.saturating_add(u16::from(changed));
+                clean
+            };
+            let pairs: Assignments = map.iter().map(|(k, v)| (label(k), label(v))).collect();
+            Some((pairs, scrubbed))
+        })
     }
 }
 
 /// `text` scrubbed, as a shared label, and whether scrubbing changed it; memoized in `labels`.
 fn scrub_label(labels: &mut Memo<(Label, bool)>, scrubber: &crate::pii::Scrubber, text: &str) -> (Label, bool) {
-    labels.get_or_derive(
-        text,
-        |_| true,
-        |text| match scrubber.scrub(text) {
-            Cow::Borrowed(same) => (Label::from(same), false),
-            Cow::Owned(clean) => (Label::from(clean), true),
-        },
-    )
+    labels.get_or_derive(text, |text| match scrubber.scrub(text) {
+        Cow::Borrowed(same) => (Label::from(same), false),
+        Cow::Owned(clean) => (Label::from(clean), true),
+    })
 }
 
 /// Envelope fields the privacy layer handles in `Decoder::finish`, with the action the code

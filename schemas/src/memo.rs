@@ -16,8 +16,9 @@
 //! whatever the cardinality of the input, and a stream of distinct values costs one insertion
 //! each. The hasher is seeded per process (foldhash), so input cannot be crafted to collide.
 //!
-//! Keys are the raw strings, identifiers included: a memo lives in one worker's memory, never
-//! leaves it, and holds no more than the records in flight already do.
+//! Keys are the raw strings (a label before scrubbing, the raw JSON of an assignment set): a
+//! memo lives in one worker's memory, never leaves it, and holds no more than the records in
+//! flight already do.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,16 +43,14 @@ impl<V: Clone> Memo<V> {
         Memo { current: Table::default(), previous: Table::default(), capacity: capacity.max(1) }
     }
 
-    /// The value memoized for `key` if `fresh` accepts it; otherwise `derive(key)`, memoized.
-    pub fn get_or_derive(&mut self, key: &str, fresh: impl Fn(&V) -> bool, derive: impl FnOnce(&str) -> V) -> V {
-        if let Some(value) = self.current.get(key)
-            && fresh(value)
-        {
+    /// The value memoized for `key`; otherwise `derive(key)`, memoized.
+    pub fn get_or_derive(&mut self, key: &str, derive: impl FnOnce(&str) -> V) -> V {
+        if let Some(value) = self.current.get(key) {
             return value.clone();
         }
         let (boxed, value) = match self.previous.remove_entry(key) {
-            Some((boxed, value)) if fresh(&value) => (boxed, value),
-            _ => (Box::from(key), derive(key)),
+            Some(entry) => entry,
+            None => (Box::from(key), derive(key)),
         };
         if self.current.len() >= self.capacity && !self.current.contains_key(key) {
             self.previous = std::mem::take(&mut self.current);
@@ -83,26 +82,14 @@ mod tests {
         let mut calls = 0;
         for _ in 0..3 {
             for key in ["a", "b", "c"] {
-                let v = memo.get_or_derive(
-                    key,
-                    |_| true,
-                    |k| {
-                        calls += 1;
-                        k.to_uppercase()
-                    },
-                );
+                let v = memo.get_or_derive(key, |k| {
+                    calls += 1;
+                    k.to_uppercase()
+                });
                 assert_eq!(v, key.to_uppercase());
             }
         }
         assert_eq!(calls, 3);
-    }
-
-    #[test]
-    fn a_stale_value_is_derived_again() {
-        let mut memo = Memo::new(4);
-        assert_eq!(memo.get_or_derive("id", |v: &(i64, String)| v.0 == 1, |k| (1, format!("{k}@1"))), (1, "id@1".to_owned()));
-        assert_eq!(memo.get_or_derive("id", |v| v.0 == 2, |k| (2, format!("{k}@2"))), (2, "id@2".to_owned()));
-        assert_eq!(memo.get_or_derive("id", |v| v.0 == 2, |_| unreachable!("memoized")), (2, "id@2".to_owned()));
     }
 
     proptest! {
@@ -113,7 +100,7 @@ mod tests {
             let mut memo = Memo::new(capacity);
             for k in keys {
                 let key = format!("k{k}");
-                let got = memo.get_or_derive(&key, |_| true, |k| format!("{k}!"));
+                let got = memo.get_or_derive(&key, |k| format!("{k}!"));
                 prop_assert_eq!(got, format!("{key}!"));
                 prop_assert!(memo.len() <= 2 * capacity);
             }

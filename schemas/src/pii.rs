@@ -268,29 +268,24 @@ impl Pseudonymizer {
 
     /// [`Pseudonymizer::pseudonym`] as an inline [`Pseudonym`], without an allocation.
     pub fn pseudonym_of(&mut self, value: &str, event_time_ms: i64) -> Pseudonym {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let period = self.ring.period(event_time_ms);
-        keyed_pseudonym(&self.ring, &mut self.cached, value, period)
+        let (_, key, prefix) = match &self.cached {
+            Some(cached) if cached.0 == period => cached,
+            _ => self.cached.insert((period, self.ring.period_key(period), format!("{}.{period}.", self.ring.key_id))),
+        };
+        let digest = blake3::keyed_hash(key, value.as_bytes());
+        let mut out = Pseudonym { len: 0, bytes: [0; PSEUDONYM_MAX] };
+        // The prefix fits: a key id is at most MAX_KEY_ID bytes and a period at most 20 characters.
+        let (head, tail) = out.bytes.split_at_mut(prefix.len().min(PSEUDONYM_MAX - 24));
+        head.copy_from_slice(&prefix.as_bytes()[..head.len()]);
+        for (pair, &b) in tail.chunks_exact_mut(2).zip(&digest.as_bytes()[..12]) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 15)];
+        }
+        out.len = (head.len() + 24) as u8;
+        out
     }
-}
-
-/// The pseudonym of `value` in `period`, with the period's key cached in `cached`.
-fn keyed_pseudonym(ring: &KeyRing, cached: &mut Option<(i64, [u8; 32], String)>, value: &str, period: i64) -> Pseudonym {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let (_, key, prefix) = match cached {
-        Some(c) if c.0 == period => c,
-        _ => cached.insert((period, ring.period_key(period), format!("{}.{period}.", ring.key_id))),
-    };
-    let digest = blake3::keyed_hash(key, value.as_bytes());
-    let mut out = Pseudonym { len: 0, bytes: [0; PSEUDONYM_MAX] };
-    // The prefix fits: a key id is at most MAX_KEY_ID bytes and a period at most 20 characters.
-    let (head, tail) = out.bytes.split_at_mut(prefix.len().min(PSEUDONYM_MAX - 24));
-    head.copy_from_slice(&prefix.as_bytes()[..head.len()]);
-    for (pair, &b) in tail.chunks_exact_mut(2).zip(&digest.as_bytes()[..12]) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 15)];
-    }
-    out.len = (head.len() + 24) as u8;
-    out
 }
 
 /// The longest key id a [`KeyRing`] accepts, in bytes.
@@ -315,7 +310,7 @@ pub struct Pseudonym {
 impl Pseudonym {
     /// The pseudonym as a string.
     pub fn as_str(&self) -> &str {
-        // Only ever built from a `&str` (`TryFrom`) or from ASCII (`keyed_pseudonym`).
+        // Only ever built from a `&str` (`TryFrom`) or from ASCII (`Pseudonymizer::pseudonym_of`).
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
     }
 }
