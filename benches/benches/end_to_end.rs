@@ -71,7 +71,11 @@ impl Median {
     fn of(mut runs: Vec<Measurement>) -> Median {
         runs.sort_by(|a, b| a.per_worker().total_cmp(&b.per_worker()));
         let (low, high) = (runs[0].per_worker(), runs[runs.len() - 1].per_worker());
-        Median { median: runs.swap_remove(runs.len() / 2), low, high }
+        Median {
+            median: runs.swap_remove(runs.len() / 2),
+            low,
+            high,
+        }
     }
 }
 
@@ -88,12 +92,22 @@ fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
         "pipeline" => {
             let mut config = Config::default();
             config.pipeline.workers = workers;
-            if let Some(batch) = std::env::var("SIGHTLINE_BENCH_BATCH").ok().and_then(|b| b.parse().ok()) {
+            if let Some(batch) = std::env::var("SIGHTLINE_BENCH_BATCH")
+                .ok()
+                .and_then(|b| b.parse().ok())
+            {
                 config.pipeline.batch_size = batch;
             }
             let factory_block = Arc::clone(&block);
             let factory: sightline::run::ReaderFactory = Arc::new(move |worker, peers| {
-                Ok(Box::new(CyclingReader::new(Arc::clone(&factory_block), worker, peers, events, START_MS, EVENTS_PER_SECOND))
+                Ok(Box::new(CyclingReader::new(
+                    Arc::clone(&factory_block),
+                    worker,
+                    peers,
+                    events,
+                    START_MS,
+                    EVENTS_PER_SECOND,
+                ))
                     as Box<dyn sightline::source::RecordReader>)
             });
             // A lake on local disk: an in-memory lake would hold every file written, so its
@@ -118,9 +132,18 @@ fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
                     let (block, keys) = (Arc::clone(&block), Arc::clone(&keys));
                     std::thread::spawn(move || {
                         let decoder = Decoder::new(1 << 20, keys);
-                        let mut reader = CyclingReader::new(block, worker, workers, events, START_MS, EVENTS_PER_SECOND);
+                        let mut reader = CyclingReader::new(
+                            block,
+                            worker,
+                            workers,
+                            events,
+                            START_MS,
+                            EVENTS_PER_SECOND,
+                        );
                         let mut accepted = 0u64;
-                        reader.for_each(|line| accepted += u64::from(decoder.parse_only(line).is_ok()));
+                        reader.for_each(|line| {
+                            accepted += u64::from(decoder.parse_only(line).is_ok())
+                        });
                         accepted
                     })
                 })
@@ -131,7 +154,10 @@ fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
         other => anyhow::bail!("unknown mode {other}"),
     }
     let seconds = started.elapsed().as_secs_f64();
-    println!("RESULT {mode} {workers} {events} {seconds} {}", peak_rss_kib().unwrap_or(0));
+    println!(
+        "RESULT {mode} {workers} {events} {seconds} {}",
+        peak_rss_kib().unwrap_or(0)
+    );
     Ok(())
 }
 
@@ -139,7 +165,12 @@ fn measure(mode: &str, workers: usize, events: u64) -> anyhow::Result<Measuremen
     measure_with_batch(mode, workers, events, None)
 }
 
-fn measure_with_batch(mode: &str, workers: usize, events: u64, batch: Option<usize>) -> anyhow::Result<Measurement> {
+fn measure_with_batch(
+    mode: &str,
+    workers: usize,
+    events: u64,
+    batch: Option<usize>,
+) -> anyhow::Result<Measurement> {
     let exe = std::env::current_exe()?;
     let mut command = Command::new(exe);
     command.args(["--child", mode, &workers.to_string(), &events.to_string()]);
@@ -148,10 +179,23 @@ fn measure_with_batch(mode: &str, workers: usize, events: u64, batch: Option<usi
     }
     let output = command.output()?;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    anyhow::ensure!(output.status.success(), "{mode} on {workers} workers failed: {}", String::from_utf8_lossy(&output.stderr));
-    let line = stdout.lines().find(|l| l.starts_with("RESULT ")).ok_or_else(|| anyhow::anyhow!("no result in {stdout}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{mode} on {workers} workers failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("RESULT "))
+        .ok_or_else(|| anyhow::anyhow!("no result in {stdout}"))?;
     let fields: Vec<&str> = line.split_whitespace().collect();
-    let m = Measurement { mode: mode.into(), workers, events, seconds: fields[4].parse()?, rss_kib: fields[5].parse()? };
+    let m = Measurement {
+        mode: mode.into(),
+        workers,
+        events,
+        seconds: fields[4].parse()?,
+        rss_kib: fields[5].parse()?,
+    };
     eprintln!(
         "{:>9} {} worker(s) {:>9} events: {:7.2} s, {:>9.0} events/s per worker, peak RSS {} MiB",
         m.mode,
@@ -187,7 +231,12 @@ fn per_event(mode: &str) -> anyhow::Result<Option<PerEvent>> {
     for events in CACHEGRIND_EVENTS {
         let out = tempfile::NamedTempFile::new()?;
         let status = Command::new("valgrind")
-            .args(["--tool=cachegrind", "--cache-sim=yes", "--quiet", &format!("--cachegrind-out-file={}", out.path().display())])
+            .args([
+                "--tool=cachegrind",
+                "--cache-sim=yes",
+                "--quiet",
+                &format!("--cachegrind-out-file={}", out.path().display()),
+            ])
             .arg(&exe)
             .args(["--child", mode, "1", &events.to_string()])
             .stdout(std::process::Stdio::null())
@@ -195,16 +244,30 @@ fn per_event(mode: &str) -> anyhow::Result<Option<PerEvent>> {
         anyhow::ensure!(status.success(), "cachegrind of {mode} failed");
         // The totals line: `summary: Ir I1mr ILmr Dr D1mr DLmr Dw D1mw DLmw`.
         let text = std::fs::read_to_string(out.path())?;
-        let events_line = text.lines().find_map(|l| l.strip_prefix("events: ")).ok_or_else(|| anyhow::anyhow!("no events line"))?;
-        let summary = text.lines().find_map(|l| l.strip_prefix("summary: ")).ok_or_else(|| anyhow::anyhow!("no summary line"))?;
-        let counts: std::collections::HashMap<&str, f64> =
-            events_line.split_whitespace().zip(summary.split_whitespace().map(|n| n.parse().unwrap_or(0.0))).collect();
+        let events_line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("events: "))
+            .ok_or_else(|| anyhow::anyhow!("no events line"))?;
+        let summary = text
+            .lines()
+            .find_map(|l| l.strip_prefix("summary: "))
+            .ok_or_else(|| anyhow::anyhow!("no summary line"))?;
+        let counts: std::collections::HashMap<&str, f64> = events_line
+            .split_whitespace()
+            .zip(summary.split_whitespace().map(|n| n.parse().unwrap_or(0.0)))
+            .collect();
         let count = |name: &str| counts.get(name).copied().unwrap_or(0.0);
         totals.push((count("Ir"), count("D1mr") + count("D1mw")));
     }
     let events = (CACHEGRIND_EVENTS[1] - CACHEGRIND_EVENTS[0]) as f64;
-    let per = PerEvent { instructions: (totals[1].0 - totals[0].0) / events, l1_data_misses: (totals[1].1 - totals[0].1) / events };
-    eprintln!("{mode:>9} per event: {:.0} instructions, {:.1} L1 data misses", per.instructions, per.l1_data_misses);
+    let per = PerEvent {
+        instructions: (totals[1].0 - totals[0].0) / events,
+        l1_data_misses: (totals[1].1 - totals[0].1) / events,
+    };
+    eprintln!(
+        "{mode:>9} per event: {:.0} instructions, {:.1} L1 data misses",
+        per.instructions, per.l1_data_misses
+    );
     Ok(Some(per))
 }
 
@@ -229,18 +292,31 @@ fn kafka_path(events: u64) -> anyhow::Result<KafkaPath> {
     broker.create_topic(TOPIC, 2);
     // Event time starts now, so that no idle partition makes the events late.
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).set("linger.ms", "20").set("queue.buffering.max.messages", "500000").create()?;
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "500000")
+        .create()?;
     // Ten minutes of event time, so that ten windows close while the pipeline reads.
-    let mut reader = CyclingReader::new(Block::generate(BLOCK, 1), 0, 1, events, now, events as f64 / 600.0);
+    let mut reader = CyclingReader::new(
+        Block::generate(BLOCK, 1),
+        0,
+        1,
+        events,
+        now,
+        events as f64 / 600.0,
+    );
     let mut failed = None;
     reader.for_each(|line| {
         loop {
             match producer.send(BaseRecord::<(), [u8]>::to(TOPIC).payload(line)) {
                 Ok(()) => break,
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
-                    std::thread::sleep(Duration::from_millis(2))
-                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => std::thread::sleep(Duration::from_millis(2)),
                 Err((err, _)) => {
                     failed = Some(err);
                     break;
@@ -254,7 +330,10 @@ fn kafka_path(events: u64) -> anyhow::Result<KafkaPath> {
     producer.flush(Duration::from_secs(120))?;
 
     // The bare consumer: read every record once, do nothing with it.
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).set("group.id", "bench-bare").create()?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", "bench-bare")
+        .create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..2 {
         tpl.add_partition_offset(TOPIC, p, Offset::Beginning)?;
@@ -263,7 +342,10 @@ fn kafka_path(events: u64) -> anyhow::Result<KafkaPath> {
     let started = Instant::now();
     let mut seen = 0u64;
     while seen < events {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "bare consumer read only {seen} of {events}");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "bare consumer read only {seen} of {events}"
+        );
         if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
             seen += 1;
         }
@@ -293,12 +375,18 @@ fn kafka_path(events: u64) -> anyhow::Result<KafkaPath> {
         std::thread::spawn(move || sightline::run::run_with_stats(job, stats))
     };
     while stats.read.load(Ordering::Relaxed) < events {
-        anyhow::ensure!(!pipeline.is_finished() && started.elapsed() < Duration::from_secs(600), "the pipeline read only {:?}", stats.snapshot());
+        anyhow::ensure!(
+            !pipeline.is_finished() && started.elapsed() < Duration::from_secs(600),
+            "the pipeline read only {:?}",
+            stats.snapshot()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let through_pipeline = events as f64 / started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    pipeline.join().map_err(|_| anyhow::anyhow!("pipeline panicked"))??;
+    pipeline
+        .join()
+        .map_err(|_| anyhow::anyhow!("pipeline panicked"))??;
     Ok(KafkaPath {
         bare,
         pipeline: through_pipeline,
@@ -308,14 +396,31 @@ fn kafka_path(events: u64) -> anyhow::Result<KafkaPath> {
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024));
-    format!("{} core(s), {} GiB, {}", cores, mem.unwrap_or(0), cpu.unwrap_or_else(|| "unknown CPU".into()))
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
+        c.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().next().map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .unwrap_or("0")
+                .parse::<u64>()
+                .unwrap_or(0)
+                / 1024
+                / 1024
+        })
+    });
+    format!(
+        "{} core(s), {} GiB, {}",
+        cores,
+        mem.unwrap_or(0),
+        cpu.unwrap_or_else(|| "unknown CPU".into())
+    )
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -327,7 +432,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1], args[i + 2].parse()?, args[i + 3].parse()?);
     }
-    let report = args.iter().position(|a| a == "--report").and_then(|i| args.get(i + 1)).cloned();
+    let report = args
+        .iter()
+        .position(|a| a == "--report")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let block_bytes = Block::generate(BLOCK, 1).bytes() / BLOCK;
 
     // This machine's run-to-run spread is ±15%: each throughput configuration runs ROUNDS
@@ -345,7 +454,11 @@ fn main() -> anyhow::Result<()> {
     let runs = |i: usize| rounds.iter().map(|r| r[i].clone()).collect::<Vec<_>>();
     let pipeline = [Median::of(runs(0)), Median::of(runs(2))];
     let parse = [Median::of(runs(1)), Median::of(runs(3))];
-    let growth = [pipeline[0].median.clone(), measure("pipeline", 1, 4 * BASE_EVENTS)?, measure("pipeline", 1, 16 * BASE_EVENTS)?];
+    let growth = [
+        pipeline[0].median.clone(),
+        measure("pipeline", 1, 4 * BASE_EVENTS)?,
+        measure("pipeline", 1, 16 * BASE_EVENTS)?,
+    ];
     const BATCHES: [usize; 4] = [256, 1024, 4096, 16384];
     let mut batch_runs: Vec<Vec<Measurement>> = vec![Vec::new(); BATCHES.len()];
     for _ in 0..ROUNDS {
@@ -353,7 +466,10 @@ fn main() -> anyhow::Result<()> {
             runs.push(measure_with_batch("pipeline", 1, BASE_EVENTS, Some(batch))?);
         }
     }
-    let batches: Vec<(usize, Median)> = BATCHES.into_iter().zip(batch_runs.into_iter().map(Median::of)).collect();
+    let batches: Vec<(usize, Median)> = BATCHES
+        .into_iter()
+        .zip(batch_runs.into_iter().map(Median::of))
+        .collect();
     let cachegrind = match (per_event("pipeline")?, per_event("parse")?) {
         (Some(pipeline), Some(parse)) => Some((pipeline, parse)),
         _ => None,
@@ -398,11 +514,23 @@ fn main() -> anyhow::Result<()> {
         "\n## Source batch size (`pipeline.batch-size`, 1 worker, median of {ROUNDS} interleaved runs)\n\n| batch | events/s | range of the runs | peak RSS (MiB) |\n| ---: | ---: | ---: | ---: |\n"
     ));
     for (batch, run) in &batches {
-        md.push_str(&format!("| {batch} | {:.0} | {:.0}–{:.0} | {} |\n", run.median.per_worker(), run.low, run.high, run.median.rss_kib / 1024));
+        md.push_str(&format!(
+            "| {batch} | {:.0} | {:.0}–{:.0} | {} |\n",
+            run.median.per_worker(),
+            run.low,
+            run.high,
+            run.median.rss_kib / 1024
+        ));
     }
     md.push_str("\n## Memory growth (1 worker, same key cardinality)\n\n| events | × | seconds | peak RSS (MiB) | RSS / RSS at 1× |\n| ---: | ---: | ---: | ---: | ---: |\n");
     for (m, x) in growth.iter().zip([1, 4, 16]) {
-        md.push_str(&format!("| {} | {x} | {:.2} | {} | {:.2} |\n", m.events, m.seconds, m.rss_kib / 1024, m.rss_kib as f64 / growth[0].rss_kib as f64));
+        md.push_str(&format!(
+            "| {} | {x} | {:.2} | {} | {:.2} |\n",
+            m.events,
+            m.seconds,
+            m.rss_kib / 1024,
+            m.rss_kib as f64 / growth[0].rss_kib as f64
+        ));
     }
     if let Some((p, q)) = cachegrind {
         md.push_str(&format!(
@@ -421,7 +549,10 @@ fn main() -> anyhow::Result<()> {
     // the machine's speed drifts over minutes, and a round's two runs see the same machine.
     let ratios: Vec<(f64, f64, f64)> = (0..2)
         .map(|w| {
-            let mut r: Vec<f64> = rounds.iter().map(|round| round[2 * w].per_worker() / round[2 * w + 1].per_worker()).collect();
+            let mut r: Vec<f64> = rounds
+                .iter()
+                .map(|round| round[2 * w].per_worker() / round[2 * w + 1].per_worker())
+                .collect();
             r.sort_by(f64::total_cmp);
             (r[r.len() / 2], r[0], r[r.len() - 1])
         })
@@ -435,7 +566,12 @@ fn main() -> anyhow::Result<()> {
     }
     md.push_str("\n## Targets\n\n| target | measured | verdict |\n| --- | --- | --- |\n");
     for (i, run) in pipeline.iter().map(|p| &p.median).enumerate() {
-        md.push_str(&format!("| ≥ 1,000,000 events/s per worker ({} worker(s)) | {:.0} | {} |\n", i + 1, run.per_worker(), verdict(run.per_worker() >= 1e6)));
+        md.push_str(&format!(
+            "| ≥ 1,000,000 events/s per worker ({} worker(s)) | {:.0} | {} |\n",
+            i + 1,
+            run.per_worker(),
+            verdict(run.per_worker() >= 1e6)
+        ));
         let (median, low, high) = ratios[i];
         md.push_str(&format!(
             "| pipeline ≥ 50% of parse-only ({} worker(s); median of the rounds' ratios) | {:.0}% (rounds: {:.0}–{:.0}%) | {} |\n",
@@ -446,7 +582,11 @@ fn main() -> anyhow::Result<()> {
             verdict(median >= 0.5)
         ));
     }
-    md.push_str(&format!("| peak RSS at 16× within 10% of 1× | {:.2}× | {} |\n", growth_ratio, verdict(growth_ratio <= 1.10)));
+    md.push_str(&format!(
+        "| peak RSS at 16× within 10% of 1× | {:.2}× | {} |\n",
+        growth_ratio,
+        verdict(growth_ratio <= 1.10)
+    ));
     md.push_str(&format!(
         "| under 1 GiB for {} events over one hour | {} MiB | {} |\n",
         growth[2].events,
@@ -467,7 +607,9 @@ fn main() -> anyhow::Result<()> {
                 verdict(k.closed_windows > 0 && k.max_close_delay_ms <= 1000)
             ));
         }
-        None => md.push_str("| Kafka path ≥ 80% of the bare consumer | not run (`--kafka`) | — |\n"),
+        None => {
+            md.push_str("| Kafka path ≥ 80% of the bare consumer | not run (`--kafka`) | — |\n")
+        }
     }
     print!("{md}");
     if let Some(path) = report {

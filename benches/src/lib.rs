@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use sightline::generator::{Generator, GeneratorConfig};
-use sightline::source::{Payload, ReadStatus, Record, RecordReader};
+use sightline::source::{Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
 use sightline_schemas::rfc3339_bytes;
 
 /// A block of generated NDJSON lines, with the position of each line's timestamp value.
@@ -23,18 +23,28 @@ impl Block {
     /// `size` generated lines (about 880 bytes each), with the generator's default share of late
     /// and broken records.
     pub fn generate(size: usize, seed: u64) -> Arc<Block> {
-        let mut generator = Generator::new(GeneratorConfig { seed, ..GeneratorConfig::default() });
+        let mut generator = Generator::new(GeneratorConfig {
+            seed,
+            ..GeneratorConfig::default()
+        });
         let mut lines = Vec::with_capacity(size);
         let mut timestamp_at = Vec::with_capacity(size);
         for _ in 0..size {
             let mut line = Vec::new();
             generator.next_line(&mut line);
             let key = b"\"timestamp\":\"";
-            let at = line.windows(key.len()).position(|w| w == key).map(|i| i + key.len()).filter(|i| line.len() >= i + 24);
+            let at = line
+                .windows(key.len())
+                .position(|w| w == key)
+                .map(|i| i + key.len())
+                .filter(|i| line.len() >= i + 24);
             lines.push(line);
             timestamp_at.push(at);
         }
-        Arc::new(Block { lines, timestamp_at })
+        Arc::new(Block {
+            lines,
+            timestamp_at,
+        })
     }
 
     /// Total bytes of the block.
@@ -63,11 +73,19 @@ pub struct CyclingReader {
     start_ms: i64,
     ms_per_event: f64,
     buf: Vec<u8>,
+    partitions: [PartitionState; 1],
 }
 
 impl CyclingReader {
     /// A reader for worker `worker` of `peers`.
-    pub fn new(block: Arc<Block>, worker: usize, peers: usize, total: u64, start_ms: i64, events_per_second: f64) -> CyclingReader {
+    pub fn new(
+        block: Arc<Block>,
+        worker: usize,
+        peers: usize,
+        total: u64,
+        start_ms: i64,
+        events_per_second: f64,
+    ) -> CyclingReader {
         CyclingReader {
             block,
             next: worker as u64,
@@ -76,6 +94,7 @@ impl CyclingReader {
             start_ms,
             ms_per_event: 1000.0 / events_per_second,
             buf: Vec::with_capacity(4096),
+            partitions: [PartitionState::new("benchmark", 0)],
         }
     }
 
@@ -103,15 +122,15 @@ impl CyclingReader {
 }
 
 impl RecordReader for CyclingReader {
-    fn partitions(&self) -> usize {
-        1
+    fn partitions(&self) -> &[PartitionState] {
+        &self.partitions
     }
 
     fn is_bounded(&self) -> bool {
         true
     }
 
-    fn read(&mut self, max: usize, emit: &mut dyn FnMut(Record<'_>)) -> anyhow::Result<ReadStatus> {
+    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> anyhow::Result<ReadStatus> {
         for _ in 0..max {
             if self.next >= self.total {
                 return Ok(ReadStatus::Exhausted);
@@ -119,7 +138,15 @@ impl RecordReader for CyclingReader {
             let i = self.next;
             self.next += self.peers;
             self.fill(i);
-            emit(Record { partition: 0, topic: "benchmark", kafka_partition: 0, offset: i as i64, payload: Payload::Bytes(&self.buf) });
+            self.partitions[0].next_offset = Some(i as i64 + 1);
+            let record = Record {
+                slot: 0,
+                topic: "benchmark",
+                partition: 0,
+                offset: i as i64,
+                payload: Payload::Bytes(&self.buf),
+            };
+            emit(record, &mut self.partitions);
         }
         Ok(ReadStatus::More)
     }
@@ -128,5 +155,8 @@ impl RecordReader for CyclingReader {
 /// Peak resident memory of this process so far, in KiB (`VmHWM`), where the OS reports it.
 pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

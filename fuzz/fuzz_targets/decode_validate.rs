@@ -24,8 +24,14 @@ fn setup() -> &'static Setup {
         // A fixed key for fuzzing only.
         let keys = Arc::new(KeyRing::from_hex("fz", &"c3".repeat(32), 30).expect("key"));
         let envelope = Decoder::new(64 * 1024, keys);
-        let flat = envelope.clone().with_format(Format::Flat(FlatDefaults::default()));
-        Setup { envelope, flat, scrubber: Scrubber::new() }
+        let flat = envelope
+            .clone()
+            .with_format(Format::Flat(FlatDefaults::default()));
+        Setup {
+            envelope,
+            flat,
+            scrubber: Scrubber::new(),
+        }
     })
 }
 
@@ -35,19 +41,35 @@ fuzz_target!(|data: &[u8]| {
         let mut decoder = decoder.clone();
         match decoder.decode(data) {
             Ok(event) => {
-                assert!(event.user_id.starts_with("fz.") && event.tenant_id.starts_with("fz.") && event.session_id.starts_with("fz."));
+                assert!(
+                    event.user_id.starts_with("fz.")
+                        && event.tenant_id.starts_with("fz.")
+                        && event.session_id.starts_with("fz.")
+                );
             }
             Err(err) => {
                 let schema_failure = matches!(
                     err.kind,
-                    FailureKind::MissingField | FailureKind::UnknownField | FailureKind::UnknownSchemaVersion | FailureKind::PiiRejected
+                    FailureKind::MissingField
+                        | FailureKind::UnknownField
+                        | FailureKind::UnknownSchemaVersion
+                        | FailureKind::PiiRejected
                 );
-                assert!(!schema_failure || !err.violations.is_empty(), "a schema failure without a violation: {err:?}");
+                assert!(
+                    !schema_failure || !err.violations.is_empty(),
+                    "a schema failure without a violation: {err:?}"
+                );
                 let stored = format!("{} {:?} {:?}", err.reason, err.violations, err.event_name);
-                assert!(s.scrubber.scan(&stored).is_empty(), "the dead letter's fields hold personal data: {stored}");
+                assert!(
+                    s.scrubber.scan(&stored).is_empty(),
+                    "the dead letter's fields hold personal data: {stored}"
+                );
                 if let Some(payload) = decoder.redact_payload(data, err.event_time_ms) {
                     let found = s.scrubber.scan(&payload);
-                    assert!(found.is_empty(), "redacted payload still holds {found:?}: {payload}");
+                    assert!(
+                        found.is_empty(),
+                        "redacted payload still holds {found:?}: {payload}"
+                    );
                 }
             }
         }

@@ -13,13 +13,19 @@ pub mod servers {
     use sightline_sinks::{Lake, S3Options};
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
     }
 
     fn wait_for(address: &str, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(address).is_err() {
-            assert!(Instant::now() < deadline, "{what} did not start listening on {address}");
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not start listening on {address}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -35,9 +41,14 @@ pub mod servers {
         if let Ok(bin) = std::env::var("TANSU_BIN") {
             return bin;
         }
-        let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+        let home = std::env::var("CARGO_HOME")
+            .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
         let candidate = format!("{home}/bin/tansu");
-        if std::path::Path::new(&candidate).exists() { candidate } else { "tansu".into() }
+        if std::path::Path::new(&candidate).exists() {
+            candidate
+        } else {
+            "tansu".into()
+        }
     }
 
     impl Tansu {
@@ -51,7 +62,10 @@ pub mod servers {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("tansu is not installed: ./scripts/test installs it (cargo install tansu --locked --features dynostore)");
-            let server = Tansu { child, bootstrap: format!("127.0.0.1:{port}") };
+            let server = Tansu {
+                child,
+                bootstrap: format!("127.0.0.1:{port}"),
+            };
             wait_for(&server.bootstrap, "tansu");
             server
         }
@@ -59,7 +73,15 @@ pub mod servers {
         /// Creates a topic with the broker's own CLI.
         pub fn create_topic(&self, name: &str, partitions: i32) {
             let status = Command::new(tansu_binary())
-                .args(["topic", "create", "--broker", &format!("tcp://{}", self.bootstrap), "--partitions", &partitions.to_string(), name])
+                .args([
+                    "topic",
+                    "create",
+                    "--broker",
+                    &format!("tcp://{}", self.bootstrap),
+                    "--partitions",
+                    &partitions.to_string(),
+                    name,
+                ])
                 .stdout(Stdio::null())
                 .status()
                 .expect("running tansu topic create");
@@ -84,7 +106,10 @@ pub mod servers {
         if let Ok(bin) = std::env::var("MOTO_SERVER") {
             return bin;
         }
-        format!("{}/../.tools/venv/bin/moto_server", env!("CARGO_MANIFEST_DIR"))
+        format!(
+            "{}/../.tools/venv/bin/moto_server",
+            env!("CARGO_MANIFEST_DIR")
+        )
     }
 
     impl Moto {
@@ -96,7 +121,12 @@ pub mod servers {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .unwrap_or_else(|e| panic!("moto_server ({}) could not start: {e}; ./scripts/test installs it", moto_binary()));
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "moto_server ({}) could not start: {e}; ./scripts/test installs it",
+                        moto_binary()
+                    )
+                });
             let server = Moto { child, port };
             wait_for(&format!("127.0.0.1:{port}"), "moto");
             server
@@ -119,7 +149,10 @@ pub mod servers {
             write!(stream, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port).expect("request");
             let mut response = String::new();
             stream.read_to_string(&mut response).expect("response");
-            assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {response}");
+            assert!(
+                response.starts_with("HTTP/1.1 200"),
+                "creating bucket {bucket}: {response}"
+            );
         }
 
         /// A lake in a new bucket of this server, under `prefix`.
@@ -134,5 +167,76 @@ pub mod servers {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+pub mod parquet_text {
+    //! Parquet files as text, read with the Parquet reader: `column=value` per cell, a line per
+    //! row. What the golden test compares, and what the conformance suite checks values with
+    //! (by column *name*, so that two swapped columns of one type cannot pass).
+
+    use arrow_array::{
+        Array, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+        TimestampMicrosecondArray,
+    };
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    /// One cell as text: strings quoted, floats in their shortest exact form, timestamps in
+    /// µs, null as `∅`.
+    pub fn cell(column: &dyn Array, row: usize) -> String {
+        if column.is_null(row) {
+            return "∅".into();
+        }
+        let any = column.as_any();
+        if let Some(a) = any.downcast_ref::<StringArray>() {
+            format!("{:?}", a.value(row))
+        } else if let Some(a) = any.downcast_ref::<Int64Array>() {
+            a.value(row).to_string()
+        } else if let Some(a) = any.downcast_ref::<Int32Array>() {
+            a.value(row).to_string()
+        } else if let Some(a) = any.downcast_ref::<Float64Array>() {
+            format!("{:?}", a.value(row))
+        } else if let Some(a) = any.downcast_ref::<BooleanArray>() {
+            a.value(row).to_string()
+        } else if let Some(a) = any.downcast_ref::<TimestampMicrosecondArray>() {
+            format!("{}µs", a.value(row))
+        } else {
+            panic!("no text form for the type {:?}", column.data_type())
+        }
+    }
+
+    /// Every row of `batch` as `(column, value)` pairs.
+    pub fn rows(batch: &RecordBatch) -> Vec<Vec<(String, String)>> {
+        let names: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+        (0..batch.num_rows())
+            .map(|row| {
+                names
+                    .iter()
+                    .zip(batch.columns())
+                    .map(|(name, column)| (name.clone(), cell(column.as_ref(), row)))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A Parquet file's rows (every batch), and its `sightline.retention_days` metadata.
+    pub fn read(bytes: bytes::Bytes) -> (Vec<Vec<(String, String)>>, Option<String>) {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).expect("a Parquet file");
+        let retention = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| kv.iter().find(|kv| kv.key == "sightline.retention_days"))
+            .and_then(|kv| kv.value.clone());
+        let mut out = Vec::new();
+        for batch in builder.build().expect("reader") {
+            out.extend(rows(&batch.expect("batch")));
+        }
+        (out, retention)
+    }
+
+    /// A row as one line: `column=value | column=value | …`.
+    pub fn line(row: &[(String, String)]) -> String {
+        row.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" | ")
     }
 }

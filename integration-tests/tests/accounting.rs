@@ -26,12 +26,34 @@ enum Corruption {
 fn corruption() -> impl Strategy<Value = Corruption> {
     prop_oneof![
         (0usize..2000).prop_map(Corruption::Truncate),
-        (0usize..2000, any::<u8>().prop_filter("no newline", |b| *b != b'\n')).prop_map(|(at, b)| Corruption::FlipByte(at, b)),
-        prop::sample::select(vec!["event_id", "user_id", "timestamp", "properties", "event_type", "data_sensitivity"]).prop_map(Corruption::DropField),
-        prop::sample::select(vec![r#""ip":"10.1.2.3","#, r#""email":"jane@example.com","#, r#""latitude":52.5,"#]).prop_map(Corruption::AddField),
+        (
+            0usize..2000,
+            any::<u8>().prop_filter("no newline", |b| *b != b'\n')
+        )
+            .prop_map(|(at, b)| Corruption::FlipByte(at, b)),
+        prop::sample::select(vec![
+            "event_id",
+            "user_id",
+            "timestamp",
+            "properties",
+            "event_type",
+            "data_sensitivity"
+        ])
+        .prop_map(Corruption::DropField),
+        prop::sample::select(vec![
+            r#""ip":"10.1.2.3","#,
+            r#""email":"jane@example.com","#,
+            r#""latitude":52.5,"#
+        ])
+        .prop_map(Corruption::AddField),
         prop::sample::select(vec!["9.9.9", "1.0", "x"]).prop_map(Corruption::Version),
-        prop::sample::select(vec![r#""longitude":13.4,"#, r#""extra":true,"#]).prop_map(Corruption::Property),
-        prop::collection::vec(any::<u8>().prop_filter("no newline", |b| *b != b'\n'), 0..40).prop_map(Corruption::Replace),
+        prop::sample::select(vec![r#""longitude":13.4,"#, r#""extra":true,"#])
+            .prop_map(Corruption::Property),
+        prop::collection::vec(
+            any::<u8>().prop_filter("no newline", |b| *b != b'\n'),
+            0..40
+        )
+        .prop_map(Corruption::Replace),
     ]
 }
 
@@ -58,7 +80,10 @@ fn apply(line: &[u8], c: &Corruption) -> Vec<u8> {
                         None => rest.find("},").map(|i| i + 1),
                     };
                     match end {
-                        Some(end) => format!("{}{}", &text[..start], rest[end..].trim_start_matches(',')).into_bytes(),
+                        Some(end) => {
+                            format!("{}{}", &text[..start], rest[end..].trim_start_matches(','))
+                                .into_bytes()
+                        }
                         None => line.to_vec(),
                     }
                 }
@@ -66,8 +91,16 @@ fn apply(line: &[u8], c: &Corruption) -> Vec<u8> {
             }
         }
         Corruption::AddField(field) => text.replacen('{', &format!("{{{field}"), 1).into_bytes(),
-        Corruption::Version(v) => text.replacen("\"schema_version\":\"1.0.0\"", &format!("\"schema_version\":\"{v}\""), 1).into_bytes(),
-        Corruption::Property(p) => text.replacen("\"properties\":{", &format!("\"properties\":{{{p}"), 1).into_bytes(),
+        Corruption::Version(v) => text
+            .replacen(
+                "\"schema_version\":\"1.0.0\"",
+                &format!("\"schema_version\":\"{v}\""),
+                1,
+            )
+            .into_bytes(),
+        Corruption::Property(p) => text
+            .replacen("\"properties\":{", &format!("\"properties\":{{{p}"), 1)
+            .into_bytes(),
         Corruption::Replace(bytes) => bytes.clone(),
     }
 }

@@ -19,7 +19,12 @@ fn tansu_two_topics_on_three_workers() {
     broker.create_topic("tansu.command-center", 1);
     // Two topics, three partitions in all, spread over three workers; the topics' partitions
     // interleave in the assignment order.
-    round_trip(&broker.bootstrap, &[("tansu.product", 2), ("tansu.command-center", 1)], 2_000, 3);
+    round_trip(
+        &broker.bootstrap,
+        &[("tansu.product", 2), ("tansu.command-center", 1)],
+        2_000,
+        3,
+    );
 }
 
 #[test]

@@ -7,7 +7,12 @@ mod common;
 
 use arrow_array::{Array, Int64Array, StringArray, TimestampMicrosecondArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use sightline_sinks::tables::{DeadLetterRow, EventCountRow, LatencyRow, LatencyStats, QualityRow, VariantLatencyRow};
+use sightline_integration_tests::parquet_text;
+use sightline_schemas::{Origin, Violation};
+use sightline_sinks::tables::{
+    DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, LatencyStats, QualityRow,
+    QualitySummaryRow, VariantLatencyRow,
+};
 use sightline_sinks::{Lake, Table};
 
 const START: u64 = 1_769_178_600_000;
@@ -19,7 +24,11 @@ fn backends() -> Vec<(Lake, Box<dyn std::any::Any>)> {
     let local = Lake::open(dir.path().to_str().expect("utf-8 path")).expect("local lake");
     let moto = sightline_integration_tests::servers::Moto::start();
     let s3 = moto.lake("conformance", "lake/prefix");
-    vec![(Lake::open("memory://").expect("memory lake"), Box::new(())), (local, Box::new(dir)), (s3, Box::new(moto))]
+    vec![
+        (Lake::open("memory://").expect("memory lake"), Box::new(())),
+        (local, Box::new(dir)),
+        (s3, Box::new(moto)),
+    ]
 }
 
 fn counts(n: i64) -> Vec<EventCountRow> {
@@ -37,7 +46,12 @@ fn counts(n: i64) -> Vec<EventCountRow> {
 
 fn read_batches(lake: &Lake, path: &str) -> Vec<arrow_array::RecordBatch> {
     let bytes = lake.get(path).expect("get");
-    ParquetRecordBatchReaderBuilder::try_new(bytes).expect("parquet").build().expect("reader").map(|b| b.expect("batch")).collect()
+    ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .expect("parquet")
+        .build()
+        .expect("reader")
+        .map(|b| b.expect("batch"))
+        .collect()
 }
 
 #[test]
@@ -45,16 +59,36 @@ fn writes_read_back_with_schema_and_values() {
     for (lake, _dir) in backends() {
         let written = lake.write_window(START, END, &counts(3)).expect("write");
         assert_eq!(written.rows, 3);
-        assert_eq!(written.path, "event_counts/dt=2026-01-23/hr=14/part-20260123T143000Z-20260123T143100Z.parquet");
+        assert_eq!(
+            written.path,
+            "event_counts/dt=2026-01-23/hr=14/part-20260123T143000Z-20260123T143100Z.parquet"
+        );
         let batches = read_batches(&lake, &written.path);
         let batch = &batches[0];
-        assert_eq!(batch.schema(), EventCountRow::schema(), "{}", lake.location());
-        let starts = batch.column(0).as_any().downcast_ref::<TimestampMicrosecondArray>().expect("timestamp column");
+        assert_eq!(
+            batch.schema(),
+            EventCountRow::schema(),
+            "{}",
+            lake.location()
+        );
+        let starts = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .expect("timestamp column");
         assert_eq!(starts.value(0), START as i64 * 1000);
         assert_eq!(starts.timezone(), Some("UTC"));
-        let names = batch.column(2).as_any().downcast_ref::<StringArray>().expect("names");
+        let names = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("names");
         assert_eq!(names.value(2), "e2");
-        let values = batch.column(5).as_any().downcast_ref::<Int64Array>().expect("counts");
+        let values = batch
+            .column(5)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("counts");
         assert_eq!(values.iter().flatten().sum::<i64>(), 6);
     }
 }
@@ -62,7 +96,8 @@ fn writes_read_back_with_schema_and_values() {
 #[test]
 fn a_rewrite_of_a_window_replaces_its_file() {
     for (lake, _dir) in backends() {
-        lake.write_window(START, END, &counts(5)).expect("first write");
+        lake.write_window(START, END, &counts(5))
+            .expect("first write");
         let again = lake.write_window(START, END, &counts(2)).expect("rewrite");
         let files = lake.list("event_counts").expect("list");
         assert_eq!(files, vec![again.path.clone()], "{}", lake.location());
@@ -70,96 +105,236 @@ fn a_rewrite_of_a_window_replaces_its_file() {
     }
 }
 
-#[test]
-fn every_table_round_trips() {
-    let stats = LatencyStats { count: 2, mean_ms: 1.5, p50_ms: 1.0, p90_ms: 2.0, p95_ms: 2.0, p99_ms: 2.0, max_ms: 2.0 };
-    for (lake, _dir) in backends() {
-        let latency = vec![LatencyRow {
-            window_start_ms: START,
-            window_end_ms: END,
-            event_name: "a".into(),
-            feature_area: "b".into(),
-            surface: String::new(),
-            stats: stats.clone(),
-        }];
-        let variants = vec![VariantLatencyRow {
-            window_start_ms: START,
-            window_end_ms: END,
-            event_name: "a".into(),
-            experiment_id: "x".into(),
-            variant: "control".into(),
-            stats: stats.clone(),
-        }];
-        let quality = vec![QualityRow { window_start_ms: START, window_end_ms: END, event_name: "unknown".into(), outcome: "truncated".into(), count: 4 }];
-        let dead = vec![DeadLetterRow {
-            window_start_ms: START,
-            window_end_ms: END,
+fn stats() -> LatencyStats {
+    LatencyStats {
+        count: 2,
+        mean_ms: 1.5,
+        p50_ms: 1.25,
+        p90_ms: 2.0,
+        p95_ms: 2.5,
+        p99_ms: 2.75,
+        max_ms: 3.0,
+    }
+}
+
+fn dead_letter_row() -> DeadLetterRow {
+    DeadLetterRow {
+        window_start_ms: START,
+        window_end_ms: END,
+        record: DeadLetterRecord {
             processor: sightline_sinks::tables::PROCESSOR.into(),
             kind: "late".into(),
             reason: "behind".into(),
             event_name: None,
             schema_version: Some("1.0.0".into()),
-            violations: r#"[{"pointer":"/properties/x","keyword":"type","message":"m"}]"#.into(),
-            event_time_ms: Some(START as i64),
-            topic: "t".into(),
-            partition: 3,
-            offset: 99,
+            violations: vec![Violation {
+                pointer: "/properties/x".into(),
+                keyword: "type".into(),
+                message: "m".into(),
+            }],
+            event_time_ms: Some(START as i64 - 7),
+            origin: Origin {
+                topic: "t".into(),
+                partition: 3,
+                offset: 99,
+            },
             payload_bytes: 870,
             payload: Some(r#"{"user_id":"k1.700.abc"}"#.into()),
-            copies: 1,
-        }];
-        let paths = [
-            lake.write_window(START, END, &latency).expect("latency").path,
-            lake.write_window(START, END, &variants).expect("variants").path,
-            lake.write_window(START, END, &quality).expect("quality").path,
-            lake.write_window(START, END, &dead).expect("dead letters").path,
-        ];
-        for (path, schema) in paths.iter().zip([LatencyRow::schema(), VariantLatencyRow::schema(), QualityRow::schema(), DeadLetterRow::schema()]) {
-            let batches = read_batches(&lake, path);
-            assert_eq!(batches[0].schema(), schema);
-            assert_eq!(batches[0].num_rows(), 1);
-        }
-        let tables: Vec<String> = lake.list("").expect("list").into_iter().map(|p| p.split('/').next().unwrap_or_default().to_string()).collect();
-        assert_eq!(tables, vec!["dead_letter", "latency", "latency_by_variant", "quality"]);
+            restricted: false,
+        },
+        copies: 1,
+    }
+}
+
+/// Writes one row of table `T` and reads it back by column name.
+fn round_trip<T: Table>(lake: &Lake, row: T) -> Vec<String> {
+    let written = lake.write_window(START, END, &[row]).expect("write");
+    let batches = read_batches(lake, &written.path);
+    assert_eq!(batches[0].schema(), T::schema(), "{} on {}", T::NAME, lake.location());
+    let (rows, _) = parquet_text::read(lake.get(&written.path).expect("get"));
+    assert_eq!(rows.len(), 1);
+    rows[0].iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// The window columns every table starts with, in µs.
+fn window(rest: &[&str]) -> Vec<String> {
+    let mut cells = vec![
+        format!("window_start={}µs", START * 1000),
+        format!("window_end={}µs", END * 1000),
+    ];
+    cells.extend(rest.iter().map(|c| c.to_string()));
+    cells
+}
+
+#[test]
+fn every_table_round_trips_value_by_value() {
+    let latency_cells = [
+        "count=2",
+        "mean_ms=1.5",
+        "p50_ms=1.25",
+        "p90_ms=2.0",
+        "p95_ms=2.5",
+        "p99_ms=2.75",
+        "max_ms=3.0",
+    ];
+    for (lake, _dir) in backends() {
+        let mut tables = Vec::new();
+        let counts = EventCountRow {
+            window_start_ms: START,
+            window_end_ms: END,
+            event_name: "project_viewed".into(),
+            event_type: "view".into(),
+            feature_area: "projects".into(),
+            count: 7,
+        };
+        assert_eq!(
+            round_trip(&lake, counts),
+            window(&[
+                "event_name=\"project_viewed\"",
+                "event_type=\"view\"",
+                "feature_area=\"projects\"",
+                "count=7"
+            ])
+        );
+        tables.push(EventCountRow::NAME);
+        let latency = LatencyRow {
+            window_start_ms: START,
+            window_end_ms: END,
+            event_name: "a".into(),
+            feature_area: "b".into(),
+            surface: "c".into(),
+            stats: stats(),
+        };
+        let mut want = vec!["event_name=\"a\"", "feature_area=\"b\"", "surface=\"c\""];
+        want.extend(latency_cells);
+        assert_eq!(round_trip(&lake, latency), window(&want));
+        tables.push(LatencyRow::NAME);
+        let variants = VariantLatencyRow {
+            window_start_ms: START,
+            window_end_ms: END,
+            event_name: "a".into(),
+            experiment_id: "x".into(),
+            variant: "control".into(),
+            stats: stats(),
+        };
+        let mut want = vec!["event_name=\"a\"", "experiment_id=\"x\"", "variant=\"control\""];
+        want.extend(latency_cells);
+        assert_eq!(round_trip(&lake, variants), window(&want));
+        tables.push(VariantLatencyRow::NAME);
+        let quality = QualityRow {
+            window_start_ms: START,
+            window_end_ms: END,
+            event_name: "unknown".into(),
+            outcome: "truncated".into(),
+            count: 4,
+        };
+        assert_eq!(
+            round_trip(&lake, quality),
+            window(&["event_name=\"unknown\"", "outcome=\"truncated\"", "count=4"])
+        );
+        tables.push(QualityRow::NAME);
+        let summary = QualitySummaryRow {
+            window_start_ms: START,
+            window_end_ms: END,
+            accepted: 990,
+            rejected: 10,
+            late: 3,
+            pii_violations: 2,
+            rejection_rate: 0.01,
+            pii_violation_rate: 0.002,
+            meets_rejection_target: false,
+            meets_pii_target: true,
+        };
+        assert_eq!(
+            round_trip(&lake, summary),
+            window(&[
+                "accepted=990",
+                "rejected=10",
+                "late=3",
+                "pii_violations=2",
+                "rejection_rate=0.01",
+                "pii_violation_rate=0.002",
+                "meets_rejection_target=false",
+                "meets_pii_target=true",
+            ])
+        );
+        tables.push(QualitySummaryRow::NAME);
+        assert_eq!(
+            round_trip(&lake, dead_letter_row()),
+            window(&[
+                &format!("processor={:?}", sightline_sinks::tables::PROCESSOR),
+                "kind=\"late\"",
+                "reason=\"behind\"",
+                "event_name=∅",
+                "schema_version=\"1.0.0\"",
+                r#"violations="[{\"pointer\":\"/properties/x\",\"keyword\":\"type\",\"message\":\"m\"}]""#,
+                &format!("event_time={}µs", (START - 7) * 1000),
+                "topic=\"t\"",
+                "partition=3",
+                "offset=99",
+                "payload_bytes=870",
+                r#"payload="{\"user_id\":\"k1.700.abc\"}""#,
+                "copies=1",
+            ])
+        );
+        tables.push(DeadLetterRow::NAME);
+        let mut listed: Vec<String> = lake
+            .list("")
+            .expect("list")
+            .into_iter()
+            .map(|p| p.split('/').next().unwrap_or_default().to_string())
+            .collect();
+        listed.dedup();
+        tables.sort();
+        assert_eq!(listed, tables, "{}", lake.location());
     }
 }
 
 fn retention_days(lake: &Lake, path: &str) -> Option<String> {
     let bytes = lake.get(path).expect("get");
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).expect("parquet");
-    let kv = builder.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
-    kv.into_iter().find(|k| k.key == "sightline.retention_days").and_then(|k| k.value)
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned()
+        .unwrap_or_default();
+    kv.into_iter()
+        .find(|k| k.key == "sightline.retention_days")
+        .and_then(|k| k.value)
 }
 
 #[test]
 fn restricted_route_is_a_separate_prefix_with_its_own_retention() {
     for (lake, _keep) in backends() {
-        let standard = lake.clone().with_retention(sightline_sinks::Retention { aggregates_days: 365, raw_days: 90 });
+        let standard = lake.clone().with_retention(sightline_sinks::Retention {
+            aggregates_days: 365,
+            raw_days: 90,
+        });
         let restricted = standard.routed("restricted", "restricted", 30);
-        let a = standard.write_window(START, END, &counts(1)).expect("standard");
-        let r = restricted.write_window(START, END, &counts(2)).expect("restricted");
-        assert_eq!(r.path, format!("restricted/{}", a.path), "{}", lake.location());
+        let a = standard
+            .write_window(START, END, &counts(1))
+            .expect("standard");
+        let r = restricted
+            .write_window(START, END, &counts(2))
+            .expect("restricted");
+        assert_eq!(
+            r.path,
+            format!("restricted/{}", a.path),
+            "{}",
+            lake.location()
+        );
         assert_eq!(retention_days(&lake, &a.path).as_deref(), Some("365"));
         assert_eq!(retention_days(&lake, &r.path).as_deref(), Some("30"));
-        let dead = vec![DeadLetterRow {
-            window_start_ms: START,
-            window_end_ms: END,
-            processor: "p".into(),
-            kind: "empty".into(),
-            reason: "r".into(),
-            event_name: None,
-            schema_version: None,
-            violations: "[]".into(),
-            event_time_ms: None,
-            topic: "t".into(),
-            partition: 0,
-            offset: 1,
-            payload_bytes: 0,
-            payload: None,
-            copies: 1,
-        }];
-        let d = standard.write_window(START, END, &dead).expect("dead letters");
-        assert_eq!(retention_days(&lake, &d.path).as_deref(), Some("90"), "per-record tables keep the raw retention");
+        let dead = vec![dead_letter_row()];
+        let d = standard
+            .write_window(START, END, &dead)
+            .expect("dead letters");
+        assert_eq!(
+            retention_days(&lake, &d.path).as_deref(),
+            Some("90"),
+            "per-record tables keep the raw retention"
+        );
         assert_eq!(read_batches(&lake, &r.path)[0].num_rows(), 2);
     }
 }
@@ -199,8 +374,14 @@ fn a_replay_writes_to_s3_through_the_configuration() {
     let files = s3.list("").expect("list");
     assert_eq!(files.len() as u64, summary.files);
     for path in &files {
-        assert!(path.contains("/dt=") && path.ends_with(".parquet"), "{path}");
-        let local_rows = Lake::open(local.to_str().expect("utf-8")).expect("local").read_rows(path).expect("local file");
+        assert!(
+            path.contains("/dt=") && path.ends_with(".parquet"),
+            "{path}"
+        );
+        let local_rows = Lake::open(local.to_str().expect("utf-8"))
+            .expect("local")
+            .read_rows(path)
+            .expect("local file");
         assert_eq!(s3.read_rows(path).expect("s3 file"), local_rows, "{path}");
     }
 }

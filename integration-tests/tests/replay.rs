@@ -42,33 +42,73 @@ fn check(workers: usize) {
     let input = dir.path().join("events.ndjson");
     // Broken records first: they are read before any event time is known, and are processed
     // at the first accepted event's tick.
-    let mut lines = vec![(Vec::new(), LineKind::Bad), (b"GET / HTTP/1.1".to_vec(), LineKind::Bad), (b"{\"event_id\":".to_vec(), LineKind::Bad)];
+    let mut lines = vec![
+        (Vec::new(), LineKind::Bad),
+        (b"GET / HTTP/1.1".to_vec(), LineKind::Bad),
+        (b"{\"event_id\":".to_vec(), LineKind::Bad),
+    ];
     lines.extend(generate(40_000, 7 + workers as u64, 0.003, 0.003));
     write_ndjson(&input, &lines);
     let lake = dir.path().join("lake");
     let summary = replay(&input, &lake, config(workers));
 
-    let classified: Vec<(Vec<u8>, Failure)> = lines.iter().map(|(l, k)| (l.clone(), failure_of(l, *k))).collect();
+    let classified: Vec<(Vec<u8>, Failure)> = lines
+        .iter()
+        .map(|(l, k)| (l.clone(), failure_of(l, *k)))
+        .collect();
     let want = Reference::compute(&classified, workers);
-    assert!(want.late > 50 && want.rejected > 50, "the input exercises every path: {want:?}");
+    assert!(
+        want.late > 50 && want.rejected > 50,
+        "the input exercises every path: {want:?}"
+    );
 
     assert_eq!(summary.read, lines.len() as u64);
-    assert_eq!((summary.accepted, summary.rejected, summary.late), (want.accepted, want.rejected, want.late));
-    assert!(!want.restricted.counts.is_empty(), "the input has restricted events");
+    assert_eq!(
+        (summary.accepted, summary.rejected, summary.late),
+        (want.accepted, want.rejected, want.late)
+    );
+    assert!(
+        !want.restricted.counts.is_empty(),
+        "the input has restricted events"
+    );
     let [standard, restricted] = routes(&lake);
     assert_route_matches(&standard, &want.standard);
     assert_route_matches(&restricted, &want.restricted);
     let dead = all_dead_letters(&lake);
-    assert_eq!(dead.keys().map(|k| k.2).collect::<std::collections::BTreeSet<_>>(), want.dead);
+    assert_eq!(
+        dead.keys()
+            .map(|k| k.2)
+            .collect::<std::collections::BTreeSet<_>>(),
+        want.dead
+    );
     assert!(dead.values().all(|(_, reason)| !reason.is_empty()));
     // Every accepted event's three envelope identifiers were pseudonymized; the generator's
     // clean events carry no personal data to scrub or drop.
-    let privacy: i64 = routes(&lake).iter().map(|r| privacy_counters(r).get("pseudonymized_fields").copied().unwrap_or(0)).sum();
-    assert!(privacy >= 3 * want.accepted as i64, "pseudonymized {privacy} fields for {} events", want.accepted);
-    assert!(routes(&lake).iter().all(|r| !privacy_counters(r).contains_key("pii_violations")));
+    let privacy: i64 = routes(&lake)
+        .iter()
+        .map(|r| {
+            privacy_counters(r)
+                .get("pseudonymized_fields")
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(
+        privacy >= 3 * want.accepted as i64,
+        "pseudonymized {privacy} fields for {} events",
+        want.accepted
+    );
+    assert!(
+        routes(&lake)
+            .iter()
+            .all(|r| !privacy_counters(r).contains_key("pii_violations"))
+    );
 
     // One file per table and window, Hive-style.
-    let windows: std::collections::BTreeSet<u64> = routes(&lake).iter().flat_map(|r| quality(r).into_keys().map(|k| k.0)).collect();
+    let windows: std::collections::BTreeSet<u64> = routes(&lake)
+        .iter()
+        .flat_map(|r| quality(r).into_keys().map(|k| k.0))
+        .collect();
     assert_eq!(summary.windows as usize, windows.len());
 }
 
@@ -92,5 +132,9 @@ fn replaying_twice_rewrites_the_same_files() {
     let counts = event_counts(&lake);
     let second = replay(&input, &lake, config(2));
     assert_eq!(first, second);
-    assert_eq!(event_counts(&lake), counts, "a rewrite replaces, never duplicates");
+    assert_eq!(
+        event_counts(&lake),
+        counts,
+        "a rewrite replaces, never duplicates"
+    );
 }

@@ -93,7 +93,9 @@ impl Outcome {
 
 /// The difference of `quality`: records, and what the privacy layer did to them, summed. One
 /// update per record carries all five counts (instead of one update per counter).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct QualityCounts {
     /// Records.
     pub records: i64,
@@ -110,7 +112,10 @@ pub struct QualityCounts {
 impl QualityCounts {
     /// The counts of one record (`n` copies of it) with nothing done to it.
     pub fn records(n: i64) -> QualityCounts {
-        QualityCounts { records: n, ..QualityCounts::default() }
+        QualityCounts {
+            records: n,
+            ..QualityCounts::default()
+        }
     }
 
     /// The counts of one accepted event.
@@ -213,7 +218,10 @@ window_key!(CountKey, LatencyKey, VariantKey, QualityKey);
 ///
 /// Input: accepted events at their event-time tick. Output: `(CountKey, count)` as the
 /// difference.
-pub fn event_counts<'s, E: Borrow<Event> + Clone + 'static>(events: VecCollection<'s, Time, E>, windows: Windows) -> VecCollection<'s, Time, CountKey> {
+pub fn event_counts<'s, E: Borrow<Event> + Clone + 'static>(
+    events: VecCollection<'s, Time, E>,
+    windows: Windows,
+) -> VecCollection<'s, Time, CountKey> {
     events.explode(move |e| {
         let e = e.borrow();
         let key = CountKey {
@@ -268,7 +276,12 @@ pub fn latency_by_variant<'s, E: Borrow<Event> + Clone + 'static>(
         };
         (0..assignments.len()).map(move |i| {
             let (experiment_id, variant) = &assignments[i];
-            let key = VariantKey { window_start, event_name, experiment_id: experiment_id.clone(), variant: variant.clone() };
+            let key = VariantKey {
+                window_start,
+                event_name,
+                experiment_id: experiment_id.clone(),
+                variant: variant.clone(),
+            };
             (key, LatencyHistogram::from_sample(latency))
         })
     })
@@ -290,8 +303,11 @@ pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
 
     let accepted = events.explode(move |e| {
         let e = e.borrow();
-        let key =
-            QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: Cow::Borrowed(e.event_name.as_str()), outcome: Outcome::Accepted };
+        let key = QualityKey {
+            window_start: windows.start_of(e.event_time_ms as u64),
+            event_name: Cow::Borrowed(e.event_name.as_str()),
+            outcome: Outcome::Accepted,
+        };
         Some((key, QualityCounts::of_event(e)))
     });
     let rejected = rejected
@@ -299,11 +315,120 @@ pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
         .map(move |(record, time, diff)| {
             let key = QualityKey {
                 window_start: windows.start_of(time),
-                event_name: record.event_name.map_or(Cow::Borrowed("unknown"), Cow::Owned),
+                event_name: record
+                    .event_name
+                    .map_or(Cow::Borrowed("unknown"), Cow::Owned),
                 outcome: Outcome::Rejected(record.kind),
             };
             (key, time, QualityCounts::records(diff as i64))
         })
         .as_collection();
     accepted.concat(rejected)
+}
+
+/// A dead letter keyed by the window of the time at which it was processed: the key of the
+/// `dead_letter` table, one entry per record (the difference counts copies).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WindowedDeadLetter {
+    /// Processing window start, ms since the epoch.
+    pub window_start: u64,
+    /// The record.
+    pub record: DeadLetter,
+}
+
+impl WindowKey for WindowedDeadLetter {
+    fn window_start(&self) -> u64 {
+        self.window_start
+    }
+}
+
+/// Dead letters per window of their processing time.
+///
+/// Input: dead-letter records at the tick at which they were processed. Output:
+/// `(WindowedDeadLetter, copies)`.
+pub fn windowed_dead_letters<'s>(
+    rejected: VecCollection<'s, Time, DeadLetter>,
+    windows: Windows,
+) -> VecCollection<'s, Time, WindowedDeadLetter> {
+    use differential_dataflow::AsCollection;
+    use timely::dataflow::operators::vec::Map;
+
+    rejected
+        .inner
+        .map(move |(record, time, diff)| {
+            let window_start = windows.start_of(time);
+            (WindowedDeadLetter { window_start, record }, time, diff)
+        })
+        .as_collection()
+}
+
+/// The platform spec's target: fewer than 1% of records rejected.
+pub const REJECTION_TARGET: f64 = 0.01;
+/// The platform spec's target: fewer than 0.1% of accepted events with PII violations.
+pub const PII_VIOLATION_TARGET: f64 = 0.001;
+
+/// One window's record totals, read off its `quality` counts: the one place that says which
+/// outcome counts as what.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QualityTotals {
+    /// Records accepted.
+    pub accepted: i64,
+    /// Records rejected (every failure kind but `late`).
+    pub rejected: i64,
+    /// Records that arrived behind the watermark.
+    pub late: i64,
+    /// Accepted events with PII violations.
+    pub pii_violations: i64,
+}
+
+impl QualityTotals {
+    /// The totals of a closed `quality` window (or one worker's part of it).
+    pub fn of_window(w: &crate::ClosedWindow<QualityKey, QualityCounts>) -> QualityTotals {
+        let mut totals = QualityTotals::default();
+        for (key, counts) in &w.entries {
+            totals.pii_violations += counts.pii_violations;
+            match key.outcome {
+                Outcome::Accepted => totals.accepted += counts.records,
+                Outcome::Rejected(FailureKind::Late) => totals.late += counts.records,
+                Outcome::Rejected(_) => totals.rejected += counts.records,
+                Outcome::PseudonymizedFields
+                | Outcome::ScrubbedFields
+                | Outcome::DroppedFields
+                | Outcome::PiiViolations => {}
+            }
+        }
+        totals
+    }
+
+    /// Adds `other`'s totals (another worker's part of the same window).
+    pub fn add(&mut self, other: &QualityTotals) {
+        self.accepted += other.accepted;
+        self.rejected += other.rejected;
+        self.late += other.late;
+        self.pii_violations += other.pii_violations;
+    }
+
+    /// `rejected / (accepted + rejected)`; 0 for an empty window.
+    pub fn rejection_rate(&self) -> f64 {
+        ratio(self.rejected, self.accepted + self.rejected)
+    }
+
+    /// `pii_violations / accepted`; 0 for an empty window.
+    pub fn pii_violation_rate(&self) -> f64 {
+        ratio(self.pii_violations, self.accepted)
+    }
+
+    /// Whether the window meets [`REJECTION_TARGET`].
+    pub fn meets_rejection_target(&self) -> bool {
+        self.rejection_rate() < REJECTION_TARGET
+    }
+
+    /// Whether the window meets [`PII_VIOLATION_TARGET`].
+    pub fn meets_pii_target(&self) -> bool {
+        self.pii_violation_rate() < PII_VIOLATION_TARGET
+    }
+}
+
+fn ratio(a: i64, b: i64) -> f64 {
+    if b > 0 { a as f64 / b as f64 } else { 0.0 }
 }

@@ -40,7 +40,11 @@ pub struct ClosedWindow<K, R> {
 /// An update that arrives for a window that is already closed cannot happen while the time
 /// invariant holds (the frontier has passed every time in it); such an update would start a
 /// new accumulation and be emitted as a second part of that window.
-pub fn close_windows<'s, K, R>(updates: VecCollection<'s, Time, K, R>, windows: Windows, name: &str) -> StreamVec<'s, Time, ClosedWindow<K, R>>
+pub fn close_windows<'s, K, R>(
+    updates: VecCollection<'s, Time, K, R>,
+    windows: Windows,
+    name: &str,
+) -> StreamVec<'s, Time, ClosedWindow<K, R>>
 where
     K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
     R: Semigroup + ExchangeData,
@@ -50,7 +54,9 @@ where
     let partials = accumulate(updates.inner, Pipeline, windows, &format!("{name}Combine"));
     let partials = partials.flat_map(|w| {
         let at = w.window_end.saturating_sub(1);
-        w.entries.into_iter().map(move |(key, diff)| (key, at, diff))
+        w.entries
+            .into_iter()
+            .map(move |(key, diff)| (key, at, diff))
     });
     let exchange = Exchange::new(|(key, _time, _diff): &(K, Time, R)| key.hashed());
     accumulate(partials, exchange, windows, name)
@@ -62,7 +68,12 @@ type Accumulation<K, R> = HashMap<K, R, foldhash::fast::RandomState>;
 
 /// Accumulates `(key, time, diff)` per window and key, and emits each window once the input
 /// frontier has passed its end.
-fn accumulate<'s, K, R, P>(updates: StreamVec<'s, Time, (K, Time, R)>, pact: P, windows: Windows, name: &str) -> StreamVec<'s, Time, ClosedWindow<K, R>>
+fn accumulate<'s, K, R, P>(
+    updates: StreamVec<'s, Time, (K, Time, R)>,
+    pact: P,
+    windows: Windows,
+    name: &str,
+) -> StreamVec<'s, Time, ClosedWindow<K, R>>
 where
     K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
     R: Semigroup + ExchangeData,
@@ -84,7 +95,9 @@ where
                         (cap.delayed(&emit_at, 0), Accumulation::default())
                     });
                     match acc.entry(key) {
-                        std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().plus_equals(&diff),
+                        std::collections::hash_map::Entry::Occupied(mut o) => {
+                            o.get_mut().plus_equals(&diff)
+                        }
                         std::collections::hash_map::Entry::Vacant(v) => {
                             v.insert(diff);
                         }
@@ -97,12 +110,17 @@ where
                     break;
                 }
                 if let Some((_, (cap, acc))) = open.pop_first() {
-                    let mut entries: Vec<(K, R)> = acc.into_iter().filter(|(_, r)| !r.is_zero()).collect();
+                    let mut entries: Vec<(K, R)> =
+                        acc.into_iter().filter(|(_, r)| !r.is_zero()).collect();
                     if entries.is_empty() {
                         continue;
                     }
                     entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-                    output.session(&cap).give(ClosedWindow { window_start: start, window_end: end, entries });
+                    output.session(&cap).give(ClosedWindow {
+                        window_start: start,
+                        window_end: end,
+                        entries,
+                    });
                 }
             }
         }

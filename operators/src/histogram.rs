@@ -64,7 +64,11 @@ pub struct LatencyHistogram {
 impl LatencyHistogram {
     /// The histogram of a single sample.
     pub fn from_sample(value_us: u64) -> LatencyHistogram {
-        LatencyHistogram { count: 1, sum_us: i128::from(value_us), buckets: smallvec::smallvec![(bucket_of(value_us), 1)] }
+        LatencyHistogram {
+            count: 1,
+            sum_us: i128::from(value_us),
+            buckets: smallvec::smallvec![(bucket_of(value_us), 1)],
+        }
     }
 
     /// Adds one sample.
@@ -130,7 +134,10 @@ impl Semigroup for LatencyHistogram {
             return;
         }
         let mut merged = Buckets::with_capacity(self.buckets.len() + rhs.buckets.len());
-        let (mut a, mut b) = (self.buckets.iter().peekable(), rhs.buckets.iter().peekable());
+        let (mut a, mut b) = (
+            self.buckets.iter().peekable(),
+            rhs.buckets.iter().peekable(),
+        );
         loop {
             let next = match (a.peek(), b.peek()) {
                 (Some(&&(ba, na)), Some(&&(bb, nb))) if ba == bb => {
@@ -207,7 +214,10 @@ mod tests {
 
     #[test]
     fn every_bucket_represents_its_values_within_one_percent() {
-        for v in (0..200_000u64).chain((1..2000).map(|i| i * 1_000_003)).chain([u64::MAX / 2, u64::MAX]) {
+        for v in (0..200_000u64)
+            .chain((1..2000).map(|i| i * 1_000_003))
+            .chain([u64::MAX / 2, u64::MAX])
+        {
             let rep = bucket_value(bucket_of(v));
             assert!(within(rep, v as f64), "value {v} read back as {rep}");
         }

@@ -5,8 +5,9 @@
 //! - [`window`]: event-time tumbling windows and the [`Time`] of every dataflow;
 //! - [`histogram`]: the subtractable log-bucketed [`LatencyHistogram`] (≤ 1% relative error);
 //! - [`aggregates`]: the windowed aggregates (`event_counts`, `latency`, `latency_by_variant`,
-//!   `quality`), each a function from collections to a collection whose difference is the
-//!   aggregate;
+//!   `quality`, `windowed_dead_letters`), each a function from collections to a collection
+//!   whose difference is the aggregate, and [`QualityTotals`], the one reading of quality
+//!   counts as accepted, rejected and late records against the platform spec's targets;
 //! - [`close`]: [`close_windows`], which emits each window once, when the frontier has passed it.
 //!
 //! ```
@@ -32,7 +33,11 @@ pub mod close;
 pub mod histogram;
 pub mod window;
 
-pub use aggregates::{CountKey, LatencyKey, Outcome, QualityCounts, QualityKey, VariantKey, event_counts, latency, latency_by_variant, quality};
+pub use aggregates::{
+    CountKey, LatencyKey, Outcome, PII_VIOLATION_TARGET, QualityCounts, QualityKey, QualityTotals,
+    REJECTION_TARGET, VariantKey, WindowedDeadLetter, event_counts, latency, latency_by_variant,
+    quality, windowed_dead_letters,
+};
 pub use close::{ClosedWindow, close_windows};
 pub use histogram::LatencyHistogram;
 pub use window::{Time, WindowKey, Windows};

@@ -19,7 +19,9 @@ pub struct Windows {
 impl Windows {
     /// Windows `width_ms` wide. A width of 0 is treated as 1 ms.
     pub fn new(width_ms: u64) -> Windows {
-        Windows { width_ms: width_ms.max(1) }
+        Windows {
+            width_ms: width_ms.max(1),
+        }
     }
 
     /// The width in milliseconds.

@@ -13,10 +13,14 @@ use std::sync::{Arc, Mutex};
 use differential_dataflow::input::Input;
 use proptest::prelude::*;
 use sightline_operators::{
-    ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityCounts, QualityKey, VariantKey, Windows, close_windows, event_counts,
-    histogram::RELATIVE_ACCURACY, latency, latency_by_variant, quality,
+    ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityCounts, QualityKey,
+    VariantKey, Windows, close_windows, event_counts, histogram::RELATIVE_ACCURACY, latency,
+    latency_by_variant, quality,
 };
-use sightline_schemas::{DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification, Platform, PrivacyCounts, Source};
+use sightline_schemas::{
+    DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification,
+    Platform, PrivacyCounts, Source,
+};
 use timely::dataflow::operators::Inspect;
 
 const TICK: u64 = 1000;
@@ -34,35 +38,42 @@ fn arb_event() -> impl Strategy<Value = Event> {
         proptest::option::of(proptest::sample::select(vec!["control", "a", "b"])),
         (0u16..4, 0u16..2, 0u16..3),
     )
-        .prop_map(|(offset, name, area, surface, latency, e1, e2, (pseudonymized, scrubbed, dropped))| {
-            let mut experiments: Vec<(sightline_schemas::Label, sightline_schemas::Label)> = Vec::new();
-            if let Some(v) = e1 {
-                experiments.push(("exp_1".into(), v.into()));
-            }
-            if let Some(v) = e2 {
-                experiments.push(("exp_2".into(), v.into()));
-            }
-            Event {
-                event_time_ms: (BASE + offset) as i64,
-                event_name: name,
-                event_type: name.spec().event_type,
-                event_id: format!("id-{offset}"),
-                source: Source::Server,
-                platform: Platform::Web,
-                app_version: "1".into(),
-                tenant_id: "t".try_into().unwrap(),
-                user_id: "u".try_into().unwrap(),
-                session_id: "s".try_into().unwrap(),
-                feature_area: area.into(),
-                workflow_name: None,
-                surface: surface.map(Into::into),
-                experiment_assignments: experiments.into(),
-                pii_classification: PiiClassification::None,
-                data_sensitivity: DataSensitivity::Internal,
-                latency_us: latency,
-                privacy: PrivacyCounts { pseudonymized, scrubbed, dropped },
-            }
-        })
+        .prop_map(
+            |(offset, name, area, surface, latency, e1, e2, (pseudonymized, scrubbed, dropped))| {
+                let mut experiments: Vec<(sightline_schemas::Label, sightline_schemas::Label)> =
+                    Vec::new();
+                if let Some(v) = e1 {
+                    experiments.push(("exp_1".into(), v.into()));
+                }
+                if let Some(v) = e2 {
+                    experiments.push(("exp_2".into(), v.into()));
+                }
+                Event {
+                    event_time_ms: (BASE + offset) as i64,
+                    event_name: name,
+                    event_type: name.spec().event_type,
+                    event_id: format!("id-{offset}"),
+                    source: Source::Server,
+                    platform: Platform::Web,
+                    app_version: "1".into(),
+                    tenant_id: "t".try_into().unwrap(),
+                    user_id: "u".try_into().unwrap(),
+                    session_id: "s".try_into().unwrap(),
+                    feature_area: area.into(),
+                    workflow_name: None,
+                    surface: surface.map(Into::into),
+                    experiment_assignments: experiments.into(),
+                    pii_classification: PiiClassification::None,
+                    data_sensitivity: DataSensitivity::Internal,
+                    latency_us: latency,
+                    privacy: PrivacyCounts {
+                        pseudonymized,
+                        scrubbed,
+                        dropped,
+                    },
+                }
+            },
+        )
 }
 
 fn arb_dead() -> impl Strategy<Value = (DeadLetter, u64)> {
@@ -78,7 +89,11 @@ fn arb_dead() -> impl Strategy<Value = (DeadLetter, u64)> {
                 reason: format!("{kind:?}"),
                 event_name: name.map(str::to_string),
                 event_time_ms: None,
-                origin: Origin { topic: "t".into(), partition: 0, offset },
+                origin: Origin {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset,
+                },
                 payload_bytes: 10,
                 schema_version: None,
                 violations: Vec::new(),
@@ -101,12 +116,17 @@ struct Outputs {
 
 /// Flattens the closed windows of every worker into one map, checking that no key of a
 /// window was emitted twice and that every key lies in the window it was emitted with.
-fn flatten<K: Ord + Clone + std::fmt::Debug + sightline_operators::WindowKey, R: Clone>(captured: &Captured<K, R>) -> BTreeMap<K, R> {
+fn flatten<K: Ord + Clone + std::fmt::Debug + sightline_operators::WindowKey, R: Clone>(
+    captured: &Captured<K, R>,
+) -> BTreeMap<K, R> {
     let mut out = BTreeMap::new();
     for window in captured.lock().unwrap().iter() {
         for (key, value) in &window.entries {
             assert_eq!(key.window_start(), window.window_start);
-            assert!(out.insert(key.clone(), value.clone()).is_none(), "key {key:?} emitted twice");
+            assert!(
+                out.insert(key.clone(), value.clone()).is_none(),
+                "key {key:?} emitted twice"
+            );
         }
     }
     out
@@ -117,12 +137,21 @@ fn tick_of(e: &Event) -> u64 {
 }
 
 /// Feeds the updates through the real dataflow on `workers` threads.
-fn run_dataflow(workers: usize, width: u64, updates: Vec<(Event, u64, isize)>, dead: Vec<(DeadLetter, u64)>, batches: Vec<usize>) -> Outputs {
+fn run_dataflow(
+    workers: usize,
+    width: u64,
+    updates: Vec<(Event, u64, isize)>,
+    dead: Vec<(DeadLetter, u64)>,
+    batches: Vec<usize>,
+) -> Outputs {
     let outputs = Outputs::default();
     let shared = outputs.clone();
     // One time-ordered stream of input actions, cut into batches of the given sizes.
-    let mut actions: Vec<(u64, Result<(Event, isize), DeadLetter>)> =
-        updates.into_iter().map(|(e, t, r)| (t, Ok((e, r)))).chain(dead.into_iter().map(|(d, t)| (t, Err(d)))).collect();
+    let mut actions: Vec<(u64, Result<(Event, isize), DeadLetter>)> = updates
+        .into_iter()
+        .map(|(e, t, r)| (t, Ok((e, r))))
+        .chain(dead.into_iter().map(|(d, t)| (t, Err(d))))
+        .collect();
     actions.sort_by_key(|a| a.0);
     let actions = Arc::new(actions);
     let batches = Arc::new(batches);
@@ -132,11 +161,20 @@ fn run_dataflow(workers: usize, width: u64, updates: Vec<(Event, u64, isize)>, d
         let (mut events_in, mut dead_in) = worker.dataflow::<u64, _, _>(|scope| {
             let (events_in, events) = scope.new_collection::<Event, isize>();
             let (dead_in, dead) = scope.new_collection::<DeadLetter, isize>();
-            let (c, l, v, q) = (out.counts.clone(), out.latency.clone(), out.variants.clone(), out.quality.clone());
-            close_windows(event_counts(events.clone(), windows), windows, "c").inspect(move |w| c.lock().unwrap().push(w.clone()));
-            close_windows(latency(events.clone(), windows), windows, "l").inspect(move |w| l.lock().unwrap().push(w.clone()));
-            close_windows(latency_by_variant(events.clone(), windows), windows, "v").inspect(move |w| v.lock().unwrap().push(w.clone()));
-            close_windows(quality(events, dead, windows), windows, "q").inspect(move |w| q.lock().unwrap().push(w.clone()));
+            let (c, l, v, q) = (
+                out.counts.clone(),
+                out.latency.clone(),
+                out.variants.clone(),
+                out.quality.clone(),
+            );
+            close_windows(event_counts(events.clone(), windows), windows, "c")
+                .inspect(move |w| c.lock().unwrap().push(w.clone()));
+            close_windows(latency(events.clone(), windows), windows, "l")
+                .inspect(move |w| l.lock().unwrap().push(w.clone()));
+            close_windows(latency_by_variant(events.clone(), windows), windows, "v")
+                .inspect(move |w| v.lock().unwrap().push(w.clone()));
+            close_windows(quality(events, dead, windows), windows, "q")
+                .inspect(move |w| q.lock().unwrap().push(w.clone()));
             (events_in, dead_in)
         });
         let (index, peers) = (worker.index(), worker.peers());
@@ -180,7 +218,10 @@ fn within(got: f64, exact: f64) -> bool {
 fn check_histogram(h: &LatencyHistogram, samples: &mut [u64]) -> Result<(), TestCaseError> {
     samples.sort_unstable();
     prop_assert_eq!(h.count, samples.len() as i64);
-    prop_assert_eq!(h.sum_us, samples.iter().map(|&s| i128::from(s)).sum::<i128>());
+    prop_assert_eq!(
+        h.sum_us,
+        samples.iter().map(|&s| i128::from(s)).sum::<i128>()
+    );
     for q in [0.5, 0.9, 0.95, 0.99, 1.0] {
         let exact = samples[(q * (samples.len() - 1) as f64).floor() as usize] as f64;
         let got = h.quantile(q).unwrap_or(f64::NAN);

@@ -26,6 +26,39 @@ pub struct Config {
     pub lake: LakeConfig,
     /// Pseudonymization keys.
     pub privacy: PrivacyConfig,
+    /// How the sinks retry failed deliveries.
+    pub delivery: DeliveryConfig,
+}
+
+/// How the sinks retry a failed delivery (a lake write, a batch of records on a topic). A
+/// sink never drops what it could not deliver: it retries with exponential backoff and holds
+/// back the offsets that depend on it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Delay before the first retry, ms.
+    pub retry_initial_ms: u64,
+    /// Longest delay between two attempts, ms; the delay doubles up to it.
+    pub retry_max_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry_initial_ms: 100,
+            retry_max_ms: 30_000,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// The sinks' retry policy.
+    pub fn retry_policy(&self) -> sightline_sinks::RetryPolicy {
+        sightline_sinks::RetryPolicy {
+            initial: std::time::Duration::from_millis(self.retry_initial_ms),
+            max: std::time::Duration::from_millis(self.retry_max_ms),
+        }
+    }
 }
 
 /// Dataflow settings.
@@ -85,7 +118,11 @@ pub struct TopicConfig {
 impl TopicConfig {
     /// A topic in the canonical envelope format.
     pub fn envelope(name: &str) -> TopicConfig {
-        TopicConfig { name: name.to_owned(), format: TopicFormat::Envelope, defaults: Default::default() }
+        TopicConfig {
+            name: name.to_owned(),
+            format: TopicFormat::Envelope,
+            defaults: Default::default(),
+        }
     }
 
     /// The decoder format of this topic.
@@ -127,7 +164,12 @@ pub struct PrivacyConfig {
 
 impl Default for PrivacyConfig {
     fn default() -> Self {
-        PrivacyConfig { key_id: "k1".into(), key: None, key_file: None, rotation_days: sightline_schemas::pii::DEFAULT_ROTATION_DAYS }
+        PrivacyConfig {
+            key_id: "k1".into(),
+            key: None,
+            key_file: None,
+            rotation_days: sightline_schemas::pii::DEFAULT_ROTATION_DAYS,
+        }
     }
 }
 
@@ -158,12 +200,29 @@ pub struct KafkaConfig {
     pub commit_interval_ms: u64,
     /// How long to wait for the topics to appear at start-up, ms.
     pub metadata_timeout_ms: u64,
-    /// Extra librdkafka properties for the consumer and the dead-letter producer (for example
-    /// `security.protocol`).
+    /// Extra librdkafka properties for every Kafka client: the consumer, the producers and
+    /// `pii-scan` (for example `security.protocol`). They override the pipeline's own settings.
     pub options: BTreeMap<String, String>,
     /// Topic that receives one JSON record per dead letter (unset: dead letters go to the
     /// `dead_letter` table only).
     pub dead_letter_topic: Option<String>,
+}
+
+impl KafkaConfig {
+    /// The librdkafka settings of one client of the pipeline (the consumer, a producer,
+    /// `pii-scan`): the brokers, then the settings of the client's `role`, then `options`,
+    /// which win, so that a deployment can override anything.
+    pub fn client_config(&self, role: &[(&str, &str)]) -> rdkafka::ClientConfig {
+        let mut client = rdkafka::ClientConfig::new();
+        client.set("bootstrap.servers", &self.bootstrap_servers);
+        for (key, value) in role {
+            client.set(*key, *value);
+        }
+        for (key, value) in &self.options {
+            client.set(key, value);
+        }
+        client
+    }
 }
 
 impl Default for KafkaConfig {
@@ -216,8 +275,12 @@ impl Default for LakeConfig {
 impl LakeConfig {
     /// Opens the configured lake (the standard route).
     pub fn open(&self) -> anyhow::Result<sightline_sinks::Lake> {
-        let lake = sightline_sinks::Lake::open_with(&self.location, &self.s3).with_context(|| format!("opening the lake at {}", self.location))?;
-        Ok(lake.with_retention(sightline_sinks::Retention { aggregates_days: self.aggregate_retention_days, raw_days: self.raw_retention_days }))
+        let lake = sightline_sinks::Lake::open_with(&self.location, &self.s3)
+            .with_context(|| format!("opening the lake at {}", self.location))?;
+        Ok(lake.with_retention(sightline_sinks::Retention {
+            aggregates_days: self.aggregate_retention_days,
+            raw_days: self.raw_retention_days,
+        }))
     }
 }
 
@@ -237,7 +300,10 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(Env::prefixed("SIGHTLINE__").map(|key| key.as_str().replace("__", ".").replace('_', "-").into()));
+        figment = figment.merge(
+            Env::prefixed("SIGHTLINE__")
+                .map(|key| key.as_str().replace("__", ".").replace('_', "-").into()),
+        );
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate()?;
         Ok(config)
@@ -250,17 +316,34 @@ impl Config {
             bail!("pipeline.workers must be at least 1");
         }
         if p.tick_ms == 0 || p.window_ms == 0 || !p.window_ms.is_multiple_of(p.tick_ms) {
-            bail!("pipeline.window-ms ({}) must be a positive multiple of pipeline.tick-ms ({})", p.window_ms, p.tick_ms);
+            bail!(
+                "pipeline.window-ms ({}) must be a positive multiple of pipeline.tick-ms ({})",
+                p.window_ms,
+                p.tick_ms
+            );
         }
         if p.batch_size == 0 {
             bail!("pipeline.batch-size must be at least 1");
+        }
+        let d = &self.delivery;
+        if d.retry_initial_ms == 0 || d.retry_max_ms < d.retry_initial_ms {
+            bail!(
+                "delivery.retry-initial-ms ({}) must be positive and at most delivery.retry-max-ms ({})",
+                d.retry_initial_ms,
+                d.retry_max_ms
+            );
         }
         let mut names: Vec<&str> = self.kafka.topics.iter().map(|t| t.name.as_str()).collect();
         names.sort_unstable();
         if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
             bail!("kafka.topics lists `{}` twice", pair[0]);
         }
-        if self.kafka.dead_letter_topic.as_deref().is_some_and(|dlq| names.contains(&dlq)) {
+        if self
+            .kafka
+            .dead_letter_topic
+            .as_deref()
+            .is_some_and(|dlq| names.contains(&dlq))
+        {
             bail!("kafka.dead-letter-topic must not be one of the input topics");
         }
         if self.lake.restricted_prefix.trim_matches('/').is_empty() {
@@ -279,7 +362,10 @@ mod tests {
     #[test]
     fn layers_apply_in_order() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("s.toml", "[pipeline]\nworkers = 3\nwindow-ms = 30000\n[lake]\nlocation = \"/tmp/x\"\n")?;
+            jail.create_file(
+                "s.toml",
+                "[pipeline]\nworkers = 3\nwindow-ms = 30000\n[lake]\nlocation = \"/tmp/x\"\n",
+            )?;
             jail.set_env("SIGHTLINE__PIPELINE__WORKERS", "2");
             jail.set_env("SIGHTLINE__PIPELINE__ALLOWED_LATENESS_MS", "5000");
             let config = Config::load(Some(Path::new("s.toml"))).map_err(|e| e.to_string())?;
@@ -305,21 +391,36 @@ mod tests {
     #[test]
     fn the_example_file_lists_every_key_with_its_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sightline.example.toml");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let parsed: Config = Figment::from(Toml::string(&text)).extract().unwrap_or_else(|e| panic!("example config: {e}"));
-        assert_eq!(parsed, Config::default(), "sightline.example.toml must hold the defaults");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let parsed: Config = Figment::from(Toml::string(&text))
+            .extract()
+            .unwrap_or_else(|e| panic!("example config: {e}"));
+        assert_eq!(
+            parsed,
+            Config::default(),
+            "sightline.example.toml must hold the defaults"
+        );
         // Same keys, not just the same values: a key missing from the file would be filled in
         // by `#[serde(default)]`. (Keys whose default is unset are documented as comments.)
         let example: figment::value::Dict = Figment::from(Toml::string(&text)).extract().unwrap();
-        let defaults: figment::value::Dict = Figment::from(Serialized::defaults(Config::default())).extract().unwrap();
+        let defaults: figment::value::Dict = Figment::from(Serialized::defaults(Config::default()))
+            .extract()
+            .unwrap();
         let (example, defaults) = (keys(&example, ""), keys(&defaults, ""));
         for key in &example {
-            assert!(defaults.contains(key), "sightline.example.toml has `{key}`, which the configuration does not");
+            assert!(
+                defaults.contains(key),
+                "sightline.example.toml has `{key}`, which the configuration does not"
+            );
         }
         for key in defaults.iter().filter(|k| !example.contains(k)) {
             // Unset by default: must be shown commented out.
             let leaf = key.rsplit('.').next().unwrap_or(key);
-            assert!(text.contains(&format!("# {leaf} = ")), "sightline.example.toml does not document `{key}`");
+            assert!(
+                text.contains(&format!("# {leaf} = ")),
+                "sightline.example.toml does not document `{key}`"
+            );
         }
     }
 
@@ -328,7 +429,9 @@ mod tests {
         for (key, value) in dict {
             let path = format!("{prefix}{key}");
             match value {
-                figment::value::Value::Dict(_, inner) if !inner.is_empty() => out.extend(keys(inner, &format!("{path}."))),
+                figment::value::Value::Dict(_, inner) if !inner.is_empty() => {
+                    out.extend(keys(inner, &format!("{path}.")))
+                }
                 _ => out.push(path),
             }
         }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::config::ClientConfig;
@@ -54,12 +54,16 @@ pub fn demo_config() -> Config {
 /// Runs the demo; returns the pipeline's summary and the number of events produced.
 pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
     let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
-    cluster.create_topic(DEMO_TOPIC, 4, 1).context("creating the demo topic")?;
-    cluster.create_topic(DEMO_DEAD_LETTER_TOPIC, 1, 1).context("creating the demo dead-letter topic")?;
+    cluster
+        .create_topic(DEMO_TOPIC, 4, 1)
+        .context("creating the demo topic")?;
+    cluster
+        .create_topic(DEMO_DEAD_LETTER_TOPIC, 1, 1)
+        .context("creating the demo dead-letter topic")?;
     let bootstrap = cluster.bootstrap_servers();
 
     let mut config = options.config.clone();
-    config.kafka.bootstrap_servers = bootstrap.clone();
+    config.kafka.bootstrap_servers = bootstrap;
     config.kafka.topics = vec![TopicConfig::envelope(DEMO_TOPIC)];
     config.kafka.group_id = "sightline-demo".into();
     config.kafka.dead_letter_topic = Some(DEMO_DEAD_LETTER_TOPIC.into());
@@ -68,9 +72,15 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
     let stop = Arc::clone(&options.stop);
     let produced = Arc::new(AtomicU64::new(0));
     let producer_thread = {
-        let (stop, produced, bootstrap) = (Arc::clone(&stop), Arc::clone(&produced), bootstrap.clone());
+        let (stop, produced) = (Arc::clone(&stop), Arc::clone(&produced));
+        let client = config.kafka.client_config(&[
+            ("linger.ms", "5"),
+            ("queue.buffering.max.messages", "200000"),
+        ]);
         let rate = options.events_per_second;
-        std::thread::Builder::new().name("demo-producer".into()).spawn(move || produce_live(&bootstrap, rate, &stop, &produced))?
+        std::thread::Builder::new()
+            .name("demo-producer".into())
+            .spawn(move || produce_live(&client, rate, &stop, &produced))?
     };
     if let Some(duration) = options.duration {
         let stop = Arc::clone(&stop);
@@ -93,25 +103,34 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
     };
     let summary = run(job);
     stop.store(true, Ordering::Relaxed);
-    let produce_result = producer_thread.join().map_err(|_| anyhow::anyhow!("the demo producer panicked"))?;
+    let produce_result = producer_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the demo producer panicked"))?;
     drop(cluster);
     produce_result?;
     Ok((summary?, produced.load(Ordering::Relaxed)))
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    sightline_schemas::wall_clock_ms() as i64
 }
 
 /// Produces generated events at `rate` per second, event time following the wall clock.
-fn produce_live(bootstrap: &str, rate: f64, stop: &AtomicBool, produced: &AtomicU64) -> anyhow::Result<()> {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "200000")
+fn produce_live(
+    client: &ClientConfig,
+    rate: f64,
+    stop: &AtomicBool,
+    produced: &AtomicU64,
+) -> anyhow::Result<()> {
+    let producer: ThreadedProducer<DefaultProducerContext> = client
         .create()
         .context("creating the demo producer")?;
-    let mut generator = Generator::new(GeneratorConfig { seed: now_ms() as u64, start_ms: now_ms(), events_per_second: rate, ..GeneratorConfig::default() });
+    let mut generator = Generator::new(GeneratorConfig {
+        seed: now_ms() as u64,
+        start_ms: now_ms(),
+        events_per_second: rate,
+        ..GeneratorConfig::default()
+    });
     let started = Instant::now();
     let mut line = Vec::with_capacity(2048);
     while !stop.load(Ordering::Relaxed) {
@@ -122,7 +141,9 @@ fn produce_live(bootstrap: &str, rate: f64, stop: &AtomicBool, produced: &Atomic
             loop {
                 match producer.send(BaseRecord::<(), [u8]>::to(DEMO_TOPIC).payload(&line)) {
                     Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => std::thread::sleep(Duration::from_millis(5)),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
                     Err((err, _)) => return Err(err).context("producing a demo event"),
                 }
             }

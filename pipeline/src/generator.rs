@@ -150,7 +150,12 @@ impl Generator {
     /// A generator with the given settings.
     pub fn new(config: GeneratorConfig) -> Generator {
         let rng = Rng::new(config.seed);
-        Generator { config, rng, emitted: 0, total_weight: WEIGHTS.iter().map(|w| w.1).sum() }
+        Generator {
+            config,
+            rng,
+            emitted: 0,
+            total_weight: WEIGHTS.iter().map(|w| w.1).sum(),
+        }
     }
 
     /// Number of lines generated so far.
@@ -176,8 +181,13 @@ impl Generator {
         if roll < self.config.bad_fraction + self.config.dirty_fraction {
             return self.dirty_line(nominal - jitter, out);
         }
-        let (time, kind) = if roll < self.config.bad_fraction + self.config.dirty_fraction + self.config.late_fraction {
-            (nominal - 30_000 - self.rng.below(90_000) as i64, LineKind::Late)
+        let (time, kind) = if roll
+            < self.config.bad_fraction + self.config.dirty_fraction + self.config.late_fraction
+        {
+            (
+                nominal - 30_000 - self.rng.below(90_000) as i64,
+                LineKind::Late,
+            )
         } else {
             (nominal - jitter, LineKind::Good)
         };
@@ -197,20 +207,54 @@ impl Generator {
         let user = r.below(u64::from(self.config.users));
         // A user's events share a session for up to five minutes of event time (sessions start
         // at a different offset for each user), as real sessions do.
-        let session = mix(user.wrapping_mul(SESSION_MS) ^ ((time_ms as u64).wrapping_add(mix(user) % SESSION_MS) / SESSION_MS)) >> 24;
+        let session = mix(user.wrapping_mul(SESSION_MS)
+            ^ ((time_ms as u64).wrapping_add(mix(user) % SESSION_MS) / SESSION_MS))
+            >> 24;
         let catalog_entry = sightline_schemas::EventName::from_name(name).map(|n| n.spec());
-        let spec = catalog_entry.map(|s| s.event_type.as_str()).unwrap_or("action");
-        let from_platform_spec = catalog_entry.is_some_and(|s| s.origin == sightline_schemas::catalog::PLATFORM);
+        let spec = catalog_entry
+            .map(|s| s.event_type.as_str())
+            .unwrap_or("action");
+        let from_platform_spec =
+            catalog_entry.is_some_and(|s| s.origin == sightline_schemas::catalog::PLATFORM);
         let (feature_area, workflow, surface) = if from_platform_spec {
-            ("projects", "project_creation", *r.pick(&["project_create_page", "task_board", "project_settings"]))
-        } else if name.starts_with("integration") || name == "circuit_breaker_opened" || name.starts_with("signal") {
-            ("integrations", "signal_ingestion", *r.pick(&["/crm/v3/objects/deals", "/gmail/v1/users/messages", "/calendar/v3/events"]))
+            (
+                "projects",
+                "project_creation",
+                *r.pick(&["project_create_page", "task_board", "project_settings"]),
+            )
+        } else if name.starts_with("integration")
+            || name == "circuit_breaker_opened"
+            || name.starts_with("signal")
+        {
+            (
+                "integrations",
+                "signal_ingestion",
+                *r.pick(&[
+                    "/crm/v3/objects/deals",
+                    "/gmail/v1/users/messages",
+                    "/calendar/v3/events",
+                ]),
+            )
         } else {
-            ("command_queue", "todays_moves", *r.pick(&["command_queue_today", "/api/command-queue/today", "action_drawer"]))
+            (
+                "command_queue",
+                "todays_moves",
+                *r.pick(&[
+                    "command_queue_today",
+                    "/api/command-queue/today",
+                    "action_drawer",
+                ]),
+            )
         };
         let (source, platform, device) = match name {
-            "project_viewed" | "project_feedback_submitted" | "recommendation_viewed" => ("client", *r.pick(&["web", "web", "ios", "android"]), "desktop"),
-            "recommendation_accepted" | "recommendation_dismissed" | "task_assigned" => ("client", "web", "desktop"),
+            "project_viewed" | "project_feedback_submitted" | "recommendation_viewed" => (
+                "client",
+                *r.pick(&["web", "web", "ios", "android"]),
+                "desktop",
+            ),
+            "recommendation_accepted" | "recommendation_dismissed" | "task_assigned" => {
+                ("client", "web", "desktop")
+            }
             _ => (*r.pick(&["server", "worker"]), "api", "server"),
         };
         let _ = write!(
@@ -233,10 +277,19 @@ impl Generator {
                 r.pick(&["control", "variant_a", "variant_b"])
             );
         } else if r.below(3) == 0 {
-            let _ = write!(out, r#""experiment_assignments":{{"exp_guided_setup":"{}"}},"#, r.pick(&["control", "treatment"]));
+            let _ = write!(
+                out,
+                r#""experiment_assignments":{{"exp_guided_setup":"{}"}},"#,
+                r.pick(&["control", "treatment"])
+            );
         }
-        let _ =
-            write!(out, r#""request_id":"req_{:012x}","trace_id":"{:016x}{:016x}","device_type":"{device}","#, r.next_u64() >> 16, r.next_u64(), r.next_u64());
+        let _ = write!(
+            out,
+            r#""request_id":"req_{:012x}","trace_id":"{:016x}{:016x}","device_type":"{device}","#,
+            r.next_u64() >> 16,
+            r.next_u64(),
+            r.next_u64()
+        );
         if device != "server" {
             // Client context and coarse geo exist only for client events.
             let _ = write!(
@@ -277,7 +330,13 @@ impl Generator {
         let id = |r: &mut Rng| uuid_v4(r);
         let _ = match name {
             "project_viewed" => {
-                write!(out, r#"{{"template_id":"tpl_{}","prepopulated":{},"time_to_first_paint_ms":{}}}"#, r.below(40), r.below(2) == 0, ms(r, 420.0))
+                write!(
+                    out,
+                    r#"{{"template_id":"tpl_{}","prepopulated":{},"time_to_first_paint_ms":{}}}"#,
+                    r.below(40),
+                    r.below(2) == 0,
+                    ms(r, 420.0)
+                )
             }
             "project_created" => write!(
                 out,
@@ -439,7 +498,12 @@ impl Generator {
                 r.pick(&["hubspot", "gmail", "calendar"]),
                 r.pick(&[429, 500, 502, 503])
             ),
-            _ => write!(out, r#"{{"service":"{}","failure_count":{},"threshold":5}}"#, r.pick(&["hubspot", "gmail", "calendar"]), 5 + r.below(3)),
+            _ => write!(
+                out,
+                r#"{{"service":"{}","failure_count":{},"threshold":5}}"#,
+                r.pick(&["hubspot", "gmail", "calendar"]),
+                5 + r.below(3)
+            ),
         };
     }
 
@@ -449,7 +513,12 @@ impl Generator {
             0 => {
                 // An e-mail address in a path: accepted, scrubbed.
                 self.event_named("integration_call_success", time_ms, out);
-                replace_once(out, start, b"\"surface\":\"", b"\"surface\":\"/users/jane.doe@example.com");
+                replace_once(
+                    out,
+                    start,
+                    b"\"surface\":\"",
+                    b"\"surface\":\"/users/jane.doe@example.com",
+                );
                 LineKind::Good
             }
             1 => {
@@ -461,13 +530,23 @@ impl Generator {
             2 => {
                 // An IP address in an undeclared field: rejected, payload redacted.
                 self.event(time_ms, out);
-                replace_once(out, start, b"\"app_version\":", b"\"client_ip\":\"203.0.113.7\",\"app_version\":");
+                replace_once(
+                    out,
+                    start,
+                    b"\"app_version\":",
+                    b"\"client_ip\":\"203.0.113.7\",\"app_version\":",
+                );
                 LineKind::Bad
             }
             3 => {
                 // Exact coordinates: rejected.
                 self.event_named("circuit_breaker_opened", time_ms, out);
-                replace_once(out, start, b"\"threshold\":", b"\"latitude\":52.520008,\"longitude\":13.404954,\"threshold\":");
+                replace_once(
+                    out,
+                    start,
+                    b"\"threshold\":",
+                    b"\"latitude\":52.520008,\"longitude\":13.404954,\"threshold\":",
+                );
                 LineKind::Bad
             }
             4 => {
@@ -490,7 +569,12 @@ impl Generator {
             6 => {
                 // An e-mail address as an enum value: rejected; the value appears nowhere.
                 self.event_named("integration_call_failed", time_ms, out);
-                replace_once(out, start, b"\"integration\":\"", b"\"integration\":\"jane.doe@example.com\",\"zz_was\":\"");
+                replace_once(
+                    out,
+                    start,
+                    b"\"integration\":\"",
+                    b"\"integration\":\"jane.doe@example.com\",\"zz_was\":\"",
+                );
                 LineKind::Bad
             }
             7 => {
@@ -530,12 +614,22 @@ impl Generator {
             3 => {
                 // Unknown event name.
                 self.event(time_ms, out);
-                replace_once(out, start, b"\"event_name\":\"", b"\"event_name\":\"zz_unknown_");
+                replace_once(
+                    out,
+                    start,
+                    b"\"event_name\":\"",
+                    b"\"event_name\":\"zz_unknown_",
+                );
             }
             4 => {
                 // Invalid UTF-8 inside a string.
                 self.event(time_ms, out);
-                replace_once(out, start, b"\"app_version\":\"", b"\"app_version\":\"\xff\xfe");
+                replace_once(
+                    out,
+                    start,
+                    b"\"app_version\":\"",
+                    b"\"app_version\":\"\xff\xfe",
+                );
             }
             5 => {
                 // Not JSON at all.
@@ -562,17 +656,28 @@ fn replace_string_field(out: &mut Vec<u8>, start: usize, field: &[u8], value: Op
     key.push(b'"');
     key.extend_from_slice(field);
     key.extend_from_slice(b"\":\"");
-    let Some(pos) = out[start..].windows(key.len()).position(|w| w == key.as_slice()) else { return };
+    let Some(pos) = out[start..]
+        .windows(key.len())
+        .position(|w| w == key.as_slice())
+    else {
+        return;
+    };
     let key_at = start + pos;
     let value_at = key_at + key.len() - 1;
-    let Some(len) = out[value_at + 1..].iter().position(|&b| b == b'"') else { return };
+    let Some(len) = out[value_at + 1..].iter().position(|&b| b == b'"') else {
+        return;
+    };
     let value_end = value_at + 1 + len + 1;
     match value {
         Some(raw) => {
             out.splice(value_at..value_end, raw.iter().copied());
         }
         None => {
-            let end = if out.get(value_end) == Some(&b',') { value_end + 1 } else { value_end };
+            let end = if out.get(value_end) == Some(&b',') {
+                value_end + 1
+            } else {
+                value_end
+            };
             out.drain(key_at..end);
         }
     }
@@ -588,7 +693,14 @@ fn mix(x: u64) -> u64 {
 
 fn uuid_v4(r: &mut Rng) -> String {
     let (a, b) = (r.next_u64(), r.next_u64());
-    format!("{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}", a >> 32, (a >> 16) & 0xffff, a & 0x0fff, ((b >> 48) & 0x3fff) | 0x8000, b & 0xffff_ffff_ffff)
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        ((b >> 48) & 0x3fff) | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
 }
 
 #[cfg(test)]
@@ -599,8 +711,18 @@ mod tests {
 
     #[test]
     fn good_lines_decode_and_bad_lines_do_not() {
-        let mut decoder = Decoder::new(1 << 20, std::sync::Arc::new(sightline_schemas::pii::KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap()));
-        let mut generator = Generator::new(GeneratorConfig { bad_fraction: 0.05, late_fraction: 0.02, dirty_fraction: 0.02, ..GeneratorConfig::default() });
+        let mut decoder = Decoder::new(
+            1 << 20,
+            std::sync::Arc::new(
+                sightline_schemas::pii::KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap(),
+            ),
+        );
+        let mut generator = Generator::new(GeneratorConfig {
+            bad_fraction: 0.05,
+            late_fraction: 0.02,
+            dirty_fraction: 0.02,
+            ..GeneratorConfig::default()
+        });
         let (mut bytes, mut good, mut bad) = (0usize, 0, 0);
         let mut names = std::collections::BTreeSet::new();
         for _ in 0..20_000 {
@@ -608,17 +730,27 @@ mod tests {
             let kind = generator.next_line(&mut line);
             bytes += line.len();
             match (kind, decoder.decode(&line)) {
-                (LineKind::Bad, Ok(e)) => panic!("bad line decoded: {e:?} from {}", String::from_utf8_lossy(&line)),
+                (LineKind::Bad, Ok(e)) => panic!(
+                    "bad line decoded: {e:?} from {}",
+                    String::from_utf8_lossy(&line)
+                ),
                 (LineKind::Bad, Err(_)) => bad += 1,
                 (_, Ok(e)) => {
                     good += 1;
                     names.insert(e.event_name);
                 }
-                (_, Err(e)) => panic!("good line rejected: {e} in {}", String::from_utf8_lossy(&line)),
+                (_, Err(e)) => panic!(
+                    "good line rejected: {e} in {}",
+                    String::from_utf8_lossy(&line)
+                ),
             }
         }
         assert!(bad > 600 && good > 18_000, "bad {bad} good {good}");
-        assert_eq!(names.len(), sightline_schemas::EventName::all().count(), "every registered event is generated");
+        assert_eq!(
+            names.len(),
+            sightline_schemas::EventName::all().count(),
+            "every registered event is generated"
+        );
         let mean = bytes / 20_000;
         assert!((750..=1000).contains(&mean), "mean line is {mean} bytes");
     }
@@ -626,7 +758,10 @@ mod tests {
     #[test]
     fn same_seed_same_lines() {
         let lines = |seed| {
-            let mut generator = Generator::new(GeneratorConfig { seed, ..GeneratorConfig::default() });
+            let mut generator = Generator::new(GeneratorConfig {
+                seed,
+                ..GeneratorConfig::default()
+            });
             let mut out = Vec::new();
             for _ in 0..100 {
                 generator.next_line(&mut out);

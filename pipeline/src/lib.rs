@@ -5,11 +5,12 @@
 //!
 //! - [`config`]: the layered configuration tree;
 //! - [`source`]: record readers (Kafka, NDJSON) and the ingest operator (decode, watermarks);
-//! - [`dataflow`]: the assembly of operators and sinks;
+//! - [`dataflow`]: what the dataflow computes, as a typed bundle of closed-window streams;
+//! - [`emit`]: where it goes: every output attached to the bundle through the durable sink;
 //! - [`run`]: workers, reporting and shutdown;
 //! - [`generator`]: the built-in generator of realistic events;
 //! - [`demo`]: the embedded default — mock Kafka cluster, live generator, local lake;
-//! - [`dead_letters`]: the Kafka dead-letter topic; [`pii_scan`]: the audit of stored output.
+//! - [`pii_scan`]: the audit of stored output.
 //!
 //! ```no_run
 //! use std::sync::{atomic::AtomicBool, Arc};
@@ -29,8 +30,8 @@
 
 pub mod config;
 pub mod dataflow;
-pub mod dead_letters;
 pub mod demo;
+pub mod emit;
 pub mod generator;
 pub mod pii_scan;
 pub mod report;

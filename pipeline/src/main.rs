@@ -136,7 +136,10 @@ enum SchemasCommand {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SIGHTLINE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SIGHTLINE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     if let Err(err) = real_main(Cli::parse()) {
@@ -148,7 +151,8 @@ fn main() {
 fn stop_on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)).context("installing the Ctrl-C handler")?;
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .context("installing the Ctrl-C handler")?;
     Ok(stop)
 }
 
@@ -162,13 +166,28 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             config.validate()?;
             let lake = config.lake.open()?;
             if config.privacy.key_ring()?.is_none() {
-                anyhow::bail!("`run` needs a pseudonymization key: set privacy.key (SIGHTLINE__PRIVACY__KEY) or privacy.key-file");
+                anyhow::bail!(
+                    "`run` needs a pseudonymization key: set privacy.key (SIGHTLINE__PRIVACY__KEY) or privacy.key-file"
+                );
             }
-            let job = Job { input: Input::Kafka(config.kafka.clone()), config, lake, stop: stop_on_ctrl_c()?, print_windows: true, format: Format::Envelope };
+            let job = Job {
+                input: Input::Kafka(config.kafka.clone()),
+                config,
+                lake,
+                stop: stop_on_ctrl_c()?,
+                print_windows: true,
+                format: Format::Envelope,
+            };
             let summary = run(job)?;
             println!("stopped: {summary}");
         }
-        Command::Replay { input, out, config, workers, format } => {
+        Command::Replay {
+            input,
+            out,
+            config,
+            workers,
+            format,
+        } => {
             let mut config = Config::load(config.as_deref())?;
             if let Some(w) = workers {
                 config.pipeline.workers = w;
@@ -180,11 +199,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 InputFormat::Envelope => Format::Envelope,
                 InputFormat::Flat => Format::Flat(Default::default()),
             };
-            let job = Job { input: Input::Ndjson(input), config, lake, stop: Arc::new(AtomicBool::new(false)), print_windows: false, format };
+            let job = Job {
+                input: Input::Ndjson(input),
+                config,
+                lake,
+                stop: Arc::new(AtomicBool::new(false)),
+                print_windows: false,
+                format,
+            };
             let summary = run(job)?;
             println!("{summary}");
         }
-        Command::Schemas { command: SchemasCommand::Lint { dir } } => match sightline_schemas::lint::lint_dir(&dir) {
+        Command::Schemas {
+            command: SchemasCommand::Lint { dir },
+        } => match sightline_schemas::lint::lint_dir(&dir) {
             Ok(files) => println!("{}: {files} schema files, no problems", dir.display()),
             Err(problems) => {
                 for p in &problems {
@@ -193,7 +221,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{} problem(s) in {}", problems.len(), dir.display());
             }
         },
-        Command::PiiScan { target, topic, config } => {
+        Command::PiiScan {
+            target,
+            topic,
+            config,
+        } => {
             let config = Config::load(config.as_deref())?;
             let report = match (target, topic) {
                 (_, Some(topic)) => sightline::pii_scan::scan_topic(&config.kafka, &topic)?,
@@ -205,12 +237,29 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Generate { events, out, seed, rate, late_fraction, bad_fraction, dirty_fraction } => {
-            let sink: Box<dyn Write> =
-                if out == "-" { Box::new(std::io::stdout().lock()) } else { Box::new(std::fs::File::create(&out).with_context(|| format!("creating {out}"))?) };
+        Command::Generate {
+            events,
+            out,
+            seed,
+            rate,
+            late_fraction,
+            bad_fraction,
+            dirty_fraction,
+        } => {
+            let sink: Box<dyn Write> = if out == "-" {
+                Box::new(std::io::stdout().lock())
+            } else {
+                Box::new(std::fs::File::create(&out).with_context(|| format!("creating {out}"))?)
+            };
             let mut sink = BufWriter::with_capacity(1 << 20, sink);
-            let mut generator =
-                Generator::new(GeneratorConfig { seed, events_per_second: rate, late_fraction, bad_fraction, dirty_fraction, ..GeneratorConfig::default() });
+            let mut generator = Generator::new(GeneratorConfig {
+                seed,
+                events_per_second: rate,
+                late_fraction,
+                bad_fraction,
+                dirty_fraction,
+                ..GeneratorConfig::default()
+            });
             let mut line = Vec::with_capacity(2048);
             for _ in 0..events {
                 line.clear();
@@ -220,7 +269,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             sink.flush()?;
         }
-        Command::Demo { seconds, rate, out, config, workers } => {
+        Command::Demo {
+            seconds,
+            rate,
+            out,
+            config,
+            workers,
+        } => {
             let mut config = Config::load_over(demo_config(), config.as_deref())?;
             if let Some(out) = out {
                 config.lake.location = out;
@@ -238,11 +293,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 config.pipeline.allowed_lateness_ms / 1000,
                 config.pipeline.workers,
             );
-            let options =
-                DemoOptions { duration: seconds.map(Duration::from_secs), events_per_second: rate, config, print_windows: true, stop: stop_on_ctrl_c()? };
+            let options = DemoOptions {
+                duration: seconds.map(Duration::from_secs),
+                events_per_second: rate,
+                config,
+                print_windows: true,
+                stop: stop_on_ctrl_c()?,
+            };
             let (summary, produced) = run_demo(options)?;
             println!("stopped after producing {produced} events: {summary}");
-            println!("query it: duckdb -c \"SELECT * FROM read_parquet('{out}/latency/**/*.parquet', hive_partitioning=true) LIMIT 10\"");
+            println!(
+                "query it: duckdb -c \"SELECT * FROM read_parquet('{out}/latency/**/*.parquet', hive_partitioning=true) LIMIT 10\""
+            );
         }
     }
     Ok(())

@@ -10,7 +10,6 @@ use std::fmt;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sightline_schemas::pii::{Finding, Scrubber};
@@ -36,9 +35,21 @@ impl fmt::Display for ScanReport {
         for (at, finding) in self.findings.iter().take(50) {
             // The report is itself output: show the kind and a masked excerpt, not the value.
             let masked: String = finding.text.chars().take(2).chain("***".chars()).collect();
-            writeln!(f, "FOUND {} at {at}: {masked} ({} characters)", finding.kind, finding.text.chars().count())?;
+            writeln!(
+                f,
+                "FOUND {} at {at}: {masked} ({} characters)",
+                finding.kind,
+                finding.text.chars().count()
+            )?;
         }
-        write!(f, "pii-scan {}: {} sources, {} values, {} findings", self.target, self.sources, self.values, self.findings.len())
+        write!(
+            f,
+            "pii-scan {}: {} sources, {} values, {} findings",
+            self.target,
+            self.sources,
+            self.values,
+            self.findings.len()
+        )
     }
 }
 
@@ -46,12 +57,27 @@ impl fmt::Display for ScanReport {
 pub fn scan_lake(location: &str, s3: &S3Options) -> anyhow::Result<ScanReport> {
     let lake = Lake::open_with(location, s3).with_context(|| format!("opening {location}"))?;
     let scrubber = Scrubber::new();
-    let mut report = ScanReport { target: location.to_owned(), ..ScanReport::default() };
-    for path in lake.list("")?.into_iter().filter(|p| p.ends_with(".parquet")) {
+    let mut report = ScanReport {
+        target: location.to_owned(),
+        ..ScanReport::default()
+    };
+    for path in lake
+        .list("")?
+        .into_iter()
+        .filter(|p| p.ends_with(".parquet"))
+    {
         report.sources += 1;
-        for (column, value) in lake.string_cells(&path).with_context(|| format!("reading {path}"))? {
+        for (column, value) in lake
+            .string_cells(&path)
+            .with_context(|| format!("reading {path}"))?
+        {
             report.values += 1;
-            report.findings.extend(scrubber.scan(&value).into_iter().map(|f| (format!("{path}:{column}"), f)));
+            report.findings.extend(
+                scrubber
+                    .scan(&value)
+                    .into_iter()
+                    .map(|f| (format!("{path}:{column}"), f)),
+            );
         }
     }
     Ok(report)
@@ -59,23 +85,32 @@ pub fn scan_lake(location: &str, s3: &S3Options) -> anyhow::Result<ScanReport> {
 
 /// Scans every record of `topic`, from the start of each partition to its current end.
 pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.bootstrap_servers).set("group.id", "sightline-pii-scan").set("enable.auto.commit", "false");
-    for (key, value) in &kafka.options {
-        config.set(key, value);
-    }
-    let consumer: BaseConsumer = config.create().context("creating the scan consumer")?;
+    let consumer: BaseConsumer = kafka
+        .client_config(&[("group.id", "sightline-pii-scan"), ("enable.auto.commit", "false")])
+        .create().context("creating the scan consumer")?;
     let timeout = Duration::from_millis(kafka.metadata_timeout_ms.max(1000));
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).context("fetching topic metadata")?;
-    let partitions: Vec<i32> = metadata.topics().iter().filter(|t| t.name() == topic).flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .context("fetching topic metadata")?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
     if partitions.is_empty() {
         anyhow::bail!("topic {topic} does not exist or has no partitions");
     }
     let scrubber = Scrubber::new();
-    let mut report = ScanReport { target: format!("topic {topic}"), ..ScanReport::default() };
+    let mut report = ScanReport {
+        target: format!("topic {topic}"),
+        ..ScanReport::default()
+    };
     for partition in partitions {
         report.sources += 1;
-        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout).context("fetching partition ends")?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .context("fetching partition ends")?;
         if high <= low {
             continue;
         }
@@ -88,13 +123,17 @@ pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport
             if std::time::Instant::now() > deadline {
                 anyhow::bail!("timed out reading {topic}/{partition} at offset {next} of {high}");
             }
-            let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
             let message = message.context("reading the topic")?;
             next = message.offset() + 1;
             let text = String::from_utf8_lossy(message.payload().unwrap_or_default());
             report.values += 1;
             let at = format!("{topic}/{partition}/{}", message.offset());
-            report.findings.extend(scrubber.scan(&text).into_iter().map(|f| (at.clone(), f)));
+            report
+                .findings
+                .extend(scrubber.scan(&text).into_iter().map(|f| (at.clone(), f)));
         }
     }
     Ok(report)
@@ -111,13 +150,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let location = dir.path().to_str().unwrap();
         let lake = Lake::open(location).unwrap();
-        let row = |name: &str| QualityRow { window_start_ms: 0, window_end_ms: 1000, event_name: name.into(), outcome: "accepted".into(), count: 1 };
-        lake.write_window(0, 1000, &[row("project_viewed"), row("k1.700.0a1b2c3d4e5f60718293a4b5")]).unwrap();
-        assert!(scan_lake(location, &S3Options::default()).unwrap().findings.is_empty());
-        lake.routed("restricted", "restricted", 30).write_window(0, 1000, &[row("mail jane@example.com from 10.0.0.7")]).unwrap();
+        let row = |name: &str| QualityRow {
+            window_start_ms: 0,
+            window_end_ms: 1000,
+            event_name: name.into(),
+            outcome: "accepted".into(),
+            count: 1,
+        };
+        lake.write_window(
+            0,
+            1000,
+            &[
+                row("project_viewed"),
+                row("k1.700.0a1b2c3d4e5f60718293a4b5"),
+            ],
+        )
+        .unwrap();
+        assert!(
+            scan_lake(location, &S3Options::default())
+                .unwrap()
+                .findings
+                .is_empty()
+        );
+        lake.routed("restricted", "restricted", 30)
+            .write_window(0, 1000, &[row("mail jane@example.com from 10.0.0.7")])
+            .unwrap();
         let report = scan_lake(location, &S3Options::default()).unwrap();
         let kinds: Vec<&str> = report.findings.iter().map(|(_, f)| f.kind).collect();
         assert_eq!(kinds, ["email", "ip"], "{report}");
-        assert!(report.findings[0].0.starts_with("restricted/quality/"), "{report}");
+        assert!(
+            report.findings[0].0.starts_with("restricted/quality/"),
+            "{report}"
+        );
     }
 }

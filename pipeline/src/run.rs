@@ -10,11 +10,12 @@ use sightline_operators::Time;
 use sightline_schemas::pii::KeyRing;
 use sightline_schemas::{Decoder, Format};
 use sightline_sinks::Lake;
+use sightline_sinks::kafka::TopicSink;
 use tracing::{info, warn};
 
 use crate::config::{Config, KafkaConfig};
-use crate::dataflow::{DataflowParts, build, windows_of};
-use crate::dead_letters::DeadLetterTopic;
+use crate::dataflow::{Route, build, windows_of};
+use crate::emit::Outputs;
 use crate::report::{Progress, window_line};
 use crate::source::kafka::KafkaReader;
 use crate::source::ndjson::NdjsonReader;
@@ -22,7 +23,8 @@ use crate::source::{Decoders, IngestSettings, IngestStats, RecordReader};
 
 /// Makes worker `index` of `peers` its reader (for inputs the CLI does not know: benchmarks,
 /// tests).
-pub type ReaderFactory = Arc<dyn Fn(usize, usize) -> anyhow::Result<Box<dyn RecordReader>> + Send + Sync>;
+pub type ReaderFactory =
+    Arc<dyn Fn(usize, usize) -> anyhow::Result<Box<dyn RecordReader>> + Send + Sync>;
 
 /// Where a run reads from.
 #[derive(Clone)]
@@ -88,7 +90,14 @@ impl std::fmt::Display for Summary {
         write!(
             f,
             "read {} · accepted {} · rejected {} · late {} · windows {} · files written {} ({} rows, {} bytes)",
-            self.read, self.accepted, self.rejected, self.late, self.windows, self.files, self.rows, self.bytes
+            self.read,
+            self.accepted,
+            self.rejected,
+            self.late,
+            self.windows,
+            self.files,
+            self.rows,
+            self.bytes
         )
     }
 }
@@ -97,7 +106,13 @@ fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn
     let max = job.config.pipeline.max_event_bytes;
     Ok(match &job.input {
         Input::Ndjson(path) => Box::new(NdjsonReader::open(path, worker, peers, max)?),
-        Input::Kafka(kafka) => Box::new(KafkaReader::connect(kafka, worker, peers, windows_of(&job.config.pipeline), max)?),
+        Input::Kafka(kafka) => Box::new(KafkaReader::connect(
+            kafka,
+            worker,
+            peers,
+            windows_of(&job.config.pipeline),
+            max,
+        )?),
         Input::Custom(factory) => factory(worker, peers)?,
     })
 }
@@ -109,7 +124,10 @@ fn decoders_for(job: &Job, keys: &Arc<KeyRing>) -> Decoders {
     let mut decoders = Decoders::new(base.clone().with_format(job.format.clone()));
     if let Input::Kafka(kafka) = &job.input {
         for topic in &kafka.topics {
-            decoders = decoders.with_topic(&topic.name, base.clone().with_format(topic.decoder_format()));
+            decoders = decoders.with_topic(
+                &topic.name,
+                base.clone().with_format(topic.decoder_format()),
+            );
         }
     }
     decoders
@@ -142,14 +160,20 @@ struct CloseDelays {
 
 impl CloseDelays {
     fn new(width_ms: u64) -> CloseDelays {
-        CloseDelays { width_ms: width_ms.max(1), next_end: None, passed: Default::default() }
+        CloseDelays {
+            width_ms: width_ms.max(1),
+            next_end: None,
+            passed: Default::default(),
+        }
     }
 
     fn observe(&mut self, watermark: u64, durable: u64, stats: &IngestStats) {
         let now = Instant::now();
         // The end of input is not a watermark: nothing is timed past it.
         if watermark != u64::MAX && watermark > 0 {
-            let next = self.next_end.get_or_insert(watermark - watermark % self.width_ms + self.width_ms);
+            let next = self
+                .next_end
+                .get_or_insert(watermark - watermark % self.width_ms + self.width_ms);
             // A jump over many windows (idle partitions reaching the wall clock) times only the
             // last of them, so that the bookkeeping stays small.
             if watermark.saturating_sub(*next) / self.width_ms > 1_000 {
@@ -166,7 +190,9 @@ impl CloseDelays {
             }
             self.passed.pop_front();
             stats.closed_windows.fetch_add(1, Ordering::Relaxed);
-            stats.max_close_delay_ms.fetch_max(now.duration_since(at).as_millis() as u64, Ordering::Relaxed);
+            stats
+                .max_close_delay_ms
+                .fetch_max(now.duration_since(at).as_millis() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -182,66 +208,109 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
     let keys = match job.config.privacy.key_ring()? {
         Some(ring) => Arc::new(ring),
         None => {
-            warn!("no pseudonymization key configured (privacy.key or privacy.key-file): using a random key for this run");
+            warn!(
+                "no pseudonymization key configured (privacy.key or privacy.key-file): using a random key for this run"
+            );
             Arc::new(KeyRing::ephemeral(job.config.privacy.rotation_days)?)
         }
     };
     let (reports_tx, reports_rx) = mpsc::channel();
-    let frontiers: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
-    let watermarks: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
+    let frontiers: Arc<Vec<AtomicU64>> =
+        Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
+    let watermarks: Arc<Vec<AtomicU64>> =
+        Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
     let finished = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
 
     let guards = {
-        let (job, stats, frontiers, watermarks, finished, keys) =
-            (job.clone(), Arc::clone(&stats), Arc::clone(&frontiers), Arc::clone(&watermarks), Arc::clone(&finished), Arc::clone(&keys));
+        let (job, stats, frontiers, watermarks, finished, keys) = (
+            job.clone(),
+            Arc::clone(&stats),
+            Arc::clone(&frontiers),
+            Arc::clone(&watermarks),
+            Arc::clone(&finished),
+            Arc::clone(&keys),
+        );
         let reports_tx = std::sync::Mutex::new(reports_tx);
-        timely::execute(timely::Config::process(workers), move |worker| -> anyhow::Result<()> {
-            let mut exit = WorkerExit { finished: &finished, stop: &job.stop, failed: false };
-            let result = (|| {
-                let (index, peers) = (worker.index(), worker.peers());
-                let reader = open_reader(&job, index, peers)?;
-                let p = &job.config.pipeline;
-                let settings = IngestSettings {
-                    tick_ms: p.tick_ms,
-                    lateness_ms: p.allowed_lateness_ms,
-                    idle_timeout: Duration::from_millis(p.idle_timeout_ms),
-                    batch_size: p.batch_size,
-                    windows: windows_of(p),
-                    decoders: decoders_for(&job, &keys),
-                    max_future_skew_ms: p.max_future_skew_ms,
+        timely::execute(
+            timely::Config::process(workers),
+            move |worker| -> anyhow::Result<()> {
+                let mut exit = WorkerExit {
+                    finished: &finished,
+                    stop: &job.stop,
+                    failed: false,
                 };
-                let reports = reports_tx.lock().map_err(|_| anyhow::anyhow!("report channel poisoned"))?.clone();
-                let dead_letter_topic = match &job.input {
-                    Input::Kafka(kafka) => kafka.dead_letter_topic.as_deref().map(|topic| DeadLetterTopic::connect(kafka, topic)).transpose()?,
-                    _ => None,
-                };
-                let l = &job.config.lake;
-                let restricted_lake = job.lake.routed("restricted", &l.restricted_prefix, l.restricted_retention_days);
-                let parts = DataflowParts { reader, settings, lake: job.lake.clone(), restricted_lake, dead_letter_topic, reports, stats: Arc::clone(&stats) };
-                let (probe, watermark) = worker.dataflow::<Time, _, _>(|scope| build(scope, parts));
-                loop {
-                    let durable = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
-                    frontiers[index].store(durable, Ordering::Release);
-                    watermarks[index].store(watermark.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX)), Ordering::Release);
-                    if job.stop.load(Ordering::Relaxed) || !worker.step_or_park(Some(Duration::from_millis(20))) {
-                        break;
+                let result = (|| {
+                    let (index, peers) = (worker.index(), worker.peers());
+                    let reader = open_reader(&job, index, peers)?;
+                    let p = &job.config.pipeline;
+                    let settings = IngestSettings {
+                        tick_ms: p.tick_ms,
+                        lateness_ms: p.allowed_lateness_ms,
+                        idle_timeout: Duration::from_millis(p.idle_timeout_ms),
+                        batch_size: p.batch_size,
+                        windows: windows_of(p),
+                        decoders: decoders_for(&job, &keys),
+                        max_future_skew_ms: p.max_future_skew_ms,
+                    };
+                    let reports = reports_tx
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("report channel poisoned"))?
+                        .clone();
+                    let dead_letter_topic = match &job.input {
+                        Input::Kafka(kafka) => kafka
+                            .dead_letter_topic
+                            .as_deref()
+                            .map(|topic| TopicSink::connect(&kafka.client_config(&[]), topic))
+                            .transpose()
+                            .context("creating the dead-letter producer")?,
+                        _ => None,
+                    };
+                    let l = &job.config.lake;
+                    let outputs = Outputs {
+                        lake: job.lake.clone(),
+                        restricted_lake: job.lake.routed(
+                            Route::Restricted.as_str(),
+                            &l.restricted_prefix,
+                            l.restricted_retention_days,
+                        ),
+                        dead_letter_topic,
+                        retry: job.config.delivery.retry_policy(),
+                        reports,
+                    };
+                    let stats = Arc::clone(&stats);
+                    let (probe, watermark) = worker.dataflow::<Time, _, _>(|scope| {
+                        build(scope, reader, settings, stats, outputs)
+                    });
+                    loop {
+                        let durable =
+                            probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
+                        frontiers[index].store(durable, Ordering::Release);
+                        watermarks[index].store(
+                            watermark.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX)),
+                            Ordering::Release,
+                        );
+                        if job.stop.load(Ordering::Relaxed)
+                            || !worker.step_or_park(Some(Duration::from_millis(20)))
+                        {
+                            break;
+                        }
                     }
-                }
-                if job.stop.load(Ordering::Relaxed) {
-                    // Open windows are not final: drop the dataflow without closing them. Their
-                    // records' offsets were never committed, so a restart reads them again.
-                    for id in worker.installed_dataflows() {
-                        worker.drop_dataflow(id);
+                    if job.stop.load(Ordering::Relaxed) {
+                        // Open windows are not final: drop the dataflow without closing them. Their
+                        // records' offsets were never committed, so a restart reads them again.
+                        for id in worker.installed_dataflows() {
+                            worker.drop_dataflow(id);
+                        }
+                    } else {
+                        frontiers[index].store(u64::MAX, Ordering::Release);
                     }
-                } else {
-                    frontiers[index].store(u64::MAX, Ordering::Release);
-                }
-                Ok(())
-            })();
-            exit.failed = result.is_err();
-            result
-        })
+                    Ok(())
+                })();
+                exit.failed = result.is_err();
+                result
+            },
+        )
         .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
     };
 
@@ -251,8 +320,16 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         std::thread::sleep(Duration::from_millis(50));
         // Frontiers first, then reports: every report of a window behind this frontier was
         // sent before the frontier passed it, so it is in the channel by now.
-        let durable = frontiers.iter().map(|f| f.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
-        let watermark = watermarks.iter().map(|f| f.load(Ordering::Acquire)).min().unwrap_or(u64::MAX);
+        let durable = frontiers
+            .iter()
+            .map(|f| f.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX);
+        let watermark = watermarks
+            .iter()
+            .map(|f| f.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX);
         delays.observe(watermark, durable, &stats);
         while let Ok(report) = reports_rx.try_recv() {
             progress.add(report);
@@ -285,11 +362,21 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         }
     }
     if let Some(first) = errors.first() {
-        return Err(anyhow::anyhow!("{first}")).context(format!("{} of {workers} workers failed", errors.len()));
+        return Err(anyhow::anyhow!("{first}"))
+            .context(format!("{} of {workers} workers failed", errors.len()));
     }
     let (read, accepted, rejected, late) = stats.snapshot();
     let t = &progress.totals;
-    let summary = Summary { read, accepted, rejected, late, windows: progress.windows, files: t.files, rows: t.rows, bytes: t.bytes };
+    let summary = Summary {
+        read,
+        accepted,
+        rejected,
+        late,
+        windows: progress.windows,
+        files: t.files,
+        rows: t.rows,
+        bytes: t.bytes,
+    };
     info!(elapsed_ms = started.elapsed().as_millis() as u64, %summary, "run finished");
     Ok(summary)
 }

@@ -27,18 +27,49 @@ fn parquet_files(dir: &std::path::Path) -> Vec<String> {
 fn generate_then_replay_a_file_and_stdin() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("e.ndjson");
-    let status = sightline().args(["generate", "--events", "3000", "--out"]).arg(&input).args(["--seed", "9"]).status().expect("generate");
+    let status = sightline()
+        .args(["generate", "--events", "3000", "--out"])
+        .arg(&input)
+        .args(["--seed", "9"])
+        .status()
+        .expect("generate");
     assert!(status.success());
-    assert_eq!(std::fs::read(&input).expect("input").iter().filter(|&&b| b == b'\n').count(), 3000);
+    assert_eq!(
+        std::fs::read(&input)
+            .expect("input")
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count(),
+        3000
+    );
 
     let out = dir.path().join("lake");
-    let output = sightline().args(["replay", "--input"]).arg(&input).arg("--out").arg(&out).output().expect("replay");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = sightline()
+        .args(["replay", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("replay");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let summary = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(summary.starts_with("read 3000 · accepted "), "{summary}");
     let files = parquet_files(&out);
-    for table in ["event_counts", "latency", "latency_by_variant", "quality", "dead_letter"] {
-        assert!(files.iter().any(|f| f.starts_with(&format!("{table}/dt="))), "no {table} file in {files:?}");
+    for table in [
+        "event_counts",
+        "latency",
+        "latency_by_variant",
+        "quality",
+        "dead_letter",
+    ] {
+        assert!(
+            files.iter().any(|f| f.starts_with(&format!("{table}/dt="))),
+            "no {table} file in {files:?}"
+        );
     }
 
     // The same input through standard input gives the same summary.
@@ -53,31 +84,66 @@ fn generate_then_replay_a_file_and_stdin() {
     assert!(output.status.success());
     // Only the file sizes differ: dead letters name their origin (`stdin` instead of the path).
     let without_bytes = |s: &str| s.split(" rows, ").next().unwrap_or_default().to_string();
-    assert_eq!(without_bytes(&String::from_utf8_lossy(&output.stdout)), without_bytes(&summary));
+    assert_eq!(
+        without_bytes(&String::from_utf8_lossy(&output.stdout)),
+        without_bytes(&summary)
+    );
 }
 
 #[test]
 fn errors_are_clear_and_exit_non_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let output = sightline().args(["replay", "--input", "/no/such/file.ndjson", "--out"]).arg(dir.path()).output().expect("replay");
+    let output = sightline()
+        .args(["replay", "--input", "/no/such/file.ndjson", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("replay");
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/no/such/file.ndjson"));
 
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[pipeline]\nwindow-ms = 1500\n").expect("config");
-    let output = sightline().args(["replay", "--input", "-", "--out"]).arg(dir.path()).arg("--config").arg(&config).output().expect("replay");
+    let output = sightline()
+        .args(["replay", "--input", "-", "--out"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("replay");
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("window-ms"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("window-ms"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
 fn demo_runs_on_the_embedded_default_and_stops_by_itself() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("sightline-data");
-    let output = sightline().args(["demo", "--seconds", "16", "--rate", "1500", "--out"]).arg(&out).output().expect("demo");
+    let output = sightline()
+        .args(["demo", "--seconds", "16", "--rate", "1500", "--out"])
+        .arg(&out)
+        .output()
+        .expect("demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.lines().any(|l| l.starts_with("window ") && l.contains(" closed: in ")), "no closed window in:\n{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("window ") && l.contains(" closed: in ")),
+        "no closed window in:\n{stdout}"
+    );
     assert!(stdout.contains("stopped after producing"), "{stdout}");
-    assert!(parquet_files(&out).iter().any(|f| f.starts_with("latency/dt=")), "no latency files");
+    assert!(
+        parquet_files(&out)
+            .iter()
+            .any(|f| f.starts_with("latency/dt=")),
+        "no latency files"
+    );
 }

@@ -18,9 +18,23 @@ mod tests {
     #[test]
     fn catalog_has_both_seed_taxonomies_without_duplicates() {
         let names: Vec<EventName> = EventName::all().collect();
-        assert_eq!(names.iter().filter(|n| n.spec().origin == PLATFORM).count(), 5);
-        assert_eq!(names.iter().filter(|n| n.spec().origin == COMMAND_CENTER).count(), 16);
-        assert_eq!(EventName::from_name("signal_processed").and_then(|n| n.spec().latency()).map(|l| l.field.as_str()), Some("processing_duration_ms"));
+        assert_eq!(
+            names.iter().filter(|n| n.spec().origin == PLATFORM).count(),
+            5
+        );
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.spec().origin == COMMAND_CENTER)
+                .count(),
+            16
+        );
+        assert_eq!(
+            EventName::from_name("signal_processed")
+                .and_then(|n| n.spec().latency())
+                .map(|l| l.field.as_str()),
+            Some("processing_duration_ms")
+        );
         assert!(EventName::from_name("no_such_event").is_none());
     }
 }

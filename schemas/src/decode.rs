@@ -22,7 +22,9 @@ use crate::pii::{KeyRing, Privacy};
 use crate::registry::{EventSchema, PiiAction, Registry, Version};
 use crate::validate::Checked;
 use crate::wire::{self, Mode, Properties, WireEnvelope};
-use crate::{DataSensitivity, Event, EventName, FailureKind, PiiClassification, PrivacyCounts, Violation};
+use crate::{
+    DataSensitivity, Event, EventName, FailureKind, PiiClassification, PrivacyCounts, Violation,
+};
 
 /// Default upper bound on the size of one record: 1 MiB.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
@@ -50,18 +52,39 @@ pub struct DecodeError {
 impl DecodeError {
     /// A failure of `kind`, explained by `reason`.
     pub fn new(kind: FailureKind, reason: impl Into<String>) -> DecodeError {
-        DecodeError { kind, reason: reason.into(), event_name: None, event_time_ms: None, schema_version: None, violations: Vec::new(), restricted: false }
+        DecodeError {
+            kind,
+            reason: reason.into(),
+            event_name: None,
+            event_time_ms: None,
+            schema_version: None,
+            violations: Vec::new(),
+            restricted: false,
+        }
     }
 
     /// A failure explained by schema violations (the first one gives the kind and reason).
     pub fn from_violations(violations: Vec<Violation>) -> DecodeError {
-        let (kind, reason) = violations.first().map_or((FailureKind::InvalidValue, String::from("invalid record")), |v| (v.kind(), v.message.clone()));
-        DecodeError { violations, ..DecodeError::new(kind, reason) }
+        let (kind, reason) = violations.first().map_or(
+            (FailureKind::InvalidValue, String::from("invalid record")),
+            |v| (v.kind(), v.message.clone()),
+        );
+        DecodeError {
+            violations,
+            ..DecodeError::new(kind, reason)
+        }
     }
 
     fn at(kind: FailureKind, pointer: &str, keyword: &str, message: String) -> DecodeError {
-        let violation = Violation { pointer: pointer.to_owned(), keyword: keyword.to_owned(), message: message.clone() };
-        DecodeError { violations: vec![violation], ..DecodeError::new(kind, message) }
+        let violation = Violation {
+            pointer: pointer.to_owned(),
+            keyword: keyword.to_owned(),
+            message: message.clone(),
+        };
+        DecodeError {
+            violations: vec![violation],
+            ..DecodeError::new(kind, message)
+        }
     }
 
     /// The same failure, naming the event it happened to.
@@ -181,7 +204,7 @@ impl WireEnvelope<'_> {
     }
 
     fn restricted(&self) -> bool {
-        self.data_sensitivity == DataSensitivity::Restricted || self.pii_classification == PiiClassification::High
+        crate::is_restricted(self.data_sensitivity, self.pii_classification)
     }
 }
 
@@ -214,7 +237,13 @@ impl Decoder {
     /// The failure of a record of `size` bytes that is over the limit (also used by readers
     /// that measure a record without holding it).
     pub fn oversize(&self, size: u64) -> DecodeError {
-        DecodeError::new(FailureKind::Oversize, format!("record is {size} bytes, the limit is {}", self.max_event_bytes))
+        DecodeError::new(
+            FailureKind::Oversize,
+            format!(
+                "record is {size} bytes, the limit is {}",
+                self.max_event_bytes
+            ),
+        )
     }
 
     /// What a dead-letter record keeps of `bytes`: the redacted payload, or nothing for a
@@ -225,9 +254,14 @@ impl Decoder {
             return None;
         }
         if let Format::Flat(defaults) = &self.format
-            && let Ok(envelope) = std::str::from_utf8(bytes).map_err(drop).and_then(|t| flat_to_envelope(self.registry, t, defaults).map_err(drop))
+            && let Ok(envelope) = std::str::from_utf8(bytes)
+                .map_err(drop)
+                .and_then(|t| flat_to_envelope(self.registry, t, defaults).map_err(drop))
         {
-            return Some(self.privacy.redact_payload(envelope.as_bytes(), event_time_ms));
+            return Some(
+                self.privacy
+                    .redact_payload(envelope.as_bytes(), event_time_ms),
+            );
         }
         Some(self.privacy.redact_payload(bytes, event_time_ms))
     }
@@ -258,7 +292,13 @@ impl Decoder {
             v.pointer = v
                 .pointer
                 .split('/')
-                .map(|segment| if segment.is_empty() || scrubber.safe_key(segment) { segment } else { "[redacted]" })
+                .map(|segment| {
+                    if segment.is_empty() || scrubber.safe_key(segment) {
+                        segment
+                    } else {
+                        "[redacted]"
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join("/");
         }
@@ -279,7 +319,15 @@ impl Decoder {
         if !trimmed.starts_with('{') {
             // Serde would read an array as a struct's fields in order; an event is an object.
             return Err(match serde_json::from_str::<Value>(text) {
-                Ok(value) => DecodeError::at(FailureKind::WrongType, "", "type", format!("an event must be a JSON object, found {}", json_kind(&value))),
+                Ok(value) => DecodeError::at(
+                    FailureKind::WrongType,
+                    "",
+                    "type",
+                    format!(
+                        "an event must be a JSON object, found {}",
+                        json_kind(&value)
+                    ),
+                ),
                 Err(e) => DecodeError::from_json(&e),
             });
         }
@@ -297,7 +345,9 @@ impl Decoder {
     /// benchmarks' parse-only baseline.
     pub fn parse_only(&self, bytes: &[u8]) -> Result<(), DecodeError> {
         let text = utf8(bytes)?;
-        wire::read(text, Mode::Raw).map(drop).map_err(|e| DecodeError::from_json(&e))
+        wire::read(text, Mode::Raw)
+            .map(drop)
+            .map_err(|e| DecodeError::from_json(&e))
     }
 
     fn decode_envelope(&mut self, text: &str) -> Result<Event, DecodeError> {
@@ -336,16 +386,38 @@ impl Decoder {
                 FailureKind::InvalidValue => "enum",
                 _ => "type",
             };
-            let violation = Violation { pointer: String::new(), keyword: keyword.to_owned(), message: fallback.reason.clone() };
-            DecodeError { violations: vec![violation], ..fallback }
+            let violation = Violation {
+                pointer: String::new(),
+                keyword: keyword.to_owned(),
+                message: fallback.reason.clone(),
+            };
+            DecodeError {
+                violations: vec![violation],
+                ..fallback
+            }
         } else {
             DecodeError::from_violations(violations)
         };
-        error.event_name = value.get("event_name").and_then(Value::as_str).map(str::to_owned);
-        error.event_time_ms = value.get("timestamp").and_then(Value::as_str).and_then(crate::parse_rfc3339_ms);
-        error.schema_version = value.get("schema_version").and_then(Value::as_str).map(str::to_owned);
-        error.restricted = value.get("data_sensitivity").and_then(Value::as_str) == Some("restricted")
-            || value.get("pii_classification").and_then(Value::as_str) == Some("high");
+        error.event_name = value
+            .get("event_name")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        error.event_time_ms = value
+            .get("timestamp")
+            .and_then(Value::as_str)
+            .and_then(crate::parse_rfc3339_ms);
+        error.schema_version = value
+            .get("schema_version")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let declared = |field: &str| value.get(field).map(Value::clone);
+        let sensitivity = declared("data_sensitivity")
+            .and_then(|v| DataSensitivity::deserialize(v).ok())
+            .unwrap_or(DataSensitivity::Public);
+        let classification = declared("pii_classification")
+            .and_then(|v| PiiClassification::deserialize(v).ok())
+            .unwrap_or(PiiClassification::None);
+        error.restricted = crate::is_restricted(sensitivity, classification);
         error
     }
 
@@ -379,12 +451,21 @@ impl Decoder {
             })?),
         };
         let Some(schema) = spec.schema(version) else {
-            let known: Vec<String> = spec.versions.iter().map(|s| s.version.to_string()).collect();
+            let known: Vec<String> = spec
+                .versions
+                .iter()
+                .map(|s| s.version.to_string())
+                .collect();
             return Err(context(DecodeError::at(
                 FailureKind::UnknownSchemaVersion,
                 "/schema_version",
                 "x-sightline.version",
-                format!("{} has no schema version {}; known: {}", spec.name, wire.schema_version.as_deref().unwrap_or_default(), known.join(", ")),
+                format!(
+                    "{} has no schema version {}; known: {}",
+                    spec.name,
+                    wire.schema_version.as_deref().unwrap_or_default(),
+                    known.join(", ")
+                ),
             )));
         };
         if wire.event_type != spec.event_type {
@@ -392,15 +473,24 @@ impl Decoder {
                 FailureKind::InvalidValue,
                 "/event_type",
                 "const",
-                format!("event_type `{}` does not match `{}` for {}", wire.event_type.as_str(), spec.event_type.as_str(), spec.name),
+                format!(
+                    "event_type `{}` does not match `{}` for {}",
+                    wire.event_type.as_str(),
+                    spec.event_type.as_str(),
+                    spec.name
+                ),
             )));
         }
-        let Some(event_time_ms) = crate::parse_rfc3339_ms(&wire.timestamp).filter(|t| *t >= 0) else {
+        let Some(event_time_ms) = crate::parse_rfc3339_ms(&wire.timestamp).filter(|t| *t >= 0)
+        else {
             return Err(context(DecodeError::at(
                 FailureKind::InvalidValue,
                 "/timestamp",
                 "format",
-                format!("timestamp `{}` is not an RFC 3339 UTC time after 1970", wire.timestamp),
+                format!(
+                    "timestamp `{}` is not an RFC 3339 UTC time after 1970",
+                    wire.timestamp
+                ),
             )));
         };
         for (field, value) in [
@@ -411,7 +501,12 @@ impl Decoder {
             ("feature_area", &wire.feature_area),
         ] {
             if value.is_empty() {
-                return Err(context(DecodeError::at(FailureKind::InvalidValue, &format!("/{field}"), "minLength", format!("{field} is empty"))));
+                return Err(context(DecodeError::at(
+                    FailureKind::InvalidValue,
+                    &format!("/{field}"),
+                    "minLength",
+                    format!("{field} is empty"),
+                )));
             }
         }
         for (field, expected) in &schema.envelope {
@@ -420,7 +515,11 @@ impl Decoder {
                     FailureKind::InvalidValue,
                     &format!("/{field}"),
                     "const",
-                    format!("{} requires {field} = `{expected}`, found {:?}", spec.name, wire.text(field).unwrap_or("nothing")),
+                    format!(
+                        "{} requires {field} = `{expected}`, found {:?}",
+                        spec.name,
+                        wire.text(field).unwrap_or("nothing")
+                    ),
                 )));
             }
         }
@@ -433,24 +532,36 @@ impl Decoder {
             return Err(context(DecodeError::from_violations(checked.violations)));
         }
         let latency_us = match (checked.latency, &schema.latency) {
-            (Some(v), Some(l)) if v.is_finite() && v >= 0.0 => Some((v * l.scale_ms * 1000.0).round() as u64),
+            (Some(v), Some(l)) if v.is_finite() && v >= 0.0 => {
+                Some((v * l.scale_ms * 1000.0).round() as u64)
+            }
             _ => None,
         };
 
         // Privacy: identifiers become pseudonyms, free text is scrubbed, geo needs consent.
         let count = |n: u32| u16::try_from(n).unwrap_or(u16::MAX);
-        let mut privacy =
-            PrivacyCounts { pseudonymized: count(checked.pseudonymized).saturating_add(3), scrubbed: count(checked.scrubbed), dropped: count(checked.dropped) };
+        let mut privacy = PrivacyCounts {
+            pseudonymized: count(checked.pseudonymized).saturating_add(3),
+            scrubbed: count(checked.scrubbed),
+            dropped: count(checked.dropped),
+        };
         if wire.geo_consent != Some(true) {
-            privacy.dropped = privacy.dropped.saturating_add(u16::from(wire.country) + u16::from(wire.region));
+            privacy.dropped = privacy
+                .dropped
+                .saturating_add(u16::from(wire.country) + u16::from(wire.region));
         }
         let experiment_assignments = match wire.experiment_assignments {
             None => Assignments::default(),
             Some(raw) => {
                 let Some((pairs, scrubbed)) = self.assignments(raw.get()) else {
                     // Not an object of strings: the slow path says where.
-                    let err = serde_json::from_str::<BTreeMap<Cow<'_, str>, Cow<'_, str>>>(raw.get()).err();
-                    return Err(err.map_or_else(|| DecodeError::new(FailureKind::WrongType, "experiment_assignments"), |e| self.explain(text, &e)));
+                    let err =
+                        serde_json::from_str::<BTreeMap<Cow<'_, str>, Cow<'_, str>>>(raw.get())
+                            .err();
+                    return Err(err.map_or_else(
+                        || DecodeError::new(FailureKind::WrongType, "experiment_assignments"),
+                        |e| self.explain(text, &e),
+                    ));
                 };
                 privacy.scrubbed = privacy.scrubbed.saturating_add(scrubbed);
                 pairs
@@ -470,7 +581,9 @@ impl Decoder {
         let workflow_name = wire.workflow_name.as_deref().map(&mut label);
         let surface = wire.surface.as_deref().map(&mut label);
         let feature_area = label(&wire.feature_area);
-        let app_version = self.versions.get_or_derive(&wire.app_version, |v| Label::from(v));
+        let app_version = self
+            .versions
+            .get_or_derive(&wire.app_version, |v| Label::from(v));
         Ok(Event {
             event_time_ms,
             event_name,
@@ -496,9 +609,16 @@ impl Decoder {
     /// What validating the record's `properties` against `schema` found. The envelope reader
     /// has usually done it on its pass; a record whose `schema_version` came after its
     /// `properties` and chose another schema than the one assumed is read again.
-    fn properties(&self, text: &str, properties: Properties<'_>, schema: &'static EventSchema) -> Result<Checked, serde_json::Error> {
+    fn properties(
+        &self,
+        text: &str,
+        properties: Properties<'_>,
+        schema: &'static EventSchema,
+    ) -> Result<Checked, serde_json::Error> {
         let raw = match properties {
-            Properties::Checked(checked, assumed) if std::ptr::eq(assumed, schema) => return Ok(checked),
+            Properties::Checked(checked, assumed) if std::ptr::eq(assumed, schema) => {
+                return Ok(checked);
+            }
             Properties::Checked(..) => match wire::read(text, Mode::Raw)?.properties {
                 Properties::Raw(raw) => raw.get(),
                 _ => "{}",
@@ -507,7 +627,12 @@ impl Decoder {
             Properties::Absent => "{}",
         };
         let latency_field = schema.latency.as_ref().map(|l| l.field.as_str());
-        crate::validate::check_properties(raw, &schema.properties, latency_field, &self.privacy.scrubber)
+        crate::validate::check_properties(
+            raw,
+            &schema.properties,
+            latency_field,
+            &self.privacy.scrubber,
+        )
     }
 
     /// The experiment assignments of `raw` (a JSON object of strings), sorted by experiment
@@ -530,7 +655,11 @@ impl Decoder {
 }
 
 /// `text` scrubbed, as a shared label, and whether scrubbing changed it; memoized in `labels`.
-fn scrub_label(labels: &mut Memo<(Label, bool)>, scrubber: &crate::pii::Scrubber, text: &str) -> (Label, bool) {
+fn scrub_label(
+    labels: &mut Memo<(Label, bool)>,
+    scrubber: &crate::pii::Scrubber,
+    text: &str,
+) -> (Label, bool) {
     labels.get_or_derive(text, |text| match scrubber.scrub(text) {
         Cow::Borrowed(same) => (Label::from(same), false),
         Cow::Owned(clean) => (Label::from(clean), true),
@@ -550,18 +679,35 @@ pub const ENVELOPE_PRIVACY: &[(&str, PiiAction)] = &[
 ];
 
 /// Rewrites a flat record into the canonical envelope.
-fn flat_to_envelope(registry: &Registry, text: &str, defaults: &FlatDefaults) -> Result<String, DecodeError> {
+fn flat_to_envelope(
+    registry: &Registry,
+    text: &str,
+    defaults: &FlatDefaults,
+) -> Result<String, DecodeError> {
     let value: Value = serde_json::from_str(text).map_err(|e| DecodeError::from_json(&e))?;
     let Value::Object(mut record) = value else {
-        return Err(DecodeError::at(FailureKind::WrongType, "", "type", "an event must be a JSON object".into()));
+        return Err(DecodeError::at(
+            FailureKind::WrongType,
+            "",
+            "type",
+            "an event must be a JSON object".into(),
+        ));
     };
     let mut take_string = |field: &str, required: bool| match record.remove(field) {
         Some(Value::String(s)) => Ok(Some(s)),
         None if !required => Ok(None),
-        None => Err(DecodeError::at(FailureKind::MissingField, &format!("/{field}"), "required", format!("flat record has no `{field}`"))),
-        Some(other) => {
-            Err(DecodeError::at(FailureKind::WrongType, &format!("/{field}"), "type", format!("`{field}` must be a string, found {}", json_kind(&other))))
-        }
+        None => Err(DecodeError::at(
+            FailureKind::MissingField,
+            &format!("/{field}"),
+            "required",
+            format!("flat record has no `{field}`"),
+        )),
+        Some(other) => Err(DecodeError::at(
+            FailureKind::WrongType,
+            &format!("/{field}"),
+            "type",
+            format!("`{field}` must be a string, found {}", json_kind(&other)),
+        )),
     };
     let name = take_string("event", true)?.unwrap_or_default();
     let timestamp = take_string("timestamp", true)?.unwrap_or_default();
@@ -569,13 +715,20 @@ fn flat_to_envelope(registry: &Registry, text: &str, defaults: &FlatDefaults) ->
     let schema_version = take_string("schema_version", false)?;
     let event_id = take_string("event_id", false)?.unwrap_or_else(|| {
         let digest = blake3::hash(text.as_bytes());
-        digest.as_bytes()[..16].iter().fold(String::from("flat-"), |mut s, b| {
-            s.push_str(&format!("{b:02x}"));
-            s
-        })
+        digest.as_bytes()[..16]
+            .iter()
+            .fold(String::from("flat-"), |mut s, b| {
+                s.push_str(&format!("{b:02x}"));
+                s
+            })
     });
     let Some((_, spec)) = registry.event(&name) else {
-        let mut err = DecodeError::at(FailureKind::UnknownEvent, "/event", "enum", format!("event `{name}` is not in the registry"));
+        let mut err = DecodeError::at(
+            FailureKind::UnknownEvent,
+            "/event",
+            "enum",
+            format!("event `{name}` is not in the registry"),
+        );
         err.event_name = Some(name);
         return Err(err);
     };
@@ -603,7 +756,12 @@ fn flat_to_envelope(registry: &Registry, text: &str, defaults: &FlatDefaults) ->
 }
 
 fn utf8(bytes: &[u8]) -> Result<&str, DecodeError> {
-    std::str::from_utf8(bytes).map_err(|e| DecodeError::new(FailureKind::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))
+    std::str::from_utf8(bytes).map_err(|e| {
+        DecodeError::new(
+            FailureKind::InvalidUtf8,
+            format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+        )
+    })
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -663,16 +821,37 @@ mod tests {
     }
 
     fn join(fields: &[(String, String)]) -> String {
-        let body: Vec<String> = fields.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        let body: Vec<String> = fields
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| format!("\"{k}\":{v}"))
+            .collect();
         format!("{{{}}}", body.join(","))
     }
 
     /// A failure's kind, violations (pointer, keyword), event name, event time and route.
-    type Failure = (FailureKind, Vec<(String, String)>, Option<String>, Option<i64>, bool);
+    type Failure = (
+        FailureKind,
+        Vec<(String, String)>,
+        Option<String>,
+        Option<i64>,
+        bool,
+    );
 
     /// What a decode says, without the byte positions in serde's messages.
     fn outcome(result: Result<Event, DecodeError>) -> Result<Event, Failure> {
-        result.map_err(|e| (e.kind, e.violations.into_iter().map(|v| (v.pointer, v.keyword)).collect(), e.event_name, e.event_time_ms, e.restricted))
+        result.map_err(|e| {
+            (
+                e.kind,
+                e.violations
+                    .into_iter()
+                    .map(|v| (v.pointer, v.keyword))
+                    .collect(),
+                e.event_name,
+                e.event_time_ms,
+                e.restricted,
+            )
+        })
     }
 
     /// Records whose `properties` the envelope reader validates on its pass or afterwards,
@@ -683,12 +862,20 @@ mod tests {
             let props = format!(
                 r#"{{"score":4,"sentiment":"positive","tags":["docs"],"comment_present":true,"correlation_id":"c","blocked":false,"blocker_type":null{comment}}}"#
             );
-            fields(&[("event_name", r#""project_feedback_submitted""#), ("event_type", r#""outcome""#), ("schema_version", version), ("properties", &props)])
+            fields(&[
+                ("event_name", r#""project_feedback_submitted""#),
+                ("event_type", r#""outcome""#),
+                ("schema_version", version),
+                ("properties", &props),
+            ])
         };
         vec![
             fields(&[]),
             fields(&[("schema_version", r#""1.0.0""#)]),
-            fields(&[("properties", r#"{"task_id":"t","assignment_type":"sideways","due_in_days":"3","extra":1}"#)]),
+            fields(&[(
+                "properties",
+                r#"{"task_id":"t","assignment_type":"sideways","due_in_days":"3","extra":1}"#,
+            )]),
             fields(&[("properties", "null")]),
             fields(&[("properties", r#"[1]"#)]),
             fields(&[("schema_version", r#""9.0.0""#)]),
@@ -700,13 +887,19 @@ mod tests {
             feedback(r#""1.0.0""#, ""),
             feedback("", r#","comment":"mail me at jane@example.com""#),
             // Values that skipping accepts and parsing refuses, on the restricted route.
-            fields(&[("data_sensitivity", r#""restricted""#), ("properties", r#"{"task_id":"t","due_in_days":1e400}"#)]),
+            fields(&[
+                ("data_sensitivity", r#""restricted""#),
+                ("properties", r#"{"task_id":"t","due_in_days":1e400}"#),
+            ]),
             fields(&[("properties", r#"{"task_id":"\ud800"}"#)]),
         ]
     }
 
     fn decoder() -> Decoder {
-        Decoder::new(DEFAULT_MAX_EVENT_BYTES, Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap()))
+        Decoder::new(
+            DEFAULT_MAX_EVENT_BYTES,
+            Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap()),
+        )
     }
 
     fn kind_of(text: &str) -> FailureKind {
@@ -715,7 +908,10 @@ mod tests {
 
     fn violation_of(text: &str) -> (String, String) {
         let err = decoder().decode(text.as_bytes()).unwrap_err();
-        let v = err.violations.first().unwrap_or_else(|| panic!("no violation in {err:?}"));
+        let v = err
+            .violations
+            .first()
+            .unwrap_or_else(|| panic!("no violation in {err:?}"));
         (v.pointer.clone(), v.keyword.clone())
     }
 
@@ -725,19 +921,45 @@ mod tests {
         assert_eq!(event.event_name.as_str(), "task_assigned");
         assert_eq!(event.event_time_ms, 1_769_178_600_250);
         assert_eq!(event.latency_us, Some(12_500));
-        assert_eq!(&event.experiment_assignments[..], &[("exp_a".into(), "control".into()), ("exp_b".into(), "treatment".into())]);
-        assert!(event.user_id.starts_with("test.") && event.tenant_id.starts_with("test.") && event.session_id.starts_with("test."));
-        assert_eq!(event.privacy, PrivacyCounts { pseudonymized: 4, scrubbed: 0, dropped: 0 });
+        assert_eq!(
+            &event.experiment_assignments[..],
+            &[
+                ("exp_a".into(), "control".into()),
+                ("exp_b".into(), "treatment".into())
+            ]
+        );
+        assert!(
+            event.user_id.starts_with("test.")
+                && event.tenant_id.starts_with("test.")
+                && event.session_id.starts_with("test.")
+        );
+        assert_eq!(
+            event.privacy,
+            PrivacyCounts {
+                pseudonymized: 4,
+                scrubbed: 0,
+                dropped: 0
+            }
+        );
     }
 
     #[test]
     fn violations_carry_pointer_and_keyword() {
         let v = |o: &[(&str, &str)]| violation_of(&line(o));
-        assert_eq!(v(&[("platform", r#""toaster""#)]), ("/platform".into(), "enum".into()));
+        assert_eq!(
+            v(&[("platform", r#""toaster""#)]),
+            ("/platform".into(), "enum".into())
+        );
         assert_eq!(v(&[("user_id", "42")]), ("/user_id".into(), "type".into()));
         assert_eq!(v(&[("user_id", "")]), ("".into(), "required".into()));
-        assert_eq!(v(&[("ip_address", r#""10.0.0.1""#)]), ("".into(), "additionalProperties".into()));
-        assert_eq!(v(&[("schema_version", r#""9.0.0""#)]), ("/schema_version".into(), "x-sightline.version".into()));
+        assert_eq!(
+            v(&[("ip_address", r#""10.0.0.1""#)]),
+            ("".into(), "additionalProperties".into())
+        );
+        assert_eq!(
+            v(&[("schema_version", r#""9.0.0""#)]),
+            ("/schema_version".into(), "x-sightline.version".into())
+        );
         assert_eq!(
             v(&[(
                 "properties",
@@ -745,11 +967,23 @@ mod tests {
             )]),
             ("/properties/assignment_type".into(), "enum".into())
         );
-        assert_eq!(kind_of(&line(&[("schema_version", r#""9.0.0""#)])), FailureKind::UnknownSchemaVersion);
-        assert_eq!(kind_of(&line(&[("schema_version", r#""one""#)])), FailureKind::UnknownSchemaVersion);
+        assert_eq!(
+            kind_of(&line(&[("schema_version", r#""9.0.0""#)])),
+            FailureKind::UnknownSchemaVersion
+        );
+        assert_eq!(
+            kind_of(&line(&[("schema_version", r#""one""#)])),
+            FailureKind::UnknownSchemaVersion
+        );
         // Assignments are read after the typed envelope (through the memo): still explained.
-        assert_eq!(v(&[("experiment_assignments", r#"{"exp_a":3}"#)]), ("/experiment_assignments/exp_a".into(), "type".into()));
-        assert_eq!(v(&[("experiment_assignments", r#"["exp_a"]"#)]), ("/experiment_assignments".into(), "type".into()));
+        assert_eq!(
+            v(&[("experiment_assignments", r#"{"exp_a":3}"#)]),
+            ("/experiment_assignments/exp_a".into(), "type".into())
+        );
+        assert_eq!(
+            v(&[("experiment_assignments", r#"["exp_a"]"#)]),
+            ("/experiment_assignments".into(), "type".into())
+        );
     }
 
     #[test]
@@ -759,14 +993,24 @@ mod tests {
         let lines = [
             line(&[]),
             line(&[("surface", r#""/users/jane@example.com/tasks""#)]),
-            line(&[("experiment_assignments", r#"{"exp_a":"call +1 415 555 0100"}"#)]),
-            line(&[("experiment_assignments", r#"{"exp_a":"control"}"#), ("workflow_name", r#""onboarding""#)]),
+            line(&[(
+                "experiment_assignments",
+                r#"{"exp_a":"call +1 415 555 0100"}"#,
+            )]),
+            line(&[
+                ("experiment_assignments", r#"{"exp_a":"control"}"#),
+                ("workflow_name", r#""onboarding""#),
+            ]),
             line(&[("experiment_assignments", "null")]),
         ];
         let mut warm = decoder();
         for _ in 0..3 {
             for text in &lines {
-                assert_eq!(warm.decode(text.as_bytes()).unwrap(), decoder().decode(text.as_bytes()).unwrap(), "{text}");
+                assert_eq!(
+                    warm.decode(text.as_bytes()).unwrap(),
+                    decoder().decode(text.as_bytes()).unwrap(),
+                    "{text}"
+                );
             }
         }
         let scrubbed = warm.decode(lines[2].as_bytes()).unwrap();
@@ -777,21 +1021,34 @@ mod tests {
     #[test]
     fn a_record_that_is_not_json_is_a_syntax_failure_whatever_the_typed_read_saw_first() {
         // Found by the fuzz target: an unknown first field, then a syntax error further on.
-        let err = decoder().decode(br#"{"event":"x","trace_id":"60c5d2e18a3ion_ms":350}"#).unwrap_err();
+        let err = decoder()
+            .decode(br#"{"event":"x","trace_id":"60c5d2e18a3ion_ms":350}"#)
+            .unwrap_err();
         assert_eq!(err.kind, FailureKind::MalformedJson, "{err:?}");
-        let err = decoder().decode(br#"{"event":"x","trace_id":"60c5d2e18a"#).unwrap_err();
+        let err = decoder()
+            .decode(br#"{"event":"x","trace_id":"60c5d2e18a"#)
+            .unwrap_err();
         assert_eq!(err.kind, FailureKind::Truncated, "{err:?}");
     }
 
     #[test]
     fn scrubs_and_drops_envelope_pii() {
         let event = decoder()
-            .decode(line(&[("surface", r#""/users/jane@example.com/tasks""#), ("country", r#""DE""#), ("region", r#""eu-central""#)]).as_bytes())
+            .decode(
+                line(&[
+                    ("surface", r#""/users/jane@example.com/tasks""#),
+                    ("country", r#""DE""#),
+                    ("region", r#""eu-central""#),
+                ])
+                .as_bytes(),
+            )
             .unwrap();
         assert_eq!(event.surface.as_deref(), Some("/users/[email]/tasks"));
         assert_eq!(event.privacy.scrubbed, 1);
         assert_eq!(event.privacy.dropped, 2, "geo without consent");
-        let event = decoder().decode(line(&[("country", r#""DE""#), ("geo_consent", "true")]).as_bytes()).unwrap();
+        let event = decoder()
+            .decode(line(&[("country", r#""DE""#), ("geo_consent", "true")]).as_bytes())
+            .unwrap();
         assert_eq!(event.privacy.dropped, 0);
     }
 
@@ -805,7 +1062,10 @@ mod tests {
         for (field, schema) in props {
             let action = schema["x-action"].as_str().unwrap();
             if action != "keep" {
-                assert!(ENVELOPE_PRIVACY.iter().any(|(f, _)| f == field), "{field} is `{action}` in the schema but the decoder keeps it");
+                assert!(
+                    ENVELOPE_PRIVACY.iter().any(|(f, _)| f == field),
+                    "{field} is `{action}` in the schema but the decoder keeps it"
+                );
             }
         }
     }
@@ -817,15 +1077,31 @@ mod tests {
             .decode(br#"{"event":"signal_received","signal_id":"uuid","source":"hubspot","signal_type":"deal_stage_changed","processed":false,"timestamp":"2026-01-23T14:25:00Z"}"#)
             .unwrap();
         assert_eq!(event.event_name.as_str(), "signal_received");
-        assert_eq!(event.source, Source::Server, "the signal's `source` stays a property");
+        assert_eq!(
+            event.source,
+            Source::Server,
+            "the signal's `source` stays a property"
+        );
         assert!(event.event_id.starts_with("flat-"));
-        assert_eq!(flat.decode(br#"{"event":"nope","timestamp":"2026-01-23T14:25:00Z"}"#).unwrap_err().kind, FailureKind::UnknownEvent);
-        assert_eq!(flat.decode(br#"{"timestamp":"2026-01-23T14:25:00Z"}"#).unwrap_err().kind, FailureKind::MissingField);
+        assert_eq!(
+            flat.decode(br#"{"event":"nope","timestamp":"2026-01-23T14:25:00Z"}"#)
+                .unwrap_err()
+                .kind,
+            FailureKind::UnknownEvent
+        );
+        assert_eq!(
+            flat.decode(br#"{"timestamp":"2026-01-23T14:25:00Z"}"#)
+                .unwrap_err()
+                .kind,
+            FailureKind::MissingField
+        );
     }
 
     #[test]
     fn escaped_strings_decode() {
-        let event = decoder().decode(line(&[("feature_area", r#""pro\"jects\u00e9""#)]).as_bytes()).unwrap();
+        let event = decoder()
+            .decode(line(&[("feature_area", r#""pro\"jects\u00e9""#)]).as_bytes())
+            .unwrap();
         assert_eq!(&*event.feature_area, "pro\"jectsé");
     }
 
@@ -835,41 +1111,97 @@ mod tests {
         assert_eq!(kind_of("   "), FailureKind::Empty);
         assert_eq!(kind_of(&line(&[])[..40]), FailureKind::Truncated);
         assert_eq!(kind_of("not json"), FailureKind::MalformedJson);
-        assert_eq!(kind_of(&line(&[("user_id", "")])), FailureKind::MissingField);
+        assert_eq!(
+            kind_of(&line(&[("user_id", "")])),
+            FailureKind::MissingField
+        );
         assert_eq!(kind_of(&line(&[("user_id", "42")])), FailureKind::WrongType);
-        assert_eq!(kind_of(&line(&[("platform", r#""toaster""#)])), FailureKind::InvalidValue);
-        assert_eq!(kind_of(&line(&[("event_type", r#""view""#)])), FailureKind::InvalidValue);
-        assert_eq!(kind_of(&line(&[("timestamp", r#""yesterday""#)])), FailureKind::InvalidValue);
-        assert_eq!(kind_of(&line(&[("ip_address", r#""10.0.0.1""#)])), FailureKind::UnknownField);
-        assert_eq!(kind_of(&line(&[("event_name", r#""mystery""#)])), FailureKind::UnknownEvent);
+        assert_eq!(
+            kind_of(&line(&[("platform", r#""toaster""#)])),
+            FailureKind::InvalidValue
+        );
+        assert_eq!(
+            kind_of(&line(&[("event_type", r#""view""#)])),
+            FailureKind::InvalidValue
+        );
+        assert_eq!(
+            kind_of(&line(&[("timestamp", r#""yesterday""#)])),
+            FailureKind::InvalidValue
+        );
+        assert_eq!(
+            kind_of(&line(&[("ip_address", r#""10.0.0.1""#)])),
+            FailureKind::UnknownField
+        );
+        assert_eq!(
+            kind_of(&line(&[("event_name", r#""mystery""#)])),
+            FailureKind::UnknownEvent
+        );
         let props = |latency: &str| {
-            format!(r#"{{"task_id":"t","assignment_type":"auto","assignee_role":"m","due_in_days":1,"priority":"low","assignment_latency_ms":{latency}}}"#)
+            format!(
+                r#"{{"task_id":"t","assignment_type":"auto","assignee_role":"m","due_in_days":1,"priority":"low","assignment_latency_ms":{latency}}}"#
+            )
         };
-        assert_eq!(kind_of(&line(&[("properties", &props(r#""fast""#))])), FailureKind::WrongType);
-        assert_eq!(kind_of(&line(&[("properties", &props("-1"))])), FailureKind::InvalidValue);
-        assert_eq!(kind_of(&line(&[("properties", r#"{"task_id":"t"}"#)])), FailureKind::MissingField);
-        assert_eq!(kind_of(&line(&[("properties", &props("1").replace("}", r#","lat":52.5}"#))])), FailureKind::PiiRejected);
-        assert_eq!(kind_of(&line(&[("properties", r#"[1]"#)])), FailureKind::WrongType);
+        assert_eq!(
+            kind_of(&line(&[("properties", &props(r#""fast""#))])),
+            FailureKind::WrongType
+        );
+        assert_eq!(
+            kind_of(&line(&[("properties", &props("-1"))])),
+            FailureKind::InvalidValue
+        );
+        assert_eq!(
+            kind_of(&line(&[("properties", r#"{"task_id":"t"}"#)])),
+            FailureKind::MissingField
+        );
+        assert_eq!(
+            kind_of(&line(&[(
+                "properties",
+                &props("1").replace("}", r#","lat":52.5}"#)
+            )])),
+            FailureKind::PiiRejected
+        );
+        assert_eq!(
+            kind_of(&line(&[("properties", r#"[1]"#)])),
+            FailureKind::WrongType
+        );
         assert_eq!(kind_of("[1,2]"), FailureKind::WrongType);
         assert_eq!(kind_of("null"), FailureKind::WrongType);
         assert_eq!(kind_of("GET / HTTP/1.1"), FailureKind::MalformedJson);
         let mut bytes = line(&[]).into_bytes();
         bytes[60] = 0xff;
-        assert_eq!(decoder().decode(&bytes).unwrap_err().kind, FailureKind::InvalidUtf8);
         assert_eq!(
-            Decoder::new(100, Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap())).decode(line(&[]).as_bytes()).unwrap_err().kind,
+            decoder().decode(&bytes).unwrap_err().kind,
+            FailureKind::InvalidUtf8
+        );
+        assert_eq!(
+            Decoder::new(
+                100,
+                Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap())
+            )
+            .decode(line(&[]).as_bytes())
+            .unwrap_err()
+            .kind,
             FailureKind::Oversize
         );
     }
 
     #[test]
     fn errors_name_the_field() {
-        let err = decoder().decode(line(&[("session_id", "")]).as_bytes()).unwrap_err();
+        let err = decoder()
+            .decode(line(&[("session_id", "")]).as_bytes())
+            .unwrap_err();
         assert!(err.reason.contains("session_id"), "{}", err.reason);
-        let err = decoder().decode(line(&[("event_name", r#""mystery""#)]).as_bytes()).unwrap_err();
-        assert_eq!(err.event_name, None, "an unregistered name is input, not a label");
+        let err = decoder()
+            .decode(line(&[("event_name", r#""mystery""#)]).as_bytes())
+            .unwrap_err();
+        assert_eq!(
+            err.event_name, None,
+            "an unregistered name is input, not a label"
+        );
         assert!(err.reason.contains("`mystery`"), "{}", err.reason);
-        let err = decoder().decode(line(&[("event_name", r#""jane@example.com""#)]).as_bytes()).unwrap_err();
+        let err = decoder()
+            .decode(line(&[("event_name", r#""jane@example.com""#)]).as_bytes())
+            .unwrap_err();
         assert!(!err.reason.contains("jane@"), "{}", err.reason);
     }
 
@@ -880,29 +1212,67 @@ mod tests {
         let cases = order_cases();
         let err = decoder().decode(join(&cases[12]).as_bytes()).unwrap_err();
         assert_eq!(err.kind, FailureKind::MalformedJson, "{err:?}");
-        assert!(err.restricted && err.event_name.as_deref() == Some("task_assigned") && err.event_time_ms.is_some(), "{err:?}");
+        assert!(
+            err.restricted
+                && err.event_name.as_deref() == Some("task_assigned")
+                && err.event_time_ms.is_some(),
+            "{err:?}"
+        );
         assert!(err.reason.starts_with("properties: "), "{}", err.reason);
         let err = decoder().decode(join(&cases[13]).as_bytes()).unwrap_err();
-        assert_eq!((err.kind, err.event_name.as_deref()), (FailureKind::MalformedJson, Some("task_assigned")), "{err:?}");
+        assert_eq!(
+            (err.kind, err.event_name.as_deref()),
+            (FailureKind::MalformedJson, Some("task_assigned")),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn behaves_like_a_derived_reader_on_bad_envelopes() {
         let (base, props) = (line(&[]), r#""properties":{}"#);
-        let err = decoder().decode(base.replacen('{', r#"{"user_id":"u_0","#, 1).as_bytes()).unwrap_err();
-        assert!(err.reason.starts_with("duplicate field `user_id`"), "{}", err.reason);
-        let err = decoder().decode(base.replacen('{', &format!("{{{props},"), 1).as_bytes()).unwrap_err();
-        assert!(err.reason.starts_with("duplicate field `properties`"), "{}", err.reason);
+        let err = decoder()
+            .decode(base.replacen('{', r#"{"user_id":"u_0","#, 1).as_bytes())
+            .unwrap_err();
+        assert!(
+            err.reason.starts_with("duplicate field `user_id`"),
+            "{}",
+            err.reason
+        );
+        let err = decoder()
+            .decode(base.replacen('{', &format!("{{{props},"), 1).as_bytes())
+            .unwrap_err();
+        assert!(
+            err.reason.starts_with("duplicate field `properties`"),
+            "{}",
+            err.reason
+        );
         // `decode` explains these by the envelope schema; `parse_only` keeps serde's words.
-        let err = decoder().parse_only(line(&[("ip_address", r#""10.0.0.1""#)]).as_bytes()).unwrap_err();
-        assert!(err.reason.starts_with("unknown field `ip_address`, expected one of `event_id`"), "{}", err.reason);
+        let err = decoder()
+            .parse_only(line(&[("ip_address", r#""10.0.0.1""#)]).as_bytes())
+            .unwrap_err();
+        assert!(
+            err.reason
+                .starts_with("unknown field `ip_address`, expected one of `event_id`"),
+            "{}",
+            err.reason
+        );
         assert_eq!(err.kind, FailureKind::UnknownField);
-        let err = decoder().parse_only(line(&[("tenant_id", ""), ("session_id", "")]).as_bytes()).unwrap_err();
-        assert!(err.reason.starts_with("missing field `tenant_id`"), "{}", err.reason);
+        let err = decoder()
+            .parse_only(line(&[("tenant_id", ""), ("session_id", "")]).as_bytes())
+            .unwrap_err();
+        assert!(
+            err.reason.starts_with("missing field `tenant_id`"),
+            "{}",
+            err.reason
+        );
         assert_eq!(err.kind, FailureKind::MissingField);
-        let err = decoder().decode(&base.as_bytes()[..base.find("\"priority\"").unwrap()]).unwrap_err();
+        let err = decoder()
+            .decode(&base.as_bytes()[..base.find("\"priority\"").unwrap()])
+            .unwrap_err();
         assert_eq!(err.kind, FailureKind::Truncated, "{err:?}");
-        let err = decoder().decode(line(&[("properties", r#"{"task_id":tk}"#)]).as_bytes()).unwrap_err();
+        let err = decoder()
+            .decode(line(&[("properties", r#"{"task_id":tk}"#)]).as_bytes())
+            .unwrap_err();
         assert_eq!(err.kind, FailureKind::MalformedJson, "{err:?}");
     }
 
@@ -911,20 +1281,38 @@ mod tests {
         // 1.0.0 has no `comment`; the newest version, assumed until `schema_version` is read,
         // has. Early or late, the record is checked against 1.0.0.
         let late = order_cases().swap_remove(8);
-        let position = |case: &[(String, String)], field: &str| case.iter().position(|(k, _)| k == field).unwrap();
+        let position = |case: &[(String, String)], field: &str| {
+            case.iter().position(|(k, _)| k == field).unwrap()
+        };
         assert!(position(&late, "schema_version") > position(&late, "properties"));
         let mut early = late.clone();
         let version = early.remove(position(&early, "schema_version"));
         early.insert(position(&early, "event_name") + 1, version);
         for case in [&late, &early] {
-            assert_eq!(violation_of(&join(case)), ("/properties/comment".into(), "additionalProperties".into()), "{}", join(case));
+            assert_eq!(
+                violation_of(&join(case)),
+                ("/properties/comment".into(), "additionalProperties".into()),
+                "{}",
+                join(case)
+            );
         }
         let mut cases = order_cases();
         for valid in [0, 1, 9, 10, 11] {
-            assert!(decoder().decode(join(&cases[valid]).as_bytes()).is_ok(), "{}", join(&cases[valid]));
+            assert!(
+                decoder().decode(join(&cases[valid]).as_bytes()).is_ok(),
+                "{}",
+                join(&cases[valid])
+            );
         }
         let comment = cases.swap_remove(11);
-        assert_eq!(decoder().decode(join(&comment).as_bytes()).unwrap().privacy.scrubbed, 1);
+        assert_eq!(
+            decoder()
+                .decode(join(&comment).as_bytes())
+                .unwrap()
+                .privacy
+                .scrubbed,
+            1
+        );
     }
 
     proptest::proptest! {

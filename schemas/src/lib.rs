@@ -44,10 +44,12 @@ mod time;
 pub mod validate;
 mod wire;
 
-pub use decode::{DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, ENVELOPE_PRIVACY, FlatDefaults, Format};
+pub use decode::{
+    DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, ENVELOPE_PRIVACY, FlatDefaults, Format,
+};
 pub use memo::Label;
 pub use pii::Pseudonym;
-pub use time::{format_rfc3339_ms, parse_rfc3339_ms, rfc3339_bytes, utc_date_hour};
+pub use time::{format_rfc3339_ms, parse_rfc3339_ms, rfc3339_bytes, utc_date_hour, wall_clock_ms};
 
 use std::sync::Arc;
 
@@ -165,7 +167,9 @@ impl From<EventName> for u16 {
 impl EventName {
     /// Looks a name up in the registry.
     pub fn from_name(name: &str) -> Option<EventName> {
-        registry::Registry::embedded().event(name).map(|(i, _)| EventName(i as u16))
+        registry::Registry::embedded()
+            .event(name)
+            .map(|(i, _)| EventName(i as u16))
     }
 
     /// The name's registry entry: event type, origin, versions and their schemas.
@@ -236,7 +240,9 @@ pub struct Event {
 }
 
 /// What the privacy layer did to one event, counted per field (for the `quality` table).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct PrivacyCounts {
     /// Identifier and contact fields replaced by pseudonyms (or never stored).
     pub pseudonymized: u16,
@@ -394,7 +400,12 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// Builds the dead-letter record of a decode failure.
-    pub fn from_decode_error(err: DecodeError, origin: Origin, payload_bytes: u64, payload: Option<String>) -> DeadLetter {
+    pub fn from_decode_error(
+        err: DecodeError,
+        origin: Origin,
+        payload_bytes: u64,
+        payload: Option<String>,
+    ) -> DeadLetter {
         DeadLetter {
             kind: err.kind,
             reason: err.reason,
@@ -410,10 +421,20 @@ impl DeadLetter {
     }
 
     /// Builds the dead-letter record of an event that arrived behind its source's watermark.
-    pub fn late(event: &Event, watermark_ms: u64, origin: Origin, payload_bytes: u64, payload: Option<String>) -> DeadLetter {
+    pub fn late(
+        event: &Event,
+        watermark_ms: u64,
+        origin: Origin,
+        payload_bytes: u64,
+        payload: Option<String>,
+    ) -> DeadLetter {
         DeadLetter {
             kind: FailureKind::Late,
-            reason: format!("event time {} is behind the watermark {}", format_rfc3339_ms(event.event_time_ms), format_rfc3339_ms(watermark_ms as i64)),
+            reason: format!(
+                "event time {} is behind the watermark {}",
+                format_rfc3339_ms(event.event_time_ms),
+                format_rfc3339_ms(watermark_ms as i64)
+            ),
             event_name: Some(event.event_name.as_str().to_owned()),
             event_time_ms: Some(event.event_time_ms),
             origin,
@@ -427,9 +448,16 @@ impl DeadLetter {
 }
 
 impl Event {
-    /// Whether the event goes to the restricted lake prefix: it declares
-    /// `data_sensitivity: restricted` or `pii_classification: high`.
+    /// Whether the event goes to the restricted route (see [`is_restricted`]).
     pub fn is_restricted(&self) -> bool {
-        self.data_sensitivity == DataSensitivity::Restricted || self.pii_classification == PiiClassification::High
+        is_restricted(self.data_sensitivity, self.pii_classification)
     }
+}
+
+/// Whether a record that declares `sensitivity` and `classification` is restricted: it
+/// declares `data_sensitivity: restricted` or `pii_classification: high`. Restricted events,
+/// and the dead letters of restricted records, are aggregated and stored apart (the restricted
+/// lake prefix, 30-day retention). The one statement of the rule.
+pub fn is_restricted(sensitivity: DataSensitivity, classification: PiiClassification) -> bool {
+    sensitivity == DataSensitivity::Restricted || classification == PiiClassification::High
 }

@@ -38,7 +38,12 @@ impl std::fmt::Display for Problem {
 
 /// Lints the registry in `dir`. Returns the number of schema files checked, or every problem.
 pub fn lint_dir(dir: &Path) -> Result<usize, Vec<Problem>> {
-    let problem = |message: String| vec![Problem { file: dir.display().to_string(), message }];
+    let problem = |message: String| {
+        vec![Problem {
+            file: dir.display().to_string(),
+            message,
+        }]
+    };
     let mut files = Vec::new();
     crate::registry::collect_json(dir, dir, &mut files).map_err(|e| problem(e.to_string()))?;
     if files.is_empty() {
@@ -52,13 +57,21 @@ pub fn lint_files(files: Vec<(String, String)>) -> Result<usize, Vec<Problem>> {
     let mut problems = Vec::new();
     for (path, text) in &files {
         match serde_json::from_str::<Value>(text) {
-            Err(e) => problems.push(Problem { file: path.clone(), message: format!("not JSON: {e}") }),
-            Ok(doc) if doc.get("$schema").and_then(Value::as_str) != Some(DIALECT) => {
-                problems.push(Problem { file: path.clone(), message: format!("`$schema` must be `{DIALECT}`") })
-            }
+            Err(e) => problems.push(Problem {
+                file: path.clone(),
+                message: format!("not JSON: {e}"),
+            }),
+            Ok(doc) if doc.get("$schema").and_then(Value::as_str) != Some(DIALECT) => problems
+                .push(Problem {
+                    file: path.clone(),
+                    message: format!("`$schema` must be `{DIALECT}`"),
+                }),
             Ok(doc) => {
                 if let Err(e) = jsonschema::meta::validate(&doc) {
-                    problems.push(Problem { file: path.clone(), message: format!("not a valid JSON Schema: {e} at {}", e.instance_path()) });
+                    problems.push(Problem {
+                        file: path.clone(),
+                        message: format!("not a valid JSON Schema: {e} at {}", e.instance_path()),
+                    });
                 }
             }
         }
@@ -67,22 +80,41 @@ pub fn lint_files(files: Vec<(String, String)>) -> Result<usize, Vec<Problem>> {
         return Err(problems);
     }
     let count = files.len();
-    let registry = Registry::from_files(files).map_err(|e| vec![Problem { file: e.file, message: e.message }])?;
+    let registry = Registry::from_files(files).map_err(|e| {
+        vec![Problem {
+            file: e.file,
+            message: e.message,
+        }]
+    })?;
     envelope_consistency(&registry, &mut problems);
     for event in registry.events() {
         compatibility(event, &mut problems);
     }
-    if problems.is_empty() { Ok(count) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(count)
+    } else {
+        Err(problems)
+    }
 }
 
 fn strings(value: Option<&Value>) -> Option<BTreeSet<String>> {
-    value.and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+    value.and_then(Value::as_array).map(|a| {
+        a.iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect()
+    })
 }
 
 fn envelope_consistency(registry: &Registry, problems: &mut Vec<Problem>) {
     let envelope = registry.envelope();
     let file = registry.envelope_file().to_owned();
-    let mut problem = |file: &str, message: String| problems.push(Problem { file: file.to_owned(), message });
+    let mut problem = |file: &str, message: String| {
+        problems.push(Problem {
+            file: file.to_owned(),
+            message,
+        })
+    };
     let props = envelope.get("properties").and_then(Value::as_object);
     let Some(props) = props else {
         problem(&file, "the envelope has no `properties`".into());
@@ -90,36 +122,65 @@ fn envelope_consistency(registry: &Registry, problems: &mut Vec<Problem>) {
     };
     for required in strings(envelope.get("required")).unwrap_or_default() {
         if !props.contains_key(&required) {
-            problem(&file, format!("required field `{required}` is not declared"));
+            problem(
+                &file,
+                format!("required field `{required}` is not declared"),
+            );
         }
     }
     for (name, schema) in props {
         if schema.get("x-pii").is_none() || schema.get("x-action").is_none() {
-            problem(&file, format!("/properties/{name}: every field needs `x-pii` and `x-action`"));
+            problem(
+                &file,
+                format!("/properties/{name}: every field needs `x-pii` and `x-action`"),
+            );
         }
     }
     let names = strings(props.get("event_name").and_then(|p| p.get("enum"))).unwrap_or_default();
     let registered: BTreeSet<String> = registry.events().iter().map(|e| e.name.clone()).collect();
     for missing in names.difference(&registered) {
-        problem(&file, format!("event_name `{missing}` is in the envelope's enum but has no schema"));
+        problem(
+            &file,
+            format!("event_name `{missing}` is in the envelope's enum but has no schema"),
+        );
     }
     let types = strings(props.get("event_type").and_then(|p| p.get("enum"))).unwrap_or_default();
     for event in registry.events() {
         for schema in &event.versions {
             if !names.contains(&event.name) {
-                problem(&schema.file, format!("event `{}` is not in the envelope's event_name enum", event.name));
+                problem(
+                    &schema.file,
+                    format!(
+                        "event `{}` is not in the envelope's event_name enum",
+                        event.name
+                    ),
+                );
             }
             if !types.contains(event.event_type.as_str()) {
-                problem(&schema.file, format!("event_type `{}` is not in the envelope's event_type enum", event.event_type.as_str()));
+                problem(
+                    &schema.file,
+                    format!(
+                        "event_type `{}` is not in the envelope's event_type enum",
+                        event.event_type.as_str()
+                    ),
+                );
             }
             for (field, value) in &schema.envelope {
                 match props.get(field) {
-                    None => problem(&schema.file, format!("x-sightline.envelope.{field} is not an envelope field")),
+                    None => problem(
+                        &schema.file,
+                        format!("x-sightline.envelope.{field} is not an envelope field"),
+                    ),
                     Some(p) => {
                         if let Some(allowed) = strings(p.get("enum"))
                             && !allowed.contains(value)
                         {
-                            problem(&schema.file, format!("x-sightline.envelope.{field} = `{value}` is not in the envelope's enum"));
+                            problem(
+                                &schema.file,
+                                format!(
+                                    "x-sightline.envelope.{field} = `{value}` is not in the envelope's enum"
+                                ),
+                            );
                         }
                     }
                 }
@@ -133,20 +194,41 @@ fn compatibility(event: &EventSpec, problems: &mut Vec<Problem>) {
         if let Some(old) = schema.supersedes
             && !event.versions[..i].iter().any(|s| s.version == old)
         {
-            problems.push(Problem { file: schema.file.clone(), message: format!("supersedes {old}, which is not an older version of {}", event.name) });
+            problems.push(Problem {
+                file: schema.file.clone(),
+                message: format!(
+                    "supersedes {old}, which is not an older version of {}",
+                    event.name
+                ),
+            });
         }
-        let Some(previous) = i.checked_sub(1).map(|p| &event.versions[p]) else { continue };
+        let Some(previous) = i.checked_sub(1).map(|p| &event.versions[p]) else {
+            continue;
+        };
         if previous.latency != schema.latency {
-            problems.push(Problem { file: schema.file.clone(), message: "the latency measure differs from the previous version".into() });
+            problems.push(Problem {
+                file: schema.file.clone(),
+                message: "the latency measure differs from the previous version".into(),
+            });
         }
         if previous.version.major != schema.version.major {
             continue;
         }
         let mut breaks = Vec::new();
-        compare_object("/properties", &previous.properties, &schema.properties, &mut breaks);
+        compare_object(
+            "/properties",
+            &previous.properties,
+            &schema.properties,
+            &mut breaks,
+        );
         for b in breaks {
-            problems
-                .push(Problem { file: schema.file.clone(), message: format!("breaking change from {} at {b} (needs a new major version)", previous.version) });
+            problems.push(Problem {
+                file: schema.file.clone(),
+                message: format!(
+                    "breaking change from {} at {b} (needs a new major version)",
+                    previous.version
+                ),
+            });
         }
     }
 }
@@ -168,7 +250,11 @@ fn compare_object(pointer: &str, old: &ObjectRule, new: &ObjectRule, breaks: &mu
 
 fn compare_field(at: &str, old: &FieldRule, new: &FieldRule, breaks: &mut Vec<String>) {
     if !new.types.contains(old.types) {
-        breaks.push(format!("{at}: type changed from {} to {}", old.types.names(), new.types.names()));
+        breaks.push(format!(
+            "{at}: type changed from {} to {}",
+            old.types.names(),
+            new.types.names()
+        ));
     }
     match (&old.enum_values, &new.enum_values) {
         (Some(o), Some(n)) => {
@@ -179,8 +265,12 @@ fn compare_field(at: &str, old: &FieldRule, new: &FieldRule, breaks: &mut Vec<St
         (None, Some(_)) => breaks.push(format!("{at}: enum added")),
         _ => {}
     }
-    let narrower_min = |o: Option<f64>, n: Option<f64>| matches!((o, n), (None, Some(_))) || matches!((o, n), (Some(o), Some(n)) if n > o);
-    let narrower_max = |o: Option<f64>, n: Option<f64>| matches!((o, n), (None, Some(_))) || matches!((o, n), (Some(o), Some(n)) if n < o);
+    let narrower_min = |o: Option<f64>, n: Option<f64>| {
+        matches!((o, n), (None, Some(_))) || matches!((o, n), (Some(o), Some(n)) if n > o)
+    };
+    let narrower_max = |o: Option<f64>, n: Option<f64>| {
+        matches!((o, n), (None, Some(_))) || matches!((o, n), (Some(o), Some(n)) if n < o)
+    };
     let as_f = |v: Option<usize>| v.map(|v| v as f64);
     if narrower_min(old.minimum, new.minimum) {
         breaks.push(format!("{at}: minimum raised"));
@@ -198,7 +288,11 @@ fn compare_field(at: &str, old: &FieldRule, new: &FieldRule, breaks: &mut Vec<St
         breaks.push(format!("{at}: format date-time added"));
     }
     if new.action.strength() < old.action.strength() {
-        breaks.push(format!("{at}: privacy action weakened from {} to {}", old.action.as_str(), new.action.as_str()));
+        breaks.push(format!(
+            "{at}: privacy action weakened from {} to {}",
+            old.action.as_str(),
+            new.action.as_str()
+        ));
     }
     match (&old.object, &new.object) {
         (Some(o), Some(n)) => compare_object(at, o, n, breaks),
@@ -239,38 +333,69 @@ mod tests {
     #[test]
     fn breaking_changes_name_the_field() {
         let newest = "events/project_feedback_submitted/1.1.0.json";
-        let message = |files| lint_files(files).unwrap_err().iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n");
-        let m = message(with_changed(newest, |d| d["properties"]["score"]["type"] = "string".into()));
+        let message = |files| {
+            lint_files(files)
+                .unwrap_err()
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let m = message(with_changed(newest, |d| {
+            d["properties"]["score"]["type"] = "string".into()
+        }));
         assert!(m.contains("/properties/score: type changed"), "{m}");
         let m = message(with_changed(newest, |d| {
             d["properties"].as_object_mut().unwrap().remove("sentiment");
-            let req: Vec<Value> = d["required"].as_array().unwrap().iter().filter(|r| *r != "sentiment").cloned().collect();
+            let req: Vec<Value> = d["required"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| *r != "sentiment")
+                .cloned()
+                .collect();
             d["required"] = Value::Array(req);
         }));
         assert!(m.contains("/properties/sentiment: property removed"), "{m}");
-        let m = message(with_changed(newest, |d| d["required"].as_array_mut().unwrap().push("comment".into())));
+        let m = message(with_changed(newest, |d| {
+            d["required"].as_array_mut().unwrap().push("comment".into())
+        }));
         assert!(m.contains("/properties/comment: newly required"), "{m}");
-        let m = message(with_changed(newest, |d| d["x-sightline"]["supersedes"] = "0.9.0".into()));
+        let m = message(with_changed(newest, |d| {
+            d["x-sightline"]["supersedes"] = "0.9.0".into()
+        }));
         assert!(m.contains("supersedes 0.9.0"), "{m}");
     }
 
     #[test]
     fn a_new_major_version_may_break() {
         let mut files = with_changed("events/project_feedback_submitted/1.1.0.json", |_| {});
-        let (_, text) = files.iter().find(|(p, _)| p.ends_with("1.1.0.json")).cloned().unwrap();
+        let (_, text) = files
+            .iter()
+            .find(|(p, _)| p.ends_with("1.1.0.json"))
+            .cloned()
+            .unwrap();
         let mut doc: Value = serde_json::from_str(&text).unwrap();
         doc["x-sightline"]["version"] = "2.0.0".into();
         doc["properties"]["score"]["type"] = "string".into();
-        files.push(("events/project_feedback_submitted/2.0.0.json".into(), doc.to_string()));
+        files.push((
+            "events/project_feedback_submitted/2.0.0.json".into(),
+            doc.to_string(),
+        ));
         assert!(lint_files(files).is_ok());
     }
 
     #[test]
     fn envelope_disagreements_and_invalid_schemas_are_found() {
-        let m = lint_files(with_changed("events/signal_received/1.0.0.json", |d| d["x-sightline"]["envelope"] = serde_json::json!({"device_type": "toaster"})))
-            .unwrap_err();
+        let m = lint_files(with_changed("events/signal_received/1.0.0.json", |d| {
+            d["x-sightline"]["envelope"] = serde_json::json!({"device_type": "toaster"})
+        }))
+        .unwrap_err();
         assert!(m[0].message.contains("device_type"), "{m:?}");
-        let m = lint_files(with_changed("events/signal_received/1.0.0.json", |d| d["properties"]["signal_id"]["maxLength"] = (-3).into())).unwrap_err();
+        let m = lint_files(with_changed("events/signal_received/1.0.0.json", |d| {
+            d["properties"]["signal_id"]["maxLength"] = (-3).into()
+        }))
+        .unwrap_err();
         assert!(m[0].message.contains("not a valid JSON Schema"), "{m:?}");
     }
 }

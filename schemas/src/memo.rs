@@ -40,7 +40,11 @@ pub struct Memo<V> {
 impl<V: Clone> Memo<V> {
     /// A memo of at most `capacity` entries per generation (at least 1).
     pub fn new(capacity: usize) -> Memo<V> {
-        Memo { current: Table::default(), previous: Table::default(), capacity: capacity.max(1) }
+        Memo {
+            current: Table::default(),
+            previous: Table::default(),
+            capacity: capacity.max(1),
+        }
     }
 
     /// The value memoized for `key`; otherwise `derive(key)`, memoized.

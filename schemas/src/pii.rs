@@ -20,7 +20,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde_json::{Map, Value};
 
-use crate::registry::{FieldRule, ObjectRule, PiiAction, Registry, Version};
+use crate::registry::{FieldRule, ObjectRule, PiiAction, Registry};
 
 /// Default key rotation period.
 pub const DEFAULT_ROTATION_DAYS: u32 = 30;
@@ -32,22 +32,43 @@ pub const REDACTED: &str = "[redacted]";
 /// The patterns, each with the marker that replaces its matches. Order matters: the first
 /// alternative that matches at a position wins.
 const PATTERNS: &[(&str, &str)] = &[
-    ("email", r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"),
+    (
+        "email",
+        r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}",
+    ),
     ("token", r"(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}"),
-    ("token", r"\beyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}"),
+    (
+        "token",
+        r"\beyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}",
+    ),
     ("token", r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{10,}"),
     ("token", r"\bAKIA[0-9A-Z]{16}\b"),
     ("token", r"\bgh[pousr]_[A-Za-z0-9]{30,}"),
     ("token", r"\bxox[abprs]-[A-Za-z0-9\-]{10,}"),
     ("token", r"\bAIza[0-9A-Za-z_\-]{35}"),
-    ("token", r#"(?i:\b(?:api[_\-]?key|secret|password|passwd|access[_\-]?token|auth[_\-]?token)"?\s*[=:]\s*"?)[^\s,;"\[][^\s,;"]{5,}"#),
-    ("coordinates", r"-?\b\d{1,3}\.\d{4,}\s*,\s*-?\d{1,3}\.\d{4,}\b"),
-    ("ip", r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b"),
+    (
+        "token",
+        r#"(?i:\b(?:api[_\-]?key|secret|password|passwd|access[_\-]?token|auth[_\-]?token)"?\s*[=:]\s*"?)[^\s,;"\[][^\s,;"]{5,}"#,
+    ),
+    (
+        "coordinates",
+        r"-?\b\d{1,3}\.\d{4,}\s*,\s*-?\d{1,3}\.\d{4,}\b",
+    ),
+    (
+        "ip",
+        r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b",
+    ),
     ("ip", r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b"),
-    ("ip", r"\b(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?\b"),
+    (
+        "ip",
+        r"\b(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?\b",
+    ),
     ("ip", r"\b(?:[0-9A-Fa-f]{1,4}:){1,7}:"),
     ("ip", r"::(?:[fF]{4}:)?[0-9A-Fa-f]{1,4}\b"),
-    ("phone", r"(?:\+\d{1,3}[\s.\-]?)?\(?\b\d{2,4}\)?[\s.\-]\d{3,4}[\s.\-]\d{3,4}\b"),
+    (
+        "phone",
+        r"(?:\+\d{1,3}[\s.\-]?)?\(?\b\d{2,4}\)?[\s.\-]\d{3,4}[\s.\-]\d{3,4}\b",
+    ),
     ("phone", r"\(\d{3}\)\s?\d{3}[\s.\-]?\d{4}\b"),
     ("phone", r"\b\d{3}[.\-]?\d{3}[.\-]?\d{4}\b"),
     ("phone", r"\+\d{8,15}\b"),
@@ -59,7 +80,11 @@ const PATTERNS: &[(&str, &str)] = &[
 /// `benches/README.md`).
 fn might_match(text: &str) -> bool {
     let bytes = text.as_bytes();
-    let starts = |i: usize, prefix: &[u8]| bytes.get(i..i + prefix.len()).is_some_and(|w| w.eq_ignore_ascii_case(prefix));
+    let starts = |i: usize, prefix: &[u8]| {
+        bytes
+            .get(i..i + prefix.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(prefix))
+    };
     let mut digits = 0u32;
     for (i, &b) in bytes.iter().enumerate() {
         let hit = match b.to_ascii_lowercase() {
@@ -108,12 +133,18 @@ impl Scrubber {
     /// The scrubber with Sightline's patterns (compiled once per process; clones share it).
     pub fn new() -> Scrubber {
         static COMPILED: std::sync::LazyLock<Regex> = std::sync::LazyLock::new(|| {
-            let alternation: Vec<String> = PATTERNS.iter().enumerate().map(|(i, (_, p))| format!("(?P<p{i}>{p})")).collect();
+            let alternation: Vec<String> = PATTERNS
+                .iter()
+                .enumerate()
+                .map(|(i, (_, p))| format!("(?P<p{i}>{p})"))
+                .collect();
             // The patterns are constants, tested below.
             #[allow(clippy::expect_used)]
             Regex::new(&alternation.join("|")).expect("scrubber patterns compile")
         });
-        Scrubber { any: COMPILED.clone() }
+        Scrubber {
+            any: COMPILED.clone(),
+        }
     }
 
     /// Whether `text` contains anything to scrub.
@@ -129,8 +160,12 @@ impl Scrubber {
         self.any
             .captures_iter(text)
             .filter_map(|c| {
-                let (i, m) = (0..PATTERNS.len()).find_map(|i| c.name(&format!("p{i}")).map(|m| (i, m)))?;
-                Some(Finding { kind: PATTERNS[i].0, text: m.as_str().to_owned() })
+                let (i, m) =
+                    (0..PATTERNS.len()).find_map(|i| c.name(&format!("p{i}")).map(|m| (i, m)))?;
+                Some(Finding {
+                    kind: PATTERNS[i].0,
+                    text: m.as_str().to_owned(),
+                })
             })
             .collect()
     }
@@ -138,7 +173,12 @@ impl Scrubber {
     /// Whether `key` may be kept as an object key or pointer segment: a short identifier-like
     /// name in which the scrubber finds nothing.
     pub fn safe_key(&self, key: &str) -> bool {
-        !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') && !self.finds(key)
+        !key.is_empty()
+            && key.len() <= 64
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            && !self.finds(key)
     }
 
     /// `text` with every match replaced by its marker (`[email]`, `[phone]`, …).
@@ -149,7 +189,9 @@ impl Scrubber {
         Cow::Owned(
             self.any
                 .replace_all(text, |c: &regex::Captures<'_>| {
-                    let kind = (0..PATTERNS.len()).find(|i| c.name(&format!("p{i}")).is_some()).map_or("redacted", |i| PATTERNS[i].0);
+                    let kind = (0..PATTERNS.len())
+                        .find(|i| c.name(&format!("p{i}")).is_some())
+                        .map_or("redacted", |i| PATTERNS[i].0);
                     format!("[{kind}]")
                 })
                 .into_owned(),
@@ -191,7 +233,10 @@ pub struct KeyRing {
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret.
-        f.debug_struct("KeyRing").field("key_id", &self.key_id).field("rotation_ms", &self.rotation_ms).finish_non_exhaustive()
+        f.debug_struct("KeyRing")
+            .field("key_id", &self.key_id)
+            .field("rotation_ms", &self.rotation_ms)
+            .finish_non_exhaustive()
     }
 }
 
@@ -199,13 +244,18 @@ impl KeyRing {
     /// A key ring from a hex secret (at least 16 bytes).
     pub fn from_hex(key_id: &str, hex: &str, rotation_days: u32) -> Result<KeyRing, KeyError> {
         let hex = hex.trim();
-        let secret = decode_hex(hex).filter(|s| s.len() >= 16).ok_or_else(|| KeyError::Invalid(format!("{} characters", hex.len())))?;
+        let secret = decode_hex(hex)
+            .filter(|s| s.len() >= 16)
+            .ok_or_else(|| KeyError::Invalid(format!("{} characters", hex.len())))?;
         KeyRing::new(key_id, secret, rotation_days)
     }
 
     /// A key ring whose hex secret is the content of `path`.
     pub fn from_file(key_id: &str, path: &Path, rotation_days: u32) -> Result<KeyRing, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::File { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::File {
+            path: path.display().to_string(),
+            source,
+        })?;
         KeyRing::from_hex(key_id, &text, rotation_days)
     }
 
@@ -215,18 +265,30 @@ impl KeyRing {
         let mut secret = vec![0u8; 32];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
-            .map_err(|source| KeyError::File { path: "/dev/urandom".into(), source })?;
+            .map_err(|source| KeyError::File {
+                path: "/dev/urandom".into(),
+                source,
+            })?;
         KeyRing::new("ephemeral", secret, rotation_days)
     }
 
     fn new(key_id: &str, secret: Vec<u8>, rotation_days: u32) -> Result<KeyRing, KeyError> {
-        if key_id.is_empty() || key_id.len() > MAX_KEY_ID || !key_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        if key_id.is_empty()
+            || key_id.len() > MAX_KEY_ID
+            || !key_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
             return Err(KeyError::KeyId(key_id.to_owned()));
         }
         if rotation_days == 0 {
             return Err(KeyError::Rotation);
         }
-        Ok(KeyRing { key_id: key_id.to_owned(), secret, rotation_ms: i64::from(rotation_days) * 86_400_000 })
+        Ok(KeyRing {
+            key_id: key_id.to_owned(),
+            secret,
+            rotation_ms: i64::from(rotation_days) * 86_400_000,
+        })
     }
 
     /// The rotation period `event_time_ms` falls in (periods start at the Unix epoch).
@@ -272,10 +334,17 @@ impl Pseudonymizer {
         let period = self.ring.period(event_time_ms);
         let (_, key, prefix) = match &self.cached {
             Some(cached) if cached.0 == period => cached,
-            _ => self.cached.insert((period, self.ring.period_key(period), format!("{}.{period}.", self.ring.key_id))),
+            _ => self.cached.insert((
+                period,
+                self.ring.period_key(period),
+                format!("{}.{period}.", self.ring.key_id),
+            )),
         };
         let digest = blake3::keyed_hash(key, value.as_bytes());
-        let mut out = Pseudonym { len: 0, bytes: [0; PSEUDONYM_MAX] };
+        let mut out = Pseudonym {
+            len: 0,
+            bytes: [0; PSEUDONYM_MAX],
+        };
         // The prefix fits: a key id is at most MAX_KEY_ID bytes and a period at most 20 characters.
         let (head, tail) = out.bytes.split_at_mut(prefix.len().min(PSEUDONYM_MAX - 24));
         head.copy_from_slice(&prefix.as_bytes()[..head.len()]);
@@ -332,8 +401,14 @@ impl TryFrom<&str> for Pseudonym {
     type Error = PseudonymTooLong;
 
     fn try_from(text: &str) -> Result<Pseudonym, PseudonymTooLong> {
-        let mut out = Pseudonym { len: 0, bytes: [0; PSEUDONYM_MAX] };
-        let slot = out.bytes.get_mut(..text.len()).ok_or(PseudonymTooLong(text.len()))?;
+        let mut out = Pseudonym {
+            len: 0,
+            bytes: [0; PSEUDONYM_MAX],
+        };
+        let slot = out
+            .bytes
+            .get_mut(..text.len())
+            .ok_or(PseudonymTooLong(text.len()))?;
         slot.copy_from_slice(text.as_bytes());
         out.len = text.len() as u8;
         Ok(out)
@@ -395,7 +470,13 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
         return None;
     }
-    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect()
 }
 
 /// Scrubber and pseudonymizer together: everything one worker needs to make a record safe to
@@ -411,7 +492,10 @@ pub struct Privacy {
 impl Privacy {
     /// Privacy with the given key ring.
     pub fn new(ring: Arc<KeyRing>) -> Privacy {
-        Privacy { scrubber: Scrubber::new(), pseudonyms: Pseudonymizer::new(ring) }
+        Privacy {
+            scrubber: Scrubber::new(),
+            pseudonyms: Pseudonymizer::new(ring),
+        }
     }
 
     /// What a dead-letter record keeps of the raw record `bytes`: see the module docs.
@@ -420,7 +504,14 @@ impl Privacy {
         let text = String::from_utf8_lossy(bytes);
         let mut out = match serde_json::from_str::<Value>(&text) {
             Ok(Value::Object(mut record)) => {
-                let time = event_time_ms.or_else(|| record.get("timestamp").and_then(Value::as_str).and_then(crate::parse_rfc3339_ms)).unwrap_or_else(now_ms);
+                let time = event_time_ms
+                    .or_else(|| {
+                        record
+                            .get("timestamp")
+                            .and_then(Value::as_str)
+                            .and_then(crate::parse_rfc3339_ms)
+                    })
+                    .unwrap_or_else(now_ms);
                 self.redact_record(&mut record, time);
                 Value::Object(record).to_string()
             }
@@ -469,7 +560,11 @@ impl Privacy {
             };
             let is_key = after.trim_start().starts_with(':');
             out.push('"');
-            out.push_str(if is_key && self.scrubber.safe_key(content) { content } else { REDACTED });
+            out.push_str(if is_key && self.scrubber.safe_key(content) {
+                content
+            } else {
+                REDACTED
+            });
             if end.is_some() {
                 out.push('"');
             }
@@ -486,7 +581,11 @@ impl Privacy {
         }
         let old = std::mem::take(map);
         for (i, (key, value)) in old.into_iter().enumerate() {
-            let key = if self.scrubber.safe_key(&key) { key } else { format!("[redacted-key-{i}]") };
+            let key = if self.scrubber.safe_key(&key) {
+                key
+            } else {
+                format!("[redacted-key-{i}]")
+            };
             map.insert(key, value);
         }
     }
@@ -494,12 +593,13 @@ impl Privacy {
     fn redact_record(&mut self, record: &mut Map<String, Value>, time: i64) {
         let registry = Registry::embedded();
         let consent = record.get("geo_consent") == Some(&Value::Bool(true));
-        let schema = record.get("event_name").and_then(Value::as_str).and_then(|n| registry.event(n)).and_then(|(_, spec)| {
-            match record.get("schema_version").and_then(Value::as_str) {
-                Some(v) => Version::parse(v).and_then(|v| spec.schema(Some(v))),
-                None => spec.schema(None),
-            }
-        });
+        let schema = record
+            .get("event_name")
+            .and_then(Value::as_str)
+            .and_then(|name| {
+                let version = record.get("schema_version").and_then(Value::as_str);
+                registry.schema_of(name, version)
+            });
         let properties_rule = schema.map(|s| &s.properties);
         self.safe_keys(record);
         let keys: Vec<String> = record.keys().cloned().collect();
@@ -537,9 +637,13 @@ impl Privacy {
         self.safe_keys(map);
         let keys: Vec<String> = map.keys().cloned().collect();
         for key in keys {
-            let Some(value) = map.get_mut(&key) else { continue };
+            let Some(value) = map.get_mut(&key) else {
+                continue;
+            };
             match rule.field(&key) {
-                Some((_, field)) if matches!(field.action, PiiAction::Drop | PiiAction::Consent) => {
+                Some((_, field))
+                    if matches!(field.action, PiiAction::Drop | PiiAction::Consent) =>
+                {
                     map.remove(&key);
                 }
                 Some((_, field)) => self.redact_field(value, field, time),
@@ -609,7 +713,7 @@ fn undeclared(value: &mut Value) {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    crate::wall_clock_ms() as i64
 }
 
 #[cfg(test)]
@@ -617,7 +721,14 @@ mod tests {
     use super::*;
 
     fn ring() -> Arc<KeyRing> {
-        Arc::new(KeyRing::from_hex("k1", "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff", 30).unwrap())
+        Arc::new(
+            KeyRing::from_hex(
+                "k1",
+                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+                30,
+            )
+            .unwrap(),
+        )
     }
 
     #[test]
@@ -687,11 +798,20 @@ mod tests {
         let before_again = p.pseudonym("casey", boundary - period_ms + 5);
         let after = p.pseudonym("casey", boundary);
         assert_eq!(before, before_again, "same user, same period");
-        assert!(before.starts_with("k1.699.") && after.starts_with("k1.700."), "{before} {after}");
+        assert!(
+            before.starts_with("k1.699.") && after.starts_with("k1.700."),
+            "{before} {after}"
+        );
         assert_ne!(before[7..], after[7..]);
         assert_ne!(p.pseudonym("casey", 5), p.pseudonym("morgan", 5));
-        let mut other = Pseudonymizer::new(Arc::new(KeyRing::from_hex("k1", &"ab".repeat(32), 30).unwrap()));
-        assert_ne!(other.pseudonym("casey", 5), p.pseudonym("casey", 5), "the secret matters");
+        let mut other = Pseudonymizer::new(Arc::new(
+            KeyRing::from_hex("k1", &"ab".repeat(32), 30).unwrap(),
+        ));
+        assert_ne!(
+            other.pseudonym("casey", 5),
+            p.pseudonym("casey", 5),
+            "the secret matters"
+        );
     }
 
     #[test]
@@ -700,7 +820,10 @@ mod tests {
         let reference = |ring: &KeyRing, value: &str, t: i64| {
             let period = ring.period(t);
             let digest = blake3::keyed_hash(&ring.period_key(period), value.as_bytes());
-            let hex: String = digest.as_bytes()[..12].iter().map(|b| format!("{b:02x}")).collect();
+            let hex: String = digest.as_bytes()[..12]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             format!("{}.{period}.{hex}", ring.key_id)
         };
         let long = Arc::new(KeyRing::from_hex("sixteen-chars-id", &"5a".repeat(32), 1).unwrap());
@@ -716,13 +839,19 @@ mod tests {
                 }
             }
         }
-        assert!(KeyRing::from_hex("seventeen-chars-x", &"5a".repeat(32), 30).is_err(), "key ids are at most 16 bytes");
+        assert!(
+            KeyRing::from_hex("seventeen-chars-x", &"5a".repeat(32), 30).is_err(),
+            "key ids are at most 16 bytes"
+        );
     }
 
     #[test]
     fn a_pseudonym_behaves_like_its_string() {
         let words = ["k1.700.ab", "k1.700.b", "k1.70.ab", "", "k1.700.ab"];
-        let pseudonyms: Vec<Pseudonym> = words.iter().map(|w| Pseudonym::try_from(*w).unwrap()).collect();
+        let pseudonyms: Vec<Pseudonym> = words
+            .iter()
+            .map(|w| Pseudonym::try_from(*w).unwrap())
+            .collect();
         for (a, pa) in words.iter().zip(&pseudonyms) {
             for (b, pb) in words.iter().zip(&pseudonyms) {
                 assert_eq!(a.cmp(b), pa.cmp(pb), "{a} {b}");
@@ -733,7 +862,10 @@ mod tests {
             assert_eq!(serde_json::from_str::<Pseudonym>(&json).unwrap(), *pa);
             assert_eq!(format!("{pa} {pa:?}"), format!("{a} {a:?}"));
         }
-        assert_eq!(Pseudonym::try_from("x".repeat(63).as_str()), Err(PseudonymTooLong(63)));
+        assert_eq!(
+            Pseudonym::try_from("x".repeat(63).as_str()),
+            Err(PseudonymTooLong(63))
+        );
         assert!(serde_json::from_str::<Pseudonym>(&format!("\"{}\"", "x".repeat(63))).is_err());
     }
 
@@ -752,7 +884,13 @@ mod tests {
         let raw = br#"{"event_name":"outcome_reply_received","user_id":"casey","country":"DE","ip":"10.1.2.3","timestamp":"2026-01-23T18:30:00Z",
             "properties":{"draft_id":"d1","recipient":"john@acmecorp.com","reply_sentiment":"upbeat","notes":"ring 415-555-0134","time_to_reply_hours":4.5}}"#;
         let out = privacy.redact_payload(raw, None);
-        assert!(!out.contains("casey") && !out.contains("john@") && !out.contains("10.1.2.3") && !out.contains("555"), "{out}");
+        assert!(
+            !out.contains("casey")
+                && !out.contains("john@")
+                && !out.contains("10.1.2.3")
+                && !out.contains("555"),
+            "{out}"
+        );
         assert!(!out.contains("\"country\""), "no consent, no geo: {out}");
         let v: Value = serde_json::from_str(&out).unwrap();
         assert!(v["user_id"].as_str().unwrap().starts_with("k1."));
@@ -760,10 +898,19 @@ mod tests {
         assert_eq!(v["properties"]["notes"], REDACTED);
         assert_eq!(v["ip"], REDACTED);
         assert_eq!(v["properties"]["time_to_reply_hours"], 4.5);
-        let out = privacy.redact_payload(br#"{"user_id": "casey", "jane@x.io": 1, "note": "a \" quote"#, None);
-        assert!(!out.contains("casey") && !out.contains("jane") && !out.contains("quote"), "{out}");
+        let out = privacy.redact_payload(
+            br#"{"user_id": "casey", "jane@x.io": 1, "note": "a \" quote"#,
+            None,
+        );
+        assert!(
+            !out.contains("casey") && !out.contains("jane") && !out.contains("quote"),
+            "{out}"
+        );
         assert!(out.contains(r#""user_id": "[redacted]""#), "{out}");
-        let out = privacy.redact_payload(br#"{"event_name":"signal_received","jane@x.io":"v","properties":{"ok@x.io":{"a":1}}}"#, None);
+        let out = privacy.redact_payload(
+            br#"{"event_name":"signal_received","jane@x.io":"v","properties":{"ok@x.io":{"a":1}}}"#,
+            None,
+        );
         assert!(!out.contains('@'), "keys are redacted too: {out}");
     }
 }

@@ -43,7 +43,9 @@ impl Version {
         for b in text.bytes() {
             match b {
                 b'0'..=b'9' => {
-                    numbers[part] = numbers[part].checked_mul(10)?.checked_add(u32::from(b - b'0'))?;
+                    numbers[part] = numbers[part]
+                        .checked_mul(10)?
+                        .checked_add(u32::from(b - b'0'))?;
                     digits += 1;
                 }
                 b'.' if digits > 0 && part < 2 => (part, digits) = (part + 1, 0),
@@ -51,7 +53,11 @@ impl Version {
             }
         }
         let [major, minor, patch] = numbers;
-        (part == 2 && digits > 0).then_some(Version { major, minor, patch })
+        (part == 2 && digits > 0).then_some(Version {
+            major,
+            minor,
+            patch,
+        })
     }
 }
 
@@ -161,11 +167,19 @@ impl Types {
 
     /// The names of the types, for messages.
     pub fn names(self) -> String {
-        Types::NAMES.iter().filter(|(_, t)| self.contains(*t)).map(|(n, _)| *n).collect::<Vec<_>>().join(" or ")
+        Types::NAMES
+            .iter()
+            .filter(|(_, t)| self.contains(*t))
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(" or ")
     }
 
     fn of_name(name: &str) -> Option<Types> {
-        Types::NAMES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+        Types::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
     }
 }
 
@@ -225,15 +239,27 @@ pub struct ObjectRule {
 impl ObjectRule {
     /// The rule of an object with `fields` (at most 64) of which `required` are required; the
     /// name of a required property that is not among the fields is the error.
-    pub fn new(mut fields: Vec<(String, FieldRule)>, required: Vec<String>) -> Result<ObjectRule, String> {
+    pub fn new(
+        mut fields: Vec<(String, FieldRule)>,
+        required: Vec<String>,
+    ) -> Result<ObjectRule, String> {
         fields.sort_by(|a, b| a.0.cmp(&b.0));
-        let index: HashMap<_, _, _> = fields.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect();
+        let index: HashMap<_, _, _> = fields
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| (name.clone(), i))
+            .collect();
         let mut required_mask = 0u64;
         for name in &required {
             let i = index.get(name).ok_or_else(|| name.clone())?;
             required_mask |= 1u64.checked_shl(*i as u32).ok_or_else(|| name.clone())?;
         }
-        Ok(ObjectRule { fields, required, index, required_mask })
+        Ok(ObjectRule {
+            fields,
+            required,
+            index,
+            required_mask,
+        })
     }
 
     /// The rule of property `name` and its index, if declared.
@@ -321,7 +347,10 @@ pub struct RegistryError {
 }
 
 fn err(file: &str, message: impl Into<String>) -> RegistryError {
-    RegistryError { file: file.to_owned(), message: message.into() }
+    RegistryError {
+        file: file.to_owned(),
+        message: message.into(),
+    }
 }
 
 /// All event schemas and the envelope schema.
@@ -337,7 +366,10 @@ pub struct Registry {
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registry").field("events", &self.events.len()).field("envelope", &self.envelope_file).finish()
+        f.debug_struct("Registry")
+            .field("events", &self.events.len())
+            .field("envelope", &self.envelope_file)
+            .finish()
     }
 }
 
@@ -378,7 +410,8 @@ static EMBEDDED_REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
     // The embedded files are part of the build and a unit test loads them; a failure here is a
     // build defect, not bad input.
     #[allow(clippy::expect_used)]
-    Registry::from_files(EMBEDDED.iter().map(|(p, t)| (p.to_string(), t.to_string()))).expect("the embedded schema registry is valid")
+    Registry::from_files(EMBEDDED.iter().map(|(p, t)| (p.to_string(), t.to_string())))
+        .expect("the embedded schema registry is valid")
 });
 
 impl Registry {
@@ -390,45 +423,72 @@ impl Registry {
     /// Loads every `*.json` under `dir` (layout as in `schemas/registry/`).
     pub fn load_dir(dir: &Path) -> Result<Registry, RegistryError> {
         let mut files = Vec::new();
-        collect_json(dir, dir, &mut files).map_err(|e| err(&dir.display().to_string(), e.to_string()))?;
+        collect_json(dir, dir, &mut files)
+            .map_err(|e| err(&dir.display().to_string(), e.to_string()))?;
         if files.is_empty() {
-            return Err(err(&dir.display().to_string(), "no schema files (*.json) found"));
+            return Err(err(
+                &dir.display().to_string(),
+                "no schema files (*.json) found",
+            ));
         }
         Registry::from_files(files)
     }
 
     /// Builds a registry from (path, text) pairs: `envelope/<version>.json` and
     /// `events/<event_name>/<version>.json`.
-    pub fn from_files(files: impl IntoIterator<Item = (String, String)>) -> Result<Registry, RegistryError> {
+    pub fn from_files(
+        files: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Registry, RegistryError> {
         let mut envelope = None;
         let mut events: BTreeMap<String, Vec<EventSchema>> = BTreeMap::new();
         let mut types: BTreeMap<String, (EventType, String)> = BTreeMap::new();
         for (path, text) in files {
-            let document: Value = serde_json::from_str(&text).map_err(|e| err(&path, format!("not JSON: {e}")))?;
+            let document: Value =
+                serde_json::from_str(&text).map_err(|e| err(&path, format!("not JSON: {e}")))?;
             let parts: Vec<&str> = path.trim_end_matches(".json").split('/').collect();
             match parts.as_slice() {
                 ["envelope", version] => {
-                    Version::parse(version).ok_or_else(|| err(&path, "file name must be <MAJOR.MINOR.PATCH>.json"))?;
+                    Version::parse(version)
+                        .ok_or_else(|| err(&path, "file name must be <MAJOR.MINOR.PATCH>.json"))?;
                     if envelope.replace((path.clone(), document)).is_some() {
                         return Err(err(&path, "more than one envelope schema"));
                     }
                 }
                 ["events", name, version] => {
-                    let version = Version::parse(version).ok_or_else(|| err(&path, "file name must be <MAJOR.MINOR.PATCH>.json"))?;
-                    let (schema, event_type, origin) = compile_event(&path, name, version, document)?;
-                    if let Some((t, _)) = types.insert(name.to_string(), (event_type, origin)).filter(|(t, _)| *t != event_type) {
-                        return Err(err(&path, format!("event_type `{}` differs from another version's `{}`", event_type.as_str(), t.as_str())));
+                    let version = Version::parse(version)
+                        .ok_or_else(|| err(&path, "file name must be <MAJOR.MINOR.PATCH>.json"))?;
+                    let (schema, event_type, origin) =
+                        compile_event(&path, name, version, document)?;
+                    if let Some((t, _)) = types
+                        .insert(name.to_string(), (event_type, origin))
+                        .filter(|(t, _)| *t != event_type)
+                    {
+                        return Err(err(
+                            &path,
+                            format!(
+                                "event_type `{}` differs from another version's `{}`",
+                                event_type.as_str(),
+                                t.as_str()
+                            ),
+                        ));
                     }
                     events.entry(name.to_string()).or_default().push(schema);
                 }
-                _ => return Err(err(&path, "expected envelope/<version>.json or events/<event_name>/<version>.json")),
+                _ => {
+                    return Err(err(
+                        &path,
+                        "expected envelope/<version>.json or events/<event_name>/<version>.json",
+                    ));
+                }
             }
         }
         let Some((envelope_file, envelope)) = envelope else {
             return Err(err("envelope/", "the envelope schema is missing"));
         };
-        let envelope_validator =
-            jsonschema::options().should_validate_formats(true).build(&envelope).map_err(|e| err(&envelope_file, format!("not a valid JSON Schema: {e}")))?;
+        let envelope_validator = jsonschema::options()
+            .should_validate_formats(true)
+            .build(&envelope)
+            .map_err(|e| err(&envelope_file, format!("not a valid JSON Schema: {e}")))?;
         if events.len() > usize::from(u16::MAX) {
             return Err(err("events/", "too many events"));
         }
@@ -436,17 +496,42 @@ impl Registry {
             .into_iter()
             .map(|(name, mut versions)| {
                 versions.sort_by_key(|s| s.version);
-                let (event_type, origin) = types.remove(&name).unwrap_or((EventType::Action, String::new()));
-                EventSpec { name, event_type, origin, versions }
+                let (event_type, origin) = types
+                    .remove(&name)
+                    .unwrap_or((EventType::Action, String::new()));
+                EventSpec {
+                    name,
+                    event_type,
+                    origin,
+                    versions,
+                }
             })
             .collect();
-        let by_name = events.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
+        let by_name = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
         let envelope_actions = envelope
             .get("properties")
             .and_then(Value::as_object)
-            .map(|props| props.iter().filter_map(|(k, v)| Some((k.clone(), parse_action(v.get("x-action")?.as_str()?)?))).collect())
+            .map(|props| {
+                props
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        Some((k.clone(), parse_action(v.get("x-action")?.as_str()?)?))
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
-        Ok(Registry { events, by_name, envelope, envelope_file, envelope_validator, envelope_actions })
+        Ok(Registry {
+            events,
+            by_name,
+            envelope,
+            envelope_file,
+            envelope_validator,
+            envelope_actions,
+        })
     }
 
     /// Every event, sorted by name. [`crate::EventName`] indexes this list.
@@ -457,6 +542,18 @@ impl Registry {
     /// The event called `name`.
     pub fn event(&self, name: &str) -> Option<(usize, &EventSpec)> {
         self.by_name.get(name).map(|&i| (i, &self.events[i]))
+    }
+
+    /// The schema of event `name` at `version` (`MAJOR.MINOR.PATCH`; the newest when `None`),
+    /// if both are known. The one lookup by name and version; the decoder's own checks say
+    /// *which* of the two is unknown.
+    pub fn schema_of(&self, name: &str, version: Option<&str>) -> Option<&EventSchema> {
+        let (_, spec) = self.event(name)?;
+        let version = match version {
+            None => None,
+            Some(text) => Some(Version::parse(text)?),
+        };
+        spec.schema(version)
     }
 
     /// The envelope schema document.
@@ -491,21 +588,41 @@ impl Registry {
 }
 
 /// Every `*.json` under `dir`, as (path relative to `root` with `/` separators, text), sorted.
-pub(crate) fn collect_json(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> std::io::Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+pub(crate) fn collect_json(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, String)>,
+) -> std::io::Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
     entries.sort();
     for path in entries {
         if path.is_dir() {
             collect_json(root, &path, out)?;
         } else if path.extension().is_some_and(|e| e == "json") {
-            let relative = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+            let relative = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .replace('\\', "/");
             out.push((relative, std::fs::read_to_string(&path)?));
         }
     }
     Ok(())
 }
 
-const TOP_KEYWORDS: &[&str] = &["$schema", "$id", "title", "description", "type", "x-sightline", "properties", "required", "additionalProperties"];
+const TOP_KEYWORDS: &[&str] = &[
+    "$schema",
+    "$id",
+    "title",
+    "description",
+    "type",
+    "x-sightline",
+    "properties",
+    "required",
+    "additionalProperties",
+];
 const FIELD_KEYWORDS: &[&str] = &[
     "type",
     "description",
@@ -524,13 +641,34 @@ const FIELD_KEYWORDS: &[&str] = &[
 ];
 
 fn parse_action(name: &str) -> Option<PiiAction> {
-    [PiiAction::Keep, PiiAction::Pseudonymize, PiiAction::Scrub, PiiAction::Drop, PiiAction::Consent].into_iter().find(|a| a.as_str() == name)
+    [
+        PiiAction::Keep,
+        PiiAction::Pseudonymize,
+        PiiAction::Scrub,
+        PiiAction::Drop,
+        PiiAction::Consent,
+    ]
+    .into_iter()
+    .find(|a| a.as_str() == name)
 }
 
-fn compile_event(path: &str, name: &str, version: Version, document: Value) -> Result<(EventSchema, EventType, String), RegistryError> {
-    let top = document.as_object().ok_or_else(|| err(path, "a schema must be a JSON object"))?;
+fn compile_event(
+    path: &str,
+    name: &str,
+    version: Version,
+    document: Value,
+) -> Result<(EventSchema, EventType, String), RegistryError> {
+    let top = document
+        .as_object()
+        .ok_or_else(|| err(path, "a schema must be a JSON object"))?;
     if let Some(k) = top.keys().find(|k| !TOP_KEYWORDS.contains(&k.as_str())) {
-        return Err(err(path, format!("keyword `{k}` is not supported at the top level (supported: {})", TOP_KEYWORDS.join(", "))));
+        return Err(err(
+            path,
+            format!(
+                "keyword `{k}` is not supported at the top level (supported: {})",
+                TOP_KEYWORDS.join(", ")
+            ),
+        ));
     }
     if top.get("$schema").and_then(Value::as_str) != Some(DIALECT) {
         return Err(err(path, format!("`$schema` must be `{DIALECT}`")));
@@ -538,86 +676,179 @@ fn compile_event(path: &str, name: &str, version: Version, document: Value) -> R
     if top.get("type").and_then(Value::as_str) != Some("object") {
         return Err(err(path, "`type` must be `object`"));
     }
-    let meta = top.get("x-sightline").and_then(Value::as_object).ok_or_else(|| err(path, "`x-sightline` metadata is missing"))?;
+    let meta = top
+        .get("x-sightline")
+        .and_then(Value::as_object)
+        .ok_or_else(|| err(path, "`x-sightline` metadata is missing"))?;
     let text = |key: &str| meta.get(key).and_then(Value::as_str);
     if text("event_name") != Some(name) {
-        return Err(err(path, format!("x-sightline.event_name must be `{name}` (the directory name)")));
+        return Err(err(
+            path,
+            format!("x-sightline.event_name must be `{name}` (the directory name)"),
+        ));
     }
     if text("version").and_then(Version::parse) != Some(version) {
-        return Err(err(path, format!("x-sightline.version must be `{version}` (the file name)")));
+        return Err(err(
+            path,
+            format!("x-sightline.version must be `{version}` (the file name)"),
+        ));
     }
     let event_type: EventType = text("event_type")
         .and_then(|t| serde_json::from_value(Value::String(t.to_owned())).ok())
-        .ok_or_else(|| err(path, "x-sightline.event_type must be one of view, action, outcome, error, system_health"))?;
+        .ok_or_else(|| {
+            err(
+                path,
+                "x-sightline.event_type must be one of view, action, outcome, error, system_health",
+            )
+        })?;
     let origin = text("origin").unwrap_or_default().to_owned();
     let supersedes = match meta.get("supersedes") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_str().and_then(Version::parse).ok_or_else(|| err(path, "x-sightline.supersedes must be a version"))?),
+        Some(v) => Some(
+            v.as_str()
+                .and_then(Version::parse)
+                .ok_or_else(|| err(path, "x-sightline.supersedes must be a version"))?,
+        ),
     };
     let latency = match meta.get("latency") {
         None | Some(Value::Null) => None,
         Some(l) => {
-            let field = l.get("field").and_then(Value::as_str).ok_or_else(|| err(path, "x-sightline.latency.field is missing"))?;
+            let field = l
+                .get("field")
+                .and_then(Value::as_str)
+                .ok_or_else(|| err(path, "x-sightline.latency.field is missing"))?;
             let scale_ms = match l.get("unit").and_then(Value::as_str) {
                 Some("ms") => 1.0,
                 Some("seconds") => 1000.0,
-                _ => return Err(err(path, "x-sightline.latency.unit must be `ms` or `seconds`")),
+                _ => {
+                    return Err(err(
+                        path,
+                        "x-sightline.latency.unit must be `ms` or `seconds`",
+                    ));
+                }
             };
-            Some(Latency { field: field.to_owned(), scale_ms })
+            Some(Latency {
+                field: field.to_owned(),
+                scale_ms,
+            })
         }
     };
     let envelope = match meta.get("envelope") {
         None => Vec::new(),
         Some(Value::Object(m)) => m
             .iter()
-            .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())).ok_or_else(|| err(path, format!("x-sightline.envelope.{k} must be a string"))))
+            .map(|(k, v)| {
+                v.as_str()
+                    .map(|v| (k.clone(), v.to_owned()))
+                    .ok_or_else(|| err(path, format!("x-sightline.envelope.{k} must be a string")))
+            })
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(err(path, "x-sightline.envelope must be an object")),
     };
     let properties = compile_object(path, "", top)?;
     if let Some(l) = &latency {
         match properties.field(&l.field) {
-            Some((_, rule)) if rule.types.accepts(Types::NUMBER) || rule.types.contains(Types::INTEGER) => {}
-            _ => return Err(err(path, format!("latency field `{}` must be a numeric property", l.field))),
+            Some((_, rule))
+                if rule.types.accepts(Types::NUMBER) || rule.types.contains(Types::INTEGER) => {}
+            _ => {
+                return Err(err(
+                    path,
+                    format!("latency field `{}` must be a numeric property", l.field),
+                ));
+            }
         }
     }
-    Ok((EventSchema { version, supersedes, envelope, properties, latency, document, file: path.to_owned() }, event_type, origin))
+    Ok((
+        EventSchema {
+            version,
+            supersedes,
+            envelope,
+            properties,
+            latency,
+            document,
+            file: path.to_owned(),
+        },
+        event_type,
+        origin,
+    ))
 }
 
-fn compile_object(path: &str, pointer: &str, object: &Map<String, Value>) -> Result<ObjectRule, RegistryError> {
+fn compile_object(
+    path: &str,
+    pointer: &str,
+    object: &Map<String, Value>,
+) -> Result<ObjectRule, RegistryError> {
     if object.get("additionalProperties") != Some(&Value::Bool(false)) {
-        return Err(err(path, format!("{pointer}: objects must be closed (`additionalProperties: false`)")));
+        return Err(err(
+            path,
+            format!("{pointer}: objects must be closed (`additionalProperties: false`)"),
+        ));
     }
-    let props = object.get("properties").and_then(Value::as_object).ok_or_else(|| err(path, format!("{pointer}: `properties` is missing")))?;
+    let props = object
+        .get("properties")
+        .and_then(Value::as_object)
+        .ok_or_else(|| err(path, format!("{pointer}: `properties` is missing")))?;
     if props.len() > 64 {
-        return Err(err(path, format!("{pointer}: at most 64 properties per object")));
+        return Err(err(
+            path,
+            format!("{pointer}: at most 64 properties per object"),
+        ));
     }
     let fields = props
         .iter()
-        .map(|(name, schema)| compile_field(path, &format!("{pointer}/{name}"), schema).map(|rule| (name.clone(), rule)))
+        .map(|(name, schema)| {
+            compile_field(path, &format!("{pointer}/{name}"), schema)
+                .map(|rule| (name.clone(), rule))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let required: Vec<String> = match object.get("required") {
         None => Vec::new(),
         Some(Value::Array(names)) => names
             .iter()
-            .map(|n| n.as_str().map(str::to_owned).ok_or_else(|| err(path, format!("{pointer}: `required` lists strings"))))
+            .map(|n| {
+                n.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| err(path, format!("{pointer}: `required` lists strings")))
+            })
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(err(path, format!("{pointer}: `required` must be an array"))),
     };
-    ObjectRule::new(fields, required).map_err(|missing| err(path, format!("{pointer}: required property `{missing}` is not declared in `properties`")))
+    ObjectRule::new(fields, required).map_err(|missing| {
+        err(
+            path,
+            format!("{pointer}: required property `{missing}` is not declared in `properties`"),
+        )
+    })
 }
 
 fn compile_field(path: &str, pointer: &str, schema: &Value) -> Result<FieldRule, RegistryError> {
     let at = |message: String| err(path, format!("{pointer}: {message}"));
-    let s = schema.as_object().ok_or_else(|| at("a property schema must be an object".into()))?;
+    let s = schema
+        .as_object()
+        .ok_or_else(|| at("a property schema must be an object".into()))?;
     if let Some(k) = s.keys().find(|k| !FIELD_KEYWORDS.contains(&k.as_str())) {
-        return Err(at(format!("keyword `{k}` is not supported (supported: {})", FIELD_KEYWORDS.join(", "))));
+        return Err(at(format!(
+            "keyword `{k}` is not supported (supported: {})",
+            FIELD_KEYWORDS.join(", ")
+        )));
     }
-    let type_of = |name: &Value| name.as_str().and_then(Types::of_name).ok_or_else(|| at(format!("unknown type {name}")));
+    let type_of = |name: &Value| {
+        name.as_str()
+            .and_then(Types::of_name)
+            .ok_or_else(|| at(format!("unknown type {name}")))
+    };
     let types = match s.get("type") {
-        Some(Value::Array(names)) if !names.is_empty() => names.iter().try_fold(Types::default(), |acc, n| Ok::<_, RegistryError>(acc | type_of(n)?))?,
+        Some(Value::Array(names)) if !names.is_empty() => {
+            names.iter().try_fold(Types::default(), |acc, n| {
+                Ok::<_, RegistryError>(acc | type_of(n)?)
+            })?
+        }
         Some(name @ Value::String(_)) => type_of(name)?,
-        _ => return Err(at("`type` is required (a type name or a non-empty array of them)".into())),
+        _ => {
+            return Err(at(
+                "`type` is required (a type name or a non-empty array of them)".into(),
+            ));
+        }
     };
     let enum_values = match s.get("enum") {
         None => None,
@@ -627,7 +858,11 @@ fn compile_field(path: &str, pointer: &str, schema: &Value) -> Result<FieldRule,
                 match v {
                     Value::String(v) => strings.push(v.clone()),
                     Value::Null if types.contains(Types::NULL) => {}
-                    other => return Err(at(format!("enum values must be strings (or null for a nullable field), found {other}"))),
+                    other => {
+                        return Err(at(format!(
+                            "enum values must be strings (or null for a nullable field), found {other}"
+                        )));
+                    }
                 }
             }
             if !types.contains(Types::STRING) {
@@ -639,20 +874,34 @@ fn compile_field(path: &str, pointer: &str, schema: &Value) -> Result<FieldRule,
     };
     let number = |key: &str| match s.get(key) {
         None => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| at(format!("`{key}` must be a number"))),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| at(format!("`{key}` must be a number"))),
     };
     let length = |key: &str| match s.get(key) {
         None => Ok(None),
-        Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| at(format!("`{key}` must be a non-negative integer"))),
+        Some(v) => v
+            .as_u64()
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| at(format!("`{key}` must be a non-negative integer"))),
     };
     let date_time = match s.get("format") {
         None => false,
         Some(Value::String(f)) if f == "date-time" => true,
-        Some(other) => return Err(at(format!("format {other} is not supported (only date-time)"))),
+        Some(other) => {
+            return Err(at(format!(
+                "format {other} is not supported (only date-time)"
+            )));
+        }
     };
     let items = match s.get("items") {
         None => None,
-        Some(item) if types.contains(Types::ARRAY) => Some(Box::new(compile_field(path, &format!("{pointer}/items"), item)?)),
+        Some(item) if types.contains(Types::ARRAY) => Some(Box::new(compile_field(
+            path,
+            &format!("{pointer}/items"),
+            item,
+        )?)),
         Some(_) => return Err(at("`items` needs type array".into())),
     };
     let object = if s.contains_key("properties") || types.contains(Types::OBJECT) {
@@ -673,8 +922,14 @@ fn compile_field(path: &str, pointer: &str, schema: &Value) -> Result<FieldRule,
         Some("secret") => PiiClass::Secret,
         _ => return Err(at("`x-pii` must be one of none, identifier, contact, free_text, network, location, secret".into())),
     };
-    let Some(action) = s.get("x-action").and_then(Value::as_str).and_then(parse_action) else {
-        return Err(at("`x-action` must be one of keep, pseudonymize, scrub, drop, consent".into()));
+    let Some(action) = s
+        .get("x-action")
+        .and_then(Value::as_str)
+        .and_then(parse_action)
+    else {
+        return Err(at(
+            "`x-action` must be one of keep, pseudonymize, scrub, drop, consent".into(),
+        ));
     };
     let allowed = match pii {
         PiiClass::None => &[PiiAction::Keep, PiiAction::Drop][..],
@@ -688,10 +943,18 @@ fn compile_field(path: &str, pointer: &str, schema: &Value) -> Result<FieldRule,
             "x-action `{}` is not allowed for x-pii `{}` (allowed: {})",
             action.as_str(),
             s.get("x-pii").and_then(Value::as_str).unwrap_or_default(),
-            allowed.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", ")
+            allowed
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
-    if (types.contains(Types::NUMBER) || types.contains(Types::INTEGER) || types.contains(Types::BOOLEAN)) && action == PiiAction::Pseudonymize {
+    if (types.contains(Types::NUMBER)
+        || types.contains(Types::INTEGER)
+        || types.contains(Types::BOOLEAN))
+        && action == PiiAction::Pseudonymize
+    {
         return Err(at("only strings can be pseudonymized".into()));
     }
     Ok(FieldRule {
@@ -716,15 +979,52 @@ mod tests {
     #[test]
     fn embedded_registry_loads_both_seed_taxonomies() {
         let registry = Registry::embedded();
-        assert_eq!(registry.events().iter().filter(|e| e.origin == "000").count(), 5);
-        assert_eq!(registry.events().iter().filter(|e| e.origin == "004").count(), 16);
+        assert_eq!(
+            registry
+                .events()
+                .iter()
+                .filter(|e| e.origin == "000")
+                .count(),
+            5
+        );
+        assert_eq!(
+            registry
+                .events()
+                .iter()
+                .filter(|e| e.origin == "004")
+                .count(),
+            16
+        );
         let (_, feedback) = registry.event("project_feedback_submitted").unwrap();
         assert_eq!(feedback.versions.len(), 2);
-        assert_eq!(feedback.default_schema().unwrap().version, Version { major: 1, minor: 1, patch: 0 });
+        assert_eq!(
+            feedback.default_schema().unwrap().version,
+            Version {
+                major: 1,
+                minor: 1,
+                patch: 0
+            }
+        );
         let (_, signal) = registry.event("signal_processed").unwrap();
-        assert_eq!(signal.latency().map(|l| l.field.as_str()), Some("processing_duration_ms"));
-        assert_eq!(registry.event("recommendation_accepted").unwrap().1.latency().unwrap().scale_ms, 1000.0);
-        let with_latency: Vec<(&str, &str)> = registry.events().iter().filter_map(|e| e.latency().map(|l| (e.name.as_str(), l.field.as_str()))).collect();
+        assert_eq!(
+            signal.latency().map(|l| l.field.as_str()),
+            Some("processing_duration_ms")
+        );
+        assert_eq!(
+            registry
+                .event("recommendation_accepted")
+                .unwrap()
+                .1
+                .latency()
+                .unwrap()
+                .scale_ms,
+            1000.0
+        );
+        let with_latency: Vec<(&str, &str)> = registry
+            .events()
+            .iter()
+            .filter_map(|e| e.latency().map(|l| (e.name.as_str(), l.field.as_str())))
+            .collect();
         assert_eq!(
             with_latency,
             [
@@ -748,13 +1048,35 @@ mod tests {
         let mut embedded: Vec<String> = EMBEDDED.iter().map(|(p, _)| p.to_string()).collect();
         on_disk.sort();
         embedded.sort();
-        assert_eq!(on_disk, embedded, "add new schema files to the `embedded!` list");
+        assert_eq!(
+            on_disk, embedded,
+            "add new schema files to the `embedded!` list"
+        );
     }
 
     #[test]
     fn versions_parse_strictly() {
-        assert_eq!(Version::parse("1.10.0"), Some(Version { major: 1, minor: 10, patch: 0 }));
-        for bad in ["1.0", "1.0.0.0", "v1.0.0", "1..0", "1.0.x", "", "1.0.-1", "1.0.", ".1.0", "1.0.99999999999", "1.0.0 "] {
+        assert_eq!(
+            Version::parse("1.10.0"),
+            Some(Version {
+                major: 1,
+                minor: 10,
+                patch: 0
+            })
+        );
+        for bad in [
+            "1.0",
+            "1.0.0.0",
+            "v1.0.0",
+            "1..0",
+            "1.0.x",
+            "",
+            "1.0.-1",
+            "1.0.",
+            ".1.0",
+            "1.0.99999999999",
+            "1.0.0 ",
+        ] {
             assert_eq!(Version::parse(bad), None, "{bad}");
         }
     }
@@ -779,15 +1101,28 @@ mod tests {
                 r#"{{"$schema":"{DIALECT}","type":"object","x-sightline":{{"event_name":"e","version":"1.0.0","event_type":"action"}},"properties":{props},"additionalProperties":false}}"#
             )
         };
-        let load = |props: &str| Registry::from_files([(envelope.0.to_owned(), envelope.1.to_owned()), ("events/e/1.0.0.json".to_owned(), event(props))]);
+        let load = |props: &str| {
+            Registry::from_files([
+                (envelope.0.to_owned(), envelope.1.to_owned()),
+                ("events/e/1.0.0.json".to_owned(), event(props)),
+            ])
+        };
         assert!(load(r#"{"a":{"type":"string","x-pii":"none","x-action":"keep"}}"#).is_ok());
-        let message = load(r#"{"a":{"type":"string","pattern":"x","x-pii":"none","x-action":"keep"}}"#).unwrap_err().message;
+        let message =
+            load(r#"{"a":{"type":"string","pattern":"x","x-pii":"none","x-action":"keep"}}"#)
+                .unwrap_err()
+                .message;
         assert!(message.contains("pattern"), "{message}");
         let message = load(r#"{"a":{"type":"string"}}"#).unwrap_err().message;
         assert!(message.contains("x-pii"), "{message}");
-        let message = load(r#"{"a":{"type":"string","x-pii":"contact","x-action":"keep"}}"#).unwrap_err().message;
+        let message = load(r#"{"a":{"type":"string","x-pii":"contact","x-action":"keep"}}"#)
+            .unwrap_err()
+            .message;
         assert!(message.contains("not allowed"), "{message}");
-        let message = load(r#"{"a":{"type":"object","properties":{},"x-pii":"none","x-action":"keep"}}"#).unwrap_err().message;
+        let message =
+            load(r#"{"a":{"type":"object","properties":{},"x-pii":"none","x-action":"keep"}}"#)
+                .unwrap_err()
+                .message;
         assert!(message.contains("closed"), "{message}");
     }
 }

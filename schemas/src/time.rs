@@ -5,6 +5,15 @@
 //! (a space instead of `T` and a lower-case `z` are accepted too) and returns milliseconds
 //! since the Unix epoch, UTC. Fractions beyond milliseconds are truncated.
 
+/// The wall clock, in milliseconds since the Unix epoch (0 if the clock is before it). The one
+/// place the pipeline reads the wall clock for event-time decisions (idle partitions, the
+/// future-skew limit, the current key period).
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Parses an RFC 3339 timestamp into milliseconds since the Unix epoch (UTC).
 ///
 /// Returns `None` for anything that is not a valid timestamp, including out-of-range
@@ -24,12 +33,23 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
         }
         Some(v)
     };
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 60 {
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return None;
     }
     let mut i = 19;
@@ -156,11 +176,26 @@ mod tests {
     #[test]
     fn parses_known_instants() {
         assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339_ms("2026-01-23T14:30:00Z"), Some(1_769_178_600_000));
-        assert_eq!(parse_rfc3339_ms("2026-01-23T14:30:00.5Z"), Some(1_769_178_600_500));
-        assert_eq!(parse_rfc3339_ms("2026-01-23T14:30:00.123456Z"), Some(1_769_178_600_123));
-        assert_eq!(parse_rfc3339_ms("2026-01-23T16:30:00+02:00"), Some(1_769_178_600_000));
-        assert_eq!(parse_rfc3339_ms("2024-02-29T00:00:00Z"), Some(1_709_164_800_000));
+        assert_eq!(
+            parse_rfc3339_ms("2026-01-23T14:30:00Z"),
+            Some(1_769_178_600_000)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-01-23T14:30:00.5Z"),
+            Some(1_769_178_600_500)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-01-23T14:30:00.123456Z"),
+            Some(1_769_178_600_123)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-01-23T16:30:00+02:00"),
+            Some(1_769_178_600_000)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2024-02-29T00:00:00Z"),
+            Some(1_709_164_800_000)
+        );
     }
 
     #[test]

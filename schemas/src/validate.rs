@@ -16,7 +16,16 @@ use crate::registry::{FieldRule, ObjectRule, PiiAction, Types};
 use crate::{MAX_VIOLATIONS, Violation};
 
 /// Names that mark exact coordinates; an event carrying one is rejected, whatever its schema.
-const COORDINATE_NAMES: &[&str] = &["lat", "lng", "lon", "latitude", "longitude", "coordinates", "geo_point", "gps"];
+const COORDINATE_NAMES: &[&str] = &[
+    "lat",
+    "lng",
+    "lon",
+    "latitude",
+    "longitude",
+    "coordinates",
+    "geo_point",
+    "gps",
+];
 
 /// What validating one payload found.
 #[derive(Debug, Default)]
@@ -35,7 +44,12 @@ pub struct Checked {
 
 /// Validates the JSON object `raw` against `rule`. `latency_field` names the top-level
 /// property whose number is the event's latency. JSON syntax errors come back as `Err`.
-pub fn check_properties(raw: &str, rule: &ObjectRule, latency_field: Option<&str>, scrubber: &Scrubber) -> Result<Checked, serde_json::Error> {
+pub fn check_properties(
+    raw: &str,
+    rule: &ObjectRule,
+    latency_field: Option<&str>,
+    scrubber: &Scrubber,
+) -> Result<Checked, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(raw);
     let checked = check(&mut de, rule, latency_field, scrubber)?;
     de.end()?;
@@ -43,11 +57,29 @@ pub fn check_properties(raw: &str, rule: &ObjectRule, latency_field: Option<&str
 }
 
 /// Validates the value `deserializer` reads next against `rule`.
-fn check<'de, D: de::Deserializer<'de>>(deserializer: D, rule: &ObjectRule, latency_field: Option<&str>, scrubber: &Scrubber) -> Result<Checked, D::Error> {
+fn check<'de, D: de::Deserializer<'de>>(
+    deserializer: D,
+    rule: &ObjectRule,
+    latency_field: Option<&str>,
+    scrubber: &Scrubber,
+) -> Result<Checked, D::Error> {
     let mut checked = Checked::default();
-    let root = Path { parent: None, segment: Segment::Key("properties") };
-    let mut state = State { checked: &mut checked, latency_field, scrubber };
-    ValueSeed { rule: Rule::Object(rule), path: &root, state: &mut state, depth: 0 }.deserialize(deserializer)?;
+    let root = Path {
+        parent: None,
+        segment: Segment::Key("properties"),
+    };
+    let mut state = State {
+        checked: &mut checked,
+        latency_field,
+        scrubber,
+    };
+    ValueSeed {
+        rule: Rule::Object(rule),
+        path: &root,
+        state: &mut state,
+        depth: 0,
+    }
+    .deserialize(deserializer)?;
     Ok(checked)
 }
 
@@ -66,7 +98,10 @@ pub(crate) struct PropertiesSeed<'r> {
 impl<'de> DeserializeSeed<'de> for PropertiesSeed<'_> {
     type Value = Option<Checked>;
 
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Option<Checked>, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Option<Checked>, D::Error> {
         deserializer.deserialize_option(self)
     }
 }
@@ -86,7 +121,10 @@ impl<'de> Visitor<'de> for PropertiesSeed<'_> {
         Ok(None)
     }
 
-    fn visit_some<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Option<Checked>, D::Error> {
+    fn visit_some<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Option<Checked>, D::Error> {
         check(deserializer, self.rule, self.latency_field, self.scrubber).map(Some)
     }
 }
@@ -100,7 +138,11 @@ struct State<'s, 'r> {
 impl State<'_, '_> {
     fn violation(&mut self, path: &Path<'_>, keyword: &'static str, message: impl fmt::Display) {
         if self.checked.violations.len() < MAX_VIOLATIONS {
-            self.checked.violations.push(Violation { pointer: path.render(), keyword: keyword.to_owned(), message: format!("{}: {message}", path.render()) });
+            self.checked.violations.push(Violation {
+                pointer: path.render(),
+                keyword: keyword.to_owned(),
+                message: format!("{}: {message}", path.render()),
+            });
         }
     }
 }
@@ -171,19 +213,39 @@ impl ValueSeed<'_, '_, '_> {
         if allowed.accepts(found) {
             return true;
         }
-        self.state.violation(self.path, "type", format_args!("expected {}, found {}", allowed.names(), found.names()));
+        self.state.violation(
+            self.path,
+            "type",
+            format_args!("expected {}, found {}", allowed.names(), found.names()),
+        );
         false
     }
 
     fn number(mut self, value: f64, integral: bool) {
-        let found = if integral { Types::INTEGER } else { Types::NUMBER };
+        let found = if integral {
+            Types::INTEGER
+        } else {
+            Types::NUMBER
+        };
         if !self.type_ok(found) {
             return;
         }
         let Rule::Field(rule) = self.rule else { return };
         if rule.minimum.is_some_and(|m| value < m) || rule.maximum.is_some_and(|m| value > m) {
-            let keyword = if rule.minimum.is_some_and(|m| value < m) { "minimum" } else { "maximum" };
-            self.state.violation(self.path, keyword, format_args!("{value} is outside [{}, {}]", fmt_bound(rule.minimum), fmt_bound(rule.maximum)));
+            let keyword = if rule.minimum.is_some_and(|m| value < m) {
+                "minimum"
+            } else {
+                "maximum"
+            };
+            self.state.violation(
+                self.path,
+                keyword,
+                format_args!(
+                    "{value} is outside [{}, {}]",
+                    fmt_bound(rule.minimum),
+                    fmt_bound(rule.maximum)
+                ),
+            );
             return;
         }
         if self.depth == 1
@@ -203,22 +265,44 @@ impl ValueSeed<'_, '_, '_> {
         if let Some(allowed) = &rule.enum_values
             && !allowed.iter().any(|a| a == value)
         {
-            self.state.violation(self.path, "enum", format_args!("`{}` is not one of {}", truncate(value), allowed.join(", ")));
+            self.state.violation(
+                self.path,
+                "enum",
+                format_args!("`{}` is not one of {}", truncate(value), allowed.join(", ")),
+            );
             return;
         }
         if rule.min_length.is_some() || rule.max_length.is_some() {
             let chars = value.chars().count();
             if rule.max_length.is_some_and(|m| chars > m) {
-                self.state.violation(self.path, "maxLength", format_args!("{chars} characters, the limit is {}", rule.max_length.unwrap_or_default()));
+                self.state.violation(
+                    self.path,
+                    "maxLength",
+                    format_args!(
+                        "{chars} characters, the limit is {}",
+                        rule.max_length.unwrap_or_default()
+                    ),
+                );
                 return;
             }
             if rule.min_length.is_some_and(|m| chars < m) {
-                self.state.violation(self.path, "minLength", format_args!("{chars} characters, at least {} needed", rule.min_length.unwrap_or_default()));
+                self.state.violation(
+                    self.path,
+                    "minLength",
+                    format_args!(
+                        "{chars} characters, at least {} needed",
+                        rule.min_length.unwrap_or_default()
+                    ),
+                );
                 return;
             }
         }
         if rule.date_time && crate::parse_rfc3339_ms(value).is_none() {
-            self.state.violation(self.path, "format", format_args!("`{}` is not an RFC 3339 date-time", truncate(value)));
+            self.state.violation(
+                self.path,
+                "format",
+                format_args!("`{}` is not an RFC 3339 date-time", truncate(value)),
+            );
             return;
         }
         self.privacy(Some(value));
@@ -334,8 +418,17 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
         loop {
             let more = match items {
                 Some(rule) => {
-                    let path = Path { parent: Some(self.path), segment: Segment::Index(index) };
-                    seq.next_element_seed(ValueSeed { rule: Rule::Field(rule), path: &path, state: self.state, depth: self.depth + 1 })?.is_some()
+                    let path = Path {
+                        parent: Some(self.path),
+                        segment: Segment::Index(index),
+                    };
+                    seq.next_element_seed(ValueSeed {
+                        rule: Rule::Field(rule),
+                        path: &path,
+                        state: self.state,
+                        depth: self.depth + 1,
+                    })?
+                    .is_some()
                 }
                 None => seq.next_element::<IgnoredAny>()?.is_some(),
             };
@@ -362,18 +455,31 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
         };
         let mut seen = 0u64;
         while let Some(Text(key)) = map.next_key()? {
-            let path = Path { parent: Some(self.path), segment: Segment::Key(&key) };
+            let path = Path {
+                parent: Some(self.path),
+                segment: Segment::Key(&key),
+            };
             match object.field(&key) {
                 Some((index, rule)) => {
                     seen |= 1 << index;
-                    map.next_value_seed(ValueSeed { rule: Rule::Field(rule), path: &path, state: self.state, depth: self.depth + 1 })?;
+                    map.next_value_seed(ValueSeed {
+                        rule: Rule::Field(rule),
+                        path: &path,
+                        state: self.state,
+                        depth: self.depth + 1,
+                    })?;
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
                     if COORDINATE_NAMES.contains(&key.to_ascii_lowercase().as_str()) {
-                        self.state.violation(&path, "x-pii", "exact coordinates are not accepted");
+                        self.state
+                            .violation(&path, "x-pii", "exact coordinates are not accepted");
                     } else {
-                        self.state.violation(&path, "additionalProperties", "property is not declared in the schema");
+                        self.state.violation(
+                            &path,
+                            "additionalProperties",
+                            "property is not declared in the schema",
+                        );
                     }
                 }
             }
@@ -382,8 +488,12 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
         if seen & required != required {
             for (i, (name, _)) in object.fields.iter().enumerate() {
                 if required & (1 << i) != 0 && seen & (1 << i) == 0 {
-                    let path = Path { parent: Some(self.path), segment: Segment::Key(name) };
-                    self.state.violation(&path, "required", "required property is missing");
+                    let path = Path {
+                        parent: Some(self.path),
+                        segment: Segment::Key(name),
+                    };
+                    self.state
+                        .violation(&path, "required", "required property is missing");
                 }
             }
         }
@@ -399,16 +509,32 @@ mod tests {
     fn check(event: &str, raw: &str) -> Checked {
         let (_, spec) = Registry::embedded().event(event).unwrap();
         let schema = spec.default_schema().unwrap();
-        check_properties(raw, &schema.properties, schema.latency.as_ref().map(|l| l.field.as_str()), &Scrubber::new()).unwrap()
+        check_properties(
+            raw,
+            &schema.properties,
+            schema.latency.as_ref().map(|l| l.field.as_str()),
+            &Scrubber::new(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn reports_pointer_and_keyword() {
-        let c = check("integration_call_success", r#"{"integration":"hubspot","endpoint":"/x","method":"GET","status_code":200,"duration_ms":35.5}"#);
+        let c = check(
+            "integration_call_success",
+            r#"{"integration":"hubspot","endpoint":"/x","method":"GET","status_code":200,"duration_ms":35.5}"#,
+        );
         assert!(c.violations.is_empty(), "{:?}", c.violations);
         assert_eq!(c.latency, Some(35.5));
-        let c = check("integration_call_success", r#"{"integration":"salesforce","endpoint":"/x","method":"GET","status_code":"200","extra":1}"#);
-        let found: Vec<(&str, &str)> = c.violations.iter().map(|v| (v.pointer.as_str(), v.keyword.as_str())).collect();
+        let c = check(
+            "integration_call_success",
+            r#"{"integration":"salesforce","endpoint":"/x","method":"GET","status_code":"200","extra":1}"#,
+        );
+        let found: Vec<(&str, &str)> = c
+            .violations
+            .iter()
+            .map(|v| (v.pointer.as_str(), v.keyword.as_str()))
+            .collect();
         assert_eq!(
             found,
             [
@@ -422,14 +548,23 @@ mod tests {
 
     #[test]
     fn coordinates_and_long_comments_are_violations() {
-        let c = check("circuit_breaker_opened", r#"{"service":"hubspot","failure_count":5,"threshold":5,"latitude":52.52}"#);
+        let c = check(
+            "circuit_breaker_opened",
+            r#"{"service":"hubspot","failure_count":5,"threshold":5,"latitude":52.52}"#,
+        );
         assert_eq!(c.violations[0].keyword, "x-pii");
         let comment = "x".repeat(501);
         let raw = format!(
             r#"{{"score":4,"sentiment":"positive","tags":[],"comment_present":true,"correlation_id":"c","blocked":false,"blocker_type":null,"comment":"{comment}"}}"#
         );
         let c = check("project_feedback_submitted", &raw);
-        assert_eq!(c.violations.iter().map(|v| (v.pointer.as_str(), v.keyword.as_str())).collect::<Vec<_>>(), [("/properties/comment", "maxLength")]);
+        assert_eq!(
+            c.violations
+                .iter()
+                .map(|v| (v.pointer.as_str(), v.keyword.as_str()))
+                .collect::<Vec<_>>(),
+            [("/properties/comment", "maxLength")]
+        );
     }
 
     #[test]

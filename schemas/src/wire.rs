@@ -22,9 +22,9 @@ use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::pii::Scrubber;
-use crate::registry::{EventSchema, Version};
+use crate::registry::{EventSchema, Registry};
 use crate::validate::{Checked, PropertiesSeed, Text};
-use crate::{DataSensitivity, EventName, EventType, PiiClassification, Platform, Source};
+use crate::{DataSensitivity, EventType, PiiClassification, Platform, Source};
 
 /// The envelope as it appears on the wire, borrowed from the record. The optional fields that
 /// only need their type checked are read and not kept.
@@ -110,9 +110,17 @@ const FIELDS: &[&str] = &[
 ];
 
 /// Reads one record's envelope from `text`, which must hold nothing else.
-pub(crate) fn read<'a>(text: &'a str, mode: Mode<'_>) -> Result<WireEnvelope<'a>, serde_json::Error> {
+pub(crate) fn read<'a>(
+    text: &'a str,
+    mode: Mode<'_>,
+) -> Result<WireEnvelope<'a>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let wire = de::Deserializer::deserialize_struct(&mut de, "WireEnvelope", FIELDS, EnvelopeVisitor { mode })?;
+    let wire = de::Deserializer::deserialize_struct(
+        &mut de,
+        "WireEnvelope",
+        FIELDS,
+        EnvelopeVisitor { mode },
+    )?;
     de.end()?;
     Ok(wire)
 }
@@ -149,18 +157,41 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<WireEnvelope<'de>, A::Error> {
         // One slot per field; `Some` once the field has been read (an optional field that was
         // `null` is `Some(None)`), so a second occurrence is a duplicate.
-        let (mut event_id, mut event_name, mut event_type, mut timestamp) = (None::<Text<'de>>, None::<Text<'de>>, None, None::<Text<'de>>);
+        let (mut event_id, mut event_name, mut event_type, mut timestamp) = (
+            None::<Text<'de>>,
+            None::<Text<'de>>,
+            None,
+            None::<Text<'de>>,
+        );
         let (mut source, mut platform, mut app_version) = (None, None, None::<Text<'de>>);
-        let (mut tenant_id, mut user_id, mut session_id, mut feature_area) = (None::<Text<'de>>, None::<Text<'de>>, None::<Text<'de>>, None::<Text<'de>>);
+        let (mut tenant_id, mut user_id, mut session_id, mut feature_area) = (
+            None::<Text<'de>>,
+            None::<Text<'de>>,
+            None::<Text<'de>>,
+            None::<Text<'de>>,
+        );
         let (mut pii_classification, mut data_sensitivity) = (None, None);
-        let (mut workflow_name, mut surface, mut user_role) = (None::<Option<Text<'de>>>, None::<Option<Text<'de>>>, None::<Option<Text<'de>>>);
-        let (mut experiment_assignments, mut properties) = (None::<Option<&'de RawValue>>, None::<Properties<'de>>);
+        let (mut workflow_name, mut surface, mut user_role) = (
+            None::<Option<Text<'de>>>,
+            None::<Option<Text<'de>>>,
+            None::<Option<Text<'de>>>,
+        );
+        let (mut experiment_assignments, mut properties) =
+            (None::<Option<&'de RawValue>>, None::<Properties<'de>>);
         let mut auth_context = None::<Option<AuthContext>>;
         let mut device_type = None::<Option<DeviceType>>;
         let (mut is_internal, mut geo_consent) = (None::<Option<bool>>, None::<Option<bool>>);
         let (mut request_id, mut trace_id) = (None::<Option<Text<'de>>>, None::<Option<Text<'de>>>);
-        let (mut browser_family, mut os_family, mut connection_type) = (None::<Option<Text<'de>>>, None::<Option<Text<'de>>>, None::<Option<Text<'de>>>);
-        let (mut country, mut region, mut schema_version) = (None::<Option<Text<'de>>>, None::<Option<Text<'de>>>, None::<Option<Text<'de>>>);
+        let (mut browser_family, mut os_family, mut connection_type) = (
+            None::<Option<Text<'de>>>,
+            None::<Option<Text<'de>>>,
+            None::<Option<Text<'de>>>,
+        );
+        let (mut country, mut region, mut schema_version) = (
+            None::<Option<Text<'de>>>,
+            None::<Option<Text<'de>>>,
+            None::<Option<Text<'de>>>,
+        );
 
         macro_rules! take {
             ($slot:ident) => {{
@@ -206,20 +237,40 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
                         return Err(de::Error::duplicate_field("properties"));
                     }
                     let version = schema_version.as_ref().map(|v| v.as_ref().map(|t| &*t.0));
-                    let known = event_name.as_ref().and_then(|name| schema_of(&name.0, version.flatten()));
+                    let known = event_name
+                        .as_ref()
+                        .and_then(|name| Registry::embedded().schema_of(&name.0, version.flatten()));
                     properties = Some(match (self.mode, known) {
                         (Mode::Validate(scrubber), Some(schema)) => {
-                            let seed = PropertiesSeed { rule: &schema.properties, latency_field: schema.latency.as_ref().map(|l| l.field.as_str()), scrubber };
-                            map.next_value_seed(seed)?.map_or(Properties::Absent, |checked| Properties::Checked(checked, schema))
+                            let seed = PropertiesSeed {
+                                rule: &schema.properties,
+                                latency_field: schema.latency.as_ref().map(|l| l.field.as_str()),
+                                scrubber,
+                            };
+                            map.next_value_seed(seed)?
+                                .map_or(Properties::Absent, |checked| {
+                                    Properties::Checked(checked, schema)
+                                })
                         }
-                        _ => map.next_value::<Option<&RawValue>>()?.map_or(Properties::Absent, Properties::Raw),
+                        _ => map
+                            .next_value::<Option<&RawValue>>()?
+                            .map_or(Properties::Absent, Properties::Raw),
                     });
                 }
                 other => return Err(de::Error::unknown_field(other, FIELDS)),
             }
         }
         // Type-checked only.
-        let _ = (auth_context, device_type, is_internal, request_id, trace_id, browser_family, os_family, connection_type);
+        let _ = (
+            auth_context,
+            device_type,
+            is_internal,
+            request_id,
+            trace_id,
+            browser_family,
+            os_family,
+            connection_type,
+        );
 
         fn need<T, E: de::Error>(slot: Option<T>, field: &'static str) -> Result<T, E> {
             slot.ok_or_else(|| E::missing_field(field))
@@ -251,12 +302,3 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
     }
 }
 
-/// The schema of `event_name` at `version` (the newest when `None`), if both are known.
-pub(crate) fn schema_of(event_name: &str, version: Option<&str>) -> Option<&'static EventSchema> {
-    let spec = EventName::from_name(event_name)?.spec();
-    let version = match version {
-        None => None,
-        Some(text) => Some(Version::parse(text)?),
-    };
-    spec.schema(version)
-}

@@ -38,7 +38,10 @@ pub trait Table: Sized + Clone + PartialOrd + 'static {
 /// file's key-value metadata.
 pub fn parquet_encode<T: Table>(rows: &[T], metadata: &[(&str, String)]) -> Result<Bytes> {
     let batch = T::to_batch(rows)?;
-    let metadata = metadata.iter().map(|(k, v)| KeyValue::new((*k).to_owned(), v.clone())).collect();
+    let metadata = metadata
+        .iter()
+        .map(|(k, v)| KeyValue::new((*k).to_owned(), v.clone()))
+        .collect();
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_created_by(format!("sightline {}", env!("CARGO_PKG_VERSION")))

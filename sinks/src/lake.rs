@@ -17,14 +17,21 @@ use crate::{Error, Result, Table, WrittenWindow, parquet_encode};
 /// same window replaces its file.
 pub fn window_path(table: &str, window_start_ms: u64, window_end_ms: u64) -> String {
     let (y, m, d, h) = utc_date_hour(window_start_ms as i64);
-    format!("{table}/dt={y:04}-{m:02}-{d:02}/hr={h:02}/part-{}-{}.parquet", compact_utc(window_start_ms), compact_utc(window_end_ms))
+    format!(
+        "{table}/dt={y:04}-{m:02}-{d:02}/hr={h:02}/part-{}-{}.parquet",
+        compact_utc(window_start_ms),
+        compact_utc(window_end_ms)
+    )
 }
 
 fn compact_utc(ms: u64) -> String {
     let iso = sightline_schemas::format_rfc3339_ms(ms as i64);
     // 2026-01-23T14:30:00.000Z → 20260123T143000Z (plus milliseconds when they are not zero).
     let (date_time, millis) = iso.split_at(19);
-    let mut out: String = date_time.chars().filter(|c| *c != '-' && *c != ':').collect();
+    let mut out: String = date_time
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
     if &millis[1..4] != "000" {
         out.push_str(&millis[1..4]);
     }
@@ -57,7 +64,9 @@ fn open_s3(location: &str, rest: &str, s3: &S3Options) -> Result<Arc<dyn ObjectS
     if bucket.is_empty() {
         return Err(Error::Location(location.to_owned()));
     }
-    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_allow_http(s3.allow_http);
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_allow_http(s3.allow_http);
     if let Some(endpoint) = &s3.endpoint {
         builder = builder.with_endpoint(endpoint);
     }
@@ -72,12 +81,18 @@ fn open_s3(location: &str, rest: &str, s3: &S3Options) -> Result<Arc<dyn ObjectS
     }
     let store: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
     let prefix = prefix.trim_matches('/');
-    Ok(if prefix.is_empty() { store } else { Arc::new(object_store::prefix::PrefixStore::new(store, prefix)) })
+    Ok(if prefix.is_empty() {
+        store
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+    })
 }
 
 #[cfg(not(feature = "s3"))]
 fn open_s3(location: &str, _rest: &str, _s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
-    Err(Error::Location(format!("{location} (this build has no S3 support: enable the `s3` feature)")))
+    Err(Error::Location(format!(
+        "{location} (this build has no S3 support: enable the `s3` feature)"
+    )))
 }
 
 /// How long files are kept, in days, by kind of data. Written into every file's Parquet
@@ -93,7 +108,10 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { aggregates_days: 365, raw_days: 90 }
+        Retention {
+            aggregates_days: 365,
+            raw_days: 90,
+        }
     }
 }
 
@@ -125,7 +143,10 @@ impl Lake {
             Arc::new(InMemory::new())
         } else if let Some(rest) = location.strip_prefix("s3://") {
             open_s3(location, rest, s3)?
-        } else if let Some(dir) = location.strip_prefix("file://").or_else(|| (!location.contains("://")).then_some(location)) {
+        } else if let Some(dir) = location
+            .strip_prefix("file://")
+            .or_else(|| (!location.contains("://")).then_some(location))
+        {
             std::fs::create_dir_all(dir)?;
             Arc::new(LocalFileSystem::new_with_prefix(dir)?)
         } else {
@@ -136,7 +157,9 @@ impl Lake {
 
     /// Wraps an existing object store (any `object_store` backend).
     pub fn from_store(store: Arc<dyn ObjectStore>, location: &str) -> Result<Lake> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         Ok(Lake {
             store,
             location: location.to_owned(),
@@ -158,9 +181,16 @@ impl Lake {
     pub fn routed(&self, route: &str, prefix: &str, retention_days: u32) -> Lake {
         let prefix = prefix.trim_matches('/');
         Lake {
-            prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
             route: route.to_owned(),
-            retention: Retention { aggregates_days: retention_days, raw_days: retention_days },
+            retention: Retention {
+                aggregates_days: retention_days,
+                raw_days: retention_days,
+            },
             ..self.clone()
         }
     }
@@ -177,30 +207,63 @@ impl Lake {
 
     /// Encodes `rows` as Parquet and writes them as the file of window `[start, end)` of table
     /// `T`, replacing any earlier file of the same window. Blocks until the store has the file.
-    pub fn write_window<T: Table>(&self, window_start_ms: u64, window_end_ms: u64, rows: &[T]) -> Result<WrittenWindow> {
-        let days = if T::RAW { self.retention.raw_days } else { self.retention.aggregates_days };
-        let bytes = parquet_encode(rows, &[("sightline.retention_days", days.to_string()), ("sightline.route", self.route.clone())])?;
-        let path = format!("{}{}", self.prefix, window_path(T::NAME, window_start_ms, window_end_ms));
+    pub fn write_window<T: Table>(
+        &self,
+        window_start_ms: u64,
+        window_end_ms: u64,
+        rows: &[T],
+    ) -> Result<WrittenWindow> {
+        let days = if T::RAW {
+            self.retention.raw_days
+        } else {
+            self.retention.aggregates_days
+        };
+        let bytes = parquet_encode(
+            rows,
+            &[
+                ("sightline.retention_days", days.to_string()),
+                ("sightline.route", self.route.clone()),
+            ],
+        )?;
+        let path = format!(
+            "{}{}",
+            self.prefix,
+            window_path(T::NAME, window_start_ms, window_end_ms)
+        );
         let size = bytes.len() as u64;
         let mut tags = TagSet::default();
         tags.push("retention-days", &days.to_string());
         tags.push("route", &self.route);
         let location = Path::from(path.as_str());
-        self.runtime.block_on(self.store.put_opts(&location, PutPayload::from(bytes), PutOptions::from(tags)))?;
-        Ok(WrittenWindow { table: T::NAME.to_owned(), window_start_ms, window_end_ms, rows: rows.len() as u64, bytes: size, path })
+        self.runtime.block_on(self.store.put_opts(
+            &location,
+            PutPayload::from(bytes),
+            PutOptions::from(tags),
+        ))?;
+        Ok(WrittenWindow {
+            table: T::NAME.to_owned(),
+            window_start_ms,
+            window_end_ms,
+            rows: rows.len() as u64,
+            bytes: size,
+            path,
+        })
     }
 
     /// Writes `bytes` at `path` (relative to the lake root), atomically.
     pub fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
         let location = Path::from(path);
-        self.runtime.block_on(self.store.put(&location, PutPayload::from(bytes)))?;
+        self.runtime
+            .block_on(self.store.put(&location, PutPayload::from(bytes)))?;
         Ok(())
     }
 
     /// Reads the object at `path`.
     pub fn get(&self, path: &str) -> Result<Bytes> {
         let location = Path::from(path);
-        Ok(self.runtime.block_on(async { self.store.get(&location).await?.bytes().await })?)
+        Ok(self
+            .runtime
+            .block_on(async { self.store.get(&location).await?.bytes().await })?)
     }
 
     /// Lists every object under `prefix` (relative to the lake root), sorted.
@@ -223,13 +286,19 @@ impl Lake {
     pub fn string_cells(&self, path: &str) -> Result<Vec<(String, String)>> {
         use arrow_array::Array;
         let bytes = self.get(path)?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
+            .build()?;
         let mut cells = Vec::new();
         for batch in reader {
             let batch = batch?;
             for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
                 if let Some(strings) = column.as_any().downcast_ref::<arrow_array::StringArray>() {
-                    cells.extend(strings.iter().flatten().map(|v| (field.name().clone(), v.to_owned())));
+                    cells.extend(
+                        strings
+                            .iter()
+                            .flatten()
+                            .map(|v| (field.name().clone(), v.to_owned())),
+                    );
                 }
             }
         }
@@ -240,7 +309,8 @@ impl Lake {
     /// used by tests and by the doc example).
     pub fn read_rows(&self, path: &str) -> Result<usize> {
         let bytes = self.get(path)?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
+            .build()?;
         let mut rows = 0;
         for batch in reader {
             rows += batch?.num_rows();
@@ -255,7 +325,13 @@ mod tests {
 
     #[test]
     fn paths_are_hive_style_and_deterministic() {
-        assert_eq!(window_path("latency", 1_769_178_600_000, 1_769_178_660_000), "latency/dt=2026-01-23/hr=14/part-20260123T143000Z-20260123T143100Z.parquet");
-        assert_eq!(window_path("quality", 1_500, 2_500), "quality/dt=1970-01-01/hr=00/part-19700101T000001500Z-19700101T000002500Z.parquet");
+        assert_eq!(
+            window_path("latency", 1_769_178_600_000, 1_769_178_660_000),
+            "latency/dt=2026-01-23/hr=14/part-20260123T143000Z-20260123T143100Z.parquet"
+        );
+        assert_eq!(
+            window_path("quality", 1_500, 2_500),
+            "quality/dt=1970-01-01/hr=00/part-19700101T000001500Z-19700101T000002500Z.parquet"
+        );
     }
 }

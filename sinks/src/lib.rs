@@ -24,12 +24,15 @@
 //! assert_eq!(lake.read_rows(&written.path).unwrap(), 1);
 //! ```
 
-mod dataflow;
+pub mod durable;
 mod encode;
+pub mod kafka;
 mod lake;
+mod lake_sink;
 pub mod tables;
 
-pub use dataflow::{WindowRows, WrittenWindow, write_windows};
+pub use durable::{Deliver, RetryPolicy, durable_sink};
+pub use lake_sink::{TableSink, WindowRows, WrittenWindow, write_windows};
 pub use encode::{Table, parquet_encode};
 pub use lake::{Lake, Retention, S3Options, window_path};
 
@@ -46,17 +49,38 @@ pub enum Error {
     #[error("object store request failed")]
     Store(#[from] object_store::Error),
     /// The lake URL is not one this build supports.
-    #[error("unsupported lake location `{0}` (use a path, file://, s3://bucket/prefix, or memory://)")]
+    #[error(
+        "unsupported lake location `{0}` (use a path, file://, s3://bucket/prefix, or memory://)"
+    )]
     Location(String),
     /// Local I/O failed (creating directories, starting the I/O runtime).
     #[error("local I/O failed")]
     Io(#[from] std::io::Error),
+    /// The Kafka client failed (creating the producer, producing, flushing).
+    #[error("kafka request failed")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The broker did not acknowledge every record of a delivery.
+    #[error("{failed} of {total} records were not delivered (last error: {last_error})")]
+    Undelivered {
+        /// Records whose delivery report was a failure.
+        failed: u64,
+        /// Records in the delivery.
+        total: u64,
+        /// The last failure reported.
+        last_error: String,
+    },
+    /// A value could not be encoded (a bug: our record types always serialize).
+    #[error("encoding a record failed: {0}")]
+    Encode(String),
 }
 
 impl Error {
     /// Whether the same request may succeed if retried.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Store(_) | Error::Io(_))
+        matches!(
+            self,
+            Error::Store(_) | Error::Io(_) | Error::Kafka(_) | Error::Undelivered { .. }
+        )
     }
 }
 

@@ -6,22 +6,39 @@
 
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_array::{
+    ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
+};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
-use sightline_operators::{ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityCounts, QualityKey, VariantKey};
-use sightline_schemas::{DeadLetter, FailureKind};
+use sightline_operators::{
+    ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityCounts, QualityKey,
+    QualityTotals,
+    VariantKey, WindowedDeadLetter,
+};
+use sightline_schemas::{DeadLetter, Origin, Violation};
 
 use crate::{Result, Table};
 
 fn window_fields() -> Vec<Field> {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    vec![Field::new("window_start", ts.clone(), false), Field::new("window_end", ts, false)]
+    vec![
+        Field::new("window_start", ts.clone(), false),
+        Field::new("window_end", ts, false),
+    ]
 }
 
-fn window_columns<T>(rows: &[T], start: impl Fn(&T) -> u64, end: impl Fn(&T) -> u64) -> Vec<ArrayRef> {
+fn window_columns<T>(
+    rows: &[T],
+    start: impl Fn(&T) -> u64,
+    end: impl Fn(&T) -> u64,
+) -> Vec<ArrayRef> {
     let micros = |f: &dyn Fn(&T) -> u64| -> ArrayRef {
-        Arc::new(TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| f(r) as i64 * 1000)).with_timezone("UTC"))
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| f(r) as i64 * 1000))
+                .with_timezone("UTC"),
+        )
     };
     vec![micros(&start), micros(&end)]
 }
@@ -151,7 +168,12 @@ impl Table for EventCountRow {
 
     fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
         let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
-        columns.extend([strings(rows, |r| &r.event_name), strings(rows, |r| &r.event_type), strings(rows, |r| &r.feature_area), ints(rows, |r| r.count)]);
+        columns.extend([
+            strings(rows, |r| &r.event_name),
+            strings(rows, |r| &r.event_type),
+            strings(rows, |r| &r.feature_area),
+            ints(rows, |r| r.count),
+        ]);
         batch(Self::schema(), columns)
     }
 }
@@ -206,7 +228,11 @@ impl Table for LatencyRow {
 
     fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
         let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
-        columns.extend([strings(rows, |r| &r.event_name), strings(rows, |r| &r.feature_area), strings(rows, |r| &r.surface)]);
+        columns.extend([
+            strings(rows, |r| &r.event_name),
+            strings(rows, |r| &r.feature_area),
+            strings(rows, |r| &r.surface),
+        ]);
         columns.extend(LatencyStats::columns(rows, |r| &r.stats));
         batch(Self::schema(), columns)
     }
@@ -262,7 +288,11 @@ impl Table for VariantLatencyRow {
 
     fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
         let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
-        columns.extend([strings(rows, |r| &r.event_name), strings(rows, |r| &r.experiment_id), strings(rows, |r| &r.variant)]);
+        columns.extend([
+            strings(rows, |r| &r.event_name),
+            strings(rows, |r| &r.experiment_id),
+            strings(rows, |r| &r.variant),
+        ]);
         columns.extend(LatencyStats::columns(rows, |r| &r.stats));
         batch(Self::schema(), columns)
     }
@@ -298,7 +328,13 @@ impl QualityRow {
             if counts.records != 0 {
                 rows.push(row(k.outcome, counts.records));
             }
-            rows.extend(counts.privacy_counters().into_iter().filter(|(_, n)| *n != 0).map(|(o, n)| row(o, n)));
+            rows.extend(
+                counts
+                    .privacy_counters()
+                    .into_iter()
+                    .filter(|(_, n)| *n != 0)
+                    .map(|(o, n)| row(o, n)),
+            );
         }
         rows
     }
@@ -319,7 +355,11 @@ impl Table for QualityRow {
 
     fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
         let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
-        columns.extend([strings(rows, |r| &r.event_name), strings(rows, |r| &r.outcome), ints(rows, |r| r.count)]);
+        columns.extend([
+            strings(rows, |r| &r.event_name),
+            strings(rows, |r| &r.outcome),
+            ints(rows, |r| r.count),
+        ]);
         batch(Self::schema(), columns)
     }
 }
@@ -327,18 +367,15 @@ impl Table for QualityRow {
 /// Name and version of the processor, recorded in every dead-letter row.
 pub const PROCESSOR: &str = concat!("sightline ", env!("CARGO_PKG_VERSION"));
 
-/// A row of `dead_letter`: one rejected or late record, self-describing, with its payload as
-/// the privacy layer left it (identifiers pseudonymized, free text scrubbed, undeclared values
-/// redacted).
-#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
-pub struct DeadLetterRow {
-    /// Start of the window in which the record was processed, ms since the epoch.
-    pub window_start_ms: u64,
-    /// End of that window.
-    pub window_end_ms: u64,
+/// A dead letter as one flat, self-describing record: what the `dead_letter` table and the
+/// dead-letter topic both carry (the topic as this record's JSON). The payload is the one the
+/// privacy layer left (identifiers pseudonymized, free text scrubbed, undeclared values
+/// redacted); the raw record never is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
     /// Processor name and version (`sightline 0.1.0`).
     pub processor: String,
-    /// Failure kind.
+    /// Failure kind (`missing_field`, `late`, …).
     pub kind: String,
     /// Reason, naming the field where known.
     pub reason: String,
@@ -346,64 +383,94 @@ pub struct DeadLetterRow {
     pub event_name: Option<String>,
     /// Schema version tried, when known.
     pub schema_version: Option<String>,
-    /// The violations as a JSON array of `{pointer, keyword, message}`.
-    pub violations: String,
-    /// Event time, ms since the epoch, when known.
+    /// Every violation: pointer, keyword, message.
+    pub violations: Vec<Violation>,
+    /// Event time, ms since the epoch, when known (RFC 3339 `event_time` in JSON).
+    #[serde(rename = "event_time", with = "rfc3339_ms")]
     pub event_time_ms: Option<i64>,
-    /// Source topic (or `file:<path>`).
-    pub topic: String,
-    /// Source partition.
-    pub partition: i32,
-    /// Source offset (or line number).
-    pub offset: i64,
+    /// Where the record came from.
+    pub origin: Origin,
     /// Size of the raw record.
-    pub payload_bytes: i64,
-    /// The redacted payload (null for records over the size limit).
+    pub payload_bytes: u64,
+    /// The redacted payload (none for records over the size limit).
     pub payload: Option<String>,
+    /// Whether the record declared restricted data.
+    pub restricted: bool,
+}
+
+impl DeadLetterRecord {
+    /// The record of `dead`.
+    pub fn of(dead: DeadLetter) -> DeadLetterRecord {
+        DeadLetterRecord {
+            processor: PROCESSOR.to_owned(),
+            kind: dead.kind.as_str().to_owned(),
+            reason: dead.reason,
+            event_name: dead.event_name,
+            schema_version: dead.schema_version,
+            violations: dead.violations,
+            event_time_ms: dead.event_time_ms,
+            origin: dead.origin,
+            payload_bytes: dead.payload_bytes,
+            payload: dead.payload,
+            restricted: dead.restricted,
+        }
+    }
+
+    /// The key of the record on a topic: `<topic>/<partition>/<offset>` of its source, so that
+    /// a compacted or replayed topic keeps one record per bad event.
+    pub fn key(&self) -> String {
+        let origin = &self.origin;
+        format!("{}/{}/{}", origin.topic, origin.partition, origin.offset)
+    }
+}
+
+/// `Option<i64>` ms as an RFC 3339 string in JSON.
+mod rfc3339_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+        match ms {
+            Some(ms) => s.serialize_some(&sightline_schemas::format_rfc3339_ms(*ms)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| {
+            sightline_schemas::parse_rfc3339_ms(&t)
+                .ok_or_else(|| serde::de::Error::custom(format!("not RFC 3339: {t}")))
+        })
+        .transpose()
+    }
+}
+
+/// A row of `dead_letter`: one rejected or late record in the window in which it was
+/// processed.
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct DeadLetterRow {
+    /// Start of the window in which the record was processed, ms since the epoch.
+    pub window_start_ms: u64,
+    /// End of that window.
+    pub window_end_ms: u64,
+    /// The record.
+    pub record: DeadLetterRecord,
     /// How many identical records (same origin) this row stands for; 1 unless a source replayed.
     pub copies: i64,
 }
 
 impl DeadLetterRow {
-    /// The row of one dead letter.
-    pub fn new(window_start_ms: u64, window_end_ms: u64, d: DeadLetter, copies: i64) -> DeadLetterRow {
-        DeadLetterRow {
-            window_start_ms,
-            window_end_ms,
-            processor: PROCESSOR.to_owned(),
-            kind: d.kind.as_str().to_owned(),
-            reason: d.reason,
-            event_name: d.event_name,
-            schema_version: d.schema_version,
-            violations: serde_json::to_string(&d.violations).unwrap_or_else(|_| "[]".into()),
-            event_time_ms: d.event_time_ms,
-            topic: d.origin.topic,
-            partition: d.origin.partition,
-            offset: d.origin.offset,
-            payload_bytes: d.payload_bytes as i64,
-            payload: d.payload,
-            copies,
-        }
-    }
-
     /// Rows of a closed `dead_letter` window.
-    pub fn from_closed(w: ClosedWindow<crate::tables::WindowedDeadLetter, isize>) -> Vec<DeadLetterRow> {
-        w.entries.into_iter().map(|(k, n)| DeadLetterRow::new(w.window_start, w.window_end, k.record, n as i64)).collect()
-    }
-}
-
-/// A dead-letter record keyed by the window in which it was processed.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct WindowedDeadLetter {
-    /// Processing window start, ms since the epoch.
-    pub window_start: u64,
-    /// The record.
-    pub record: DeadLetter,
-}
-
-impl sightline_operators::WindowKey for WindowedDeadLetter {
-    fn window_start(&self) -> u64 {
-        self.window_start
+    pub fn from_closed(w: ClosedWindow<WindowedDeadLetter, isize>) -> Vec<DeadLetterRow> {
+        w.entries
+            .into_iter()
+            .map(|(k, n)| DeadLetterRow {
+                window_start_ms: w.window_start,
+                window_end_ms: w.window_end,
+                record: DeadLetterRecord::of(k.record),
+                copies: n as i64,
+            })
+            .collect()
     }
 }
 
@@ -420,7 +487,11 @@ impl Table for DeadLetterRow {
             Field::new("event_name", DataType::Utf8, true),
             Field::new("schema_version", DataType::Utf8, true),
             Field::new("violations", DataType::Utf8, false),
-            Field::new("event_time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
             Field::new("topic", DataType::Utf8, false),
             Field::new("partition", DataType::Int32, false),
             Field::new("offset", DataType::Int64, false),
@@ -433,19 +504,30 @@ impl Table for DeadLetterRow {
 
     fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
         let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        let violations: Vec<String> = rows
+            .iter()
+            .map(|r| serde_json::to_string(&r.record.violations).unwrap_or_else(|_| "[]".into()))
+            .collect();
         columns.extend([
-            strings(rows, |r| &r.processor),
-            strings(rows, |r| &r.kind),
-            strings(rows, |r| &r.reason),
-            opt_strings(rows, |r| r.event_name.as_deref()),
-            opt_strings(rows, |r| r.schema_version.as_deref()),
-            strings(rows, |r| &r.violations),
-            Arc::new(TimestampMicrosecondArray::from_iter(rows.iter().map(|r| r.event_time_ms.map(|t| t * 1000))).with_timezone("UTC")) as ArrayRef,
-            strings(rows, |r| &r.topic),
-            Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))) as ArrayRef,
-            ints(rows, |r| r.offset),
-            ints(rows, |r| r.payload_bytes),
-            opt_strings(rows, |r| r.payload.as_deref()),
+            strings(rows, |r| &r.record.processor),
+            strings(rows, |r| &r.record.kind),
+            strings(rows, |r| &r.record.reason),
+            opt_strings(rows, |r| r.record.event_name.as_deref()),
+            opt_strings(rows, |r| r.record.schema_version.as_deref()),
+            Arc::new(StringArray::from_iter_values(violations)) as ArrayRef,
+            Arc::new(
+                TimestampMicrosecondArray::from_iter(
+                    rows.iter().map(|r| r.record.event_time_ms.map(|t| t * 1000)),
+                )
+                .with_timezone("UTC"),
+            ) as ArrayRef,
+            strings(rows, |r| &r.record.origin.topic),
+            Arc::new(Int32Array::from_iter_values(
+                rows.iter().map(|r| r.record.origin.partition),
+            )) as ArrayRef,
+            ints(rows, |r| r.record.origin.offset),
+            ints(rows, |r| r.record.payload_bytes as i64),
+            opt_strings(rows, |r| r.record.payload.as_deref()),
             ints(rows, |r| r.copies),
         ]);
         batch(Self::schema(), columns)
@@ -479,44 +561,34 @@ pub struct QualitySummaryRow {
     pub meets_pii_target: bool,
 }
 
-/// Target of the platform spec: fewer than 1% of records rejected.
-pub const REJECTION_TARGET: f64 = 0.01;
-/// Target of the platform spec: fewer than 0.1% of events with PII violations.
-pub const PII_VIOLATION_TARGET: f64 = 0.001;
-
 impl QualitySummaryRow {
     /// The summary of one worker's part of a closed `quality` window (parts are merged by
     /// [`Table::combine`] before writing).
     pub fn from_closed(w: &ClosedWindow<QualityKey, QualityCounts>) -> Vec<QualitySummaryRow> {
-        let (mut accepted, mut rejected, mut late, mut pii) = (0, 0, 0, 0);
-        for (k, counts) in &w.entries {
-            let n = counts.records;
-            pii += counts.pii_violations;
-            match k.outcome {
-                Outcome::Accepted => accepted += n,
-                Outcome::Rejected(FailureKind::Late) => late += n,
-                Outcome::Rejected(_) => rejected += n,
-                Outcome::PseudonymizedFields | Outcome::ScrubbedFields | Outcome::DroppedFields | Outcome::PiiViolations => {}
-            }
-        }
-        vec![QualitySummaryRow::totals(w.window_start, w.window_end, accepted, rejected, late, pii)]
+        vec![QualitySummaryRow::of_totals(w.window_start, w.window_end, QualityTotals::of_window(w))]
     }
 
-    fn totals(window_start_ms: u64, window_end_ms: u64, accepted: i64, rejected: i64, late: i64, pii_violations: i64) -> QualitySummaryRow {
-        let ratio = |a: i64, b: i64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
-        let rejection_rate = ratio(rejected, accepted + rejected);
-        let pii_violation_rate = ratio(pii_violations, accepted);
+    fn of_totals(window_start_ms: u64, window_end_ms: u64, t: QualityTotals) -> QualitySummaryRow {
         QualitySummaryRow {
             window_start_ms,
             window_end_ms,
-            accepted,
-            rejected,
-            late,
-            pii_violations,
-            rejection_rate,
-            pii_violation_rate,
-            meets_rejection_target: rejection_rate < REJECTION_TARGET,
-            meets_pii_target: pii_violation_rate < PII_VIOLATION_TARGET,
+            accepted: t.accepted,
+            rejected: t.rejected,
+            late: t.late,
+            pii_violations: t.pii_violations,
+            rejection_rate: t.rejection_rate(),
+            pii_violation_rate: t.pii_violation_rate(),
+            meets_rejection_target: t.meets_rejection_target(),
+            meets_pii_target: t.meets_pii_target(),
+        }
+    }
+
+    fn totals(&self) -> QualityTotals {
+        QualityTotals {
+            accepted: self.accepted,
+            rejected: self.rejected,
+            late: self.late,
+            pii_violations: self.pii_violations,
         }
     }
 }
@@ -548,16 +620,25 @@ impl Table for QualitySummaryRow {
             ints(rows, |r| r.pii_violations),
             floats(rows, |r| r.rejection_rate),
             floats(rows, |r| r.pii_violation_rate),
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.meets_rejection_target)))) as ArrayRef,
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.meets_pii_target)))) as ArrayRef,
+            Arc::new(BooleanArray::from_iter(
+                rows.iter().map(|r| Some(r.meets_rejection_target)),
+            )) as ArrayRef,
+            Arc::new(BooleanArray::from_iter(
+                rows.iter().map(|r| Some(r.meets_pii_target)),
+            )) as ArrayRef,
         ]);
         batch(Self::schema(), columns)
     }
 
     fn combine(rows: Vec<Self>) -> Vec<Self> {
-        let Some(first) = rows.first() else { return rows };
+        let Some(first) = rows.first() else {
+            return rows;
+        };
         let (start, end) = (first.window_start_ms, first.window_end_ms);
-        let sum = |f: fn(&QualitySummaryRow) -> i64| rows.iter().map(f).sum::<i64>();
-        vec![QualitySummaryRow::totals(start, end, sum(|r| r.accepted), sum(|r| r.rejected), sum(|r| r.late), sum(|r| r.pii_violations))]
+        let mut totals = QualityTotals::default();
+        for row in &rows {
+            totals.add(&row.totals());
+        }
+        vec![QualitySummaryRow::of_totals(start, end, totals)]
     }
 }

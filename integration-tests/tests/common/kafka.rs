@@ -33,7 +33,13 @@ pub fn kafka_config(bootstrap: &str, group: &str, workers: usize) -> Config {
 
 /// Runs the pipeline over `config`'s Kafka input on a thread, writing to `lake_dir`; returns
 /// its stop flag and the thread.
-pub fn start(config: &Config, lake_dir: &Path) -> (Arc<AtomicBool>, std::thread::JoinHandle<anyhow::Result<sightline::run::Summary>>) {
+pub fn start(
+    config: &Config,
+    lake_dir: &Path,
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<anyhow::Result<sightline::run::Summary>>,
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let lake = sightline_sinks::Lake::open(lake_dir.to_str().expect("utf-8")).expect("lake");
     let job = Job {
@@ -49,12 +55,19 @@ pub fn start(config: &Config, lake_dir: &Path) -> (Arc<AtomicBool>, std::thread:
 
 /// Milliseconds since the epoch, now.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Reads `topics` from the beginning with a plain consumer until `events` records have come
 /// back, and returns each partition's next offset (last offset + 1).
-fn end_offsets(bootstrap: &str, topics: &[(&str, i32)], events: usize) -> BTreeMap<(String, i32), i64> {
+fn end_offsets(
+    bootstrap: &str,
+    topics: &[(&str, i32)],
+    events: usize,
+) -> BTreeMap<(String, i32), i64> {
     use rdkafka::Message;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -65,7 +78,8 @@ fn end_offsets(bootstrap: &str, topics: &[(&str, i32)], events: usize) -> BTreeM
     let mut tpl = TopicPartitionList::new();
     for (topic, partitions) in topics {
         for p in 0..*partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).expect("assignment");
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("assignment");
         }
     }
     consumer.assign(&tpl).expect("assign");
@@ -73,10 +87,15 @@ fn end_offsets(bootstrap: &str, topics: &[(&str, i32)], events: usize) -> BTreeM
     let mut seen = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while seen < events {
-        assert!(Instant::now() < deadline, "a plain consumer read back only {seen} of {events} records");
+        assert!(
+            Instant::now() < deadline,
+            "a plain consumer read back only {seen} of {events} records"
+        );
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             seen += 1;
-            let slot = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
+            let slot = next
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert(0);
             *slot = (*slot).max(m.offset() + 1);
         }
     }
@@ -92,7 +111,10 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
     let group = format!("sightline-test-{}", topics[0].0);
 
     let mut config = kafka_config(bootstrap, &group, workers);
-    config.kafka.topics = topics.iter().map(|(name, _)| TopicConfig::envelope(name)).collect();
+    config.kafka.topics = topics
+        .iter()
+        .map(|(name, _)| TopicConfig::envelope(name))
+        .collect();
     let (stop, pipeline) = start(&config, &lake_dir);
 
     // Event times start now, so that no partition's idle clock makes them late.
@@ -105,8 +127,11 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
         jitter_ms: 500,
         ..GeneratorConfig::default()
     });
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "5").create().expect("producer");
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
     let mut lines = Vec::new();
     for i in 0..events {
         let mut line = Vec::new();
@@ -131,14 +156,25 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
         if counted as usize >= events {
             break;
         }
-        assert!(Instant::now() < deadline, "only {counted} of {events} records reached the lake");
-        assert!(!pipeline.is_finished(), "the pipeline stopped early: {:?}", pipeline.join());
+        assert!(
+            Instant::now() < deadline,
+            "only {counted} of {events} records reached the lake"
+        );
+        assert!(
+            !pipeline.is_finished(),
+            "the pipeline stopped early: {:?}",
+            pipeline.join()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     // The end of each partition, read by a plain consumer from the beginning. (tansu 0.6's
     // ListOffsets answer lags behind what it serves, so the high watermark is not used.)
     let end_offsets = end_offsets(bootstrap, topics, events);
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", &group).create().expect("consumer");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", &group)
+        .create()
+        .expect("consumer");
     let mut ends = TopicPartitionList::new();
     for (topic, partitions) in topics {
         for p in 0..*partitions {
@@ -152,36 +188,76 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
             .expect("committed offsets")
             .elements()
             .iter()
-            .map(|e| ((e.topic().to_string(), e.partition()), if let Offset::Offset(o) = e.offset() { o } else { 0 }))
+            .map(|e| {
+                (
+                    (e.topic().to_string(), e.partition()),
+                    if let Offset::Offset(o) = e.offset() {
+                        o
+                    } else {
+                        0
+                    },
+                )
+            })
             .collect();
         if committed == end_offsets {
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert_eq!(committed, end_offsets, "offsets are committed up to the end once every window is durable");
+    assert_eq!(
+        committed, end_offsets,
+        "offsets are committed up to the end once every window is durable"
+    );
     stop.store(true, Ordering::Relaxed);
     let summary = pipeline.join().expect("pipeline thread").expect("pipeline");
     assert_eq!(summary.read, events as u64);
 
     // Accepted events: exact. Rejected ones: exact per event name and kind (their processing
     // window depends on how partitions interleave).
-    let classified: Vec<(Vec<u8>, Failure)> = lines.iter().map(|(l, k)| (l.clone(), (*k == LineKind::Bad).then(|| (None, "rejected".to_string())))).collect();
+    let classified: Vec<(Vec<u8>, Failure)> = lines
+        .iter()
+        .map(|(l, k)| {
+            (
+                l.clone(),
+                (*k == LineKind::Bad).then(|| (None, "rejected".to_string())),
+            )
+        })
+        .collect();
     let want = Reference::compute_with(&classified, 1, 5_000, 1_000);
     assert_eq!(want.late, 0);
-    for (route, want) in routes(&lake_dir).iter().zip([&want.standard, &want.restricted]) {
+    for (route, want) in routes(&lake_dir)
+        .iter()
+        .zip([&want.standard, &want.restricted])
+    {
         assert_maps_eq(&event_counts(route), &want.counts, "event_counts");
-        let accepted: BTreeMap<_, _> = quality(route).into_iter().filter(|(k, _)| k.2 == "accepted").collect();
-        let want_accepted: BTreeMap<_, _> = want.quality.iter().filter(|(k, _)| k.2 == "accepted").map(|(k, v)| (k.clone(), *v)).collect();
+        let accepted: BTreeMap<_, _> = quality(route)
+            .into_iter()
+            .filter(|(k, _)| k.2 == "accepted")
+            .collect();
+        let want_accepted: BTreeMap<_, _> = want
+            .quality
+            .iter()
+            .filter(|(k, _)| k.2 == "accepted")
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
         assert_maps_eq(&accepted, &want_accepted, "quality (accepted)");
         let got = latency(route);
         for (key, samples) in &want.latency {
             assert_stats(key, &got[key], samples);
         }
     }
-    let rejected: i64 = routes(&lake_dir).iter().flat_map(|r| quality(r)).filter(|(k, _)| k.2 != "accepted").map(|(_, n)| n).sum();
+    let rejected: i64 = routes(&lake_dir)
+        .iter()
+        .flat_map(|r| quality(r))
+        .filter(|(k, _)| k.2 != "accepted")
+        .map(|(_, n)| n)
+        .sum();
     assert_eq!(rejected as u64, want.rejected);
     assert_eq!(summary.rejected, want.rejected);
     let dead = all_dead_letters(&lake_dir);
-    assert_eq!(dead.len() as u64, want.rejected, "one dead letter per rejected record");
+    assert_eq!(
+        dead.len() as u64,
+        want.rejected,
+        "one dead letter per rejected record"
+    );
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_array::{
+    Array, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sightline::config::Config;
 use sightline::generator::{Generator, GeneratorConfig, LineKind};
@@ -41,8 +43,13 @@ pub const TEST_KEY: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a
 
 /// Generated lines with what the generator meant each to be.
 pub fn generate(events: usize, seed: u64, bad: f64, late: f64) -> Vec<(Vec<u8>, LineKind)> {
-    let mut generator =
-        Generator::new(GeneratorConfig { seed, bad_fraction: bad, late_fraction: late, events_per_second: 500.0, ..GeneratorConfig::default() });
+    let mut generator = Generator::new(GeneratorConfig {
+        seed,
+        bad_fraction: bad,
+        late_fraction: late,
+        events_per_second: 500.0,
+        ..GeneratorConfig::default()
+    });
     (0..events)
         .map(|_| {
             let mut line = Vec::new();
@@ -77,7 +84,9 @@ pub fn replay(input: &Path, lake_dir: &Path, config: Config) -> Summary {
 }
 
 fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
@@ -95,14 +104,23 @@ pub fn read_table(lake_dir: &Path, table: &str) -> Vec<RecordBatch> {
     files.sort();
     let mut batches = Vec::new();
     for file in files {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).expect("open")).expect("parquet").build().expect("reader");
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).expect("open"))
+                .expect("parquet")
+                .build()
+                .expect("reader");
         batches.extend(reader.map(|b| b.expect("batch")));
     }
     batches
 }
 
 fn col<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> &'a T {
-    batch.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_any().downcast_ref::<T>().unwrap_or_else(|| panic!("type of {name}"))
+    batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("column {name}"))
+        .as_any()
+        .downcast_ref::<T>()
+        .unwrap_or_else(|| panic!("type of {name}"))
 }
 
 fn s(batch: &RecordBatch, name: &str, i: usize) -> String {
@@ -118,8 +136,17 @@ pub fn event_counts(lake_dir: &Path) -> BTreeMap<(u64, String, String, String), 
     let mut out = BTreeMap::new();
     for b in read_table(lake_dir, "event_counts") {
         for i in 0..b.num_rows() {
-            let key = (ws(&b, i), s(&b, "event_name", i), s(&b, "event_type", i), s(&b, "feature_area", i));
-            assert!(out.insert(key, col::<Int64Array>(&b, "count").value(i)).is_none(), "duplicate event_counts row");
+            let key = (
+                ws(&b, i),
+                s(&b, "event_name", i),
+                s(&b, "event_type", i),
+                s(&b, "feature_area", i),
+            );
+            assert!(
+                out.insert(key, col::<Int64Array>(&b, "count").value(i))
+                    .is_none(),
+                "duplicate event_counts row"
+            );
         }
     }
     out
@@ -130,16 +157,38 @@ pub type Stats = (i64, [f64; 6]);
 
 fn stats(b: &RecordBatch, i: usize) -> Stats {
     let f = |n: &str| col::<Float64Array>(b, n).value(i);
-    (col::<Int64Array>(b, "count").value(i), [f("mean_ms"), f("p50_ms"), f("p90_ms"), f("p95_ms"), f("p99_ms"), f("max_ms")])
+    (
+        col::<Int64Array>(b, "count").value(i),
+        [
+            f("mean_ms"),
+            f("p50_ms"),
+            f("p90_ms"),
+            f("p95_ms"),
+            f("p99_ms"),
+            f("max_ms"),
+        ],
+    )
 }
 
 /// A latency table as (window start, name, first dimension, second dimension) → stats.
-fn latency_table(lake_dir: &Path, table: &str, dims: [&str; 2]) -> BTreeMap<(u64, String, String, String), Stats> {
+fn latency_table(
+    lake_dir: &Path,
+    table: &str,
+    dims: [&str; 2],
+) -> BTreeMap<(u64, String, String, String), Stats> {
     let mut out = BTreeMap::new();
     for b in read_table(lake_dir, table) {
         for i in 0..b.num_rows() {
-            let key = (ws(&b, i), s(&b, "event_name", i), s(&b, dims[0], i), s(&b, dims[1], i));
-            assert!(out.insert(key, stats(&b, i)).is_none(), "duplicate {table} row");
+            let key = (
+                ws(&b, i),
+                s(&b, "event_name", i),
+                s(&b, dims[0], i),
+                s(&b, dims[1], i),
+            );
+            assert!(
+                out.insert(key, stats(&b, i)).is_none(),
+                "duplicate {table} row"
+            );
         }
     }
     out
@@ -156,14 +205,23 @@ pub fn latency_by_variant(lake_dir: &Path) -> BTreeMap<(u64, String, String, Str
 }
 
 /// The privacy counters among `quality`'s outcomes.
-pub const PRIVACY_COUNTERS: [&str; 4] = ["pseudonymized_fields", "scrubbed_fields", "dropped_fields", "pii_violations"];
+pub const PRIVACY_COUNTERS: [&str; 4] = [
+    "pseudonymized_fields",
+    "scrubbed_fields",
+    "dropped_fields",
+    "pii_violations",
+];
 
 fn quality_rows(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
     let mut out = BTreeMap::new();
     for b in read_table(lake_dir, "quality") {
         for i in 0..b.num_rows() {
             let key = (ws(&b, i), s(&b, "event_name", i), s(&b, "outcome", i));
-            assert!(out.insert(key, col::<Int64Array>(&b, "count").value(i)).is_none(), "duplicate quality row");
+            assert!(
+                out.insert(key, col::<Int64Array>(&b, "count").value(i))
+                    .is_none(),
+                "duplicate quality row"
+            );
         }
     }
     out
@@ -172,15 +230,21 @@ fn quality_rows(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
 /// `quality`'s record outcomes (accepted, late, failure kinds) as (window start, name,
 /// outcome) → count; the privacy counters are left out (see [`privacy_counters`]).
 pub fn quality(lake_dir: &Path) -> BTreeMap<(u64, String, String), i64> {
-    quality_rows(lake_dir).into_iter().filter(|(k, _)| !PRIVACY_COUNTERS.contains(&k.2.as_str())).collect()
+    quality_rows(lake_dir)
+        .into_iter()
+        .filter(|(k, _)| !PRIVACY_COUNTERS.contains(&k.2.as_str()))
+        .collect()
 }
 
 /// `quality`'s privacy counters, summed over windows and event names: counter → total.
 pub fn privacy_counters(lake_dir: &Path) -> BTreeMap<String, i64> {
-    quality_rows(lake_dir).into_iter().filter(|(k, _)| PRIVACY_COUNTERS.contains(&k.2.as_str())).fold(BTreeMap::new(), |mut m, (k, n)| {
-        *m.entry(k.2).or_default() += n;
-        m
-    })
+    quality_rows(lake_dir)
+        .into_iter()
+        .filter(|(k, _)| PRIVACY_COUNTERS.contains(&k.2.as_str()))
+        .fold(BTreeMap::new(), |mut m, (k, n)| {
+            *m.entry(k.2).or_default() += n;
+            m
+        })
 }
 
 /// The two routes of a lake: the standard one at its root, the restricted one under
@@ -191,12 +255,18 @@ pub fn routes(lake_dir: &Path) -> [PathBuf; 2] {
 
 /// Records counted in `quality` over both routes.
 pub fn records_counted(lake_dir: &Path) -> i64 {
-    routes(lake_dir).iter().map(|r| quality(r).values().sum::<i64>()).sum()
+    routes(lake_dir)
+        .iter()
+        .map(|r| quality(r).values().sum::<i64>())
+        .sum()
 }
 
 /// Dead letters of both routes.
 pub fn all_dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), (String, String)> {
-    routes(lake_dir).iter().flat_map(|r| dead_letters(r)).collect()
+    routes(lake_dir)
+        .iter()
+        .flat_map(|r| dead_letters(r))
+        .collect()
 }
 
 /// `dead_letter` as ((topic, partition, offset) → (kind, reason followed by the violations)).
@@ -208,7 +278,11 @@ pub fn dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), (String, St
             let partition = col::<arrow_array::Int32Array>(&b, "partition").value(i);
             let topic = s(&b, "topic", i);
             let explained = format!("{} {}", s(&b, "reason", i), s(&b, "violations", i));
-            assert!(out.insert((topic, partition, offset), (s(&b, "kind", i), explained)).is_none(), "duplicate dead letter at {partition}/{offset}");
+            assert!(
+                out.insert((topic, partition, offset), (s(&b, "kind", i), explained))
+                    .is_none(),
+                "duplicate dead letter at {partition}/{offset}"
+            );
         }
     }
     out
@@ -240,7 +314,9 @@ pub struct Aggregates {
 /// `data_sensitivity: restricted` or `pii_classification: high` (records that are not JSON
 /// objects stay on the standard route).
 fn restricted(line: &[u8]) -> bool {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else { return false };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return false;
+    };
     v["data_sensitivity"] == "restricted" || v["pii_classification"] == "high"
 }
 
@@ -269,20 +345,36 @@ impl Reference {
     }
 
     /// [`Reference::compute`] with other windows and lateness.
-    pub fn compute_with(lines: &[(Vec<u8>, Failure)], workers: usize, window_ms: u64, lateness_ms: u64) -> Reference {
+    pub fn compute_with(
+        lines: &[(Vec<u8>, Failure)],
+        workers: usize,
+        window_ms: u64,
+        lateness_ms: u64,
+    ) -> Reference {
         let window = |ms: u64| ms - ms % window_ms;
         let mut r = Reference::default();
         for worker in 0..workers {
             let mut newest: Option<u64> = None;
             let mut waiting: Vec<(String, String, bool)> = Vec::new();
-            for (offset, (line, failure)) in lines.iter().enumerate().filter(|(i, _)| i % workers == worker) {
+            for (offset, (line, failure)) in lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % workers == worker)
+            {
                 let route_restricted = restricted(line);
                 fn pick(r: &mut Reference, restricted: bool) -> &mut Aggregates {
-                    if restricted { &mut r.restricted } else { &mut r.standard }
+                    if restricted {
+                        &mut r.restricted
+                    } else {
+                        &mut r.standard
+                    }
                 }
 
                 let outcome: Result<serde_json::Value, (String, String)> = match failure {
-                    Some((name, kind)) => Err((name.clone().unwrap_or_else(|| "unknown".into()), kind.clone())),
+                    Some((name, kind)) => Err((
+                        name.clone().unwrap_or_else(|| "unknown".into()),
+                        kind.clone(),
+                    )),
                     None => Ok(serde_json::from_slice(line).expect("valid line is JSON")),
                 };
                 let value = match outcome {
@@ -290,7 +382,12 @@ impl Reference {
                         r.rejected += 1;
                         r.dead.insert(offset as i64);
                         match newest {
-                            Some(n) => *pick(&mut r, route_restricted).quality.entry((window(n), name, kind)).or_default() += 1,
+                            Some(n) => {
+                                *pick(&mut r, route_restricted)
+                                    .quality
+                                    .entry((window(n), name, kind))
+                                    .or_default() += 1
+                            }
                             None => waiting.push((name, kind, route_restricted)),
                         }
                         continue;
@@ -298,35 +395,65 @@ impl Reference {
                     Ok(v) => v,
                 };
                 let name = value["event_name"].as_str().expect("name").to_string();
-                let ts = chrono::DateTime::parse_from_rfc3339(value["timestamp"].as_str().expect("timestamp")).expect("rfc3339");
+                let ts = chrono::DateTime::parse_from_rfc3339(
+                    value["timestamp"].as_str().expect("timestamp"),
+                )
+                .expect("rfc3339");
                 let t = ts.timestamp_millis() as u64;
                 let watermark = newest.map_or(0, |n| n.saturating_sub(lateness_ms));
                 if t < watermark {
                     r.late += 1;
                     r.dead.insert(offset as i64);
-                    *pick(&mut r, route_restricted).quality.entry((window(newest.unwrap_or(0)), name, "late".into())).or_default() += 1;
+                    *pick(&mut r, route_restricted)
+                        .quality
+                        .entry((window(newest.unwrap_or(0)), name, "late".into()))
+                        .or_default() += 1;
                     continue;
                 }
                 r.accepted += 1;
                 newest = Some(newest.map_or(t, |n| n.max(t)));
                 for (n, kind, in_restricted) in waiting.drain(..) {
-                    let q = if in_restricted { &mut r.restricted.quality } else { &mut r.standard.quality };
+                    let q = if in_restricted {
+                        &mut r.restricted.quality
+                    } else {
+                        &mut r.standard.quality
+                    };
                     *q.entry((window(t), n, kind)).or_default() += 1;
                 }
                 let w = window(t);
                 let area = value["feature_area"].as_str().expect("area").to_string();
                 let a = pick(&mut r, route_restricted);
-                *a.counts.entry((w, name.clone(), value["event_type"].as_str().expect("type").to_string(), area.clone())).or_default() += 1;
-                *a.quality.entry((w, name.clone(), "accepted".into())).or_default() += 1;
+                *a.counts
+                    .entry((
+                        w,
+                        name.clone(),
+                        value["event_type"].as_str().expect("type").to_string(),
+                        area.clone(),
+                    ))
+                    .or_default() += 1;
+                *a.quality
+                    .entry((w, name.clone(), "accepted".into()))
+                    .or_default() += 1;
                 if let Some((field, scale)) = latency_field(&name)
                     && let Some(v) = value["properties"][field].as_f64()
                 {
                     let us = (v * scale * 1000.0).round() as u64;
                     let surface = value["surface"].as_str().unwrap_or_default().to_string();
-                    a.latency.entry((w, name.clone(), area, surface)).or_default().push(us);
+                    a.latency
+                        .entry((w, name.clone(), area, surface))
+                        .or_default()
+                        .push(us);
                     if let Some(map) = value["experiment_assignments"].as_object() {
                         for (experiment, variant) in map {
-                            a.variants.entry((w, name.clone(), experiment.clone(), variant.as_str().expect("variant").to_string())).or_default().push(us);
+                            a.variants
+                                .entry((
+                                    w,
+                                    name.clone(),
+                                    experiment.clone(),
+                                    variant.as_str().expect("variant").to_string(),
+                                ))
+                                .or_default()
+                                .push(us);
                         }
                     }
                 }
@@ -340,15 +467,31 @@ impl Reference {
 /// record outcomes exact, latency counts exact and quantiles within 1%.
 pub fn assert_route_matches(route_dir: &Path, want: &Aggregates) {
     let what = route_dir.display();
-    assert_maps_eq(&event_counts(route_dir), &want.counts, &format!("event_counts of {what}"));
-    assert_maps_eq(&quality(route_dir), &want.quality, &format!("quality of {what}"));
+    assert_maps_eq(
+        &event_counts(route_dir),
+        &want.counts,
+        &format!("event_counts of {what}"),
+    );
+    assert_maps_eq(
+        &quality(route_dir),
+        &want.quality,
+        &format!("quality of {what}"),
+    );
     let got = latency(route_dir);
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.latency.keys().collect::<Vec<_>>(), "latency keys of {what}");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.latency.keys().collect::<Vec<_>>(),
+        "latency keys of {what}"
+    );
     for (key, samples) in &want.latency {
         assert_stats(key, &got[key], samples);
     }
     let got = latency_by_variant(route_dir);
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.variants.keys().collect::<Vec<_>>(), "latency_by_variant keys of {what}");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.variants.keys().collect::<Vec<_>>(),
+        "latency_by_variant keys of {what}"
+    );
     for (key, samples) in &want.variants {
         assert_stats(key, &got[key], samples);
     }
@@ -361,16 +504,27 @@ pub fn assert_stats(key: &impl std::fmt::Debug, got: &Stats, samples: &[u64]) {
     let n = sorted.len();
     assert_eq!(got.0, n as i64, "count of {key:?}");
     let mean = sorted.iter().map(|&s| s as f64).sum::<f64>() / n as f64 / 1000.0;
-    assert!((got.1[0] - mean).abs() <= 1e-9 * mean.max(1.0), "mean of {key:?}: {} vs {mean}", got.1[0]);
+    assert!(
+        (got.1[0] - mean).abs() <= 1e-9 * mean.max(1.0),
+        "mean of {key:?}: {} vs {mean}",
+        got.1[0]
+    );
     for (i, q) in [0.5, 0.9, 0.95, 0.99, 1.0].into_iter().enumerate() {
         let exact = sorted[(q * (n - 1) as f64).floor() as usize] as f64 / 1000.0;
         let value = got.1[i + 1];
-        assert!((value - exact).abs() <= 0.01 * exact + 1e-9, "q{q} of {key:?}: {value} vs exact {exact}");
+        assert!(
+            (value - exact).abs() <= 0.01 * exact + 1e-9,
+            "q{q} of {key:?}: {value} vs exact {exact}"
+        );
     }
 }
 
 /// Asserts two maps are equal, printing only the keys that differ.
-pub fn assert_maps_eq<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(got: &BTreeMap<K, V>, want: &BTreeMap<K, V>, what: &str) {
+pub fn assert_maps_eq<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+    got: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    what: &str,
+) {
     let mut diffs = Vec::new();
     for (k, v) in want {
         match got.get(k) {
@@ -383,5 +537,15 @@ pub fn assert_maps_eq<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
             diffs.push(format!("{k:?}: got {g:?}, want nothing"));
         }
     }
-    assert!(diffs.is_empty(), "{what}: {} differences, first ones:\n{}", diffs.len(), diffs.iter().take(12).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences, first ones:\n{}",
+        diffs.len(),
+        diffs
+            .iter()
+            .take(12)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

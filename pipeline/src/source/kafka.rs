@@ -11,30 +11,30 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sightline_operators::Windows;
 use tracing::{debug, info, warn};
 
-use super::{Payload, ReadStatus, Record, RecordReader};
+use super::{Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
 use crate::config::KafkaConfig;
 
-#[derive(Debug)]
-struct PartitionState {
-    topic: String,
-    partition: i32,
-    /// The next offset to read: after the last message read, or the committed offset at start.
-    read_next: Option<i64>,
+/// What the reader keeps of one partition besides its [`PartitionState`]: the bookkeeping
+/// of this run (commits, end-of-partition checks), which a restart does not need.
+#[derive(Debug, Default)]
+struct Progress {
     /// The gap to the partition's end at the last check, to notice a gap that never closes.
     last_gap: Option<i64>,
     /// Consecutive failed queries of the partition's end.
     failed_checks: u32,
     /// When the partition was last found caught up with its end, or not.
     caught_up: Option<(Instant, bool)>,
-    next_offset: Option<i64>,
+    /// The offset after the last record handed to the dataflow (a record read before any event
+    /// time is known waits in the source, so this may lag `next_offset`).
+    tracked_next: Option<i64>,
     /// Window start → smallest offset written into that window and not yet durable.
     pending: BTreeMap<u64, i64>,
+    /// The last offset the broker confirmed as committed.
     committed: Option<i64>,
 }
 
@@ -42,9 +42,11 @@ struct PartitionState {
 pub struct KafkaReader {
     consumer: BaseConsumer,
     topics: Vec<String>,
-    /// `index[topic][partition]` → position in `partitions`.
+    /// `index[topic][partition]` → slot in `partitions`.
     index: Vec<Vec<Option<usize>>>,
     partitions: Vec<PartitionState>,
+    /// Per slot, this run's bookkeeping.
+    progress: Vec<Progress>,
     windows: Windows,
     max_event_bytes: usize,
     commit_interval: Duration,
@@ -54,27 +56,42 @@ pub struct KafkaReader {
 }
 
 /// The partitions of `topics` that worker `worker` of `peers` reads, in assignment order.
-pub fn assign_partitions(partition_counts: &[(String, i32)], worker: usize, peers: usize) -> Vec<(String, i32)> {
-    let mut all: Vec<(String, i32)> = partition_counts.iter().flat_map(|(t, n)| (0..*n).map(move |p| (t.clone(), p))).collect();
+pub fn assign_partitions(
+    partition_counts: &[(String, i32)],
+    worker: usize,
+    peers: usize,
+) -> Vec<(String, i32)> {
+    let mut all: Vec<(String, i32)> = partition_counts
+        .iter()
+        .flat_map(|(t, n)| (0..*n).map(move |p| (t.clone(), p)))
+        .collect();
     all.sort();
-    all.into_iter().enumerate().filter(|(i, _)| i % peers.max(1) == worker).map(|(_, tp)| tp).collect()
+    all.into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % peers.max(1) == worker)
+        .map(|(_, tp)| tp)
+        .collect()
 }
 
 impl KafkaReader {
     /// Connects, reads topic metadata and assigns this worker's partitions.
-    pub fn connect(config: &KafkaConfig, worker: usize, peers: usize, windows: Windows, max_event_bytes: usize) -> anyhow::Result<KafkaReader> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("group.id", &config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
-        for (key, value) in &config.options {
-            client.set(key, value);
-        }
-        let consumer: BaseConsumer = client.create().context("creating the Kafka consumer")?;
+    pub fn connect(
+        config: &KafkaConfig,
+        worker: usize,
+        peers: usize,
+        windows: Windows,
+        max_event_bytes: usize,
+    ) -> anyhow::Result<KafkaReader> {
+        let consumer: BaseConsumer = config
+            .client_config(&[
+                ("group.id", &config.group_id),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "false"),
+            ])
+            .create()
+            .context("creating the Kafka consumer")?;
         let deadline = Instant::now() + Duration::from_millis(config.metadata_timeout_ms);
         let mut counts = Vec::new();
         for topic in &config.topics {
@@ -82,12 +99,24 @@ impl KafkaReader {
                 let found = consumer
                     .fetch_metadata(Some(&topic.name), Duration::from_secs(5))
                     .ok()
-                    .and_then(|md| md.topics().iter().find(|t| t.name() == topic.name && t.error().is_none()).map(|t| t.partitions().len() as i32))
+                    .and_then(|md| {
+                        md.topics()
+                            .iter()
+                            .find(|t| t.name() == topic.name && t.error().is_none())
+                            .map(|t| t.partitions().len() as i32)
+                    })
                     .filter(|n| *n > 0);
                 match found {
                     Some(n) => break n,
-                    None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(250)),
-                    None => bail!("topic `{}` not found on {} within {} ms", topic.name, config.bootstrap_servers, config.metadata_timeout_ms),
+                    None if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(250))
+                    }
+                    None => bail!(
+                        "topic `{}` not found on {} within {} ms",
+                        topic.name,
+                        config.bootstrap_servers,
+                        config.metadata_timeout_ms
+                    ),
                 }
             };
             counts.push((topic.name.clone(), partitions));
@@ -95,32 +124,28 @@ impl KafkaReader {
         let mine = assign_partitions(&counts, worker, peers);
         let mut tpl = TopicPartitionList::new();
         let topics: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
-        let mut index: Vec<Vec<Option<usize>>> = counts.iter().map(|(_, n)| vec![None; *n as usize]).collect();
+        let mut index: Vec<Vec<Option<usize>>> = counts
+            .iter()
+            .map(|(_, n)| vec![None; *n as usize])
+            .collect();
         let mut partitions = Vec::new();
         for (topic, partition) in &mine {
-            tpl.add_partition_offset(topic, *partition, Offset::Stored).context("building the assignment")?;
+            tpl.add_partition_offset(topic, *partition, Offset::Stored)
+                .context("building the assignment")?;
             let t = topics.iter().position(|n| n == topic).unwrap_or(0);
             index[t][*partition as usize] = Some(partitions.len());
-            partitions.push(PartitionState {
-                topic: topic.clone(),
-                partition: *partition,
-                read_next: None,
-                last_gap: None,
-                failed_checks: 0,
-                caught_up: None,
-                next_offset: None,
-                pending: BTreeMap::new(),
-                committed: None,
-            });
+            partitions.push(PartitionState::new(topic, *partition));
         }
         // Where each partition resumes, so that a partition can be known to be caught up
         // before it has delivered anything.
         if let Ok(committed) = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
             for element in committed.elements() {
-                if let (Offset::Offset(o), Some(t)) = (element.offset(), topics.iter().position(|n| n == element.topic()))
-                    && let Some(Some(i)) = index[t].get(element.partition() as usize)
+                if let (Offset::Offset(o), Some(t)) = (
+                    element.offset(),
+                    topics.iter().position(|n| n == element.topic()),
+                ) && let Some(Some(i)) = index[t].get(element.partition() as usize)
                 {
-                    partitions[*i].read_next = Some(o);
+                    partitions[*i].next_offset = Some(o);
                 }
             }
         }
@@ -130,6 +155,7 @@ impl KafkaReader {
             consumer,
             topics,
             index,
+            progress: partitions.iter().map(|_| Progress::default()).collect(),
             partitions,
             windows,
             max_event_bytes,
@@ -145,14 +171,19 @@ impl KafkaReader {
     /// failed commit is tried again at the next call.
     fn commit(&mut self, durable_ms: u64) {
         let mut tpl = TopicPartitionList::new();
-        for p in &mut self.partitions {
-            let width = self.windows.width_ms();
-            p.pending.retain(|start, _| start.saturating_add(width) > durable_ms);
-            let Some(next) = p.next_offset else { continue };
+        let width = self.windows.width_ms();
+        for (state, p) in self.partitions.iter().zip(&mut self.progress) {
+            p.pending
+                .retain(|start, _| start.saturating_add(width) > durable_ms);
+            let Some(next) = p.tracked_next else { continue };
             let committable = p.pending.values().copied().min().unwrap_or(next);
             if p.committed.is_none_or(|c| committable > c) {
                 // Adding a partition to a fresh list cannot fail for a valid offset.
-                let _ = tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(committable));
+                let _ = tpl.add_partition_offset(
+                    &state.topic,
+                    state.partition,
+                    Offset::Offset(committable),
+                );
             }
         }
         if tpl.count() == 0 {
@@ -165,7 +196,10 @@ impl KafkaReader {
                         Offset::Offset(o) => o,
                         _ => continue,
                     };
-                    if let Some(p) = self.partitions.iter_mut().find(|p| p.partition == element.partition() && p.topic == element.topic()) {
+                    let slot = self.partitions.iter().position(|p| {
+                        p.partition == element.partition() && p.topic == element.topic()
+                    });
+                    if let Some(p) = slot.and_then(|slot| self.progress.get_mut(slot)) {
                         p.committed = Some(committed);
                     }
                 }
@@ -184,15 +218,15 @@ impl Drop for KafkaReader {
 }
 
 impl RecordReader for KafkaReader {
-    fn partitions(&self) -> usize {
-        self.partitions.len()
+    fn partitions(&self) -> &[PartitionState] {
+        &self.partitions
     }
 
     fn is_bounded(&self) -> bool {
         false
     }
 
-    fn read(&mut self, max: usize, emit: &mut dyn FnMut(Record<'_>)) -> anyhow::Result<ReadStatus> {
+    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> anyhow::Result<ReadStatus> {
         for _ in 0..max {
             let message = match self.consumer.poll(Duration::ZERO) {
                 None => return Ok(ReadStatus::Idle),
@@ -203,23 +237,44 @@ impl RecordReader for KafkaReader {
                 Some(Ok(message)) => message,
             };
             let topic = message.topic();
-            let Some(position) = self.topics.iter().position(|t| t == topic).and_then(|t| self.index[t].get(message.partition() as usize).copied().flatten())
-            else {
-                warn!(topic, partition = message.partition(), "message from an unassigned partition ignored by this worker");
+            let Some(slot) = self.topics.iter().position(|t| t == topic).and_then(|t| {
+                self.index[t]
+                    .get(message.partition() as usize)
+                    .copied()
+                    .flatten()
+            }) else {
+                warn!(
+                    topic,
+                    partition = message.partition(),
+                    "message from an unassigned partition ignored by this worker"
+                );
                 continue;
             };
-            if let Some(p) = self.partitions.get_mut(position) {
-                p.read_next = Some(message.offset() + 1);
+            if let Some(p) = self.partitions.get_mut(slot) {
+                p.next_offset = Some(message.offset() + 1);
             }
             let bytes = message.payload().unwrap_or_default();
-            let payload = if bytes.len() > self.max_event_bytes { Payload::Oversize(bytes.len() as u64) } else { Payload::Bytes(bytes) };
-            emit(Record { partition: position, topic, kafka_partition: message.partition(), offset: message.offset(), payload });
+            let payload = if bytes.len() > self.max_event_bytes {
+                Payload::Oversize(bytes.len() as u64)
+            } else {
+                Payload::Bytes(bytes)
+            };
+            let record = Record {
+                slot,
+                topic,
+                partition: message.partition(),
+                offset: message.offset(),
+                payload,
+            };
+            emit(record, &mut self.partitions);
         }
         Ok(ReadStatus::More)
     }
 
-    fn caught_up(&mut self, partition: usize) -> bool {
-        let Some(p) = self.partitions.get_mut(partition) else { return true };
+    fn caught_up(&mut self, slot: usize) -> bool {
+        let (Some(state), Some(p)) = (self.partitions.get(slot), self.progress.get_mut(slot)) else {
+            return true;
+        };
         if let Some((checked, answer)) = p.caught_up
             && checked.elapsed() < Duration::from_secs(1)
         {
@@ -228,14 +283,21 @@ impl RecordReader for KafkaReader {
         // One broker round trip (at most 1 s), only for a partition that has been silent for
         // the idle timeout, and at most one every 200 ms for the whole worker, so that many
         // silent partitions cannot stall the worker thread.
-        if self.last_end_query.is_some_and(|at| at.elapsed() < Duration::from_millis(200)) {
+        if self
+            .last_end_query
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
+        {
             return p.caught_up.is_some_and(|(_, answer)| answer);
         }
         self.last_end_query = Some(Instant::now());
-        let answer = match self.consumer.fetch_watermarks(&p.topic, p.partition, Duration::from_secs(1)) {
+        let answer = match self.consumer.fetch_watermarks(
+            &state.topic,
+            state.partition,
+            Duration::from_secs(1),
+        ) {
             Ok((low, high)) => {
                 // Retention may have moved the start past where this reader resumes.
-                let next = p.read_next.unwrap_or(low).max(low);
+                let next = state.next_offset.unwrap_or(low).max(low);
                 let gap = high - next;
                 // A gap that stays the same while nothing arrives is not data on its way (for
                 // example transaction markers, which a consumer never receives).
@@ -249,7 +311,7 @@ impl RecordReader for KafkaReader {
                 // pipeline for good: after three failed checks, silence alone decides.
                 p.failed_checks += 1;
                 let give_up = p.failed_checks >= 3;
-                warn!(topic = %p.topic, partition = p.partition, error = %err, treated_as_idle = give_up, "could not read the partition's end");
+                warn!(topic = %state.topic, partition = state.partition, error = %err, treated_as_idle = give_up, "could not read the partition's end");
                 give_up
             }
         };
@@ -257,11 +319,11 @@ impl RecordReader for KafkaReader {
         answer
     }
 
-    fn track(&mut self, partition: usize, offset: i64, window_start_ms: u64) {
-        if let Some(p) = self.partitions.get_mut(partition) {
-            p.next_offset = Some(p.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
-            let slot = p.pending.entry(window_start_ms).or_insert(offset);
-            *slot = (*slot).min(offset);
+    fn track(&mut self, slot: usize, offset: i64, window_start_ms: u64) {
+        if let Some(p) = self.progress.get_mut(slot) {
+            p.tracked_next = Some(p.tracked_next.map_or(offset + 1, |n| n.max(offset + 1)));
+            let smallest = p.pending.entry(window_start_ms).or_insert(offset);
+            *smallest = (*smallest).min(offset);
         }
     }
 
@@ -281,9 +343,14 @@ mod tests {
     #[test]
     fn partitions_are_spread_over_all_workers() {
         let counts = vec![("b".to_string(), 3), ("a".to_string(), 2)];
-        let all: Vec<_> = (0..3).flat_map(|w| assign_partitions(&counts, w, 3)).collect();
+        let all: Vec<_> = (0..3)
+            .flat_map(|w| assign_partitions(&counts, w, 3))
+            .collect();
         assert_eq!(all.len(), 5);
-        assert_eq!(assign_partitions(&counts, 0, 3), vec![("a".to_string(), 0), ("b".to_string(), 1)]);
+        assert_eq!(
+            assign_partitions(&counts, 0, 3),
+            vec![("a".to_string(), 0), ("b".to_string(), 1)]
+        );
         assert!(assign_partitions(&counts, 5, 6).is_empty());
     }
 }

@@ -8,14 +8,19 @@
 
 pub mod kafka;
 pub mod ndjson;
+pub mod partition;
 pub mod watermark;
+
+pub use partition::PartitionState;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use sightline_operators::{Time, Windows};
-use sightline_schemas::{DeadLetter, DecodeError, Decoder, Event, FailureKind, Origin};
+use sightline_schemas::{
+    DeadLetter, DecodeError, Decoder, Event, FailureKind, Origin, wall_clock_ms,
+};
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::{Scope, StreamVec};
@@ -34,12 +39,12 @@ pub enum Payload<'a> {
 /// One raw record from a reader.
 #[derive(Clone, Copy, Debug)]
 pub struct Record<'a> {
-    /// Index of the record's partition among this reader's partitions (for watermarks).
-    pub partition: usize,
+    /// Where the record's partition is in the reader's [`RecordReader::partitions`].
+    pub slot: usize,
     /// Kafka topic, or `file:<path>`.
     pub topic: &'a str,
     /// Kafka partition number (0 for files).
-    pub kafka_partition: i32,
+    pub partition: i32,
     /// Kafka offset, or 0-based line number.
     pub offset: i64,
     /// The bytes.
@@ -57,13 +62,19 @@ pub enum ReadStatus {
     Exhausted,
 }
 
+/// What a reader hands each record to: the record, and the states of the reader's partitions.
+pub type Emit<'a> = dyn FnMut(Record<'_>, &mut [PartitionState]) + 'a;
+
 /// A worker's share of an input.
 pub trait RecordReader {
-    /// Number of partitions this worker reads (watermarks are tracked per partition).
-    fn partitions(&self) -> usize;
+    /// The state of each partition this worker reads, in a fixed order (a record names its
+    /// partition by its place here, [`Record::slot`]).
+    fn partitions(&self) -> &[PartitionState];
 
-    /// Reads up to `max` records, handing each to `emit`.
-    fn read(&mut self, max: usize, emit: &mut dyn FnMut(Record<'_>)) -> anyhow::Result<ReadStatus>;
+    /// Reads up to `max` records, handing each to `emit` together with the partitions' states
+    /// (the ingest operator records accepted event times in them). The reader has updated the
+    /// record's `next_offset` before.
+    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> anyhow::Result<ReadStatus>;
 
     /// Whether the input is bounded (a file) rather than a live stream.
     fn is_bounded(&self) -> bool;
@@ -72,13 +83,14 @@ pub trait RecordReader {
     /// `durable_ms` is durable in every sink; a Kafka reader commits offsets here.
     fn durable_up_to(&mut self, _durable_ms: u64) {}
 
-    /// Notes that the record at `(partition, offset)` was written into the window starting at
-    /// `window_start_ms`, so that its offset is committed only once that window is durable.
-    fn track(&mut self, _partition: usize, _offset: i64, _window_start_ms: u64) {}
+    /// Notes that the record at `offset` of the partition in `slot` was written into the
+    /// window starting at `window_start_ms`, so that its offset is committed only once that
+    /// window is durable.
+    fn track(&mut self, _slot: usize, _offset: i64, _window_start_ms: u64) {}
 
-    /// Whether everything `partition` holds has been read (asked before a silent partition is
-    /// treated as idle). Readers that cannot tell say yes.
-    fn caught_up(&mut self, _partition: usize) -> bool {
+    /// Whether everything the partition in `slot` holds has been read (asked before a silent
+    /// partition is treated as idle). Readers that cannot tell say yes.
+    fn caught_up(&mut self, _slot: usize) -> bool {
         true
     }
 }
@@ -104,7 +116,12 @@ pub struct IngestStats {
 impl IngestStats {
     /// `(read, accepted, rejected, late)` as of now.
     pub fn snapshot(&self) -> (u64, u64, u64, u64) {
-        (self.read.load(Ordering::Relaxed), self.accepted.load(Ordering::Relaxed), self.rejected.load(Ordering::Relaxed), self.late.load(Ordering::Relaxed))
+        (
+            self.read.load(Ordering::Relaxed),
+            self.accepted.load(Ordering::Relaxed),
+            self.rejected.load(Ordering::Relaxed),
+            self.late.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -138,7 +155,10 @@ pub struct Decoders {
 impl Decoders {
     /// Decoders that all use `default`.
     pub fn new(default: Decoder) -> Decoders {
-        Decoders { default, by_topic: Vec::new() }
+        Decoders {
+            default,
+            by_topic: Vec::new(),
+        }
     }
 
     /// Uses `decoder` for records of `topic`.
@@ -159,14 +179,11 @@ impl Decoders {
 /// An accepted event or a dead letter, with its time and multiplicity. Both are behind a
 /// pointer: an event is about 200 bytes and a record is moved through several containers on
 /// its way to the aggregates, which share it (`Arc`) instead of copying it.
-pub type Ingested = (Outcome, Time, isize);
+pub type Ingested = (Decoded, Time, isize);
 
 /// What a record became: a shared event or a boxed dead letter.
-pub type Outcome = Result<Arc<Event>, Box<DeadLetter>>;
+pub type Decoded = Result<Arc<Event>, Box<DeadLetter>>;
 
-fn wall_clock_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// The source operator: reads, decodes, watermarks. See the module documentation.
 ///
@@ -192,7 +209,12 @@ pub fn ingest<'s>(
         let activator = scope.activator_for(info.address.clone());
         let bounded = reader.is_bounded();
         let idle_timeout = (!bounded).then_some(settings.idle_timeout);
-        let mut marks = Watermarks::new(reader.partitions(), settings.lateness_ms, idle_timeout, Instant::now());
+        let mut marks = Watermarks::new(
+            reader.partitions(),
+            settings.lateness_ms,
+            idle_timeout,
+            Instant::now(),
+        );
         let mut cap = Some(capability);
         let tick = settings.tick_ms.max(1);
         let windows = settings.windows;
@@ -200,7 +222,7 @@ pub fn ingest<'s>(
         let mut newest_ms: Option<u64> = None;
         // Dead letters waiting for a processing time, with their partition and offset.
         let mut waiting: Vec<(DeadLetter, usize, i64)> = Vec::new();
-        let mut ready: Vec<(Outcome, Time, usize, i64)> = Vec::with_capacity(settings.batch_size);
+        let mut ready: Vec<(Decoded, Time, usize, i64)> = Vec::with_capacity(settings.batch_size);
         move |output| {
             let Some(c) = cap.as_mut() else { return };
             if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied())
@@ -216,14 +238,23 @@ pub fn ingest<'s>(
                 let decoders = &mut decoders;
                 let marks = &mut marks;
                 let (ready, waiting, newest_ms) = (&mut ready, &mut waiting, &mut newest_ms);
-                reader.read(settings.batch_size, &mut |record| {
+                reader.read(settings.batch_size, &mut |record, partitions| {
                     read += 1;
-                    let origin = || Origin { topic: record.topic.to_owned(), partition: record.kafka_partition, offset: record.offset };
+                    let origin = || Origin {
+                        topic: record.topic.to_owned(),
+                        partition: record.partition,
+                        offset: record.offset,
+                    };
                     let decoder = decoders.for_topic(record.topic);
                     let item = match record.payload {
                         Payload::Oversize(size) => {
                             rejected += 1;
-                            Err(DeadLetter::from_decode_error(decoder.oversize(size), origin(), size, None))
+                            Err(DeadLetter::from_decode_error(
+                                decoder.oversize(size),
+                                origin(),
+                                size,
+                                None,
+                            ))
                         }
                         Payload::Bytes(bytes) => match decoder.decode(bytes) {
                             Ok(event) if event.event_time_ms as u64 > horizon_ms => {
@@ -233,41 +264,70 @@ pub fn ingest<'s>(
                                     sightline_schemas::format_rfc3339_ms(event.event_time_ms),
                                     settings.max_future_skew_ms / 1000
                                 );
-                                let err = DecodeError::new(FailureKind::InvalidValue, reason).of_event(&event);
-                                let payload = decoder.redact_payload(bytes, Some(event.event_time_ms));
-                                Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64, payload))
+                                let err = DecodeError::new(FailureKind::InvalidValue, reason)
+                                    .of_event(&event);
+                                let payload =
+                                    decoder.redact_payload(bytes, Some(event.event_time_ms));
+                                Err(DeadLetter::from_decode_error(
+                                    err,
+                                    origin(),
+                                    bytes.len() as u64,
+                                    payload,
+                                ))
                             }
                             Ok(event) => {
                                 let event_ms = event.event_time_ms as u64;
                                 let watermark = marks.current_ms();
                                 if event_ms < watermark {
                                     late += 1;
-                                    let payload = decoder.redact_payload(bytes, Some(event.event_time_ms));
-                                    Err(DeadLetter::late(&event, watermark, origin(), bytes.len() as u64, payload))
+                                    let payload =
+                                        decoder.redact_payload(bytes, Some(event.event_time_ms));
+                                    Err(DeadLetter::late(
+                                        &event,
+                                        watermark,
+                                        origin(),
+                                        bytes.len() as u64,
+                                        payload,
+                                    ))
                                 } else {
                                     accepted += 1;
-                                    marks.observe(record.partition, event_ms, now);
-                                    *newest_ms = Some(newest_ms.map_or(event_ms, |n| n.max(event_ms)));
+                                    marks.observe(partitions, record.slot, event_ms, now);
+                                    *newest_ms =
+                                        Some(newest_ms.map_or(event_ms, |n| n.max(event_ms)));
                                     Ok(event)
                                 }
                             }
                             Err(err) => {
                                 rejected += 1;
                                 let payload = decoder.redact_payload(bytes, err.event_time_ms);
-                                Err(DeadLetter::from_decode_error(err, origin(), bytes.len() as u64, payload))
+                                Err(DeadLetter::from_decode_error(
+                                    err,
+                                    origin(),
+                                    bytes.len() as u64,
+                                    payload,
+                                ))
                             }
                         },
                     };
                     match (item, *newest_ms) {
-                        (Err(dead), None) => waiting.push((dead, record.partition, record.offset)),
-                        (Err(dead), Some(newest)) => ready.push((Err(Box::new(dead)), newest - newest % tick, record.partition, record.offset)),
+                        (Err(dead), None) => waiting.push((dead, record.slot, record.offset)),
+                        (Err(dead), Some(newest)) => ready.push((
+                            Err(Box::new(dead)),
+                            newest - newest % tick,
+                            record.slot,
+                            record.offset,
+                        )),
                         (Ok(event), _) => {
                             let t = event.event_time_ms as u64;
                             let t = t - t % tick;
                             // Records that failed before this worker knew any event time are
                             // processed at the first one.
-                            ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)));
-                            ready.push((Ok(Arc::new(event)), t, record.partition, record.offset));
+                            ready.extend(
+                                waiting
+                                    .drain(..)
+                                    .map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)),
+                            );
+                            ready.push((Ok(Arc::new(event)), t, record.slot, record.offset));
                         }
                     }
                 })
@@ -286,10 +346,18 @@ pub fn ingest<'s>(
                 if status == ReadStatus::Exhausted {
                     let wall = wall_clock_ms();
                     let t = wall - wall % tick;
-                    ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)));
+                    ready.extend(
+                        waiting
+                            .drain(..)
+                            .map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)),
+                    );
                 } else if *c.time() > 0 {
                     let t = *c.time();
-                    ready.extend(waiting.drain(..).map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)));
+                    ready.extend(
+                        waiting
+                            .drain(..)
+                            .map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)),
+                    );
                 }
             }
             if !ready.is_empty() {
@@ -314,7 +382,12 @@ pub fn ingest<'s>(
                 cap = None;
                 return;
             }
-            let watermark = marks.advance(Instant::now(), wall_clock_ms(), &mut |partition| reader.caught_up(partition));
+            let idle: Vec<usize> = marks
+                .silent(Instant::now())
+                .into_iter()
+                .filter(|&slot| reader.caught_up(slot))
+                .collect();
+            let watermark = marks.advance(reader.partitions(), &idle, wall_clock_ms());
             let target = watermark - watermark % tick;
             if target > *c.time() {
                 c.downgrade(&target);

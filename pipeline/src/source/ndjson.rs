@@ -12,12 +12,15 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::{Payload, ReadStatus, Record, RecordReader};
+use super::{Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
 
 /// Reads one worker's share of an NDJSON input.
 pub struct NdjsonReader {
     input: Box<dyn BufRead>,
+    /// `file:<path>` or `stdin`: the topic of its records.
     label: String,
+    /// The one partition: the input.
+    partitions: [PartitionState; 1],
     worker: u64,
     peers: u64,
     line: u64,
@@ -28,18 +31,55 @@ pub struct NdjsonReader {
 
 impl NdjsonReader {
     /// Opens `path` (`-` for standard input) for worker `worker` of `peers`.
-    pub fn open(path: &str, worker: usize, peers: usize, max_line_bytes: usize) -> anyhow::Result<NdjsonReader> {
+    pub fn open(
+        path: &str,
+        worker: usize,
+        peers: usize,
+        max_line_bytes: usize,
+    ) -> anyhow::Result<NdjsonReader> {
         if path == "-" {
-            let input: Box<dyn BufRead> = if worker == 0 { Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())) } else { Box::new(std::io::empty()) };
-            return Ok(NdjsonReader::new(input, "stdin".into(), 0, 1, max_line_bytes));
+            let input: Box<dyn BufRead> = if worker == 0 {
+                Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()))
+            } else {
+                Box::new(std::io::empty())
+            };
+            return Ok(NdjsonReader::new(
+                input,
+                "stdin".into(),
+                0,
+                1,
+                max_line_bytes,
+            ));
         }
         let file = File::open(Path::new(path)).with_context(|| format!("opening input {path}"))?;
-        Ok(NdjsonReader::new(Box::new(BufReader::with_capacity(1 << 20, file)), format!("file:{path}"), worker, peers, max_line_bytes))
+        Ok(NdjsonReader::new(
+            Box::new(BufReader::with_capacity(1 << 20, file)),
+            format!("file:{path}"),
+            worker,
+            peers,
+            max_line_bytes,
+        ))
     }
 
     /// Reads NDJSON from any buffered reader; `label` names it in dead-letter records.
-    pub fn new(input: Box<dyn BufRead>, label: String, worker: usize, peers: usize, max_line_bytes: usize) -> NdjsonReader {
-        NdjsonReader { input, label, worker: worker as u64, peers: peers.max(1) as u64, line: 0, max_line_bytes, buf: Vec::with_capacity(4096), done: false }
+    pub fn new(
+        input: Box<dyn BufRead>,
+        label: String,
+        worker: usize,
+        peers: usize,
+        max_line_bytes: usize,
+    ) -> NdjsonReader {
+        NdjsonReader {
+            input,
+            partitions: [PartitionState::new(&label, 0)],
+            label,
+            worker: worker as u64,
+            peers: peers.max(1) as u64,
+            line: 0,
+            max_line_bytes,
+            buf: Vec::with_capacity(4096),
+            done: false,
+        }
     }
 
     /// Reads the next line into `buf`; returns `None` at the end, or `Some((mine, size))`.
@@ -77,21 +117,24 @@ impl NdjsonReader {
 }
 
 impl RecordReader for NdjsonReader {
-    fn partitions(&self) -> usize {
-        1
+    fn partitions(&self) -> &[PartitionState] {
+        &self.partitions
     }
 
     fn is_bounded(&self) -> bool {
         true
     }
 
-    fn read(&mut self, max: usize, emit: &mut dyn FnMut(Record<'_>)) -> anyhow::Result<ReadStatus> {
+    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> anyhow::Result<ReadStatus> {
         if self.done {
             return Ok(ReadStatus::Exhausted);
         }
         let mut emitted = 0;
         while emitted < max {
-            let Some((mine, size)) = self.next_line().with_context(|| format!("reading {}", self.label))? else {
+            let Some((mine, size)) = self
+                .next_line()
+                .with_context(|| format!("reading {}", self.label))?
+            else {
                 self.done = true;
                 return Ok(ReadStatus::Exhausted);
             };
@@ -101,8 +144,20 @@ impl RecordReader for NdjsonReader {
                 continue;
             }
             emitted += 1;
-            let payload = if size > self.max_line_bytes as u64 { Payload::Oversize(size) } else { Payload::Bytes(&self.buf) };
-            emit(Record { partition: 0, topic: &self.label, kafka_partition: 0, offset: line as i64, payload });
+            let payload = if size > self.max_line_bytes as u64 {
+                Payload::Oversize(size)
+            } else {
+                Payload::Bytes(&self.buf)
+            };
+            self.partitions[0].next_offset = Some(line as i64 + 1);
+            let record = Record {
+                slot: 0,
+                topic: &self.label,
+                partition: 0,
+                offset: line as i64,
+                payload,
+            };
+            emit(record, &mut self.partitions);
         }
         Ok(ReadStatus::More)
     }
@@ -113,12 +168,23 @@ impl RecordReader for NdjsonReader {
 mod tests {
     use super::*;
 
-    fn collect(text: &[u8], worker: usize, peers: usize, max: usize) -> Vec<(i64, Option<Vec<u8>>, u64)> {
-        let mut reader = NdjsonReader::new(Box::new(std::io::Cursor::new(text.to_vec())), "mem".into(), worker, peers, max);
+    fn collect(
+        text: &[u8],
+        worker: usize,
+        peers: usize,
+        max: usize,
+    ) -> Vec<(i64, Option<Vec<u8>>, u64)> {
+        let mut reader = NdjsonReader::new(
+            Box::new(std::io::Cursor::new(text.to_vec())),
+            "mem".into(),
+            worker,
+            peers,
+            max,
+        );
         let mut out = Vec::new();
         loop {
             let status = reader
-                .read(2, &mut |r| match r.payload {
+                .read(2, &mut |r, _| match r.payload {
                     Payload::Bytes(b) => out.push((r.offset, Some(b.to_vec()), b.len() as u64)),
                     Payload::Oversize(n) => out.push((r.offset, None, n)),
                 })
@@ -132,8 +198,19 @@ mod tests {
     #[test]
     fn splits_lines_and_keeps_empty_ones() {
         let all = collect(b"a\n\nccc\r\nd", 0, 1, 100);
-        assert_eq!(all, vec![(0, Some(b"a".to_vec()), 1), (1, Some(vec![]), 0), (2, Some(b"ccc\r".to_vec()), 4), (3, Some(b"d".to_vec()), 1)]);
-        let odd: Vec<i64> = collect(b"a\nb\nc\nd\n", 1, 2, 100).into_iter().map(|r| r.0).collect();
+        assert_eq!(
+            all,
+            vec![
+                (0, Some(b"a".to_vec()), 1),
+                (1, Some(vec![]), 0),
+                (2, Some(b"ccc\r".to_vec()), 4),
+                (3, Some(b"d".to_vec()), 1)
+            ]
+        );
+        let odd: Vec<i64> = collect(b"a\nb\nc\nd\n", 1, 2, 100)
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
         assert_eq!(odd, vec![1, 3]);
     }
 
@@ -141,6 +218,9 @@ mod tests {
     fn oversize_lines_are_measured_not_held() {
         let mut text = vec![b'x'; 50_000];
         text.extend_from_slice(b"\nok\n");
-        assert_eq!(collect(&text, 0, 1, 1000), vec![(0, None, 50_000), (1, Some(b"ok".to_vec()), 2)]);
+        assert_eq!(
+            collect(&text, 0, 1, 1000),
+            vec![(0, None, 50_000), (1, Some(b"ok".to_vec()), 2)]
+        );
     }
 }

@@ -1,0 +1,125 @@
+//! Where the computed results go: each output attaches to the [`Computed`] bundle through the
+//! one durable sink operator (`sightline_sinks::durable_sink`), which reports durability to the
+//! probe that gates offset commits.
+//!
+//! Outputs today: per route, the six lake tables; the dead-letter topic (optional); and the
+//! progress reports of the run loop.
+
+use std::sync::mpsc::Sender;
+
+use sightline_operators::{ClosedWindow, QualityTotals, Time, WindowKey};
+use sightline_sinks::kafka::{KeyedRecord, TopicSink};
+use sightline_sinks::tables::{
+    DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow,
+    VariantLatencyRow,
+};
+use sightline_sinks::{Lake, RetryPolicy, Table, WindowRows, durable_sink, write_windows};
+use timely::ExchangeData;
+use timely::dataflow::StreamVec;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::{Filter, Map};
+use timely::dataflow::operators::Inspect;
+
+use crate::dataflow::{Computed, Route};
+use crate::report::Report;
+
+/// Where the outputs go.
+pub struct Outputs {
+    /// The lake of the standard route.
+    pub lake: Lake,
+    /// The lake of the restricted route.
+    pub restricted_lake: Lake,
+    /// The dead-letter topic, if configured.
+    pub dead_letter_topic: Option<TopicSink<DeadLetterRecord>>,
+    /// How failed deliveries are retried.
+    pub retry: RetryPolicy,
+    /// Where progress reports go.
+    pub reports: Sender<Report>,
+}
+
+/// Attaches every output to `computed`. When `durable`'s frontier has passed a time, every
+/// window ending at or before it is in every table, and every dead letter up to it is on the
+/// dead-letter topic.
+pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time>) {
+    let Outputs {
+        lake,
+        restricted_lake,
+        dead_letter_topic,
+        retry,
+        reports,
+    } = outputs;
+    if let Some(topic) = dead_letter_topic {
+        let records = computed
+            .dead_letters
+            .inner
+            .filter(|(_, _, copies)| *copies > 0)
+            .map(|(dead, _, _)| {
+                let value = DeadLetterRecord::of(dead);
+                KeyedRecord {
+                    key: value.key(),
+                    value,
+                }
+            });
+        durable_sink(records, topic, retry, durable);
+    }
+    for windows in computed.routes {
+        let tables = Tables {
+            lake: match windows.route {
+                Route::Standard => lake.clone(),
+                Route::Restricted => restricted_lake.clone(),
+            },
+            retry,
+            durable,
+            reports: reports.clone(),
+        };
+        let quality_reports = reports.clone();
+        let quality = windows.quality.inspect(move |w| {
+            let totals = QualityTotals::of_window(w);
+            let _ = quality_reports.send(Report::Quality(w.window_start, w.window_end, totals));
+        });
+        tables.write(rows_of(windows.event_counts, EventCountRow::from_closed));
+        tables.write(rows_of(windows.latency, LatencyRow::from_closed));
+        tables.write(rows_of(windows.latency_by_variant, VariantLatencyRow::from_closed));
+        tables.write(rows_of(quality.clone(), |w| QualitySummaryRow::from_closed(&w)));
+        tables.write(rows_of(quality, QualityRow::from_closed));
+        tables.write(rows_of(windows.dead_letters, DeadLetterRow::from_closed));
+    }
+}
+
+/// The tables of one route.
+struct Tables<'a> {
+    lake: Lake,
+    retry: RetryPolicy,
+    durable: &'a ProbeHandle<Time>,
+    reports: Sender<Report>,
+}
+
+impl Tables<'_> {
+    /// Writes table `R` and reports each file written.
+    fn write<R: Table + ExchangeData>(&self, rows: StreamVec<'_, Time, WindowRows<R>>) {
+        let reports = self.reports.clone();
+        write_windows(rows, self.lake.clone(), self.retry, self.durable).inspect(move |written| {
+            let _ = reports.send(Report::Written(written.clone()));
+        });
+    }
+}
+
+/// Maps each closed window to its rows.
+fn rows_of<'s, K, D, R>(
+    closed: StreamVec<'s, Time, ClosedWindow<K, D>>,
+    to_rows: impl Fn(ClosedWindow<K, D>) -> Vec<R> + 'static,
+) -> StreamVec<'s, Time, WindowRows<R>>
+where
+    K: WindowKey + 'static,
+    D: 'static,
+    R: Table + ExchangeData,
+{
+    closed.map(move |w| {
+        let (window_start_ms, window_end_ms) = (w.window_start, w.window_end);
+        WindowRows {
+            window_start_ms,
+            window_end_ms,
+            rows: to_rows(w),
+        }
+    })
+}

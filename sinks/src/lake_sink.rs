@@ -1,0 +1,110 @@
+//! Closed windows into the lake: each table is a [`Deliver`] implementation of the durable sink.
+
+use std::marker::PhantomData;
+
+use differential_dataflow::Hashable;
+use serde::{Deserialize, Serialize};
+use sightline_operators::Time;
+use timely::ExchangeData;
+use timely::dataflow::StreamVec;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+
+use crate::durable::{Completeness, Deliver, RetryPolicy, durable_sink};
+use crate::{Error, Lake, Table};
+
+/// One worker's rows of one closed window of one table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowRows<R> {
+    /// Window start, ms since the epoch.
+    pub window_start_ms: u64,
+    /// Window end, ms since the epoch.
+    pub window_end_ms: u64,
+    /// The rows.
+    pub rows: Vec<R>,
+}
+
+/// A window file that is durable in the lake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenWindow {
+    /// Table name.
+    pub table: String,
+    /// Window start, ms since the epoch.
+    pub window_start_ms: u64,
+    /// Window end, ms since the epoch.
+    pub window_end_ms: u64,
+    /// Rows in the file.
+    pub rows: u64,
+    /// Size of the file.
+    pub bytes: u64,
+    /// Path relative to the lake root.
+    pub path: String,
+}
+
+/// Table `R` of a lake: one Parquet file per closed window.
+///
+/// Parts of a window are exchanged by window start (hashed: starts are multiples of the
+/// width, which a plain modulo would send to one worker), so that one worker writes each
+/// window, once every worker's part is in ([`Completeness::Whole`]): one file with a
+/// deterministic name and sorted rows, replacing any earlier file of that window, so that a
+/// rewrite after a restart is idempotent. The receipt is the [`WrittenWindow`], emitted once
+/// the store has acknowledged the file.
+pub struct TableSink<R> {
+    lake: Lake,
+    table: PhantomData<R>,
+}
+
+impl<R> TableSink<R> {
+    /// Table `R` of `lake`.
+    pub fn new(lake: Lake) -> TableSink<R> {
+        TableSink {
+            lake,
+            table: PhantomData,
+        }
+    }
+}
+
+impl<R: Table + ExchangeData> Deliver for TableSink<R> {
+    type Item = WindowRows<R>;
+    type Batch = (u64, u64);
+    type Sealed = Vec<R>;
+    type Receipt = WrittenWindow;
+
+    const COMPLETENESS: Completeness = Completeness::Whole;
+
+    fn name(&self) -> String {
+        format!("WriteParquet({}/{})", self.lake.route(), R::NAME)
+    }
+
+    fn route(part: &WindowRows<R>) -> Option<u64> {
+        Some(part.window_start_ms.hashed())
+    }
+
+    fn batch_of(part: &WindowRows<R>) -> (u64, u64) {
+        (part.window_start_ms, part.window_end_ms)
+    }
+
+    fn seal(&mut self, _window: &(u64, u64), parts: Vec<WindowRows<R>>) -> Vec<R> {
+        let mut rows = R::combine(parts.into_iter().flat_map(|part| part.rows).collect());
+        rows.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        rows
+    }
+
+    fn deliver(&mut self, window: &(u64, u64), rows: &Vec<R>) -> Result<WrittenWindow, Error> {
+        self.lake.write_window::<R>(window.0, window.1, rows)
+    }
+}
+
+/// Writes each closed window of table `R` to `lake` as one Parquet file: the durable sink
+/// with [`TableSink`]. The output carries a [`WrittenWindow`] per file; its frontier, also
+/// reported to `durable`, is the table's durability frontier.
+pub fn write_windows<'s, R>(
+    parts: StreamVec<'s, Time, WindowRows<R>>,
+    lake: Lake,
+    policy: RetryPolicy,
+    durable: &ProbeHandle<Time>,
+) -> StreamVec<'s, Time, WrittenWindow>
+where
+    R: Table + ExchangeData,
+{
+    durable_sink(parts, TableSink::<R>::new(lake), policy, durable)
+}
