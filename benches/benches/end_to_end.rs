@@ -32,13 +32,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sightline::config::TopicConfig;
-use sightline::source::IngestStats;
+use sightline_ingest::source::IngestStats;
 
 use sightline::config::Config;
 use sightline::run::{Input, Job, run};
 use sightline_benches::{Block, CyclingReader, peak_rss_kib};
-use sightline_schemas::Decoder;
-use sightline_schemas::pii::KeyRing;
+use sightline_ingest::Decoder;
+use sightline_privacy::KeyRing;
 
 const BLOCK: usize = 20_000;
 const START_MS: i64 = 1_769_178_600_000;
@@ -108,7 +108,7 @@ fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
                     START_MS,
                     EVENTS_PER_SECOND,
                 ))
-                    as Box<dyn sightline::source::RecordReader>)
+                    as Box<dyn sightline_ingest::source::RecordReader>)
             });
             // A lake on local disk: an in-memory lake would hold every file written, so its
             // size (which grows with the event-time span) would count as the pipeline's memory.

@@ -14,8 +14,8 @@ use sightline::generator::{Generator, GeneratorConfig};
 use sightline_operators::{LatencyHistogram, Windows};
 use std::sync::Arc;
 
-use sightline_schemas::Decoder;
-use sightline_schemas::pii::{KeyRing, Pseudonymizer, Scrubber};
+use sightline_ingest::Decoder;
+use sightline_privacy::{KeyRing, Pseudonymizer, Scrubber};
 use sightline_sinks::parquet_encode;
 use sightline_sinks::tables::{LatencyRow, LatencyStats};
 

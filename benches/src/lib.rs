@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use sightline::generator::{Generator, GeneratorConfig};
-use sightline::source::{Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
+use sightline_ingest::source::{Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
 use sightline_schemas::rfc3339_bytes;
 
 /// A block of generated NDJSON lines, with the position of each line's timestamp value.
@@ -130,7 +130,7 @@ impl RecordReader for CyclingReader {
         true
     }
 
-    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> anyhow::Result<ReadStatus> {
+    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> sightline_ingest::Result<ReadStatus> {
         for _ in 0..max {
             if self.next >= self.total {
                 return Ok(ReadStatus::Exhausted);

@@ -9,8 +9,9 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use sightline_schemas::pii::{KeyRing, Scrubber};
-use sightline_schemas::{Decoder, FailureKind, FlatDefaults, Format};
+use sightline_privacy::{KeyRing, Scrubber};
+use sightline_ingest::{Decoder, FlatDefaults, Format};
+use sightline_schemas::FailureKind;
 
 struct Setup {
     envelope: Decoder,

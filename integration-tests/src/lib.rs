@@ -207,7 +207,12 @@ pub mod parquet_text {
 
     /// Every row of `batch` as `(column, value)` pairs.
     pub fn rows(batch: &RecordBatch) -> Vec<Vec<(String, String)>> {
-        let names: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+        let names: Vec<String> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         (0..batch.num_rows())
             .map(|row| {
                 names
@@ -237,6 +242,9 @@ pub mod parquet_text {
 
     /// A row as one line: `column=value | column=value | …`.
     pub fn line(row: &[(String, String)]) -> String {
-        row.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" | ")
+        row.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
     }
 }

@@ -36,7 +36,9 @@ fn input(path: &Path) {
 }
 
 fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
@@ -54,7 +56,11 @@ fn dump(lake: &Path) -> String {
     files.sort();
     let mut out = String::new();
     for file in files {
-        let relative = file.strip_prefix(lake).expect("under the lake").display().to_string();
+        let relative = file
+            .strip_prefix(lake)
+            .expect("under the lake")
+            .display()
+            .to_string();
         let bytes = std::fs::read(&file).expect("read");
         let (rows, retention) = parquet_text::read(bytes.into());
         let retention = retention.unwrap_or_default();

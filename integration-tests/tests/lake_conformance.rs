@@ -150,7 +150,13 @@ fn dead_letter_row() -> DeadLetterRow {
 fn round_trip<T: Table>(lake: &Lake, row: T) -> Vec<String> {
     let written = lake.write_window(START, END, &[row]).expect("write");
     let batches = read_batches(lake, &written.path);
-    assert_eq!(batches[0].schema(), T::schema(), "{} on {}", T::NAME, lake.location());
+    assert_eq!(
+        batches[0].schema(),
+        T::schema(),
+        "{} on {}",
+        T::NAME,
+        lake.location()
+    );
     let (rows, _) = parquet_text::read(lake.get(&written.path).expect("get"));
     assert_eq!(rows.len(), 1);
     rows[0].iter().map(|(k, v)| format!("{k}={v}")).collect()
@@ -217,7 +223,11 @@ fn every_table_round_trips_value_by_value() {
             variant: "control".into(),
             stats: stats(),
         };
-        let mut want = vec!["event_name=\"a\"", "experiment_id=\"x\"", "variant=\"control\""];
+        let mut want = vec![
+            "event_name=\"a\"",
+            "experiment_id=\"x\"",
+            "variant=\"control\"",
+        ];
         want.extend(latency_cells);
         assert_eq!(round_trip(&lake, variants), window(&want));
         tables.push(VariantLatencyRow::NAME);

@@ -357,7 +357,14 @@ pub fn windowed_dead_letters<'s>(
         .inner
         .map(move |(record, time, diff)| {
             let window_start = windows.start_of(time);
-            (WindowedDeadLetter { window_start, record }, time, diff)
+            (
+                WindowedDeadLetter {
+                    window_start,
+                    record,
+                },
+                time,
+                diff,
+            )
         })
         .as_collection()
 }

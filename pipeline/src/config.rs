@@ -92,7 +92,7 @@ impl Default for PipelineConfig {
             allowed_lateness_ms: 10_000,
             tick_ms: 1_000,
             idle_timeout_ms: 5_000,
-            max_event_bytes: sightline_schemas::DEFAULT_MAX_EVENT_BYTES,
+            max_event_bytes: sightline_ingest::DEFAULT_MAX_EVENT_BYTES,
             max_future_skew_ms: 3_600_000,
             batch_size: 1024,
         }
@@ -112,7 +112,7 @@ pub struct TopicConfig {
     pub format: TopicFormat,
     /// Envelope values for `flat` records (tenant, source, platform, …).
     #[serde(default)]
-    pub defaults: sightline_schemas::FlatDefaults,
+    pub defaults: sightline_ingest::FlatDefaults,
 }
 
 impl TopicConfig {
@@ -126,10 +126,10 @@ impl TopicConfig {
     }
 
     /// The decoder format of this topic.
-    pub fn decoder_format(&self) -> sightline_schemas::Format {
+    pub fn decoder_format(&self) -> sightline_ingest::Format {
         match self.format {
-            TopicFormat::Envelope => sightline_schemas::Format::Envelope,
-            TopicFormat::Flat => sightline_schemas::Format::Flat(self.defaults.clone()),
+            TopicFormat::Envelope => sightline_ingest::Format::Envelope,
+            TopicFormat::Flat => sightline_ingest::Format::Flat(self.defaults.clone()),
         }
     }
 }
@@ -168,15 +168,15 @@ impl Default for PrivacyConfig {
             key_id: "k1".into(),
             key: None,
             key_file: None,
-            rotation_days: sightline_schemas::pii::DEFAULT_ROTATION_DAYS,
+            rotation_days: sightline_privacy::DEFAULT_ROTATION_DAYS,
         }
     }
 }
 
 impl PrivacyConfig {
     /// The configured key ring, or `None` when no secret is configured.
-    pub fn key_ring(&self) -> anyhow::Result<Option<sightline_schemas::pii::KeyRing>> {
-        use sightline_schemas::pii::KeyRing;
+    pub fn key_ring(&self) -> anyhow::Result<Option<sightline_privacy::KeyRing>> {
+        use sightline_privacy::KeyRing;
         Ok(match (&self.key, &self.key_file) {
             (Some(_), Some(_)) => bail!("set privacy.key or privacy.key-file, not both"),
             (Some(hex), None) => Some(KeyRing::from_hex(&self.key_id, hex, self.rotation_days)?),
@@ -222,6 +222,24 @@ impl KafkaConfig {
             client.set(key, value);
         }
         client
+    }
+}
+
+impl KafkaConfig {
+    /// What the Kafka source reads: the consumer's settings (group, the reader's own
+    /// [`KafkaReader::CONSUMER_SETTINGS`], then `options`), the topics, and the intervals.
+    ///
+    /// [`KafkaReader::CONSUMER_SETTINGS`]: sightline_ingest::source::kafka::KafkaReader::CONSUMER_SETTINGS
+    pub fn source(&self) -> sightline_ingest::source::kafka::KafkaSource {
+        use sightline_ingest::source::kafka::{KafkaReader, KafkaSource};
+        let mut role = vec![("group.id", self.group_id.as_str())];
+        role.extend(KafkaReader::CONSUMER_SETTINGS);
+        KafkaSource {
+            client: self.client_config(&role),
+            topics: self.topics.iter().map(|t| t.name.clone()).collect(),
+            commit_interval: std::time::Duration::from_millis(self.commit_interval_ms),
+            metadata_timeout: std::time::Duration::from_millis(self.metadata_timeout_ms),
+        }
     }
 }
 

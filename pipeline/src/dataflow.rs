@@ -17,13 +17,13 @@ use sightline_operators::{
     latency_by_variant, quality, windowed_dead_letters,
 };
 use sightline_schemas::{DeadLetter, Event};
+use timely::dataflow::operators::Probe;
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Partition;
-use timely::dataflow::operators::Probe;
 use timely::dataflow::{Scope, StreamVec};
 
-use crate::source::{IngestSettings, IngestStats, RecordReader, ingest};
+use sightline_ingest::source::{IngestSettings, IngestStats, RecordReader, ingest};
 
 /// The two routes of every record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -47,7 +47,11 @@ impl Route {
     }
 
     fn of(restricted: bool) -> Route {
-        if restricted { Route::Restricted } else { Route::Standard }
+        if restricted {
+            Route::Restricted
+        } else {
+            Route::Standard
+        }
     }
 }
 
@@ -105,12 +109,18 @@ pub fn compute<'s>(
     // One pass routes each record; events stay in their `Arc`, so that every aggregate shares
     // them instead of copying them.
     let by_route = |restricted: bool| Route::of(restricted) as u64;
-    let routed_events = events.inner.clone().partition(2, move |(event, time, diff)| {
-        (by_route(event.is_restricted()), (event, time, diff))
-    });
-    let routed_dead = dead_letters.inner.clone().partition(2, move |(dead, time, diff)| {
-        (by_route(dead.restricted), (dead, time, diff))
-    });
+    let routed_events = events
+        .inner
+        .clone()
+        .partition(2, move |(event, time, diff)| {
+            (by_route(event.is_restricted()), (event, time, diff))
+        });
+    let routed_dead = dead_letters
+        .inner
+        .clone()
+        .partition(2, move |(dead, time, diff)| {
+            (by_route(dead.restricted), (dead, time, diff))
+        });
     let routes = Route::ALL
         .into_iter()
         .zip(routed_events)
@@ -142,7 +152,11 @@ fn aggregate<'s>(
             windows,
             &name("CloseEventCounts"),
         ),
-        latency: close_windows(latency(events.clone(), windows), windows, &name("CloseLatency")),
+        latency: close_windows(
+            latency(events.clone(), windows),
+            windows,
+            &name("CloseLatency"),
+        ),
         latency_by_variant: close_windows(
             latency_by_variant(events.clone(), windows),
             windows,

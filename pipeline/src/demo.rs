@@ -122,9 +122,8 @@ fn produce_live(
     stop: &AtomicBool,
     produced: &AtomicU64,
 ) -> anyhow::Result<()> {
-    let producer: ThreadedProducer<DefaultProducerContext> = client
-        .create()
-        .context("creating the demo producer")?;
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        client.create().context("creating the demo producer")?;
     let mut generator = Generator::new(GeneratorConfig {
         seed: now_ms() as u64,
         start_ms: now_ms(),

@@ -16,9 +16,9 @@ use sightline_sinks::tables::{
 use sightline_sinks::{Lake, RetryPolicy, Table, WindowRows, durable_sink, write_windows};
 use timely::ExchangeData;
 use timely::dataflow::StreamVec;
+use timely::dataflow::operators::Inspect;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::{Filter, Map};
-use timely::dataflow::operators::Inspect;
 
 use crate::dataflow::{Computed, Route};
 use crate::report::Report;
@@ -79,8 +79,13 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
         });
         tables.write(rows_of(windows.event_counts, EventCountRow::from_closed));
         tables.write(rows_of(windows.latency, LatencyRow::from_closed));
-        tables.write(rows_of(windows.latency_by_variant, VariantLatencyRow::from_closed));
-        tables.write(rows_of(quality.clone(), |w| QualitySummaryRow::from_closed(&w)));
+        tables.write(rows_of(
+            windows.latency_by_variant,
+            VariantLatencyRow::from_closed,
+        ));
+        tables.write(rows_of(quality.clone(), |w| {
+            QualitySummaryRow::from_closed(&w)
+        }));
         tables.write(rows_of(quality, QualityRow::from_closed));
         tables.write(rows_of(windows.dead_letters, DeadLetterRow::from_closed));
     }

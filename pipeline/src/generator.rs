@@ -707,14 +707,14 @@ fn uuid_v4(r: &mut Rng) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use sightline_schemas::Decoder;
+    use sightline_ingest::Decoder;
 
     #[test]
     fn good_lines_decode_and_bad_lines_do_not() {
         let mut decoder = Decoder::new(
             1 << 20,
             std::sync::Arc::new(
-                sightline_schemas::pii::KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap(),
+                sightline_privacy::KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap(),
             ),
         );
         let mut generator = Generator::new(GeneratorConfig {

@@ -4,7 +4,6 @@
 //! The binary (`sightline`) is a thin CLI over this library:
 //!
 //! - [`config`]: the layered configuration tree;
-//! - [`source`]: record readers (Kafka, NDJSON) and the ingest operator (decode, watermarks);
 //! - [`dataflow`]: what the dataflow computes, as a typed bundle of closed-window streams;
 //! - [`emit`]: where it goes: every output attached to the bundle through the durable sink;
 //! - [`run`]: workers, reporting and shutdown;
@@ -22,7 +21,7 @@
 //!     lake: sightline_sinks::Lake::open("./out").unwrap(),
 //!     stop: Arc::new(AtomicBool::new(false)),
 //!     print_windows: true,
-//!     format: sightline_schemas::Format::Envelope,
+//!     format: sightline_ingest::Format::Envelope,
 //! };
 //! let summary = run(job).unwrap();
 //! println!("{summary}");
@@ -36,4 +35,3 @@ pub mod generator;
 pub mod pii_scan;
 pub mod report;
 pub mod run;
-pub mod source;

@@ -12,7 +12,7 @@ use sightline::config::Config;
 use sightline::demo::{DemoOptions, demo_config, run_demo};
 use sightline::generator::{Generator, GeneratorConfig};
 use sightline::run::{Input, Job, run};
-use sightline_schemas::Format;
+use sightline_ingest::Format;
 
 /// Sightline: product telemetry → event-time windowed aggregates → Parquet.
 #[derive(Parser, Debug)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use sightline_schemas::pii::{Finding, Scrubber};
+use sightline_privacy::{Finding, Scrubber};
 use sightline_sinks::{Lake, S3Options};
 
 use crate::config::KafkaConfig;
@@ -86,8 +86,12 @@ pub fn scan_lake(location: &str, s3: &S3Options) -> anyhow::Result<ScanReport> {
 /// Scans every record of `topic`, from the start of each partition to its current end.
 pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport> {
     let consumer: BaseConsumer = kafka
-        .client_config(&[("group.id", "sightline-pii-scan"), ("enable.auto.commit", "false")])
-        .create().context("creating the scan consumer")?;
+        .client_config(&[
+            ("group.id", "sightline-pii-scan"),
+            ("enable.auto.commit", "false"),
+        ])
+        .create()
+        .context("creating the scan consumer")?;
     let timeout = Duration::from_millis(kafka.metadata_timeout_ms.max(1000));
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)

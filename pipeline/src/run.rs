@@ -6,9 +6,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use sightline_ingest::{Decoder, Format};
 use sightline_operators::Time;
-use sightline_schemas::pii::KeyRing;
-use sightline_schemas::{Decoder, Format};
+use sightline_privacy::KeyRing;
 use sightline_sinks::Lake;
 use sightline_sinks::kafka::TopicSink;
 use tracing::{info, warn};
@@ -17,9 +17,9 @@ use crate::config::{Config, KafkaConfig};
 use crate::dataflow::{Route, build, windows_of};
 use crate::emit::Outputs;
 use crate::report::{Progress, window_line};
-use crate::source::kafka::KafkaReader;
-use crate::source::ndjson::NdjsonReader;
-use crate::source::{Decoders, IngestSettings, IngestStats, RecordReader};
+use sightline_ingest::source::kafka::KafkaReader;
+use sightline_ingest::source::ndjson::NdjsonReader;
+use sightline_ingest::source::{Decoders, IngestSettings, IngestStats, RecordReader};
 
 /// Makes worker `index` of `peers` its reader (for inputs the CLI does not know: benchmarks,
 /// tests).
@@ -107,7 +107,7 @@ fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn
     Ok(match &job.input {
         Input::Ndjson(path) => Box::new(NdjsonReader::open(path, worker, peers, max)?),
         Input::Kafka(kafka) => Box::new(KafkaReader::connect(
-            kafka,
+            &kafka.source(),
             worker,
             peers,
             windows_of(&job.config.pipeline),

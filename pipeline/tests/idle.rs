@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use sightline::dataflow::build;
 use sightline::emit::Outputs;
 use sightline::generator::{Generator, GeneratorConfig};
-use sightline::source::{
+use sightline_ingest::Decoder;
+use sightline_ingest::source::{
     Decoders, Emit, IngestSettings, IngestStats, PartitionState, Payload, ReadStatus, Record,
     RecordReader,
 };
 use sightline_operators::{Time, Windows};
-use sightline_schemas::Decoder;
-use sightline_schemas::pii::KeyRing;
+use sightline_privacy::KeyRing;
 use sightline_sinks::Lake;
 
 /// One good event, silence, one broken record, then the end.
@@ -34,7 +34,7 @@ impl RecordReader for Scripted {
         false
     }
 
-    fn read(&mut self, _max: usize, emit: &mut Emit<'_>) -> anyhow::Result<ReadStatus> {
+    fn read(&mut self, _max: usize, emit: &mut Emit<'_>) -> sightline_ingest::Result<ReadStatus> {
         let record = |offset, payload| Record {
             slot: 0,
             topic: "scripted",
@@ -47,7 +47,10 @@ impl RecordReader for Scripted {
             1 if self.started.elapsed() < Duration::from_millis(600) => {
                 return Ok(ReadStatus::Idle);
             }
-            1 => emit(record(1, Payload::Bytes(b"{\"broken\":")), &mut self.partitions),
+            1 => emit(
+                record(1, Payload::Bytes(b"{\"broken\":")),
+                &mut self.partitions,
+            ),
             _ => return Ok(ReadStatus::Exhausted),
         }
         self.step += 1;
@@ -95,8 +98,8 @@ fn a_record_after_an_idle_jump_never_reopens_a_written_window() {
             reports: reports.clone(),
         };
         let stats = Arc::new(IngestStats::default());
-        let (probe, _watermark) = worker
-            .dataflow::<Time, _, _>(|scope| build(scope, reader, settings, stats, outputs));
+        let (probe, _watermark) =
+            worker.dataflow::<Time, _, _>(|scope| build(scope, reader, settings, stats, outputs));
         while !probe.done() {
             worker.step_or_park(Some(Duration::from_millis(10)));
         }

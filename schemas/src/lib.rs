@@ -1,55 +1,41 @@
-//! Sightline's event model, schema registry and privacy layer.
-//!
-//! This crate is the bottom of the workspace. It holds
+//! Sightline's event model and schema registry: the bottom of the workspace.
 //!
 //! - the canonical envelope of the platform spec as a typed [`Event`] (event fields at the top
-//!   level, event-specific fields under `properties`),
+//!   level, event-specific fields under `properties`), with its [`Pseudonym`]s and [`Label`]s;
 //! - the [`registry`] of versioned JSON Schemas, one per event and version, with each field's
-//!   PII class and handling, compiled once into streaming validators ([`validate`]),
-//! - the [`pii`] layer: pattern scrubbing, keyed pseudonyms with 30-day key rotation, and the
-//!   redaction of dead-letter payloads,
-//! - the [`Decoder`], which turns one raw record into a validated, privacy-safe [`Event`] or a
-//!   [`DecodeError`] that says what failed and where (JSON pointer and schema keyword), and
-//! - the self-describing [`DeadLetter`] record that every failure becomes, and [`lint`], the
-//!   registry's checks (`sightline schemas lint`).
+//!   PII class and handling (the streaming validators are compiled from it in
+//!   `sightline-ingest`; the handling is applied by `sightline-privacy`);
+//! - the self-describing [`DeadLetter`] record that every failure becomes, and the
+//!   [`FailureKind`]s it names;
+//! - [`lint`], the registry's checks (`sightline schemas lint`), and RFC 3339 time.
+//!
+//! It depends on little more than serde, so that everything else builds on it quickly.
 //!
 //! ```
-//! use std::sync::Arc;
-//! use sightline_schemas::{Decoder, FailureKind, pii::KeyRing};
+//! use sightline_schemas::{EventName, registry::Registry};
 //!
-//! // In production the key comes from the configuration or a key file.
-//! let key = KeyRing::from_hex("k1", &std::env::var("DOC_KEY").unwrap_or("0f".repeat(32)), 30).unwrap();
-//! let mut decoder = Decoder::new(1 << 20, Arc::new(key));
-//! let line = br#"{"event_id":"4b0e9a44-8f47-4d43-9a5e-0c1f6a9a1f00","event_name":"project_viewed",
-//!   "event_type":"view","timestamp":"2026-01-23T14:30:00Z","source":"client","platform":"web",
-//!   "app_version":"4.2.0","tenant_id":"t_9f2c","user_id":"u_71aa","session_id":"s_1",
-//!   "feature_area":"projects","pii_classification":"none","data_sensitivity":"internal",
-//!   "properties":{"prepopulated":true,"time_to_first_paint_ms":412.5}}"#;
-//! let event = decoder.decode(line).unwrap();
-//! assert_eq!(event.event_name.as_str(), "project_viewed");
-//! assert_eq!(event.latency_us, Some(412_500));
-//! assert!(event.user_id.starts_with("k1."), "stored as a pseudonym");
-//!
-//! let err = decoder.decode(b"{\"event_id\":").unwrap_err();
-//! assert_eq!(err.kind, FailureKind::Truncated);
+//! let viewed = EventName::from_name("project_viewed").unwrap();
+//! assert_eq!(viewed.spec().event_type.as_str(), "view");
+//! let schema = Registry::embedded().schema_of("project_feedback_submitted", Some("1.1.0"));
+//! assert!(schema.is_some());
+//! assert!(Registry::embedded().schema_of("project_feedback_submitted", Some("9.0.0")).is_none());
 //! ```
 
 pub mod catalog;
-mod decode;
 pub mod lint;
-pub mod memo;
-pub mod pii;
+mod pseudonym;
 pub mod registry;
+mod text;
 mod time;
-pub mod validate;
-mod wire;
 
-pub use decode::{
-    DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, ENVELOPE_PRIVACY, FlatDefaults, Format,
-};
-pub use memo::Label;
-pub use pii::Pseudonym;
+pub use pseudonym::{MAX_KEY_ID, Pseudonym, PseudonymTooLong};
+pub use text::Text;
 pub use time::{format_rfc3339_ms, parse_rfc3339_ms, rfc3339_bytes, utc_date_hour, wall_clock_ms};
+
+/// A shared, immutable string: a label that many events carry (feature areas, surfaces,
+/// workflows, app versions, experiment ids and variants). Cloning it is a reference count; it
+/// compares, hashes and serializes as the string.
+pub type Label = Arc<str>;
 
 use std::sync::Arc;
 
@@ -232,11 +218,11 @@ pub struct Event {
     /// `event_id` (UUID).
     pub event_id: String,
     /// Tenant identifier, as a keyed pseudonym.
-    pub tenant_id: pii::Pseudonym,
+    pub tenant_id: Pseudonym,
     /// User identifier, as a keyed pseudonym.
-    pub user_id: pii::Pseudonym,
+    pub user_id: Pseudonym,
     /// Session identifier, as a keyed pseudonym.
-    pub session_id: pii::Pseudonym,
+    pub session_id: Pseudonym,
 }
 
 /// What the privacy layer did to one event, counted per field (for the `quality` table).
@@ -373,7 +359,7 @@ pub struct Origin {
 /// A record that was not accepted, self-describing so that it can be inspected and replayed.
 ///
 /// It never holds the raw payload: only its size and the payload as the privacy layer left it
-/// ([`pii::Privacy::redact_payload`]), so that nothing private can reach a dead-letter sink.
+/// (`sightline_privacy::Privacy::redact_payload`), so that nothing private can reach a dead-letter sink.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeadLetter {
     /// What failed.
@@ -399,27 +385,6 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// Builds the dead-letter record of a decode failure.
-    pub fn from_decode_error(
-        err: DecodeError,
-        origin: Origin,
-        payload_bytes: u64,
-        payload: Option<String>,
-    ) -> DeadLetter {
-        DeadLetter {
-            kind: err.kind,
-            reason: err.reason,
-            event_name: err.event_name,
-            event_time_ms: err.event_time_ms,
-            origin,
-            payload_bytes,
-            schema_version: err.schema_version,
-            violations: err.violations,
-            payload,
-            restricted: err.restricted,
-        }
-    }
-
     /// Builds the dead-letter record of an event that arrived behind its source's watermark.
     pub fn late(
         event: &Event,

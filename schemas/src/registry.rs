@@ -6,7 +6,7 @@
 //! layout (for `sightline schemas lint DIR`).
 //!
 //! Event schemas use a strict subset of JSON Schema (listed in [`FieldRule`]) so that each one
-//! compiles to a [`ObjectRule`] tree that [`crate::validate`] checks while it streams through a
+//! compiles to a [`ObjectRule`] tree that `sightline-ingest`'s validator checks while it streams through a
 //! payload, without building a JSON value. Any keyword outside the subset is a load error: what
 //! the registry accepts is exactly what the pipeline enforces. The envelope schema is full JSON
 //! Schema and is compiled by the `jsonschema` crate, which explains envelope failures.

@@ -33,11 +33,11 @@ use std::time::{Duration, Instant};
 
 use sightline_operators::Time;
 use timely::ExchangeData;
+use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::{Handle as ProbeHandle, Probe};
-use timely::dataflow::StreamVec;
 use tracing::{error, warn};
 
 use crate::Error;
@@ -83,7 +83,11 @@ pub trait Deliver: 'static {
 
     /// Delivers a sealed batch and returns its receipt once it is durable. Called again with
     /// the same batch after a failure.
-    fn deliver(&mut self, batch: &Self::Batch, sealed: &Self::Sealed) -> Result<Self::Receipt, Error>;
+    fn deliver(
+        &mut self,
+        batch: &Self::Batch,
+        sealed: &Self::Sealed,
+    ) -> Result<Self::Receipt, Error>;
 }
 
 /// How failed deliveries are retried: exponential backoff from `initial`, doubling up to `max`.
@@ -268,10 +272,18 @@ mod tests {
         assert_eq!(backoff.wait(t0 + Duration::from_millis(100)), None);
         let t1 = t0 + Duration::from_millis(100);
         assert_eq!(backoff.failed(t1), Duration::from_millis(200));
-        assert_eq!(backoff.failed(t1), Duration::from_millis(350), "capped at max");
+        assert_eq!(
+            backoff.failed(t1),
+            Duration::from_millis(350),
+            "capped at max"
+        );
         assert_eq!(backoff.failed(t1), Duration::from_millis(350));
         backoff.succeeded();
         assert_eq!(backoff.wait(t1), None);
-        assert_eq!(backoff.failed(t1), Duration::from_millis(100), "starts over");
+        assert_eq!(
+            backoff.failed(t1),
+            Duration::from_millis(100),
+            "starts over"
+        );
     }
 }

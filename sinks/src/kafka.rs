@@ -113,7 +113,12 @@ impl<V: Serialize + ExchangeData> Deliver for TopicSink<V> {
     fn seal(&mut self, _: &(), records: Vec<KeyedRecord<V>>) -> Self::Sealed {
         records
             .into_iter()
-            .map(|r| Ok((r.key, serde_json::to_vec(&r.value).map_err(|e| e.to_string())?)))
+            .map(|r| {
+                Ok((
+                    r.key,
+                    serde_json::to_vec(&r.value).map_err(|e| e.to_string())?,
+                ))
+            })
             .collect()
     }
 
@@ -122,7 +127,10 @@ impl<V: Serialize + ExchangeData> Deliver for TopicSink<V> {
         let failed_before = self.producer.context().failed.load(Ordering::Relaxed);
         for (key, value) in records {
             loop {
-                match self.producer.send(BaseRecord::to(&self.topic).key(key).payload(value)) {
+                match self
+                    .producer
+                    .send(BaseRecord::to(&self.topic).key(key).payload(value))
+                {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                         self.producer.poll(Duration::from_millis(10));

@@ -32,9 +32,9 @@ mod lake_sink;
 pub mod tables;
 
 pub use durable::{Deliver, RetryPolicy, durable_sink};
-pub use lake_sink::{TableSink, WindowRows, WrittenWindow, write_windows};
 pub use encode::{Table, parquet_encode};
 pub use lake::{Lake, Retention, S3Options, window_path};
+pub use lake_sink::{TableSink, WindowRows, WrittenWindow, write_windows};
 
 /// Errors of the sinks. Each says whether retrying can help.
 #[derive(Debug, thiserror::Error)]

@@ -14,8 +14,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
 use sightline_operators::{
     ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityCounts, QualityKey,
-    QualityTotals,
-    VariantKey, WindowedDeadLetter,
+    QualityTotals, VariantKey, WindowedDeadLetter,
 };
 use sightline_schemas::{DeadLetter, Origin, Violation};
 
@@ -517,7 +516,8 @@ impl Table for DeadLetterRow {
             Arc::new(StringArray::from_iter_values(violations)) as ArrayRef,
             Arc::new(
                 TimestampMicrosecondArray::from_iter(
-                    rows.iter().map(|r| r.record.event_time_ms.map(|t| t * 1000)),
+                    rows.iter()
+                        .map(|r| r.record.event_time_ms.map(|t| t * 1000)),
                 )
                 .with_timezone("UTC"),
             ) as ArrayRef,
@@ -565,7 +565,11 @@ impl QualitySummaryRow {
     /// The summary of one worker's part of a closed `quality` window (parts are merged by
     /// [`Table::combine`] before writing).
     pub fn from_closed(w: &ClosedWindow<QualityKey, QualityCounts>) -> Vec<QualitySummaryRow> {
-        vec![QualitySummaryRow::of_totals(w.window_start, w.window_end, QualityTotals::of_window(w))]
+        vec![QualitySummaryRow::of_totals(
+            w.window_start,
+            w.window_end,
+            QualityTotals::of_window(w),
+        )]
     }
 
     fn of_totals(window_start_ms: u64, window_end_ms: u64, t: QualityTotals) -> QualitySummaryRow {

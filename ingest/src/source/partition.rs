@@ -48,7 +48,8 @@ mod tests {
 
     #[test]
     fn round_trips_through_json() {
-        let state = PartitionState::seeded("telemetry.events", 3, Some(1_204), Some(1_769_178_600_000));
+        let state =
+            PartitionState::seeded("telemetry.events", 3, Some(1_204), Some(1_769_178_600_000));
         let json = serde_json::to_string(&state).expect("serializes");
         assert_eq!(
             json,

@@ -12,6 +12,23 @@
 //!   with every field handled as its schema says (identifiers pseudonymized, free text scrubbed,
 //!   dropped fields removed, undeclared fields replaced by `[redacted]`), or, when the record is
 //!   not JSON, its scrubbed text.
+//!
+//! This crate is the compliance boundary: everything that decides what personal data may
+//! reach storage is here, on top of the registry's annotations (`sightline-schemas`). The
+//! decoder (`sightline-ingest`) calls it on every record; `pii-scan` and the fuzz target use
+//! its scrubber to audit what was stored.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use sightline_privacy::{KeyRing, Pseudonymizer, Scrubber};
+//!
+//! let ring = Arc::new(KeyRing::from_hex("k1", &"0f".repeat(32), 30).unwrap());
+//! let mut pseudonyms = Pseudonymizer::new(ring);
+//! let a = pseudonyms.pseudonym("u_71aa", 1_769_178_600_000);
+//! assert!(a.starts_with("k1."));
+//! assert_eq!(a, pseudonyms.pseudonym("u_71aa", 1_769_178_600_001), "stable within a period");
+//! assert_eq!(Scrubber::new().scrub("mail jane@example.com now"), "mail [email] now");
+//! ```
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -20,7 +37,8 @@ use std::sync::Arc;
 use regex::Regex;
 use serde_json::{Map, Value};
 
-use crate::registry::{FieldRule, ObjectRule, PiiAction, Registry};
+use sightline_schemas::registry::{FieldRule, ObjectRule, PiiAction, Registry};
+use sightline_schemas::{MAX_KEY_ID, Pseudonym};
 
 /// Default key rotation period.
 pub const DEFAULT_ROTATION_DAYS: u32 = 30;
@@ -330,7 +348,6 @@ impl Pseudonymizer {
 
     /// [`Pseudonymizer::pseudonym`] as an inline [`Pseudonym`], without an allocation.
     pub fn pseudonym_of(&mut self, value: &str, event_time_ms: i64) -> Pseudonym {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let period = self.ring.period(event_time_ms);
         let (_, key, prefix) = match &self.cached {
             Some(cached) if cached.0 == period => cached,
@@ -341,128 +358,7 @@ impl Pseudonymizer {
             )),
         };
         let digest = blake3::keyed_hash(key, value.as_bytes());
-        let mut out = Pseudonym {
-            len: 0,
-            bytes: [0; PSEUDONYM_MAX],
-        };
-        // The prefix fits: a key id is at most MAX_KEY_ID bytes and a period at most 20 characters.
-        let (head, tail) = out.bytes.split_at_mut(prefix.len().min(PSEUDONYM_MAX - 24));
-        head.copy_from_slice(&prefix.as_bytes()[..head.len()]);
-        for (pair, &b) in tail.chunks_exact_mut(2).zip(&digest.as_bytes()[..12]) {
-            pair[0] = HEX[usize::from(b >> 4)];
-            pair[1] = HEX[usize::from(b & 15)];
-        }
-        out.len = (head.len() + 24) as u8;
-        out
-    }
-}
-
-/// The longest key id a [`KeyRing`] accepts, in bytes.
-pub const MAX_KEY_ID: usize = 16;
-
-/// The longest pseudonym: a key id, `.`, a period (at most 20 characters), `.`, 24 hex digits.
-const PSEUDONYM_MAX: usize = MAX_KEY_ID + 1 + 20 + 1 + 24;
-
-/// A pseudonym (`<key-id>.<period>.<24 hex digits>`), stored inline.
-///
-/// Events carry three, for identifiers of high cardinality (users, sessions). As a shared
-/// string each cost two cache misses per event, the reference count going up when the event
-/// was decoded and down when it was dropped, on memory the streaming input keeps evicting; a
-/// pseudonym is a plain value, copied with the event. It dereferences, compares, hashes and
-/// serializes as the string.
-#[derive(Clone, Copy)]
-pub struct Pseudonym {
-    len: u8,
-    bytes: [u8; PSEUDONYM_MAX],
-}
-
-impl Pseudonym {
-    /// The pseudonym as a string.
-    pub fn as_str(&self) -> &str {
-        // Only ever built from a `&str` (`TryFrom`) or from ASCII (`Pseudonymizer::pseudonym_of`).
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
-    }
-}
-
-impl std::ops::Deref for Pseudonym {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-/// A string too long to be a [`Pseudonym`].
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("a pseudonym is at most {PSEUDONYM_MAX} bytes, this one is {0}")]
-pub struct PseudonymTooLong(pub usize);
-
-impl TryFrom<&str> for Pseudonym {
-    type Error = PseudonymTooLong;
-
-    fn try_from(text: &str) -> Result<Pseudonym, PseudonymTooLong> {
-        let mut out = Pseudonym {
-            len: 0,
-            bytes: [0; PSEUDONYM_MAX],
-        };
-        let slot = out
-            .bytes
-            .get_mut(..text.len())
-            .ok_or(PseudonymTooLong(text.len()))?;
-        slot.copy_from_slice(text.as_bytes());
-        out.len = text.len() as u8;
-        Ok(out)
-    }
-}
-
-impl PartialEq for Pseudonym {
-    fn eq(&self, other: &Pseudonym) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for Pseudonym {}
-
-impl PartialOrd for Pseudonym {
-    fn partial_cmp(&self, other: &Pseudonym) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Pseudonym {
-    fn cmp(&self, other: &Pseudonym) -> std::cmp::Ordering {
-        self.as_bytes().cmp(other.as_bytes())
-    }
-}
-
-impl std::hash::Hash for Pseudonym {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state);
-    }
-}
-
-impl std::fmt::Debug for Pseudonym {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl std::fmt::Display for Pseudonym {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl serde::Serialize for Pseudonym {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Pseudonym {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Pseudonym, D::Error> {
-        let text = crate::validate::Text::deserialize(deserializer)?;
-        Pseudonym::try_from(&*text.0).map_err(serde::de::Error::custom)
+        Pseudonym::from_digest(prefix, digest.as_bytes())
     }
 }
 
@@ -509,7 +405,7 @@ impl Privacy {
                         record
                             .get("timestamp")
                             .and_then(Value::as_str)
-                            .and_then(crate::parse_rfc3339_ms)
+                            .and_then(sightline_schemas::parse_rfc3339_ms)
                     })
                     .unwrap_or_else(now_ms);
                 self.redact_record(&mut record, time);
@@ -713,12 +609,13 @@ fn undeclared(value: &mut Value) {
 }
 
 fn now_ms() -> i64 {
-    crate::wall_clock_ms() as i64
+    sightline_schemas::wall_clock_ms() as i64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sightline_schemas::PseudonymTooLong;
 
     fn ring() -> Arc<KeyRing> {
         Arc::new(

@@ -10,14 +10,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sightline_operators::Windows;
 use tracing::{debug, info, warn};
 
 use super::{Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
-use crate::config::KafkaConfig;
+use crate::Error;
 
 /// What the reader keeps of one partition besides its [`PartitionState`]: the bookkeeping
 /// of this run (commits, end-of-partition checks), which a restart does not need.
@@ -73,36 +73,55 @@ pub fn assign_partitions(
         .collect()
 }
 
+/// What a Kafka source reads, and how.
+#[derive(Clone, Debug)]
+pub struct KafkaSource {
+    /// The consumer's librdkafka settings: brokers, `group.id`, and
+    /// [`KafkaReader::CONSUMER_SETTINGS`] unless a deployment overrides them.
+    pub client: ClientConfig,
+    /// The topics; their partitions are spread over all workers.
+    pub topics: Vec<String>,
+    /// How often durable offsets are committed.
+    pub commit_interval: Duration,
+    /// How long to wait at start-up for the topics to exist.
+    pub metadata_timeout: Duration,
+}
+
 impl KafkaReader {
+    /// The consumer settings the reader's contract depends on: offsets are committed by the
+    /// reader only (never automatically), a partition without a committed offset is read from
+    /// its start, and reaching a partition's end is not an event.
+    pub const CONSUMER_SETTINGS: [(&'static str, &'static str); 4] = [
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("enable.partition.eof", "false"),
+    ];
+
     /// Connects, reads topic metadata and assigns this worker's partitions.
     pub fn connect(
-        config: &KafkaConfig,
+        source: &KafkaSource,
         worker: usize,
         peers: usize,
         windows: Windows,
         max_event_bytes: usize,
-    ) -> anyhow::Result<KafkaReader> {
-        let consumer: BaseConsumer = config
-            .client_config(&[
-                ("group.id", &config.group_id),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("auto.offset.reset", "earliest"),
-                ("enable.partition.eof", "false"),
-            ])
+    ) -> crate::Result<KafkaReader> {
+        let kafka = |action| move |source| Error::Kafka { action, source };
+        let consumer: BaseConsumer = source
+            .client
             .create()
-            .context("creating the Kafka consumer")?;
-        let deadline = Instant::now() + Duration::from_millis(config.metadata_timeout_ms);
+            .map_err(kafka("creating the Kafka consumer"))?;
+        let deadline = Instant::now() + source.metadata_timeout;
         let mut counts = Vec::new();
-        for topic in &config.topics {
+        for topic in &source.topics {
             let partitions = loop {
                 let found = consumer
-                    .fetch_metadata(Some(&topic.name), Duration::from_secs(5))
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
                     .ok()
                     .and_then(|md| {
                         md.topics()
                             .iter()
-                            .find(|t| t.name() == topic.name && t.error().is_none())
+                            .find(|t| t.name() == topic && t.error().is_none())
                             .map(|t| t.partitions().len() as i32)
                     })
                     .filter(|n| *n > 0);
@@ -111,19 +130,24 @@ impl KafkaReader {
                     None if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(250))
                     }
-                    None => bail!(
-                        "topic `{}` not found on {} within {} ms",
-                        topic.name,
-                        config.bootstrap_servers,
-                        config.metadata_timeout_ms
-                    ),
+                    None => {
+                        return Err(Error::TopicNotFound {
+                            topic: topic.clone(),
+                            servers: source
+                                .client
+                                .get("bootstrap.servers")
+                                .unwrap_or_default()
+                                .to_owned(),
+                            timeout_ms: source.metadata_timeout.as_millis() as u64,
+                        });
+                    }
                 }
             };
-            counts.push((topic.name.clone(), partitions));
+            counts.push((topic.clone(), partitions));
         }
         let mine = assign_partitions(&counts, worker, peers);
         let mut tpl = TopicPartitionList::new();
-        let topics: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
+        let topics = source.topics.clone();
         let mut index: Vec<Vec<Option<usize>>> = counts
             .iter()
             .map(|(_, n)| vec![None; *n as usize])
@@ -131,7 +155,7 @@ impl KafkaReader {
         let mut partitions = Vec::new();
         for (topic, partition) in &mine {
             tpl.add_partition_offset(topic, *partition, Offset::Stored)
-                .context("building the assignment")?;
+                .map_err(kafka("building the assignment"))?;
             let t = topics.iter().position(|n| n == topic).unwrap_or(0);
             index[t][*partition as usize] = Some(partitions.len());
             partitions.push(PartitionState::new(topic, *partition));
@@ -149,7 +173,9 @@ impl KafkaReader {
                 }
             }
         }
-        consumer.assign(&tpl).context("assigning partitions")?;
+        consumer
+            .assign(&tpl)
+            .map_err(kafka("assigning partitions"))?;
         info!(worker, peers, partitions = ?mine, "kafka source assigned");
         Ok(KafkaReader {
             consumer,
@@ -159,7 +185,7 @@ impl KafkaReader {
             partitions,
             windows,
             max_event_bytes,
-            commit_interval: Duration::from_millis(config.commit_interval_ms),
+            commit_interval: source.commit_interval,
             last_commit: Instant::now(),
             last_durable_ms: 0,
             last_end_query: None,
@@ -226,7 +252,7 @@ impl RecordReader for KafkaReader {
         false
     }
 
-    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> anyhow::Result<ReadStatus> {
+    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> crate::Result<ReadStatus> {
         for _ in 0..max {
             let message = match self.consumer.poll(Duration::ZERO) {
                 None => return Ok(ReadStatus::Idle),
@@ -272,7 +298,8 @@ impl RecordReader for KafkaReader {
     }
 
     fn caught_up(&mut self, slot: usize) -> bool {
-        let (Some(state), Some(p)) = (self.partitions.get(slot), self.progress.get_mut(slot)) else {
+        let (Some(state), Some(p)) = (self.partitions.get(slot), self.progress.get_mut(slot))
+        else {
             return true;
         };
         if let Some((checked, answer)) = p.caught_up

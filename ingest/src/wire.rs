@@ -21,10 +21,11 @@ use serde::Deserialize;
 use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::pii::Scrubber;
-use crate::registry::{EventSchema, Registry};
-use crate::validate::{Checked, PropertiesSeed, Text};
-use crate::{DataSensitivity, EventType, PiiClassification, Platform, Source};
+use crate::validate::{Checked, PropertiesSeed};
+use sightline_privacy::Scrubber;
+use sightline_schemas::Text;
+use sightline_schemas::registry::{EventSchema, Registry};
+use sightline_schemas::{DataSensitivity, EventType, PiiClassification, Platform, Source};
 
 /// The envelope as it appears on the wire, borrowed from the record. The optional fields that
 /// only need their type checked are read and not kept.
@@ -76,7 +77,7 @@ pub(crate) enum Mode<'r> {
 }
 
 /// Every field, in the order serde's messages list them.
-const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "event_id",
     "event_name",
     "event_type",
@@ -237,9 +238,9 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
                         return Err(de::Error::duplicate_field("properties"));
                     }
                     let version = schema_version.as_ref().map(|v| v.as_ref().map(|t| &*t.0));
-                    let known = event_name
-                        .as_ref()
-                        .and_then(|name| Registry::embedded().schema_of(&name.0, version.flatten()));
+                    let known = event_name.as_ref().and_then(|name| {
+                        Registry::embedded().schema_of(&name.0, version.flatten())
+                    });
                     properties = Some(match (self.mode, known) {
                         (Mode::Validate(scrubber), Some(schema)) => {
                             let seed = PropertiesSeed {
@@ -301,4 +302,3 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
         })
     }
 }
-

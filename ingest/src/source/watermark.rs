@@ -58,7 +58,9 @@ impl Watermarks {
         event_ms: u64,
         now: Instant,
     ) {
-        let Some(p) = partitions.get_mut(slot) else { return };
+        let Some(p) = partitions.get_mut(slot) else {
+            return;
+        };
         if let Some(active) = self.last_activity.get_mut(slot) {
             *active = now;
         }
@@ -71,7 +73,9 @@ impl Watermarks {
     /// The partitions that have been silent for longer than the idle timeout at `now` (none
     /// for bounded inputs): the candidates for [`Watermarks::advance`]'s `idle`.
     pub fn silent(&self, now: Instant) -> Vec<usize> {
-        let Some(timeout) = self.idle_timeout else { return Vec::new() };
+        let Some(timeout) = self.idle_timeout else {
+            return Vec::new();
+        };
         (0..self.last_activity.len())
             .filter(|&i| now.duration_since(self.last_activity[i]) >= timeout)
             .collect()
@@ -136,7 +140,11 @@ mod tests {
         assert_eq!(w.current_ms(), 90_000);
         w.observe(&mut p, 0, 90_000, t0);
         assert_eq!(w.current_ms(), 90_000, "never moves back");
-        assert_eq!(p[0].max_event_ms, Some(100_000), "the state holds the largest time");
+        assert_eq!(
+            p[0].max_event_ms,
+            Some(100_000),
+            "the state holds the largest time"
+        );
     }
 
     #[test]
@@ -173,7 +181,10 @@ mod tests {
         let t0 = Instant::now();
         let mut unbounded = Watermarks::new(&[], 1_000, Some(Duration::from_secs(1)), t0);
         assert_eq!(unbounded.advance(&[], &[], 10_000), 9_000);
-        assert_eq!(Watermarks::new(&[], 1_000, None, t0).advance(&[], &[], 10_000), 0);
+        assert_eq!(
+            Watermarks::new(&[], 1_000, None, t0).advance(&[], &[], 10_000),
+            0
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use anyhow::Context;
+use crate::Error;
 
 use super::{Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
 
@@ -36,7 +36,7 @@ impl NdjsonReader {
         worker: usize,
         peers: usize,
         max_line_bytes: usize,
-    ) -> anyhow::Result<NdjsonReader> {
+    ) -> crate::Result<NdjsonReader> {
         if path == "-" {
             let input: Box<dyn BufRead> = if worker == 0 {
                 Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()))
@@ -51,7 +51,11 @@ impl NdjsonReader {
                 max_line_bytes,
             ));
         }
-        let file = File::open(Path::new(path)).with_context(|| format!("opening input {path}"))?;
+        let file = File::open(Path::new(path)).map_err(|source| Error::Io {
+            action: "opening input",
+            input: path.to_owned(),
+            source,
+        })?;
         Ok(NdjsonReader::new(
             Box::new(BufReader::with_capacity(1 << 20, file)),
             format!("file:{path}"),
@@ -125,15 +129,17 @@ impl RecordReader for NdjsonReader {
         true
     }
 
-    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> anyhow::Result<ReadStatus> {
+    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> crate::Result<ReadStatus> {
         if self.done {
             return Ok(ReadStatus::Exhausted);
         }
         let mut emitted = 0;
         while emitted < max {
-            let Some((mine, size)) = self
-                .next_line()
-                .with_context(|| format!("reading {}", self.label))?
+            let Some((mine, size)) = self.next_line().map_err(|source| Error::Io {
+                action: "reading",
+                input: self.label.clone(),
+                source,
+            })?
             else {
                 self.done = true;
                 return Ok(ReadStatus::Exhausted);

@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sightline_operators::{Time, Windows};
-use sightline_schemas::{
-    DeadLetter, DecodeError, Decoder, Event, FailureKind, Origin, wall_clock_ms,
-};
+use sightline_schemas::{DeadLetter, Event, FailureKind, Origin, wall_clock_ms};
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::{Scope, StreamVec};
+
+use crate::{DecodeError, Decoder};
 
 use watermark::Watermarks;
 
@@ -74,7 +74,7 @@ pub trait RecordReader {
     /// Reads up to `max` records, handing each to `emit` together with the partitions' states
     /// (the ingest operator records accepted event times in them). The reader has updated the
     /// record's `next_offset` before.
-    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> anyhow::Result<ReadStatus>;
+    fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> crate::Result<ReadStatus>;
 
     /// Whether the input is bounded (a file) rather than a live stream.
     fn is_bounded(&self) -> bool;
@@ -184,7 +184,6 @@ pub type Ingested = (Decoded, Time, isize);
 /// What a record became: a shared event or a boxed dead letter.
 pub type Decoded = Result<Arc<Event>, Box<DeadLetter>>;
 
-
 /// The source operator: reads, decodes, watermarks. See the module documentation.
 ///
 /// Accepted events are emitted at their event-time tick. Dead letters (decode failures and
@@ -249,12 +248,9 @@ pub fn ingest<'s>(
                     let item = match record.payload {
                         Payload::Oversize(size) => {
                             rejected += 1;
-                            Err(DeadLetter::from_decode_error(
-                                decoder.oversize(size),
-                                origin(),
-                                size,
-                                None,
-                            ))
+                            Err(decoder
+                                .oversize(size)
+                                .into_dead_letter(origin(), size, None))
                         }
                         Payload::Bytes(bytes) => match decoder.decode(bytes) {
                             Ok(event) if event.event_time_ms as u64 > horizon_ms => {
@@ -268,12 +264,7 @@ pub fn ingest<'s>(
                                     .of_event(&event);
                                 let payload =
                                     decoder.redact_payload(bytes, Some(event.event_time_ms));
-                                Err(DeadLetter::from_decode_error(
-                                    err,
-                                    origin(),
-                                    bytes.len() as u64,
-                                    payload,
-                                ))
+                                Err(err.into_dead_letter(origin(), bytes.len() as u64, payload))
                             }
                             Ok(event) => {
                                 let event_ms = event.event_time_ms as u64;
@@ -300,12 +291,7 @@ pub fn ingest<'s>(
                             Err(err) => {
                                 rejected += 1;
                                 let payload = decoder.redact_payload(bytes, err.event_time_ms);
-                                Err(DeadLetter::from_decode_error(
-                                    err,
-                                    origin(),
-                                    bytes.len() as u64,
-                                    payload,
-                                ))
+                                Err(err.into_dead_letter(origin(), bytes.len() as u64, payload))
                             }
                         },
                     };
@@ -335,7 +321,7 @@ pub fn ingest<'s>(
             let status = match status {
                 Ok(status) => status,
                 Err(err) => {
-                    tracing::warn!(error = %format!("{err:#}"), "source read failed; retrying");
+                    tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "source read failed; retrying");
                     ReadStatus::Idle
                 }
             };

@@ -8,7 +8,7 @@
 //!
 //! Identifiers (users, sessions) are not memoized: there are too many active at once for a
 //! table of them to stay in cache, and a keyed hash costs less than the misses
-//! ([`crate::pii::Pseudonym`]).
+//! ([`sightline_schemas::Pseudonym`]).
 //!
 //! A [`Memo`] keeps two generations of at most `capacity` entries each: when the current one is
 //! full it becomes the previous one, and the previous one is dropped. A value found in the
@@ -21,11 +21,8 @@
 //! flight already do.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-/// A shared, immutable string: a label that many events carry. Cloning it is a
-/// reference count; it compares, hashes and serializes as the string.
-pub type Label = Arc<str>;
+pub use sightline_schemas::Label;
 
 type Table<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 

@@ -11,9 +11,10 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::pii::Scrubber;
-use crate::registry::{FieldRule, ObjectRule, PiiAction, Types};
-use crate::{MAX_VIOLATIONS, Violation};
+use sightline_privacy::Scrubber;
+use sightline_schemas::Text;
+use sightline_schemas::registry::{FieldRule, ObjectRule, PiiAction, Types};
+use sightline_schemas::{MAX_VIOLATIONS, Violation};
 
 /// Names that mark exact coordinates; an event carrying one is rejected, whatever its schema.
 const COORDINATE_NAMES: &[&str] = &[
@@ -297,7 +298,7 @@ impl ValueSeed<'_, '_, '_> {
                 return;
             }
         }
-        if rule.date_time && crate::parse_rfc3339_ms(value).is_none() {
+        if rule.date_time && sightline_schemas::parse_rfc3339_ms(value).is_none() {
             self.state.violation(
                 self.path,
                 "format",
@@ -322,34 +323,6 @@ impl ValueSeed<'_, '_, '_> {
                 }
             }
         }
-    }
-}
-
-/// A JSON string, borrowed from the input unless it has escapes. (`Cow<str>`'s own
-/// `Deserialize` always copies, which cost an allocation per property.)
-pub(crate) struct Text<'a>(pub Cow<'a, str>);
-
-impl<'de> de::Deserialize<'de> for Text<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Text<'de>, D::Error> {
-        deserializer.deserialize_str(TextVisitor)
-    }
-}
-
-struct TextVisitor;
-
-impl<'de> Visitor<'de> for TextVisitor {
-    type Value = Text<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a string")
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
-        Ok(Text(Cow::Borrowed(v)))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
-        Ok(Text(Cow::Owned(v.to_owned())))
     }
 }
 
@@ -504,7 +477,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Registry;
+    use sightline_schemas::registry::Registry;
 
     fn check(event: &str, raw: &str) -> Checked {
         let (_, spec) = Registry::embedded().event(event).unwrap();

@@ -17,13 +17,15 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::memo::{Label, Memo};
-use crate::pii::{KeyRing, Privacy};
-use crate::registry::{EventSchema, PiiAction, Registry, Version};
+use crate::memo::Memo;
 use crate::validate::Checked;
 use crate::wire::{self, Mode, Properties, WireEnvelope};
-use crate::{
-    DataSensitivity, Event, EventName, FailureKind, PiiClassification, PrivacyCounts, Violation,
+use sightline_privacy::{KeyRing, Privacy};
+use sightline_schemas::Label;
+use sightline_schemas::registry::{EventSchema, PiiAction, Registry, Version};
+use sightline_schemas::{
+    DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification,
+    PrivacyCounts, Violation,
 };
 
 /// Default upper bound on the size of one record: 1 MiB.
@@ -43,13 +45,35 @@ pub struct DecodeError {
     pub event_time_ms: Option<i64>,
     /// The schema version tried, when known.
     pub schema_version: Option<String>,
-    /// Each violation (JSON pointer, keyword, message), at most [`crate::MAX_VIOLATIONS`].
+    /// Each violation (JSON pointer, keyword, message), at most [`sightline_schemas::MAX_VIOLATIONS`].
     pub violations: Vec<Violation>,
     /// Whether the record declared restricted data.
     pub restricted: bool,
 }
 
 impl DecodeError {
+    /// The dead-letter record of this failure, for the record at `origin` of `payload_bytes`
+    /// bytes, keeping `payload` (the redacted payload, or none).
+    pub fn into_dead_letter(
+        self,
+        origin: Origin,
+        payload_bytes: u64,
+        payload: Option<String>,
+    ) -> DeadLetter {
+        DeadLetter {
+            kind: self.kind,
+            reason: self.reason,
+            event_name: self.event_name,
+            event_time_ms: self.event_time_ms,
+            origin,
+            payload_bytes,
+            schema_version: self.schema_version,
+            violations: self.violations,
+            payload,
+            restricted: self.restricted,
+        }
+    }
+
     /// A failure of `kind`, explained by `reason`.
     pub fn new(kind: FailureKind, reason: impl Into<String>) -> DecodeError {
         DecodeError {
@@ -88,7 +112,7 @@ impl DecodeError {
     }
 
     /// The same failure, naming the event it happened to.
-    pub fn of_event(mut self, event: &crate::Event) -> DecodeError {
+    pub fn of_event(mut self, event: &Event) -> DecodeError {
         self.event_name = Some(event.event_name.as_str().to_owned());
         self.event_time_ms = Some(event.event_time_ms);
         self.restricted = event.is_restricted();
@@ -204,7 +228,7 @@ impl WireEnvelope<'_> {
     }
 
     fn restricted(&self) -> bool {
-        crate::is_restricted(self.data_sensitivity, self.pii_classification)
+        sightline_schemas::is_restricted(self.data_sensitivity, self.pii_classification)
     }
 }
 
@@ -405,7 +429,7 @@ impl Decoder {
         error.event_time_ms = value
             .get("timestamp")
             .and_then(Value::as_str)
-            .and_then(crate::parse_rfc3339_ms);
+            .and_then(sightline_schemas::parse_rfc3339_ms);
         error.schema_version = value
             .get("schema_version")
             .and_then(Value::as_str)
@@ -417,7 +441,7 @@ impl Decoder {
         let classification = declared("pii_classification")
             .and_then(|v| PiiClassification::deserialize(v).ok())
             .unwrap_or(PiiClassification::None);
-        error.restricted = crate::is_restricted(sensitivity, classification);
+        error.restricted = sightline_schemas::is_restricted(sensitivity, classification);
         error
     }
 
@@ -427,7 +451,7 @@ impl Decoder {
             e.event_name = Some(wire.event_name.to_string());
             e.schema_version = wire.schema_version.as_deref().map(str::to_owned);
             e.restricted = wire.restricted();
-            e.event_time_ms = crate::parse_rfc3339_ms(&wire.timestamp);
+            e.event_time_ms = sightline_schemas::parse_rfc3339_ms(&wire.timestamp);
             e
         };
         let Some(event_name) = EventName::from_name(&wire.event_name) else {
@@ -481,7 +505,8 @@ impl Decoder {
                 ),
             )));
         }
-        let Some(event_time_ms) = crate::parse_rfc3339_ms(&wire.timestamp).filter(|t| *t >= 0)
+        let Some(event_time_ms) =
+            sightline_schemas::parse_rfc3339_ms(&wire.timestamp).filter(|t| *t >= 0)
         else {
             return Err(context(DecodeError::at(
                 FailureKind::InvalidValue,
@@ -657,7 +682,7 @@ impl Decoder {
 /// `text` scrubbed, as a shared label, and whether scrubbing changed it; memoized in `labels`.
 fn scrub_label(
     labels: &mut Memo<(Label, bool)>,
-    scrubber: &crate::pii::Scrubber,
+    scrubber: &sightline_privacy::Scrubber,
     text: &str,
 ) -> (Label, bool) {
     labels.get_or_derive(text, |text| match scrubber.scrub(text) {
@@ -779,7 +804,7 @@ fn json_kind(value: &Value) -> &'static str {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::Source;
+    use sightline_schemas::Source;
 
     fn line(overrides: &[(&str, &str)]) -> String {
         join(&fields(overrides))
@@ -1095,6 +1120,64 @@ mod tests {
                 .kind,
             FailureKind::MissingField
         );
+    }
+
+    /// The envelope reader's field list and match arms are tied to the envelope schema: the
+    /// same fields, every required one refused when absent, and every optional one accepted
+    /// with a value of the schema's type.
+    #[test]
+    fn the_envelope_reader_reads_exactly_the_envelope_schema() {
+        let schema = Registry::embedded().envelope();
+        let properties = schema["properties"].as_object().unwrap();
+        let mut declared: Vec<&str> = properties.keys().map(String::as_str).collect();
+        declared.sort_unstable();
+        let mut read: Vec<&str> = crate::wire::FIELDS.to_vec();
+        read.sort_unstable();
+        assert_eq!(
+            read, declared,
+            "wire::FIELDS must list the envelope schema's properties"
+        );
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap())
+            .collect();
+        let mut decoder = decoder();
+        for field in &required {
+            let err = decoder.decode(line(&[(field, "")]).as_bytes()).unwrap_err();
+            assert_eq!(err.kind, FailureKind::MissingField, "{field}");
+            // JSON Schema reports `required` at the object, naming the field.
+            let named = format!("\"{field}\"");
+            assert!(
+                err.violations
+                    .iter()
+                    .any(|v| v.keyword == "required" && v.message.contains(&named)),
+                "{field}: {err:?}"
+            );
+        }
+        // An optional field with a value the schema allows is accepted.
+        for (field, rule) in properties
+            .iter()
+            .filter(|(f, _)| !required.contains(&f.as_str()))
+        {
+            let value = match (rule.get("enum"), rule["type"].as_str()) {
+                (Some(values), _) => values[0].to_string(),
+                (None, Some("boolean")) => "true".into(),
+                (None, Some("object")) if field == "properties" => continue,
+                (None, Some("object")) => "{}".into(),
+                (None, _) if field == "schema_version" => r#""1.0.0""#.into(),
+                (None, _) if field == "country" => r#""US""#.into(),
+                (None, _) => r#""x""#.into(),
+            };
+            let record = line(&[(field.as_str(), value.as_str())]);
+            if let Err(e) = decoder.decode(record.as_bytes()) {
+                panic!(
+                    "optional `{field}` = {value} refused: {e} {:?}",
+                    e.violations
+                );
+            }
+        }
     }
 
     #[test]
