@@ -882,7 +882,7 @@ mod tests {
     /// Records whose `properties` the envelope reader validates on its pass or afterwards,
     /// depending on the field order: valid and invalid ones, a version that changes the
     /// schema, an unknown version and an unknown event.
-    fn order_cases() -> Vec<Vec<(String, String)>> {
+    fn order_cases() -> Vec<(&'static str, Vec<(String, String)>)> {
         let feedback = |version: &str, comment: &str| {
             let props = format!(
                 r#"{{"score":4,"sentiment":"positive","tags":["docs"],"comment_present":true,"correlation_id":"c","blocked":false,"blocker_type":null{comment}}}"#
@@ -895,29 +895,62 @@ mod tests {
             ])
         };
         vec![
-            fields(&[]),
-            fields(&[("schema_version", r#""1.0.0""#)]),
-            fields(&[(
-                "properties",
-                r#"{"task_id":"t","assignment_type":"sideways","due_in_days":"3","extra":1}"#,
-            )]),
-            fields(&[("properties", "null")]),
-            fields(&[("properties", r#"[1]"#)]),
-            fields(&[("schema_version", r#""9.0.0""#)]),
-            fields(&[("schema_version", "null")]),
-            fields(&[("event_name", r#""mystery""#)]),
+            ("valid", fields(&[])),
+            (
+                "valid_with_version",
+                fields(&[("schema_version", r#""1.0.0""#)]),
+            ),
+            (
+                "invalid_properties",
+                fields(&[(
+                    "properties",
+                    r#"{"task_id":"t","assignment_type":"sideways","due_in_days":"3","extra":1}"#,
+                )]),
+            ),
+            ("null_properties", fields(&[("properties", "null")])),
+            ("array_properties", fields(&[("properties", r#"[1]"#)])),
+            (
+                "unknown_version",
+                fields(&[("schema_version", r#""9.0.0""#)]),
+            ),
+            ("null_version", fields(&[("schema_version", "null")])),
+            ("unknown_event", fields(&[("event_name", r#""mystery""#)])),
             // 1.1.0 (the newest) adds `comment`: assuming it and then meeting 1.0.0 must re-check.
-            feedback(r#""1.0.0""#, r#","comment":"fine""#),
-            feedback(r#""1.1.0""#, r#","comment":"fine""#),
-            feedback(r#""1.0.0""#, ""),
-            feedback("", r#","comment":"mail me at jane@example.com""#),
+            (
+                "feedback_1_0_with_comment",
+                feedback(r#""1.0.0""#, r#","comment":"fine""#),
+            ),
+            (
+                "feedback_1_1_with_comment",
+                feedback(r#""1.1.0""#, r#","comment":"fine""#),
+            ),
+            ("feedback_1_0", feedback(r#""1.0.0""#, "")),
+            (
+                "feedback_newest_with_an_email",
+                feedback("", r#","comment":"mail me at jane@example.com""#),
+            ),
             // Values that skipping accepts and parsing refuses, on the restricted route.
-            fields(&[
-                ("data_sensitivity", r#""restricted""#),
-                ("properties", r#"{"task_id":"t","due_in_days":1e400}"#),
-            ]),
-            fields(&[("properties", r#"{"task_id":"\ud800"}"#)]),
+            (
+                "number_out_of_range_restricted",
+                fields(&[
+                    ("data_sensitivity", r#""restricted""#),
+                    ("properties", r#"{"task_id":"t","due_in_days":1e400}"#),
+                ]),
+            ),
+            (
+                "lone_surrogate",
+                fields(&[("properties", r#"{"task_id":"\ud800"}"#)]),
+            ),
         ]
+    }
+
+    /// The order case called `name`.
+    fn order_case(name: &str) -> Vec<(String, String)> {
+        order_cases()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("no order case `{name}`"))
+            .1
     }
 
     fn decoder() -> Decoder {
@@ -1292,8 +1325,8 @@ mod tests {
     fn a_value_that_cannot_be_parsed_keeps_its_context() {
         // Found in review: parsing `properties` in the envelope's pass met this before the
         // envelope was complete, and the dead letter lost its event and its route.
-        let cases = order_cases();
-        let err = decoder().decode(join(&cases[12]).as_bytes()).unwrap_err();
+        let case = order_case("number_out_of_range_restricted");
+        let err = decoder().decode(join(&case).as_bytes()).unwrap_err();
         assert_eq!(err.kind, FailureKind::MalformedJson, "{err:?}");
         assert!(
             err.restricted
@@ -1302,7 +1335,9 @@ mod tests {
             "{err:?}"
         );
         assert!(err.reason.starts_with("properties: "), "{}", err.reason);
-        let err = decoder().decode(join(&cases[13]).as_bytes()).unwrap_err();
+        let err = decoder()
+            .decode(join(&order_case("lone_surrogate")).as_bytes())
+            .unwrap_err();
         assert_eq!(
             (err.kind, err.event_name.as_deref()),
             (FailureKind::MalformedJson, Some("task_assigned")),
@@ -1363,7 +1398,7 @@ mod tests {
     fn a_late_schema_version_that_changes_the_schema_is_checked_against_its_own() {
         // 1.0.0 has no `comment`; the newest version, assumed until `schema_version` is read,
         // has. Early or late, the record is checked against 1.0.0.
-        let late = order_cases().swap_remove(8);
+        let late = order_case("feedback_1_0_with_comment");
         let position = |case: &[(String, String)], field: &str| {
             case.iter().position(|(k, _)| k == field).unwrap()
         };
@@ -1379,15 +1414,17 @@ mod tests {
                 join(case)
             );
         }
-        let mut cases = order_cases();
-        for valid in [0, 1, 9, 10, 11] {
-            assert!(
-                decoder().decode(join(&cases[valid]).as_bytes()).is_ok(),
-                "{}",
-                join(&cases[valid])
-            );
+        for valid in [
+            "valid",
+            "valid_with_version",
+            "feedback_1_1_with_comment",
+            "feedback_1_0",
+            "feedback_newest_with_an_email",
+        ] {
+            let case = join(&order_case(valid));
+            assert!(decoder().decode(case.as_bytes()).is_ok(), "{valid}: {case}");
         }
-        let comment = cases.swap_remove(11);
+        let comment = order_case("feedback_newest_with_an_email");
         assert_eq!(
             decoder()
                 .decode(join(&comment).as_bytes())
@@ -1405,7 +1442,7 @@ mod tests {
         #[test]
         fn field_order_changes_nothing(case in 0usize..1000, order in proptest::collection::vec(proptest::num::u32::ANY, 20)) {
             let mut cases = order_cases();
-            let canonical = cases.swap_remove(case % cases.len());
+            let (_, canonical) = cases.swap_remove(case % cases.len());
             let mut shuffled: Vec<(u32, (String, String))> = order.iter().copied().zip(canonical.iter().cloned()).collect();
             proptest::prop_assert_eq!(shuffled.len(), canonical.len());
             shuffled.sort_by_key(|(k, _)| *k);

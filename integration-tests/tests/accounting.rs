@@ -133,7 +133,7 @@ proptest! {
         // (The table reader fails on two rows with the same source offset.)
         let offsets: BTreeSet<i64> = dead.keys().map(|k| k.2).collect();
         prop_assert!(offsets.iter().all(|o| (0..n as i64).contains(o)), "dead letters point at input lines");
-        let late = dead.values().filter(|(kind, _)| kind == "late").count() as u64;
+        let late = dead.values().filter(|d| d.kind == "late").count() as u64;
         prop_assert_eq!(late, summary.late);
     }
 }

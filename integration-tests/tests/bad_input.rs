@@ -155,8 +155,9 @@ fn every_bad_record_is_counted_with_its_reason_and_good_ones_are_unaffected() {
     assert_eq!(dead.len(), expected.len());
     for (offset, (kind, fragment)) in &expected {
         let origin = format!("file:{}", mixed_input.display());
-        let (got_kind, reason) = &dead[&(origin, 0, *offset)];
-        assert_eq!(got_kind, kind, "line {offset}: {reason}");
+        let seen = &dead[&(origin, 0, *offset)];
+        let reason = seen.explained();
+        assert_eq!(&seen.kind, kind, "line {offset}: {reason}");
         assert!(
             reason.contains(fragment),
             "line {offset} ({kind}): reason `{reason}` should mention `{fragment}`"

@@ -221,12 +221,17 @@ mod tests {
             prop_assert_eq!(parse_rfc3339_ms(&format_rfc3339_ms(ms)), Some(ms));
         }
 
+        /// chrono, an independent calendar, formats and parses the same instants.
         #[test]
-        fn format_matches_the_fmt_reference(ms in 0i64..250_000_000_000_000) {
-            let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-            let (y, m, d) = civil_from_days(days);
-            let (h, mi, s, milli) = (rem / 3_600_000, rem % 3_600_000 / 60_000, rem % 60_000 / 1000, rem % 1000);
-            prop_assert_eq!(format_rfc3339_ms(ms), format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z"));
+        fn format_and_parse_match_chrono(ms in 0i64..253_402_300_799_999) {
+            let reference = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+            let text = reference.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+            prop_assert_eq!(format_rfc3339_ms(ms), text.clone());
+            prop_assert_eq!(parse_rfc3339_ms(&text), Some(ms));
+            let offset = reference
+                .with_timezone(&chrono::FixedOffset::east_opt(5 * 3600 + 1800).unwrap())
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, false);
+            prop_assert_eq!(parse_rfc3339_ms(&offset), Some(ms), "{}", offset);
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sightline::config::{Config, TopicConfig};
@@ -138,10 +139,17 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
         let kind = generator.next_line(&mut line);
         let key = (i % 97).to_string();
         let topic = topics[i % topics.len()].0;
+        // A full queue drains; any other error, or a queue that stays full, fails the test.
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match producer.send(BaseRecord::to(topic).payload(&line).key(&key)) {
                 Ok(()) => break,
-                Err((_, _)) => std::thread::sleep(Duration::from_millis(5)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err((err, _)) => panic!("producing test record {i} to {topic}: {err}"),
             }
         }
         lines.push((line, kind));

@@ -262,25 +262,54 @@ pub fn records_counted(lake_dir: &Path) -> i64 {
 }
 
 /// Dead letters of both routes.
-pub fn all_dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), (String, String)> {
+pub fn all_dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), SeenDeadLetter> {
     routes(lake_dir)
         .iter()
         .flat_map(|r| dead_letters(r))
         .collect()
 }
 
-/// `dead_letter` as ((topic, partition, offset) → (kind, reason followed by the violations)).
-pub fn dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), (String, String)> {
+/// A `dead_letter` row as read back.
+#[derive(Clone, Debug)]
+pub struct SeenDeadLetter {
+    /// Failure kind.
+    pub kind: String,
+    /// The reason.
+    pub reason: String,
+    /// The violations, a JSON array.
+    pub violations: Vec<serde_json::Value>,
+    /// The redacted payload.
+    pub payload: Option<String>,
+}
+
+impl SeenDeadLetter {
+    /// The reason followed by the violations, as a reader sees them.
+    pub fn explained(&self) -> String {
+        format!(
+            "{} {}",
+            self.reason,
+            serde_json::Value::from(self.violations.clone())
+        )
+    }
+}
+
+/// `dead_letter` as ((topic, partition, offset) → the row).
+pub fn dead_letters(lake_dir: &Path) -> BTreeMap<(String, i32, i64), SeenDeadLetter> {
     let mut out = BTreeMap::new();
     for b in read_table(lake_dir, "dead_letter") {
         for i in 0..b.num_rows() {
             let offset = col::<Int64Array>(&b, "offset").value(i);
             let partition = col::<arrow_array::Int32Array>(&b, "partition").value(i);
             let topic = s(&b, "topic", i);
-            let explained = format!("{} {}", s(&b, "reason", i), s(&b, "violations", i));
+            let payload = col::<StringArray>(&b, "payload");
+            let seen = SeenDeadLetter {
+                kind: s(&b, "kind", i),
+                reason: s(&b, "reason", i),
+                violations: serde_json::from_str(&s(&b, "violations", i)).expect("a JSON array"),
+                payload: payload.is_valid(i).then(|| payload.value(i).to_owned()),
+            };
             assert!(
-                out.insert((topic, partition, offset), (s(&b, "kind", i), explained))
-                    .is_none(),
+                out.insert((topic, partition, offset), seen).is_none(),
                 "duplicate dead letter at {partition}/{offset}"
             );
         }
