@@ -85,16 +85,14 @@ wrong_verdicts = con.execute(
     f"SELECT count(*) FROM {scan('quality_summary')} WHERE meets_rejection_target != (rejection_rate < 0.01) OR meets_pii_target != (pii_violation_rate < 0.001)"
 ).fetchone()[0]
 check("quality_summary verdicts follow the seed's targets (< 1% rejected, < 0.1% PII violations)", wrong_verdicts == 0, f"{wrong_verdicts} rows")
-PSEUDONYM = r"^k1\.[0-9]+\.[0-9a-f]{24}$"
+PSEUDONYM = r"^[A-Za-z0-9_-]{1,16}\.[0-9]+\.[0-9a-f]{24}$"  # <key-id>.<period>.<24 hex digits>
 kept, raw = con.execute(
-    f"""SELECT count(*), count(*) FILTER (WHERE NOT regexp_matches(id, '{PSEUDONYM}'))
-        FROM (SELECT unnest([json_extract_string(payload, '$.user_id'),
-                             json_extract_string(payload, '$.tenant_id'),
-                             json_extract_string(payload, '$.session_id')]) AS id
+    f"""SELECT count(*), count(*) FILTER (WHERE NOT regexp_matches(json_extract_string(payload, path), '{PSEUDONYM}'))
+        FROM (SELECT payload, unnest(['$.user_id', '$.tenant_id', '$.session_id']) AS path
               FROM {scan('dead_letter')} WHERE json_valid(payload))
-        WHERE id IS NOT NULL"""
+        WHERE json_type(payload, path) = 'VARCHAR'"""
 ).fetchone()
-check("identifiers kept in dead letters are pseudonyms, never raw", kept > 0 and raw == 0, f"{raw} of {kept} not pseudonyms")
+check("string identifiers kept in dead letters are pseudonyms, never raw", kept > 0 and raw == 0, f"{raw} of {kept} not pseudonyms")
 explained = con.execute(f"SELECT count(*) FROM {scan('dead_letter')} WHERE kind NOT IN ('late', 'empty', 'oversize', 'invalid_utf8', 'truncated', 'malformed_json') AND json_array_length(violations::JSON) = 0").fetchone()[0]
 check("schema failures carry their violations (pointer, keyword)", explained == 0, f"{explained} rows without")
 

@@ -11,7 +11,7 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sightline::generator::{Generator, GeneratorConfig};
 use sightline_integration_tests::parquet_text;
@@ -35,24 +35,10 @@ fn input(path: &Path) {
     std::fs::write(path, bytes).expect("writing the input");
 }
 
-fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            parquet_files(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
-}
-
 /// Every file of the lake, in path order: its path, its retention, and its rows as text.
 fn dump(lake: &Path) -> String {
     let mut files = Vec::new();
-    parquet_files(lake, &mut files);
+    common::parquet_files(lake, &mut files);
     files.sort();
     let mut out = String::new();
     for file in files {

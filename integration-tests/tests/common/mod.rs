@@ -83,7 +83,8 @@ pub fn replay(input: &Path, lake_dir: &Path, config: Config) -> Summary {
     run(job).expect("replay")
 }
 
-fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
+/// Every Parquet file under `dir`, recursively.
+pub fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
