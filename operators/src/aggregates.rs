@@ -23,7 +23,7 @@ use crate::window::{Time, WindowKey, Windows};
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CountKey {
     /// Window start, ms since the epoch.
-    pub window_start: u64,
+    pub window_start_ms: u64,
     /// `event_name`.
     pub event_name: EventName,
     /// `event_type`.
@@ -36,7 +36,7 @@ pub struct CountKey {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LatencyKey {
     /// Window start, ms since the epoch.
-    pub window_start: u64,
+    pub window_start_ms: u64,
     /// `event_name`.
     pub event_name: EventName,
     /// `feature_area`.
@@ -49,7 +49,7 @@ pub struct LatencyKey {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct VariantKey {
     /// Window start, ms since the epoch.
-    pub window_start: u64,
+    pub window_start_ms: u64,
     /// `event_name`.
     pub event_name: EventName,
     /// An experiment id from `experiment_assignments`.
@@ -198,7 +198,7 @@ impl QualityCounts {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct QualityKey {
     /// Window start, ms since the epoch.
-    pub window_start: u64,
+    pub window_start_ms: u64,
     /// The event name, or `unknown` (borrowed from the catalog for accepted events).
     pub event_name: Cow<'static, str>,
     /// What happened to the records counted here.
@@ -208,7 +208,7 @@ pub struct QualityKey {
 macro_rules! window_key {
     ($($t:ty),*) => {$(
         impl WindowKey for $t {
-            fn window_start(&self) -> u64 { self.window_start }
+            fn window_start_ms(&self) -> u64 { self.window_start_ms }
         }
     )*};
 }
@@ -225,7 +225,7 @@ pub fn event_counts<'s, E: Borrow<Event> + Clone + 'static>(
     events.explode(move |e| {
         let e = e.borrow();
         let key = CountKey {
-            window_start: windows.start_of(e.event_time_ms as u64),
+            window_start_ms: windows.start_of(e.event_time_ms as u64),
             event_name: e.event_name,
             event_type: e.event_type,
             feature_area: e.feature_area.clone(),
@@ -247,7 +247,7 @@ pub fn latency<'s, E: Borrow<Event> + Clone + 'static>(
         let e = e.borrow();
         let latency = e.latency_us?;
         let key = LatencyKey {
-            window_start: windows.start_of(e.event_time_ms as u64),
+            window_start_ms: windows.start_of(e.event_time_ms as u64),
             event_name: e.event_name,
             feature_area: e.feature_area.clone(),
             surface: e.surface.clone().unwrap_or_else(|| no_surface.clone()),
@@ -267,7 +267,7 @@ pub fn latency_by_variant<'s, E: Borrow<Event> + Clone + 'static>(
 ) -> VecCollection<'s, Time, VariantKey, LatencyHistogram> {
     events.explode(move |e| {
         let e = e.borrow();
-        let window_start = windows.start_of(e.event_time_ms as u64);
+        let window_start_ms = windows.start_of(e.event_time_ms as u64);
         let event_name = e.event_name;
         // The event's shared assignment list, iterated without a per-event vector.
         let (latency, assignments) = match e.latency_us {
@@ -277,7 +277,7 @@ pub fn latency_by_variant<'s, E: Borrow<Event> + Clone + 'static>(
         (0..assignments.len()).map(move |i| {
             let (experiment_id, variant) = &assignments[i];
             let key = VariantKey {
-                window_start,
+                window_start_ms,
                 event_name,
                 experiment_id: experiment_id.clone(),
                 variant: variant.clone(),
@@ -304,7 +304,7 @@ pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
     let accepted = events.explode(move |e| {
         let e = e.borrow();
         let key = QualityKey {
-            window_start: windows.start_of(e.event_time_ms as u64),
+            window_start_ms: windows.start_of(e.event_time_ms as u64),
             event_name: Cow::Borrowed(e.event_name.as_str()),
             outcome: Outcome::Accepted,
         };
@@ -314,7 +314,7 @@ pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
         .inner
         .map(move |(record, time, diff)| {
             let key = QualityKey {
-                window_start: windows.start_of(time),
+                window_start_ms: windows.start_of(time),
                 event_name: record
                     .event_name
                     .map_or(Cow::Borrowed("unknown"), Cow::Owned),
@@ -331,14 +331,14 @@ pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct WindowedDeadLetter {
     /// Processing window start, ms since the epoch.
-    pub window_start: u64,
+    pub window_start_ms: u64,
     /// The record.
     pub record: DeadLetter,
 }
 
 impl WindowKey for WindowedDeadLetter {
-    fn window_start(&self) -> u64 {
-        self.window_start
+    fn window_start_ms(&self) -> u64 {
+        self.window_start_ms
     }
 }
 
@@ -356,10 +356,10 @@ pub fn windowed_dead_letters<'s>(
     rejected
         .inner
         .map(move |(record, time, diff)| {
-            let window_start = windows.start_of(time);
+            let window_start_ms = windows.start_of(time);
             (
                 WindowedDeadLetter {
-                    window_start,
+                    window_start_ms,
                     record,
                 },
                 time,

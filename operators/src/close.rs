@@ -19,9 +19,9 @@ use crate::window::{Time, WindowKey, Windows};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClosedWindow<K, R> {
     /// Window start, ms since the epoch.
-    pub window_start: u64,
+    pub window_start_ms: u64,
     /// Window end (exclusive), ms since the epoch.
-    pub window_end: u64,
+    pub window_end_ms: u64,
     /// `(key, accumulated difference)`, sorted by key, zero accumulations left out.
     pub entries: Vec<(K, R)>,
 }
@@ -53,7 +53,7 @@ where
 
     let partials = accumulate(updates.inner, Pipeline, windows, &format!("{name}Combine"));
     let partials = partials.flat_map(|w| {
-        let at = w.window_end.saturating_sub(1);
+        let at = w.window_end_ms.saturating_sub(1);
         w.entries
             .into_iter()
             .map(move |(key, diff)| (key, at, diff))
@@ -89,7 +89,7 @@ where
                     return;
                 };
                 for (key, _time, diff) in data.drain(..) {
-                    let start = key.window_start();
+                    let start = key.window_start_ms();
                     let (_, acc) = open.entry(start).or_insert_with(|| {
                         let emit_at = windows.end_of(start).saturating_sub(1).max(least);
                         (cap.delayed(&emit_at, 0), Accumulation::default())
@@ -117,8 +117,8 @@ where
                     }
                     entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
                     output.session(&cap).give(ClosedWindow {
-                        window_start: start,
-                        window_end: end,
+                        window_start_ms: start,
+                        window_end_ms: end,
                         entries,
                     });
                 }

@@ -20,7 +20,7 @@
 //!         let (input, events) = scope.new_collection();
 //!         let windows = Windows::new(60_000);
 //!         close_windows(event_counts(events, windows), windows, "counts")
-//!             .inspect(|w| println!("window {} has {} keys", w.window_start, w.entries.len()));
+//!             .inspect(|w| println!("window {} has {} keys", w.window_start_ms, w.entries.len()));
 //!         input
 //!     });
 //!     # let _: &mut differential_dataflow::input::InputSession<u64, sightline_schemas::Event, isize> = &mut input;

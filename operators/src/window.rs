@@ -45,7 +45,7 @@ impl Windows {
 /// A key that belongs to one window.
 pub trait WindowKey {
     /// The start of the key's window, in milliseconds since the epoch.
-    fn window_start(&self) -> u64;
+    fn window_start_ms(&self) -> u64;
 }
 
 #[cfg(test)]

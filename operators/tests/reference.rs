@@ -122,7 +122,7 @@ fn flatten<K: Ord + Clone + std::fmt::Debug + sightline_operators::WindowKey, R:
     let mut out = BTreeMap::new();
     for window in captured.lock().unwrap().iter() {
         for (key, value) in &window.entries {
-            assert_eq!(key.window_start(), window.window_start);
+            assert_eq!(key.window_start_ms(), window.window_start_ms);
             assert!(
                 out.insert(key.clone(), value.clone()).is_none(),
                 "key {key:?} emitted twice"
@@ -256,7 +256,7 @@ proptest! {
         // event_counts
         let mut want_counts: BTreeMap<CountKey, isize> = BTreeMap::new();
         for e in &events {
-            let key = CountKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name, event_type: e.event_type, feature_area: e.feature_area.clone() };
+            let key = CountKey { window_start_ms: windows.start_of(e.event_time_ms as u64), event_name: e.event_name, event_type: e.event_type, feature_area: e.feature_area.clone() };
             *want_counts.entry(key).or_default() += 1;
         }
         prop_assert_eq!(flatten(&out.counts), want_counts);
@@ -266,10 +266,10 @@ proptest! {
         let mut want_variants: BTreeMap<VariantKey, Vec<u64>> = BTreeMap::new();
         for e in &events {
             let Some(l) = e.latency_us else { continue };
-            let window_start = windows.start_of(e.event_time_ms as u64);
-            want_latency.entry(LatencyKey { window_start, event_name: e.event_name, feature_area: e.feature_area.clone(), surface: e.surface.clone().unwrap_or_default() }).or_default().push(l);
+            let window_start_ms = windows.start_of(e.event_time_ms as u64);
+            want_latency.entry(LatencyKey { window_start_ms, event_name: e.event_name, feature_area: e.feature_area.clone(), surface: e.surface.clone().unwrap_or_default() }).or_default().push(l);
             for (experiment_id, variant) in e.experiment_assignments.iter() {
-                want_variants.entry(VariantKey { window_start, event_name: e.event_name, experiment_id: experiment_id.clone(), variant: variant.clone() }).or_default().push(l);
+                want_variants.entry(VariantKey { window_start_ms, event_name: e.event_name, experiment_id: experiment_id.clone(), variant: variant.clone() }).or_default().push(l);
             }
         }
         let got_latency = flatten(&out.latency);
@@ -286,7 +286,7 @@ proptest! {
         // quality
         let mut want_quality: BTreeMap<QualityKey, isize> = BTreeMap::new();
         for e in &events {
-            let key = |outcome| QualityKey { window_start: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().into(), outcome };
+            let key = |outcome| QualityKey { window_start_ms: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().into(), outcome };
             *want_quality.entry(key(Outcome::Accepted)).or_default() += 1;
             let p = e.privacy;
             for (outcome, n) in [
@@ -302,7 +302,7 @@ proptest! {
         }
         for (d, t) in &dead {
             let name = d.event_name.clone().unwrap_or_else(|| "unknown".into());
-            *want_quality.entry(QualityKey { window_start: windows.start_of(*t), event_name: name.into(), outcome: Outcome::Rejected(d.kind) }).or_default() += 1;
+            *want_quality.entry(QualityKey { window_start_ms: windows.start_of(*t), event_name: name.into(), outcome: Outcome::Rejected(d.kind) }).or_default() += 1;
         }
         // The quality difference carries records and privacy counters; spread it out by outcome.
         let mut got_quality: BTreeMap<QualityKey, isize> = BTreeMap::new();

@@ -75,7 +75,8 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
         let quality_reports = reports.clone();
         let quality = windows.quality.inspect(move |w| {
             let totals = QualityTotals::of_window(w);
-            let _ = quality_reports.send(Report::Quality(w.window_start, w.window_end, totals));
+            let _ =
+                quality_reports.send(Report::Quality(w.window_start_ms, w.window_end_ms, totals));
         });
         tables.write(rows_of(windows.event_counts, EventCountRow::from_closed));
         tables.write(rows_of(windows.latency, LatencyRow::from_closed));
@@ -120,7 +121,7 @@ where
     R: Table + ExchangeData,
 {
     closed.map(move |w| {
-        let (window_start_ms, window_end_ms) = (w.window_start, w.window_end);
+        let (window_start_ms, window_end_ms) = (w.window_start_ms, w.window_end_ms);
         WindowRows {
             window_start_ms,
             window_end_ms,

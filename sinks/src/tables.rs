@@ -140,8 +140,8 @@ impl EventCountRow {
         w.entries
             .into_iter()
             .map(|(k, n)| EventCountRow {
-                window_start_ms: w.window_start,
-                window_end_ms: w.window_end,
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
                 event_name: k.event_name.as_str().to_owned(),
                 event_type: k.event_type.as_str().to_owned(),
                 feature_area: k.feature_area.to_string(),
@@ -200,8 +200,8 @@ impl LatencyRow {
         w.entries
             .into_iter()
             .map(|(k, h)| LatencyRow {
-                window_start_ms: w.window_start,
-                window_end_ms: w.window_end,
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
                 event_name: k.event_name.as_str().to_owned(),
                 feature_area: k.feature_area.to_string(),
                 surface: k.surface.to_string(),
@@ -260,8 +260,8 @@ impl VariantLatencyRow {
         w.entries
             .into_iter()
             .map(|(k, h)| VariantLatencyRow {
-                window_start_ms: w.window_start,
-                window_end_ms: w.window_end,
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
                 event_name: k.event_name.as_str().to_owned(),
                 experiment_id: k.experiment_id.to_string(),
                 variant: k.variant.to_string(),
@@ -318,8 +318,8 @@ impl QualityRow {
         let mut rows = Vec::with_capacity(w.entries.len() * 2);
         for (k, counts) in w.entries {
             let row = |outcome: Outcome, count: i64| QualityRow {
-                window_start_ms: w.window_start,
-                window_end_ms: w.window_end,
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
                 event_name: k.event_name.to_string(),
                 outcome: outcome.as_str().to_owned(),
                 count,
@@ -464,8 +464,8 @@ impl DeadLetterRow {
         w.entries
             .into_iter()
             .map(|(k, n)| DeadLetterRow {
-                window_start_ms: w.window_start,
-                window_end_ms: w.window_end,
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
                 record: DeadLetterRecord::of(k.record),
                 copies: n as i64,
             })
@@ -566,8 +566,8 @@ impl QualitySummaryRow {
     /// [`Table::combine`] before writing).
     pub fn from_closed(w: &ClosedWindow<QualityKey, QualityCounts>) -> Vec<QualitySummaryRow> {
         vec![QualitySummaryRow::of_totals(
-            w.window_start,
-            w.window_end,
+            w.window_start_ms,
+            w.window_end_ms,
             QualityTotals::of_window(w),
         )]
     }
