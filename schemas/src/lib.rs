@@ -152,6 +152,7 @@ impl From<EventName> for u16 {
 
 impl EventName {
     /// Looks a name up in the registry.
+    #[inline]
     pub fn from_name(name: &str) -> Option<EventName> {
         registry::Registry::embedded()
             .event(name)
@@ -159,6 +160,7 @@ impl EventName {
     }
 
     /// The name's registry entry: event type, origin, versions and their schemas.
+    #[inline]
     pub fn spec(self) -> &'static registry::EventSpec {
         // Every constructor checks the index against the registry.
         &registry::Registry::embedded().events()[usize::from(self.0)]
@@ -414,6 +416,7 @@ impl DeadLetter {
 
 impl Event {
     /// Whether the event goes to the restricted route (see [`is_restricted`]).
+    #[inline]
     pub fn is_restricted(&self) -> bool {
         is_restricted(self.data_sensitivity, self.pii_classification)
     }
@@ -423,6 +426,7 @@ impl Event {
 /// declares `data_sensitivity: restricted` or `pii_classification: high`. Restricted events,
 /// and the dead letters of restricted records, are aggregated and stored apart (the restricted
 /// lake prefix, 30-day retention). The one statement of the rule.
+#[inline]
 pub fn is_restricted(sensitivity: DataSensitivity, classification: PiiClassification) -> bool {
     sensitivity == DataSensitivity::Restricted || classification == PiiClassification::High
 }

@@ -24,6 +24,7 @@ impl Pseudonym {
     /// The pseudonym `<prefix><24 hex digits>` of a keyed hash: `prefix` is
     /// `<key-id>.<period>.` (truncated if longer than a key id and a period can be), the hex
     /// digits are the first 12 bytes of `digest`. Built inline, without an allocation.
+    #[inline]
     pub fn from_digest(prefix: &str, digest: &[u8; 32]) -> Pseudonym {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = Pseudonym {
@@ -41,6 +42,7 @@ impl Pseudonym {
     }
 
     /// The pseudonym as a string.
+    #[inline]
     pub fn as_str(&self) -> &str {
         // Only ever built from a `&str` (`TryFrom`) or from ASCII (`Pseudonym::from_digest`).
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
@@ -50,6 +52,7 @@ impl Pseudonym {
 impl std::ops::Deref for Pseudonym {
     type Target = str;
 
+    #[inline]
     fn deref(&self) -> &str {
         self.as_str()
     }

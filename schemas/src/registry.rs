@@ -37,6 +37,7 @@ pub struct Version {
 
 impl Version {
     /// Parses `MAJOR.MINOR.PATCH`.
+    #[inline]
     pub fn parse(text: &str) -> Option<Version> {
         // One pass over the bytes: every record with a `schema_version` comes through here.
         let (mut numbers, mut part, mut digits) = ([0u32; 3], 0, 0);
@@ -263,6 +264,7 @@ impl ObjectRule {
     }
 
     /// The rule of property `name` and its index, if declared.
+    #[inline]
     pub fn field(&self, name: &str) -> Option<(usize, &FieldRule)> {
         self.index.get(name).map(|&i| (i, &self.fields[i].1))
     }
@@ -316,6 +318,7 @@ pub struct EventSpec {
 
 impl EventSpec {
     /// The schema of `version`, or of the default version when the event names none.
+    #[inline]
     pub fn schema(&self, version: Option<Version>) -> Option<&EventSchema> {
         match version {
             Some(v) => self.versions.iter().find(|s| s.version == v),
@@ -416,6 +419,7 @@ static EMBEDDED_REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
 
 impl Registry {
     /// The registry compiled into the binary, parsed on first use.
+    #[inline]
     pub fn embedded() -> &'static Registry {
         &EMBEDDED_REGISTRY
     }
@@ -540,6 +544,7 @@ impl Registry {
     }
 
     /// The event called `name`.
+    #[inline]
     pub fn event(&self, name: &str) -> Option<(usize, &EventSpec)> {
         self.by_name.get(name).map(|&i| (i, &self.events[i]))
     }
@@ -547,6 +552,7 @@ impl Registry {
     /// The schema of event `name` at `version` (`MAJOR.MINOR.PATCH`; the newest when `None`),
     /// if both are known. The one lookup by name and version; the decoder's own checks say
     /// *which* of the two is unknown.
+    #[inline]
     pub fn schema_of(&self, name: &str, version: Option<&str>) -> Option<&EventSchema> {
         let (_, spec) = self.event(name)?;
         let version = match version {

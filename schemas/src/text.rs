@@ -10,6 +10,7 @@ use serde::de::{self, Visitor};
 pub struct Text<'a>(pub Cow<'a, str>);
 
 impl<'de> de::Deserialize<'de> for Text<'de> {
+    #[inline]
     fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Text<'de>, D::Error> {
         deserializer.deserialize_str(TextVisitor)
     }
@@ -24,10 +25,12 @@ impl<'de> Visitor<'de> for TextVisitor {
         write!(f, "a string")
     }
 
+    #[inline]
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
         Ok(Text(Cow::Borrowed(v)))
     }
 
+    #[inline]
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
         Ok(Text(Cow::Owned(v.to_owned())))
     }

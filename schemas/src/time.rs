@@ -18,6 +18,7 @@ pub fn wall_clock_ms() -> u64 {
 ///
 /// Returns `None` for anything that is not a valid timestamp, including out-of-range
 /// fields (month 13, hour 24, February 30th).
+#[inline]
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     if b.len() < 20 {
@@ -145,6 +146,7 @@ fn days_in_month(y: i64, m: i64) -> i64 {
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+#[inline]
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);

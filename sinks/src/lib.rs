@@ -1,14 +1,20 @@
 //! Sightline's sinks.
 //!
+//! Delivery is written once: [`durable_sink`] is the one timely operator every output goes
+//! through (exchange, order, retries, held capability, durability frontier; its contract is in
+//! [`durable`]). A sink only says what to deliver and how, as a [`Deliver`] implementation:
+//!
+//! - [`TableSink`] (and [`write_windows`]): one Parquet file per closed window of a table, in
+//!   the [`Lake`];
+//! - [`kafka::TopicSink`]: keyed records of any serializable type on a Kafka topic.
+//!
 //! Encoding is separate from transport:
 //!
 //! - [`tables`] turns closed windows into typed rows, one row type per output table, and each
 //!   row type into Arrow record batches ([`Table`]);
 //! - [`parquet_encode`] turns record batches into Parquet bytes;
 //! - [`Lake`] writes bytes to object storage (local filesystem, memory, the S3 API with the
-//!   `s3` feature, or any `object_store` backend) under Hive-style paths with deterministic names;
-//! - [`write_windows`] is the timely operator that connects them, with the delivery contract
-//!   stated on it.
+//!   `s3` feature, or any `object_store` backend) under Hive-style paths with deterministic names.
 //!
 //! ```
 //! use sightline_sinks::{Lake, tables::EventCountRow, Table};
