@@ -201,7 +201,8 @@ pub struct KafkaConfig {
     /// How long to wait for the topics to appear at start-up, ms.
     pub metadata_timeout_ms: u64,
     /// Extra librdkafka properties for every Kafka client: the consumer, the producers and
-    /// `pii-scan` (for example `security.protocol`). They override the pipeline's own settings.
+    /// `pii-scan` (for example `security.protocol`). They override the pipeline's own settings,
+    /// except `acks`: producers always use `acks=all`, which their delivery contract needs.
     pub options: BTreeMap<String, String>,
     /// Topic that receives one JSON record per dead letter (unset: dead letters go to the
     /// `dead_letter` table only).

@@ -6,11 +6,16 @@
 //! # Delivery contract: stall, never drop
 //!
 //! - Items are grouped into batches ([`Deliver::batch_of`]). Items with the same
-//!   [`Deliver::route`] are exchanged to one worker, so one worker delivers each batch.
+//!   [`Deliver::route`] hash are exchanged to one worker, so one worker delivers each batch of
+//!   a routed sink; a sink that routes `None` delivers each worker's items where they are.
 //! - A batch of a [`Completeness::Whole`] sink is delivered once, when the operator's input
-//!   frontier has passed its time (every worker's share has arrived): one file per window. A
-//!   batch of a [`Completeness::Eager`] sink is delivered as soon as it is there, in as many
-//!   deliveries as it takes (records on a topic).
+//!   frontier has passed its time (every worker's share has arrived): one file per window.
+//!   Items for a whole batch that is already sealed can only come with a later time, which
+//!   breaks the invariant that a closed window receives nothing more; they are logged as an
+//!   error and delivered as a second delivery of that batch (for a lake table, a file that
+//!   replaces the first), as the sink before this one did. A batch of a
+//!   [`Completeness::Eager`] sink is delivered as soon as it is there, in as many deliveries as
+//!   it takes (records on a topic).
 //! - Batches are delivered in key order, one at a time; a batch is sealed
 //!   ([`Deliver::seal`], which sorts and combines) once, and the same sealed batch is sent
 //!   again after a failure, so a retry repeats exactly the same delivery (idempotent for a
@@ -194,7 +199,8 @@ pub fn durable_sink<'s, D: Deliver>(
                 }
             });
             // Seal what may be delivered. A batch already in flight keeps its place; items
-            // that arrive for it meanwhile form the next delivery of that batch.
+            // that arrive for it meanwhile form the next delivery of that batch (for a whole
+            // batch, only if the closed-window invariant was broken upstream: see the module).
             let ready: Vec<D::Batch> = open
                 .iter()
                 .filter(|(batch, pending)| {
@@ -206,6 +212,12 @@ pub fn durable_sink<'s, D: Deliver>(
                 })
                 .map(|(batch, _)| batch.clone())
                 .collect();
+            if D::COMPLETENESS == Completeness::Whole
+                && let Some((batch, _)) = open.iter().find(|(batch, _)| sealed.contains_key(*batch))
+            {
+                debug_assert!(false, "items for a whole batch already sealed: {batch:?}");
+                error!(sink = %label, batch = ?batch, "items arrived for a batch already sealed; they will be delivered apart");
+            }
             for batch in ready {
                 if let Some(Pending { capability, contents }) = open.remove(&batch) {
                     let contents = sink.seal(&batch, contents);

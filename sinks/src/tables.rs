@@ -370,7 +370,7 @@ pub const PROCESSOR: &str = concat!("sightline ", env!("CARGO_PKG_VERSION"));
 /// dead-letter topic both carry (the topic as this record's JSON). The payload is the one the
 /// privacy layer left (identifiers pseudonymized, free text scrubbed, undeclared values
 /// redacted); the raw record never is.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetterRecord {
     /// Processor name and version (`sightline 0.1.0`).
     pub processor: String,
@@ -384,7 +384,8 @@ pub struct DeadLetterRecord {
     pub schema_version: Option<String>,
     /// Every violation: pointer, keyword, message.
     pub violations: Vec<Violation>,
-    /// Event time, ms since the epoch, when known (RFC 3339 `event_time` in JSON).
+    /// Event time, ms since the epoch, when known (RFC 3339 `event_time` in JSON; ms where
+    /// RFC 3339 cannot hold it exactly).
     #[serde(rename = "event_time", with = "rfc3339_ms")]
     pub event_time_ms: Option<i64>,
     /// Where the record came from.
@@ -423,24 +424,153 @@ impl DeadLetterRecord {
     }
 }
 
-/// `Option<i64>` ms as an RFC 3339 string in JSON.
+impl Ord for DeadLetterRecord {
+    /// Field by field, with the violations compared as their JSON text (the `violations`
+    /// column), so that a file's rows keep the order they always had.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let violations = |r: &Self| serde_json::to_string(&r.violations).unwrap_or_default();
+        (
+            &self.processor,
+            &self.kind,
+            &self.reason,
+            &self.event_name,
+            &self.schema_version,
+        )
+            .cmp(&(
+                &other.processor,
+                &other.kind,
+                &other.reason,
+                &other.event_name,
+                &other.schema_version,
+            ))
+            .then_with(|| violations(self).cmp(&violations(other)))
+            .then_with(|| {
+                (
+                    &self.event_time_ms,
+                    &self.origin,
+                    self.payload_bytes,
+                    &self.payload,
+                    self.restricted,
+                )
+                    .cmp(&(
+                        &other.event_time_ms,
+                        &other.origin,
+                        other.payload_bytes,
+                        &other.payload,
+                        other.restricted,
+                    ))
+            })
+    }
+}
+
+impl PartialOrd for DeadLetterRecord {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// `Option<i64>` ms as an RFC 3339 string in human-readable formats (the topic's JSON),
+/// losslessly: a time RFC 3339 cannot hold exactly (outside years 0–9999) stays a number of
+/// ms. Binary formats (timely's exchange between processes) carry the number.
 mod rfc3339_ms {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
         match ms {
-            Some(ms) => s.serialize_some(&sightline_schemas::format_rfc3339_ms(*ms)),
+            Some(ms) if s.is_human_readable() => {
+                let text = sightline_schemas::format_rfc3339_ms(*ms);
+                if sightline_schemas::parse_rfc3339_ms(&text) == Some(*ms) {
+                    s.serialize_some(&text)
+                } else {
+                    s.serialize_some(ms)
+                }
+            }
+            Some(ms) => s.serialize_some(ms),
             None => s.serialize_none(),
         }
     }
 
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Time {
+        Text(String),
+        Ms(i64),
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-        let text: Option<String> = Option::deserialize(d)?;
-        text.map(|t| {
-            sightline_schemas::parse_rfc3339_ms(&t)
-                .ok_or_else(|| serde::de::Error::custom(format!("not RFC 3339: {t}")))
+        if !d.is_human_readable() {
+            return Option::<i64>::deserialize(d);
+        }
+        Ok(match Option::<Time>::deserialize(d)? {
+            None => None,
+            Some(Time::Ms(ms)) => Some(ms),
+            Some(Time::Text(t)) => Some(
+                sightline_schemas::parse_rfc3339_ms(&t)
+                    .ok_or_else(|| serde::de::Error::custom(format!("not RFC 3339: {t}")))?,
+            ),
         })
-        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(event_time_ms: Option<i64>) -> DeadLetterRecord {
+        DeadLetterRecord::of(DeadLetter {
+            kind: sightline_schemas::FailureKind::Late,
+            reason: "behind".into(),
+            event_name: Some("project_viewed".into()),
+            event_time_ms,
+            origin: Origin {
+                topic: "t".into(),
+                partition: 2,
+                offset: 7,
+            },
+            payload_bytes: 10,
+            schema_version: None,
+            violations: Vec::new(),
+            payload: None,
+            restricted: false,
+        })
+    }
+
+    #[test]
+    fn the_topic_json_is_the_documented_record_and_round_trips() {
+        let dead = record(Some(1_769_178_600_250));
+        let json = serde_json::to_string(&dead).unwrap();
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"processor":"{PROCESSOR}","kind":"late","reason":"behind","event_name":"project_viewed","schema_version":null,"violations":[],"event_time":"2026-01-23T14:30:00.250Z","origin":{{"topic":"t","partition":2,"offset":7}},"payload_bytes":10,"payload":null,"restricted":false}}"#
+            )
+        );
+        assert_eq!(dead.key(), "t/2/7");
+        for t in [
+            None,
+            Some(0),
+            Some(1_769_178_600_250),
+            Some(-62_167_219_200_001),
+        ] {
+            let dead = record(t);
+            let back: DeadLetterRecord =
+                serde_json::from_str(&serde_json::to_string(&dead).unwrap()).unwrap();
+            assert_eq!(back, dead, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn rows_order_violations_as_their_json_text() {
+        let v = |pointer: &str| Violation {
+            pointer: pointer.into(),
+            keyword: "required".into(),
+            message: "m".into(),
+        };
+        let (mut one, mut two) = (record(None), record(None));
+        one.violations = vec![v("/a")];
+        two.violations = vec![v("/a"), v("/b")];
+        // As text, `[A,B]` sorts before `[A]` (`,` < `]`): the order the files always had.
+        assert!(two < one);
     }
 }
 

@@ -2,10 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
-/// What a source knows of one partition that a restart needs: where reading resumes, and the
-/// event-time state its watermark is computed from. One serializable value per partition,
-/// owned by the reader ([`super::RecordReader::partitions`]); the ingest operator updates its
-/// event time as events are accepted, the reader its offset as records are read.
+/// What a source knows of one partition: where reading stands, and the event-time state its
+/// watermark is computed from. One serializable value per partition, owned by the reader
+/// ([`super::RecordReader::partitions`]); the ingest operator updates its event time as events
+/// are accepted, the reader its offset as records are read.
+///
+/// This is the *live* state: `next_offset` and `max_event_ms` run ahead of what is durable. A
+/// restart must not resume from it as it is: a checkpoint is this state as of a committed
+/// offset (the committed offset, and the event time of the records before it), which is what
+/// [`PartitionState::seeded`] starts from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionState {
     /// Kafka topic, or `file:<path>` for a file.
