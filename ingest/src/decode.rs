@@ -434,7 +434,7 @@ impl Decoder {
             .get("schema_version")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let declared = |field: &str| value.get(field).map(Value::clone);
+        let declared = |field: &str| value.get(field).cloned();
         let sensitivity = declared("data_sensitivity")
             .and_then(|v| DataSensitivity::deserialize(v).ok())
             .unwrap_or(DataSensitivity::Public);

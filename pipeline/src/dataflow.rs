@@ -88,6 +88,8 @@ pub struct Computed<'s> {
     pub watermark: ProbeHandle<Time>,
 }
 
+// The `ok_err` split carries a whole dead letter in `Err`; it is moved, not copied around.
+#[allow(clippy::result_large_err)]
 /// Builds the computing half of the dataflow in `scope`. `durable` is the probe the outputs
 /// will report durability to: the source commits offsets behind its frontier.
 pub fn compute<'s>(

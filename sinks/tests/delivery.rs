@@ -195,12 +195,15 @@ fn a_store_outage_stalls_the_frontier_and_loses_nothing() {
     }
 }
 
+/// What a test sink delivered: each batch with its values, in delivery order.
+type Delivered = Arc<Mutex<Vec<(u64, Vec<u32>)>>>;
+
 /// A sink that fails the first `failures` attempts with a permanent error, then records what
 /// it delivers.
 struct Refusing {
     failures: usize,
     attempts: Arc<AtomicUsize>,
-    delivered: Arc<Mutex<Vec<(u64, Vec<u32>)>>>,
+    delivered: Delivered,
 }
 
 impl Deliver for Refusing {
