@@ -9,8 +9,8 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use sightline_privacy::{KeyRing, Scrubber};
 use sightline_ingest::{Decoder, FlatDefaults, Format};
+use sightline_privacy::{KeyRing, Scrubber};
 use sightline_schemas::FailureKind;
 
 struct Setup {
