@@ -87,12 +87,13 @@ wrong_verdicts = con.execute(
 check("quality_summary verdicts follow the seed's targets (< 1% rejected, < 0.1% PII violations)", wrong_verdicts == 0, f"{wrong_verdicts} rows")
 PSEUDONYM = r"^[A-Za-z0-9_-]{1,16}\.[0-9]+\.[0-9a-f]{24}$"  # <key-id>.<period>.<24 hex digits>
 kept, raw = con.execute(
-    f"""SELECT count(*), count(*) FILTER (WHERE NOT regexp_matches(json_extract_string(payload, path), '{PSEUDONYM}'))
+    f"""SELECT count(*), count(*) FILTER (WHERE json_type(payload, path) != 'VARCHAR'
+                                        OR NOT regexp_matches(json_extract_string(payload, path), '{PSEUDONYM}'))
         FROM (SELECT payload, unnest(['$.user_id', '$.tenant_id', '$.session_id']) AS path
               FROM {scan('dead_letter')} WHERE json_valid(payload))
-        WHERE json_type(payload, path) = 'VARCHAR'"""
+        WHERE json_type(payload, path) IS NOT NULL AND json_type(payload, path) NOT IN ('NULL', 'BOOLEAN')"""
 ).fetchone()
-check("string identifiers kept in dead letters are pseudonyms, never raw", kept > 0 and raw == 0, f"{raw} of {kept} not pseudonyms")
+check("identifiers kept in dead letters are pseudonyms, never raw (numbers included)", kept > 0 and raw == 0, f"{raw} of {kept} not pseudonyms")
 explained = con.execute(f"SELECT count(*) FROM {scan('dead_letter')} WHERE kind NOT IN ('late', 'empty', 'oversize', 'invalid_utf8', 'truncated', 'malformed_json') AND json_array_length(violations::JSON) = 0").fetchone()[0]
 check("schema failures carry their violations (pointer, keyword)", explained == 0, f"{explained} rows without")
 

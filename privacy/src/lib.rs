@@ -568,10 +568,15 @@ impl Privacy {
     }
 
     fn pseudonymize(&mut self, value: &mut Value, time: i64) {
-        if let Value::String(s) = value {
-            *s = self.pseudonyms.pseudonym(s, time);
-        } else {
-            undeclared(value);
+        match value {
+            Value::String(s) => *s = self.pseudonyms.pseudonym(s, time),
+            // A number where an identifier belongs (a wrong-typed `user_id`) is still the
+            // identifier: it gets the pseudonym of its text, never kept as it came.
+            Value::Number(n) => {
+                let pseudonym = self.pseudonyms.pseudonym(&n.to_string(), time);
+                *value = Value::String(pseudonym);
+            }
+            other => undeclared(other),
         }
     }
 
@@ -738,6 +743,26 @@ mod tests {
         assert_eq!(
             p.pseudonym("casey@acmecorp.com", t),
             "k1.682.51232be26c79e630dc0b1258"
+        );
+    }
+
+    #[test]
+    fn a_number_where_an_identifier_belongs_is_pseudonymized_too() {
+        let mut privacy = Privacy::new(ring());
+        let redacted = privacy.redact_payload(
+            br#"{"event_name":"project_viewed","timestamp":"2026-01-23T14:30:00Z","user_id":12345,"tenant_id":987654321}"#,
+            None,
+        );
+        assert!(
+            !redacted.contains("12345") && !redacted.contains("987654321"),
+            "{redacted}"
+        );
+        let record: Value = serde_json::from_str(&redacted).unwrap();
+        let mut pseudonyms = Pseudonymizer::new(ring());
+        assert_eq!(
+            record["user_id"],
+            Value::String(pseudonyms.pseudonym("12345", 1_769_178_600_000)),
+            "the pseudonym of the number's text"
         );
     }
 
