@@ -3,10 +3,14 @@ checks what every reader must see: the same rows, UTC timestamps, Hive partition
 with the data, totals that agree with the replay's summary (over the standard route and the
 restricted one under restricted/), and the retention tags in the Parquet metadata.
 
-usage: check_lake.py LAKE_DIR SUMMARY_FILE INPUT_FILE
+usage: check_lake.py LAKE_DIR SUMMARY_FILE INPUT_FILE [--dirty]
+
+--dirty: the input holds personal data where it must not be (`generate --dirty-fraction`), so
+records rejected for it must be in the lake, and their rejected values must not.
 """
 
 import glob
+import json
 import re
 import sys
 
@@ -18,6 +22,7 @@ TABLES = ["event_counts", "latency", "latency_by_variant", "quality", "quality_s
 PRIVACY_COUNTERS = "('pseudonymized_fields', 'scrubbed_fields', 'dropped_fields', 'pii_violations')"
 
 lake, summary_path, input_path = sys.argv[1], sys.argv[2], sys.argv[3]
+dirty = "--dirty" in sys.argv[4:]
 with open(input_path, "rb") as f:
     input_lines = sum(1 for _ in f)
 summary = open(summary_path, encoding="utf-8").read()
@@ -94,6 +99,42 @@ kept, raw = con.execute(
         WHERE json_type(payload, path) IS NOT NULL AND json_type(payload, path) NOT IN ('NULL', 'BOOLEAN')"""
 ).fetchone()
 check("identifiers kept in dead letters are pseudonyms, never raw (numbers included)", kept > 0 and raw == 0, f"{raw} of {kept} not pseudonyms")
+def at_pointer(document, pointer):
+    """The value at a JSON pointer, or None when it is not there."""
+    for part in pointer.split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(document, dict) and part in document:
+            document = document[part]
+        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
+            document = document[int(part)]
+        else:
+            return None
+    return document
+
+
+kept_rejected = []
+rejected_seen = 0
+for d in dirs("dead_letter"):
+    for row in ds.dataset(d, format="parquet", partitioning="hive").to_table(columns=["kind", "violations", "payload"]).to_pylist():
+        if row["kind"] != "pii_rejected" or row["payload"] is None:
+            continue
+        try:
+            payload = json.loads(row["payload"])
+        except ValueError:
+            continue
+        for violation in json.loads(row["violations"]):
+            if violation["keyword"] != "x-pii":
+                continue
+            rejected_seen += 1
+            value = at_pointer(payload, violation["pointer"])
+            if value not in (None, "[redacted]"):
+                kept_rejected.append((violation["pointer"], value))
+check(
+    "a value rejected as personal data (x-pii) is never kept in its dead letter",
+    not kept_rejected and (rejected_seen > 0 or not dirty),
+    f"{len(kept_rejected)} of {rejected_seen} kept: {kept_rejected[:3]}",
+)
+
 explained = con.execute(f"SELECT count(*) FROM {scan('dead_letter')} WHERE kind NOT IN ('late', 'empty', 'oversize', 'invalid_utf8', 'truncated', 'malformed_json') AND json_array_length(violations::JSON) = 0").fetchone()[0]
 check("schema failures carry their violations (pointer, keyword)", explained == 0, f"{explained} rows without")
 

@@ -596,8 +596,8 @@ impl Privacy {
         }
     }
 
-    /// Values with no schema to say what they are: strings and containers are redacted,
-    /// numbers, booleans and null kept.
+    /// Values with no schema to say what they are: strings, numbers and containers are
+    /// redacted, booleans and null kept.
     fn redact_unknown(&self, value: &mut Value) {
         match value {
             Value::Object(map) => map.values_mut().for_each(undeclared),
@@ -607,8 +607,14 @@ impl Privacy {
     }
 }
 
+/// A value the schema does not declare is replaced by `[redacted]`: strings, objects and
+/// arrays, and numbers too (a phone number or an account id can be one). Only `true`, `false`
+/// and `null`, which cannot identify anyone, are kept.
 fn undeclared(value: &mut Value) {
-    if matches!(value, Value::String(_) | Value::Object(_) | Value::Array(_)) {
+    if matches!(
+        value,
+        Value::String(_) | Value::Number(_) | Value::Object(_) | Value::Array(_)
+    ) {
         *value = Value::String(REDACTED.to_owned());
     }
 }
@@ -744,6 +750,21 @@ mod tests {
             p.pseudonym("casey@acmecorp.com", t),
             "k1.682.51232be26c79e630dc0b1258"
         );
+    }
+
+    #[test]
+    fn an_undeclared_number_is_redacted() {
+        let mut privacy = Privacy::new(ring());
+        let redacted = privacy.redact_payload(
+            br#"{"event_name":"project_viewed","timestamp":"2026-01-23T14:30:00Z","properties":{"zz_phone":4155550134,"zz_flag":true}}"#,
+            None,
+        );
+        assert!(!redacted.contains("4155550134"), "{redacted}");
+        assert!(
+            redacted.contains(r#""zz_phone":"[redacted]""#),
+            "{redacted}"
+        );
+        assert!(redacted.contains(r#""zz_flag":true"#), "{redacted}");
     }
 
     #[test]
