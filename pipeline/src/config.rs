@@ -212,7 +212,7 @@ pub struct KafkaConfig {
 impl KafkaConfig {
     /// The librdkafka settings of one client of the pipeline (the consumer, a producer,
     /// `pii-scan`): the brokers, then the settings of the client's `role`, then `options`,
-    /// which win, so that a deployment can override anything.
+    /// which win, so that a deployment can override anything (but a producer's `acks`).
     pub fn client_config(&self, role: &[(&str, &str)]) -> rdkafka::ClientConfig {
         let mut client = rdkafka::ClientConfig::new();
         client.set("bootstrap.servers", &self.bootstrap_servers);
@@ -224,9 +224,7 @@ impl KafkaConfig {
         }
         client
     }
-}
 
-impl KafkaConfig {
     /// What the Kafka source reads: the consumer's settings (group, the reader's own
     /// [`KafkaReader::CONSUMER_SETTINGS`], then `options`), the topics, and the intervals.
     ///

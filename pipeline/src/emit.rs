@@ -7,7 +7,7 @@
 
 use std::sync::mpsc::Sender;
 
-use sightline_operators::{ClosedWindow, QualityTotals, Time, WindowKey};
+use sightline_operators::{ClosedWindow, QualityTotals, Time};
 use sightline_sinks::kafka::{KeyedRecord, TopicSink};
 use sightline_sinks::tables::{
     DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow,
@@ -116,7 +116,7 @@ fn rows_of<'s, K, D, R>(
     to_rows: impl Fn(ClosedWindow<K, D>) -> Vec<R> + 'static,
 ) -> StreamVec<'s, Time, WindowRows<R>>
 where
-    K: WindowKey + 'static,
+    K: 'static,
     D: 'static,
     R: Table + ExchangeData,
 {

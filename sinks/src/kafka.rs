@@ -84,11 +84,6 @@ impl<V> TopicSink<V> {
             value: PhantomData,
         })
     }
-
-    /// The topic's name.
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
 }
 
 impl<V: Serialize + ExchangeData> Deliver for TopicSink<V> {
