@@ -126,6 +126,10 @@ impl RecordReader for CyclingReader {
         &self.partitions
     }
 
+    fn partitions_mut(&mut self) -> &mut [PartitionState] {
+        &mut self.partitions
+    }
+
     fn is_bounded(&self) -> bool {
         true
     }
@@ -144,6 +148,7 @@ impl RecordReader for CyclingReader {
                 topic: "benchmark",
                 partition: 0,
                 offset: i as i64,
+                timestamp_ms: None,
                 payload: Payload::Bytes(&self.buf),
             };
             emit(record, &mut self.partitions);

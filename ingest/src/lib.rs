@@ -67,6 +67,17 @@ pub enum Error {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    /// A committed offset's checkpoint cannot be used.
+    #[error("resuming {topic}[{partition}]")]
+    Checkpoint {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// What is wrong with it.
+        #[source]
+        source: source::checkpoint::CheckpointError,
+    },
     /// A configured topic does not exist (or has no partitions).
     #[error("topic `{topic}` not found on {servers} within {timeout_ms} ms")]
     TopicNotFound {
@@ -85,7 +96,7 @@ impl Error {
         match self {
             Error::Io { source, .. } => source.kind() == std::io::ErrorKind::Interrupted,
             Error::Kafka { .. } => true,
-            Error::TopicNotFound { .. } => false,
+            Error::TopicNotFound { .. } | Error::Checkpoint { .. } => false,
         }
     }
 }

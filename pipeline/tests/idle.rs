@@ -30,6 +30,10 @@ impl RecordReader for Scripted {
         &self.partitions
     }
 
+    fn partitions_mut(&mut self) -> &mut [PartitionState] {
+        &mut self.partitions
+    }
+
     fn is_bounded(&self) -> bool {
         false
     }
@@ -40,6 +44,7 @@ impl RecordReader for Scripted {
             topic: "scripted",
             partition: 0,
             offset,
+            timestamp_ms: None,
             payload,
         };
         match self.step {

@@ -3,56 +3,80 @@
 //! Every worker reads the metadata of the configured topics, lists all their partitions in
 //! a fixed order, and assigns itself those whose position is congruent to its global worker
 //! index modulo the number of workers; so partitions are spread over every worker of every
-//! process without a group rebalance. Offsets are not auto-committed: the pipeline tracks,
-//! per partition, the smallest offset whose window is not yet durable, and commits up to it
-//! (see [`RecordReader::durable_up_to`]).
+//! process without a group rebalance. Each partition gets its own consumer queue, served in
+//! turn, so that one partition's backlog cannot starve the others, and so that the end of a
+//! partition is known per partition: a partition is *caught up* only when the consumer has
+//! reported its end (librdkafka's partition EOF, which counts transaction markers as read)
+//! after its last record. A partition with unread records is never idle, however long it
+//! waits to be served.
+//!
+//! Offsets are not auto-committed: the reader tracks, per partition, the smallest offset
+//! whose window is not yet durable, and commits up to it with a [`Checkpoint`] in the
+//! commit's metadata (see [`super::checkpoint`] and [`RecordReader::durable_up_to`]). At
+//! start it reads the checkpoints of every partition of its topics and resumes from them.
+//! What the consumer prefetches is bounded by librdkafka's `queued.max.messages.kbytes`,
+//! so a burst waits in the broker, not in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sightline_operators::Windows;
 use tracing::{debug, info, warn};
 
-use super::{Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
+use super::checkpoint::{Checkpoint, MAX_IDLE_MARKS, VERSION};
+use super::{Clock, Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
 use crate::Error;
 
+type PartitionQueue = rdkafka::consumer::base_consumer::PartitionQueue<DefaultConsumerContext>;
+
 /// What the reader keeps of one partition besides its [`PartitionState`]: the bookkeeping
-/// of this run (commits, end-of-partition checks), which a restart does not need.
+/// of this run that a checkpoint is made from.
 #[derive(Debug, Default)]
 struct Progress {
-    /// The gap to the partition's end at the last check, to notice a gap that never closes.
-    last_gap: Option<i64>,
-    /// Consecutive failed queries of the partition's end.
-    failed_checks: u32,
-    /// When the partition was last found caught up with its end, or not.
-    caught_up: Option<(Instant, bool)>,
-    /// The offset after the last record handed to the dataflow (a record read before any event
-    /// time is known waits in the source, so this may lag `next_offset`).
+    /// Whether the consumer reported the partition's end after its last record.
+    at_end: bool,
+    /// Where this run started reading, until the first record shows where it really starts.
+    resumed_at: Option<i64>,
+    /// The offset after the last record handed to the dataflow (a record read before its
+    /// partition has an event time waits in the source, so this may lag `next_offset`).
     tracked_next: Option<i64>,
-    /// Window start → smallest offset written into that window and not yet durable.
-    pending: BTreeMap<u64, i64>,
+    /// Window start → the smallest offset written into that window and not yet durable, with
+    /// the partition's clock just before it.
+    pending: BTreeMap<u64, (i64, Clock)>,
     /// The last offset the broker confirmed as committed.
     committed: Option<i64>,
+    /// `(offset, idle_ms)`: the partition's idle time rose to `idle_ms` before the record at
+    /// `offset` was read. Kept until a commit passes the offset.
+    idle_marks: Vec<(i64, u64)>,
+    /// Marks restored from the checkpoint, applied when their offset is read again.
+    restored_marks: VecDeque<(i64, u64)>,
+    /// The idle time when the last record was read.
+    seen_idle: Option<u64>,
 }
 
 /// One worker's Kafka consumer.
 pub struct KafkaReader {
-    consumer: BaseConsumer,
-    topics: Vec<String>,
-    /// `index[topic][partition]` → slot in `partitions`.
-    index: Vec<Vec<Option<usize>>>,
+    consumer: Arc<BaseConsumer>,
+    /// Per slot, the partition's own queue.
+    queues: Vec<PartitionQueue>,
     partitions: Vec<PartitionState>,
     /// Per slot, this run's bookkeeping.
     progress: Vec<Progress>,
+    /// The slot served next.
+    cursor: usize,
     windows: Windows,
     max_event_bytes: usize,
     commit_interval: Duration,
     last_commit: Instant,
     last_durable_ms: u64,
-    last_end_query: Option<Instant>,
+    /// The durable frontier restored from the checkpoints of all partitions.
+    written_up_to: u64,
 }
 
 /// The partitions of `topics` that worker `worker` of `peers` reads, in assignment order.
@@ -90,15 +114,17 @@ pub struct KafkaSource {
 impl KafkaReader {
     /// The consumer settings the reader's contract depends on: offsets are committed by the
     /// reader only (never automatically), a partition without a committed offset is read from
-    /// its start, and reaching a partition's end is not an event.
+    /// its start, and the end of a partition is reported (it is how a partition is known to
+    /// be caught up). A deployment's `options` may not change them.
     pub const CONSUMER_SETTINGS: [(&'static str, &'static str); 4] = [
         ("enable.auto.commit", "false"),
         ("enable.auto.offset.store", "false"),
         ("auto.offset.reset", "earliest"),
-        ("enable.partition.eof", "false"),
+        ("enable.partition.eof", "true"),
     ];
 
-    /// Connects, reads topic metadata and assigns this worker's partitions.
+    /// Connects, reads topic metadata, assigns this worker's partitions and resumes each from
+    /// its checkpoint.
     pub fn connect(
         source: &KafkaSource,
         worker: usize,
@@ -107,10 +133,12 @@ impl KafkaReader {
         max_event_bytes: usize,
     ) -> crate::Result<KafkaReader> {
         let kafka = |action| move |source| Error::Kafka { action, source };
-        let consumer: BaseConsumer = source
-            .client
-            .create()
-            .map_err(kafka("creating the Kafka consumer"))?;
+        let consumer: Arc<BaseConsumer> = Arc::new(
+            source
+                .client
+                .create()
+                .map_err(kafka("creating the Kafka consumer"))?,
+        );
         let deadline = Instant::now() + source.metadata_timeout;
         let mut counts = Vec::new();
         for topic in &source.topics {
@@ -146,70 +174,155 @@ impl KafkaReader {
             counts.push((topic.clone(), partitions));
         }
         let mine = assign_partitions(&counts, worker, peers);
-        let mut tpl = TopicPartitionList::new();
-        let topics = source.topics.clone();
-        let mut index: Vec<Vec<Option<usize>>> = counts
+        let mut partitions: Vec<PartitionState> = mine
             .iter()
-            .map(|(_, n)| vec![None; *n as usize])
+            .map(|(topic, partition)| PartitionState::new(topic, *partition))
             .collect();
-        let mut partitions = Vec::new();
-        for (topic, partition) in &mine {
-            tpl.add_partition_offset(topic, *partition, Offset::Stored)
-                .map_err(kafka("building the assignment"))?;
-            let t = topics.iter().position(|n| n == topic).unwrap_or(0);
-            index[t][*partition as usize] = Some(partitions.len());
-            partitions.push(PartitionState::new(topic, *partition));
-        }
-        // Where each partition resumes, so that a partition can be known to be caught up
-        // before it has delivered anything.
-        if let Ok(committed) = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
-            for element in committed.elements() {
-                if let (Offset::Offset(o), Some(t)) = (
-                    element.offset(),
-                    topics.iter().position(|n| n == element.topic()),
-                ) && let Some(Some(i)) = index[t].get(element.partition() as usize)
-                {
-                    partitions[*i].next_offset = Some(o);
-                }
+        let mut progress: Vec<Progress> = partitions.iter().map(|_| Progress::default()).collect();
+
+        // The checkpoints of every partition: this worker's own to resume them, all of them
+        // for the durable frontier, which the whole cluster must agree on.
+        let mut all = TopicPartitionList::new();
+        for (topic, n) in &counts {
+            for p in 0..*n {
+                all.add_partition(topic, p);
             }
+        }
+        let committed = loop {
+            match consumer.committed_offsets(all.clone(), Duration::from_secs(10)) {
+                Ok(committed) => break committed,
+                Err(err) if Instant::now() < deadline => {
+                    warn!(error = %err, "reading the committed offsets failed; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(err) => return Err(kafka("reading the committed offsets")(err)),
+            }
+        };
+        let mut written_up_to = 0;
+        for element in committed.elements() {
+            let checkpoint =
+                Checkpoint::decode(element.metadata()).map_err(|source| Error::Checkpoint {
+                    topic: element.topic().to_owned(),
+                    partition: element.partition(),
+                    source,
+                })?;
+            if let Some(c) = &checkpoint {
+                written_up_to = written_up_to.max(c.durable);
+            }
+            let slot = mine
+                .iter()
+                .position(|(t, p)| t == element.topic() && *p == element.partition());
+            if let (Some(slot), Offset::Offset(offset)) = (slot, element.offset()) {
+                let checkpoint = checkpoint.unwrap_or_default();
+                partitions[slot].next_offset = Some(offset);
+                partitions[slot].clock = checkpoint.clock;
+                let p = &mut progress[slot];
+                p.committed = Some(offset);
+                p.resumed_at = Some(offset);
+                p.seen_idle = checkpoint.clock.idle_ms;
+                p.restored_marks = checkpoint.idle.into_iter().collect();
+            }
+        }
+
+        let mut tpl = TopicPartitionList::new();
+        for state in &partitions {
+            let offset = state.next_offset.map_or(Offset::Beginning, Offset::Offset);
+            tpl.add_partition_offset(&state.topic, state.partition, offset)
+                .map_err(kafka("building the assignment"))?;
         }
         consumer
             .assign(&tpl)
             .map_err(kafka("assigning partitions"))?;
-        info!(worker, peers, partitions = ?mine, "kafka source assigned");
+        let mut queues = Vec::with_capacity(partitions.len());
+        for state in &partitions {
+            match consumer.split_partition_queue(&state.topic, state.partition) {
+                Some(queue) => queues.push(queue),
+                None => {
+                    return Err(kafka("giving each partition its own queue")(
+                        KafkaError::Subscription(format!(
+                            "no queue for {}[{}]",
+                            state.topic, state.partition
+                        )),
+                    ));
+                }
+            }
+        }
+        info!(worker, peers, partitions = ?mine, written_up_to, resume = ?partitions.iter().map(|p| p.next_offset).collect::<Vec<_>>(), "kafka source assigned");
         Ok(KafkaReader {
             consumer,
-            topics,
-            index,
-            progress: partitions.iter().map(|_| Progress::default()).collect(),
+            queues,
             partitions,
+            progress,
+            cursor: 0,
             windows,
             max_event_bytes,
             commit_interval: source.commit_interval,
             last_commit: Instant::now(),
-            last_durable_ms: 0,
-            last_end_query: None,
+            last_durable_ms: written_up_to,
+            written_up_to,
         })
     }
 
+    /// Stops (`true`) or resumes fetching the partition in `slot`; a paused partition is not
+    /// caught up. For tests that make the consumer serve partitions unevenly.
+    pub fn pause(&self, slot: usize, paused: bool) -> crate::Result<()> {
+        let Some(state) = self.partitions.get(slot) else {
+            return Ok(());
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&state.topic, state.partition);
+        let kafka = |action| move |source| Error::Kafka { action, source };
+        if paused {
+            self.consumer
+                .pause(&tpl)
+                .map_err(kafka("pausing a partition"))
+        } else {
+            self.consumer
+                .resume(&tpl)
+                .map_err(kafka("resuming a partition"))
+        }
+    }
+
     /// Commits, synchronously, every partition's smallest offset whose window is not durable
-    /// at `durable_ms`. An offset counts as committed only once the broker said so, so a
-    /// failed commit is tried again at the next call.
+    /// at `durable_ms`, each with its checkpoint. An offset counts as committed only once the
+    /// broker said so, so a failed commit is tried again at the next call.
     fn commit(&mut self, durable_ms: u64) {
+        let durable_ms = durable_ms.max(self.written_up_to);
         let mut tpl = TopicPartitionList::new();
         let width = self.windows.width_ms();
         for (state, p) in self.partitions.iter().zip(&mut self.progress) {
             p.pending
                 .retain(|start, _| start.saturating_add(width) > durable_ms);
             let Some(next) = p.tracked_next else { continue };
-            let committable = p.pending.values().copied().min().unwrap_or(next);
-            if p.committed.is_none_or(|c| committable > c) {
-                // Adding a partition to a fresh list cannot fail for a valid offset.
-                let _ = tpl.add_partition_offset(
-                    &state.topic,
-                    state.partition,
-                    Offset::Offset(committable),
-                );
+            let (offset, clock) = p
+                .pending
+                .values()
+                .copied()
+                .min_by_key(|(offset, _)| *offset)
+                .unwrap_or((next, state.clock));
+            if p.committed.is_some_and(|c| offset <= c) {
+                continue;
+            }
+            let checkpoint = Checkpoint {
+                v: VERSION,
+                durable: durable_ms,
+                clock,
+                idle: p
+                    .idle_marks
+                    .iter()
+                    .copied()
+                    .filter(|(o, _)| *o > offset)
+                    .collect(),
+            };
+            // Adding a partition to a fresh list cannot fail for a valid offset.
+            if let Ok(mut element) = tpl
+                .add_partition_offset(&state.topic, state.partition, Offset::Offset(offset))
+                .and_then(|()| {
+                    tpl.find_partition(&state.topic, state.partition)
+                        .ok_or(KafkaError::NoMessageReceived)
+                })
+            {
+                element.set_metadata(checkpoint.encode());
             }
         }
         if tpl.count() == 0 {
@@ -218,15 +331,15 @@ impl KafkaReader {
         match self.consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
                 for element in tpl.elements() {
-                    let committed = match element.offset() {
-                        Offset::Offset(o) => o,
-                        _ => continue,
+                    let Offset::Offset(committed) = element.offset() else {
+                        continue;
                     };
                     let slot = self.partitions.iter().position(|p| {
                         p.partition == element.partition() && p.topic == element.topic()
                     });
                     if let Some(p) = slot.and_then(|slot| self.progress.get_mut(slot)) {
                         p.committed = Some(committed);
+                        p.idle_marks.retain(|(o, _)| *o > committed);
                     }
                 }
                 debug!(partitions = tpl.count(), durable_ms, "committed offsets");
@@ -236,6 +349,56 @@ impl KafkaReader {
     }
 }
 
+/// Hands one message of the partition in `slot` to `emit`, after updating the partition's
+/// offset and idle bookkeeping.
+fn deliver(
+    message: &BorrowedMessage<'_>,
+    slot: usize,
+    partitions: &mut [PartitionState],
+    progress: &mut [Progress],
+    max_event_bytes: usize,
+    emit: &mut Emit<'_>,
+) {
+    let (Some(state), Some(p)) = (partitions.get_mut(slot), progress.get_mut(slot)) else {
+        return;
+    };
+    let offset = message.offset();
+    if let Some(resumed) = p.resumed_at.take()
+        && offset != resumed
+    {
+        warn!(topic = %state.topic, partition = state.partition, resumed, first = offset, "the first record read is not at the resume offset (records compacted or deleted, transaction markers, or a broker that skips part of a batch)");
+    }
+    state.next_offset = Some(offset + 1);
+    p.at_end = false;
+    while let Some(&(at, idle_ms)) = p.restored_marks.front()
+        && at <= offset
+    {
+        state.clock.idle_ms = Some(state.clock.idle_ms.unwrap_or(0).max(idle_ms));
+        p.restored_marks.pop_front();
+    }
+    if state.clock.idle_ms > p.seen_idle {
+        p.seen_idle = state.clock.idle_ms;
+        if let Some(idle_ms) = state.clock.idle_ms {
+            p.idle_marks.push((offset, idle_ms));
+        }
+    }
+    let bytes = message.payload().unwrap_or_default();
+    let payload = if bytes.len() > max_event_bytes {
+        Payload::Oversize(bytes.len() as u64)
+    } else {
+        Payload::Bytes(bytes)
+    };
+    let record = Record {
+        slot,
+        topic: message.topic(),
+        partition: message.partition(),
+        offset,
+        timestamp_ms: message.timestamp().to_millis(),
+        payload,
+    };
+    emit(record, partitions);
+}
+
 impl Drop for KafkaReader {
     /// A last commit of what is durable, so that a clean stop resumes where it left off.
     fn drop(&mut self) {
@@ -243,9 +406,16 @@ impl Drop for KafkaReader {
     }
 }
 
+/// How many records one partition's queue hands out before the next partition is served.
+const TURN: usize = 64;
+
 impl RecordReader for KafkaReader {
     fn partitions(&self) -> &[PartitionState] {
         &self.partitions
+    }
+
+    fn partitions_mut(&mut self) -> &mut [PartitionState] {
+        &mut self.partitions
     }
 
     fn is_bounded(&self) -> bool {
@@ -253,109 +423,99 @@ impl RecordReader for KafkaReader {
     }
 
     fn read(&mut self, max: usize, emit: &mut Emit<'_>) -> crate::Result<ReadStatus> {
-        for _ in 0..max {
-            let message = match self.consumer.poll(Duration::ZERO) {
-                None => return Ok(ReadStatus::Idle),
-                Some(Err(err)) => {
-                    warn!(error = %err, "kafka consumer error");
-                    return Ok(ReadStatus::Idle);
+        // The main queue serves errors and callbacks; records arrive there only if they
+        // were fetched before their partition got its own queue.
+        while let Some(next) = self.consumer.poll(Duration::ZERO) {
+            match next {
+                Ok(message) => {
+                    let slot = self.partitions.iter().position(|p| {
+                        p.partition == message.partition() && p.topic == message.topic()
+                    });
+                    match slot {
+                        Some(slot) => deliver(
+                            &message,
+                            slot,
+                            &mut self.partitions,
+                            &mut self.progress,
+                            self.max_event_bytes,
+                            emit,
+                        ),
+                        None => warn!(
+                            topic = message.topic(),
+                            partition = message.partition(),
+                            "message from an unassigned partition ignored by this worker"
+                        ),
+                    }
                 }
-                Some(Ok(message)) => message,
-            };
-            let topic = message.topic();
-            let Some(slot) = self.topics.iter().position(|t| t == topic).and_then(|t| {
-                self.index[t]
-                    .get(message.partition() as usize)
-                    .copied()
-                    .flatten()
-            }) else {
-                warn!(
-                    topic,
-                    partition = message.partition(),
-                    "message from an unassigned partition ignored by this worker"
-                );
-                continue;
-            };
-            if let Some(p) = self.partitions.get_mut(slot) {
-                p.next_offset = Some(message.offset() + 1);
+                Err(KafkaError::PartitionEOF(_)) => {}
+                Err(err) => warn!(error = %err, "kafka consumer error"),
             }
-            let bytes = message.payload().unwrap_or_default();
-            let payload = if bytes.len() > self.max_event_bytes {
-                Payload::Oversize(bytes.len() as u64)
-            } else {
-                Payload::Bytes(bytes)
-            };
-            let record = Record {
-                slot,
-                topic,
-                partition: message.partition(),
-                offset: message.offset(),
-                payload,
-            };
-            emit(record, &mut self.partitions);
         }
-        Ok(ReadStatus::More)
+        let n = self.queues.len();
+        let mut delivered = 0;
+        let mut empty_turns = 0;
+        while delivered < max && empty_turns < n {
+            let slot = self.cursor;
+            self.cursor = (self.cursor + 1) % n;
+            let mut taken = 0;
+            while taken < TURN && delivered < max {
+                match self.queues[slot].poll(Duration::ZERO) {
+                    None => break,
+                    Some(Err(KafkaError::PartitionEOF(_))) => {
+                        self.progress[slot].at_end = true;
+                        break;
+                    }
+                    Some(Err(err)) => {
+                        warn!(error = %err, "kafka consumer error");
+                        break;
+                    }
+                    Some(Ok(message)) => {
+                        deliver(
+                            &message,
+                            slot,
+                            &mut self.partitions,
+                            &mut self.progress,
+                            self.max_event_bytes,
+                            emit,
+                        );
+                        taken += 1;
+                        delivered += 1;
+                    }
+                }
+            }
+            empty_turns = if taken == 0 { empty_turns + 1 } else { 0 };
+        }
+        Ok(if delivered >= max {
+            ReadStatus::More
+        } else {
+            ReadStatus::Idle
+        })
     }
 
     fn caught_up(&mut self, slot: usize) -> bool {
-        let (Some(state), Some(p)) = (self.partitions.get(slot), self.progress.get_mut(slot))
-        else {
-            return true;
-        };
-        if let Some((checked, answer)) = p.caught_up
-            && checked.elapsed() < Duration::from_secs(1)
-        {
-            return answer;
-        }
-        // One broker round trip (at most 1 s), only for a partition that has been silent for
-        // the idle timeout, and at most one every 200 ms for the whole worker, so that many
-        // silent partitions cannot stall the worker thread.
-        if self
-            .last_end_query
-            .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
-        {
-            return p.caught_up.is_some_and(|(_, answer)| answer);
-        }
-        self.last_end_query = Some(Instant::now());
-        let answer = match self.consumer.fetch_watermarks(
-            &state.topic,
-            state.partition,
-            Duration::from_secs(1),
-        ) {
-            Ok((low, high)) => {
-                // Retention may have moved the start past where this reader resumes.
-                let next = state.next_offset.unwrap_or(low).max(low);
-                let gap = high - next;
-                // A gap that stays the same while nothing arrives is not data on its way (for
-                // example transaction markers, which a consumer never receives).
-                let stuck = gap > 0 && p.last_gap == Some(gap);
-                p.last_gap = Some(gap);
-                p.failed_checks = 0;
-                gap <= 0 || stuck
-            }
-            Err(err) => {
-                // A broker that cannot say where the partition ends must not stall the
-                // pipeline for good: after three failed checks, silence alone decides.
-                p.failed_checks += 1;
-                let give_up = p.failed_checks >= 3;
-                warn!(topic = %state.topic, partition = state.partition, error = %err, treated_as_idle = give_up, "could not read the partition's end");
-                give_up
-            }
-        };
-        p.caught_up = Some((Instant::now(), answer));
-        answer
+        self.progress
+            .get(slot)
+            .is_none_or(|p| p.at_end && p.idle_marks.len() < MAX_IDLE_MARKS)
     }
 
-    fn track(&mut self, slot: usize, offset: i64, window_start_ms: u64) {
+    fn track(&mut self, slot: usize, offset: i64, window_start: Option<u64>, before: Clock) {
         if let Some(p) = self.progress.get_mut(slot) {
             p.tracked_next = Some(p.tracked_next.map_or(offset + 1, |n| n.max(offset + 1)));
-            let smallest = p.pending.entry(window_start_ms).or_insert(offset);
-            *smallest = (*smallest).min(offset);
+            if let Some(start) = window_start {
+                let smallest = p.pending.entry(start).or_insert((offset, before));
+                if offset < smallest.0 {
+                    *smallest = (offset, before);
+                }
+            }
         }
+    }
+
+    fn written_up_to(&self) -> u64 {
+        self.written_up_to
     }
 
     fn durable_up_to(&mut self, durable_ms: u64) {
-        self.last_durable_ms = durable_ms;
+        self.last_durable_ms = durable_ms.max(self.written_up_to);
         if self.last_commit.elapsed() >= self.commit_interval {
             self.last_commit = Instant::now();
             self.commit(durable_ms);

@@ -6,12 +6,13 @@
 //! [`Event`] at its event-time tick or a [`DeadLetter`] (decode failure or late) at its
 //! processing tick (see [`ingest`]).
 
+pub mod checkpoint;
 pub mod kafka;
 pub mod ndjson;
 pub mod partition;
 pub mod watermark;
 
-pub use partition::PartitionState;
+pub use partition::{Clock, PartitionState};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +48,10 @@ pub struct Record<'a> {
     pub partition: i32,
     /// Kafka offset, or 0-based line number.
     pub offset: i64,
+    /// When the record was produced (the Kafka message timestamp), ms since the epoch; `None`
+    /// for files. The future-skew check measures against it, so that it gives the same answer
+    /// when the record is read again after a restart.
+    pub timestamp_ms: Option<i64>,
     /// The bytes.
     pub payload: Payload<'a>,
 }
@@ -71,6 +76,9 @@ pub trait RecordReader {
     /// partition by its place here, [`Record::slot`]).
     fn partitions(&self) -> &[PartitionState];
 
+    /// The same states, to update (the ingest operator moves an idle partition's clock).
+    fn partitions_mut(&mut self) -> &mut [PartitionState];
+
     /// Reads up to `max` records, handing each to `emit` together with the partitions' states
     /// (the ingest operator records accepted event times in them). The reader has updated the
     /// record's `next_offset` before.
@@ -84,9 +92,18 @@ pub trait RecordReader {
     fn durable_up_to(&mut self, _durable_ms: u64) {}
 
     /// Notes that the record at `offset` of the partition in `slot` was written into the
-    /// window starting at `window_start_ms`, so that its offset is committed only once that
-    /// window is durable.
-    fn track(&mut self, _slot: usize, _offset: i64, _window_start_ms: u64) {}
+    /// window starting at `window_start`, so that its offset is committed only once that
+    /// window is durable (`None`: into no window, it was already written before a restart).
+    /// `before` is the partition's clock just before the record: what a restart resuming at
+    /// this record starts from.
+    fn track(&mut self, _slot: usize, _offset: i64, _window_start: Option<u64>, _before: Clock) {}
+
+    /// The durable frontier restored at start: every window ending at or before it was
+    /// written by an earlier run, so records that fall into one are dropped (and counted)
+    /// instead of writing it again from part of its input. 0 for a first start.
+    fn written_up_to(&self) -> u64 {
+        0
+    }
 
     /// Whether everything the partition in `slot` holds has been read (asked before a silent
     /// partition is treated as idle). Readers that cannot tell say yes.
@@ -106,6 +123,9 @@ pub struct IngestStats {
     pub rejected: AtomicU64,
     /// Events behind the watermark.
     pub late: AtomicU64,
+    /// Records read again after a restart whose windows had already been written; dropped.
+    /// They are not in `accepted`, `rejected` or `late`.
+    pub already_written: AtomicU64,
     /// Windows whose closing delay was measured: from the moment the watermark of every source
     /// passed a window's end to the moment every table of that window was durable.
     pub closed_windows: AtomicU64,
@@ -187,11 +207,16 @@ pub type Decoded = Result<Arc<Event>, Box<DeadLetter>>;
 /// The source operator: reads, decodes, watermarks. See the module documentation.
 ///
 /// Accepted events are emitted at their event-time tick. Dead letters (decode failures and
-/// late events) are emitted at the source's processing time: the tick of the newest event
-/// time this worker had accepted when it read them (never behind its capability). Records
-/// that fail before the worker has accepted any event are processed at the tick of the first
-/// one it accepts; if the capability moves on before that (idle partitions), at the
-/// capability; if a bounded input ends without one, at the wall-clock tick.
+/// late events) are emitted at their partition's processing time: the tick of the
+/// partition's clock position when they were read (its newest event time, or its idle time),
+/// which is never behind the worker's capability and depends only on the partition's own
+/// records. Records that fail before their partition has a position wait for it (its first
+/// accepted event, or its going idle); if a bounded input ends first, they are processed at
+/// the wall-clock tick.
+///
+/// After a restart, records whose window ends at or before the reader's
+/// [`RecordReader::written_up_to`] were written by the run before: they are dropped and
+/// counted in [`IngestStats::already_written`].
 ///
 /// `durable` is a probe on the sinks' output; the operator reports its frontier to the reader
 /// so that a Kafka reader commits only offsets whose windows are durable. Reader errors are
@@ -217,11 +242,11 @@ pub fn ingest<'s>(
         let mut cap = Some(capability);
         let tick = settings.tick_ms.max(1);
         let windows = settings.windows;
+        let written_up_to = reader.written_up_to();
         let mut last_durable = 0;
-        let mut newest_ms: Option<u64> = None;
-        // Dead letters waiting for a processing time, with their partition and offset.
-        let mut waiting: Vec<(DeadLetter, usize, i64)> = Vec::new();
-        let mut ready: Vec<(Decoded, Time, usize, i64)> = Vec::with_capacity(settings.batch_size);
+        // Dead letters of partitions that have no clock position yet.
+        let mut waiting: Vec<Pending> = Vec::new();
+        let mut ready: Vec<(Pending, Time)> = Vec::with_capacity(settings.batch_size);
         move |output| {
             let Some(c) = cap.as_mut() else { return };
             if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied())
@@ -231,90 +256,97 @@ pub fn ingest<'s>(
                 reader.durable_up_to(durable_ms);
             }
             let now = Instant::now();
-            let horizon_ms = wall_clock_ms().saturating_add(settings.max_future_skew_ms);
-            let (mut read, mut accepted, mut rejected, mut late) = (0u64, 0u64, 0u64, 0u64);
+            let wall_ms = wall_clock_ms();
+            let mut read = 0u64;
             let status = {
                 let decoders = &mut decoders;
                 let marks = &mut marks;
-                let (ready, waiting, newest_ms) = (&mut ready, &mut waiting, &mut newest_ms);
+                let (ready, waiting) = (&mut ready, &mut waiting);
                 reader.read(settings.batch_size, &mut |record, partitions| {
                     read += 1;
+                    let slot = record.slot;
+                    let before = partitions.get(slot).map(|p| p.clock).unwrap_or_default();
                     let origin = || Origin {
                         topic: record.topic.to_owned(),
                         partition: record.partition,
                         offset: record.offset,
                     };
                     let decoder = decoders.for_topic(record.topic);
-                    let item = match record.payload {
-                        Payload::Oversize(size) => {
-                            rejected += 1;
-                            Err(decoder
+                    // The future-skew horizon is measured from when the record was produced,
+                    // so that reading it again gives the same answer.
+                    let produced_ms = record.timestamp_ms.filter(|&t| t > 0);
+                    let horizon_ms = produced_ms
+                        .map_or(wall_ms, |t| t as u64)
+                        .saturating_add(settings.max_future_skew_ms);
+                    let item =
+                        match record.payload {
+                            Payload::Oversize(size) => Err(decoder
                                 .oversize(size)
-                                .into_dead_letter(origin(), size, None))
-                        }
-                        Payload::Bytes(bytes) => match decoder.decode(bytes) {
-                            Ok(event) if event.event_time_ms as u64 > horizon_ms => {
-                                rejected += 1;
-                                let reason = format!(
-                                    "timestamp {} is more than {} s ahead of the wall clock",
-                                    sightline_schemas::format_rfc3339_ms(event.event_time_ms),
-                                    settings.max_future_skew_ms / 1000
-                                );
-                                let err = DecodeError::new(FailureKind::InvalidValue, reason)
-                                    .of_event(&event);
-                                let payload =
-                                    decoder.redact_payload(bytes, Some(event.event_time_ms));
-                                Err(err.into_dead_letter(origin(), bytes.len() as u64, payload))
-                            }
-                            Ok(event) => {
-                                let event_ms = event.event_time_ms as u64;
-                                let watermark = marks.current_ms();
-                                if event_ms < watermark {
-                                    late += 1;
+                                .into_dead_letter(origin(), size, None)),
+                            Payload::Bytes(bytes) => match decoder.decode(bytes) {
+                                Ok(event) if event.event_time_ms as u64 > horizon_ms => {
+                                    let reason = format!(
+                                        "timestamp {} is more than {} s ahead of {}",
+                                        sightline_schemas::format_rfc3339_ms(event.event_time_ms),
+                                        settings.max_future_skew_ms / 1000,
+                                        match produced_ms {
+                                            Some(_) => "the time the record was produced",
+                                            None => "the wall clock",
+                                        }
+                                    );
+                                    let err = DecodeError::new(FailureKind::InvalidValue, reason)
+                                        .of_event(&event);
                                     let payload =
                                         decoder.redact_payload(bytes, Some(event.event_time_ms));
-                                    Err(DeadLetter::late(
-                                        &event,
-                                        watermark,
-                                        origin(),
-                                        bytes.len() as u64,
-                                        payload,
-                                    ))
-                                } else {
-                                    accepted += 1;
-                                    marks.observe(partitions, record.slot, event_ms, now);
-                                    *newest_ms =
-                                        Some(newest_ms.map_or(event_ms, |n| n.max(event_ms)));
-                                    Ok(event)
+                                    Err(err.into_dead_letter(origin(), bytes.len() as u64, payload))
                                 }
-                            }
-                            Err(err) => {
-                                rejected += 1;
-                                let payload = decoder.redact_payload(bytes, err.event_time_ms);
-                                Err(err.into_dead_letter(origin(), bytes.len() as u64, payload))
-                            }
-                        },
+                                Ok(event) => {
+                                    let event_ms = event.event_time_ms as u64;
+                                    let watermark = marks.of(partitions, slot);
+                                    if event_ms < watermark {
+                                        let payload = decoder
+                                            .redact_payload(bytes, Some(event.event_time_ms));
+                                        Err(DeadLetter::late(
+                                            &event,
+                                            watermark,
+                                            origin(),
+                                            bytes.len() as u64,
+                                            payload,
+                                        ))
+                                    } else {
+                                        marks.observe(partitions, slot, event_ms, now);
+                                        Ok(event)
+                                    }
+                                }
+                                Err(err) => {
+                                    let time = err.event_time_ms.or(record.timestamp_ms);
+                                    let payload = decoder.redact_payload(bytes, time);
+                                    Err(err.into_dead_letter(origin(), bytes.len() as u64, payload))
+                                }
+                            },
+                        };
+                    let pending = |item| Pending {
+                        item,
+                        slot,
+                        offset: record.offset,
+                        before,
                     };
-                    match (item, *newest_ms) {
-                        (Err(dead), None) => waiting.push((dead, record.slot, record.offset)),
-                        (Err(dead), Some(newest)) => ready.push((
-                            Err(Box::new(dead)),
-                            newest - newest % tick,
-                            record.slot,
-                            record.offset,
-                        )),
-                        (Ok(event), _) => {
+                    match item {
+                        Ok(event) => {
                             let t = event.event_time_ms as u64;
                             let t = t - t % tick;
-                            // Records that failed before this worker knew any event time are
-                            // processed at the first one.
-                            ready.extend(
-                                waiting
-                                    .drain(..)
-                                    .map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)),
-                            );
-                            ready.push((Ok(Arc::new(event)), t, record.slot, record.offset));
+                            // The partition's first position: its dead letters so far are
+                            // processed here.
+                            if before.position_ms().is_none() {
+                                release(waiting, ready, |p| p.slot == slot, t);
+                            }
+                            ready.push((pending(Ok(Arc::new(event))), t));
                         }
+                        Err(dead) => match before.position_ms() {
+                            Some(position) => ready
+                                .push((pending(Err(Box::new(dead))), position - position % tick)),
+                            None => waiting.push(pending(Err(Box::new(dead)))),
+                        },
                     }
                 })
             };
@@ -325,55 +357,73 @@ pub fn ingest<'s>(
                     ReadStatus::Idle
                 }
             };
+            let idle: Vec<usize> = if status == ReadStatus::Exhausted {
+                Vec::new()
+            } else {
+                marks
+                    .silent(Instant::now())
+                    .into_iter()
+                    .filter(|&slot| reader.caught_up(slot))
+                    .collect()
+            };
+            let watermark = marks.advance(reader.partitions_mut(), &idle, wall_ms);
             if !waiting.is_empty() {
-                // Still no event time. If the input ended, use the wall clock; if the capability
-                // has moved on without one (idle partitions of a stream that sends only broken
-                // records), use the capability, so that such records never pile up here.
+                // Partitions that went idle without an event: their dead letters are processed
+                // at the idle time. If a bounded input ended, at the wall clock.
+                for &slot in &idle {
+                    if let Some(position) = reader
+                        .partitions()
+                        .get(slot)
+                        .and_then(|p| p.clock.position_ms())
+                    {
+                        release(
+                            &mut waiting,
+                            &mut ready,
+                            |p| p.slot == slot,
+                            position - position % tick,
+                        );
+                    }
+                }
                 if status == ReadStatus::Exhausted {
-                    let wall = wall_clock_ms();
-                    let t = wall - wall % tick;
-                    ready.extend(
-                        waiting
-                            .drain(..)
-                            .map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)),
-                    );
-                } else if *c.time() > 0 {
-                    let t = *c.time();
-                    ready.extend(
-                        waiting
-                            .drain(..)
-                            .map(|(dead, p, o)| (Err(Box::new(dead)), t, p, o)),
-                    );
+                    release(&mut waiting, &mut ready, |_| true, wall_ms - wall_ms % tick);
                 }
             }
             if !ready.is_empty() {
                 let floor = *c.time();
                 let mut session = output.session(c);
-                for (item, time, partition, offset) in ready.drain(..) {
-                    // An idle jump may have moved the capability past the newest event time;
-                    // a dead letter is then processed at the capability, never behind it, so
-                    // it can never land in a window that is already closed.
+                let (mut accepted, mut rejected, mut late, mut skipped) = (0u64, 0u64, 0u64, 0u64);
+                for (p, time) in ready.drain(..) {
+                    // Never behind the capability (a partition's position is at or ahead of
+                    // the worker's watermark); kept as a guard.
                     let time = time.max(floor);
-                    if !bounded {
-                        reader.track(partition, offset, windows.start_of(time));
+                    let start = windows.start_of(time);
+                    if windows.end_of(start) <= written_up_to {
+                        skipped += 1;
+                        if !bounded {
+                            reader.track(p.slot, p.offset, None, p.before);
+                        }
+                        continue;
                     }
-                    session.give((item, time, 1));
+                    match &p.item {
+                        Ok(_) => accepted += 1,
+                        Err(dead) if dead.kind == FailureKind::Late => late += 1,
+                        Err(_) => rejected += 1,
+                    }
+                    if !bounded {
+                        reader.track(p.slot, p.offset, Some(start), p.before);
+                    }
+                    session.give((p.item, time, 1));
                 }
+                stats.accepted.fetch_add(accepted, Ordering::Relaxed);
+                stats.rejected.fetch_add(rejected, Ordering::Relaxed);
+                stats.late.fetch_add(late, Ordering::Relaxed);
+                stats.already_written.fetch_add(skipped, Ordering::Relaxed);
             }
             stats.read.fetch_add(read, Ordering::Relaxed);
-            stats.accepted.fetch_add(accepted, Ordering::Relaxed);
-            stats.rejected.fetch_add(rejected, Ordering::Relaxed);
-            stats.late.fetch_add(late, Ordering::Relaxed);
             if status == ReadStatus::Exhausted {
                 cap = None;
                 return;
             }
-            let idle: Vec<usize> = marks
-                .silent(Instant::now())
-                .into_iter()
-                .filter(|&slot| reader.caught_up(slot))
-                .collect();
-            let watermark = marks.advance(reader.partitions(), &idle, wall_clock_ms());
             let target = watermark - watermark % tick;
             if target > *c.time() {
                 c.downgrade(&target);
@@ -384,4 +434,30 @@ pub fn ingest<'s>(
             }
         }
     })
+}
+
+/// A decoded record on its way out of the source, with where it came from.
+struct Pending {
+    item: Decoded,
+    slot: usize,
+    offset: i64,
+    /// Its partition's clock just before it.
+    before: Clock,
+}
+
+/// Moves the `waiting` records that `which` selects to `ready`, at `time`.
+fn release(
+    waiting: &mut Vec<Pending>,
+    ready: &mut Vec<(Pending, Time)>,
+    which: impl Fn(&Pending) -> bool,
+    time: Time,
+) {
+    let mut i = 0;
+    while i < waiting.len() {
+        if which(&waiting[i]) {
+            ready.push((waiting.remove(i), time));
+        } else {
+            i += 1;
+        }
+    }
 }

@@ -125,6 +125,10 @@ impl RecordReader for NdjsonReader {
         &self.partitions
     }
 
+    fn partitions_mut(&mut self) -> &mut [PartitionState] {
+        &mut self.partitions
+    }
+
     fn is_bounded(&self) -> bool {
         true
     }
@@ -161,6 +165,7 @@ impl RecordReader for NdjsonReader {
                 topic: &self.label,
                 partition: 0,
                 offset: line as i64,
+                timestamp_ms: None,
                 payload,
             };
             emit(record, &mut self.partitions);
