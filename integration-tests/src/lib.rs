@@ -2,6 +2,9 @@
 //! benchmarks: the real servers, each started on a free loopback port by the test that needs
 //! it and stopped when dropped. `scripts/test` installs them; nothing here downloads anything.
 
+pub mod chaos;
+pub mod faults;
+
 pub mod servers {
     //! tansu (a Kafka-protocol broker) and moto (an S3 API).
 
@@ -30,9 +33,10 @@ pub mod servers {
         }
     }
 
-    /// A tansu broker on a free loopback port, stopped when dropped.
+    /// A tansu broker on a free loopback port, stopped when dropped; or the suite's shared
+    /// broker ([`Tansu::shared`]).
     pub struct Tansu {
-        child: Child,
+        child: Option<Child>,
         /// `host:port` of the broker.
         pub bootstrap: String,
     }
@@ -63,11 +67,52 @@ pub mod servers {
                 .spawn()
                 .expect("tansu is not installed: ./scripts/test installs it (cargo install tansu --locked --features dynostore)");
             let server = Tansu {
-                child,
+                child: Some(child),
                 bootstrap: format!("127.0.0.1:{port}"),
             };
             wait_for(&server.bootstrap, "tansu");
             server
+        }
+
+        /// The broker `scripts/test` started once for the whole suite (`SIGHTLINE_TANSU`,
+        /// its `host:port`), or a broker of this test's own when there is none (a test run by
+        /// hand). Tests that share it use topics and groups of their own; a test that stops
+        /// or pauses its broker uses [`Tansu::start`].
+        pub fn shared() -> Tansu {
+            match std::env::var("SIGHTLINE_TANSU") {
+                Ok(bootstrap) if !bootstrap.is_empty() => {
+                    wait_for(&bootstrap, "the suite's tansu");
+                    Tansu {
+                        child: None,
+                        bootstrap,
+                    }
+                }
+                _ => Tansu::start(),
+            }
+        }
+
+        /// Pauses the broker process (SIGSTOP): to a client, a broker that does not answer.
+        /// tansu's in-memory storage would lose every topic if the process were killed.
+        pub fn pause(&self) {
+            self.signal("STOP");
+        }
+
+        /// Resumes a paused broker (SIGCONT).
+        pub fn resume(&self) {
+            self.signal("CONT");
+        }
+
+        fn signal(&self, name: &str) {
+            let child = self
+                .child
+                .as_ref()
+                .expect("only a broker of the test's own can be paused");
+            let status = Command::new("kill")
+                .arg(format!("-{name}"))
+                .arg(child.id().to_string())
+                .status()
+                .expect("kill(1)");
+            assert!(status.success(), "kill -{name} tansu failed");
         }
 
         /// Creates a topic with the broker's own CLI.
@@ -91,8 +136,13 @@ pub mod servers {
 
     impl Drop for Tansu {
         fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            if let Some(child) = &mut self.child {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &child.id().to_string()])
+                    .status();
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 

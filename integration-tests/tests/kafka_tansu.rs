@@ -7,14 +7,14 @@ use sightline_integration_tests::servers::Tansu;
 
 #[test]
 fn tansu_round_trip_on_one_worker() {
-    let broker = Tansu::start();
+    let broker = Tansu::shared();
     broker.create_topic("tansu.events", 4);
     round_trip(&broker.bootstrap, &[("tansu.events", 4)], 3_000, 1);
 }
 
 #[test]
 fn tansu_two_topics_on_three_workers() {
-    let broker = Tansu::start();
+    let broker = Tansu::shared();
     broker.create_topic("tansu.product", 2);
     broker.create_topic("tansu.command-center", 1);
     // Two topics, three partitions in all, spread over three workers; the topics' partitions
@@ -29,7 +29,7 @@ fn tansu_two_topics_on_three_workers() {
 
 #[test]
 fn tansu_more_workers_than_partitions() {
-    let broker = Tansu::start();
+    let broker = Tansu::shared();
     broker.create_topic("tansu.narrow", 1);
     // The second worker reads nothing and follows the wall clock, so it never holds windows open.
     round_trip(&broker.bootstrap, &[("tansu.narrow", 1)], 1_500, 2);

@@ -40,6 +40,11 @@ pub struct DeliveryConfig {
     pub retry_initial_ms: u64,
     /// Longest delay between two attempts, ms; the delay doubles up to it.
     pub retry_max_ms: u64,
+    /// How long a sink may fail with errors that will not heal by themselves (bad
+    /// credentials, a deleted bucket), with no success in between, before the pipeline stops
+    /// with that error, ms. Transient failures (an unreachable broker or store, a full disk)
+    /// are retried for as long as they last.
+    pub give_up_after_ms: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -47,6 +52,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             retry_initial_ms: 100,
             retry_max_ms: 30_000,
+            give_up_after_ms: 300_000,
         }
     }
 }
@@ -57,6 +63,7 @@ impl DeliveryConfig {
         sightline_sinks::RetryPolicy {
             initial: std::time::Duration::from_millis(self.retry_initial_ms),
             max: std::time::Duration::from_millis(self.retry_max_ms),
+            give_up_after: std::time::Duration::from_millis(self.give_up_after_ms),
         }
     }
 }
@@ -82,6 +89,10 @@ pub struct PipelineConfig {
     pub max_future_skew_ms: u64,
     /// Records a source worker reads per activation.
     pub batch_size: usize,
+    /// How long a stop (SIGTERM, Ctrl-C) may take to write the windows that are already
+    /// closed and commit the offsets they cover, ms. Past it the pipeline exits anyway;
+    /// what was not written is read again at the next start.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for PipelineConfig {
@@ -95,6 +106,7 @@ impl Default for PipelineConfig {
             max_event_bytes: sightline_ingest::DEFAULT_MAX_EVENT_BYTES,
             max_future_skew_ms: 3_600_000,
             batch_size: 1024,
+            shutdown_grace_ms: 20_000,
         }
     }
 }
@@ -349,6 +361,15 @@ impl Config {
                 d.retry_initial_ms,
                 d.retry_max_ms
             );
+        }
+        for (key, value) in sightline_ingest::source::kafka::KafkaReader::CONSUMER_SETTINGS {
+            if let Some(given) = self.kafka.options.get(key)
+                && given != value
+            {
+                bail!(
+                    "kafka.options.{key} = {given:?} is not allowed: the source's exactly-once contract needs {key} = {value:?}"
+                );
+            }
         }
         let mut names: Vec<&str> = self.kafka.topics.iter().map(|t| t.name.as_str()).collect();
         names.sort_unstable();

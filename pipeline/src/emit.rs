@@ -13,10 +13,14 @@ use sightline_sinks::tables::{
     DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow,
     VariantLatencyRow,
 };
-use sightline_sinks::{Lake, RetryPolicy, Table, WindowRows, durable_sink, write_windows};
+use sightline_sinks::{
+    Lake, RetryPolicy, SinkHealth, Table, WindowRows, durable_sink, write_windows,
+};
 use timely::ExchangeData;
 use timely::dataflow::StreamVec;
 use timely::dataflow::operators::Inspect;
+use std::sync::Arc;
+
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::{Filter, Map};
 
@@ -33,6 +37,8 @@ pub struct Outputs {
     pub dead_letter_topic: Option<TopicSink<DeadLetterRecord>>,
     /// How failed deliveries are retried.
     pub retry: RetryPolicy,
+    /// Where the sinks count their failures (and say when one gave up).
+    pub health: Arc<SinkHealth>,
     /// Where progress reports go.
     pub reports: Sender<Report>,
 }
@@ -46,6 +52,7 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
         restricted_lake,
         dead_letter_topic,
         retry,
+        health,
         reports,
     } = outputs;
     if let Some(topic) = dead_letter_topic {
@@ -60,7 +67,7 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
                     value,
                 }
             });
-        durable_sink(records, topic, retry, durable);
+        durable_sink(records, topic, retry, &health, durable);
     }
     for windows in computed.routes {
         let tables = Tables {
@@ -69,6 +76,7 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
                 Route::Restricted => restricted_lake.clone(),
             },
             retry,
+            health: &health,
             durable,
             reports: reports.clone(),
         };
@@ -96,6 +104,7 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
 struct Tables<'a> {
     lake: Lake,
     retry: RetryPolicy,
+    health: &'a Arc<SinkHealth>,
     durable: &'a ProbeHandle<Time>,
     reports: Sender<Report>,
 }
@@ -104,7 +113,7 @@ impl Tables<'_> {
     /// Writes table `R` and reports each file written.
     fn write<R: Table + ExchangeData>(&self, rows: StreamVec<'_, Time, WindowRows<R>>) {
         let reports = self.reports.clone();
-        write_windows(rows, self.lake.clone(), self.retry, self.durable).inspect(move |written| {
+        write_windows(rows, self.lake.clone(), self.retry, self.health, self.durable).inspect(move |written| {
             let _ = reports.send(Report::Written(written.clone()));
         });
     }

@@ -148,11 +148,20 @@ fn main() {
     }
 }
 
+/// A stop flag set by SIGTERM (what Kubernetes sends), SIGINT (Ctrl-C) or SIGHUP: the run
+/// stops reading, writes the windows already closed, commits and exits 0. A second signal
+/// exits at once (what was not committed is read again at the next start).
 fn stop_on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
-        .context("installing the Ctrl-C handler")?;
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::Relaxed) {
+            eprintln!("stopping now: a second stop signal");
+            std::process::exit(130);
+        }
+        eprintln!("stopping: writing closed windows and committing (a second signal exits at once)");
+    })
+    .context("installing the signal handler")?;
     Ok(stop)
 }
 

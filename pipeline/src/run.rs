@@ -9,17 +9,18 @@ use anyhow::Context;
 use sightline_ingest::{Decoder, Format};
 use sightline_operators::Time;
 use sightline_privacy::KeyRing;
-use sightline_sinks::Lake;
 use sightline_sinks::kafka::TopicSink;
+use sightline_sinks::{Lake, SinkHealth};
 use tracing::{info, warn};
 
 use crate::config::{Config, KafkaConfig};
 use crate::dataflow::{Route, build, windows_of};
 use crate::emit::Outputs;
 use crate::report::{Progress, window_line};
+use sightline_ingest::source::checkpoint::CheckpointStore;
 use sightline_ingest::source::kafka::KafkaReader;
 use sightline_ingest::source::ndjson::NdjsonReader;
-use sightline_ingest::source::{Decoders, IngestSettings, IngestStats, RecordReader};
+use sightline_ingest::source::{Decoders, Drain, IngestSettings, IngestStats, RecordReader};
 
 /// Makes worker `index` of `peers` its reader (for inputs the CLI does not know: benchmarks,
 /// tests).
@@ -56,7 +57,10 @@ pub struct Job {
     pub input: Input,
     /// The lake the sinks write to.
     pub lake: Lake,
-    /// Set to stop an unbounded run. Open windows are not written: they are not final.
+    /// Set to stop an unbounded run gracefully: the sources stop reading, the windows already
+    /// closed are written and their offsets committed (within `pipeline.shutdown-grace-ms`),
+    /// and the run returns. Open windows are not written: they are not final, and a restart
+    /// reads their records again.
     pub stop: Arc<AtomicBool>,
     /// Print one line per closed window on standard output.
     pub print_windows: bool,
@@ -83,6 +87,10 @@ pub struct Summary {
     pub rows: u64,
     /// Bytes written.
     pub bytes: u64,
+    /// Records read again after a restart whose windows had already been written (dropped).
+    pub already_written: u64,
+    /// Failed deliveries, each retried.
+    pub retries: u64,
 }
 
 impl std::fmt::Display for Summary {
@@ -98,7 +106,14 @@ impl std::fmt::Display for Summary {
             self.files,
             self.rows,
             self.bytes
-        )
+        )?;
+        if self.already_written > 0 {
+            write!(f, " · already written before a restart {}", self.already_written)?;
+        }
+        if self.retries > 0 {
+            write!(f, " · delivery retries {}", self.retries)?;
+        }
+        Ok(())
     }
 }
 
@@ -112,9 +127,36 @@ fn open_reader(job: &Job, worker: usize, peers: usize) -> anyhow::Result<Box<dyn
             peers,
             windows_of(&job.config.pipeline),
             max,
+            Arc::new(LakeCheckpoints(job.lake.clone())),
         )?),
         Input::Custom(factory) => factory(worker, peers)?,
     })
+}
+
+/// The Kafka source's checkpoints, kept in the lake (see
+/// [`sightline_ingest::source::checkpoint`]).
+pub struct LakeCheckpoints(pub Lake);
+
+impl CheckpointStore for LakeCheckpoints {
+    fn load(&self, name: &str) -> Result<Option<Vec<u8>>, String> {
+        self.0
+            .get_if_exists(name)
+            .map(|bytes| bytes.map(|b| b.to_vec()))
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn save(&self, objects: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+        let objects = objects
+            .into_iter()
+            .map(|(name, bytes)| (name, bytes.into()))
+            .collect();
+        self.0.put_all(objects).map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            format!("{e}{cause}")
+        })
+    }
 }
 
 /// The decoders of one worker: the replay format (or the canonical envelope) by default, and
@@ -134,17 +176,17 @@ fn decoders_for(job: &Job, keys: &Arc<KeyRing>) -> Decoders {
 }
 
 /// Counts a worker out when it ends, however it ends. A worker that fails or panics also sets
-/// the run's stop flag (the caller's, too): the others cannot make progress without it.
+/// the run's abort flag: the others cannot make progress without it.
 struct WorkerExit<'a> {
     finished: &'a AtomicU64,
-    stop: &'a AtomicBool,
+    abort: &'a AtomicBool,
     failed: bool,
 }
 
 impl Drop for WorkerExit<'_> {
     fn drop(&mut self) {
         if self.failed || std::thread::panicking() {
-            self.stop.store(true, Ordering::Relaxed);
+            self.abort.store(true, Ordering::Relaxed);
         }
         self.finished.fetch_add(1, Ordering::Release);
     }
@@ -220,6 +262,12 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
     let watermarks: Arc<Vec<AtomicU64>> =
         Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
     let finished = Arc::new(AtomicU64::new(0));
+    // Set when a worker fails or a sink gives up: every worker stops at once, without writing
+    // anything more (a restart resumes from the committed offsets).
+    let abort = Arc::new(AtomicBool::new(false));
+    let drain = Arc::new(Drain::new(workers));
+    let health = Arc::new(SinkHealth::default());
+    let grace = Duration::from_millis(job.config.pipeline.shutdown_grace_ms);
     let started = Instant::now();
 
     let guards = {
@@ -231,13 +279,14 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             Arc::clone(&finished),
             Arc::clone(&keys),
         );
+        let (abort, drain, health) = (Arc::clone(&abort), Arc::clone(&drain), Arc::clone(&health));
         let reports_tx = std::sync::Mutex::new(reports_tx);
         timely::execute(
             timely::Config::process(workers),
             move |worker| -> anyhow::Result<()> {
                 let mut exit = WorkerExit {
                     finished: &finished,
-                    stop: &job.stop,
+                    abort: &abort,
                     failed: false,
                 };
                 let result = (|| {
@@ -252,6 +301,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                         windows: windows_of(p),
                         decoders: decoders_for(&job, &keys),
                         max_future_skew_ms: p.max_future_skew_ms,
+                        drain: Arc::clone(&drain),
                     };
                     let reports = reports_tx
                         .lock()
@@ -276,27 +326,46 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                         ),
                         dead_letter_topic,
                         retry: job.config.delivery.retry_policy(),
+                        health: Arc::clone(&health),
                         reports,
                     };
                     let stats = Arc::clone(&stats);
                     let (probe, watermark) = worker.dataflow::<Time, _, _>(|scope| {
                         build(scope, reader, settings, stats, outputs)
                     });
-                    loop {
+                    let windows = windows_of(p);
+                    let mut deadline = None;
+                    let stopped = loop {
                         let durable =
                             probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
+                        let mark =
+                            watermark.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
                         frontiers[index].store(durable, Ordering::Release);
-                        watermarks[index].store(
-                            watermark.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX)),
-                            Ordering::Release,
-                        );
-                        if job.stop.load(Ordering::Relaxed)
-                            || !worker.step_or_park(Some(Duration::from_millis(20)))
-                        {
-                            break;
+                        watermarks[index].store(mark, Ordering::Release);
+                        if abort.load(Ordering::Relaxed) {
+                            break true;
                         }
-                    }
-                    if job.stop.load(Ordering::Relaxed) {
+                        if job.stop.load(Ordering::Relaxed) {
+                            // Graceful stop: wait until every window the watermark has closed
+                            // is durable and every reader has been told (its last commit, when
+                            // it is dropped below, covers them), or until the grace period ends.
+                            drain.request();
+                            let deadline = *deadline.get_or_insert_with(|| Instant::now() + grace);
+                            let closed = if mark == u64::MAX { mark } else { windows.start_of(mark) };
+                            if durable >= closed && drain.handed_at_least(closed) {
+                                info!(worker = index, durable, "stopped: every closed window is written");
+                                break true;
+                            }
+                            if Instant::now() >= deadline {
+                                warn!(worker = index, durable, closed, "the shutdown grace period ended before every closed window was written; a restart writes them");
+                                break true;
+                            }
+                        }
+                        if !worker.step_or_park(Some(Duration::from_millis(20))) {
+                            break false;
+                        }
+                    };
+                    if stopped {
                         // Open windows are not final: drop the dataflow without closing them. Their
                         // records' offsets were never committed, so a restart reads them again.
                         for id in worker.installed_dataflows() {
@@ -331,6 +400,11 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             .min()
             .unwrap_or(u64::MAX);
         delays.observe(watermark, durable, &stats);
+        if let Some(failure) = health.failed()
+            && !abort.swap(true, Ordering::Relaxed)
+        {
+            warn!(%failure, "a sink gave up; stopping");
+        }
         while let Ok(report) = reports_rx.try_recv() {
             progress.add(report);
         }
@@ -354,7 +428,10 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
     while let Ok(report) = reports_rx.try_recv() {
         progress.add(report);
     }
-    if !job.stop.load(Ordering::Relaxed) {
+    if let Some(failure) = health.failed() {
+        errors.insert(0, failure);
+    }
+    if !job.stop.load(Ordering::Relaxed) && !abort.load(Ordering::Relaxed) {
         for (start, window) in progress.release(u64::MAX) {
             if job.print_windows {
                 println!("{}", window_line(start, &window));
@@ -363,7 +440,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
     }
     if let Some(first) = errors.first() {
         return Err(anyhow::anyhow!("{first}"))
-            .context(format!("{} of {workers} workers failed", errors.len()));
+            .context(format!("the pipeline stopped on an error ({} error(s))", errors.len()));
     }
     let (read, accepted, rejected, late) = stats.snapshot();
     let t = &progress.totals;
@@ -376,6 +453,8 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         files: t.files,
         rows: t.rows,
         bytes: t.bytes,
+        already_written: stats.already_written.load(Ordering::Relaxed),
+        retries: health.retries.load(Ordering::Relaxed),
     };
     info!(elapsed_ms = started.elapsed().as_millis() as u64, %summary, "run finished");
     Ok(summary)

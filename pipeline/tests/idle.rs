@@ -88,6 +88,7 @@ fn a_record_after_an_idle_jump_never_reopens_a_written_window() {
                 Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap()),
             )),
             max_future_skew_ms: 3_600_000,
+            drain: Default::default(),
         };
         let reader = Box::new(Scripted {
             partitions: [PartitionState::new("scripted", 0)],
@@ -100,6 +101,7 @@ fn a_record_after_an_idle_jump_never_reopens_a_written_window() {
             restricted_lake: lake.routed("restricted", "restricted", 30),
             dead_letter_topic: None,
             retry: Default::default(),
+            health: Default::default(),
             reports: reports.clone(),
         };
         let stats = Arc::new(IngestStats::default());

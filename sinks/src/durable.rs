@@ -23,17 +23,24 @@
 //! - Until a batch's delivery has succeeded, the operator holds the capability of its
 //!   earliest item. Its output frontier, which the pipeline probes to decide which source
 //!   offsets to commit, therefore never passes an item that is not durable.
-//! - **Every failure is retried**, with the exponential backoff of the [`RetryPolicy`]. A
-//!   retryable failure (an unreachable store or broker) is logged as a warning; a permanent
-//!   one (a refused request, an encoding bug) is logged as an error, because it needs an
-//!   operator, and is retried all the same. Nothing is ever dropped: the sink, and the
-//!   frontier behind it, stall until the failure is fixed.
+//! - **Every failure is retried**, with the exponential backoff of the [`RetryPolicy`], and
+//!   counted in the [`SinkHealth`]. A retryable failure (an unreachable store or broker, a
+//!   full disk) is logged as a warning and retried for as long as it lasts: the pipeline never
+//!   stops on a transient fault. A permanent one (bad credentials, a deleted bucket, an
+//!   encoding bug) is logged as an error, because it needs an operator, and is retried all
+//!   the same; once permanent failures have lasted [`RetryPolicy::give_up_after`] without a
+//!   success in between, the sink reports itself failed in its [`SinkHealth`], and the
+//!   pipeline stops with that error. Nothing is ever dropped: the sink, and the frontier
+//!   behind it, stall until the failure is fixed, and a restart resumes from the offsets
+//!   committed before it.
 //! - A successful delivery emits its [`Deliver::Receipt`] at the batch's capability.
 //!
 //! `tests/delivery.rs` proves the contract by injecting failures.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sightline_operators::Time;
@@ -102,14 +109,44 @@ pub struct RetryPolicy {
     pub initial: Duration,
     /// Longest delay between two attempts.
     pub max: Duration,
+    /// How long permanent failures may last, with no success in between, before the sink
+    /// reports itself failed.
+    pub give_up_after: Duration,
 }
 
 impl Default for RetryPolicy {
-    /// 100 ms, doubling to 30 s.
+    /// 100 ms, doubling to 30 s; failed after 5 minutes of permanent failures.
     fn default() -> Self {
         RetryPolicy {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(30),
+            give_up_after: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What the sinks of one process report about their deliveries: shared by every durable sink
+/// of the pipeline, read by the run loop (and its summary).
+#[derive(Debug, Default)]
+pub struct SinkHealth {
+    /// Failed delivery attempts, each retried.
+    pub retries: AtomicU64,
+    /// Of those, the failures classified as permanent.
+    pub permanent_failures: AtomicU64,
+    failed: Mutex<Option<String>>,
+}
+
+impl SinkHealth {
+    /// Why a sink gave up, if one did: the pipeline must stop.
+    pub fn failed(&self) -> Option<String> {
+        self.failed.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn give_up(&self, why: String) {
+        if let Ok(mut failed) = self.failed.lock()
+            && failed.is_none()
+        {
+            *failed = Some(why);
         }
     }
 }
@@ -162,13 +199,15 @@ struct Pending<T> {
 
 /// Attaches `sink` to `items`: see the module's delivery contract. The output carries one
 /// receipt per delivered batch; its frontier, also reported to `durable`, is the sink's
-/// durability frontier.
+/// durability frontier. Failures are counted in `health`.
 pub fn durable_sink<'s, D: Deliver>(
     items: StreamVec<'s, Time, D::Item>,
     mut sink: D,
     policy: RetryPolicy,
+    health: &Arc<SinkHealth>,
     durable: &ProbeHandle<Time>,
 ) -> StreamVec<'s, Time, D::Receipt> {
+    let health = Arc::clone(health);
     let scope = items.scope();
     // Items that stay put are "exchanged" to the worker they are on.
     let me = scope.index() as u64;
@@ -180,6 +219,8 @@ pub fn durable_sink<'s, D: Deliver>(
         let mut open: BTreeMap<D::Batch, Pending<Vec<D::Item>>> = BTreeMap::new();
         let mut sealed: BTreeMap<D::Batch, Pending<D::Sealed>> = BTreeMap::new();
         let mut backoff = Backoff::new(policy);
+        // When the current run of permanent failures began.
+        let mut failing_since: Option<Instant> = None;
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 // Every message here is sent under a capability; one without has no time.
@@ -236,6 +277,7 @@ pub fn durable_sink<'s, D: Deliver>(
                 match sink.deliver(entry.key(), &entry.get().contents) {
                     Ok(receipt) => {
                         backoff.succeeded();
+                        failing_since = None;
                         let (_, Pending { capability, .. }) = entry.remove_entry();
                         output.session(&capability).give(receipt);
                     }
@@ -243,10 +285,22 @@ pub fn durable_sink<'s, D: Deliver>(
                         let delay = backoff.failed(Instant::now());
                         let retry_in_ms = delay.as_millis() as u64;
                         let batch = format!("{:?}", entry.key());
+                        health.retries.fetch_add(1, Ordering::Relaxed);
                         if err.is_retryable() {
-                            warn!(sink = %label, %batch, error = %err, retry_in_ms, "delivery failed; retrying");
+                            warn!(sink = %label, %batch, error = %err, cause = ?std::error::Error::source(&err), retry_in_ms, "delivery failed; retrying");
                         } else {
-                            error!(sink = %label, %batch, error = %err, retry_in_ms, "delivery failed with a permanent error; retrying anyway, so that nothing is dropped");
+                            health.permanent_failures.fetch_add(1, Ordering::Relaxed);
+                            error!(sink = %label, %batch, error = %err, cause = ?std::error::Error::source(&err), retry_in_ms, "delivery failed with a permanent error; retrying anyway, so that nothing is dropped");
+                            let since = *failing_since.get_or_insert(now);
+                            if now.duration_since(since) >= policy.give_up_after {
+                                let cause = std::error::Error::source(&err)
+                                    .map(|c| format!(": {c}"))
+                                    .unwrap_or_default();
+                                health.give_up(format!(
+                                    "sink {label} failed permanently for {} s (batch {batch}): {err}{cause}",
+                                    policy.give_up_after.as_secs()
+                                ));
+                            }
                         }
                         activator.activate_after(delay);
                         return;
@@ -271,6 +325,7 @@ mod tests {
         let policy = RetryPolicy {
             initial: Duration::from_millis(100),
             max: Duration::from_millis(350),
+            ..RetryPolicy::default()
         };
         let mut backoff = Backoff::new(policy);
         let t0 = Instant::now();

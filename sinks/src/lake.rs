@@ -258,6 +258,35 @@ impl Lake {
         Ok(())
     }
 
+    /// Writes every object at once (concurrently), each atomically; an error means some may
+    /// not be written.
+    pub fn put_all(&self, objects: Vec<(String, Bytes)>) -> Result<()> {
+        self.runtime.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (path, bytes) in objects {
+                let store = Arc::clone(&self.store);
+                tasks.spawn(async move {
+                    store
+                        .put(&Path::from(path), PutPayload::from(bytes))
+                        .await
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.map_err(std::io::Error::other)??;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads the object at `path`, if there is one.
+    pub fn get_if_exists(&self, path: &str) -> Result<Option<Bytes>> {
+        match self.get(path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(Error::Store(object_store::Error::NotFound { .. })) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Reads the object at `path`.
     pub fn get(&self, path: &str) -> Result<Bytes> {
         let location = Path::from(path);

@@ -9,7 +9,7 @@ use timely::ExchangeData;
 use timely::dataflow::StreamVec;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
-use crate::durable::{Completeness, Deliver, RetryPolicy, durable_sink};
+use crate::durable::{Completeness, Deliver, RetryPolicy, SinkHealth, durable_sink};
 use crate::{Error, Lake, Table};
 
 /// One worker's rows of one closed window of one table.
@@ -101,10 +101,11 @@ pub fn write_windows<'s, R>(
     parts: StreamVec<'s, Time, WindowRows<R>>,
     lake: Lake,
     policy: RetryPolicy,
+    health: &std::sync::Arc<SinkHealth>,
     durable: &ProbeHandle<Time>,
 ) -> StreamVec<'s, Time, WrittenWindow>
 where
     R: Table + ExchangeData,
 {
-    durable_sink(parts, TableSink::<R>::new(lake), policy, durable)
+    durable_sink(parts, TableSink::<R>::new(lake), policy, health, durable)
 }

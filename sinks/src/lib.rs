@@ -37,7 +37,7 @@ mod lake;
 mod lake_sink;
 pub mod tables;
 
-pub use durable::{Deliver, RetryPolicy, durable_sink};
+pub use durable::{Deliver, RetryPolicy, SinkHealth, durable_sink};
 pub use encode::{Table, parquet_encode};
 pub use lake::{Lake, Retention, S3Options, window_path};
 pub use lake_sink::{TableSink, WindowRows, WrittenWindow, write_windows};
@@ -82,11 +82,20 @@ pub enum Error {
 
 impl Error {
     /// Whether the same request may succeed if retried.
+    ///
+    /// A store that does not know the bucket or refuses the credentials will not heal by
+    /// itself; anything else the store, the disk or the broker says may (a full disk can be
+    /// freed, a broker comes back).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::Store(_) | Error::Io(_) | Error::Kafka(_) | Error::Undelivered { .. }
-        )
+        match self {
+            Error::Store(
+                object_store::Error::NotFound { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. },
+            ) => false,
+            Error::Store(_) | Error::Io(_) | Error::Kafka(_) | Error::Undelivered { .. } => true,
+            _ => false,
+        }
     }
 }
 

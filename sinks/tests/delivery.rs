@@ -23,7 +23,9 @@ use object_store::{
 };
 use sightline_sinks::durable::Completeness;
 use sightline_sinks::tables::EventCountRow;
-use sightline_sinks::{Deliver, Error, Lake, RetryPolicy, WindowRows, durable_sink, write_windows};
+use sightline_sinks::{
+    Deliver, Error, Lake, RetryPolicy, SinkHealth, WindowRows, durable_sink, write_windows,
+};
 use timely::dataflow::InputHandle;
 use timely::dataflow::operators::Input;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
@@ -107,6 +109,7 @@ fn fast_retries() -> RetryPolicy {
     RetryPolicy {
         initial: Duration::from_millis(1),
         max: Duration::from_millis(20),
+        give_up_after: Duration::from_secs(60),
     }
 }
 
@@ -152,7 +155,7 @@ fn a_store_outage_stalls_the_frontier_and_loses_nothing() {
         let durable = ProbeHandle::new();
         worker.dataflow::<u64, _, _>(|scope| {
             let parts = scope.input_from(&mut input);
-            write_windows(parts, lake.clone(), fast_retries(), &durable);
+            write_windows(parts, lake.clone(), fast_retries(), &Default::default(), &durable);
         });
         for k in 0..3 {
             input.advance_to((k + 1) * WIDTH - 1);
@@ -259,7 +262,7 @@ fn a_permanent_failure_is_retried_and_every_batch_is_delivered_once_in_order() {
                 attempts: a,
                 delivered: d,
             };
-            durable_sink(items, sink, fast_retries(), &durable);
+            durable_sink(items, sink, fast_retries(), &Default::default(), &durable);
         });
         for batch in 0..4u64 {
             input.advance_to(batch);
@@ -340,7 +343,7 @@ fn items_arriving_during_retries_are_delivered_once_later() {
                 attempts: 0,
                 delivered: d,
             };
-            durable_sink(items, sink, fast_retries(), &durable);
+            durable_sink(items, sink, fast_retries(), &Default::default(), &durable);
         });
         for round in 0..50u32 {
             input.advance_to(u64::from(round));
@@ -357,4 +360,82 @@ fn items_arriving_during_retries_are_delivered_once_later() {
     let delivered = delivered.lock().expect("lock");
     assert_eq!(delivered.len(), 1_000, "every value delivered");
     assert!(delivered.values().all(|n| *n == 1), "and none twice");
+}
+
+#[test]
+fn permanent_failures_that_last_past_the_limit_fail_the_sink_and_transient_ones_never_do() {
+    for (permanent, expect_failed) in [(true, true), (false, false)] {
+        let health = Arc::new(SinkHealth::default());
+        let h = Arc::clone(&health);
+        let policy = RetryPolicy {
+            give_up_after: Duration::from_millis(100),
+            ..fast_retries()
+        };
+        timely::execute_directly(move |worker| {
+            let mut input = InputHandle::new();
+            let durable = ProbeHandle::new();
+            worker.dataflow::<u64, _, _>(|scope| {
+                let items = scope.input_from(&mut input);
+                durable_sink(items, Failing { permanent }, policy, &h, &durable);
+            });
+            input.send(1u32);
+            input.close();
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_millis(400) {
+                worker.step_or_park(Some(Duration::from_millis(1)));
+            }
+            assert!(!durable.done(), "nothing failed is ever taken as delivered");
+            for id in worker.installed_dataflows() {
+                worker.drop_dataflow(id);
+            }
+        });
+        assert!(health.retries.load(Ordering::Relaxed) > 3);
+        assert_eq!(
+            health.failed().is_some(),
+            expect_failed,
+            "permanent: {permanent}, {:?}",
+            health.failed()
+        );
+        if let Some(why) = health.failed() {
+            assert!(why.contains("Failing") && why.contains("bucket gone"), "{why}");
+        }
+    }
+}
+
+/// A sink whose every delivery fails, permanently or not.
+struct Failing {
+    permanent: bool,
+}
+
+impl Deliver for Failing {
+    type Item = u32;
+    type Batch = ();
+    type Sealed = ();
+    type Receipt = ();
+
+    const COMPLETENESS: Completeness = Completeness::Eager;
+
+    fn name(&self) -> String {
+        "Failing".into()
+    }
+
+    fn route(_: &u32) -> Option<u64> {
+        None
+    }
+
+    fn batch_of(_: &u32) {}
+
+    fn seal(&mut self, _: &(), _: Vec<u32>) {}
+
+    fn deliver(&mut self, _: &(), _: &()) -> Result<(), Error> {
+        Err(if self.permanent {
+            Error::Encode("bucket gone".into())
+        } else {
+            Error::Undelivered {
+                failed: 1,
+                total: 1,
+                last_error: "broker unreachable".into(),
+            }
+        })
+    }
 }

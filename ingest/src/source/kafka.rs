@@ -11,9 +11,10 @@
 //! waits to be served.
 //!
 //! Offsets are not auto-committed: the reader tracks, per partition, the smallest offset
-//! whose window is not yet durable, and commits up to it with a [`Checkpoint`] in the
-//! commit's metadata (see [`super::checkpoint`] and [`RecordReader::durable_up_to`]). At
-//! start it reads the checkpoints of every partition of its topics and resumes from them.
+//! whose window is not yet durable, writes the partition's [`Checkpoint`] for it to the
+//! [`CheckpointStore`], and then commits it (see [`super::checkpoint`] and
+//! [`RecordReader::durable_up_to`]). At start it reads the checkpoints of every partition of
+//! its topics and resumes each of its own from the entry of its committed offset.
 //! What the consumer prefetches is bounded by librdkafka's `queued.max.messages.kbytes`,
 //! so a burst waits in the broker, not in memory.
 
@@ -29,7 +30,9 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use sightline_operators::Windows;
 use tracing::{debug, info, warn};
 
-use super::checkpoint::{Checkpoint, MAX_IDLE_MARKS, VERSION};
+use super::checkpoint::{
+    self, Checkpoint, CheckpointStore, MAX_IDLE_MARKS, PartitionCheckpoints, VERSION, object_name,
+};
 use super::{Clock, Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
 use crate::Error;
 
@@ -56,6 +59,8 @@ struct Progress {
     idle_marks: Vec<(i64, u64)>,
     /// Marks restored from the checkpoint, applied when their offset is read again.
     restored_marks: VecDeque<(i64, u64)>,
+    /// The checkpoint entries in the partition's object: the committed offset's and newer.
+    entries: Vec<Checkpoint>,
     /// The idle time when the last record was read.
     seen_idle: Option<u64>,
 }
@@ -77,6 +82,8 @@ pub struct KafkaReader {
     last_durable_ms: u64,
     /// The durable frontier restored from the checkpoints of all partitions.
     written_up_to: u64,
+    store: Arc<dyn CheckpointStore>,
+    group: String,
 }
 
 /// The partitions of `topics` that worker `worker` of `peers` reads, in assignment order.
@@ -124,14 +131,16 @@ impl KafkaReader {
     ];
 
     /// Connects, reads topic metadata, assigns this worker's partitions and resumes each from
-    /// its checkpoint.
+    /// its checkpoint in `store`.
     pub fn connect(
         source: &KafkaSource,
         worker: usize,
         peers: usize,
         windows: Windows,
         max_event_bytes: usize,
+        store: Arc<dyn CheckpointStore>,
     ) -> crate::Result<KafkaReader> {
+        let group = source.client.get("group.id").unwrap_or_default().to_owned();
         let kafka = |action| move |source| Error::Kafka { action, source };
         let consumer: Arc<BaseConsumer> = Arc::new(
             source
@@ -180,16 +189,15 @@ impl KafkaReader {
             .collect();
         let mut progress: Vec<Progress> = partitions.iter().map(|_| Progress::default()).collect();
 
-        // The checkpoints of every partition: this worker's own to resume them, all of them
-        // for the durable frontier, which the whole cluster must agree on.
-        let mut all = TopicPartitionList::new();
-        for (topic, n) in &counts {
-            for p in 0..*n {
-                all.add_partition(topic, p);
-            }
+        // The committed offsets of this worker's partitions, and the checkpoints of every
+        // partition: this worker's own to resume them, all of them for the durable frontier,
+        // which the whole cluster must agree on.
+        let mut own = TopicPartitionList::new();
+        for (topic, partition) in &mine {
+            own.add_partition(topic, *partition);
         }
         let committed = loop {
-            match consumer.committed_offsets(all.clone(), Duration::from_secs(10)) {
+            match consumer.committed_offsets(own.clone(), Duration::from_secs(10)) {
                 Ok(committed) => break committed,
                 Err(err) if Instant::now() < deadline => {
                     warn!(error = %err, "reading the committed offsets failed; retrying");
@@ -199,28 +207,51 @@ impl KafkaReader {
             }
         };
         let mut written_up_to = 0;
-        for element in committed.elements() {
-            let checkpoint =
-                Checkpoint::decode(element.metadata()).map_err(|source| Error::Checkpoint {
-                    topic: element.topic().to_owned(),
-                    partition: element.partition(),
-                    source,
+        for (topic, n) in &counts {
+            for p in 0..*n {
+                let name = object_name(&group, topic, p);
+                let loaded = checkpoint::load(store.as_ref(), &name).map_err(|source| {
+                    Error::Checkpoint {
+                        topic: topic.clone(),
+                        partition: p,
+                        source,
+                    }
                 })?;
-            if let Some(c) = &checkpoint {
-                written_up_to = written_up_to.max(c.durable);
+                let Some(file) = loaded else { continue };
+                written_up_to = written_up_to.max(file.durable());
+                let Some(slot) = mine.iter().position(|(t, q)| t == topic && *q == p) else {
+                    continue;
+                };
+                let committed = committed
+                    .find_partition(topic, p)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+                let entry = committed.and_then(|o| file.at(o)).cloned();
+                if let Some(entry) = entry {
+                    partitions[slot].clock = entry.clock;
+                    let p = &mut progress[slot];
+                    p.seen_idle = entry.clock.idle_ms;
+                    p.restored_marks = entry.idle.iter().copied().collect();
+                    p.entries = vec![entry];
+                }
             }
-            let slot = mine
-                .iter()
-                .position(|(t, p)| t == element.topic() && *p == element.partition());
-            if let (Some(slot), Offset::Offset(offset)) = (slot, element.offset()) {
-                let checkpoint = checkpoint.unwrap_or_default();
-                partitions[slot].next_offset = Some(offset);
-                partitions[slot].clock = checkpoint.clock;
-                let p = &mut progress[slot];
-                p.committed = Some(offset);
-                p.resumed_at = Some(offset);
-                p.seen_idle = checkpoint.clock.idle_ms;
-                p.restored_marks = checkpoint.idle.into_iter().collect();
+        }
+        for element in committed.elements() {
+            let (Offset::Offset(offset), Some(slot)) = (
+                element.offset(),
+                mine.iter()
+                    .position(|(t, q)| t == element.topic() && *q == element.partition()),
+            ) else {
+                continue;
+            };
+            partitions[slot].next_offset = Some(offset);
+            let p = &mut progress[slot];
+            p.committed = Some(offset);
+            p.resumed_at = Some(offset);
+            if p.entries.is_empty() {
+                warn!(topic = element.topic(), partition = element.partition(), offset, "the committed offset has no checkpoint (committed by an older version, or the lake was emptied): resuming without event-time state, so windows open at the restart may be written again from part of their input");
             }
         }
 
@@ -260,6 +291,8 @@ impl KafkaReader {
             last_commit: Instant::now(),
             last_durable_ms: written_up_to,
             written_up_to,
+            store,
+            group,
         })
     }
 
@@ -284,12 +317,14 @@ impl KafkaReader {
     }
 
     /// Commits, synchronously, every partition's smallest offset whose window is not durable
-    /// at `durable_ms`, each with its checkpoint. An offset counts as committed only once the
-    /// broker said so, so a failed commit is tried again at the next call.
+    /// at `durable_ms`, after writing each partition's checkpoint for it. An offset counts as
+    /// committed only once the broker said so, so a failed write or commit is tried again at
+    /// the next call.
     fn commit(&mut self, durable_ms: u64) {
         let durable_ms = durable_ms.max(self.written_up_to);
-        let mut tpl = TopicPartitionList::new();
         let width = self.windows.width_ms();
+        let mut tpl = TopicPartitionList::new();
+        let mut objects = Vec::new();
         for (state, p) in self.partitions.iter().zip(&mut self.progress) {
             p.pending
                 .retain(|start, _| start.saturating_add(width) > durable_ms);
@@ -303,29 +338,53 @@ impl KafkaReader {
             if p.committed.is_some_and(|c| offset <= c) {
                 continue;
             }
-            let checkpoint = Checkpoint {
-                v: VERSION,
-                durable: durable_ms,
-                clock,
-                idle: p
-                    .idle_marks
-                    .iter()
-                    .copied()
-                    .filter(|(o, _)| *o > offset)
-                    .collect(),
+            let idle = p
+                .idle_marks
+                .iter()
+                .copied()
+                .filter(|(o, _)| *o > offset)
+                .collect();
+            let committed = p.committed;
+            p.entries
+                .retain(|e| committed.is_some_and(|c| e.offset >= c) && e.offset < offset);
+            let unconfirmed = p
+                .entries
+                .iter()
+                .filter(|e| committed.is_none_or(|c| e.offset > c))
+                .count();
+            // A commit that failed may still have reached the broker, so the entry of every
+            // offset tried since the last confirmed one is kept. After many failures in a row
+            // the newest of them is tried again instead of a new one, so the object stays small.
+            let offset = match p.entries.last() {
+                Some(last) if unconfirmed >= MAX_UNCONFIRMED => last.offset,
+                _ => {
+                    p.entries.push(Checkpoint {
+                        offset,
+                        durable: durable_ms,
+                        clock,
+                        idle,
+                    });
+                    offset
+                }
             };
+            let file = PartitionCheckpoints {
+                v: VERSION,
+                topic: state.topic.clone(),
+                partition: state.partition,
+                entries: p.entries.clone(),
+            };
+            objects.push((
+                object_name(&self.group, &state.topic, state.partition),
+                file.encode(),
+            ));
             // Adding a partition to a fresh list cannot fail for a valid offset.
-            if let Ok(mut element) = tpl
-                .add_partition_offset(&state.topic, state.partition, Offset::Offset(offset))
-                .and_then(|()| {
-                    tpl.find_partition(&state.topic, state.partition)
-                        .ok_or(KafkaError::NoMessageReceived)
-                })
-            {
-                element.set_metadata(checkpoint.encode());
-            }
+            let _ = tpl.add_partition_offset(&state.topic, state.partition, Offset::Offset(offset));
         }
         if tpl.count() == 0 {
+            return;
+        }
+        if let Err(err) = self.store.save(objects) {
+            warn!(error = %err, "writing the source checkpoints failed; the offsets are committed after a later write");
             return;
         }
         match self.consumer.commit(&tpl, CommitMode::Sync) {
@@ -405,6 +464,9 @@ impl Drop for KafkaReader {
         self.commit(self.last_durable_ms);
     }
 }
+
+/// How many offsets a partition's checkpoint object keeps beyond the last confirmed commit.
+const MAX_UNCONFIRMED: usize = 16;
 
 /// How many records one partition's queue hands out before the next partition is served.
 const TURN: usize = 64;

@@ -15,7 +15,7 @@ pub mod watermark;
 pub use partition::{Clock, PartitionState};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sightline_operators::{Time, Windows};
@@ -145,6 +145,49 @@ impl IngestStats {
     }
 }
 
+/// A graceful stop, shared by the workers of one process. Once it is requested, every source
+/// stops reading but keeps its capability, so that open windows stay open (they are not final)
+/// while the windows already closed are written; each source keeps handing the durable
+/// frontier to its reader (which commits on it) and records here how far it has, so that the
+/// run loop knows when the last commit covers every written window.
+#[derive(Debug, Default)]
+pub struct Drain {
+    requested: AtomicBool,
+    /// Per worker, the durable frontier its source has handed to its reader.
+    handed: Vec<AtomicU64>,
+}
+
+impl Drain {
+    /// A stop not yet requested, for `workers` workers.
+    pub fn new(workers: usize) -> Drain {
+        Drain {
+            requested: AtomicBool::new(false),
+            handed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Asks every source to stop reading.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
+    }
+
+    /// Whether every worker's reader has been told that everything before `ms` is durable.
+    pub fn handed_at_least(&self, ms: u64) -> bool {
+        self.handed.iter().all(|h| h.load(Ordering::Acquire) >= ms)
+    }
+
+    fn hand(&self, worker: usize, ms: u64) {
+        if let Some(h) = self.handed.get(worker) {
+            h.fetch_max(ms, Ordering::Release);
+        }
+    }
+}
+
 /// Settings of the ingest operator.
 #[derive(Clone, Debug)]
 pub struct IngestSettings {
@@ -162,6 +205,8 @@ pub struct IngestSettings {
     pub decoders: Decoders,
     /// How far ahead of the wall clock an event time may be, ms.
     pub max_future_skew_ms: u64,
+    /// The process's graceful stop.
+    pub drain: Arc<Drain>,
 }
 
 /// One worker's decoders: the default one (canonical envelope, or the format a replay was
@@ -231,6 +276,7 @@ pub fn ingest<'s>(
     let mut decoders = settings.decoders.clone();
     source(scope, "Ingest", move |capability, info| {
         let activator = scope.activator_for(info.address.clone());
+        let worker = scope.index();
         let bounded = reader.is_bounded();
         let idle_timeout = (!bounded).then_some(settings.idle_timeout);
         let mut marks = Watermarks::new(
@@ -254,6 +300,12 @@ pub fn ingest<'s>(
             {
                 last_durable = durable_ms;
                 reader.durable_up_to(durable_ms);
+                settings.drain.hand(worker, durable_ms);
+            }
+            if settings.drain.is_requested() {
+                // Stopping: read nothing more, hold the capability, keep reporting.
+                activator.activate_after(Duration::from_millis(20));
+                return;
             }
             let now = Instant::now();
             let wall_ms = wall_clock_ms();
