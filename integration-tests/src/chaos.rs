@@ -318,15 +318,25 @@ key = "{TEST_KEY}"
     }
 
     /// Waits until the lake counts `records` records (every window of the input written),
-    /// while `process` runs; panics with the log's tail otherwise.
+    /// while `process` runs; panics with the log's tail otherwise, or as soon as the count has
+    /// not moved for 45 s.
     pub fn wait_for_records(&self, process: &mut Process, records: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let mut last = (-1, Instant::now());
         loop {
             let counted = records_counted(&snapshot(&self.lake));
             if counted >= records as i64 {
                 assert_eq!(counted, records as i64, "more records counted than produced");
                 return;
             }
+            if counted != last.0 {
+                last = (counted, Instant::now());
+            }
+            assert!(
+                last.1.elapsed() < Duration::from_secs(45),
+                "stuck at {counted} of {records} records counted:\n{}",
+                self.log_tail()
+            );
             if let Ok(Some(status)) = process.child.try_wait() {
                 panic!(
                     "sightline exited ({status}) with {counted} of {records} records counted:\n{}",

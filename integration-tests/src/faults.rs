@@ -28,11 +28,14 @@ pub struct Injected {
     pub passed: AtomicU64,
 }
 
-/// Fails `rate` of the requests (half of them after hanging for `timeout`) while `on` is set.
+/// Fails `rate` of the requests (half of them after hanging for `timeout`) while `on` is set;
+/// with `permanent`, every failure is a refusal of the credentials instead, at once.
 #[derive(Debug)]
 pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     rate: f64,
+    /// Fail as a store that refuses the credentials (a fault that cannot heal).
+    pub permanent: bool,
     timeout: Duration,
     rng: Mutex<Rng>,
     /// Whether faults are injected now.
@@ -47,6 +50,7 @@ impl FaultyStore {
         FaultyStore {
             inner,
             rate,
+            permanent: false,
             timeout,
             rng: Mutex::new(Rng::new(seed)),
             on: Arc::new(AtomicBool::new(true)),
@@ -63,6 +67,13 @@ impl FaultyStore {
         if !self.on.load(Ordering::Relaxed) || roll >= self.rate {
             self.injected.passed.fetch_add(1, Ordering::Relaxed);
             return Ok(());
+        }
+        if self.permanent {
+            self.injected.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(object_store::Error::PermissionDenied {
+                path: String::new(),
+                source: "injected: the access key is not valid (HTTP 403)".into(),
+            });
         }
         if roll < self.rate / 2.0 {
             self.injected.timeouts.fetch_add(1, Ordering::Relaxed);

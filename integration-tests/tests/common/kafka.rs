@@ -41,8 +41,19 @@ pub fn start(
     Arc<AtomicBool>,
     std::thread::JoinHandle<anyhow::Result<sightline::run::Summary>>,
 ) {
-    let stop = Arc::new(AtomicBool::new(false));
     let lake = sightline_sinks::Lake::open(lake_dir.to_str().expect("utf-8")).expect("lake");
+    start_with_lake(config, lake)
+}
+
+/// [`start`], writing to `lake`.
+pub fn start_with_lake(
+    config: &Config,
+    lake: sightline_sinks::Lake,
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<anyhow::Result<sightline::run::Summary>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
     let job = Job {
         config: config.clone(),
         input: Input::Kafka(config.kafka.clone()),
