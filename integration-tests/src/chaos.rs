@@ -209,7 +209,10 @@ impl Workload {
                 consumer.assign(&tpl).expect("assign");
                 let deadline = Instant::now() + Duration::from_secs(20);
                 let first = loop {
-                    assert!(Instant::now() < deadline, "no record from {partition}@{offset}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "no record from {partition}@{offset}"
+                    );
                     if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                         break m.offset();
                     }
@@ -326,7 +329,10 @@ key = "{TEST_KEY}"
         loop {
             let counted = records_counted(&snapshot(&self.lake));
             if counted >= records as i64 {
-                assert_eq!(counted, records as i64, "more records counted than produced");
+                assert_eq!(
+                    counted, records as i64,
+                    "more records counted than produced"
+                );
                 return;
             }
             if counted != last.0 {

@@ -46,7 +46,12 @@ pub struct FaultyStore {
 
 impl FaultyStore {
     /// Wraps `inner`; faults are on from the start.
-    pub fn new(inner: Arc<dyn ObjectStore>, rate: f64, timeout: Duration, seed: u64) -> FaultyStore {
+    pub fn new(
+        inner: Arc<dyn ObjectStore>,
+        rate: f64,
+        timeout: Duration,
+        seed: u64,
+    ) -> FaultyStore {
         FaultyStore {
             inner,
             rate,

@@ -44,7 +44,10 @@ fn run_until(job: Job, lake_dir: &Path, records: usize) -> sightline::run::Summa
     loop {
         let counted = records_counted(&snapshot(lake_dir));
         if counted >= records as i64 {
-            assert_eq!(counted, records as i64, "more records counted than produced");
+            assert_eq!(
+                counted, records as i64,
+                "more records counted than produced"
+            );
             break;
         }
         if counted != last.0 {
@@ -79,9 +82,18 @@ fn local_lake(dir: &Path) -> Lake {
 /// A clean reference run of `workload` into `<dir>/reference`.
 fn reference(bootstrap: &str, dir: &Path, workload: &Workload) -> std::path::PathBuf {
     let lake_dir = dir.join("reference");
-    let config = config(bootstrap, &format!("reference-{}", workload.topic), workload, 1_000);
+    let config = config(
+        bootstrap,
+        &format!("reference-{}", workload.topic),
+        workload,
+        1_000,
+    );
     run_until(
-        job(&config, Input::Kafka(config.kafka.clone()), local_lake(&lake_dir)),
+        job(
+            &config,
+            Input::Kafka(config.kafka.clone()),
+            local_lake(&lake_dir),
+        ),
         &lake_dir,
         workload.events,
     );
@@ -195,7 +207,12 @@ fn a_backlog_read_unevenly_gives_the_lake_of_a_live_run() {
 
         // Backlog: everything is there; partitions 0 and 1 are served seconds late.
         let backlog_dir = dir.path().join("backlog");
-        let backlog = config(&broker.bootstrap, &format!("backlog-{seed}"), &workload, 100);
+        let backlog = config(
+            &broker.bootstrap,
+            &format!("backlog-{seed}"),
+            &workload,
+            100,
+        );
         let lake = local_lake(&backlog_dir);
         let (source, windows, store) = (
             backlog.kafka.source(),
@@ -211,14 +228,8 @@ fn a_backlog_read_unevenly_gives_the_lake_of_a_live_run() {
         ];
         println!("round {round}: seed {seed}, partitions 0 and 1 unserved for {pauses:?}");
         let factory: sightline::run::ReaderFactory = Arc::new(move |worker, peers| {
-            let reader = KafkaReader::connect(
-                &source,
-                worker,
-                peers,
-                windows,
-                1 << 20,
-                store.clone(),
-            )?;
+            let reader =
+                KafkaReader::connect(&source, worker, peers, windows, 1 << 20, store.clone())?;
             Ok(Box::new(Uneven::new(reader, pauses.clone())) as Box<dyn RecordReader>)
         });
         let summary = run_until(
@@ -250,7 +261,12 @@ fn an_object_store_failing_a_fifth_of_its_requests_loses_and_duplicates_nothing(
     let store = FaultyStore::new(Arc::new(local), 0.2, Duration::from_secs(1), seed);
     let injected = Arc::clone(&store.injected);
     let lake = Lake::from_store(Arc::new(store), "faulty").expect("lake");
-    let config = config(&broker.bootstrap, &format!("faulty-{seed}"), &workload, 1_000);
+    let config = config(
+        &broker.bootstrap,
+        &format!("faulty-{seed}"),
+        &workload,
+        1_000,
+    );
     let summary = run_until(
         job(&config, Input::Kafka(config.kafka.clone()), lake),
         &faulty_dir,
@@ -287,7 +303,10 @@ fn a_full_disk_under_a_local_lake_loses_and_duplicates_nothing() {
             .arg(&disk)
             .status()
             .expect("mount(8)");
-        assert!(status.success(), "mount -o {options} failed (the test needs root)");
+        assert!(
+            status.success(),
+            "mount -o {options} failed (the test needs root)"
+        );
     };
     mount("size=160k");
     struct Unmount<'a>(&'a Path);
@@ -298,8 +317,17 @@ fn a_full_disk_under_a_local_lake_loses_and_duplicates_nothing() {
     }
     let _unmount = Unmount(&disk);
     let lake_dir = disk.join("lake");
-    let config = config(&broker.bootstrap, &format!("full-disk-{seed}"), &workload, 1_000);
-    let running = job(&config, Input::Kafka(config.kafka.clone()), local_lake(&lake_dir));
+    let config = config(
+        &broker.bootstrap,
+        &format!("full-disk-{seed}"),
+        &workload,
+        1_000,
+    );
+    let running = job(
+        &config,
+        Input::Kafka(config.kafka.clone()),
+        local_lake(&lake_dir),
+    );
     let stop = Arc::clone(&running.stop);
     let handle = std::thread::spawn(move || run(running));
     // Wait until the disk is full and the pipeline is stuck on it, then free space.
@@ -317,7 +345,11 @@ fn a_full_disk_under_a_local_lake_loses_and_duplicates_nothing() {
             break;
         }
         assert!(Instant::now() < deadline, "the disk never filled up");
-        assert!(!handle.is_finished(), "the run ended on a full disk: {:?}", handle.join());
+        assert!(
+            !handle.is_finished(),
+            "the run ended on a full disk: {:?}",
+            handle.join()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("disk full at {} records; freeing space", last.0);
@@ -348,7 +380,12 @@ fn a_fault_that_cannot_heal_stops_the_pipeline_with_a_clear_error_and_the_restar
     let expected = reference(&broker.bootstrap, dir.path(), &workload);
 
     let lake_dir = dir.path().join("lake");
-    let mut config = config(&broker.bootstrap, &format!("refused-{seed}"), &workload, 1_000);
+    let mut config = config(
+        &broker.bootstrap,
+        &format!("refused-{seed}"),
+        &workload,
+        1_000,
+    );
     config.delivery.give_up_after_ms = 2_000;
     std::fs::create_dir_all(&lake_dir).expect("dir");
     let local = object_store::local::LocalFileSystem::new_with_prefix(&lake_dir).expect("fs");
@@ -378,10 +415,18 @@ fn a_fault_that_cannot_heal_stops_the_pipeline_with_a_clear_error_and_the_restar
     );
 
     let summary = run_until(
-        job(&config, Input::Kafka(config.kafka.clone()), local_lake(&lake_dir)),
+        job(
+            &config,
+            Input::Kafka(config.kafka.clone()),
+            local_lake(&lake_dir),
+        ),
         &lake_dir,
         workload.events,
     );
     println!("restarted: {summary}");
-    assert_same_lake(&expected, &lake_dir, "a restart after a fault that cannot heal");
+    assert_same_lake(
+        &expected,
+        &lake_dir,
+        "a restart after a fault that cannot heal",
+    );
 }

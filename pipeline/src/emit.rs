@@ -16,10 +16,10 @@ use sightline_sinks::tables::{
 use sightline_sinks::{
     Lake, RetryPolicy, SinkHealth, Table, WindowRows, durable_sink, write_windows,
 };
+use std::sync::Arc;
 use timely::ExchangeData;
 use timely::dataflow::StreamVec;
 use timely::dataflow::operators::Inspect;
-use std::sync::Arc;
 
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::{Filter, Map};
@@ -113,7 +113,14 @@ impl Tables<'_> {
     /// Writes table `R` and reports each file written.
     fn write<R: Table + ExchangeData>(&self, rows: StreamVec<'_, Time, WindowRows<R>>) {
         let reports = self.reports.clone();
-        write_windows(rows, self.lake.clone(), self.retry, self.health, self.durable).inspect(move |written| {
+        write_windows(
+            rows,
+            self.lake.clone(),
+            self.retry,
+            self.health,
+            self.durable,
+        )
+        .inspect(move |written| {
             let _ = reports.send(Report::Written(written.clone()));
         });
     }

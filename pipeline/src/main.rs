@@ -159,7 +159,9 @@ fn stop_on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
             eprintln!("stopping now: a second stop signal");
             std::process::exit(130);
         }
-        eprintln!("stopping: writing closed windows and committing (a second signal exits at once)");
+        eprintln!(
+            "stopping: writing closed windows and committing (a second signal exits at once)"
+        );
     })
     .context("installing the signal handler")?;
     Ok(stop)

@@ -108,7 +108,11 @@ impl std::fmt::Display for Summary {
             self.bytes
         )?;
         if self.already_written > 0 {
-            write!(f, " · already written before a restart {}", self.already_written)?;
+            write!(
+                f,
+                " · already written before a restart {}",
+                self.already_written
+            )?;
         }
         if self.retries > 0 {
             write!(f, " · delivery retries {}", self.retries)?;
@@ -439,8 +443,10 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         }
     }
     if let Some(first) = errors.first() {
-        return Err(anyhow::anyhow!("{first}"))
-            .context(format!("the pipeline stopped on an error ({} error(s))", errors.len()));
+        return Err(anyhow::anyhow!("{first}")).context(format!(
+            "the pipeline stopped on an error ({} error(s))",
+            errors.len()
+        ));
     }
     let (read, accepted, rejected, late) = stats.snapshot();
     let t = &progress.totals;

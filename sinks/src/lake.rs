@@ -265,11 +265,9 @@ impl Lake {
             let mut tasks = tokio::task::JoinSet::new();
             for (path, bytes) in objects {
                 let store = Arc::clone(&self.store);
-                tasks.spawn(async move {
-                    store
-                        .put(&Path::from(path), PutPayload::from(bytes))
-                        .await
-                });
+                tasks.spawn(
+                    async move { store.put(&Path::from(path), PutPayload::from(bytes)).await },
+                );
             }
             while let Some(done) = tasks.join_next().await {
                 done.map_err(std::io::Error::other)??;

@@ -155,7 +155,13 @@ fn a_store_outage_stalls_the_frontier_and_loses_nothing() {
         let durable = ProbeHandle::new();
         worker.dataflow::<u64, _, _>(|scope| {
             let parts = scope.input_from(&mut input);
-            write_windows(parts, lake.clone(), fast_retries(), &Default::default(), &durable);
+            write_windows(
+                parts,
+                lake.clone(),
+                fast_retries(),
+                &Default::default(),
+                &durable,
+            );
         });
         for k in 0..3 {
             input.advance_to((k + 1) * WIDTH - 1);
@@ -397,7 +403,10 @@ fn permanent_failures_that_last_past_the_limit_fail_the_sink_and_transient_ones_
             health.failed()
         );
         if let Some(why) = health.failed() {
-            assert!(why.contains("Failing") && why.contains("bucket gone"), "{why}");
+            assert!(
+                why.contains("Failing") && why.contains("bucket gone"),
+                "{why}"
+            );
         }
     }
 }

@@ -190,13 +190,22 @@ mod tests {
             v: VERSION,
             topic: "telemetry.events".into(),
             partition: 7,
-            entries: vec![entry.clone(), Checkpoint { offset: 9_000_000_100, ..entry }],
+            entries: vec![
+                entry.clone(),
+                Checkpoint {
+                    offset: 9_000_000_100,
+                    ..entry
+                },
+            ],
         };
         let bytes = file.encode();
         assert!(bytes.len() < 4096, "{} bytes", bytes.len());
         let back = PartitionCheckpoints::decode("x", &bytes).unwrap();
         assert_eq!(back, file);
-        assert_eq!(back.at(9_000_000_100).map(|e| e.offset), Some(9_000_000_100));
+        assert_eq!(
+            back.at(9_000_000_100).map(|e| e.offset),
+            Some(9_000_000_100)
+        );
         assert_eq!(back.at(5), None);
         assert_eq!(back.durable(), 1_769_178_660_000);
     }

@@ -251,7 +251,12 @@ impl KafkaReader {
             p.committed = Some(offset);
             p.resumed_at = Some(offset);
             if p.entries.is_empty() {
-                warn!(topic = element.topic(), partition = element.partition(), offset, "the committed offset has no checkpoint (committed by an older version, or the lake was emptied): resuming without event-time state, so windows open at the restart may be written again from part of their input");
+                warn!(
+                    topic = element.topic(),
+                    partition = element.partition(),
+                    offset,
+                    "the committed offset has no checkpoint (committed by an older version, or the lake was emptied): resuming without event-time state, so windows open at the restart may be written again from part of their input"
+                );
             }
         }
 
