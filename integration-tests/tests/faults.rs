@@ -194,10 +194,12 @@ fn a_backlog_read_unevenly_gives_the_lake_of_a_live_run() {
 
         // Live: the pipeline runs while the events are produced at the pace of their times.
         let live_dir = dir.path().join("live");
-        let live = config(&broker.bootstrap, &format!("live-{seed}"), &workload, 1_000);
+        // A live run whose partitions never go idle while the events flow (a 5 s idle
+        // timeout): what the backlog run, with a 100 ms timeout, must reproduce.
+        let live = config(&broker.bootstrap, &format!("live-{seed}"), &workload, 5_000);
         let (stop, handle) = start_with_lake(&live, local_lake(&live_dir));
         workload.produce_paced(&broker.bootstrap, Some(workload.events_per_second));
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         while records_counted(&snapshot(&live_dir)) < workload.events as i64 {
             assert!(Instant::now() < deadline, "the live run did not finish");
             std::thread::sleep(Duration::from_millis(100));

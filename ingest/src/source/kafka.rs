@@ -31,7 +31,8 @@ use sightline_operators::Windows;
 use tracing::{debug, info, warn};
 
 use super::checkpoint::{
-    self, Checkpoint, CheckpointStore, MAX_IDLE_MARKS, PartitionCheckpoints, VERSION, object_name,
+    self, Checkpoint, CheckpointError, CheckpointStore, MAX_IDLE_MARKS, PartitionCheckpoints,
+    VERSION, object_name,
 };
 use super::{Clock, Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
 use crate::Error;
@@ -210,13 +211,23 @@ impl KafkaReader {
         for (topic, n) in &counts {
             for p in 0..*n {
                 let name = object_name(&group, topic, p);
-                let loaded = checkpoint::load(store.as_ref(), &name).map_err(|source| {
-                    Error::Checkpoint {
-                        topic: topic.clone(),
-                        partition: p,
-                        source,
+                // A store that fails is asked again until the start-up deadline; a checkpoint
+                // of another version is refused at once.
+                let loaded = loop {
+                    match checkpoint::load(store.as_ref(), &name) {
+                        Err(CheckpointError::Store { reason, .. }) if Instant::now() < deadline => {
+                            warn!(%name, %reason, "reading a checkpoint failed; retrying");
+                            std::thread::sleep(Duration::from_millis(250));
+                        }
+                        other => {
+                            break other.map_err(|source| Error::Checkpoint {
+                                topic: topic.clone(),
+                                partition: p,
+                                source,
+                            })?;
+                        }
                     }
-                })?;
+                };
                 let Some(file) = loaded else { continue };
                 written_up_to = written_up_to.max(file.durable());
                 let Some(slot) = mine.iter().position(|(t, q)| t == topic && *q == p) else {

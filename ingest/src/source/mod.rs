@@ -255,9 +255,10 @@ pub type Decoded = Result<Arc<Event>, Box<DeadLetter>>;
 /// late events) are emitted at their partition's processing time: the tick of the
 /// partition's clock position when they were read (its newest event time, or its idle time),
 /// which is never behind the worker's capability and depends only on the partition's own
-/// records. Records that fail before their partition has a position wait for it (its first
-/// accepted event, or its going idle); if a bounded input ends first, they are processed at
-/// the wall-clock tick.
+/// records. Records that fail before their partition has a position are processed at the time
+/// they were produced (the Kafka timestamp); without one (files), they wait for the position
+/// (the first accepted event, or the partition going idle), and if a bounded input ends
+/// first, they are processed at the wall-clock tick.
 ///
 /// After a restart, records whose window ends at or before the reader's
 /// [`RecordReader::written_up_to`] were written by the run before: they are dropped and
@@ -394,7 +395,9 @@ pub fn ingest<'s>(
                             }
                             ready.push((pending(Ok(Arc::new(event))), t));
                         }
-                        Err(dead) => match before.position_ms() {
+                        // A partition with no position yet: the record's produce time, so
+                        // that a stream of only broken records never piles up here.
+                        Err(dead) => match before.position_ms().or(produced_ms.map(|t| t as u64)) {
                             Some(position) => ready
                                 .push((pending(Err(Box::new(dead))), position - position % tick)),
                             None => waiting.push(pending(Err(Box::new(dead)))),
