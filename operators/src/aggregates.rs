@@ -192,9 +192,10 @@ impl QualityCounts {
 /// Key of `quality`: one window, event name (`unknown` when the record had none) and outcome.
 ///
 /// Accepted events count in the window of their event time. Rejected and late records count
-/// in the window of the time at which the pipeline processed them (the newest event time their
-/// source worker had accepted, never behind its capability), because a late event's own
-/// window has already been closed and written.
+/// in the window of the time at which the pipeline processed them (their partition's clock
+/// position when they were read: its newest event time, or the time it went idle; never behind
+/// the source's capability), because a late event's own window has already been closed and
+/// written.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct QualityKey {
     /// Window start, ms since the epoch.
