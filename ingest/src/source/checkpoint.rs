@@ -38,10 +38,9 @@ use super::partition::Clock;
 /// The checkpoint format this build writes and reads.
 pub const VERSION: u32 = 1;
 
-/// The most idle periods one entry records; a partition that would need more is not
-/// declared idle again until a commit has moved past some of them (its frontier waits a
-/// little longer; no decision changes).
-pub const MAX_IDLE_MARKS: usize = 32;
+/// How many offsets a partition's object keeps beyond the last confirmed commit: after that
+/// many failed commits in a row, the newest is tried again instead of a new one.
+pub const MAX_UNCONFIRMED: usize = 16;
 
 /// Where the checkpoint objects are kept: the lake's object store, in the pipeline.
 pub trait CheckpointStore: Send + Sync {
@@ -67,7 +66,7 @@ pub struct Checkpoint {
     #[serde(default)]
     pub clock: Clock,
     /// `(offset, idle_ms)`: from the record at `offset` on, the partition's idle time was
-    /// `idle_ms`. Offsets are after the entry's, in increasing order.
+    /// `idle_ms`. Offsets are at or after the entry's, in increasing order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub idle: Vec<(i64, u64)>,
 }
@@ -154,6 +153,108 @@ impl PartitionCheckpoints {
     }
 }
 
+/// One partition's checkpoint bookkeeping between confirmed commits: the entries its object
+/// holds and the idle marks since the last confirmed commit. Whichever offset the broker ends
+/// up with (a commit reported as failed may have reached it), its entry is in the object, with
+/// every idle mark at or after it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ledger {
+    entries: Vec<Checkpoint>,
+    marks: Vec<(i64, u64)>,
+    committed: Option<i64>,
+}
+
+impl Ledger {
+    /// The bookkeeping of a partition resumed at `committed` from `entry` (its object's entry
+    /// for that offset, if there is one).
+    pub fn resumed(committed: Option<i64>, entry: Option<Checkpoint>) -> Ledger {
+        let marks = entry.as_ref().map(|e| e.idle.clone()).unwrap_or_default();
+        Ledger {
+            entries: entry.into_iter().collect(),
+            marks,
+            committed,
+        }
+    }
+
+    /// The last offset the broker confirmed.
+    pub fn committed(&self) -> Option<i64> {
+        self.committed
+    }
+
+    /// Whether the partition resumed from an entry, or has made one since.
+    pub fn has_entries(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
+    /// Records that the partition's idle time rose to `idle_ms` before the record at
+    /// `offset` was read.
+    pub fn mark(&mut self, offset: i64, idle_ms: u64) {
+        self.marks.push((offset, idle_ms));
+    }
+
+    /// Prepares the commit of `target` (the partition's clock just before it was `clock`, the
+    /// durable frontier `durable`): adds its entry and returns the offset to commit, which is
+    /// `target`, or after [`MAX_UNCONFIRMED`] unconfirmed tries in a row the newest of them.
+    /// `None` if `target` is not past the confirmed commit.
+    pub fn prepare(&mut self, target: i64, durable: u64, clock: Clock) -> Option<i64> {
+        let committed = self.committed;
+        if committed.is_some_and(|c| target <= c) {
+            return None;
+        }
+        // Entries before the confirmed commit can no longer be what the broker holds.
+        self.entries
+            .retain(|e| committed.is_none_or(|c| e.offset >= c) && e.offset < target);
+        let unconfirmed = self
+            .entries
+            .iter()
+            .filter(|e| committed.is_none_or(|c| e.offset > c))
+            .count();
+        match self.entries.last() {
+            Some(last) if unconfirmed >= MAX_UNCONFIRMED => Some(last.offset),
+            _ => {
+                self.entries.push(Checkpoint {
+                    offset: target,
+                    durable,
+                    clock,
+                    idle: Vec::new(),
+                });
+                Some(target)
+            }
+        }
+    }
+
+    /// Records that the broker confirmed `offset`.
+    pub fn confirmed(&mut self, offset: i64) {
+        if self.committed.is_none_or(|c| offset > c) {
+            self.committed = Some(offset);
+            self.marks.retain(|(o, _)| *o >= offset);
+        }
+    }
+
+    /// The partition's object: every entry, each with the idle marks at or after it.
+    pub fn file(&self, topic: &str, partition: i32) -> PartitionCheckpoints {
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| Checkpoint {
+                idle: self
+                    .marks
+                    .iter()
+                    .copied()
+                    .filter(|(o, _)| *o >= e.offset)
+                    .collect(),
+                ..e.clone()
+            })
+            .collect();
+        PartitionCheckpoints {
+            v: VERSION,
+            topic: topic.to_owned(),
+            partition,
+            entries,
+        }
+    }
+}
+
 /// Loads and decodes the object `name` from `store`: `None` if there is none.
 pub fn load(
     store: &dyn CheckpointStore,
@@ -182,7 +283,7 @@ mod tests {
                 max_event_ms: Some(1_769_178_671_234),
                 idle_ms: Some(1_769_178_600_000),
             },
-            idle: (0..MAX_IDLE_MARKS as i64)
+            idle: (0..32)
                 .map(|i| (9_000_000_001 + i, 1_769_178_700_000 + i as u64))
                 .collect(),
         };
@@ -208,6 +309,84 @@ mod tests {
         );
         assert_eq!(back.at(5), None);
         assert_eq!(back.durable(), 1_769_178_660_000);
+    }
+
+    fn clock(ms: u64) -> Clock {
+        Clock {
+            max_event_ms: Some(ms),
+            idle_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_commit_reported_as_failed_keeps_its_entry() {
+        // A new group: the first commit (of 10) is reported as failed but reached the broker;
+        // the next object must still hold 10's entry.
+        let mut ledger = Ledger::default();
+        assert_eq!(ledger.prepare(10, 100, clock(1)), Some(10));
+        assert_eq!(ledger.prepare(20, 200, clock(2)), Some(20));
+        let file = ledger.file("t", 0);
+        assert_eq!(file.at(10).map(|e| e.durable), Some(100));
+        assert_eq!(file.at(20).map(|e| e.durable), Some(200));
+        // Once 20 is confirmed, 10 can no longer be the broker's offset.
+        ledger.confirmed(20);
+        assert_eq!(ledger.prepare(30, 300, clock(3)), Some(30));
+        let file = ledger.file("t", 0);
+        assert_eq!(file.at(10), None);
+        assert!(file.at(20).is_some() && file.at(30).is_some());
+        assert_eq!(ledger.prepare(30, 300, clock(3)), Some(30), "tried again");
+        ledger.confirmed(30);
+        assert_eq!(
+            ledger.prepare(25, 300, clock(3)),
+            None,
+            "not past the commit"
+        );
+    }
+
+    #[test]
+    fn idle_marks_go_with_every_entry_at_or_before_them_until_a_commit_passes_them() {
+        let mut ledger = Ledger::resumed(
+            Some(10),
+            Some(Checkpoint {
+                offset: 10,
+                durable: 5,
+                clock: clock(1),
+                idle: vec![(12, 500)],
+            }),
+        );
+        ledger.mark(15, 600);
+        assert_eq!(ledger.prepare(15, 7, clock(2)), Some(15));
+        let file = ledger.file("t", 0);
+        assert_eq!(
+            file.at(10).map(|e| e.idle.clone()),
+            Some(vec![(12, 500), (15, 600)])
+        );
+        // The entry of 15 was made before record 15 was read: its mark at 15 still applies.
+        assert_eq!(file.at(15).map(|e| e.idle.clone()), Some(vec![(15, 600)]));
+        ledger.confirmed(15);
+        assert_eq!(
+            ledger.file("t", 0).at(15).map(|e| e.idle.clone()),
+            Some(vec![(15, 600)])
+        );
+        ledger.confirmed(16);
+        assert!(
+            ledger
+                .file("t", 0)
+                .entries
+                .iter()
+                .all(|e| e.idle.is_empty())
+        );
+    }
+
+    #[test]
+    fn after_many_failed_commits_the_newest_is_tried_again() {
+        let mut ledger = Ledger::default();
+        for i in 1..=MAX_UNCONFIRMED as i64 {
+            assert_eq!(ledger.prepare(i * 10, 0, clock(1)), Some(i * 10));
+        }
+        let newest = MAX_UNCONFIRMED as i64 * 10;
+        assert_eq!(ledger.prepare(newest + 10, 0, clock(1)), Some(newest));
+        assert_eq!(ledger.file("t", 0).entries.len(), MAX_UNCONFIRMED);
     }
 
     #[test]

@@ -30,19 +30,16 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use sightline_operators::Windows;
 use tracing::{debug, info, warn};
 
-use super::checkpoint::{
-    self, Checkpoint, CheckpointError, CheckpointStore, MAX_IDLE_MARKS, PartitionCheckpoints,
-    VERSION, object_name,
-};
+use super::checkpoint::{self, CheckpointError, CheckpointStore, Ledger, object_name};
 use super::{Clock, Emit, PartitionState, Payload, ReadStatus, Record, RecordReader};
 use crate::Error;
 
 type PartitionQueue = rdkafka::consumer::base_consumer::PartitionQueue<DefaultConsumerContext>;
 
 /// What the reader keeps of one partition besides its [`PartitionState`]: the bookkeeping
-/// of this run that a checkpoint is made from.
+/// of this run that its checkpoints are made from.
 #[derive(Debug, Default)]
-struct Progress {
+struct Bookkeeping {
     /// Whether the consumer reported the partition's end after its last record.
     at_end: bool,
     /// Where this run started reading, until the first record shows where it really starts.
@@ -53,15 +50,10 @@ struct Progress {
     /// Window start → the smallest offset written into that window and not yet durable, with
     /// the partition's clock just before it.
     pending: BTreeMap<u64, (i64, Clock)>,
-    /// The last offset the broker confirmed as committed.
-    committed: Option<i64>,
-    /// `(offset, idle_ms)`: the partition's idle time rose to `idle_ms` before the record at
-    /// `offset` was read. Kept until a commit passes the offset.
-    idle_marks: Vec<(i64, u64)>,
+    /// The checkpoint entries and idle marks since the last confirmed commit.
+    ledger: Ledger,
     /// Marks restored from the checkpoint, applied when their offset is read again.
     restored_marks: VecDeque<(i64, u64)>,
-    /// The checkpoint entries in the partition's object: the committed offset's and newer.
-    entries: Vec<Checkpoint>,
     /// The idle time when the last record was read.
     seen_idle: Option<u64>,
 }
@@ -73,13 +65,17 @@ pub struct KafkaReader {
     queues: Vec<PartitionQueue>,
     partitions: Vec<PartitionState>,
     /// Per slot, this run's bookkeeping.
-    progress: Vec<Progress>,
+    books: Vec<Bookkeeping>,
     /// The slot served next.
     cursor: usize,
     windows: Windows,
     max_event_bytes: usize,
     commit_interval: Duration,
     last_commit: Instant,
+    /// Whether the durable frontier moved since the last commit.
+    commit_due: bool,
+    /// Whether the last checkpoint write or commit failed (it is tried again).
+    commit_failed: bool,
     last_durable_ms: u64,
     /// The durable frontier restored from the checkpoints of all partitions.
     written_up_to: u64,
@@ -188,7 +184,8 @@ impl KafkaReader {
             .iter()
             .map(|(topic, partition)| PartitionState::new(topic, *partition))
             .collect();
-        let mut progress: Vec<Progress> = partitions.iter().map(|_| Progress::default()).collect();
+        let mut books: Vec<Bookkeeping> =
+            partitions.iter().map(|_| Bookkeeping::default()).collect();
 
         // The committed offsets of this worker's partitions, and the checkpoints of every
         // partition: this worker's own to resume them, all of them for the durable frontier,
@@ -197,9 +194,9 @@ impl KafkaReader {
         for (topic, partition) in &mine {
             own.add_partition(topic, *partition);
         }
-        let committed = loop {
+        let committed_offsets = loop {
             match consumer.committed_offsets(own.clone(), Duration::from_secs(10)) {
-                Ok(committed) => break committed,
+                Ok(list) => break list,
                 Err(err) if Instant::now() < deadline => {
                     warn!(error = %err, "reading the committed offsets failed; retrying");
                     std::thread::sleep(Duration::from_millis(500));
@@ -209,8 +206,8 @@ impl KafkaReader {
         };
         let mut written_up_to = 0;
         for (topic, n) in &counts {
-            for p in 0..*n {
-                let name = object_name(&group, topic, p);
+            for partition in 0..*n {
+                let name = object_name(&group, topic, partition);
                 // A store that fails is asked again until the start-up deadline; a checkpoint
                 // of another version is refused at once.
                 let loaded = loop {
@@ -222,7 +219,7 @@ impl KafkaReader {
                         other => {
                             break other.map_err(|source| Error::Checkpoint {
                                 topic: topic.clone(),
-                                partition: p,
+                                partition,
                                 source,
                             })?;
                         }
@@ -230,26 +227,26 @@ impl KafkaReader {
                 };
                 let Some(file) = loaded else { continue };
                 written_up_to = written_up_to.max(file.durable());
-                let Some(slot) = mine.iter().position(|(t, q)| t == topic && *q == p) else {
+                let Some(slot) = mine.iter().position(|(t, q)| t == topic && *q == partition)
+                else {
                     continue;
                 };
-                let committed = committed
-                    .find_partition(topic, p)
+                let committed = committed_offsets
+                    .find_partition(topic, partition)
                     .and_then(|e| match e.offset() {
                         Offset::Offset(o) => Some(o),
                         _ => None,
                     });
-                let entry = committed.and_then(|o| file.at(o)).cloned();
-                if let Some(entry) = entry {
+                if let Some(entry) = committed.and_then(|o| file.at(o)).cloned() {
                     partitions[slot].clock = entry.clock;
-                    let p = &mut progress[slot];
-                    p.seen_idle = entry.clock.idle_ms;
-                    p.restored_marks = entry.idle.iter().copied().collect();
-                    p.entries = vec![entry];
+                    let b = &mut books[slot];
+                    b.seen_idle = entry.clock.idle_ms;
+                    b.restored_marks = entry.idle.iter().copied().collect();
+                    b.ledger = Ledger::resumed(committed, Some(entry));
                 }
             }
         }
-        for element in committed.elements() {
+        for element in committed_offsets.elements() {
             let (Offset::Offset(offset), Some(slot)) = (
                 element.offset(),
                 mine.iter()
@@ -258,10 +255,10 @@ impl KafkaReader {
                 continue;
             };
             partitions[slot].next_offset = Some(offset);
-            let p = &mut progress[slot];
-            p.committed = Some(offset);
-            p.resumed_at = Some(offset);
-            if p.entries.is_empty() {
+            let b = &mut books[slot];
+            b.resumed_at = Some(offset);
+            if !b.ledger.has_entries() {
+                b.ledger = Ledger::resumed(Some(offset), None);
                 warn!(
                     topic = element.topic(),
                     partition = element.partition(),
@@ -299,12 +296,14 @@ impl KafkaReader {
             consumer,
             queues,
             partitions,
-            progress,
+            books,
             cursor: 0,
             windows,
             max_event_bytes,
             commit_interval: source.commit_interval,
             last_commit: Instant::now(),
+            commit_due: false,
+            commit_failed: false,
             last_durable_ms: written_up_to,
             written_up_to,
             store,
@@ -334,77 +333,48 @@ impl KafkaReader {
 
     /// Commits, synchronously, every partition's smallest offset whose window is not durable
     /// at `durable_ms`, after writing each partition's checkpoint for it. An offset counts as
-    /// committed only once the broker said so, so a failed write or commit is tried again at
-    /// the next call.
+    /// committed only once the broker said so; a failed write or commit is tried again at the
+    /// next call (at most every second).
     fn commit(&mut self, durable_ms: u64) {
         let durable_ms = durable_ms.max(self.written_up_to);
         let width = self.windows.width_ms();
         let mut tpl = TopicPartitionList::new();
         let mut objects = Vec::new();
-        for (state, p) in self.partitions.iter().zip(&mut self.progress) {
-            p.pending
+        for (state, b) in self.partitions.iter().zip(&mut self.books) {
+            b.pending
                 .retain(|start, _| start.saturating_add(width) > durable_ms);
-            let Some(next) = p.tracked_next else { continue };
-            let (offset, clock) = p
+            let Some(next) = b.tracked_next else { continue };
+            // The smallest offset not yet durable, and the clock just before it.
+            let (target, clock) = b
                 .pending
                 .values()
                 .copied()
                 .min_by_key(|(offset, _)| *offset)
                 .unwrap_or((next, state.clock));
-            if p.committed.is_some_and(|c| offset <= c) {
+            let Some(to_commit) = b.ledger.prepare(target, durable_ms, clock) else {
                 continue;
-            }
-            let idle = p
-                .idle_marks
-                .iter()
-                .copied()
-                .filter(|(o, _)| *o > offset)
-                .collect();
-            let committed = p.committed;
-            p.entries
-                .retain(|e| committed.is_some_and(|c| e.offset >= c) && e.offset < offset);
-            let unconfirmed = p
-                .entries
-                .iter()
-                .filter(|e| committed.is_none_or(|c| e.offset > c))
-                .count();
-            // A commit that failed may still have reached the broker, so the entry of every
-            // offset tried since the last confirmed one is kept. After many failures in a row
-            // the newest of them is tried again instead of a new one, so the object stays small.
-            let offset = match p.entries.last() {
-                Some(last) if unconfirmed >= MAX_UNCONFIRMED => last.offset,
-                _ => {
-                    p.entries.push(Checkpoint {
-                        offset,
-                        durable: durable_ms,
-                        clock,
-                        idle,
-                    });
-                    offset
-                }
             };
-            let file = PartitionCheckpoints {
-                v: VERSION,
-                topic: state.topic.clone(),
-                partition: state.partition,
-                entries: p.entries.clone(),
-            };
+            let file = b.ledger.file(&state.topic, state.partition);
             objects.push((
                 object_name(&self.group, &state.topic, state.partition),
                 file.encode(),
             ));
             // Adding a partition to a fresh list cannot fail for a valid offset.
-            let _ = tpl.add_partition_offset(&state.topic, state.partition, Offset::Offset(offset));
+            let _ =
+                tpl.add_partition_offset(&state.topic, state.partition, Offset::Offset(to_commit));
         }
         if tpl.count() == 0 {
+            self.commit_failed = false;
             return;
         }
         if let Err(err) = self.store.save(objects) {
+            self.commit_failed = true;
             warn!(error = %err, "writing the source checkpoints failed; the offsets are committed after a later write");
             return;
         }
         match self.consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
+                self.commit_failed = false;
                 for element in tpl.elements() {
                     let Offset::Offset(committed) = element.offset() else {
                         continue;
@@ -412,51 +382,85 @@ impl KafkaReader {
                     let slot = self.partitions.iter().position(|p| {
                         p.partition == element.partition() && p.topic == element.topic()
                     });
-                    if let Some(p) = slot.and_then(|slot| self.progress.get_mut(slot)) {
-                        p.committed = Some(committed);
-                        p.idle_marks.retain(|(o, _)| *o > committed);
+                    if let Some(b) = slot.and_then(|slot| self.books.get_mut(slot)) {
+                        b.ledger.confirmed(committed);
                     }
                 }
                 debug!(partitions = tpl.count(), durable_ms, "committed offsets");
             }
-            Err(err) => warn!(error = %err, "offset commit failed; will retry"),
+            Err(err) => {
+                self.commit_failed = true;
+                warn!(error = %err, "offset commit failed; will retry");
+            }
+        }
+    }
+
+    /// Writes the checkpoint object of the partition in `slot` now: an idle mark was just
+    /// recorded, and the record it applies to must not be decided before the mark is durable
+    /// (a restart that re-read the record without it could decide otherwise). Tried a few
+    /// times; if the store keeps failing, the record goes on, and the mark is in the next
+    /// object written (a crash before then may decide that record differently: see
+    /// ARCHITECTURE.md).
+    fn save_marks(&self, slot: usize) {
+        let (Some(state), Some(b)) = (self.partitions.get(slot), self.books.get(slot)) else {
+            return;
+        };
+        if !b.ledger.has_entries() {
+            // Nothing committed yet: a restart reads the partition from its start, with no
+            // clock, and decides everything afresh.
+            return;
+        }
+        let object = (
+            object_name(&self.group, &state.topic, state.partition),
+            b.ledger.file(&state.topic, state.partition).encode(),
+        );
+        for attempt in 0..3u32 {
+            match self.store.save(vec![object.clone()]) {
+                Ok(()) => return,
+                Err(err) => {
+                    warn!(topic = %state.topic, partition = state.partition, attempt, error = %err, "writing an idle mark failed");
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                }
+            }
         }
     }
 }
 
-/// Hands one message of the partition in `slot` to `emit`, after updating the partition's
-/// offset and idle bookkeeping.
-fn deliver(
-    message: &BorrowedMessage<'_>,
-    slot: usize,
-    partitions: &mut [PartitionState],
-    progress: &mut [Progress],
-    max_event_bytes: usize,
-    emit: &mut Emit<'_>,
-) {
-    let (Some(state), Some(p)) = (partitions.get_mut(slot), progress.get_mut(slot)) else {
-        return;
-    };
-    let offset = message.offset();
-    if let Some(resumed) = p.resumed_at.take()
+/// Updates the bookkeeping of the partition in `slot` for its record at `offset`, before it is
+/// handed on: its offset, its end, restored idle marks that apply from here, and a new idle
+/// mark if the partition's idle time rose since its last record (returns whether it did).
+fn note_record(state: &mut PartitionState, b: &mut Bookkeeping, offset: i64) -> bool {
+    if let Some(resumed) = b.resumed_at.take()
         && offset != resumed
     {
         warn!(topic = %state.topic, partition = state.partition, resumed, first = offset, "the first record read is not at the resume offset (records compacted or deleted, transaction markers, or a broker that skips part of a batch)");
     }
     state.next_offset = Some(offset + 1);
-    p.at_end = false;
-    while let Some(&(at, idle_ms)) = p.restored_marks.front()
+    b.at_end = false;
+    while let Some(&(at, idle_ms)) = b.restored_marks.front()
         && at <= offset
     {
         state.clock.idle_ms = Some(state.clock.idle_ms.unwrap_or(0).max(idle_ms));
-        p.restored_marks.pop_front();
+        b.restored_marks.pop_front();
     }
-    if state.clock.idle_ms > p.seen_idle {
-        p.seen_idle = state.clock.idle_ms;
+    if state.clock.idle_ms > b.seen_idle {
+        b.seen_idle = state.clock.idle_ms;
         if let Some(idle_ms) = state.clock.idle_ms {
-            p.idle_marks.push((offset, idle_ms));
+            b.ledger.mark(offset, idle_ms);
+            return true;
         }
     }
+    false
+}
+
+/// Hands one message of the partition in `slot` to `emit`.
+fn deliver(
+    message: &BorrowedMessage<'_>,
+    slot: usize,
+    partitions: &mut [PartitionState],
+    max_event_bytes: usize,
+    emit: &mut Emit<'_>,
+) {
     let bytes = message.payload().unwrap_or_default();
     let payload = if bytes.len() > max_event_bytes {
         Payload::Oversize(bytes.len() as u64)
@@ -467,7 +471,7 @@ fn deliver(
         slot,
         topic: message.topic(),
         partition: message.partition(),
-        offset,
+        offset: message.offset(),
         timestamp_ms: message.timestamp().to_millis(),
         payload,
     };
@@ -480,9 +484,6 @@ impl Drop for KafkaReader {
         self.commit(self.last_durable_ms);
     }
 }
-
-/// How many offsets a partition's checkpoint object keeps beyond the last confirmed commit.
-const MAX_UNCONFIRMED: usize = 16;
 
 /// How many records one partition's queue hands out before the next partition is served.
 const TURN: usize = 64;
@@ -510,14 +511,22 @@ impl RecordReader for KafkaReader {
                         p.partition == message.partition() && p.topic == message.topic()
                     });
                     match slot {
-                        Some(slot) => deliver(
-                            &message,
-                            slot,
-                            &mut self.partitions,
-                            &mut self.progress,
-                            self.max_event_bytes,
-                            emit,
-                        ),
+                        Some(slot) => {
+                            if note_record(
+                                &mut self.partitions[slot],
+                                &mut self.books[slot],
+                                message.offset(),
+                            ) {
+                                self.save_marks(slot);
+                            }
+                            deliver(
+                                &message,
+                                slot,
+                                &mut self.partitions,
+                                self.max_event_bytes,
+                                emit,
+                            )
+                        }
                         None => warn!(
                             topic = message.topic(),
                             partition = message.partition(),
@@ -525,7 +534,18 @@ impl RecordReader for KafkaReader {
                         ),
                     }
                 }
-                Err(KafkaError::PartitionEOF(_)) => {}
+                Err(KafkaError::PartitionEOF(partition)) => {
+                    // An end reported before the partition got its own queue; the report
+                    // names no topic, so it counts only if one slot has that partition.
+                    let mut slots = self
+                        .partitions
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.partition == partition);
+                    if let (Some((slot, _)), None) = (slots.next(), slots.next()) {
+                        self.books[slot].at_end = true;
+                    }
+                }
                 Err(err) => warn!(error = %err, "kafka consumer error"),
             }
         }
@@ -540,7 +560,7 @@ impl RecordReader for KafkaReader {
                 match self.queues[slot].poll(Duration::ZERO) {
                     None => break,
                     Some(Err(KafkaError::PartitionEOF(_))) => {
-                        self.progress[slot].at_end = true;
+                        self.books[slot].at_end = true;
                         break;
                     }
                     Some(Err(err)) => {
@@ -548,11 +568,17 @@ impl RecordReader for KafkaReader {
                         break;
                     }
                     Some(Ok(message)) => {
+                        if note_record(
+                            &mut self.partitions[slot],
+                            &mut self.books[slot],
+                            message.offset(),
+                        ) {
+                            self.save_marks(slot);
+                        }
                         deliver(
                             &message,
                             slot,
                             &mut self.partitions,
-                            &mut self.progress,
                             self.max_event_bytes,
                             emit,
                         );
@@ -571,16 +597,14 @@ impl RecordReader for KafkaReader {
     }
 
     fn caught_up(&mut self, slot: usize) -> bool {
-        self.progress
-            .get(slot)
-            .is_none_or(|p| p.at_end && p.idle_marks.len() < MAX_IDLE_MARKS)
+        self.books.get(slot).is_none_or(|b| b.at_end)
     }
 
     fn track(&mut self, slot: usize, offset: i64, window_start: Option<u64>, before: Clock) {
-        if let Some(p) = self.progress.get_mut(slot) {
-            p.tracked_next = Some(p.tracked_next.map_or(offset + 1, |n| n.max(offset + 1)));
+        if let Some(b) = self.books.get_mut(slot) {
+            b.tracked_next = Some(b.tracked_next.map_or(offset + 1, |n| n.max(offset + 1)));
             if let Some(start) = window_start {
-                let smallest = p.pending.entry(start).or_insert((offset, before));
+                let smallest = b.pending.entry(start).or_insert((offset, before));
                 if offset < smallest.0 {
                     *smallest = (offset, before);
                 }
@@ -593,10 +617,21 @@ impl RecordReader for KafkaReader {
     }
 
     fn durable_up_to(&mut self, durable_ms: u64) {
-        self.last_durable_ms = durable_ms.max(self.written_up_to);
-        if self.last_commit.elapsed() >= self.commit_interval {
+        if durable_ms > self.last_durable_ms {
+            self.last_durable_ms = durable_ms;
+            self.commit_due = true;
+        }
+        // A new frontier is committed every `commit_interval`; a failed commit is tried again
+        // at most every second even if the frontier does not move.
+        let wait = if self.commit_failed {
+            self.commit_interval.max(Duration::from_secs(1))
+        } else {
+            self.commit_interval
+        };
+        if (self.commit_due || self.commit_failed) && self.last_commit.elapsed() >= wait {
             self.last_commit = Instant::now();
-            self.commit(durable_ms);
+            self.commit_due = false;
+            self.commit(self.last_durable_ms);
         }
     }
 }

@@ -87,8 +87,8 @@ pub trait RecordReader {
     /// Whether the input is bounded (a file) rather than a live stream.
     fn is_bounded(&self) -> bool;
 
-    /// Called after every record whose data lives in windows ending at or before
-    /// `durable_ms` is durable in every sink; a Kafka reader commits offsets here.
+    /// Told, at every activation, that every record whose data lives in windows ending at or
+    /// before `durable_ms` is durable in every sink; a Kafka reader commits offsets here.
     fn durable_up_to(&mut self, _durable_ms: u64) {}
 
     /// Notes that the record at `offset` of the partition in `slot` was written into the
@@ -296,12 +296,13 @@ pub fn ingest<'s>(
         let mut ready: Vec<(Pending, Time)> = Vec::with_capacity(settings.batch_size);
         move |output| {
             let Some(c) = cap.as_mut() else { return };
-            if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied())
-                && durable_ms > last_durable
-            {
-                last_durable = durable_ms;
+            if let Some(durable_ms) = durable.with_frontier(|f| f.first().copied()) {
+                // Every activation, so that a reader can retry a failed commit.
                 reader.durable_up_to(durable_ms);
-                settings.drain.hand(worker, durable_ms);
+                if durable_ms > last_durable {
+                    last_durable = durable_ms;
+                    settings.drain.hand(worker, durable_ms);
+                }
             }
             if settings.drain.is_requested() {
                 // Stopping: read nothing more, hold the capability, keep reporting.
