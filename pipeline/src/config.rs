@@ -84,7 +84,8 @@ pub struct PipelineConfig {
     pub idle_timeout_ms: u64,
     /// Largest accepted record, bytes; larger ones are rejected as `oversize`.
     pub max_event_bytes: usize,
-    /// How far ahead of the wall clock an event time may be, ms. Later ones are rejected as
+    /// How far ahead of the time the record was produced (its Kafka timestamp; the wall clock
+    /// for files) an event time may be, ms. Later ones are rejected as
     /// `invalid_value`, so that one bad clock cannot push the watermark into the future.
     pub max_future_skew_ms: u64,
     /// Records a source worker reads per activation.

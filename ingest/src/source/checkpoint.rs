@@ -15,16 +15,18 @@
 //! - `idle`: the times the partition was moved to while idle *after* `o`, each with the offset
 //!   of the first record read after it, so that those decisions repeat too.
 //!
-//! The object keeps the entry of the last offset the broker confirmed and any newer ones, so
-//! whichever of them the broker holds after a crash (the write and the commit are two steps),
-//! its entry is there; older entries are dropped at each write, so the object stays small and
-//! needs no cleaning. At start the reader resumes each partition from the entry of its
-//! committed offset.
+//! The object keeps the entry of the last offset the broker confirmed and any newer ones (a
+//! [`Ledger`]), so whichever of them the broker holds after a crash (the write and the commit
+//! are two steps, and a commit reported as failed may have reached the broker), its entry is
+//! there; older entries are dropped at each write, so the object stays small and needs no
+//! cleaning. An idle mark is written into the object before the record it applies to is
+//! decided. At start the reader resumes each partition from the entry of its committed
+//! offset.
 //!
 //! Why not the commit's own metadata, which Kafka keeps with the offset: tansu 0.6 accepts it
-//! and returns it empty (`the_broker_keeps_commit_metadata_per_group` in
-//! `integration-tests/tests/exactly_once.rs`), and a broker that silently drops it would bring
-//! back exactly the partial rewrites this prevents.
+//! and returns it empty (`the_broker_keeps_committed_offsets_per_group` in
+//! `integration-tests/tests/exactly_once.rs` prints what comes back), and a broker that
+//! silently drops it would bring back exactly the partial rewrites this prevents.
 //!
 //! The format is versioned: an object of another version is refused with a clear error at
 //! start, never misread. An offset committed with no entry (by an older Sightline, or after

@@ -180,93 +180,8 @@ impl KafkaReader {
             counts.push((topic.clone(), partitions));
         }
         let mine = assign_partitions(&counts, worker, peers);
-        let mut partitions: Vec<PartitionState> = mine
-            .iter()
-            .map(|(topic, partition)| PartitionState::new(topic, *partition))
-            .collect();
-        let mut books: Vec<Bookkeeping> =
-            partitions.iter().map(|_| Bookkeeping::default()).collect();
-
-        // The committed offsets of this worker's partitions, and the checkpoints of every
-        // partition: this worker's own to resume them, all of them for the durable frontier,
-        // which the whole cluster must agree on.
-        let mut own = TopicPartitionList::new();
-        for (topic, partition) in &mine {
-            own.add_partition(topic, *partition);
-        }
-        let committed_offsets = loop {
-            match consumer.committed_offsets(own.clone(), Duration::from_secs(10)) {
-                Ok(list) => break list,
-                Err(err) if Instant::now() < deadline => {
-                    warn!(error = %err, "reading the committed offsets failed; retrying");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(err) => return Err(kafka("reading the committed offsets")(err)),
-            }
-        };
-        let mut written_up_to = 0;
-        for (topic, n) in &counts {
-            for partition in 0..*n {
-                let name = object_name(&group, topic, partition);
-                // A store that fails is asked again until the start-up deadline; a checkpoint
-                // of another version is refused at once.
-                let loaded = loop {
-                    match checkpoint::load(store.as_ref(), &name) {
-                        Err(CheckpointError::Store { reason, .. }) if Instant::now() < deadline => {
-                            warn!(%name, %reason, "reading a checkpoint failed; retrying");
-                            std::thread::sleep(Duration::from_millis(250));
-                        }
-                        other => {
-                            break other.map_err(|source| Error::Checkpoint {
-                                topic: topic.clone(),
-                                partition,
-                                source,
-                            })?;
-                        }
-                    }
-                };
-                let Some(file) = loaded else { continue };
-                written_up_to = written_up_to.max(file.durable());
-                let Some(slot) = mine.iter().position(|(t, q)| t == topic && *q == partition)
-                else {
-                    continue;
-                };
-                let committed = committed_offsets
-                    .find_partition(topic, partition)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    });
-                if let Some(entry) = committed.and_then(|o| file.at(o)).cloned() {
-                    partitions[slot].clock = entry.clock;
-                    let b = &mut books[slot];
-                    b.seen_idle = entry.clock.idle_ms;
-                    b.restored_marks = entry.idle.iter().copied().collect();
-                    b.ledger = Ledger::resumed(committed, Some(entry));
-                }
-            }
-        }
-        for element in committed_offsets.elements() {
-            let (Offset::Offset(offset), Some(slot)) = (
-                element.offset(),
-                mine.iter()
-                    .position(|(t, q)| t == element.topic() && *q == element.partition()),
-            ) else {
-                continue;
-            };
-            partitions[slot].next_offset = Some(offset);
-            let b = &mut books[slot];
-            b.resumed_at = Some(offset);
-            if !b.ledger.has_entries() {
-                b.ledger = Ledger::resumed(Some(offset), None);
-                warn!(
-                    topic = element.topic(),
-                    partition = element.partition(),
-                    offset,
-                    "the committed offset has no checkpoint (committed by an older version, or the lake was emptied): resuming without event-time state, so windows open at the restart may be written again from part of their input"
-                );
-            }
-        }
+        let (partitions, books, written_up_to) =
+            resume(&consumer, store.as_ref(), &group, &counts, &mine, deadline)?;
 
         let mut tpl = TopicPartitionList::new();
         for state in &partitions {
@@ -476,6 +391,109 @@ fn deliver(
         payload,
     };
     emit(record, partitions);
+}
+
+/// Where each of this worker's partitions (`mine`) resumes: its committed offset, and its
+/// clock and idle marks from the checkpoint entry of that offset; and the durable frontier,
+/// the largest over the checkpoints of every partition of every topic (`counts`), which every
+/// worker of the cluster computes alike. Store and broker failures are retried until
+/// `deadline`; a checkpoint of another version is refused at once.
+fn resume(
+    consumer: &BaseConsumer,
+    store: &dyn CheckpointStore,
+    group: &str,
+    counts: &[(String, i32)],
+    mine: &[(String, i32)],
+    deadline: Instant,
+) -> crate::Result<(Vec<PartitionState>, Vec<Bookkeeping>, u64)> {
+    let kafka = |action| move |source| Error::Kafka { action, source };
+    let mut partitions: Vec<PartitionState> = mine
+        .iter()
+        .map(|(topic, partition)| PartitionState::new(topic, *partition))
+        .collect();
+    let mut books: Vec<Bookkeeping> = partitions.iter().map(|_| Bookkeeping::default()).collect();
+
+    // The committed offsets of this worker's partitions, and the checkpoints of every
+    // partition: this worker's own to resume them, all of them for the durable frontier,
+    // which the whole cluster must agree on.
+    let mut own = TopicPartitionList::new();
+    for (topic, partition) in mine {
+        own.add_partition(topic, *partition);
+    }
+    let committed_offsets = loop {
+        match consumer.committed_offsets(own.clone(), Duration::from_secs(10)) {
+            Ok(list) => break list,
+            Err(err) if Instant::now() < deadline => {
+                warn!(error = %err, "reading the committed offsets failed; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(err) => return Err(kafka("reading the committed offsets")(err)),
+        }
+    };
+    let mut written_up_to = 0;
+    for (topic, n) in counts {
+        for partition in 0..*n {
+            let name = object_name(group, topic, partition);
+            // A store that fails is asked again until the start-up deadline; a checkpoint
+            // of another version is refused at once.
+            let loaded = loop {
+                match checkpoint::load(store, &name) {
+                    Err(CheckpointError::Store { reason, .. }) if Instant::now() < deadline => {
+                        warn!(%name, %reason, "reading a checkpoint failed; retrying");
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    other => {
+                        break other.map_err(|source| Error::Checkpoint {
+                            topic: topic.clone(),
+                            partition,
+                            source,
+                        })?;
+                    }
+                }
+            };
+            let Some(file) = loaded else { continue };
+            written_up_to = written_up_to.max(file.durable());
+            let Some(slot) = mine.iter().position(|(t, q)| t == topic && *q == partition) else {
+                continue;
+            };
+            let committed =
+                committed_offsets
+                    .find_partition(topic, partition)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+            if let Some(entry) = committed.and_then(|o| file.at(o)).cloned() {
+                partitions[slot].clock = entry.clock;
+                let b = &mut books[slot];
+                b.seen_idle = entry.clock.idle_ms;
+                b.restored_marks = entry.idle.iter().copied().collect();
+                b.ledger = Ledger::resumed(committed, Some(entry));
+            }
+        }
+    }
+    for element in committed_offsets.elements() {
+        let (Offset::Offset(offset), Some(slot)) = (
+            element.offset(),
+            mine.iter()
+                .position(|(t, q)| t == element.topic() && *q == element.partition()),
+        ) else {
+            continue;
+        };
+        partitions[slot].next_offset = Some(offset);
+        let b = &mut books[slot];
+        b.resumed_at = Some(offset);
+        if !b.ledger.has_entries() {
+            b.ledger = Ledger::resumed(Some(offset), None);
+            warn!(
+                topic = element.topic(),
+                partition = element.partition(),
+                offset,
+                "the committed offset has no checkpoint (committed by an older version, or the lake was emptied): resuming without event-time state, so windows open at the restart may be written again from part of their input"
+            );
+        }
+    }
+    Ok((partitions, books, written_up_to))
 }
 
 impl Drop for KafkaReader {

@@ -203,7 +203,8 @@ pub struct IngestSettings {
     pub windows: Windows,
     /// The decoders, by topic.
     pub decoders: Decoders,
-    /// How far ahead of the wall clock an event time may be, ms.
+    /// How far ahead of the time a record was produced (the wall clock for files) an event
+    /// time may be, ms.
     pub max_future_skew_ms: u64,
     /// The process's graceful stop.
     pub drain: Arc<Drain>,
