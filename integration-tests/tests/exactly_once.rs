@@ -260,3 +260,104 @@ fn the_broker_keeps_committed_offsets_per_group() {
         "another group has no commits"
     );
 }
+
+/// A record judged late only because its partition had gone idle (its clock had moved to the
+/// wall clock) is judged late again after a SIGKILL and a restart: the idle move is written to
+/// the partition's checkpoint before the record is decided.
+#[test]
+fn a_decision_that_depends_on_idleness_survives_a_kill() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use sightline::generator::{Generator, GeneratorConfig};
+    use sightline_integration_tests::chaos::now_ms;
+
+    let seed = seed("idle decisions");
+    let broker = Tansu::shared();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let workload = Workload::new(&format!("idle-marks-{seed}"), 1, 0, seed);
+    broker.create_topic(&workload.topic, 1);
+    let deployment = Deployment::new(
+        dir.path(),
+        "idle-marks",
+        &broker.bootstrap,
+        &workload,
+        1,
+        "",
+    );
+    broker.create_topic(&deployment.output_topics[0], 1);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("linger.ms", "0")
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer");
+    let mut generator = Generator::new(GeneratorConfig {
+        seed,
+        bad_fraction: 0.0,
+        late_fraction: 0.0,
+        ..GeneratorConfig::default()
+    });
+    let send = |event_ms: i64, generator: &mut Generator| {
+        let mut line = Vec::new();
+        generator.event(event_ms, &mut line);
+        producer
+            .send(
+                BaseRecord::<(), [u8]>::to(&workload.topic)
+                    .partition(0)
+                    .payload(&line),
+            )
+            .expect("send");
+        producer.flush(Duration::from_secs(10)).expect("flush");
+    };
+
+    let process = deployment.start();
+    let t0 = now_ms();
+    for i in 0..20 {
+        send(t0 + i, &mut generator);
+    }
+    // The partition is read to its end and goes idle (1 s): its clock follows the wall clock.
+    std::thread::sleep(Duration::from_secs(4));
+    // 2.5 s behind the wall clock: on time against the partition's events (lateness 1 s from
+    // t0 + 19 ms), late against its idle time.
+    let late_ms = now_ms() - 2_500;
+    assert!(late_ms > t0 + 19 - 1_000);
+    send(late_ms, &mut generator);
+    let key = format!("{}/0/20", workload.topic);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let records = read_topic(&broker.bootstrap, &deployment.output_topics[0], 1);
+        if let Some(values) = records.get(&key) {
+            break values[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "record 20 never became a dead letter"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(first.contains("\"late\""), "{first}");
+    // Killed before the dead letter's window is written, so the restart reads record 20 again.
+    process.kill9();
+
+    let mut process = deployment.start();
+    deployment.wait_for_records(&mut process, 21, Duration::from_secs(60));
+    let (status, _) = process.terminate(Duration::from_secs(30));
+    assert!(status.success());
+    let records = read_topic(&broker.bootstrap, &deployment.output_topics[0], 1);
+    assert!(
+        topic_conflicts(&records).is_empty(),
+        "{:?}",
+        topic_conflicts(&records)
+    );
+    let lake = snapshot(&deployment.lake);
+    let dead: Vec<&String> = lake
+        .iter()
+        .filter(|(path, _)| {
+            path.starts_with("dead_letter/") || path.starts_with("restricted/dead_letter/")
+        })
+        .flat_map(|(_, rows)| rows)
+        .filter(|row| row.contains("offset=20 "))
+        .collect();
+    assert_eq!(dead.len(), 1, "record 20 is one late dead letter: {dead:?}");
+    assert!(dead[0].contains("kind=\"late\""), "{}", dead[0]);
+}

@@ -40,6 +40,10 @@ use super::partition::Clock;
 /// The checkpoint format this build writes and reads.
 pub const VERSION: u32 = 1;
 
+/// The offset of the *start entry*: the state of a partition read from its start, before any
+/// commit (no clock; idle marks from the start on).
+pub const START: i64 = -1;
+
 /// How many offsets a partition's object keeps beyond the last confirmed commit: after that
 /// many failed commits in a row, the newest is tried again instead of a new one.
 pub const MAX_UNCONFIRMED: usize = 16;
@@ -167,13 +171,17 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// The bookkeeping of a partition resumed at `committed` from `entry` (its object's entry
-    /// for that offset, if there is one).
+    /// The bookkeeping of a partition resumed at `committed` (or from its start, [`START`])
+    /// from `entry`, its object's entry for that offset; without one, from no state, which is
+    /// then the entry (so that idle marks can be written against it before any commit).
     pub fn resumed(committed: Option<i64>, entry: Option<Checkpoint>) -> Ledger {
-        let marks = entry.as_ref().map(|e| e.idle.clone()).unwrap_or_default();
+        let entry = entry.unwrap_or_else(|| Checkpoint {
+            offset: committed.unwrap_or(START),
+            ..Checkpoint::default()
+        });
         Ledger {
-            entries: entry.into_iter().collect(),
-            marks,
+            marks: entry.idle.clone(),
+            entries: vec![entry],
             committed,
         }
     }
@@ -378,6 +386,20 @@ mod tests {
                 .iter()
                 .all(|e| e.idle.is_empty())
         );
+    }
+
+    #[test]
+    fn before_any_commit_the_start_entry_carries_the_idle_marks() {
+        let mut ledger = Ledger::resumed(None, None);
+        ledger.mark(3, 900);
+        let file = ledger.file("t", 0);
+        assert_eq!(file.at(START).map(|e| e.idle.clone()), Some(vec![(3, 900)]));
+        // Kept until a commit is confirmed.
+        assert_eq!(ledger.prepare(10, 5, clock(1)), Some(10));
+        assert!(ledger.file("t", 0).at(START).is_some());
+        ledger.confirmed(10);
+        assert_eq!(ledger.prepare(20, 6, clock(2)), Some(20));
+        assert_eq!(ledger.file("t", 0).at(START), None);
     }
 
     #[test]

@@ -320,11 +320,6 @@ impl KafkaReader {
         let (Some(state), Some(b)) = (self.partitions.get(slot), self.books.get(slot)) else {
             return;
         };
-        if !b.ledger.has_entries() {
-            // Nothing committed yet: a restart reads the partition from its start, with no
-            // clock, and decides everything afresh.
-            return;
-        }
         let object = (
             object_name(&self.group, &state.topic, state.partition),
             b.ledger.file(&state.topic, state.partition).encode(),
@@ -463,7 +458,9 @@ fn resume(
                         Offset::Offset(o) => Some(o),
                         _ => None,
                     });
-            if let Some(entry) = committed.and_then(|o| file.at(o)).cloned() {
+            // A partition read from its start (no commit yet) resumes from the start entry.
+            let entry = file.at(committed.unwrap_or(checkpoint::START)).cloned();
+            if let Some(entry) = entry {
                 partitions[slot].clock = entry.clock;
                 let b = &mut books[slot];
                 b.seen_idle = entry.clock.idle_ms;
@@ -472,25 +469,29 @@ fn resume(
             }
         }
     }
-    for element in committed_offsets.elements() {
-        let (Offset::Offset(offset), Some(slot)) = (
-            element.offset(),
-            mine.iter()
-                .position(|(t, q)| t == element.topic() && *q == element.partition()),
-        ) else {
-            continue;
-        };
-        partitions[slot].next_offset = Some(offset);
+    for (slot, (topic, partition)) in mine.iter().enumerate() {
+        let committed = committed_offsets
+            .find_partition(topic, *partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
         let b = &mut books[slot];
-        b.resumed_at = Some(offset);
+        if let Some(offset) = committed {
+            partitions[slot].next_offset = Some(offset);
+            b.resumed_at = Some(offset);
+        }
         if !b.ledger.has_entries() {
-            b.ledger = Ledger::resumed(Some(offset), None);
-            warn!(
-                topic = element.topic(),
-                partition = element.partition(),
-                offset,
-                "the committed offset has no checkpoint (committed by an older version, or the lake was emptied): resuming without event-time state, so windows open at the restart may be written again from part of their input"
-            );
+            if let Some(offset) = committed {
+                warn!(
+                    %topic,
+                    partition,
+                    offset,
+                    "the committed offset has no checkpoint (committed by an older version, or the lake was emptied): resuming without event-time state, so windows open at the restart may be written again from part of their input"
+                );
+            }
+            // The state this run starts from, so that idle marks can be written against it.
+            b.ledger = Ledger::resumed(committed, None);
         }
     }
     Ok((partitions, books, written_up_to))
