@@ -324,38 +324,13 @@ key = "{TEST_KEY}"
     /// while `process` runs; panics with the log's tail otherwise, or as soon as the count has
     /// not moved for 45 s.
     pub fn wait_for_records(&self, process: &mut Process, records: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut last = (-1, Instant::now());
-        loop {
-            let counted = records_counted(&snapshot(&self.lake));
-            if counted >= records as i64 {
-                assert_eq!(
-                    counted, records as i64,
-                    "more records counted than produced"
-                );
-                return;
+        wait_for_lake(&self.lake, records, timeout, || {
+            match process.child.try_wait() {
+                Ok(Some(status)) => Err(format!("sightline exited ({status})")),
+                _ => Ok(()),
             }
-            if counted != last.0 {
-                last = (counted, Instant::now());
-            }
-            assert!(
-                last.1.elapsed() < Duration::from_secs(45),
-                "stuck at {counted} of {records} records counted:\n{}",
-                self.log_tail()
-            );
-            if let Ok(Some(status)) = process.child.try_wait() {
-                panic!(
-                    "sightline exited ({status}) with {counted} of {records} records counted:\n{}",
-                    self.log_tail()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {counted} of {records} records counted after {timeout:?}:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        })
+        .unwrap_or_else(|why| panic!("{why}\n{}", self.log_tail()));
     }
 
     /// The last lines of the deployment's log.
@@ -363,6 +338,43 @@ key = "{TEST_KEY}"
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// Waits until the lake at `lake` counts `records` records (every window of the input
+/// written), checking `running` (an `Err` says the pipeline has ended) as it goes. Fails with
+/// the reason if the pipeline ends, if the count has not moved for 45 s, or after `timeout`;
+/// panics if more records are counted than were produced.
+pub fn wait_for_lake(
+    lake: &Path,
+    records: usize,
+    timeout: Duration,
+    mut running: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut last = (-1, Instant::now());
+    loop {
+        let counted = records_counted(&snapshot(lake));
+        if counted >= records as i64 {
+            assert_eq!(
+                counted, records as i64,
+                "more records counted than produced"
+            );
+            return Ok(());
+        }
+        if counted != last.0 {
+            last = (counted, Instant::now());
+        }
+        if last.1.elapsed() >= Duration::from_secs(45) {
+            return Err(format!("stuck at {counted} of {records} records counted"));
+        }
+        running().map_err(|why| format!("{counted} of {records} records counted: {why}"))?;
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "only {counted} of {records} records counted after {timeout:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

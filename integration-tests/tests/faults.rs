@@ -17,7 +17,7 @@ use sightline::run::{Input, Job, LakeCheckpoints, run};
 use sightline_ingest::source::kafka::KafkaReader;
 use sightline_ingest::source::{Clock, Emit, PartitionState, ReadStatus, RecordReader};
 use sightline_integration_tests::chaos::{
-    Rng, Workload, difference, now_ms, records_counted, seed, snapshot,
+    Rng, Workload, difference, now_ms, records_counted, seed, snapshot, wait_for_lake,
 };
 use sightline_integration_tests::faults::FaultyStore;
 use sightline_integration_tests::servers::Tansu;
@@ -40,28 +40,32 @@ fn config(bootstrap: &str, group: &str, workload: &Workload, idle_timeout_ms: u6
 fn run_until(job: Job, lake_dir: &Path, records: usize) -> sightline::run::Summary {
     let stop = Arc::clone(&job.stop);
     let handle = std::thread::spawn(move || run(job));
-    let mut last = (-1, Instant::now());
-    loop {
-        let counted = records_counted(&snapshot(lake_dir));
-        if counted >= records as i64 {
-            assert_eq!(
-                counted, records as i64,
-                "more records counted than produced"
-            );
-            break;
+    wait_for_lake(lake_dir, records, Duration::from_secs(300), || {
+        if handle.is_finished() {
+            Err("the run ended".into())
+        } else {
+            Ok(())
         }
-        if counted != last.0 {
-            last = (counted, Instant::now());
-        }
-        assert!(
-            last.1.elapsed() < Duration::from_secs(45),
-            "stuck at {counted} of {records}"
-        );
-        assert!(!handle.is_finished(), "the run ended: {:?}", handle.join());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
+    .unwrap_or_else(|why| panic!("{why}"));
     stop.store(true, Ordering::Relaxed);
     handle.join().expect("run thread").expect("run")
+}
+
+/// A workload of `events` records on two partitions of a topic named after `name`, produced,
+/// with a clean reference run of it: the workload and the reference's lake.
+fn produced_with_reference(
+    broker: &Tansu,
+    dir: &Path,
+    name: &str,
+    events: usize,
+    seed: u64,
+) -> (Workload, std::path::PathBuf) {
+    let workload = Workload::new(&format!("{name}-{seed}"), 2, events, seed);
+    broker.create_topic(&workload.topic, workload.partitions);
+    workload.produce(&broker.bootstrap);
+    let expected = reference(&broker.bootstrap, dir, &workload);
+    (workload, expected)
 }
 
 fn job(config: &Config, input: Input, lake: Lake) -> Job {
@@ -252,10 +256,8 @@ fn an_object_store_failing_a_fifth_of_its_requests_loses_and_duplicates_nothing(
     let seed = seed("store faults");
     let broker = Tansu::shared();
     let dir = tempfile::tempdir().expect("tempdir");
-    let workload = Workload::new(&format!("store-faults-{seed}"), 2, 8_000, seed);
-    broker.create_topic(&workload.topic, workload.partitions);
-    workload.produce(&broker.bootstrap);
-    let expected = reference(&broker.bootstrap, dir.path(), &workload);
+    let (workload, expected) =
+        produced_with_reference(&broker, dir.path(), "store-faults", 8_000, seed);
 
     let faulty_dir = dir.path().join("faulty");
     std::fs::create_dir_all(&faulty_dir).expect("dir");
@@ -292,10 +294,8 @@ fn a_full_disk_under_a_local_lake_loses_and_duplicates_nothing() {
     let seed = seed("full disk");
     let broker = Tansu::shared();
     let dir = tempfile::tempdir().expect("tempdir");
-    let workload = Workload::new(&format!("full-disk-{seed}"), 2, 8_000, seed);
-    broker.create_topic(&workload.topic, workload.partitions);
-    workload.produce(&broker.bootstrap);
-    let expected = reference(&broker.bootstrap, dir.path(), &workload);
+    let (workload, expected) =
+        produced_with_reference(&broker, dir.path(), "full-disk", 8_000, seed);
 
     let disk = dir.path().join("disk");
     std::fs::create_dir_all(&disk).expect("dir");
@@ -376,10 +376,8 @@ fn a_fault_that_cannot_heal_stops_the_pipeline_with_a_clear_error_and_the_restar
     let seed = seed("bad credentials");
     let broker = Tansu::shared();
     let dir = tempfile::tempdir().expect("tempdir");
-    let workload = Workload::new(&format!("bad-credentials-{seed}"), 2, 6_000, seed);
-    broker.create_topic(&workload.topic, workload.partitions);
-    workload.produce(&broker.bootstrap);
-    let expected = reference(&broker.bootstrap, dir.path(), &workload);
+    let (workload, expected) =
+        produced_with_reference(&broker, dir.path(), "bad-credentials", 6_000, seed);
 
     let lake_dir = dir.path().join("lake");
     let mut config = config(

@@ -309,31 +309,6 @@ impl KafkaReader {
             }
         }
     }
-
-    /// Writes the checkpoint object of the partition in `slot` now: an idle mark was just
-    /// recorded, and the record it applies to must not be decided before the mark is durable
-    /// (a restart that re-read the record without it could decide otherwise). Tried a few
-    /// times; if the store keeps failing, the record goes on, and the mark is in the next
-    /// object written (a crash before then may decide that record differently: see
-    /// ARCHITECTURE.md).
-    fn save_marks(&self, slot: usize) {
-        let (Some(state), Some(b)) = (self.partitions.get(slot), self.books.get(slot)) else {
-            return;
-        };
-        let object = (
-            object_name(&self.group, &state.topic, state.partition),
-            b.ledger.file(&state.topic, state.partition).encode(),
-        );
-        for attempt in 0..3u32 {
-            match self.store.save(vec![object.clone()]) {
-                Ok(()) => return,
-                Err(err) => {
-                    warn!(topic = %state.topic, partition = state.partition, attempt, error = %err, "writing an idle mark failed");
-                    std::thread::sleep(Duration::from_millis(100 << attempt));
-                }
-            }
-        }
-    }
 }
 
 /// Updates the bookkeeping of the partition in `slot` for its record at `offset`, before it is
@@ -363,14 +338,45 @@ fn note_record(state: &mut PartitionState, b: &mut Bookkeeping, offset: i64) -> 
     false
 }
 
-/// Hands one message of the partition in `slot` to `emit`.
+/// Writes the checkpoint object of a partition now (`ledger` is its bookkeeping): an idle
+/// mark was just recorded, and the record it applies to must not be decided before the mark is
+/// durable (a restart that re-read the record without it could decide otherwise). Tried a few
+/// times; if the store keeps failing, the record goes on, and the mark is in the next object
+/// written (a crash before then may decide that record differently: see ARCHITECTURE.md).
+fn save_marks(store: &dyn CheckpointStore, group: &str, state: &PartitionState, ledger: &Ledger) {
+    let object = (
+        object_name(group, &state.topic, state.partition),
+        ledger.file(&state.topic, state.partition).encode(),
+    );
+    for attempt in 0..3u32 {
+        match store.save(vec![object.clone()]) {
+            Ok(()) => return,
+            Err(err) => {
+                warn!(topic = %state.topic, partition = state.partition, attempt, error = %err, "writing an idle mark failed");
+                std::thread::sleep(Duration::from_millis(100 << attempt));
+            }
+        }
+    }
+}
+
+/// Hands one message of the partition in `slot` to `emit`, after its bookkeeping
+/// ([`note_record`]) and, if it recorded an idle mark, writing the mark to the partition's
+/// checkpoint object (`checkpoints`: the store and the consumer group).
 fn deliver(
     message: &BorrowedMessage<'_>,
     slot: usize,
     partitions: &mut [PartitionState],
+    books: &mut [Bookkeeping],
+    checkpoints: (&dyn CheckpointStore, &str),
     max_event_bytes: usize,
     emit: &mut Emit<'_>,
 ) {
+    let (Some(state), Some(b)) = (partitions.get_mut(slot), books.get_mut(slot)) else {
+        return;
+    };
+    if note_record(state, b, message.offset()) {
+        save_marks(checkpoints.0, checkpoints.1, state, &b.ledger);
+    }
     let bytes = message.payload().unwrap_or_default();
     let payload = if bytes.len() > max_event_bytes {
         Payload::Oversize(bytes.len() as u64)
@@ -530,22 +536,15 @@ impl RecordReader for KafkaReader {
                         p.partition == message.partition() && p.topic == message.topic()
                     });
                     match slot {
-                        Some(slot) => {
-                            if note_record(
-                                &mut self.partitions[slot],
-                                &mut self.books[slot],
-                                message.offset(),
-                            ) {
-                                self.save_marks(slot);
-                            }
-                            deliver(
-                                &message,
-                                slot,
-                                &mut self.partitions,
-                                self.max_event_bytes,
-                                emit,
-                            )
-                        }
+                        Some(slot) => deliver(
+                            &message,
+                            slot,
+                            &mut self.partitions,
+                            &mut self.books,
+                            (self.store.as_ref(), &self.group),
+                            self.max_event_bytes,
+                            emit,
+                        ),
                         None => warn!(
                             topic = message.topic(),
                             partition = message.partition(),
@@ -587,17 +586,12 @@ impl RecordReader for KafkaReader {
                         break;
                     }
                     Some(Ok(message)) => {
-                        if note_record(
-                            &mut self.partitions[slot],
-                            &mut self.books[slot],
-                            message.offset(),
-                        ) {
-                            self.save_marks(slot);
-                        }
                         deliver(
                             &message,
                             slot,
                             &mut self.partitions,
+                            &mut self.books,
+                            (self.store.as_ref(), &self.group),
                             self.max_event_bytes,
                             emit,
                         );
