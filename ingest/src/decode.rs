@@ -18,14 +18,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::memo::Memo;
-use crate::validate::Checked;
+use crate::validate::{Captured, Checked};
 use crate::wire::{self, Mode, Properties, WireEnvelope};
 use sightline_privacy::{KeyRing, Privacy};
 use sightline_schemas::Label;
-use sightline_schemas::registry::{EventSchema, PiiAction, Registry, Version};
+use sightline_schemas::registry::{EventSchema, Kept as KeptField, PiiAction, Registry, Version};
 use sightline_schemas::{
-    DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification,
-    PrivacyCounts, Violation,
+    DataSensitivity, DeadLetter, Event, EventName, FailureKind, Kept, KeptValue, Links, Measure,
+    Origin, PiiClassification, PrivacyCounts, Violation,
 };
 
 /// Default upper bound on the size of one record: 1 MiB.
@@ -206,6 +206,20 @@ pub struct Decoder {
     /// The raw JSON of `experiment_assignments` → the sorted, scrubbed pairs and how many of
     /// their strings scrubbing changed; `None` when the JSON is not an object of strings.
     assignments: Memo<Option<(Assignments, u16)>>,
+    /// Which unit links to compute ([`Links`]).
+    links: LinkFields,
+}
+
+/// Which identifiers get a unit link ([`Links`]): only those an operator follows across key
+/// periods, as each costs a keyed hash per event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkFields {
+    /// `tenant_id`.
+    pub tenant: bool,
+    /// `user_id`.
+    pub user: bool,
+    /// `session_id`.
+    pub session: bool,
 }
 
 /// An event's experiment assignments, shared by the events that have the same ones.
@@ -244,7 +258,14 @@ impl Decoder {
             labels: Memo::new(LABEL_MEMO),
             versions: Memo::new(LABEL_MEMO),
             assignments: Memo::new(LABEL_MEMO),
+            links: LinkFields::default(),
         }
+    }
+
+    /// The same decoder, computing the unit links of `links` on every event.
+    pub fn with_links(mut self, links: LinkFields) -> Decoder {
+        self.links = links;
+        self
     }
 
     /// The same decoder for records in `format`.
@@ -573,7 +594,7 @@ impl Decoder {
         if wire.geo_consent != Some(true) {
             privacy.dropped = privacy
                 .dropped
-                .saturating_add(u16::from(wire.country) + u16::from(wire.region));
+                .saturating_add(u16::from(wire.country.is_some()) + u16::from(wire.region));
         }
         let experiment_assignments = match wire.experiment_assignments {
             None => Assignments::default(),
@@ -596,6 +617,14 @@ impl Decoder {
         let user_id = pseudonyms.pseudonym_of(&wire.user_id, event_time_ms);
         let tenant_id = pseudonyms.pseudonym_of(&wire.tenant_id, event_time_ms);
         let session_id = pseudonyms.pseudonym_of(&wire.session_id, event_time_ms);
+        let link = |wanted: bool, value: &str, p: &mut sightline_privacy::Pseudonymizer| {
+            if wanted { p.link_of(value) } else { 0 }
+        };
+        let links = Links {
+            tenant: link(self.links.tenant, &wire.tenant_id, pseudonyms),
+            user: link(self.links.user, &wire.user_id, pseudonyms),
+            session: link(self.links.session, &wire.session_id, pseudonyms),
+        };
         // Free text by the envelope schema; feature areas and experiment names are labels, but
         // they reach the aggregates, so they get the same pass.
         let mut label = |text: &str| {
@@ -606,6 +635,12 @@ impl Decoder {
         let workflow_name = wire.workflow_name.as_deref().map(&mut label);
         let surface = wire.surface.as_deref().map(&mut label);
         let feature_area = label(&wire.feature_area);
+        let user_role = wire.user_role.as_deref().map(&mut label);
+        let country = match wire.geo_consent {
+            Some(true) => wire.country.as_deref().map(&mut label),
+            _ => None,
+        };
+        let kept = kept_values(&schema.keep, checked.kept, &mut label);
         let app_version = self
             .versions
             .get_or_derive(&wire.app_version, |v| Label::from(v));
@@ -620,6 +655,10 @@ impl Decoder {
             tenant_id,
             user_id,
             session_id,
+            links,
+            user_role,
+            country,
+            kept,
             feature_area,
             workflow_name,
             surface,
@@ -651,11 +690,10 @@ impl Decoder {
             Properties::Raw(raw) => raw.get(),
             Properties::Absent => "{}",
         };
-        let latency_field = schema.latency.as_ref().map(|l| l.field.as_str());
         crate::validate::check_properties(
             raw,
             &schema.properties,
-            latency_field,
+            crate::validate::Capture::of(schema),
             &self.privacy.scrubber,
         )
     }
@@ -680,6 +718,50 @@ impl Decoder {
 }
 
 /// `text` scrubbed, as a shared label, and whether scrubbing changed it; memoized in `labels`.
+/// The kept values of an event (`x-sightline.keep`) from what the validator captured: numbers
+/// as measures, strings through `label` (the scrubbing pass every label gets), the strings of
+/// an array gathered into one list.
+fn kept_values(
+    keep: &[KeptField],
+    captured: Vec<(usize, Captured)>,
+    label: &mut impl FnMut(&str) -> Label,
+) -> Kept {
+    if captured.is_empty() {
+        return Kept::default();
+    }
+    let mut pairs: Vec<(Label, KeptValue)> = Vec::with_capacity(captured.len());
+    let mut lists: Vec<(usize, Vec<Label>)> = Vec::new();
+    for (index, value) in captured {
+        let Some(field) = keep.get(index) else {
+            continue;
+        };
+        match value {
+            Captured::Number(v) => {
+                if let Some(m) = Measure::from_f64(v) {
+                    pairs.push((Label::from(field.field.as_str()), KeptValue::Measure(m)));
+                }
+            }
+            Captured::Text(text) => pairs.push((
+                Label::from(field.field.as_str()),
+                KeptValue::Label(label(&text)),
+            )),
+            Captured::Item(text) => match lists.iter_mut().find(|(i, _)| *i == index) {
+                Some((_, list)) => list.push(label(&text)),
+                None => lists.push((index, vec![label(&text)])),
+            },
+        }
+    }
+    for (index, list) in lists {
+        if let Some(field) = keep.get(index) {
+            pairs.push((
+                Label::from(field.field.as_str()),
+                KeptValue::Labels(list.into()),
+            ));
+        }
+    }
+    Kept::new(pairs)
+}
+
 fn scrub_label(
     labels: &mut Memo<(Label, bool)>,
     scrubber: &sightline_privacy::Scrubber,

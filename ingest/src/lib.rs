@@ -42,6 +42,7 @@ mod wire;
 
 pub use decode::{
     DEFAULT_MAX_EVENT_BYTES, DecodeError, Decoder, ENVELOPE_PRIVACY, FlatDefaults, Format,
+    LinkFields,
 };
 
 /// Errors of the readers. Each says whether retrying can help.

@@ -13,7 +13,9 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 
 use sightline_privacy::Scrubber;
 use sightline_schemas::Text;
-use sightline_schemas::registry::{FieldRule, ObjectRule, PiiAction, Types};
+use sightline_schemas::registry::{
+    EventSchema, FieldRule, Kept, KeptKind, ObjectRule, PiiAction, Types,
+};
 use sightline_schemas::{MAX_VIOLATIONS, Violation};
 
 /// Names that mark exact coordinates; an event carrying one is rejected, whatever its schema.
@@ -35,6 +37,9 @@ pub struct Checked {
     pub violations: Vec<Violation>,
     /// The latency property's value, if the payload had it.
     pub latency: Option<f64>,
+    /// The kept properties' values (`x-sightline.keep`), as `(index into the keep list, value)`,
+    /// in document order.
+    pub kept: Vec<(usize, Captured)>,
     /// Identifier and contact fields, which are never stored as they arrived.
     pub pseudonymized: u32,
     /// Free-text fields in which the scrubber found personal data or a secret.
@@ -43,16 +48,54 @@ pub struct Checked {
     pub dropped: u32,
 }
 
-/// Validates the JSON object `raw` against `rule`. `latency_field` names the top-level
-/// property whose number is the event's latency. JSON syntax errors come back as `Err`.
+/// A valid value of a kept property, as the payload had it (the decoder scrubs labels whose
+/// action says so).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Captured {
+    /// A number, or a boolean as 0 or 1.
+    Number(f64),
+    /// A string.
+    Text(String),
+    /// One string of an array of strings.
+    Item(String),
+}
+
+/// What the validator picks up on its way, besides violations: the latency measure and the
+/// kept properties of the event's schema.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Capture<'r> {
+    /// The top-level property whose number is the event's latency.
+    pub latency: Option<&'r str>,
+    /// The kept properties (`x-sightline.keep`), sorted by name.
+    pub keep: &'r [Kept],
+}
+
+impl<'r> Capture<'r> {
+    /// What to capture for `schema`.
+    pub fn of(schema: &'r EventSchema) -> Capture<'r> {
+        Capture {
+            latency: schema.latency.as_ref().map(|l| l.field.as_str()),
+            keep: &schema.keep,
+        }
+    }
+
+    fn kept(&self, field: &str, kind: KeptKind) -> Option<usize> {
+        self.keep
+            .iter()
+            .position(|k| k.field == field && k.kind == kind)
+    }
+}
+
+/// Validates the JSON object `raw` against `rule`, capturing what `capture` names. JSON
+/// syntax errors come back as `Err`.
 pub fn check_properties(
     raw: &str,
     rule: &ObjectRule,
-    latency_field: Option<&str>,
+    capture: Capture<'_>,
     scrubber: &Scrubber,
 ) -> Result<Checked, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(raw);
-    let checked = check(&mut de, rule, latency_field, scrubber)?;
+    let checked = check(&mut de, rule, capture, scrubber)?;
     de.end()?;
     Ok(checked)
 }
@@ -61,7 +104,7 @@ pub fn check_properties(
 fn check<'de, D: de::Deserializer<'de>>(
     deserializer: D,
     rule: &ObjectRule,
-    latency_field: Option<&str>,
+    capture: Capture<'_>,
     scrubber: &Scrubber,
 ) -> Result<Checked, D::Error> {
     let mut checked = Checked::default();
@@ -71,7 +114,7 @@ fn check<'de, D: de::Deserializer<'de>>(
     };
     let mut state = State {
         checked: &mut checked,
-        latency_field,
+        capture,
         scrubber,
     };
     ValueSeed {
@@ -90,8 +133,8 @@ fn check<'de, D: de::Deserializer<'de>>(
 pub(crate) struct PropertiesSeed<'r> {
     /// The rule of the event's `properties`.
     pub rule: &'r ObjectRule,
-    /// The top-level property holding the latency measure.
-    pub latency_field: Option<&'r str>,
+    /// What to capture on the way.
+    pub capture: Capture<'r>,
     /// Finds personal data in free text.
     pub scrubber: &'r Scrubber,
 }
@@ -126,13 +169,13 @@ impl<'de> Visitor<'de> for PropertiesSeed<'_> {
         self,
         deserializer: D,
     ) -> Result<Option<Checked>, D::Error> {
-        check(deserializer, self.rule, self.latency_field, self.scrubber).map(Some)
+        check(deserializer, self.rule, self.capture, self.scrubber).map(Some)
     }
 }
 
 struct State<'s, 'r> {
     checked: &'s mut Checked,
-    latency_field: Option<&'r str>,
+    capture: Capture<'r>,
     scrubber: &'r Scrubber,
 }
 
@@ -250,12 +293,24 @@ impl ValueSeed<'_, '_, '_> {
             return;
         }
         if self.depth == 1
-            && let (Some(field), Segment::Key(key)) = (self.state.latency_field, &self.path.segment)
-            && field == *key
+            && let Segment::Key(key) = self.path.segment
         {
-            self.state.checked.latency = Some(value);
+            if self.state.capture.latency == Some(key) {
+                self.state.checked.latency = Some(value);
+            }
+            self.capture(key, KeptKind::Measure, || Captured::Number(value));
         }
         self.privacy(None);
+    }
+
+    /// Records the value of a kept top-level property (`key`, at depth 1).
+    fn capture(&mut self, key: &str, kind: KeptKind, value: impl FnOnce() -> Captured) {
+        if self.state.capture.keep.is_empty() {
+            return;
+        }
+        if let Some(index) = self.state.capture.kept(key, kind) {
+            self.state.checked.kept.push((index, value()));
+        }
     }
 
     fn string(mut self, value: &str) {
@@ -306,6 +361,17 @@ impl ValueSeed<'_, '_, '_> {
             );
             return;
         }
+        match (self.depth, &self.path.segment, self.path.parent) {
+            (1, Segment::Key(key), _) => {
+                self.capture(key, KeptKind::Label, || Captured::Text(value.to_owned()))
+            }
+            (2, Segment::Index(_), Some(parent)) => {
+                if let Segment::Key(key) = parent.segment {
+                    self.capture(key, KeptKind::Labels, || Captured::Item(value.to_owned()))
+                }
+            }
+            _ => {}
+        }
         self.privacy(Some(value));
     }
 
@@ -344,8 +410,15 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
         write!(f, "a JSON value")
     }
 
-    fn visit_bool<E: de::Error>(mut self, _: bool) -> Result<(), E> {
+    fn visit_bool<E: de::Error>(mut self, v: bool) -> Result<(), E> {
         if self.type_ok(Types::BOOLEAN) {
+            if self.depth == 1
+                && let Segment::Key(key) = self.path.segment
+            {
+                self.capture(key, KeptKind::Measure, || {
+                    Captured::Number(f64::from(u8::from(v)))
+                });
+            }
             self.privacy(None);
         }
         Ok(())

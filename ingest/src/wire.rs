@@ -49,7 +49,7 @@ pub(crate) struct WireEnvelope<'a> {
     pub experiment_assignments: Option<&'a RawValue>,
     pub properties: Properties<'a>,
     pub user_role: Option<Cow<'a, str>>,
-    pub country: bool,
+    pub country: Option<Cow<'a, str>>,
     pub region: bool,
     pub schema_version: Option<Cow<'a, str>>,
     pub geo_consent: Option<bool>,
@@ -245,7 +245,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
                         (Mode::Validate(scrubber), Some(schema)) => {
                             let seed = PropertiesSeed {
                                 rule: &schema.properties,
-                                latency_field: schema.latency.as_ref().map(|l| l.field.as_str()),
+                                capture: crate::validate::Capture::of(schema),
                                 scrubber,
                             };
                             map.next_value_seed(seed)?
@@ -295,7 +295,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
             experiment_assignments: experiment_assignments.flatten(),
             properties: properties.unwrap_or(Properties::Absent),
             user_role: user_role.flatten().map(|t| t.0),
-            country: country.flatten().is_some(),
+            country: country.flatten().map(|t| t.0),
             region: region.flatten().is_some(),
             schema_version: schema_version.flatten().map(|t| t.0),
             geo_consent: geo_consent.flatten(),

@@ -49,29 +49,60 @@ where
     K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
     R: Semigroup + ExchangeData,
 {
+    close_at(
+        updates,
+        windows,
+        move |key: &K| windows.end_of(key.window_start_ms()),
+        name,
+    )
+}
+
+/// [`close_windows`] with a later horizon: each key's window is emitted once the frontier has
+/// passed `horizon(key)` (at least the window's end), at time `horizon − 1`. A funnel's entry
+/// window, for example, is final only one conversion window after its end. Every update of a
+/// key must come at a time before its horizon.
+pub fn close_at<'s, K, R>(
+    updates: VecCollection<'s, Time, K, R>,
+    windows: Windows,
+    horizon: impl Fn(&K) -> u64 + Clone + 'static,
+    name: &str,
+) -> StreamVec<'s, Time, ClosedWindow<K, R>>
+where
+    K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
+    R: Semigroup + ExchangeData,
+{
     use timely::dataflow::operators::vec::Map;
 
-    let partials = accumulate(updates.inner, Pipeline, windows, &format!("{name}Combine"));
-    let partials = partials.flat_map(|w| {
-        let at = w.window_end_ms.saturating_sub(1);
-        w.entries
-            .into_iter()
-            .map(move |(key, diff)| (key, at, diff))
+    let partials = accumulate(
+        updates.inner,
+        Pipeline,
+        windows,
+        horizon.clone(),
+        &format!("{name}Combine"),
+    );
+    let at = horizon.clone();
+    let partials = partials.flat_map(move |w| {
+        let at = at.clone();
+        w.entries.into_iter().map(move |(key, diff)| {
+            let time = at(&key).saturating_sub(1);
+            (key, time, diff)
+        })
     });
     let exchange = Exchange::new(|(key, _time, _diff): &(K, Time, R)| key.hashed());
-    accumulate(partials, exchange, windows, name)
+    accumulate(partials, exchange, windows, horizon, name)
 }
 
 /// One window's accumulation per key. foldhash rather than std's SipHash: the keys are short
 /// labels, hashed once per update, and foldhash is seeded per process like SipHash.
 type Accumulation<K, R> = HashMap<K, R, foldhash::fast::RandomState>;
 
-/// Accumulates `(key, time, diff)` per window and key, and emits each window once the input
-/// frontier has passed its end.
+/// Accumulates `(key, time, diff)` per horizon, window and key, and emits each window once the
+/// input frontier has passed its horizon.
 fn accumulate<'s, K, R, P>(
     updates: StreamVec<'s, Time, (K, Time, R)>,
     pact: P,
     windows: Windows,
+    horizon: impl Fn(&K) -> u64 + 'static,
     name: &str,
 ) -> StreamVec<'s, Time, ClosedWindow<K, R>>
 where
@@ -80,7 +111,9 @@ where
     P: ParallelizationContract<Time, Vec<(K, Time, R)>>,
 {
     updates.unary_frontier(pact, name, move |_capability, _info| {
-        let mut open: BTreeMap<u64, (Capability<Time>, Accumulation<K, R>)> = BTreeMap::new();
+        // Keyed by (horizon, window start): windows are emitted in horizon order.
+        let mut open: BTreeMap<(u64, u64), (Capability<Time>, Accumulation<K, R>)> =
+            BTreeMap::new();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 // Every message here is sent under a capability; one without would carry no time.
@@ -90,8 +123,9 @@ where
                 };
                 for (key, _time, diff) in data.drain(..) {
                     let start = key.window_start_ms();
-                    let (_, acc) = open.entry(start).or_insert_with(|| {
-                        let emit_at = windows.end_of(start).saturating_sub(1).max(least);
+                    let closes = horizon(&key);
+                    let (_, acc) = open.entry((closes, start)).or_insert_with(|| {
+                        let emit_at = closes.saturating_sub(1).max(least);
                         (cap.delayed(&emit_at, 0), Accumulation::default())
                     });
                     match acc.entry(key) {
@@ -104,11 +138,11 @@ where
                     }
                 }
             });
-            while let Some((&start, _)) = open.first_key_value() {
-                let end = windows.end_of(start);
-                if frontier.less_than(&end) {
+            while let Some((&(closes, start), _)) = open.first_key_value() {
+                if frontier.less_than(&closes) {
                     break;
                 }
+                let end = windows.end_of(start);
                 if let Some((_, (cap, acc))) = open.pop_first() {
                     let mut entries: Vec<(K, R)> =
                         acc.into_iter().filter(|(_, r)| !r.is_zero()).collect();

@@ -8,7 +8,9 @@
 //!   `quality`, `windowed_dead_letters`), each a function from collections to a collection
 //!   whose difference is the aggregate, and [`QualityTotals`], the one reading of quality
 //!   counts as accepted, rejected and late records against the platform spec's targets;
-//! - [`close`]: [`close_windows`], which emits each window once, when the frontier has passed it.
+//! - [`close`]: [`close_windows`], which emits each window once, when the frontier has passed it
+//!   (and [`close_at`], at a later horizon);
+//! - [`funnel`]: conversion funnels, the first operator whose state spans windows.
 //!
 //! ```
 //! use differential_dataflow::input::Input;
@@ -30,6 +32,7 @@
 
 pub mod aggregates;
 pub mod close;
+pub mod funnel;
 pub mod histogram;
 pub mod window;
 
@@ -38,6 +41,6 @@ pub use aggregates::{
     REJECTION_TARGET, VariantKey, WindowedDeadLetter, event_counts, latency, latency_by_variant,
     quality, windowed_dead_letters,
 };
-pub use close::{ClosedWindow, close_windows};
+pub use close::{ClosedWindow, close_at, close_windows};
 pub use histogram::LatencyHistogram;
 pub use window::{Time, WindowKey, Windows};

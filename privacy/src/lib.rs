@@ -314,6 +314,16 @@ impl KeyRing {
         event_time_ms.div_euclid(self.rotation_ms)
     }
 
+    /// The linking key: derived from the secret, never rotated. Unit links
+    /// ([`Pseudonymizer::link_of`]) follow a unit across key periods inside the process and
+    /// its state checkpoints; they are never stored in a table or sent on a topic.
+    fn link_key(&self) -> [u8; 32] {
+        blake3::derive_key(
+            &format!("sightline unit link {}", self.key_id),
+            &self.secret,
+        )
+    }
+
     /// The key of one period, derived from the secret.
     fn period_key(&self, period: i64) -> [u8; 32] {
         let mut material = self.secret.clone();
@@ -331,6 +341,8 @@ impl KeyRing {
 #[derive(Clone, Debug)]
 pub struct Pseudonymizer {
     ring: Arc<KeyRing>,
+    /// The linking key, derived on first use.
+    link: Option<[u8; 32]>,
     /// The period, its key, and the pseudonym prefix `<key-id>.<period>.`.
     cached: Option<(i64, [u8; 32], String)>,
 }
@@ -338,12 +350,28 @@ pub struct Pseudonymizer {
 impl Pseudonymizer {
     /// A pseudonymizer over `ring`.
     pub fn new(ring: Arc<KeyRing>) -> Pseudonymizer {
-        Pseudonymizer { ring, cached: None }
+        Pseudonymizer {
+            ring,
+            link: None,
+            cached: None,
+        }
     }
 
     /// The pseudonym of `value` at `event_time_ms`: `<key-id>.<period>.<24 hex digits>`.
     pub fn pseudonym(&mut self, value: &str, event_time_ms: i64) -> String {
         self.pseudonym_of(value, event_time_ms).as_str().to_owned()
+    }
+
+    /// The unit link of `value`: a 64-bit keyed hash under the linking key, the same in every
+    /// key period (never 0, which means "not computed" on an event). Two distinct values
+    /// collide with probability 2⁻⁶⁴ per pair.
+    pub fn link_of(&mut self, value: &str) -> u64 {
+        let ring = &self.ring;
+        let key = self.link.get_or_insert_with(|| ring.link_key());
+        let digest = blake3::keyed_hash(key, value.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_bytes()[..8]);
+        u64::from_le_bytes(first).max(1)
     }
 
     /// [`Pseudonymizer::pseudonym`] as an inline [`Pseudonym`], without an allocation.

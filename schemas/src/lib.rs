@@ -22,12 +22,14 @@
 //! ```
 
 pub mod catalog;
+mod kept;
 pub mod lint;
 mod pseudonym;
 pub mod registry;
 mod text;
 mod time;
 
+pub use kept::{Kept, KeptValue, Measure};
 pub use pseudonym::{MAX_KEY_ID, Pseudonym, PseudonymTooLong};
 pub use text::Text;
 pub use time::{format_rfc3339_ms, parse_rfc3339_ms, rfc3339_bytes, utc_date_hour, wall_clock_ms};
@@ -217,6 +219,12 @@ pub struct Event {
     pub workflow_name: Option<Label>,
     /// `app_version` of the emitter.
     pub app_version: Label,
+    /// `user_role`, if given.
+    pub user_role: Option<Label>,
+    /// `country`, only when the event says the user consented (`geo_consent: true`).
+    pub country: Option<Label>,
+    /// The properties the schema keeps (`x-sightline.keep`).
+    pub kept: Kept,
     /// `event_id` (UUID).
     pub event_id: String,
     /// Tenant identifier, as a keyed pseudonym.
@@ -225,6 +233,27 @@ pub struct Event {
     pub user_id: Pseudonym,
     /// Session identifier, as a keyed pseudonym.
     pub session_id: Pseudonym,
+    /// Unit keys that link this event's identifiers across key periods, when the pipeline
+    /// asked for them (see [`Links`]).
+    pub links: Links,
+}
+
+/// Keys that follow one tenant, user or session across pseudonym key periods, for operators
+/// whose state spans a rotation (a 30-day funnel). Each is a keyed hash of the raw identifier
+/// under a *linking key* derived from the pseudonymization key and never rotated; they never
+/// reach a table or a topic, only the process and its state checkpoints, which keep a unit only
+/// while it can still convert. `0` means not computed: the decoder computes only the links
+/// some operator uses, as each costs a keyed hash per event.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Links {
+    /// Link of `tenant_id`.
+    pub tenant: u64,
+    /// Link of `user_id`.
+    pub user: u64,
+    /// Link of `session_id`.
+    pub session: u64,
 }
 
 /// What the privacy layer did to one event, counted per field (for the `quality` table).

@@ -284,6 +284,27 @@ pub struct Latency {
     pub scale_ms: f64,
 }
 
+/// How a kept property is carried on an accepted [`crate::Event`] (`x-sightline.keep`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeptKind {
+    /// A number or boolean, kept as a [`crate::Measure`] (fixed point, micro-units).
+    Measure,
+    /// A string, kept as a label (scrubbed first when its action is `scrub`).
+    Label,
+    /// An array of strings (tags), kept as a list of labels.
+    Labels,
+}
+
+/// A property that accepted events keep for the aggregates, beyond the envelope
+/// (`x-sightline.keep`): adding a metric is a schema change, not a change of the decoder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kept {
+    /// The top-level property.
+    pub field: String,
+    /// How it is kept.
+    pub kind: KeptKind,
+}
+
 /// One version of one event's schema.
 #[derive(Clone, Debug)]
 pub struct EventSchema {
@@ -297,6 +318,8 @@ pub struct EventSchema {
     pub properties: ObjectRule,
     /// The event's latency measure.
     pub latency: Option<Latency>,
+    /// The properties accepted events keep, sorted by name (`x-sightline.keep`).
+    pub keep: Vec<Kept>,
     /// The file's JSON, for lint and the reference validator.
     pub document: Value,
     /// Where it was loaded from.
@@ -764,6 +787,7 @@ fn compile_event(
             }
         }
     }
+    let keep = compile_keep(path, meta.get("keep"), &properties)?;
     Ok((
         EventSchema {
             version,
@@ -771,12 +795,95 @@ fn compile_event(
             envelope,
             properties,
             latency,
+            keep,
             document,
             file: path.to_owned(),
         },
         event_type,
         origin,
     ))
+}
+
+/// Reads `x-sightline.keep` (`{"measures": [...], "labels": [...]}`) and checks each name
+/// against the properties: a measure is a number, integer or boolean kept as it is; a label is
+/// a string (or an array of strings) that is kept or scrubbed. A pseudonymized or dropped
+/// property cannot be kept: its stored form would either be personal data or a pseudonym that
+/// changes with every key period.
+fn compile_keep(
+    path: &str,
+    keep: Option<&Value>,
+    properties: &ObjectRule,
+) -> Result<Vec<Kept>, RegistryError> {
+    let Some(keep) = keep else {
+        return Ok(Vec::new());
+    };
+    let Some(keep) = keep.as_object() else {
+        return Err(err(path, "x-sightline.keep must be an object"));
+    };
+    let mut kept = Vec::new();
+    for (list, value) in keep {
+        let measures = match list.as_str() {
+            "measures" => true,
+            "labels" => false,
+            other => {
+                return Err(err(
+                    path,
+                    format!("x-sightline.keep.{other}: only `measures` and `labels` are allowed"),
+                ));
+            }
+        };
+        let names = value
+            .as_array()
+            .ok_or_else(|| err(path, format!("x-sightline.keep.{list} must be an array")))?;
+        for name in names {
+            let name = name
+                .as_str()
+                .ok_or_else(|| err(path, format!("x-sightline.keep.{list}: names are strings")))?;
+            let Some((_, rule)) = properties.field(name) else {
+                return Err(err(
+                    path,
+                    format!("x-sightline.keep.{list}: `{name}` is not a property of the event"),
+                ));
+            };
+            let kind = if measures {
+                let numeric = Types::NUMBER.0 | Types::INTEGER.0 | Types::BOOLEAN.0 | Types::NULL.0;
+                if rule.types.0 & !numeric != 0 || rule.action != PiiAction::Keep {
+                    return Err(err(
+                        path,
+                        format!(
+                            "x-sightline.keep.measures: `{name}` must be a number, integer or boolean kept as it is"
+                        ),
+                    ));
+                }
+                KeptKind::Measure
+            } else {
+                let (kind, rule) = match &rule.items {
+                    Some(items) if rule.types.contains(Types::ARRAY) => {
+                        (KeptKind::Labels, &**items)
+                    }
+                    _ => (KeptKind::Label, rule),
+                };
+                let text = Types::STRING.0 | Types::NULL.0;
+                if rule.types.0 & !text != 0
+                    || !matches!(rule.action, PiiAction::Keep | PiiAction::Scrub)
+                {
+                    return Err(err(
+                        path,
+                        format!(
+                            "x-sightline.keep.labels: `{name}` must be a string (or an array of strings) that is kept or scrubbed"
+                        ),
+                    ));
+                }
+                kind
+            };
+            kept.push(Kept {
+                field: name.to_owned(),
+                kind,
+            });
+        }
+    }
+    kept.sort_by(|a, b| a.field.cmp(&b.field));
+    Ok(kept)
 }
 
 fn compile_object(
