@@ -435,20 +435,11 @@ impl FunnelDef {
             .take_while(|t| t.at_ms <= deadline)
             .copied();
         match self.order {
-            Order::Ordered | Order::Strict => {
-                // Bit k: some chain has reached step k + 1 and can still go on.
+            Order::Strict => {
+                // Bit k: the chain has just reached step k + 1; any other event ends it.
                 let mut alive: u32 = 1;
                 for touch in later {
-                    if self.order == Order::Strict {
-                        alive = (alive << 1) & touch.steps & all;
-                    } else {
-                        for (x, exclusion) in self.exclusions.iter().enumerate() {
-                            if touch.exclusions & (1 << x) != 0 {
-                                alive &= !span(exclusion.from_step, exclusion.to_step);
-                            }
-                        }
-                        alive |= (alive << 1) & touch.steps & all;
-                    }
+                    alive = (alive << 1) & touch.steps & all;
                     for (k, at) in first.iter_mut().enumerate() {
                         if at.is_none() && alive & (1 << k) != 0 {
                             *at = Some(touch.at_ms);
@@ -456,6 +447,37 @@ impl FunnelDef {
                     }
                     if alive == 0 {
                         break;
+                    }
+                }
+            }
+            Order::Ordered => {
+                // ceiling[k]: among the chains that have reached step k + 1, the highest step
+                // one of them may still reach (0: none has). An exclusion lowers the ceiling
+                // of the chains it falls inside to the step before its `to`; keeping only the
+                // highest ceiling per step is enough, as such a chain can do whatever a chain
+                // with a lower one can.
+                let mut ceiling = vec![0usize; n];
+                ceiling[0] = n;
+                for touch in later {
+                    for (x, exclusion) in self.exclusions.iter().enumerate() {
+                        if touch.exclusions & (1 << x) != 0 {
+                            let to = exclusion.to_step.min(n);
+                            for c in ceiling
+                                .iter_mut()
+                                .take(to.saturating_sub(1))
+                                .skip(exclusion.from_step.saturating_sub(1))
+                            {
+                                *c = (*c).min(to - 1);
+                            }
+                        }
+                    }
+                    for k in (1..n).rev() {
+                        if touch.steps & (1 << k) != 0 && ceiling[k - 1] > k {
+                            ceiling[k] = ceiling[k].max(ceiling[k - 1]);
+                            if first[k].is_none() {
+                                first[k] = Some(touch.at_ms);
+                            }
+                        }
                     }
                 }
             }
@@ -487,13 +509,6 @@ impl FunnelDef {
         }
         first
     }
-}
-
-/// The chains an exclusion between steps `from` and `to` breaks: those that have reached a
-/// step in `from..to` (bits `from − 1 ..= to − 2`).
-fn span(from: usize, to: usize) -> u32 {
-    let below = |s: usize| if s >= 32 { u32::MAX } else { (1u32 << s) - 1 };
-    below(to.saturating_sub(1)) & !below(from.saturating_sub(1))
 }
 
 /// Kuhn's augmenting path: finds a step for `event` among its `masks` bits, moving earlier
