@@ -28,6 +28,10 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     /// How the sinks retry failed deliveries.
     pub delivery: DeliveryConfig,
+    /// Product-analytics switches (the built-in funnels).
+    pub analytics: crate::analytics::AnalyticsConfig,
+    /// Conversion funnels (`[[funnels]]`), after the built-in ones.
+    pub funnels: Vec<crate::analytics::FunnelConfig>,
 }
 
 /// How the sinks retry a failed delivery (a lake write, a batch of records on a topic). A
@@ -315,6 +319,11 @@ impl LakeConfig {
 }
 
 impl Config {
+    /// The funnels this configuration runs, checked and compiled.
+    pub fn funnel_defs(&self) -> anyhow::Result<Vec<sightline_operators::funnel::FunnelDef>> {
+        crate::analytics::funnel_defs(&self.analytics, &self.funnels, self.pipeline.tick_ms)
+    }
+
     /// Loads defaults, then `file` if given, then `SIGHTLINE__*` environment variables.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         Config::load_over(Config::default(), file)
@@ -389,6 +398,7 @@ impl Config {
             bail!("lake.restricted-prefix must not be empty: restricted data is kept apart");
         }
         self.privacy.key_ring().context("privacy")?;
+        self.funnel_defs()?;
         Ok(())
     }
 }

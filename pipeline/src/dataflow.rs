@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use differential_dataflow::{AsCollection, VecCollection};
+use sightline_operators::funnel::{FunnelDef, FunnelKey, funnels};
 use sightline_operators::{
     ClosedWindow, CountKey, LatencyHistogram, LatencyKey, QualityCounts, QualityKey, Time,
     VariantKey, WindowedDeadLetter, Windows, close_windows, event_counts, latency,
@@ -84,8 +85,32 @@ pub struct Computed<'s> {
     pub dead_letters: VecCollection<'s, Time, DeadLetter>,
     /// Per route, in the order of [`Route::ALL`].
     pub routes: Vec<RouteWindows<'s>>,
+    /// The funnels of both routes (the key says which), each entry window once, at its
+    /// horizon (its end plus the funnel's conversion window).
+    pub funnels: Closed<'s, FunnelKey, LatencyHistogram>,
+    /// The funnel definitions, in the order [`FunnelKey::funnel`] indexes.
+    pub funnel_defs: Arc<[FunnelDef]>,
     /// The sources' frontier: the global watermark.
     pub watermark: ProbeHandle<Time>,
+}
+
+/// What the long-horizon operators compute, and from where they resume.
+#[derive(Clone, Debug)]
+pub struct Analytics {
+    /// The funnels.
+    pub funnels: Arc<[FunnelDef]>,
+    /// Entry windows whose horizon is at or before this time are written already (a restart).
+    pub written_before: Time,
+}
+
+impl Analytics {
+    /// No funnels.
+    pub fn none() -> Analytics {
+        Analytics {
+            funnels: Arc::from(Vec::new()),
+            written_before: 0,
+        }
+    }
 }
 
 // The `ok_err` split carries a whole dead letter in `Err`; it is moved, not copied around.
@@ -96,6 +121,7 @@ pub fn compute<'s>(
     scope: Scope<'s, Time>,
     reader: Box<dyn RecordReader>,
     settings: IngestSettings,
+    analytics: &Analytics,
     durable: ProbeHandle<Time>,
     stats: Arc<IngestStats>,
 ) -> Computed<'s> {
@@ -131,10 +157,18 @@ pub fn compute<'s>(
             aggregate(route, events.as_collection(), dead.as_collection(), windows)
         })
         .collect();
+    let funnels = funnels(
+        events.clone(),
+        Arc::clone(&analytics.funnels),
+        windows,
+        analytics.written_before,
+    );
     Computed {
         events,
         dead_letters,
         routes,
+        funnels,
+        funnel_defs: Arc::clone(&analytics.funnels),
         watermark,
     }
 }
@@ -184,11 +218,12 @@ pub fn build<'s>(
     scope: Scope<'s, Time>,
     reader: Box<dyn RecordReader>,
     settings: IngestSettings,
+    analytics: &Analytics,
     stats: Arc<IngestStats>,
     outputs: crate::emit::Outputs,
 ) -> (ProbeHandle<Time>, ProbeHandle<Time>) {
     let durable = ProbeHandle::new();
-    let computed = compute(scope, reader, settings, durable.clone(), stats);
+    let computed = compute(scope, reader, settings, analytics, durable.clone(), stats);
     let watermark = computed.watermark.clone();
     crate::emit::emit(computed, outputs, &durable);
     (durable, watermark)

@@ -13,6 +13,7 @@ use sightline_sinks::tables::{
     DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow,
     VariantLatencyRow,
 };
+use sightline_sinks::product::FunnelRow;
 use sightline_sinks::{
     Lake, RetryPolicy, SinkHealth, Table, WindowRows, durable_sink, write_windows,
 };
@@ -68,6 +69,31 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
                 }
             });
         durable_sink(records, topic, retry, &health, durable);
+    }
+    let funnel_defs = Arc::clone(&computed.funnel_defs);
+    let funnels = computed.funnels;
+    for route in Route::ALL {
+        let defs = Arc::clone(&funnel_defs);
+        let restricted = route == Route::Restricted;
+        let rows = funnels.clone().flat_map(move |w| {
+            FunnelRow::from_closed(&w, &defs, restricted)
+                .into_iter()
+                .map(|(funnel, rows)| WindowRows {
+                    window_start_ms: w.window_start_ms,
+                    window_end_ms: w.window_end_ms,
+                    part: defs.get(usize::from(funnel)).map(|d| d.name.clone()),
+                    rows,
+                })
+                .collect::<Vec<_>>()
+        });
+        let lake = match route {
+            Route::Standard => lake.clone(),
+            Route::Restricted => restricted_lake.clone(),
+        };
+        let reports = reports.clone();
+        write_windows(rows, lake, retry, &health, durable).inspect(move |written| {
+            let _ = reports.send(Report::Later(written.clone()));
+        });
     }
     for windows in computed.routes {
         let tables = Tables {
@@ -141,6 +167,7 @@ where
         WindowRows {
             window_start_ms,
             window_end_ms,
+            part: None,
             rows: to_rows(w),
         }
     })

@@ -12,6 +12,17 @@
 //! deliberately broken (truncated, wrong types, missing fields, unknown names, invalid
 //! UTF-8, empty lines), so that every path of the pipeline is exercised. Output is fully
 //! determined by the seed.
+//!
+//! Events are linked the way the seeds' workflows link them, so that funnels, triage and
+//! alerts have something to find. An event may schedule a *follow-up* of the same user (and
+//! the same recommendation, action and ids), emitted when the clock reaches it:
+//! `project_viewed` → `project_created` → `task_assigned`; `recommendation_generated` →
+//! `recommendation_accepted` (or `_dismissed`) → `action_executed` (schema 1.1.0, with the
+//! `recommendation_id`) → `outcome_reply_received` → `outcome_meeting_booked` →
+//! `outcome_deal_advanced`; `project_creation_error` → a low-score, blocked feedback. Time is
+//! compressed: the seconds and minutes between steps stand for the hours and days of real
+//! traffic. Every three minutes of event time the `gmail` integration fails half its calls for
+//! twenty seconds and its circuit breaker opens, then recovers.
 
 use std::io::Write;
 
@@ -113,29 +124,62 @@ impl Rng {
 }
 
 /// Event names with their relative frequency.
+/// Follow-ups add more of the later steps (see the module documentation); circuit breakers
+/// open only in the failure bursts.
 const WEIGHTS: &[(&str, u32)] = &[
     ("project_viewed", 120),
-    ("project_created", 25),
-    ("task_assigned", 60),
+    ("project_created", 8),
+    ("task_assigned", 35),
     ("project_creation_error", 6),
-    ("project_feedback_submitted", 8),
+    ("project_feedback_submitted", 6),
     ("recommendation_generated", 60),
     ("recommendation_viewed", 40),
-    ("recommendation_accepted", 25),
-    ("recommendation_dismissed", 12),
-    ("action_executed", 25),
+    ("recommendation_accepted", 5),
+    ("recommendation_dismissed", 3),
+    ("action_executed", 8),
     ("action_failed", 3),
     ("action_rolled_back", 1),
-    ("outcome_reply_received", 10),
-    ("outcome_meeting_booked", 6),
-    ("outcome_deal_advanced", 3),
+    ("outcome_reply_received", 2),
+    ("outcome_meeting_booked", 1),
+    ("outcome_deal_advanced", 1),
     ("outcome_deliverable_shipped", 2),
     ("signal_received", 50),
     ("signal_processed", 48),
     ("integration_call_success", 150),
-    ("integration_call_failed", 8),
-    ("circuit_breaker_opened", 1),
+    ("integration_call_failed", 2),
 ];
+
+/// Every `BURST_PERIOD_MS` of event time, from `BURST_START_MS` into the period and for
+/// `BURST_MS`, half the calls to [`BURST_INTEGRATION`] fail and its breaker opens.
+const BURST_PERIOD_MS: i64 = 180_000;
+const BURST_START_MS: i64 = 10_000;
+const BURST_MS: i64 = 20_000;
+const BURST_INTEGRATION: &str = "gmail";
+
+/// What links an event to the ones before it in its workflow.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Context {
+    recommendation_id: Option<String>,
+    action_id: Option<String>,
+    action_type: Option<&'static str>,
+    /// APS score in tenths.
+    aps_tenths: Option<u64>,
+    /// The integration of a call or breaker, when it is forced (a burst).
+    integration: Option<&'static str>,
+    /// Feedback after an error: a low score.
+    after_error: bool,
+}
+
+/// A scheduled event of the same user.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct FollowUp {
+    at_ms: i64,
+    seq: u64,
+    name: &'static str,
+    tenant: u64,
+    user: u64,
+    context: Context,
+}
 
 /// Generates NDJSON lines. See the module documentation.
 #[derive(Clone, Debug)]
@@ -144,6 +188,10 @@ pub struct Generator {
     rng: Rng,
     emitted: u64,
     total_weight: u32,
+    pending: std::collections::BinaryHeap<std::cmp::Reverse<FollowUp>>,
+    scheduled: u64,
+    /// The burst whose breaker has opened.
+    breaker_burst: Option<i64>,
 }
 
 impl Generator {
@@ -155,6 +203,9 @@ impl Generator {
             rng,
             emitted: 0,
             total_weight: WEIGHTS.iter().map(|w| w.1).sum(),
+            pending: Default::default(),
+            scheduled: 0,
+            breaker_burst: None,
         }
     }
 
@@ -173,6 +224,17 @@ impl Generator {
         let nominal = self.clock_ms();
         self.emitted += 1;
         let jitter = self.rng.below(self.config.jitter_ms + 1) as i64;
+        if self
+            .pending
+            .peek()
+            .is_some_and(|std::cmp::Reverse(f)| f.at_ms <= nominal)
+            && let Some(std::cmp::Reverse(f)) = self.pending.pop()
+        {
+            // Never further behind the clock than an on-time event.
+            let time = f.at_ms.max(nominal - jitter);
+            self.event_as(f.name, time, Some((f.tenant, f.user)), f.context, out);
+            return LineKind::Good;
+        }
         let roll = self.rng.unit();
         if roll < self.config.bad_fraction {
             self.bad_line(nominal - jitter, out);
@@ -197,14 +259,100 @@ impl Generator {
 
     /// Appends one valid event at `time_ms` to `out`.
     pub fn event(&mut self, time_ms: i64, out: &mut Vec<u8>) {
-        let name = self.pick_name();
-        self.event_named(name, time_ms, out);
+        let mut name = self.pick_name();
+        let mut context = Context::default();
+        if let Some(burst) = self.burst_at(time_ms)
+            && name == "integration_call_success"
+            && self.rng.below(2) == 0
+        {
+            name = "integration_call_failed";
+            context.integration = Some(BURST_INTEGRATION);
+            if self.breaker_burst != Some(burst) {
+                self.breaker_burst = Some(burst);
+                let breaker = Context {
+                    integration: Some(BURST_INTEGRATION),
+                    ..Context::default()
+                };
+                self.schedule(time_ms + 1_000, "circuit_breaker_opened", (0, 0), breaker);
+            }
+        }
+        self.event_as(name, time_ms, None, context, out);
     }
 
-    fn event_named(&mut self, name: &str, time_ms: i64, out: &mut Vec<u8>) {
+    /// The burst `time_ms` falls in, if it falls in one.
+    fn burst_at(&self, time_ms: i64) -> Option<i64> {
+        let since = time_ms - self.config.start_ms;
+        let phase = since.rem_euclid(BURST_PERIOD_MS);
+        (BURST_START_MS..BURST_START_MS + BURST_MS)
+            .contains(&phase)
+            .then(|| since.div_euclid(BURST_PERIOD_MS))
+    }
+
+    fn schedule(&mut self, at_ms: i64, name: &'static str, who: (u64, u64), context: Context) {
+        self.scheduled += 1;
+        self.pending.push(std::cmp::Reverse(FollowUp {
+            at_ms,
+            seq: self.scheduled,
+            name,
+            tenant: who.0,
+            user: who.1,
+            context,
+        }));
+    }
+
+    /// Schedules the next step of the workflow `name` belongs to, with its probability.
+    fn follow(&mut self, name: &str, time_ms: i64, who: (u64, u64), context: &Context) {
         let r = &mut self.rng;
-        let tenant = r.below(u64::from(self.config.tenants));
-        let user = r.below(u64::from(self.config.users));
+        let roll = r.unit();
+        let after = |r: &mut Rng, median_s: f64| time_ms + (r.log_normal(median_s, 0.7) * 1000.0) as i64;
+        let next: Option<(&'static str, i64)> = match name {
+            "project_viewed" if roll < 0.35 => Some(("project_created", after(r, 45.0))),
+            "project_created" if roll < 0.6 => Some(("task_assigned", after(r, 30.0))),
+            "project_creation_error" if roll < 0.5 => {
+                Some(("project_feedback_submitted", after(r, 20.0)))
+            }
+            "recommendation_generated" if roll < 0.55 => {
+                Some(("recommendation_accepted", after(r, 20.0)))
+            }
+            "recommendation_generated" if roll < 0.8 => {
+                Some(("recommendation_dismissed", after(r, 25.0)))
+            }
+            "recommendation_accepted" if roll < 0.85 => Some(("action_executed", after(r, 10.0))),
+            "action_executed" if context.recommendation_id.is_some() && roll < 0.45 => {
+                Some(("outcome_reply_received", after(r, 60.0)))
+            }
+            "outcome_reply_received" if context.recommendation_id.is_some() && roll < 0.55 => {
+                Some(("outcome_meeting_booked", after(r, 90.0)))
+            }
+            "outcome_meeting_booked" if context.recommendation_id.is_some() && roll < 0.5 => {
+                Some(("outcome_deal_advanced", after(r, 120.0)))
+            }
+            _ => None,
+        };
+        if let Some((next, at)) = next {
+            let mut context = context.clone();
+            context.after_error = name == "project_creation_error";
+            context.integration = None;
+            self.schedule(at, next, who, context);
+        }
+    }
+
+    fn event_as(
+        &mut self,
+        name: &'static str,
+        time_ms: i64,
+        who: Option<(u64, u64)>,
+        mut context: Context,
+        out: &mut Vec<u8>,
+    ) {
+        let r = &mut self.rng;
+        let (tenant, user) = match who {
+            Some(who) => who,
+            None => (
+                r.below(u64::from(self.config.tenants)),
+                r.below(u64::from(self.config.users)),
+            ),
+        };
         // A user's events share a session for up to five minutes of event time (sessions start
         // at a different offset for each user), as real sessions do.
         let session = mix(user.wrapping_mul(SESSION_MS)
@@ -246,6 +394,12 @@ impl Generator {
                 ]),
             )
         };
+        // An action that executes a recommendation says which one (schema 1.1.0).
+        let version = if name == "action_executed" && context.recommendation_id.is_some() {
+            "1.1.0"
+        } else {
+            "1.0.0"
+        };
         let (source, platform, device) = match name {
             "project_viewed" | "project_feedback_submitted" | "recommendation_viewed" => (
                 "client",
@@ -259,7 +413,7 @@ impl Generator {
         };
         let _ = write!(
             out,
-            r#"{{"event_id":"{}","event_name":"{name}","event_type":"{spec}","timestamp":"{}","schema_version":"1.0.0","source":"{source}","platform":"{platform}","app_version":"{}","tenant_id":"t_{:016x}","user_id":"u_{:016x}","user_role":"{}","session_id":"s_{session:010x}","auth_context":"{}","is_internal":{},"feature_area":"{feature_area}","workflow_name":"{workflow}","surface":"{surface}","#,
+            r#"{{"event_id":"{}","event_name":"{name}","event_type":"{spec}","timestamp":"{}","schema_version":"{version}","source":"{source}","platform":"{platform}","app_version":"{}","tenant_id":"t_{:016x}","user_id":"u_{:016x}","user_role":"{}","session_id":"s_{session:010x}","auth_context":"{}","is_internal":{},"feature_area":"{feature_area}","workflow_name":"{workflow}","surface":"{surface}","#,
             uuid_v4(r),
             format_rfc3339_ms(time_ms),
             r.pick(&["4.2.0", "4.2.1", "4.3.0-beta.1"]),
@@ -307,10 +461,17 @@ impl Generator {
             out,
             r#""pii_classification":"{}","data_sensitivity":"{}","properties":"#,
             r.pick(&["none", "low", "low", "medium"]),
-            r.pick(&["internal", "internal", "internal", "public", "restricted"]),
+            // Sensitivity is the tenant's: one in five tenants' data is restricted, so that a
+            // user's workflow stays on one route.
+            if tenant % 5 == 0 {
+                "restricted"
+            } else {
+                *r.pick(&["internal", "internal", "internal", "public"])
+            },
         );
-        self.properties(name, out);
+        self.properties(name, &mut context, out);
         out.push(b'}');
+        self.follow(name, time_ms, (tenant, user), &context);
     }
 
     fn pick_name(&mut self) -> &'static str {
@@ -324,7 +485,8 @@ impl Generator {
         WEIGHTS[0].0
     }
 
-    fn properties(&mut self, name: &str, out: &mut Vec<u8>) {
+    /// Writes the properties of `name`, taking the ids in `c` and recording the ones it makes.
+    fn properties(&mut self, name: &str, c: &mut Context, out: &mut Vec<u8>) {
         let r = &mut self.rng;
         let ms = |r: &mut Rng, median: f64| (r.log_normal(median, 0.6) * 10.0).round() / 10.0;
         let id = |r: &mut Rng| uuid_v4(r);
@@ -368,28 +530,51 @@ impl Generator {
                 r.below(4),
                 r.next_u64()
             ),
-            "project_feedback_submitted" => write!(
+            "project_feedback_submitted" if c.after_error => write!(
                 out,
-                r#"{{"score":{},"sentiment":"{}","tags":["{}"],"comment_present":{},"correlation_id":"{}","blocked":false,"blocker_type":null}}"#,
-                1 + r.below(5),
-                r.pick(&["positive", "neutral", "negative"]),
-                r.pick(&["usability", "performance", "policy", "docs", "support"]),
-                r.below(3) == 0,
-                id(r)
+                r#"{{"score":{},"sentiment":"negative","tags":["{}"],"comment_present":false,"correlation_id":"{}","blocked":{},"blocker_type":{}}}"#,
+                1 + r.below(2),
+                r.pick(&["usability", "performance", "support"]),
+                id(r),
+                r.below(2) == 0,
+                r.pick(&["\"bug\"", "\"integration_failure\"", "null"]),
             ),
-            "recommendation_generated" => write!(
+            "project_feedback_submitted" => {
+                let score = *r.pick(&[1, 2, 3, 3, 4, 4, 4, 5, 5, 5]);
+                let sentiment = match score {
+                    1 | 2 => "negative",
+                    3 => "neutral",
+                    _ => "positive",
+                };
+                write!(
+                    out,
+                    r#"{{"score":{score},"sentiment":"{sentiment}","tags":["{}"],"comment_present":{},"correlation_id":"{}","blocked":false,"blocker_type":null}}"#,
+                    r.pick(&["usability", "performance", "policy", "docs", "support"]),
+                    r.below(3) == 0,
+                    id(r)
+                )
+            }
+            "recommendation_generated" => {
+                let rec = id(r);
+                let aps = 200 + r.below(800);
+                let action_type = *r.pick(&["send_email", "create_task", "book_meeting"]);
+                c.recommendation_id = Some(rec.clone());
+                c.aps_tenths = Some(aps);
+                c.action_type = Some(action_type);
+                write!(
                 out,
                 r#"{{"recommendation_id":"{}","aps_score":{:.1},"action_type":"{}","revenue_impact":{},"urgency_days":{},"effort_minutes":{},"icp_score":{:.2},"reasoning":"High pipeline value, demo tomorrow (urgent), strong ICP fit","signal_source":"{}","signal_type":"{}"}}"#,
-                id(r),
-                20.0 + r.unit() * 80.0,
-                r.pick(&["send_email", "create_task", "book_meeting"]),
+                rec,
+                aps as f64 / 10.0,
+                action_type,
                 1000 * r.below(100),
                 r.below(14),
                 5 + r.below(60),
                 r.unit(),
                 r.pick(&["hubspot", "gmail", "calendar", "webhook"]),
                 r.pick(&["form_submitted", "deal_stage_changed", "email_replied"])
-            ),
+            )
+            }
             "recommendation_viewed" => write!(
                 out,
                 r#"{{"recommendations_shown":{},"top_score":{:.1},"bottom_score":{:.1}}}"#,
@@ -397,33 +582,55 @@ impl Generator {
                 70.0 + r.unit() * 30.0,
                 20.0 + r.unit() * 30.0
             ),
-            "recommendation_accepted" => write!(
-                out,
-                r#"{{"recommendation_id":"{}","queue_item_id":"{}","aps_score":{:.1},"action_type":"{}","time_to_decision_seconds":{}}}"#,
-                id(r),
-                id(r),
-                40.0 + r.unit() * 60.0,
-                r.pick(&["send_email", "create_task"]),
-                (r.log_normal(15.0, 0.8) * 10.0).round() / 10.0
-            ),
-            "recommendation_dismissed" => write!(
-                out,
-                r#"{{"recommendation_id":"{}","queue_item_id":"{}","aps_score":{:.1},"action_type":"{}","dismiss_reason":"{}"}}"#,
-                id(r),
-                id(r),
-                20.0 + r.unit() * 60.0,
-                r.pick(&["send_email", "create_task"]),
-                r.pick(&["not_relevant", "already_done", "bad_timing"])
-            ),
-            "action_executed" => write!(
-                out,
-                r#"{{"action_id":"{}","action_type":"{}","execution_mode":"{}","success":true,"error":null,"duration_ms":{},"metadata":{{"subject":"Follow up: Demo tomorrow","gmail_message_id":"msg_{}"}}}}"#,
-                id(r),
-                r.pick(&["send_email", "create_task"]),
-                r.pick(&["automated", "manual", "dry_run"]),
-                ms(r, 450.0),
-                r.below(100_000)
-            ),
+            "recommendation_accepted" => {
+                let rec = c.recommendation_id.clone().unwrap_or_else(|| id(r));
+                let aps = c.aps_tenths.unwrap_or_else(|| 400 + r.below(600));
+                let action_type = c
+                    .action_type
+                    .unwrap_or_else(|| *r.pick(&["send_email", "create_task"]));
+                // Higher scores are decided on faster.
+                let decision = r.log_normal(25.0 - aps as f64 / 60.0, 0.8);
+                write!(
+                    out,
+                    r#"{{"recommendation_id":"{rec}","queue_item_id":"{}","aps_score":{:.1},"action_type":"{action_type}","time_to_decision_seconds":{}}}"#,
+                    id(r),
+                    aps as f64 / 10.0,
+                    (decision * 10.0).round() / 10.0
+                )
+            }
+            "recommendation_dismissed" => {
+                let rec = c.recommendation_id.clone().unwrap_or_else(|| id(r));
+                let aps = c.aps_tenths.unwrap_or_else(|| 200 + r.below(600));
+                let action_type = c
+                    .action_type
+                    .unwrap_or_else(|| *r.pick(&["send_email", "create_task"]));
+                write!(
+                    out,
+                    r#"{{"recommendation_id":"{rec}","queue_item_id":"{}","aps_score":{:.1},"action_type":"{action_type}","dismiss_reason":"{}"}}"#,
+                    id(r),
+                    aps as f64 / 10.0,
+                    r.pick(&["not_relevant", "already_done", "bad_timing"])
+                )
+            }
+            "action_executed" => {
+                let action = id(r);
+                let action_type = c
+                    .action_type
+                    .unwrap_or_else(|| *r.pick(&["send_email", "create_task"]));
+                let linked = c
+                    .recommendation_id
+                    .as_ref()
+                    .map(|rec| format!(r#""recommendation_id":"{rec}","#))
+                    .unwrap_or_default();
+                c.action_id = Some(action.clone());
+                write!(
+                    out,
+                    r#"{{"action_id":"{action}",{linked}"action_type":"{action_type}","execution_mode":"{}","success":true,"error":null,"duration_ms":{},"metadata":{{"subject":"Follow up: Demo tomorrow","gmail_message_id":"msg_{}"}}}}"#,
+                    r.pick(&["automated", "manual", "dry_run"]),
+                    ms(r, 450.0),
+                    r.below(100_000)
+                )
+            }
             "action_failed" => write!(
                 out,
                 r#"{{"action_id":"{}","action_type":"send_email","error_type":"{}","error_message":"Gmail API: Daily sending limit exceeded","retryable":{}}}"#,
@@ -437,30 +644,36 @@ impl Generator {
                 id(r),
                 r.pick(&["user_requested", "failed_validation", "duplicate_detected"])
             ),
-            "outcome_reply_received" => write!(
-                out,
-                r#"{{"draft_id":"{}","action_id":"{}","recommendation_id":"{}","time_to_reply_hours":{:.1},"reply_sentiment":"{}"}}"#,
-                id(r),
-                id(r),
-                id(r),
-                r.log_normal(4.5, 0.7),
-                r.pick(&["positive", "neutral", "negative"])
-            ),
-            "outcome_meeting_booked" => write!(
-                out,
-                r#"{{"draft_id":"{}","action_id":"{}","recommendation_id":"{}","meeting_time":"2026-01-24T14:00:00Z","time_to_book_hours":{}}}"#,
-                id(r),
-                id(r),
-                id(r),
-                1 + r.below(72)
-            ),
-            "outcome_deal_advanced" => write!(
-                out,
-                r#"{{"deal_id":"hs_deal_{}","recommendation_id":"{}","old_stage":"SQL","new_stage":"Opportunity","pipeline_value":{}}}"#,
-                r.below(10_000),
-                id(r),
-                5000 * (1 + r.below(20))
-            ),
+            "outcome_reply_received" => {
+                let draft = id(r);
+                let action = c.action_id.clone().unwrap_or_else(|| id(r));
+                let rec = c.recommendation_id.clone().unwrap_or_else(|| id(r));
+                write!(
+                    out,
+                    r#"{{"draft_id":"{draft}","action_id":"{action}","recommendation_id":"{rec}","time_to_reply_hours":{:.1},"reply_sentiment":"{}"}}"#,
+                    r.log_normal(4.5, 0.7),
+                    r.pick(&["positive", "neutral", "negative"])
+                )
+            }
+            "outcome_meeting_booked" => {
+                let draft = id(r);
+                let action = c.action_id.clone().unwrap_or_else(|| id(r));
+                let rec = c.recommendation_id.clone().unwrap_or_else(|| id(r));
+                write!(
+                    out,
+                    r#"{{"draft_id":"{draft}","action_id":"{action}","recommendation_id":"{rec}","meeting_time":"2026-01-24T14:00:00Z","time_to_book_hours":{}}}"#,
+                    1 + r.below(72)
+                )
+            }
+            "outcome_deal_advanced" => {
+                let deal = r.below(10_000);
+                let rec = c.recommendation_id.clone().unwrap_or_else(|| id(r));
+                write!(
+                    out,
+                    r#"{{"deal_id":"hs_deal_{deal}","recommendation_id":"{rec}","old_stage":"SQL","new_stage":"Opportunity","pipeline_value":{}}}"#,
+                    5000 * (1 + r.below(20))
+                )
+            }
             "outcome_deliverable_shipped" => write!(
                 out,
                 r#"{{"deliverable_id":"{}","client":"c_{:08x}","deliverable_type":"{}","on_time":{}}}"#,
@@ -495,13 +708,15 @@ impl Generator {
             "integration_call_failed" => write!(
                 out,
                 r#"{{"integration":"{}","endpoint":"/crm/v3/objects/deals","method":"GET","status_code":{},"error_message":"Rate limit exceeded","retryable":true}}"#,
-                r.pick(&["hubspot", "gmail", "calendar"]),
+                c.integration
+                    .unwrap_or_else(|| *r.pick(&["hubspot", "gmail", "calendar"])),
                 r.pick(&[429, 500, 502, 503])
             ),
             _ => write!(
                 out,
                 r#"{{"service":"{}","failure_count":{},"threshold":5}}"#,
-                r.pick(&["hubspot", "gmail", "calendar"]),
+                c.integration
+                    .unwrap_or_else(|| *r.pick(&["hubspot", "gmail", "calendar"])),
                 5 + r.below(3)
             ),
         };
@@ -512,7 +727,7 @@ impl Generator {
         match self.rng.below(9) {
             0 => {
                 // An e-mail address in a path: accepted, scrubbed.
-                self.event_named("integration_call_success", time_ms, out);
+                self.event_as("integration_call_success", time_ms, None, Context::default(), out);
                 replace_once(
                     out,
                     start,
@@ -540,7 +755,7 @@ impl Generator {
             }
             3 => {
                 // Exact coordinates: rejected.
-                self.event_named("circuit_breaker_opened", time_ms, out);
+                self.event_as("circuit_breaker_opened", time_ms, None, Context::default(), out);
                 replace_once(
                     out,
                     start,
@@ -551,13 +766,13 @@ impl Generator {
             }
             4 => {
                 // Coarse geo without consent: accepted, country and region dropped.
-                self.event_named("project_viewed", time_ms, out);
+                self.event_as("project_viewed", time_ms, None, Context::default(), out);
                 replace_once(out, start, br#""geo_consent":true,"#, b"");
                 LineKind::Good
             }
             5 => {
                 // Contact data and a secret in free text: accepted, scrubbed.
-                self.event_named("action_failed", time_ms, out);
+                self.event_as("action_failed", time_ms, None, Context::default(), out);
                 replace_once(
                     out,
                     start,
@@ -568,7 +783,7 @@ impl Generator {
             }
             6 => {
                 // An e-mail address as an enum value: rejected; the value appears nowhere.
-                self.event_named("integration_call_failed", time_ms, out);
+                self.event_as("integration_call_failed", time_ms, None, Context::default(), out);
                 replace_once(
                     out,
                     start,

@@ -27,6 +27,7 @@
 //! println!("{summary}");
 //! ```
 
+pub mod analytics;
 pub mod config;
 pub mod dataflow;
 pub mod demo;

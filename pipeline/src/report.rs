@@ -12,6 +12,9 @@ pub enum Report {
     Quality(u64, u64, QualityTotals),
     /// A window file is durable.
     Written(WrittenWindow),
+    /// A file written after its window was released (a funnel's entry window, written at its
+    /// horizon): counted in the totals, not as a window.
+    Later(WrittenWindow),
 }
 
 /// What is known of one window so far.
@@ -63,6 +66,11 @@ impl Progress {
                 w.files += 1;
                 w.rows += written.rows;
                 w.bytes += written.bytes;
+            }
+            Report::Later(written) => {
+                self.totals.files += 1;
+                self.totals.rows += written.rows;
+                self.totals.bytes += written.bytes;
             }
         }
     }

@@ -14,7 +14,7 @@ use sightline_sinks::{Lake, SinkHealth};
 use tracing::{info, warn};
 
 use crate::config::{Config, KafkaConfig};
-use crate::dataflow::{Route, build, windows_of};
+use crate::dataflow::{Analytics, Route, build, windows_of};
 use crate::emit::Outputs;
 use crate::report::{Progress, window_line};
 use sightline_ingest::source::checkpoint::CheckpointStore;
@@ -165,8 +165,9 @@ impl CheckpointStore for LakeCheckpoints {
 
 /// The decoders of one worker: the replay format (or the canonical envelope) by default, and
 /// each Kafka topic's declared format.
-fn decoders_for(job: &Job, keys: &Arc<KeyRing>) -> Decoders {
-    let base = Decoder::new(job.config.pipeline.max_event_bytes, Arc::clone(keys));
+fn decoders_for(job: &Job, keys: &Arc<KeyRing>, analytics: &Analytics) -> Decoders {
+    let base = Decoder::new(job.config.pipeline.max_event_bytes, Arc::clone(keys))
+        .with_links(crate::analytics::link_fields(&analytics.funnels));
     let mut decoders = Decoders::new(base.clone().with_format(job.format.clone()));
     if let Input::Kafka(kafka) = &job.input {
         for topic in &kafka.topics {
@@ -260,6 +261,10 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             Arc::new(KeyRing::ephemeral(job.config.privacy.rotation_days)?)
         }
     };
+    let analytics = Analytics {
+        funnels: job.config.funnel_defs()?.into(),
+        written_before: 0,
+    };
     let (reports_tx, reports_rx) = mpsc::channel();
     let frontiers: Arc<Vec<AtomicU64>> =
         Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
@@ -284,6 +289,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             Arc::clone(&keys),
         );
         let (abort, drain, health) = (Arc::clone(&abort), Arc::clone(&drain), Arc::clone(&health));
+        let analytics = analytics.clone();
         let reports_tx = std::sync::Mutex::new(reports_tx);
         timely::execute(
             timely::Config::process(workers),
@@ -303,7 +309,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                         idle_timeout: Duration::from_millis(p.idle_timeout_ms),
                         batch_size: p.batch_size,
                         windows: windows_of(p),
-                        decoders: decoders_for(&job, &keys),
+                        decoders: decoders_for(&job, &keys, &analytics),
                         max_future_skew_ms: p.max_future_skew_ms,
                         drain: Arc::clone(&drain),
                     };
@@ -335,7 +341,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                     };
                     let stats = Arc::clone(&stats);
                     let (probe, watermark) = worker.dataflow::<Time, _, _>(|scope| {
-                        build(scope, reader, settings, stats, outputs)
+                        build(scope, reader, settings, &analytics, stats, outputs)
                     });
                     let windows = windows_of(p);
                     let mut deadline = None;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sightline::dataflow::build;
+use sightline::dataflow::{Analytics, build};
 use sightline::emit::Outputs;
 use sightline::generator::{Generator, GeneratorConfig};
 use sightline_ingest::Decoder;
@@ -106,7 +106,9 @@ fn a_record_after_an_idle_jump_never_reopens_a_written_window() {
         };
         let stats = Arc::new(IngestStats::default());
         let (probe, _watermark) =
-            worker.dataflow::<Time, _, _>(|scope| build(scope, reader, settings, stats, outputs));
+            worker.dataflow::<Time, _, _>(|scope| {
+                build(scope, reader, settings, &Analytics::none(), stats, outputs)
+            });
         while !probe.done() {
             worker.step_or_park(Some(Duration::from_millis(10)));
         }

@@ -419,6 +419,7 @@ embedded!(
     "events/recommendation_accepted/1.0.0.json",
     "events/recommendation_dismissed/1.0.0.json",
     "events/action_executed/1.0.0.json",
+    "events/action_executed/1.1.0.json",
     "events/action_failed/1.0.0.json",
     "events/action_rolled_back/1.0.0.json",
     "events/outcome_reply_received/1.0.0.json",

@@ -16,9 +16,22 @@ use crate::{Error, Result, Table, WrittenWindow, parquet_encode};
 /// window start (UTC). The name depends only on the table and the window, so a rewrite of the
 /// same window replaces its file.
 pub fn window_path(table: &str, window_start_ms: u64, window_end_ms: u64) -> String {
+    window_part_path(table, window_start_ms, window_end_ms, None)
+}
+
+/// [`window_path`] of one part of a window, when a table writes a window in several files
+/// (the `funnels` table: one per funnel, as each funnel's window closes at its own horizon):
+/// `…/part-<start>-<end>-<part>.parquet`.
+pub fn window_part_path(
+    table: &str,
+    window_start_ms: u64,
+    window_end_ms: u64,
+    part: Option<&str>,
+) -> String {
     let (y, m, d, h) = utc_date_hour(window_start_ms as i64);
+    let suffix = part.map(|p| format!("-{p}")).unwrap_or_default();
     format!(
-        "{table}/dt={y:04}-{m:02}-{d:02}/hr={h:02}/part-{}-{}.parquet",
+        "{table}/dt={y:04}-{m:02}-{d:02}/hr={h:02}/part-{}-{}{suffix}.parquet",
         compact_utc(window_start_ms),
         compact_utc(window_end_ms)
     )
@@ -213,6 +226,17 @@ impl Lake {
         window_end_ms: u64,
         rows: &[T],
     ) -> Result<WrittenWindow> {
+        self.write_window_part(window_start_ms, window_end_ms, None, rows)
+    }
+
+    /// Writes one part of a window of table `T` ([`window_part_path`]).
+    pub fn write_window_part<T: Table>(
+        &self,
+        window_start_ms: u64,
+        window_end_ms: u64,
+        part: Option<&str>,
+        rows: &[T],
+    ) -> Result<WrittenWindow> {
         let days = if T::RAW {
             self.retention.raw_days
         } else {
@@ -228,7 +252,7 @@ impl Lake {
         let path = format!(
             "{}{}",
             self.prefix,
-            window_path(T::NAME, window_start_ms, window_end_ms)
+            window_part_path(T::NAME, window_start_ms, window_end_ms, part)
         );
         let size = bytes.len() as u64;
         let mut tags = TagSet::default();

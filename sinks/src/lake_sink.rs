@@ -19,6 +19,9 @@ pub struct WindowRows<R> {
     pub window_start_ms: u64,
     /// Window end, ms since the epoch.
     pub window_end_ms: u64,
+    /// Which part of the window, for a table written in several files per window (see
+    /// [`crate::lake::window_part_path`]); `None` for one file per window.
+    pub part: Option<sightline_schemas::Label>,
     /// The rows.
     pub rows: Vec<R>,
 }
@@ -65,7 +68,7 @@ impl<R> TableSink<R> {
 
 impl<R: Table + ExchangeData> Deliver for TableSink<R> {
     type Item = WindowRows<R>;
-    type Batch = (u64, u64);
+    type Batch = (u64, u64, Option<sightline_schemas::Label>);
     type Sealed = Vec<R>;
     type Receipt = WrittenWindow;
 
@@ -76,21 +79,22 @@ impl<R: Table + ExchangeData> Deliver for TableSink<R> {
     }
 
     fn route(part: &WindowRows<R>) -> Option<u64> {
-        Some(part.window_start_ms.hashed())
+        Some((part.window_start_ms, &part.part).hashed())
     }
 
-    fn batch_of(part: &WindowRows<R>) -> (u64, u64) {
-        (part.window_start_ms, part.window_end_ms)
+    fn batch_of(part: &WindowRows<R>) -> Self::Batch {
+        (part.window_start_ms, part.window_end_ms, part.part.clone())
     }
 
-    fn seal(&mut self, _window: &(u64, u64), parts: Vec<WindowRows<R>>) -> Vec<R> {
+    fn seal(&mut self, _window: &Self::Batch, parts: Vec<WindowRows<R>>) -> Vec<R> {
         let mut rows = R::combine(parts.into_iter().flat_map(|part| part.rows).collect());
         rows.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
         rows
     }
 
-    fn deliver(&mut self, window: &(u64, u64), rows: &Vec<R>) -> Result<WrittenWindow, Error> {
-        self.lake.write_window::<R>(window.0, window.1, rows)
+    fn deliver(&mut self, window: &Self::Batch, rows: &Vec<R>) -> Result<WrittenWindow, Error> {
+        self.lake
+            .write_window_part::<R>(window.0, window.1, window.2.as_deref(), rows)
     }
 }
 

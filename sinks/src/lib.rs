@@ -35,11 +35,12 @@ mod encode;
 pub mod kafka;
 mod lake;
 mod lake_sink;
+pub mod product;
 pub mod tables;
 
 pub use durable::{Deliver, RetryPolicy, SinkHealth, durable_sink};
 pub use encode::{Table, parquet_encode};
-pub use lake::{Lake, Retention, S3Options, window_path};
+pub use lake::{Lake, Retention, S3Options, window_part_path, window_path};
 pub use lake_sink::{TableSink, WindowRows, WrittenWindow, write_windows};
 
 /// Errors of the sinks. Each says whether retrying can help.

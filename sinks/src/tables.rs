@@ -20,7 +20,7 @@ use sightline_schemas::{DeadLetter, Origin, Violation};
 
 use crate::{Result, Table};
 
-fn window_fields() -> Vec<Field> {
+pub(crate) fn window_fields() -> Vec<Field> {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     vec![
         Field::new("window_start", ts.clone(), false),
@@ -28,7 +28,7 @@ fn window_fields() -> Vec<Field> {
     ]
 }
 
-fn window_columns<T>(
+pub(crate) fn window_columns<T>(
     rows: &[T],
     start: impl Fn(&T) -> u64,
     end: impl Fn(&T) -> u64,
@@ -42,23 +42,23 @@ fn window_columns<T>(
     vec![micros(&start), micros(&end)]
 }
 
-fn strings<T>(rows: &[T], f: impl Fn(&T) -> &str) -> ArrayRef {
+pub(crate) fn strings<T>(rows: &[T], f: impl Fn(&T) -> &str) -> ArrayRef {
     Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
 }
 
-fn opt_strings<T>(rows: &[T], f: impl Fn(&T) -> Option<&str>) -> ArrayRef {
+pub(crate) fn opt_strings<T>(rows: &[T], f: impl Fn(&T) -> Option<&str>) -> ArrayRef {
     Arc::new(StringArray::from_iter(rows.iter().map(f)))
 }
 
-fn ints<T>(rows: &[T], f: impl Fn(&T) -> i64) -> ArrayRef {
+pub(crate) fn ints<T>(rows: &[T], f: impl Fn(&T) -> i64) -> ArrayRef {
     Arc::new(Int64Array::from_iter_values(rows.iter().map(f)))
 }
 
-fn floats<T>(rows: &[T], f: impl Fn(&T) -> f64) -> ArrayRef {
+pub(crate) fn floats<T>(rows: &[T], f: impl Fn(&T) -> f64) -> ArrayRef {
     Arc::new(Float64Array::from_iter_values(rows.iter().map(f)))
 }
 
-fn batch(schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordBatch> {
+pub(crate) fn batch(schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(schema, columns)?)
 }
 

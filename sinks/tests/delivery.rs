@@ -118,6 +118,7 @@ fn part(k: u64, w: usize) -> WindowRows<EventCountRow> {
     WindowRows {
         window_start_ms: k * WIDTH,
         window_end_ms: (k + 1) * WIDTH,
+        part: None,
         rows: vec![EventCountRow {
             window_start_ms: k * WIDTH,
             window_end_ms: (k + 1) * WIDTH,
