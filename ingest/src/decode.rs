@@ -719,13 +719,20 @@ impl Decoder {
 
 /// `text` scrubbed, as a shared label, and whether scrubbing changed it; memoized in `labels`.
 /// The kept values of an event (`x-sightline.keep`) from what the validator captured: numbers
-/// as measures, strings through `label` (the scrubbing pass every label gets), the strings of
-/// an array gathered into one list.
+/// as measures, strings through `label` (the scrubbing pass) when their action is `scrub` and
+/// as they are otherwise, the strings of an array gathered into one list.
 fn kept_values(
     keep: &[KeptField],
     captured: Vec<(usize, Captured)>,
     label: &mut impl FnMut(&str) -> Label,
 ) -> Kept {
+    let mut label = |field: &KeptField, text: &str| {
+        if field.scrub {
+            label(text)
+        } else {
+            Label::from(text)
+        }
+    };
     if captured.is_empty() {
         return Kept::default();
     }
@@ -743,12 +750,15 @@ fn kept_values(
             }
             Captured::Text(text) => pairs.push((
                 Label::from(field.field.as_str()),
-                KeptValue::Label(label(&text)),
+                KeptValue::Label(label(field, &text)),
             )),
-            Captured::Item(text) => match lists.iter_mut().find(|(i, _)| *i == index) {
-                Some((_, list)) => list.push(label(&text)),
-                None => lists.push((index, vec![label(&text)])),
-            },
+            Captured::Item(text) => {
+                let value = label(field, &text);
+                match lists.iter_mut().find(|(i, _)| *i == index) {
+                    Some((_, list)) => list.push(value),
+                    None => lists.push((index, vec![value])),
+                }
+            }
         }
     }
     for (index, list) in lists {

@@ -573,8 +573,16 @@ mod tests {
         assert!(c.violations.is_empty(), "{:?}", c.violations);
         assert_eq!(c.latency, Some(35.5));
         // `integration` and `status_code` are kept (x-sightline.keep).
-        assert!(c.kept.contains(&(0, Captured::Text("hubspot".into()))), "{:?}", c.kept);
-        assert!(c.kept.contains(&(1, Captured::Number(200.0))), "{:?}", c.kept);
+        assert!(
+            c.kept.contains(&(0, Captured::Text("hubspot".into()))),
+            "{:?}",
+            c.kept
+        );
+        assert!(
+            c.kept.contains(&(1, Captured::Number(200.0))),
+            "{:?}",
+            c.kept
+        );
         let c = check(
             "project_feedback_submitted",
             r#"{"score":2,"sentiment":"negative","tags":["docs","support"],"comment_present":false,"correlation_id":"c1","blocked":true,"blocker_type":"bug"}"#,
@@ -582,7 +590,10 @@ mod tests {
         assert!(c.violations.is_empty(), "{:?}", c.violations);
         let items: Vec<&Captured> = c.kept.iter().map(|(_, v)| v).collect();
         assert!(items.contains(&&Captured::Item("docs".into())), "{items:?}");
-        assert!(items.contains(&&Captured::Number(1.0)), "blocked = true: {items:?}");
+        assert!(
+            items.contains(&&Captured::Number(1.0)),
+            "blocked = true: {items:?}"
+        );
         let c = check(
             "integration_call_success",
             r#"{"integration":"salesforce","endpoint":"/x","method":"GET","status_code":"200","extra":1}"#,

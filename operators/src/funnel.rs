@@ -57,10 +57,13 @@ use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
 use sightline_schemas::{Event, EventName, Label};
 use timely::dataflow::StreamVec;
-use timely::dataflow::operators::vec::Filter;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::{Filter, ToStream};
+use timely::dataflow::operators::{Concat, Concatenate};
 
 use crate::close::{ClosedWindow, close_at};
 use crate::histogram::LatencyHistogram;
+use crate::state::{SnapshotSettings, StateShard, snapshots};
 use crate::window::{Time, WindowKey, Windows};
 
 /// Most steps a funnel may have (and most exclusions).
@@ -588,30 +591,98 @@ impl WindowKey for FunnelKey {
     }
 }
 
-/// Every funnel of `defs` over the accepted `events`: per entry window and key, the units
-/// that reached the step (the histogram's count) and their times to convert (ms × 1000, in
-/// the histogram's microseconds). Each window is emitted once, at its horizon. Windows whose
-/// horizon is at or before `written_before` are not emitted (a restart: they are written).
+/// What a funnel saves: a touch with its unit key (route, unit).
+pub type SavedTouch = ((bool, u64), Touch);
+
+/// Where one funnel resumes from.
+#[derive(Clone, Debug, Default)]
+pub struct FunnelResume {
+    /// This worker's share of the restored touches, each with its time.
+    pub restored: Vec<(SavedTouch, Time)>,
+    /// The frontier of the restored state: input before it is in `restored` (0: none).
+    pub restored_at: Time,
+    /// Entry windows whose horizon is at or before this are written already.
+    pub written_before: Time,
+    /// Fingerprint of the definition, saved with its state.
+    pub definition: u64,
+}
+
+/// Saving the funnels' state ([`crate::state::snapshots`]).
+#[derive(Clone, Debug)]
+pub struct StateHooks {
+    /// Event time between two snapshots, ms.
+    pub every_ms: u64,
+    /// Durable frontier of the outputs other than saved state.
+    pub outputs: ProbeHandle<Time>,
+    /// Durable frontier of everything.
+    pub durable: ProbeHandle<Time>,
+    /// Set when the pipeline stops: save at once.
+    pub flush: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The funnels' outputs.
+pub struct Funnels<'s> {
+    /// Per entry window and key, the units that reached the step (the histogram's count) and
+    /// their times to convert (in the histogram's microseconds); each window once, at its
+    /// horizon.
+    pub closed: StreamVec<'s, Time, ClosedWindow<FunnelKey, LatencyHistogram>>,
+    /// Snapshots of every funnel's state, when state is saved.
+    pub state: Option<StreamVec<'s, Time, StateShard<SavedTouch>>>,
+}
+
+/// Every funnel of `defs` over the accepted `events`, resuming from `resume` (one per funnel,
+/// or none), saving state with `hooks` when given.
 pub fn funnels<'s, E>(
     events: VecCollection<'s, Time, E>,
     defs: Arc<[FunnelDef]>,
     windows: Windows,
-    written_before: u64,
-) -> StreamVec<'s, Time, ClosedWindow<FunnelKey, LatencyHistogram>>
+    resume: &[FunnelResume],
+    hooks: Option<&StateHooks>,
+) -> Funnels<'s>
 where
     E: std::borrow::Borrow<Event> + Clone + 'static,
 {
     let scope = events.inner.scope();
     let mut all = Vec::new();
+    let mut shards = Vec::new();
+    let mut written_before = Vec::new();
     for (index, def) in defs.iter().enumerate() {
+        let from = resume.get(index).cloned().unwrap_or_default();
+        written_before.push(from.written_before);
         let def = Arc::new(def.clone());
         let empty: Breakdowns = Arc::from(Vec::new());
         let of = Arc::clone(&def);
-        let touches = events
+        let restored_at = from.restored_at;
+        // Input before the restored frontier is in the restored state.
+        let read = events
             .clone()
-            .flat_map(move |e| of.touch_of(e.borrow(), &empty));
+            .flat_map(move |e| of.touch_of(e.borrow(), &empty))
+            .inner
+            .filter(move |(_, time, _)| *time >= restored_at);
+        let restored = from
+            .restored
+            .into_iter()
+            .map(|(touch, time)| (touch, time, 1isize))
+            .to_stream(scope);
+        let touches = read.concat(restored).as_collection();
         let window_ms = def.window_ms;
         let expiry = move |t: &Time| windows.end_of(windows.start_of(*t)) + window_ms;
+        if let Some(hooks) = hooks {
+            let settings = SnapshotSettings {
+                operator: format!("funnel:{}", def.name),
+                definition: from.definition,
+                every_ms: hooks.every_ms,
+                restored_at,
+                flush: Arc::clone(&hooks.flush),
+            };
+            shards.push(snapshots(
+                touches.inner.clone(),
+                move |_, t| expiry(&t),
+                settings,
+                hooks.outputs.clone(),
+                hooks.durable.clone(),
+            ));
+        }
         let live = touches.clone().concat(touches.negate().delay(expiry));
         let logic = Arc::clone(&def);
         let reaches = live.reduce_named(
@@ -627,7 +698,7 @@ where
         );
         let funnel = index as u16;
         all.push(
-            reaches.explode(move |((restricted, _unit), reach): ((bool, u64), Reach)| {
+            reaches.explode(move |((restricted, _unit), reach): SavedReach| {
                 Some((
                     FunnelKey {
                         window_start_ms: reach.window_start_ms,
@@ -651,16 +722,31 @@ where
         }
     };
     let before = horizon.clone();
-    // Updates at or after a key's horizon are the expiry's retractions.
+    // Updates at or after a key's horizon are the expiry's retractions; windows whose horizon
+    // is at or before the restart's are written.
     let updates = updates
         .inner
         .filter(move |(key, time, _)| {
             let h = before(key);
-            *time < h && h > written_before
+            let written = written_before
+                .get(usize::from(key.funnel))
+                .copied()
+                .unwrap_or(0);
+            *time < h && h > written
         })
         .as_collection();
-    close_at(updates, windows, horizon, "CloseFunnels")
+    let state = if shards.is_empty() {
+        None
+    } else {
+        Some(scope.concatenate(shards))
+    };
+    Funnels {
+        closed: close_at(updates, windows, horizon, "CloseFunnels"),
+        state,
+    }
 }
+
+type SavedReach = ((bool, u64), Reach);
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,8 @@
 //!   counts as accepted, rejected and late records against the platform spec's targets;
 //! - [`close`]: [`close_windows`], which emits each window once, when the frontier has passed it
 //!   (and [`close_at`], at a later horizon);
-//! - [`funnel`]: conversion funnels, the first operator whose state spans windows.
+//! - [`funnel`]: conversion funnels, the first operator whose state spans windows;
+//! - [`state`]: snapshots of a long-horizon operator's state, for restarts.
 //!
 //! ```
 //! use differential_dataflow::input::Input;
@@ -34,6 +35,7 @@ pub mod aggregates;
 pub mod close;
 pub mod funnel;
 pub mod histogram;
+pub mod state;
 pub mod window;
 
 pub use aggregates::{

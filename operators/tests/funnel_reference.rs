@@ -341,7 +341,9 @@ fn run(
         let defs: Arc<[FunnelDef]> = Arc::from(vec![def.clone()]);
         let mut input = worker.dataflow::<u64, _, _>(|scope| {
             let (input, events) = scope.new_collection::<Event, isize>();
-            funnels(events, defs, windows, 0).inspect(move |w| out.lock().unwrap().push(w.clone()));
+            funnels(events, defs, windows, &[], None)
+                .closed
+                .inspect(move |w| out.lock().unwrap().push(w.clone()));
             input
         });
         let (index, peers) = (worker.index(), worker.peers());

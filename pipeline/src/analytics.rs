@@ -20,12 +20,17 @@ use sightline_schemas::{EventName, Label};
 pub struct AnalyticsConfig {
     /// Run the two built-in funnels (`project_creation`, `command_queue_outcomes`).
     pub builtin_funnels: bool,
+    /// Event time between two snapshots of the long-horizon state (the funnels' units), ms.
+    /// Offsets are committed only up to the last snapshot, so a restart reads at most about
+    /// this much event time again, and never the funnels' whole conversion windows.
+    pub save_state_every_ms: u64,
 }
 
 impl Default for AnalyticsConfig {
     fn default() -> Self {
         AnalyticsConfig {
             builtin_funnels: true,
+            save_state_every_ms: 60_000,
         }
     }
 }
@@ -94,7 +99,12 @@ pub struct ExclusionConfig {
 
 /// The built-in funnels of the two seed specifications.
 pub fn builtin_funnels() -> Vec<FunnelConfig> {
-    let steps = |names: &[&str]| names.iter().map(|n| StepConfig::Event((*n).into())).collect();
+    let steps = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| StepConfig::Event((*n).into()))
+            .collect()
+    };
     vec![
         FunnelConfig {
             name: "project_creation".into(),
@@ -154,8 +164,16 @@ pub fn funnel_defs(
 }
 
 fn compile(at: &str, f: &FunnelConfig, tick_ms: u64) -> anyhow::Result<FunnelDef> {
-    if f.name.trim().is_empty() {
-        bail!("{at}.name must not be empty");
+    if f.name.is_empty()
+        || !f
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        bail!(
+            "{at}.name (`{}`) must be letters, digits, `_` and `-`: it names files and saved state",
+            f.name
+        );
     }
     if f.steps.len() < 2 || f.steps.len() > MAX_STEPS {
         bail!(
@@ -219,7 +237,9 @@ fn compile(at: &str, f: &FunnelConfig, tick_ms: u64) -> anyhow::Result<FunnelDef
             bail!("{here}: from-step ({from}) and to-step ({to}) must satisfy 1 ≤ from < to ≤ {n}");
         }
         if order == Order::Unordered && (from, to) != (1, n) {
-            bail!("{here}: in an unordered funnel an exclusion spans the whole funnel (from-step 1, to-step {n})");
+            bail!(
+                "{here}: in an unordered funnel an exclusion spans the whole funnel (from-step 1, to-step {n})"
+            );
         }
         exclusions.push(Exclusion {
             matcher: m,
@@ -267,11 +287,11 @@ fn compile(at: &str, f: &FunnelConfig, tick_ms: u64) -> anyhow::Result<FunnelDef
 
 /// Whether some version of `event`'s schema keeps property `name`.
 fn keeps(event: EventName, name: &str) -> bool {
-    event
-        .spec()
-        .versions
-        .iter()
-        .any(|v| v.keep.iter().any(|k| k.field == name && k.kind != KeptKind::Labels))
+    event.spec().versions.iter().any(|v| {
+        v.keep
+            .iter()
+            .any(|k| k.field == name && k.kind != KeptKind::Labels)
+    })
 }
 
 fn matcher(
@@ -341,6 +361,7 @@ mod tests {
         funnel_defs(
             &AnalyticsConfig {
                 builtin_funnels: false,
+                ..AnalyticsConfig::default()
             },
             &doc.funnels,
             1000,

@@ -398,6 +398,9 @@ impl Config {
             bail!("lake.restricted-prefix must not be empty: restricted data is kept apart");
         }
         self.privacy.key_ring().context("privacy")?;
+        if self.analytics.save_state_every_ms == 0 {
+            bail!("analytics.save-state-every-ms must be positive");
+        }
         self.funnel_defs()?;
         Ok(())
     }

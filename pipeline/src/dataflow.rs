@@ -11,7 +11,12 @@
 use std::sync::Arc;
 
 use differential_dataflow::{AsCollection, VecCollection};
-use sightline_operators::funnel::{FunnelDef, FunnelKey, funnels};
+use std::sync::atomic::AtomicBool;
+
+use sightline_operators::funnel::{
+    FunnelDef, FunnelKey, FunnelResume, Funnels, SavedTouch, StateHooks, funnels,
+};
+use sightline_operators::state::StateShard;
 use sightline_operators::{
     ClosedWindow, CountKey, LatencyHistogram, LatencyKey, QualityCounts, QualityKey, Time,
     VariantKey, WindowedDeadLetter, Windows, close_windows, event_counts, latency,
@@ -88,45 +93,65 @@ pub struct Computed<'s> {
     /// The funnels of both routes (the key says which), each entry window once, at its
     /// horizon (its end plus the funnel's conversion window).
     pub funnels: Closed<'s, FunnelKey, LatencyHistogram>,
+    /// Snapshots of the funnels' state, when it is saved.
+    pub funnel_state: Option<StreamVec<'s, Time, StateShard<SavedTouch>>>,
     /// The funnel definitions, in the order [`FunnelKey::funnel`] indexes.
     pub funnel_defs: Arc<[FunnelDef]>,
     /// The sources' frontier: the global watermark.
     pub watermark: ProbeHandle<Time>,
 }
 
-/// What the long-horizon operators compute, and from where they resume.
+/// What the long-horizon operators compute, from where they resume, and whether their state
+/// is saved.
 #[derive(Clone, Debug)]
 pub struct Analytics {
     /// The funnels.
     pub funnels: Arc<[FunnelDef]>,
-    /// Entry windows whose horizon is at or before this time are written already (a restart).
-    pub written_before: Time,
+    /// Where each funnel resumes (this worker's share of the restored state), in the order of
+    /// `funnels`; empty when nothing is restored.
+    pub resume: Vec<FunnelResume>,
+    /// Event time between two snapshots of the state, ms; `None`: state is not saved (a
+    /// replay of files, which has no offsets to resume from).
+    pub save_every_ms: Option<u64>,
+    /// Set when the pipeline stops: the state is saved at once, so that the last commit
+    /// covers every written window.
+    pub flush: Arc<AtomicBool>,
 }
 
 impl Analytics {
     /// No funnels.
     pub fn none() -> Analytics {
+        Analytics::of(Arc::from(Vec::new()))
+    }
+
+    /// `funnels`, resuming from nothing, state not saved.
+    pub fn of(funnels: Arc<[FunnelDef]>) -> Analytics {
         Analytics {
-            funnels: Arc::from(Vec::new()),
-            written_before: 0,
+            funnels,
+            resume: Vec::new(),
+            save_every_ms: None,
+            flush: Arc::default(),
         }
     }
 }
 
 // The `ok_err` split carries a whole dead letter in `Err`; it is moved, not copied around.
 #[allow(clippy::result_large_err)]
-/// Builds the computing half of the dataflow in `scope`. `durable` is the probe the outputs
-/// will report durability to: the source commits offsets behind its frontier.
+/// Builds the computing half of the dataflow in `scope`. `durable` is the probe every output
+/// and the saved state will report durability to: the source commits offsets behind its
+/// frontier. `outputs` is the one of the outputs alone, which the state snapshots follow.
 pub fn compute<'s>(
     scope: Scope<'s, Time>,
     reader: Box<dyn RecordReader>,
     settings: IngestSettings,
     analytics: &Analytics,
     durable: ProbeHandle<Time>,
+    outputs: ProbeHandle<Time>,
     stats: Arc<IngestStats>,
 ) -> Computed<'s> {
     let windows = settings.windows;
     let watermark = ProbeHandle::new();
+    let durable_probe = durable.clone();
     let ingested = ingest(scope, reader, settings, durable, stats).probe_with(&watermark);
     let (oks, errs) = ingested.ok_err(|(decoded, time, diff)| match decoded {
         Ok(event) => Ok((event, time, diff)),
@@ -157,17 +182,28 @@ pub fn compute<'s>(
             aggregate(route, events.as_collection(), dead.as_collection(), windows)
         })
         .collect();
-    let funnels = funnels(
+    let hooks = analytics.save_every_ms.map(|every_ms| StateHooks {
+        every_ms,
+        outputs,
+        durable: durable_probe,
+        flush: Arc::clone(&analytics.flush),
+    });
+    let Funnels {
+        closed: funnels,
+        state: funnel_state,
+    } = funnels(
         events.clone(),
         Arc::clone(&analytics.funnels),
         windows,
-        analytics.written_before,
+        &analytics.resume,
+        hooks.as_ref(),
     );
     Computed {
         events,
         dead_letters,
         routes,
         funnels,
+        funnel_state,
         funnel_defs: Arc::clone(&analytics.funnels),
         watermark,
     }
@@ -211,9 +247,8 @@ fn aggregate<'s>(
     }
 }
 
-/// The whole dataflow: [`compute`], then [`crate::emit::emit`] every output. Returns the probe
-/// on the outputs (when its frontier has passed a time, everything up to it is durable) and the
-/// probe on the sources (the global watermark).
+/// The whole dataflow: [`compute`], then [`crate::emit::emit`] every output. Returns its
+/// [`Probes`].
 pub fn build<'s>(
     scope: Scope<'s, Time>,
     reader: Box<dyn RecordReader>,
@@ -221,12 +256,36 @@ pub fn build<'s>(
     analytics: &Analytics,
     stats: Arc<IngestStats>,
     outputs: crate::emit::Outputs,
-) -> (ProbeHandle<Time>, ProbeHandle<Time>) {
+) -> Probes {
     let durable = ProbeHandle::new();
-    let computed = compute(scope, reader, settings, analytics, durable.clone(), stats);
+    let written = ProbeHandle::new();
+    let computed = compute(
+        scope,
+        reader,
+        settings,
+        analytics,
+        durable.clone(),
+        written.clone(),
+        stats,
+    );
     let watermark = computed.watermark.clone();
-    crate::emit::emit(computed, outputs, &durable);
-    (durable, watermark)
+    crate::emit::emit(computed, outputs, &durable, &written);
+    Probes {
+        durable,
+        written,
+        watermark,
+    }
+}
+
+/// The frontiers of a running dataflow.
+pub struct Probes {
+    /// Everything before it is durable, saved state included: the source commits offsets
+    /// behind it.
+    pub durable: ProbeHandle<Time>,
+    /// Every output before it is written (tables, topics; not the saved state).
+    pub written: ProbeHandle<Time>,
+    /// The sources' frontier: the global watermark.
+    pub watermark: ProbeHandle<Time>,
 }
 
 /// The windows a configuration describes.

@@ -7,20 +7,22 @@
 
 use std::sync::mpsc::Sender;
 
+use sightline_operators::funnel::SavedTouch;
 use sightline_operators::{ClosedWindow, QualityTotals, Time};
 use sightline_sinks::kafka::{KeyedRecord, TopicSink};
+use sightline_sinks::product::FunnelRow;
+use sightline_sinks::state::StateSink;
 use sightline_sinks::tables::{
     DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow,
     VariantLatencyRow,
 };
-use sightline_sinks::product::FunnelRow;
 use sightline_sinks::{
     Lake, RetryPolicy, SinkHealth, Table, WindowRows, durable_sink, write_windows,
 };
 use std::sync::Arc;
 use timely::ExchangeData;
 use timely::dataflow::StreamVec;
-use timely::dataflow::operators::Inspect;
+use timely::dataflow::operators::{Inspect, Probe};
 
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::{Filter, Map};
@@ -42,12 +44,32 @@ pub struct Outputs {
     pub health: Arc<SinkHealth>,
     /// Where progress reports go.
     pub reports: Sender<Report>,
+    /// Where the long-horizon operators' state is saved (`None` for a replay of files).
+    pub state: Option<StateTarget>,
 }
 
-/// Attaches every output to `computed`. When `durable`'s frontier has passed a time, every
+/// Where saved state goes: the lake's `_sightline/state/<group>/…` (restricted records under
+/// the restricted prefix).
+#[derive(Clone, Debug)]
+pub struct StateTarget {
+    /// The lake (its root).
+    pub lake: Lake,
+    /// The restricted route's prefix.
+    pub restricted_prefix: String,
+    /// The consumer group the state belongs to.
+    pub group: String,
+}
+
+/// Attaches every output to `computed`. When `written`'s frontier has passed a time, every
 /// window ending at or before it is in every table, and every dead letter up to it is on the
-/// dead-letter topic.
-pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time>) {
+/// dead-letter topic; when `durable`'s has, the long-horizon operators' state is saved up to
+/// it as well.
+pub fn emit(
+    computed: Computed<'_>,
+    outputs: Outputs,
+    durable: &ProbeHandle<Time>,
+    written: &ProbeHandle<Time>,
+) {
     let Outputs {
         lake,
         restricted_lake,
@@ -55,7 +77,17 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
         retry,
         health,
         reports,
+        state,
     } = outputs;
+    if let (Some(target), Some(shards)) = (state, computed.funnel_state) {
+        let sink = StateSink::new(
+            target.lake,
+            &target.restricted_prefix,
+            &target.group,
+            |((restricted, _), _): &SavedTouch| *restricted,
+        );
+        durable_sink(shards, sink, retry, &health, durable);
+    }
     if let Some(topic) = dead_letter_topic {
         let records = computed
             .dead_letters
@@ -68,7 +100,7 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
                     value,
                 }
             });
-        durable_sink(records, topic, retry, &health, durable);
+        durable_sink(records, topic, retry, &health, durable).probe_with(written);
     }
     let funnel_defs = Arc::clone(&computed.funnel_defs);
     let funnels = computed.funnels;
@@ -91,9 +123,11 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
             Route::Restricted => restricted_lake.clone(),
         };
         let reports = reports.clone();
-        write_windows(rows, lake, retry, &health, durable).inspect(move |written| {
-            let _ = reports.send(Report::Later(written.clone()));
-        });
+        write_windows(rows, lake, retry, &health, durable)
+            .probe_with(written)
+            .inspect(move |file| {
+                let _ = reports.send(Report::Later(file.clone()));
+            });
     }
     for windows in computed.routes {
         let tables = Tables {
@@ -104,6 +138,7 @@ pub fn emit(computed: Computed<'_>, outputs: Outputs, durable: &ProbeHandle<Time
             retry,
             health: &health,
             durable,
+            written,
             reports: reports.clone(),
         };
         let quality_reports = reports.clone();
@@ -132,6 +167,7 @@ struct Tables<'a> {
     retry: RetryPolicy,
     health: &'a Arc<SinkHealth>,
     durable: &'a ProbeHandle<Time>,
+    written: &'a ProbeHandle<Time>,
     reports: Sender<Report>,
 }
 
@@ -146,6 +182,7 @@ impl Tables<'_> {
             self.health,
             self.durable,
         )
+        .probe_with(self.written)
         .inspect(move |written| {
             let _ = reports.send(Report::Written(written.clone()));
         });

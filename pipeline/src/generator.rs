@@ -304,7 +304,8 @@ impl Generator {
     fn follow(&mut self, name: &str, time_ms: i64, who: (u64, u64), context: &Context) {
         let r = &mut self.rng;
         let roll = r.unit();
-        let after = |r: &mut Rng, median_s: f64| time_ms + (r.log_normal(median_s, 0.7) * 1000.0) as i64;
+        let after =
+            |r: &mut Rng, median_s: f64| time_ms + (r.log_normal(median_s, 0.7) * 1000.0) as i64;
         let next: Option<(&'static str, i64)> = match name {
             "project_viewed" if roll < 0.35 => Some(("project_created", after(r, 45.0))),
             "project_created" if roll < 0.6 => Some(("task_assigned", after(r, 30.0))),
@@ -562,18 +563,18 @@ impl Generator {
                 c.aps_tenths = Some(aps);
                 c.action_type = Some(action_type);
                 write!(
-                out,
-                r#"{{"recommendation_id":"{}","aps_score":{:.1},"action_type":"{}","revenue_impact":{},"urgency_days":{},"effort_minutes":{},"icp_score":{:.2},"reasoning":"High pipeline value, demo tomorrow (urgent), strong ICP fit","signal_source":"{}","signal_type":"{}"}}"#,
-                rec,
-                aps as f64 / 10.0,
-                action_type,
-                1000 * r.below(100),
-                r.below(14),
-                5 + r.below(60),
-                r.unit(),
-                r.pick(&["hubspot", "gmail", "calendar", "webhook"]),
-                r.pick(&["form_submitted", "deal_stage_changed", "email_replied"])
-            )
+                    out,
+                    r#"{{"recommendation_id":"{}","aps_score":{:.1},"action_type":"{}","revenue_impact":{},"urgency_days":{},"effort_minutes":{},"icp_score":{:.2},"reasoning":"High pipeline value, demo tomorrow (urgent), strong ICP fit","signal_source":"{}","signal_type":"{}"}}"#,
+                    rec,
+                    aps as f64 / 10.0,
+                    action_type,
+                    1000 * r.below(100),
+                    r.below(14),
+                    5 + r.below(60),
+                    r.unit(),
+                    r.pick(&["hubspot", "gmail", "calendar", "webhook"]),
+                    r.pick(&["form_submitted", "deal_stage_changed", "email_replied"])
+                )
             }
             "recommendation_viewed" => write!(
                 out,
@@ -727,7 +728,13 @@ impl Generator {
         match self.rng.below(9) {
             0 => {
                 // An e-mail address in a path: accepted, scrubbed.
-                self.event_as("integration_call_success", time_ms, None, Context::default(), out);
+                self.event_as(
+                    "integration_call_success",
+                    time_ms,
+                    None,
+                    Context::default(),
+                    out,
+                );
                 replace_once(
                     out,
                     start,
@@ -755,7 +762,13 @@ impl Generator {
             }
             3 => {
                 // Exact coordinates: rejected.
-                self.event_as("circuit_breaker_opened", time_ms, None, Context::default(), out);
+                self.event_as(
+                    "circuit_breaker_opened",
+                    time_ms,
+                    None,
+                    Context::default(),
+                    out,
+                );
                 replace_once(
                     out,
                     start,
@@ -783,7 +796,13 @@ impl Generator {
             }
             6 => {
                 // An e-mail address as an enum value: rejected; the value appears nowhere.
-                self.event_as("integration_call_failed", time_ms, None, Context::default(), out);
+                self.event_as(
+                    "integration_call_failed",
+                    time_ms,
+                    None,
+                    Context::default(),
+                    out,
+                );
                 replace_once(
                     out,
                     start,

@@ -35,4 +35,5 @@ pub mod emit;
 pub mod generator;
 pub mod pii_scan;
 pub mod report;
+pub mod restore;
 pub mod run;

@@ -261,9 +261,36 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             Arc::new(KeyRing::ephemeral(job.config.privacy.rotation_days)?)
         }
     };
+    let funnels: Arc<[sightline_operators::funnel::FunnelDef]> = job.config.funnel_defs()?.into();
+    let flush = Arc::new(AtomicBool::new(false));
+    // The long-horizon state is saved and restored for Kafka sources: they resume from
+    // committed offsets. A file replay starts from its beginning every time.
+    let (restored, state_target) = match &job.input {
+        Input::Kafka(kafka) => {
+            let prefix = job.config.lake.restricted_prefix.clone();
+            let restored = crate::restore::restore_funnels(
+                &job.lake,
+                &prefix,
+                &kafka.group_id,
+                &funnels,
+                windows_of(&job.config.pipeline),
+            )?;
+            let target = crate::emit::StateTarget {
+                lake: job.lake.clone(),
+                restricted_prefix: prefix,
+                group: kafka.group_id.clone(),
+            };
+            (Some(Arc::new(restored)), Some(target))
+        }
+        _ => (None, None),
+    };
     let analytics = Analytics {
-        funnels: job.config.funnel_defs()?.into(),
-        written_before: 0,
+        resume: Vec::new(),
+        save_every_ms: state_target
+            .as_ref()
+            .map(|_| job.config.analytics.save_state_every_ms),
+        flush: Arc::clone(&flush),
+        ..Analytics::of(funnels)
     };
     let (reports_tx, reports_rx) = mpsc::channel();
     let frontiers: Arc<Vec<AtomicU64>> =
@@ -289,7 +316,8 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             Arc::clone(&keys),
         );
         let (abort, drain, health) = (Arc::clone(&abort), Arc::clone(&drain), Arc::clone(&health));
-        let analytics = analytics.clone();
+        let (analytics, restored, state_target) =
+            (analytics.clone(), restored.clone(), state_target.clone());
         let reports_tx = std::sync::Mutex::new(reports_tx);
         timely::execute(
             timely::Config::process(workers),
@@ -302,6 +330,13 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                 let result = (|| {
                     let (index, peers) = (worker.index(), worker.peers());
                     let reader = open_reader(&job, index, peers)?;
+                    let analytics = Analytics {
+                        resume: restored
+                            .as_ref()
+                            .map(|r| r.share(index, peers))
+                            .unwrap_or_default(),
+                        ..analytics.clone()
+                    };
                     let p = &job.config.pipeline;
                     let settings = IngestSettings {
                         tick_ms: p.tick_ms,
@@ -338,19 +373,23 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                         retry: job.config.delivery.retry_policy(),
                         health: Arc::clone(&health),
                         reports,
+                        state: state_target.clone(),
                     };
                     let stats = Arc::clone(&stats);
-                    let (probe, watermark) = worker.dataflow::<Time, _, _>(|scope| {
+                    let probes = worker.dataflow::<Time, _, _>(|scope| {
                         build(scope, reader, settings, &analytics, stats, outputs)
                     });
                     let windows = windows_of(p);
                     let mut deadline = None;
                     let stopped = loop {
-                        let durable =
-                            probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
-                        let mark =
-                            watermark.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
-                        frontiers[index].store(durable, Ordering::Release);
+                        let frontier = |p: &timely::dataflow::operators::probe::Handle<Time>| {
+                            p.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX))
+                        };
+                        let durable = frontier(&probes.durable);
+                        let mark = frontier(&probes.watermark);
+                        // Windows are reported once their files are written; the saved state
+                        // may follow a little later.
+                        frontiers[index].store(frontier(&probes.written), Ordering::Release);
                         watermarks[index].store(mark, Ordering::Release);
                         if abort.load(Ordering::Relaxed) {
                             break true;
@@ -360,6 +399,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                             // is durable and every reader has been told (its last commit, when
                             // it is dropped below, covers them), or until the grace period ends.
                             drain.request();
+                            analytics.flush.store(true, Ordering::Relaxed);
                             let deadline = *deadline.get_or_insert_with(|| Instant::now() + grace);
                             let closed = if mark == u64::MAX { mark } else { windows.start_of(mark) };
                             if durable >= closed && drain.handed_at_least(closed) {

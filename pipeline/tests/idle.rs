@@ -103,12 +103,14 @@ fn a_record_after_an_idle_jump_never_reopens_a_written_window() {
             retry: Default::default(),
             health: Default::default(),
             reports: reports.clone(),
+            state: None,
         };
         let stats = Arc::new(IngestStats::default());
-        let (probe, _watermark) =
-            worker.dataflow::<Time, _, _>(|scope| {
+        let probe = worker
+            .dataflow::<Time, _, _>(|scope| {
                 build(scope, reader, settings, &Analytics::none(), stats, outputs)
-            });
+            })
+            .durable;
         while !probe.done() {
             worker.step_or_park(Some(Duration::from_millis(10)));
         }

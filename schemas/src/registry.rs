@@ -303,6 +303,9 @@ pub struct Kept {
     pub field: String,
     /// How it is kept.
     pub kind: KeptKind,
+    /// Whether its values are scrubbed first (its action is `scrub`); other labels are kept
+    /// as they are, like the identifiers and enums they are (`x-pii: none`).
+    pub scrub: bool,
 }
 
 /// One version of one event's schema.
@@ -846,6 +849,7 @@ fn compile_keep(
                     format!("x-sightline.keep.{list}: `{name}` is not a property of the event"),
                 ));
             };
+            let mut scrub = false;
             let kind = if measures {
                 let numeric = Types::NUMBER.0 | Types::INTEGER.0 | Types::BOOLEAN.0 | Types::NULL.0;
                 if rule.types.0 & !numeric != 0 || rule.action != PiiAction::Keep {
@@ -875,11 +879,13 @@ fn compile_keep(
                         ),
                     ));
                 }
+                scrub = rule.action == PiiAction::Scrub;
                 kind
             };
             kept.push(Kept {
                 field: name.to_owned(),
                 kind,
+                scrub,
             });
         }
     }

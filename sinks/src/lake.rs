@@ -300,6 +300,15 @@ impl Lake {
         })
     }
 
+    /// Deletes the object at `path`; one that is not there is not an error.
+    pub fn delete(&self, path: &str) -> Result<()> {
+        let location = Path::from(path);
+        match self.runtime.block_on(self.store.delete(&location)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Reads the object at `path`, if there is one.
     pub fn get_if_exists(&self, path: &str) -> Result<Option<Bytes>> {
         match self.get(path) {

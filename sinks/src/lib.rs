@@ -36,6 +36,7 @@ pub mod kafka;
 mod lake;
 mod lake_sink;
 pub mod product;
+pub mod state;
 pub mod tables;
 
 pub use durable::{Deliver, RetryPolicy, SinkHealth, durable_sink};

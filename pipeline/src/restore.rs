@@ -1,0 +1,125 @@
+//! Where the long-horizon operators resume at start-up: the newest complete snapshot of each
+//! funnel's state, or, for a funnel that has none (new, or redefined), the resume point of the
+//! source, from which it counts only entry windows it sees whole.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use sightline_ingest::source::checkpoint::PartitionCheckpoints;
+use sightline_operators::Windows;
+use sightline_operators::funnel::{FunnelDef, FunnelResume, SavedTouch, fnv1a};
+use sightline_sinks::Lake;
+use sightline_sinks::state::load_state;
+use tracing::{info, warn};
+
+/// A funnel's restored state, for every worker.
+#[derive(Clone, Debug, Default)]
+pub struct Restored {
+    /// Per funnel, in definition order.
+    pub funnels: Vec<FunnelResume>,
+}
+
+impl Restored {
+    /// Worker `index` of `peers`'s share: every record once, over all workers (records are
+    /// exchanged by unit downstream, so any split is right).
+    pub fn share(&self, index: usize, peers: usize) -> Vec<FunnelResume> {
+        self.funnels
+            .iter()
+            .map(|f| FunnelResume {
+                restored: f
+                    .restored
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| i % peers.max(1) == index)
+                    .map(|(_, r)| r.clone())
+                    .collect(),
+                ..f.clone()
+            })
+            .collect()
+    }
+}
+
+/// The name a funnel's state is saved under.
+pub fn operator_name(def: &FunnelDef) -> String {
+    format!("funnel-{}", def.name)
+}
+
+/// A fingerprint of a funnel's definition: state saved under another definition is not
+/// restored.
+pub fn fingerprint(def: &FunnelDef) -> u64 {
+    fnv1a(&serde_json::to_vec(def).unwrap_or_default())
+}
+
+/// The durable frontier the source resumes from: the largest in the checkpoints of `group`
+/// (0 when there are none).
+pub fn resume_frontier(lake: &Lake, group: &str) -> anyhow::Result<u64> {
+    let dir = format!("_sightline/checkpoints/{group}");
+    let mut frontier = 0;
+    for path in lake.list(&dir).with_context(|| format!("listing {dir}"))? {
+        let bytes = lake.get(&path).with_context(|| format!("reading {path}"))?;
+        let file = PartitionCheckpoints::decode(&path, &bytes)?;
+        frontier = frontier.max(file.durable());
+    }
+    Ok(frontier)
+}
+
+/// Where each funnel of `defs` resumes, for a Kafka source of consumer group `group`.
+pub fn restore_funnels(
+    lake: &Lake,
+    restricted_prefix: &str,
+    group: &str,
+    defs: &[FunnelDef],
+    windows: Windows,
+) -> anyhow::Result<Restored> {
+    let mut out = Vec::new();
+    let mut resume = None;
+    for def in defs {
+        let definition = fingerprint(def);
+        let operator = operator_name(def);
+        let loaded = load_state::<SavedTouch>(lake, restricted_prefix, group, &operator)
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("restoring the state of funnel `{}`", def.name))?;
+        match loaded {
+            Some(state) if state.definition == definition => {
+                info!(
+                    funnel = %def.name,
+                    frontier = state.frontier,
+                    touches = state.records.len(),
+                    "funnel state restored"
+                );
+                out.push(FunnelResume {
+                    restored: state.records,
+                    restored_at: state.frontier,
+                    written_before: state.frontier,
+                    definition,
+                });
+            }
+            other => {
+                if other.is_some() {
+                    warn!(funnel = %def.name, "the funnel's definition changed since its state was saved: it starts afresh");
+                }
+                // No state: count only entry windows that start at or after the source's
+                // resume point, which are seen whole.
+                let from = match resume {
+                    Some(r) => r,
+                    None => *resume.insert(resume_frontier(lake, group)?),
+                };
+                let written_before = if from == 0 {
+                    0
+                } else {
+                    from + windows.width_ms() + def.window_ms - 1
+                };
+                out.push(FunnelResume {
+                    restored: Vec::new(),
+                    restored_at: 0,
+                    written_before,
+                    definition,
+                });
+            }
+        }
+    }
+    Ok(Restored { funnels: out })
+}
+
+/// [`Restored`] shared by the workers.
+pub type SharedRestored = Arc<Restored>;

@@ -1,0 +1,260 @@
+//! Saved state of the long-horizon operators, in the lake: written by the durable sink
+//! ([`StateSink`]), read back at start-up ([`load_state`]).
+//!
+//! Layout: `_sightline/state/<group>/<operator>/<frontier>/<worker>-of-<workers>.json`, one
+//! object per worker and snapshot (the frontier zero-padded, so that names sort by time).
+//! Records of the restricted route go to the same path under the restricted prefix, so that
+//! restricted data stays apart in saved state too; a worker writes its restricted object first,
+//! so a standard object's presence means both are there. A snapshot is *complete* when every
+//! worker's object is there; the newest complete one is restored. Once a newer snapshot is
+//! complete on every worker, worker 0 deletes the older ones: at most a few generations exist.
+//! The objects carry a format version; another version is refused at start with the way out.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sightline_operators::Time;
+use sightline_operators::state::StateShard;
+use timely::ExchangeData;
+
+use crate::durable::{Completeness, Deliver};
+use crate::{Error, Lake};
+
+/// The state format this build writes and reads.
+pub const STATE_VERSION: u32 = 1;
+
+/// Where one operator's state is kept, under `root` (empty, or the restricted prefix).
+pub fn state_dir(root: &str, group: &str, operator: &str) -> String {
+    let root = root.trim_matches('/');
+    let base = format!("_sightline/state/{group}/{operator}");
+    if root.is_empty() {
+        base
+    } else {
+        format!("{root}/{base}")
+    }
+}
+
+fn object_name(dir: &str, frontier: Time, worker: usize, workers: usize) -> String {
+    format!("{dir}/{frontier:020}/{worker}-of-{workers}.json")
+}
+
+/// One saved object: a shard with its version.
+#[derive(Serialize, serde::Deserialize)]
+struct Saved<D> {
+    v: u32,
+    #[serde(flatten)]
+    shard: StateShard<D>,
+}
+
+/// Saves snapshots of one kind of state ([`StateShard`]s) in the lake.
+pub struct StateSink<D> {
+    lake: Lake,
+    restricted_prefix: String,
+    group: String,
+    restricted: fn(&D) -> bool,
+}
+
+impl<D> StateSink<D> {
+    /// Saves under consumer group `group`; records for which `restricted` holds go under
+    /// `restricted_prefix`.
+    pub fn new(
+        lake: Lake,
+        restricted_prefix: &str,
+        group: &str,
+        restricted: fn(&D) -> bool,
+    ) -> StateSink<D> {
+        StateSink {
+            lake,
+            restricted_prefix: restricted_prefix.to_owned(),
+            group: group.to_owned(),
+            restricted,
+        }
+    }
+
+    fn encode(shard: StateShard<D>) -> Result<Bytes, Error>
+    where
+        D: Serialize,
+    {
+        serde_json::to_vec(&Saved {
+            v: STATE_VERSION,
+            shard,
+        })
+        .map(Bytes::from)
+        .map_err(|e| Error::Encode(e.to_string()))
+    }
+
+    /// Deletes the snapshots of `operator` older than `complete`, under both roots.
+    fn clean(&self, operator: &str, complete: Time) -> Result<(), Error> {
+        for root in ["", self.restricted_prefix.as_str()] {
+            let dir = state_dir(root, &self.group, operator);
+            for path in self.lake.list(&dir)? {
+                let frontier = path
+                    .strip_prefix(&format!("{dir}/"))
+                    .and_then(|rest| rest.split('/').next())
+                    .and_then(|f| f.parse::<Time>().ok());
+                if frontier.is_some_and(|f| f < complete) {
+                    self.lake.delete(&path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<D: ExchangeData + Serialize + Clone> Deliver for StateSink<D> {
+    type Item = StateShard<D>;
+    type Batch = (Time, String);
+    /// The newest complete snapshot to clean up to (worker 0 only), and the objects.
+    type Sealed = (Option<Time>, Vec<(String, Bytes)>);
+    type Receipt = ();
+
+    const COMPLETENESS: Completeness = Completeness::Eager;
+
+    fn name(&self) -> String {
+        "SaveState".into()
+    }
+
+    fn route(_shard: &StateShard<D>) -> Option<u64> {
+        None
+    }
+
+    fn batch_of(shard: &StateShard<D>) -> (Time, String) {
+        (shard.frontier, shard.operator.clone())
+    }
+
+    fn seal(&mut self, _batch: &(Time, String), shards: Vec<StateShard<D>>) -> Self::Sealed {
+        let mut objects = Vec::new();
+        let mut complete = None;
+        for shard in shards {
+            if shard.worker == 0 {
+                complete = complete.max(shard.complete);
+            }
+            let (restricted, standard): (Vec<_>, Vec<_>) = shard
+                .records
+                .iter()
+                .cloned()
+                .partition(|(record, _)| (self.restricted)(record));
+            for (root, records) in [
+                (self.restricted_prefix.as_str(), restricted),
+                ("", standard),
+            ] {
+                let dir = state_dir(root, &self.group, &shard.operator);
+                let name = object_name(&dir, shard.frontier, shard.worker, shard.workers);
+                let part = StateShard {
+                    records,
+                    ..shard.clone()
+                };
+                match Self::encode(part) {
+                    Ok(bytes) => objects.push((name, bytes)),
+                    // Our records always serialize; an encoding failure is logged by the
+                    // delivery as a failed write of an empty object list below.
+                    Err(e) => tracing::error!(error = %e, "encoding saved state failed"),
+                }
+            }
+        }
+        (complete, objects)
+    }
+
+    fn deliver(&mut self, batch: &(Time, String), sealed: &Self::Sealed) -> Result<(), Error> {
+        let (complete, objects) = sealed;
+        if objects.is_empty() {
+            return Err(Error::Encode("saved state could not be encoded".into()));
+        }
+        // Restricted first: a standard object means its restricted one is there.
+        for (name, bytes) in objects {
+            self.lake.put(name, bytes.clone())?;
+        }
+        if let Some(complete) = complete {
+            self.clean(&batch.1, *complete)?;
+        }
+        Ok(())
+    }
+}
+
+/// A restored snapshot.
+#[derive(Clone, Debug)]
+pub struct LoadedState<D> {
+    /// Its frontier.
+    pub frontier: Time,
+    /// Its definition fingerprint.
+    pub definition: u64,
+    /// Every record with its time (both routes).
+    pub records: Vec<(D, Time)>,
+}
+
+/// The newest complete snapshot of `operator`, if there is one. A snapshot of another format
+/// version is an error that names the way out.
+pub fn load_state<D: DeserializeOwned>(
+    lake: &Lake,
+    restricted_prefix: &str,
+    group: &str,
+    operator: &str,
+) -> Result<Option<LoadedState<D>>, String> {
+    let dir = state_dir("", group, operator);
+    let paths = lake.list(&dir).map_err(|e| format!("listing {dir}: {e}"))?;
+    // frontier → (workers, workers seen)
+    let mut snapshots: std::collections::BTreeMap<
+        Time,
+        (usize, std::collections::BTreeSet<usize>),
+    > = Default::default();
+    for path in &paths {
+        let Some(rest) = path.strip_prefix(&format!("{dir}/")) else {
+            continue;
+        };
+        let mut parts = rest.split('/');
+        let (Some(frontier), Some(file)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some((worker, workers)) = file
+            .strip_suffix(".json")
+            .and_then(|f| f.split_once("-of-"))
+            .and_then(|(w, n)| Some((w.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+        else {
+            continue;
+        };
+        let Ok(frontier) = frontier.parse::<Time>() else {
+            continue;
+        };
+        let entry = snapshots
+            .entry(frontier)
+            .or_insert((workers, Default::default()));
+        if entry.0 == workers {
+            entry.1.insert(worker);
+        }
+    }
+    let Some((&frontier, &(workers, _))) = snapshots
+        .iter()
+        .rev()
+        .find(|(_, (n, seen))| seen.len() == *n && seen.iter().all(|w| w < n))
+    else {
+        return Ok(None);
+    };
+    let mut records = Vec::new();
+    let mut definition = 0;
+    for root in ["", restricted_prefix] {
+        let dir = state_dir(root, group, operator);
+        for worker in 0..workers {
+            let name = object_name(&dir, frontier, worker, workers);
+            let bytes = lake
+                .get(&name)
+                .map_err(|e| format!("reading saved state {name}: {e}"))?;
+            let version: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("saved state {name} is not JSON: {e}"))?;
+            let v = version.get("v").and_then(serde_json::Value::as_u64);
+            if v != Some(u64::from(STATE_VERSION)) {
+                return Err(format!(
+                    "saved state {name} has format version {v:?}; this build reads version {STATE_VERSION}. Run the version that wrote it to drain, or start under a new consumer group"
+                ));
+            }
+            let saved: Saved<D> = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("saved state {name} cannot be read: {e}"))?;
+            definition = saved.shard.definition;
+            records.extend(saved.shard.records);
+        }
+    }
+    Ok(Some(LoadedState {
+        frontier,
+        definition,
+        records,
+    }))
+}
