@@ -246,7 +246,8 @@ pub struct Deployment {
 impl Deployment {
     /// A deployment named `name` reading `workload`'s topic with `workers` workers: 2 s
     /// windows, 1 s lateness and idle timeout, offsets committed at every chance, a
-    /// dead-letter topic `<name>.dlq` (which the caller creates). `extra` is appended to the
+    /// dead-letter topic `<name>.dlq` (which the caller creates), and two funnels with 20 s
+    /// and 30 s conversion windows whose state is saved every 4 s of event time. `extra` is appended to the
     /// configuration (TOML: more keys of the `[pipeline]` table first, then other tables).
     pub fn new(
         dir: &Path,
@@ -284,6 +285,24 @@ location = "{lake}"
 
 [privacy]
 key = "{TEST_KEY}"
+
+# Funnels whose conversion windows span many 2 s windows, so that their chains, and the
+# state that follows them, span restarts; their state is saved every two windows.
+[analytics]
+save-state-every-ms = 4000
+
+[[funnels]]
+name = "quick_projects"
+unit = "user_id"
+steps = ["project_viewed", "project_created", "task_assigned"]
+conversion-window-ms = 20000
+breakdowns = ["experiments", "platform"]
+
+[[funnels]]
+name = "quick_recommendations"
+unit = "properties.recommendation_id"
+steps = ["recommendation_generated", "recommendation_accepted", "action_executed", "outcome_reply_received"]
+conversion-window-ms = 30000
 "#,
             topic = workload.topic,
             lake = lake.display(),

@@ -103,6 +103,11 @@ fn kill_9_at_twenty_random_moments_changes_no_output() {
 
     let (want, got) = (snapshot(&reference.lake), snapshot(&chaos.lake));
     assert!(want.len() > 20, "the reference wrote {} files", want.len());
+    let funnel_files = want.keys().filter(|k| k.contains("funnels/")).count();
+    assert!(
+        funnel_files > 10,
+        "the reference wrote {funnel_files} funnel files"
+    );
     if let Some(diff) = difference(&want, &got) {
         panic!(
             "after 20 restarts the lake differs from the uninterrupted run's (seed {seed}): {diff}\n{}",
@@ -114,6 +119,10 @@ fn kill_9_at_twenty_random_moments_changes_no_output() {
     assert!(
         log.contains("written_up_to"),
         "the restarts resumed from checkpoints"
+    );
+    assert!(
+        log.contains("funnel state restored"),
+        "the restarts restored the funnels' state"
     );
 }
 

@@ -96,6 +96,9 @@ where
 /// labels, hashed once per update, and foldhash is seeded per process like SipHash.
 type Accumulation<K, R> = HashMap<K, R, foldhash::fast::RandomState>;
 
+/// An open window: the capability to emit it, and its accumulation.
+type Open<K, R> = (Capability<Time>, Accumulation<K, R>);
+
 /// Accumulates `(key, time, diff)` per horizon, window and key, and emits each window once the
 /// input frontier has passed its horizon.
 fn accumulate<'s, K, R, P>(
@@ -112,8 +115,7 @@ where
 {
     updates.unary_frontier(pact, name, move |_capability, _info| {
         // Keyed by (horizon, window start): windows are emitted in horizon order.
-        let mut open: BTreeMap<(u64, u64), (Capability<Time>, Accumulation<K, R>)> =
-            BTreeMap::new();
+        let mut open: BTreeMap<(u64, u64), Open<K, R>> = BTreeMap::new();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 // Every message here is sent under a capability; one without would carry no time.

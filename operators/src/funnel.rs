@@ -315,6 +315,11 @@ impl FunnelDef {
         }
     }
 
+    /// The name the funnel's state is saved under.
+    pub fn state_name(&self) -> String {
+        format!("funnel-{}", self.name)
+    }
+
     /// The touch of `event`, keyed by `(restricted, unit)`; `None` for an event that takes
     /// no part in the funnel.
     pub fn touch_of(&self, event: &Event, empty: &Breakdowns) -> Option<((bool, u64), Touch)> {
@@ -669,7 +674,7 @@ where
         let expiry = move |t: &Time| windows.end_of(windows.start_of(*t)) + window_ms;
         if let Some(hooks) = hooks {
             let settings = SnapshotSettings {
-                operator: format!("funnel:{}", def.name),
+                operator: def.state_name(),
                 definition: from.definition,
                 every_ms: hooks.every_ms,
                 restored_at,

@@ -11,7 +11,9 @@
 //! - [`close`]: [`close_windows`], which emits each window once, when the frontier has passed it
 //!   (and [`close_at`], at a later horizon);
 //! - [`funnel`]: conversion funnels, the first operator whose state spans windows;
-//! - [`state`]: snapshots of a long-horizon operator's state, for restarts.
+//! - [`state`]: snapshots of a long-horizon operator's state, for restarts;
+//! - [`product`]: command-queue, integration-health and feedback aggregates ([`product::Tally`]);
+//! - [`alerts`]: integration health across windows (breaker state) and the alert rules.
 //!
 //! ```
 //! use differential_dataflow::input::Input;
@@ -32,9 +34,11 @@
 //! ```
 
 pub mod aggregates;
+pub mod alerts;
 pub mod close;
 pub mod funnel;
 pub mod histogram;
+pub mod product;
 pub mod state;
 pub mod window;
 

@@ -3,7 +3,10 @@
 //! A long-horizon operator (a funnel) keeps, per unit, inputs that arrived long ago. A restart
 //! must not read them again from Kafka (a 30-day funnel would need 30 days of input), so the
 //! operator's *sufficient statistics* (for a funnel: its live touches, each with its time) are
-//! saved as of a frontier `S` and restored at the next start. See ARCHITECTURE.md, "Long-horizon
+//! saved as of a frontier `S` and restored at the next start. Worker 0 takes the snapshots
+//! (the records are exchanged to it): a snapshot needs one `S` for every record, and workers
+//! that each chose their own `S` would not agree (a restore needs a snapshot at or after the
+//! durable frontier that covers every record). See ARCHITECTURE.md, "Long-horizon
 //! state", for why the restore is exact.
 //!
 //! [`snapshots`] watches the operator's input. Every `every_ms` of event time it takes a
@@ -21,7 +24,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use timely::dataflow::StreamVec;
-use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
@@ -78,12 +81,14 @@ where
     D: timely::ExchangeData + Clone,
 {
     let scope = inserts.scope();
-    let (worker, workers) = (scope.index(), scope.peers());
-    let scope = scope.clone();
+    let worker = scope.index();
     let name = format!("Snapshot({})", settings.operator);
-    inserts.unary_frontier(Pipeline, &name, move |capability, info| {
+    // Worker 0 takes every snapshot: a snapshot is one frontier `S` for all records, and
+    // workers that decided `S` each on their own would not agree on it.
+    let to_first = Exchange::new(|_: &(D, Time, isize)| 0u64);
+    inserts.unary_frontier(to_first, &name, move |capability, info| {
         let activator = scope.activator_for(info.address.clone());
-        let mut capability = Some(capability);
+        let mut capability = (worker == 0).then_some(capability);
         // (record, time, expiry) of every live record, in arrival order.
         let mut live: Vec<(D, Time, Time)> = Vec::new();
         let mut last = settings.restored_at;
@@ -122,11 +127,9 @@ where
             let at_outputs = outputs.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
             let s = at_input.min(at_outputs);
             let flushing = settings.flush.load(Ordering::Relaxed);
-            if flushing {
-                // The input stands still while the pipeline stops: look again soon, as the
-                // outputs catch up.
-                activator.activate_after(Duration::from_millis(50));
-            }
+            // The outputs move without telling this operator, and the input stands still while
+            // the pipeline stops: look again soon.
+            activator.activate_after(Duration::from_millis(if flushing { 20 } else { 200 }));
             let every = if flushing {
                 1
             } else {
@@ -146,8 +149,8 @@ where
                 definition: settings.definition,
                 frontier: s,
                 complete,
-                worker,
-                workers,
+                worker: 0,
+                workers: 1,
                 records,
             });
             emitted.push_back((*cap.time(), s));

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+use sightline_operators::alerts::AlertRules;
 use sightline_operators::funnel::{
     Breakdown, Exclusion, Field, FunnelDef, MAX_STEPS, Matcher, Order,
 };
@@ -32,6 +33,75 @@ impl Default for AnalyticsConfig {
             builtin_funnels: true,
             save_state_every_ms: 60_000,
         }
+    }
+}
+
+/// The integration alert rules (`[alerts]`), evaluated on every closed window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// `error_rate` fires above this share of failed calls.
+    pub error_rate: f64,
+    /// Its severity.
+    pub error_rate_severity: String,
+    /// `latency_p99` fires above this p99 of successful calls, ms.
+    pub latency_p99_ms: f64,
+    /// Its severity.
+    pub latency_p99_severity: String,
+    /// `breaker_open`'s severity.
+    pub breaker_open_severity: String,
+    /// Below this many calls in a window the error-rate and latency rules do not fire.
+    pub min_calls: i64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        let r = AlertRules::default();
+        AlertsConfig {
+            error_rate: r.error_rate,
+            error_rate_severity: r.error_rate_severity,
+            latency_p99_ms: r.p99_ms,
+            latency_p99_severity: r.p99_severity,
+            breaker_open_severity: r.breaker_severity,
+            min_calls: r.min_calls,
+        }
+    }
+}
+
+impl AlertsConfig {
+    /// The rules.
+    pub fn rules(&self) -> AlertRules {
+        AlertRules {
+            error_rate: self.error_rate,
+            error_rate_severity: self.error_rate_severity.clone(),
+            p99_ms: self.latency_p99_ms,
+            p99_severity: self.latency_p99_severity.clone(),
+            breaker_severity: self.breaker_open_severity.clone(),
+            min_calls: self.min_calls,
+        }
+    }
+
+    /// Refuses thresholds that cannot be meant.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(0.0..1.0).contains(&self.error_rate) {
+            bail!("alerts.error-rate ({}) must be in [0, 1)", self.error_rate);
+        }
+        if self.latency_p99_ms.is_nan() || self.latency_p99_ms <= 0.0 {
+            bail!("alerts.latency-p99-ms must be positive");
+        }
+        if self.min_calls < 0 {
+            bail!("alerts.min-calls must not be negative");
+        }
+        for (key, value) in [
+            ("error-rate-severity", &self.error_rate_severity),
+            ("latency-p99-severity", &self.latency_p99_severity),
+            ("breaker-open-severity", &self.breaker_open_severity),
+        ] {
+            if value.trim().is_empty() {
+                bail!("alerts.{key} must not be empty");
+            }
+        }
+        Ok(())
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Config {
     pub analytics: crate::analytics::AnalyticsConfig,
     /// Conversion funnels (`[[funnels]]`), after the built-in ones.
     pub funnels: Vec<crate::analytics::FunnelConfig>,
+    /// The integration alert rules.
+    pub alerts: crate::analytics::AlertsConfig,
 }
 
 /// How the sinks retry a failed delivery (a lake write, a batch of records on a topic). A
@@ -224,6 +226,9 @@ pub struct KafkaConfig {
     /// Topic that receives one JSON record per dead letter (unset: dead letters go to the
     /// `dead_letter` table only).
     pub dead_letter_topic: Option<String>,
+    /// Topic that receives one JSON record per alert state change, keyed by route, rule,
+    /// subject and window (unset: the `alerts` table only).
+    pub alerts_topic: Option<String>,
 }
 
 impl KafkaConfig {
@@ -269,6 +274,7 @@ impl Default for KafkaConfig {
             metadata_timeout_ms: 30_000,
             options: BTreeMap::new(),
             dead_letter_topic: None,
+            alerts_topic: None,
         }
     }
 }
@@ -394,10 +400,19 @@ impl Config {
         {
             bail!("kafka.dead-letter-topic must not be one of the input topics");
         }
+        if self
+            .kafka
+            .alerts_topic
+            .as_deref()
+            .is_some_and(|t| names.contains(&t))
+        {
+            bail!("kafka.alerts-topic must not be one of the input topics");
+        }
         if self.lake.restricted_prefix.trim_matches('/').is_empty() {
             bail!("lake.restricted-prefix must not be empty: restricted data is kept apart");
         }
         self.privacy.key_ring().context("privacy")?;
+        self.alerts.validate()?;
         if self.analytics.save_state_every_ms == 0 {
             bail!("analytics.save-state-every-ms must be positive");
         }

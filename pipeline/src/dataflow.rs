@@ -13,8 +13,12 @@ use std::sync::Arc;
 use differential_dataflow::{AsCollection, VecCollection};
 use std::sync::atomic::AtomicBool;
 
+use sightline_operators::alerts::{AlertRules, HealthState, HealthWindow, health};
 use sightline_operators::funnel::{
     FunnelDef, FunnelKey, FunnelResume, Funnels, SavedTouch, StateHooks, funnels,
+};
+use sightline_operators::product::{
+    ProductKey, Tally, command_queue, feedback, integration_health,
 };
 use sightline_operators::state::StateShard;
 use sightline_operators::{
@@ -79,6 +83,12 @@ pub struct RouteWindows<'s> {
     pub quality: Closed<'s, QualityKey, QualityCounts>,
     /// Dead letters per window of their processing time.
     pub dead_letters: Closed<'s, WindowedDeadLetter, isize>,
+    /// Command-queue health per action type.
+    pub command_queue: Closed<'s, ProductKey, Tally>,
+    /// Feedback per feature area and breakdown.
+    pub feedback: Closed<'s, ProductKey, Tally>,
+    /// Integration health and alert transitions, window by window, in order.
+    pub health: StreamVec<'s, Time, HealthWindow>,
 }
 
 /// What the dataflow computes, for outputs to attach to.
@@ -116,6 +126,10 @@ pub struct Analytics {
     /// Set when the pipeline stops: the state is saved at once, so that the last commit
     /// covers every written window.
     pub flush: Arc<AtomicBool>,
+    /// The alert rules.
+    pub rules: AlertRules,
+    /// The integration-health state each route resumes from, in the order of [`Route::ALL`].
+    pub health: Vec<HealthState>,
 }
 
 impl Analytics {
@@ -131,6 +145,8 @@ impl Analytics {
             resume: Vec::new(),
             save_every_ms: None,
             flush: Arc::default(),
+            rules: AlertRules::default(),
+            health: Vec::new(),
         }
     }
 }
@@ -179,7 +195,18 @@ pub fn compute<'s>(
         .zip(routed_events)
         .zip(routed_dead)
         .map(|((route, events), dead)| {
-            aggregate(route, events.as_collection(), dead.as_collection(), windows)
+            let health = analytics
+                .health
+                .get(route as usize)
+                .cloned()
+                .unwrap_or_default();
+            aggregate(
+                route,
+                events.as_collection(),
+                dead.as_collection(),
+                windows,
+                (&analytics.rules, health),
+            )
         })
         .collect();
     let hooks = analytics.save_every_ms.map(|every_ms| StateHooks {
@@ -215,9 +242,26 @@ fn aggregate<'s>(
     events: VecCollection<'s, Time, Arc<Event>>,
     dead: VecCollection<'s, Time, DeadLetter>,
     windows: Windows,
+    (rules, health_from): (&AlertRules, HealthState),
 ) -> RouteWindows<'s> {
     let name = |what: &str| format!("{what}({})", route.as_str());
+    let integrations = close_windows(
+        integration_health(events.clone(), windows),
+        windows,
+        &name("CloseIntegrationHealth"),
+    );
     RouteWindows {
+        command_queue: close_windows(
+            command_queue(events.clone(), windows),
+            windows,
+            &name("CloseCommandQueue"),
+        ),
+        feedback: close_windows(
+            feedback(events.clone(), windows),
+            windows,
+            &name("CloseFeedback"),
+        ),
+        health: health(integrations, windows, rules.clone(), health_from),
         route,
         event_counts: close_windows(
             event_counts(events.clone(), windows),

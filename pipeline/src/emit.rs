@@ -10,8 +10,10 @@ use std::sync::mpsc::Sender;
 use sightline_operators::funnel::SavedTouch;
 use sightline_operators::{ClosedWindow, QualityTotals, Time};
 use sightline_sinks::kafka::{KeyedRecord, TopicSink};
-use sightline_sinks::product::FunnelRow;
-use sightline_sinks::state::StateSink;
+use sightline_sinks::product::{
+    AlertRow, CommandQueueRow, FeedbackRow, FunnelRow, IntegrationHealthRow,
+};
+use sightline_sinks::state::{HealthStateSink, StateSink};
 use sightline_sinks::tables::{
     DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow,
     VariantLatencyRow,
@@ -22,7 +24,7 @@ use sightline_sinks::{
 use std::sync::Arc;
 use timely::ExchangeData;
 use timely::dataflow::StreamVec;
-use timely::dataflow::operators::{Inspect, Probe};
+use timely::dataflow::operators::{Concat, Inspect, Probe};
 
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::{Filter, Map};
@@ -46,6 +48,8 @@ pub struct Outputs {
     pub reports: Sender<Report>,
     /// Where the long-horizon operators' state is saved (`None` for a replay of files).
     pub state: Option<StateTarget>,
+    /// The alerts topic, if configured.
+    pub alerts_topic: Option<TopicSink<AlertRow>>,
 }
 
 /// Where saved state goes: the lake's `_sightline/state/<group>/…` (restricted records under
@@ -58,6 +62,8 @@ pub struct StateTarget {
     pub restricted_prefix: String,
     /// The consumer group the state belongs to.
     pub group: String,
+    /// The pipeline's windows.
+    pub windows: sightline_operators::Windows,
 }
 
 /// Attaches every output to `computed`. When `written`'s frontier has passed a time, every
@@ -78,8 +84,9 @@ pub fn emit(
         health,
         reports,
         state,
+        alerts_topic,
     } = outputs;
-    if let (Some(target), Some(shards)) = (state, computed.funnel_state) {
+    if let (Some(target), Some(shards)) = (state.clone(), computed.funnel_state) {
         let sink = StateSink::new(
             target.lake,
             &target.restricted_prefix,
@@ -129,6 +136,7 @@ pub fn emit(
                 let _ = reports.send(Report::Later(file.clone()));
             });
     }
+    let mut alert_records = Vec::new();
     for windows in computed.routes {
         let tables = Tables {
             lake: match windows.route {
@@ -158,6 +166,52 @@ pub fn emit(
         }));
         tables.write(rows_of(quality, QualityRow::from_closed));
         tables.write(rows_of(windows.dead_letters, DeadLetterRow::from_closed));
+        tables.write(rows_of(windows.command_queue, CommandQueueRow::from_closed));
+        tables.write(rows_of(windows.feedback, FeedbackRow::from_closed));
+        let health_windows = windows.health;
+        tables.write(health_windows.clone().flat_map(|w| {
+            let rows = IntegrationHealthRow::from_health(&w);
+            (!rows.is_empty()).then_some(WindowRows {
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
+                part: None,
+                rows,
+            })
+        }));
+        let route = windows.route.as_str();
+        tables.write(health_windows.clone().flat_map(move |w| {
+            let rows = AlertRow::from_health(&w, route);
+            (!rows.is_empty()).then_some(WindowRows {
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
+                part: None,
+                rows,
+            })
+        }));
+        alert_records.push(health_windows.clone().flat_map(move |w| {
+            AlertRow::from_health(&w, route)
+                .into_iter()
+                .map(|value| KeyedRecord {
+                    key: value.key(),
+                    value,
+                })
+                .collect::<Vec<_>>()
+        }));
+        if let Some(target) = &state {
+            let sink = HealthStateSink::new(
+                target.lake.clone(),
+                &target.group,
+                route,
+                durable.clone(),
+                target.windows,
+            );
+            durable_sink(health_windows, sink, retry, &health, durable);
+        }
+    }
+    if let Some(topic) = alerts_topic
+        && let Some(records) = alert_records.into_iter().reduce(|a, b| a.concat(b))
+    {
+        durable_sink(records, topic, retry, &health, durable).probe_with(written);
     }
 }
 

@@ -263,17 +263,22 @@ impl Generator {
         let mut context = Context::default();
         if let Some(burst) = self.burst_at(time_ms)
             && name == "integration_call_success"
-            && self.rng.below(2) == 0
         {
-            name = "integration_call_failed";
-            context.integration = Some(BURST_INTEGRATION);
-            if self.breaker_burst != Some(burst) {
-                self.breaker_burst = Some(burst);
-                let breaker = Context {
-                    integration: Some(BURST_INTEGRATION),
-                    ..Context::default()
-                };
-                self.schedule(time_ms + 1_000, "circuit_breaker_opened", (0, 0), breaker);
+            if self.rng.below(2) == 0 {
+                name = "integration_call_failed";
+                context.integration = Some(BURST_INTEGRATION);
+                if self.breaker_burst != Some(burst) {
+                    self.breaker_burst = Some(burst);
+                    let breaker = Context {
+                        integration: Some(BURST_INTEGRATION),
+                        ..Context::default()
+                    };
+                    // A system event of a standard-route tenant.
+                    self.schedule(time_ms + 1_000, "circuit_breaker_opened", (1, 0), breaker);
+                }
+            } else {
+                // No call to the failing integration succeeds during the burst.
+                context.integration = Some(*self.rng.pick(&["hubspot", "calendar"]));
             }
         }
         self.event_as(name, time_ms, None, context, out);
@@ -702,7 +707,8 @@ impl Generator {
             "integration_call_success" => write!(
                 out,
                 r#"{{"integration":"{}","endpoint":"/crm/v3/objects/deals","method":"{}","status_code":200,"duration_ms":{}}}"#,
-                r.pick(&["hubspot", "gmail", "calendar"]),
+                c.integration
+                    .unwrap_or_else(|| *r.pick(&["hubspot", "gmail", "calendar"])),
                 r.pick(&["GET", "POST"]),
                 ms(r, 350.0)
             ),

@@ -17,6 +17,8 @@ use tracing::{info, warn};
 pub struct Restored {
     /// Per funnel, in definition order.
     pub funnels: Vec<FunnelResume>,
+    /// The source's durable frontier at the start (0: nothing committed).
+    pub resume_ms: u64,
 }
 
 impl Restored {
@@ -37,11 +39,6 @@ impl Restored {
             })
             .collect()
     }
-}
-
-/// The name a funnel's state is saved under.
-pub fn operator_name(def: &FunnelDef) -> String {
-    format!("funnel-{}", def.name)
 }
 
 /// A fingerprint of a funnel's definition: state saved under another definition is not
@@ -72,10 +69,10 @@ pub fn restore_funnels(
     windows: Windows,
 ) -> anyhow::Result<Restored> {
     let mut out = Vec::new();
-    let mut resume = None;
+    let resume_ms = resume_frontier(lake, group)?;
     for def in defs {
         let definition = fingerprint(def);
-        let operator = operator_name(def);
+        let operator = def.state_name();
         let loaded = load_state::<SavedTouch>(lake, restricted_prefix, group, &operator)
             .map_err(|e| anyhow::anyhow!(e))
             .with_context(|| format!("restoring the state of funnel `{}`", def.name))?;
@@ -100,10 +97,7 @@ pub fn restore_funnels(
                 }
                 // No state: count only entry windows that start at or after the source's
                 // resume point, which are seen whole.
-                let from = match resume {
-                    Some(r) => r,
-                    None => *resume.insert(resume_frontier(lake, group)?),
-                };
+                let from = resume_ms;
                 let written_before = if from == 0 {
                     0
                 } else {
@@ -118,7 +112,10 @@ pub fn restore_funnels(
             }
         }
     }
-    Ok(Restored { funnels: out })
+    Ok(Restored {
+        funnels: out,
+        resume_ms,
+    })
 }
 
 /// [`Restored`] shared by the workers.

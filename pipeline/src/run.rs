@@ -279,13 +279,32 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                 lake: job.lake.clone(),
                 restricted_prefix: prefix,
                 group: kafka.group_id.clone(),
+                windows: windows_of(&job.config.pipeline),
             };
             (Some(Arc::new(restored)), Some(target))
         }
         _ => (None, None),
     };
+    let health = match (&job.input, &restored) {
+        (Input::Kafka(kafka), Some(restored)) => Route::ALL
+            .iter()
+            .map(|route| {
+                sightline_sinks::state::load_health(
+                    &job.lake,
+                    &kafka.group_id,
+                    route.as_str(),
+                    restored.resume_ms,
+                    windows_of(&job.config.pipeline),
+                )
+                .map_err(|e| anyhow::anyhow!(e))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        _ => Vec::new(),
+    };
     let analytics = Analytics {
         resume: Vec::new(),
+        rules: job.config.alerts.rules(),
+        health,
         save_every_ms: state_target
             .as_ref()
             .map(|_| job.config.analytics.save_state_every_ms),
@@ -374,6 +393,15 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                         health: Arc::clone(&health),
                         reports,
                         state: state_target.clone(),
+                        alerts_topic: match &job.input {
+                            Input::Kafka(kafka) => kafka
+                                .alerts_topic
+                                .as_deref()
+                                .map(|topic| TopicSink::connect(&kafka.client_config(&[]), topic))
+                                .transpose()
+                                .context("creating the alerts producer")?,
+                            _ => None,
+                        },
                     };
                     let stats = Arc::clone(&stats);
                     let probes = worker.dataflow::<Time, _, _>(|scope| {

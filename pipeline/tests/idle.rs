@@ -104,6 +104,7 @@ fn a_record_after_an_idle_jump_never_reopens_a_written_window() {
             health: Default::default(),
             reports: reports.clone(),
             state: None,
+            alerts_topic: None,
         };
         let stats = Arc::new(IngestStats::default());
         let probe = worker

@@ -1,5 +1,5 @@
-//! The product-analytics tables: `funnels` (and, as they are added, the command-queue,
-//! integration-health, feedback, alerts and triage tables).
+//! The product-analytics tables: `funnels`, `command_queue`, `integration_health`, `alerts`
+//! and `feedback`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,7 +7,9 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
+use sightline_operators::alerts::{Alert, HealthWindow};
 use sightline_operators::funnel::{FunnelDef, FunnelKey};
+use sightline_operators::product::{ProductKey, Tally};
 use sightline_operators::{ClosedWindow, LatencyHistogram};
 
 use crate::tables::{batch, floats, ints, strings, window_columns, window_fields};
@@ -150,5 +152,441 @@ impl Table for FunnelRow {
             };
         }
         rows
+    }
+}
+
+/// A nullable float column.
+fn opt_floats<T>(rows: &[T], f: impl Fn(&T) -> Option<f64>) -> arrow_array::ArrayRef {
+    Arc::new(arrow_array::Float64Array::from_iter(rows.iter().map(f)))
+}
+
+/// Count, mean, p50 and p90 of a distribution of a [`Tally`], in its unit.
+#[derive(Clone, Debug, Default, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct Spread {
+    /// Samples.
+    pub count: i64,
+    /// Exact mean (`None` without samples).
+    pub mean: Option<f64>,
+    /// Median, within 1%.
+    pub p50: Option<f64>,
+    /// 90th percentile, within 1%.
+    pub p90: Option<f64>,
+}
+
+impl Spread {
+    fn of(tally: &Tally, name: &str) -> Spread {
+        let Some(h) = tally.dist(name) else {
+            return Spread::default();
+        };
+        let unit = |v: f64| v / 1_000_000.0;
+        Spread {
+            count: h.count,
+            mean: h.mean_us().map(unit),
+            p50: h.quantile(0.5).map(unit),
+            p90: h.quantile(0.9).map(unit),
+        }
+    }
+
+    fn fields(prefix: &str) -> Vec<Field> {
+        vec![
+            Field::new(format!("{prefix}_count"), DataType::Int64, false),
+            Field::new(format!("{prefix}_mean"), DataType::Float64, true),
+            Field::new(format!("{prefix}_p50"), DataType::Float64, true),
+            Field::new(format!("{prefix}_p90"), DataType::Float64, true),
+        ]
+    }
+
+    fn columns<T>(rows: &[T], f: impl Fn(&T) -> &Spread) -> Vec<arrow_array::ArrayRef> {
+        vec![
+            ints(rows, |r| f(r).count),
+            opt_floats(rows, |r| f(r).mean),
+            opt_floats(rows, |r| f(r).p50),
+            opt_floats(rows, |r| f(r).p90),
+        ]
+    }
+}
+
+fn json_counts(counts: &std::collections::BTreeMap<String, i64>) -> String {
+    serde_json::to_string(counts).unwrap_or_else(|_| "{}".into())
+}
+
+/// A row of `command_queue`: one window and `action_type` (`all` for every type, the only
+/// one that counts views).
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct CommandQueueRow {
+    /// Window start, ms.
+    pub window_start_ms: u64,
+    /// Window end, ms.
+    pub window_end_ms: u64,
+    /// The action type, or `all`.
+    pub action_type: String,
+    /// `recommendation_generated` events.
+    pub generated: i64,
+    /// `recommendation_viewed` events (`all` only).
+    pub viewed: i64,
+    /// `recommendation_accepted` events.
+    pub accepted: i64,
+    /// `recommendation_dismissed` events.
+    pub dismissed: i64,
+    /// accepted ÷ generated in the window (the seed's query); `None` without generated ones.
+    pub acceptance_rate: Option<f64>,
+    /// APS scores of accepted recommendations.
+    pub aps_accepted: Spread,
+    /// APS scores of dismissed recommendations.
+    pub aps_dismissed: Spread,
+    /// Time to decision of accepted recommendations, seconds.
+    pub time_to_decision_s: Spread,
+    /// Dismissals per `dismiss_reason`, as a JSON object.
+    pub dismiss_reasons: String,
+}
+
+impl CommandQueueRow {
+    /// Rows of one closed window.
+    pub fn from_closed(w: ClosedWindow<ProductKey, Tally>) -> Vec<CommandQueueRow> {
+        w.entries
+            .into_iter()
+            .map(|(k, t)| {
+                let generated = t.get("generated");
+                CommandQueueRow {
+                    window_start_ms: w.window_start_ms,
+                    window_end_ms: w.window_end_ms,
+                    action_type: k.group.to_string(),
+                    generated,
+                    viewed: t.get("viewed"),
+                    accepted: t.get("accepted"),
+                    dismissed: t.get("dismissed"),
+                    acceptance_rate: (generated > 0)
+                        .then(|| t.get("accepted") as f64 / generated as f64),
+                    aps_accepted: Spread::of(&t, "aps_accepted"),
+                    aps_dismissed: Spread::of(&t, "aps_dismissed"),
+                    time_to_decision_s: Spread::of(&t, "time_to_decision_s"),
+                    dismiss_reasons: json_counts(&t.counts_with("reason:")),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Table for CommandQueueRow {
+    const NAME: &'static str = "command_queue";
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        fields.extend([
+            Field::new("action_type", DataType::Utf8, false),
+            Field::new("generated", DataType::Int64, false),
+            Field::new("viewed", DataType::Int64, false),
+            Field::new("accepted", DataType::Int64, false),
+            Field::new("dismissed", DataType::Int64, false),
+            Field::new("acceptance_rate", DataType::Float64, true),
+        ]);
+        fields.extend(Spread::fields("aps_accepted"));
+        fields.extend(Spread::fields("aps_dismissed"));
+        fields.extend(Spread::fields("time_to_decision_s"));
+        fields.push(Field::new("dismiss_reasons", DataType::Utf8, false));
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            strings(rows, |r| &r.action_type),
+            ints(rows, |r| r.generated),
+            ints(rows, |r| r.viewed),
+            ints(rows, |r| r.accepted),
+            ints(rows, |r| r.dismissed),
+            opt_floats(rows, |r| r.acceptance_rate),
+        ]);
+        columns.extend(Spread::columns(rows, |r| &r.aps_accepted));
+        columns.extend(Spread::columns(rows, |r| &r.aps_dismissed));
+        columns.extend(Spread::columns(rows, |r| &r.time_to_decision_s));
+        columns.push(strings(rows, |r| &r.dismiss_reasons));
+        batch(Self::schema(), columns)
+    }
+}
+
+/// A row of `integration_health`: one window and integration.
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct IntegrationHealthRow {
+    /// Window start, ms.
+    pub window_start_ms: u64,
+    /// Window end, ms.
+    pub window_end_ms: u64,
+    /// `integration` (or the breaker's `service`).
+    pub integration: String,
+    /// Calls (successful and failed).
+    pub calls: i64,
+    /// Failed calls.
+    pub failures: i64,
+    /// failures ÷ calls; `None` without calls.
+    pub error_rate: Option<f64>,
+    /// Calls answered 429.
+    pub rate_limit_hits: i64,
+    /// Successful calls with a latency.
+    pub latency_count: i64,
+    /// Their median latency, ms (within 1%).
+    pub latency_p50_ms: Option<f64>,
+    /// p95, ms.
+    pub latency_p95_ms: Option<f64>,
+    /// p99, ms.
+    pub latency_p99_ms: Option<f64>,
+    /// `circuit_breaker_opened` events.
+    pub breaker_opens: i64,
+    /// `open` or `closed` at the window's end.
+    pub breaker_state: String,
+}
+
+impl IntegrationHealthRow {
+    /// Rows of one evaluated window.
+    pub fn from_health(w: &HealthWindow) -> Vec<IntegrationHealthRow> {
+        w.rows
+            .iter()
+            .map(|r| {
+                let t = &r.tally;
+                let calls = t.get("calls");
+                let latency = t.dist("latency_ms");
+                let q = |q: f64| latency.and_then(|h| h.quantile(q)).map(|v| v / 1_000_000.0);
+                IntegrationHealthRow {
+                    window_start_ms: w.window_start_ms,
+                    window_end_ms: w.window_end_ms,
+                    integration: r.integration.to_string(),
+                    calls,
+                    failures: t.get("failures"),
+                    error_rate: (calls > 0).then(|| t.get("failures") as f64 / calls as f64),
+                    rate_limit_hits: t.get("rate_limited"),
+                    latency_count: latency.map_or(0, |h| h.count),
+                    latency_p50_ms: q(0.5),
+                    latency_p95_ms: q(0.95),
+                    latency_p99_ms: q(0.99),
+                    breaker_opens: t.get("breaker_opens"),
+                    breaker_state: if r.breaker_open { "open" } else { "closed" }.into(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Table for IntegrationHealthRow {
+    const NAME: &'static str = "integration_health";
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        fields.extend([
+            Field::new("integration", DataType::Utf8, false),
+            Field::new("calls", DataType::Int64, false),
+            Field::new("failures", DataType::Int64, false),
+            Field::new("error_rate", DataType::Float64, true),
+            Field::new("rate_limit_hits", DataType::Int64, false),
+            Field::new("latency_count", DataType::Int64, false),
+            Field::new("latency_p50_ms", DataType::Float64, true),
+            Field::new("latency_p95_ms", DataType::Float64, true),
+            Field::new("latency_p99_ms", DataType::Float64, true),
+            Field::new("breaker_opens", DataType::Int64, false),
+            Field::new("breaker_state", DataType::Utf8, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            strings(rows, |r| &r.integration),
+            ints(rows, |r| r.calls),
+            ints(rows, |r| r.failures),
+            opt_floats(rows, |r| r.error_rate),
+            ints(rows, |r| r.rate_limit_hits),
+            ints(rows, |r| r.latency_count),
+            opt_floats(rows, |r| r.latency_p50_ms),
+            opt_floats(rows, |r| r.latency_p95_ms),
+            opt_floats(rows, |r| r.latency_p99_ms),
+            ints(rows, |r| r.breaker_opens),
+            strings(rows, |r| &r.breaker_state),
+        ]);
+        batch(Self::schema(), columns)
+    }
+}
+
+/// A row of `alerts`, and the value of a record on the alerts topic: a rule's change of state
+/// for one integration in one window.
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct AlertRow {
+    /// Window start, ms.
+    pub window_start_ms: u64,
+    /// Window end, ms.
+    pub window_end_ms: u64,
+    /// `standard` or `restricted`.
+    pub route: String,
+    /// `error_rate`, `latency_p99` or `breaker_open`.
+    pub rule: String,
+    /// The integration.
+    pub subject: String,
+    /// `page`, `warning`, `critical`.
+    pub severity: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    /// The rule's value in the window.
+    pub value: f64,
+    /// Its threshold.
+    pub threshold: f64,
+    /// Calls in the window.
+    pub calls: i64,
+}
+
+impl AlertRow {
+    /// Rows of one evaluated window.
+    pub fn from_health(w: &HealthWindow, route: &str) -> Vec<AlertRow> {
+        w.alerts
+            .iter()
+            .map(|a: &Alert| AlertRow {
+                window_start_ms: a.window_start_ms,
+                window_end_ms: a.window_end_ms,
+                route: route.to_owned(),
+                rule: a.rule.clone(),
+                subject: a.subject.clone(),
+                severity: a.severity.clone(),
+                state: a.state.clone(),
+                value: a.value,
+                threshold: a.threshold,
+                calls: a.calls,
+            })
+            .collect()
+    }
+
+    /// Its key on the alerts topic: route, rule, subject and window, the same in a replay.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.route, self.rule, self.subject, self.window_start_ms
+        )
+    }
+}
+
+impl Table for AlertRow {
+    const NAME: &'static str = "alerts";
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        fields.extend([
+            Field::new("route", DataType::Utf8, false),
+            Field::new("rule", DataType::Utf8, false),
+            Field::new("subject", DataType::Utf8, false),
+            Field::new("severity", DataType::Utf8, false),
+            Field::new("state", DataType::Utf8, false),
+            Field::new("value", DataType::Float64, false),
+            Field::new("threshold", DataType::Float64, false),
+            Field::new("calls", DataType::Int64, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            strings(rows, |r| &r.route),
+            strings(rows, |r| &r.rule),
+            strings(rows, |r| &r.subject),
+            strings(rows, |r| &r.severity),
+            strings(rows, |r| &r.state),
+            floats(rows, |r| r.value),
+            floats(rows, |r| r.threshold),
+            ints(rows, |r| r.calls),
+        ]);
+        batch(Self::schema(), columns)
+    }
+}
+
+/// A row of `feedback`: one window, feature area and breakdown value.
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct FeedbackRow {
+    /// Window start, ms.
+    pub window_start_ms: u64,
+    /// Window end, ms.
+    pub window_end_ms: u64,
+    /// `feature_area`.
+    pub feature_area: String,
+    /// `all`, `experiment:<id>` or `user_role`.
+    pub breakdown: String,
+    /// Its value.
+    pub breakdown_value: String,
+    /// Feedback events.
+    pub count: i64,
+    /// Counts of scores 1 to 5.
+    pub scores: [i64; 5],
+    /// Mean score; `None` without scores.
+    pub mean_score: Option<f64>,
+    /// Counts per sentiment, as a JSON object.
+    pub sentiments: String,
+    /// Counts per tag, as a JSON object.
+    pub tags: String,
+    /// Feedback that says the user was blocked.
+    pub blocked: i64,
+}
+
+impl FeedbackRow {
+    /// Rows of one closed window.
+    pub fn from_closed(w: ClosedWindow<ProductKey, Tally>) -> Vec<FeedbackRow> {
+        w.entries
+            .into_iter()
+            .map(|(k, t)| FeedbackRow {
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
+                feature_area: k.group.to_string(),
+                breakdown: k.breakdown.0.to_string(),
+                breakdown_value: k.breakdown.1.to_string(),
+                count: t.get("feedback"),
+                scores: [1, 2, 3, 4, 5].map(|s| t.get(&format!("score:{s}"))),
+                mean_score: t
+                    .dist("score")
+                    .and_then(|h| h.mean_us())
+                    .map(|m| m / 1_000_000.0),
+                sentiments: json_counts(&t.counts_with("sentiment:")),
+                tags: json_counts(&t.counts_with("tag:")),
+                blocked: t.get("blocked"),
+            })
+            .collect()
+    }
+}
+
+impl Table for FeedbackRow {
+    const NAME: &'static str = "feedback";
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        fields.extend([
+            Field::new("feature_area", DataType::Utf8, false),
+            Field::new("breakdown", DataType::Utf8, false),
+            Field::new("breakdown_value", DataType::Utf8, false),
+            Field::new("count", DataType::Int64, false),
+        ]);
+        for s in 1..=5 {
+            fields.push(Field::new(format!("score_{s}"), DataType::Int64, false));
+        }
+        fields.extend([
+            Field::new("mean_score", DataType::Float64, true),
+            Field::new("sentiments", DataType::Utf8, false),
+            Field::new("tags", DataType::Utf8, false),
+            Field::new("blocked", DataType::Int64, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            strings(rows, |r| &r.feature_area),
+            strings(rows, |r| &r.breakdown),
+            strings(rows, |r| &r.breakdown_value),
+            ints(rows, |r| r.count),
+        ]);
+        for s in 0..5 {
+            columns.push(ints(rows, |r| r.scores[s]));
+        }
+        columns.extend([
+            opt_floats(rows, |r| r.mean_score),
+            strings(rows, |r| &r.sentiments),
+            strings(rows, |r| &r.tags),
+            ints(rows, |r| r.blocked),
+        ]);
+        batch(Self::schema(), columns)
     }
 }

@@ -2,7 +2,8 @@
 //! ([`StateSink`]), read back at start-up ([`load_state`]).
 //!
 //! Layout: `_sightline/state/<group>/<operator>/<frontier>/<worker>-of-<workers>.json`, one
-//! object per worker and snapshot (the frontier zero-padded, so that names sort by time).
+//! object per worker that takes part in a snapshot (today worker 0 takes them all:
+//! `0-of-1`), the frontier zero-padded so that names sort by time.
 //! Records of the restricted route go to the same path under the restricted prefix, so that
 //! restricted data stays apart in saved state too; a worker writes its restricted object first,
 //! so a standard object's presence means both are there. A snapshot is *complete* when every
@@ -257,4 +258,140 @@ pub fn load_state<D: DeserializeOwned>(
         definition,
         records,
     }))
+}
+
+/// Saves the integration-health state after every evaluated window
+/// (`_sightline/state/<group>/health-<route>/<window end>.json`), and prunes the objects no
+/// restart can need: those of windows before the newest one at or before the durable frontier.
+pub struct HealthStateSink {
+    lake: Lake,
+    dir: String,
+    durable: timely::dataflow::operators::probe::Handle<Time>,
+    windows: sightline_operators::Windows,
+}
+
+impl HealthStateSink {
+    /// Saves under consumer group `group`, for `route`.
+    pub fn new(
+        lake: Lake,
+        group: &str,
+        route: &str,
+        durable: timely::dataflow::operators::probe::Handle<Time>,
+        windows: sightline_operators::Windows,
+    ) -> HealthStateSink {
+        HealthStateSink {
+            lake,
+            dir: health_dir(group, route),
+            durable,
+            windows,
+        }
+    }
+}
+
+/// Where a route's integration-health state is saved.
+pub fn health_dir(group: &str, route: &str) -> String {
+    state_dir("", group, &format!("health-{route}"))
+}
+
+fn health_object(dir: &str, window_end: Time) -> String {
+    format!("{dir}/{window_end:020}.json")
+}
+
+fn health_end(dir: &str, path: &str) -> Option<Time> {
+    path.strip_prefix(&format!("{dir}/"))?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+}
+
+impl Deliver for HealthStateSink {
+    type Item = sightline_operators::alerts::HealthWindow;
+    type Batch = Time;
+    type Sealed = Result<Bytes, String>;
+    type Receipt = ();
+
+    const COMPLETENESS: Completeness = Completeness::Eager;
+
+    fn name(&self) -> String {
+        "SaveHealthState".into()
+    }
+
+    fn route(_item: &Self::Item) -> Option<u64> {
+        None
+    }
+
+    fn batch_of(item: &Self::Item) -> Time {
+        item.window_end_ms
+    }
+
+    fn seal(&mut self, _end: &Time, items: Vec<Self::Item>) -> Self::Sealed {
+        let state = items
+            .into_iter()
+            .last()
+            .map(|w| w.state)
+            .unwrap_or_default();
+        serde_json::to_vec(&serde_json::json!({"v": STATE_VERSION, "state": state}))
+            .map(Bytes::from)
+            .map_err(|e| e.to_string())
+    }
+
+    fn deliver(&mut self, end: &Time, sealed: &Self::Sealed) -> Result<(), Error> {
+        let bytes = sealed.clone().map_err(Error::Encode)?;
+        self.lake.put(&health_object(&self.dir, *end), bytes)?;
+        let durable = self
+            .durable
+            .with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
+        let keep_from = self.windows.start_of(durable.min(*end));
+        let ends: Vec<(Time, String)> = self
+            .lake
+            .list(&self.dir)?
+            .into_iter()
+            .filter_map(|p| health_end(&self.dir, &p).map(|e| (e, p)))
+            .collect();
+        // The newest state at or before the durable window start is what a restart reads.
+        let needed = ends
+            .iter()
+            .filter(|(e, _)| *e <= keep_from)
+            .map(|(e, _)| *e)
+            .max();
+        for (e, path) in ends {
+            if needed.is_some_and(|n| e < n) {
+                self.lake.delete(&path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The integration-health state a restart resumes from: the one saved after the newest window
+/// that ends at or before the window of `resume_ms` (the source's durable frontier); empty when
+/// there is none.
+pub fn load_health(
+    lake: &Lake,
+    group: &str,
+    route: &str,
+    resume_ms: Time,
+    windows: sightline_operators::Windows,
+) -> Result<sightline_operators::alerts::HealthState, String> {
+    let dir = health_dir(group, route);
+    let limit = windows.start_of(resume_ms);
+    let paths = lake.list(&dir).map_err(|e| format!("listing {dir}: {e}"))?;
+    let Some(path) = paths
+        .into_iter()
+        .filter(|p| health_end(&dir, p).is_some_and(|e| e <= limit))
+        .max_by_key(|p| health_end(&dir, p))
+    else {
+        return Ok(Default::default());
+    };
+    let bytes = lake
+        .get(&path)
+        .map_err(|e| format!("reading {path}: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{path} is not JSON: {e}"))?;
+    if value.get("v").and_then(serde_json::Value::as_u64) != Some(u64::from(STATE_VERSION)) {
+        return Err(format!(
+            "saved state {path} has another format version; this build reads version {STATE_VERSION}. Start under a new consumer group"
+        ));
+    }
+    serde_json::from_value(value["state"].clone()).map_err(|e| format!("{path}: {e}"))
 }

@@ -1,0 +1,390 @@
+//! Integration health with its circuit-breaker state, and the alert rules evaluated on every
+//! closed window (command-center spec: error rate > 5% pages, p99 > 2 s warns, an open breaker
+//! is critical).
+//!
+//! [`health`] takes the closed windows of [`crate::product::integration_health`] in window
+//! order on one worker (a few rows per window) and carries two things across windows: which
+//! breakers are open (opened, and no successful call since) and which rules are firing. A window
+//! with no calls still gets a row for an integration whose breaker is open, and a window in
+//! which nothing happened is still evaluated while some breaker is open or some rule fires, so
+//! that the state at every window's end is known. Each window's [`HealthWindow`] holds its rows,
+//! the alert transitions (`firing`, `resolved`) and the state after it, which the pipeline saves
+//! so that a restart resumes from it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sightline_schemas::Label;
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::Operator;
+
+use crate::close::ClosedWindow;
+use crate::product::{ProductKey, Tally};
+use crate::window::{Time, Windows};
+
+/// The alert rules and their thresholds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlertRules {
+    /// `error_rate` fires above this share of failed calls.
+    pub error_rate: f64,
+    /// Its severity.
+    pub error_rate_severity: String,
+    /// `latency_p99` fires above this p99 of successful calls, ms.
+    pub p99_ms: f64,
+    /// Its severity.
+    pub p99_severity: String,
+    /// `breaker_open`'s severity (it fires while a breaker is open).
+    pub breaker_severity: String,
+    /// Below this many calls in a window, the error-rate and latency rules do not fire.
+    pub min_calls: i64,
+}
+
+impl Default for AlertRules {
+    fn default() -> Self {
+        AlertRules {
+            error_rate: 0.05,
+            error_rate_severity: "page".into(),
+            p99_ms: 2000.0,
+            p99_severity: "warning".into(),
+            breaker_severity: "critical".into(),
+            min_calls: 20,
+        }
+    }
+}
+
+/// What carries over from one window to the next.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthState {
+    /// The end of the last window evaluated, ms (0: none yet).
+    pub window_end_ms: u64,
+    /// Integrations whose breaker is open.
+    pub open: BTreeSet<String>,
+    /// `(rule, integration)` pairs firing.
+    pub firing: BTreeSet<(String, String)>,
+}
+
+impl HealthState {
+    /// Whether anything carries over: then every window is evaluated, even an empty one.
+    pub fn active(&self) -> bool {
+        !self.open.is_empty() || !self.firing.is_empty()
+    }
+}
+
+/// One integration's row of one window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthRow {
+    /// The integration.
+    pub integration: Label,
+    /// Calls, failures, rate-limit hits, latency, breaker opens of the window.
+    pub tally: Tally,
+    /// The breaker's state at the window's end.
+    pub breaker_open: bool,
+}
+
+/// A rule's change of state for one integration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// `error_rate`, `latency_p99` or `breaker_open`.
+    pub rule: String,
+    /// The integration.
+    pub subject: String,
+    /// `page`, `warning`, `critical` (as configured).
+    pub severity: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    /// The window it changed in.
+    pub window_start_ms: u64,
+    /// Its end.
+    pub window_end_ms: u64,
+    /// The rule's value in the window (error rate, p99 ms, 1 for an open breaker).
+    pub value: f64,
+    /// The threshold.
+    pub threshold: f64,
+    /// Calls in the window.
+    pub calls: i64,
+}
+
+impl Alert {
+    /// The record key on the alerts topic: rule, subject and window, so that a replay of the
+    /// window yields the same key.
+    pub fn key(&self, route: &str) -> String {
+        format!(
+            "{route}/{}/{}/{}",
+            self.rule, self.subject, self.window_start_ms
+        )
+    }
+}
+
+/// One evaluated window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthWindow {
+    /// Window start, ms.
+    pub window_start_ms: u64,
+    /// Window end, ms.
+    pub window_end_ms: u64,
+    /// Rows, by integration.
+    pub rows: Vec<HealthRow>,
+    /// Alert transitions.
+    pub alerts: Vec<Alert>,
+    /// The state after the window.
+    pub state: HealthState,
+}
+
+/// Evaluates one window: its rows, alert transitions and the state after it.
+pub fn evaluate(
+    start: u64,
+    end: u64,
+    tallies: BTreeMap<Label, Tally>,
+    before: &HealthState,
+    rules: &AlertRules,
+) -> HealthWindow {
+    let mut state = HealthState {
+        window_end_ms: end,
+        open: before.open.clone(),
+        firing: BTreeSet::new(),
+    };
+    let mut rows = Vec::new();
+    let mut integrations: BTreeSet<Label> = tallies.keys().cloned().collect();
+    integrations.extend(before.open.iter().map(|i| Label::from(i.as_str())));
+    let mut values: Vec<(String, String, bool, f64, f64, i64)> = Vec::new();
+    for integration in integrations {
+        let tally = tallies.get(&integration).cloned().unwrap_or_default();
+        let name = integration.to_string();
+        // Open after an open until a later successful call.
+        match (tally.last.get("opened"), tally.last.get("success")) {
+            (Some(opened), Some(success)) if opened >= success => state.open.insert(name.clone()),
+            (Some(_), None) => state.open.insert(name.clone()),
+            (_, Some(_)) => state.open.remove(&name),
+            (None, None) => false,
+        };
+        let open = state.open.contains(&name);
+        let calls = tally.get("calls");
+        let rate = if calls > 0 {
+            tally.get("failures") as f64 / calls as f64
+        } else {
+            0.0
+        };
+        let p99 = tally
+            .dist("latency_ms")
+            .and_then(|h| h.quantile(0.99))
+            .map_or(0.0, |v| v / 1_000_000.0);
+        let enough = calls >= rules.min_calls;
+        values.push((
+            "error_rate".into(),
+            name.clone(),
+            enough && rate > rules.error_rate,
+            rate,
+            rules.error_rate,
+            calls,
+        ));
+        values.push((
+            "latency_p99".into(),
+            name.clone(),
+            enough && p99 > rules.p99_ms,
+            p99,
+            rules.p99_ms,
+            calls,
+        ));
+        values.push((
+            "breaker_open".into(),
+            name.clone(),
+            open,
+            f64::from(u8::from(open)),
+            1.0,
+            calls,
+        ));
+        rows.push(HealthRow {
+            integration,
+            tally,
+            breaker_open: open,
+        });
+    }
+    let severity = |rule: &str| match rule {
+        "error_rate" => rules.error_rate_severity.clone(),
+        "latency_p99" => rules.p99_severity.clone(),
+        _ => rules.breaker_severity.clone(),
+    };
+    let mut alerts = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (rule, subject, fires, value, threshold, calls) in values {
+        let key = (rule.clone(), subject.clone());
+        seen.insert(key.clone());
+        let was = before.firing.contains(&key);
+        if fires {
+            state.firing.insert(key.clone());
+        }
+        if fires != was {
+            alerts.push(Alert {
+                severity: severity(&rule),
+                rule,
+                subject,
+                state: if fires { "firing" } else { "resolved" }.into(),
+                window_start_ms: start,
+                window_end_ms: end,
+                value,
+                threshold,
+                calls,
+            });
+        }
+    }
+    // A firing rule of an integration that had nothing in this window: its condition no
+    // longer holds.
+    for (rule, subject) in before.firing.difference(&seen) {
+        alerts.push(Alert {
+            severity: severity(rule),
+            rule: rule.clone(),
+            subject: subject.clone(),
+            state: "resolved".into(),
+            window_start_ms: start,
+            window_end_ms: end,
+            value: 0.0,
+            threshold: 0.0,
+            calls: 0,
+        });
+    }
+    HealthWindow {
+        window_start_ms: start,
+        window_end_ms: end,
+        rows,
+        alerts,
+        state,
+    }
+}
+
+/// Evaluates every closed window of integration tallies in order, from `initial` (the state
+/// saved before a restart, or empty); see the module documentation.
+pub fn health<'s>(
+    closed: StreamVec<'s, Time, ClosedWindow<ProductKey, Tally>>,
+    windows: Windows,
+    rules: AlertRules,
+    initial: HealthState,
+) -> StreamVec<'s, Time, HealthWindow> {
+    let to_first = Exchange::new(|_: &ClosedWindow<ProductKey, Tally>| 0u64);
+    let worker = closed.scope().index();
+    closed.unary_frontier(to_first, "IntegrationHealth", move |capability, _info| {
+        let mut state = initial;
+        // Window start → (capability, tallies by integration).
+        let mut pending: BTreeMap<u64, (Capability<Time>, BTreeMap<Label, Tally>)> =
+            BTreeMap::new();
+        // Held while the state is active, at the next window's emission time.
+        let mut idle: Option<Capability<Time>> = (worker == 0).then_some(capability);
+        move |(input, frontier), output| {
+            input.for_each(|cap, data| {
+                let Some(held) = cap.retain_least(0) else {
+                    return;
+                };
+                for w in data.drain(..) {
+                    let (_, tallies) = pending
+                        .entry(w.window_start_ms)
+                        .or_insert_with(|| (held.clone(), BTreeMap::new()));
+                    for (key, tally) in w.entries {
+                        use differential_dataflow::difference::Semigroup;
+                        tallies.entry(key.group).or_default().plus_equals(&tally);
+                    }
+                }
+            });
+            loop {
+                if frontier.is_empty() && pending.is_empty() {
+                    // The input is finished: nothing more to carry.
+                    break;
+                }
+                let carried = (state.active() && state.window_end_ms > 0 && !frontier.is_empty())
+                    .then_some(state.window_end_ms);
+                let start = match (carried, pending.first_key_value()) {
+                    (Some(c), Some((&p, _))) => c.min(p),
+                    (Some(c), None) => c,
+                    (None, Some((&p, _))) => p,
+                    (None, None) => break,
+                };
+                let end = windows.end_of(start);
+                if frontier.less_than(&end) {
+                    break;
+                }
+                let (cap, tallies) = match pending.remove(&start) {
+                    Some(found) => found,
+                    None => match idle.as_ref() {
+                        Some(idle) => (
+                            idle.delayed(&end.saturating_sub(1).max(*idle.time())),
+                            BTreeMap::new(),
+                        ),
+                        None => break,
+                    },
+                };
+                let evaluated = evaluate(start, end, tallies, &state, &rules);
+                state = evaluated.state.clone();
+                let at = end.saturating_sub(1).max(*cap.time());
+                output.session(&cap.delayed(&at)).give(evaluated);
+                // Keep a capability for the next window while something carries over.
+                idle = state
+                    .active()
+                    .then(|| cap.delayed(&windows.end_of(end).saturating_sub(1).max(*cap.time())));
+            }
+            if !state.active() || frontier.is_empty() {
+                idle = None;
+            } else if let Some(held) = idle.as_mut() {
+                let next = windows.end_of(state.window_end_ms).saturating_sub(1);
+                if *held.time() < next {
+                    held.downgrade(&next);
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn calls(n: i64, failures: i64) -> Tally {
+        let mut t = Tally::new();
+        t.counts.insert("calls".into(), n);
+        if failures > 0 {
+            t.counts.insert("failures".into(), failures);
+        }
+        t
+    }
+
+    #[test]
+    fn rules_fire_and_resolve_once() {
+        let rules = AlertRules::default();
+        let mut tallies = BTreeMap::new();
+        tallies.insert(Label::from("gmail"), calls(40, 10).at("opened", 5));
+        let w1 = evaluate(0, 10, tallies, &HealthState::default(), &rules);
+        let fired: Vec<(&str, &str)> = w1
+            .alerts
+            .iter()
+            .map(|a| (a.rule.as_str(), a.state.as_str()))
+            .collect();
+        assert_eq!(
+            fired,
+            vec![("error_rate", "firing"), ("breaker_open", "firing")]
+        );
+        // Nothing next window: the error rate resolves, the breaker stays open (no success).
+        let w2 = evaluate(10, 20, BTreeMap::new(), &w1.state, &rules);
+        assert_eq!(w2.rows.len(), 1, "an open breaker keeps its row");
+        assert!(w2.rows[0].breaker_open);
+        let changed: Vec<(&str, &str)> = w2
+            .alerts
+            .iter()
+            .map(|a| (a.rule.as_str(), a.state.as_str()))
+            .collect();
+        assert_eq!(changed, vec![("error_rate", "resolved")]);
+        // A successful call closes it.
+        let mut tallies = BTreeMap::new();
+        tallies.insert(Label::from("gmail"), calls(5, 0).at("success", 25));
+        let w3 = evaluate(20, 30, tallies, &w2.state, &rules);
+        assert_eq!(w3.alerts.len(), 1);
+        assert_eq!(
+            (w3.alerts[0].rule.as_str(), w3.alerts[0].state.as_str()),
+            ("breaker_open", "resolved")
+        );
+        assert!(!w3.state.active());
+        // Too few calls: no error-rate alert, however bad.
+        let mut tallies = BTreeMap::new();
+        tallies.insert(Label::from("hubspot"), calls(19, 19));
+        let quiet = evaluate(30, 40, tallies, &w3.state, &rules);
+        assert!(quiet.alerts.is_empty());
+    }
+}

@@ -1,0 +1,326 @@
+//! The command-center dashboards as windowed aggregates: command-queue health, integration
+//! health and feedback. Each is an `explode` into a [`Tally`] (named counters and named
+//! distributions, a difference type like the latency histogram), closed by
+//! [`crate::close_windows`] like every other aggregate. The values they read are the
+//! properties the schemas keep (`x-sightline.keep`), by name.
+
+use std::borrow::Borrow;
+use std::collections::BTreeMap;
+
+use differential_dataflow::VecCollection;
+use differential_dataflow::difference::{IsZero, Monoid, Multiply, Semigroup};
+use serde::{Deserialize, Serialize};
+use sightline_schemas::{Event, EventName, Label};
+
+use crate::histogram::LatencyHistogram;
+use crate::window::{Time, WindowKey, Windows};
+
+/// Named counters and named distributions of one group: the difference of the product
+/// aggregates. Adding merges by name, exactly; zero entries are dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Tally {
+    /// Counters by name.
+    pub counts: BTreeMap<Label, i64>,
+    /// Distributions by name (values in millionths of their unit, as the histogram's
+    /// "microseconds").
+    pub dists: BTreeMap<Label, LatencyHistogram>,
+    /// Latest times of named occurrences (ms), for "what came last" within a window; a
+    /// tally is only ever added to (events are never retracted), where max is exact.
+    pub last: BTreeMap<Label, u64>,
+}
+
+impl Tally {
+    /// A tally of nothing.
+    pub fn new() -> Tally {
+        Tally::default()
+    }
+
+    /// Adds one to counter `name`.
+    pub fn count(mut self, name: &str) -> Tally {
+        *self.counts.entry(Label::from(name)).or_default() += 1;
+        self
+    }
+
+    /// Adds `value` (in its unit; kept in millionths) to distribution `name`; negative or
+    /// non-finite values are left out.
+    pub fn sample(mut self, name: &str, value: f64) -> Tally {
+        if value.is_finite() && value >= 0.0 {
+            let scaled = (value * 1_000_000.0).round() as u64;
+            self.dists
+                .entry(Label::from(name))
+                .or_default()
+                .record(scaled);
+        }
+        self
+    }
+
+    /// Records that `name` happened at `at_ms`.
+    pub fn at(mut self, name: &str, at_ms: u64) -> Tally {
+        let e = self.last.entry(Label::from(name)).or_default();
+        *e = (*e).max(at_ms);
+        self
+    }
+
+    /// Counter `name` (0 when absent).
+    pub fn get(&self, name: &str) -> i64 {
+        self.counts.get(name).copied().unwrap_or(0)
+    }
+
+    /// Distribution `name`, if any sample.
+    pub fn dist(&self, name: &str) -> Option<&LatencyHistogram> {
+        self.dists.get(name).filter(|h| h.count > 0)
+    }
+
+    /// Counters whose name starts with `prefix`, without it.
+    pub fn counts_with(&self, prefix: &str) -> BTreeMap<String, i64> {
+        self.counts
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_owned(), *v)))
+            .filter(|(_, v)| *v != 0)
+            .collect()
+    }
+}
+
+impl IsZero for Tally {
+    fn is_zero(&self) -> bool {
+        self.counts.is_empty() && self.dists.is_empty() && self.last.is_empty()
+    }
+}
+
+impl Semigroup for Tally {
+    fn plus_equals(&mut self, rhs: &Self) {
+        for (k, v) in &rhs.counts {
+            let e = self.counts.entry(k.clone()).or_default();
+            *e += v;
+            if *e == 0 {
+                self.counts.remove(k);
+            }
+        }
+        for (k, h) in &rhs.dists {
+            let e = self.dists.entry(k.clone()).or_default();
+            e.plus_equals(h);
+            if e.is_zero() {
+                self.dists.remove(k);
+            }
+        }
+        for (k, t) in &rhs.last {
+            let e = self.last.entry(k.clone()).or_default();
+            *e = (*e).max(*t);
+        }
+    }
+}
+
+impl Monoid for Tally {
+    fn zero() -> Self {
+        Tally::default()
+    }
+}
+
+impl Multiply<isize> for Tally {
+    type Output = Tally;
+
+    /// Scales counters and distributions; the latest times are kept (they are only ever
+    /// added, never retracted: see [`Tally::last`]).
+    fn multiply(mut self, rhs: &isize) -> Tally {
+        let k = *rhs as i64;
+        self.counts.retain(|_, v| {
+            *v *= k;
+            *v != 0
+        });
+        self.dists = std::mem::take(&mut self.dists)
+            .into_iter()
+            .map(|(name, h)| (name, h.multiply(rhs)))
+            .filter(|(_, h)| !h.is_zero())
+            .collect();
+        self
+    }
+}
+
+/// A product aggregate's key: a window and one label (an action type, an integration, a
+/// feature area and breakdown).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProductKey {
+    /// Window start, ms since the epoch.
+    pub window_start_ms: u64,
+    /// The group (an `action_type`, an `integration`, a `feature_area`).
+    pub group: Label,
+    /// A breakdown (`all`, `experiment:<id>`, `user_role`) and its value; `all`/`all` where
+    /// there is none.
+    pub breakdown: (Label, Label),
+}
+
+impl WindowKey for ProductKey {
+    fn window_start_ms(&self) -> u64 {
+        self.window_start_ms
+    }
+}
+
+fn name_is(e: &Event, name: &str) -> bool {
+    EventName::from_name(name).is_some_and(|n| n == e.event_name)
+}
+
+fn all() -> (Label, Label) {
+    (Label::from("all"), Label::from("all"))
+}
+
+/// Command-queue health per window and `action_type` (and `all`): recommendations generated,
+/// viewed (`all` only: views carry no action type), accepted and dismissed; APS scores of
+/// accepted and dismissed ones; time to decision; dismissals per reason.
+pub fn command_queue<'s, E: Borrow<Event> + Clone + 'static>(
+    events: VecCollection<'s, Time, E>,
+    windows: Windows,
+) -> VecCollection<'s, Time, ProductKey, Tally> {
+    events.explode(move |e| {
+        let e: &Event = e.borrow();
+        let aps = e.kept.measure("aps_score");
+        let tally = match e.event_name.as_str() {
+            "recommendation_generated" => Tally::new().count("generated"),
+            "recommendation_viewed" => Tally::new().count("viewed"),
+            "recommendation_accepted" => {
+                let mut t = Tally::new().count("accepted");
+                if let Some(aps) = aps {
+                    t = t.sample("aps_accepted", aps);
+                }
+                if let Some(s) = e.kept.measure("time_to_decision_seconds") {
+                    t = t.sample("time_to_decision_s", s);
+                }
+                t
+            }
+            "recommendation_dismissed" => {
+                let reason = e
+                    .kept
+                    .label("dismiss_reason")
+                    .map_or("(none)", |l| &**l)
+                    .to_owned();
+                let mut t = Tally::new()
+                    .count("dismissed")
+                    .count(&format!("reason:{reason}"));
+                if let Some(aps) = aps {
+                    t = t.sample("aps_dismissed", aps);
+                }
+                t
+            }
+            _ => return Vec::new(),
+        };
+        let start = windows.start_of(e.event_time_ms as u64);
+        let mut out = vec![(
+            ProductKey {
+                window_start_ms: start,
+                group: Label::from("all"),
+                breakdown: all(),
+            },
+            tally.clone(),
+        )];
+        if let Some(action_type) = e.kept.label("action_type") {
+            out.push((
+                ProductKey {
+                    window_start_ms: start,
+                    group: action_type.clone(),
+                    breakdown: all(),
+                },
+                tally,
+            ));
+        }
+        out
+    })
+}
+
+/// Integration health per window and integration: calls, failures, rate-limit hits (status
+/// 429), latency of successful calls, circuit-breaker opens, and the last open and the last
+/// successful call (for the breaker's state at the window's end).
+pub fn integration_health<'s, E: Borrow<Event> + Clone + 'static>(
+    events: VecCollection<'s, Time, E>,
+    windows: Windows,
+) -> VecCollection<'s, Time, ProductKey, Tally> {
+    events.explode(move |e| {
+        let e: &Event = e.borrow();
+        let at = e.event_time_ms.max(0) as u64;
+        let (integration, tally) = if name_is(e, "integration_call_success") {
+            let mut t = Tally::new().count("calls").at("success", at);
+            if let Some(us) = e.latency_us {
+                t = t.sample("latency_ms", us as f64 / 1000.0);
+            }
+            if e.kept.measure("status_code") == Some(429.0) {
+                t = t.count("rate_limited");
+            }
+            (e.kept.label("integration"), t)
+        } else if name_is(e, "integration_call_failed") {
+            let mut t = Tally::new().count("calls").count("failures");
+            if e.kept.measure("status_code") == Some(429.0) {
+                t = t.count("rate_limited");
+            }
+            (e.kept.label("integration"), t)
+        } else if name_is(e, "circuit_breaker_opened") {
+            (
+                e.kept.label("service"),
+                Tally::new().count("breaker_opens").at("opened", at),
+            )
+        } else {
+            return None;
+        };
+        Some((
+            ProductKey {
+                window_start_ms: windows.start_of(at),
+                group: integration?.clone(),
+                breakdown: all(),
+            },
+            tally,
+        ))
+    })
+}
+
+/// Feedback per window, `feature_area` and breakdown (`all`, each experiment's variant, and
+/// `user_role`): count, counts per score, the score's distribution, counts per sentiment and
+/// per tag, blocked count.
+pub fn feedback<'s, E: Borrow<Event> + Clone + 'static>(
+    events: VecCollection<'s, Time, E>,
+    windows: Windows,
+) -> VecCollection<'s, Time, ProductKey, Tally> {
+    events.explode(move |e| {
+        let e: &Event = e.borrow();
+        if !name_is(e, "project_feedback_submitted") {
+            return Vec::new();
+        }
+        let mut t = Tally::new().count("feedback");
+        if let Some(score) = e.kept.measure("score") {
+            t = t.count(&format!("score:{}", score.round() as i64));
+            t = t.sample("score", score);
+        }
+        if let Some(sentiment) = e.kept.label("sentiment") {
+            t = t.count(&format!("sentiment:{sentiment}"));
+        }
+        for tag in e.kept.labels("tags") {
+            t = t.count(&format!("tag:{tag}"));
+        }
+        if e.kept.measure("blocked") == Some(1.0) {
+            t = t.count("blocked");
+        }
+        let start = windows.start_of(e.event_time_ms as u64);
+        let mut breakdowns = vec![all()];
+        for (experiment, variant) in e.experiment_assignments.iter() {
+            breakdowns.push((
+                Label::from(format!("experiment:{experiment}").as_str()),
+                variant.clone(),
+            ));
+        }
+        breakdowns.push((
+            Label::from("user_role"),
+            e.user_role
+                .clone()
+                .unwrap_or_else(|| Label::from(crate::funnel::NONE_VALUE)),
+        ));
+        breakdowns
+            .into_iter()
+            .map(|breakdown| {
+                (
+                    ProductKey {
+                        window_start_ms: start,
+                        group: e.feature_area.clone(),
+                        breakdown,
+                    },
+                    t.clone(),
+                )
+            })
+            .collect()
+    })
+}
