@@ -20,7 +20,9 @@ fn reference(
     workers: usize,
 ) -> Deployment {
     let deployment = Deployment::new(dir, "reference", &broker.bootstrap, workload, workers, "");
-    broker.create_topic(&deployment.output_topics[0], 1);
+    for topic in &deployment.output_topics {
+        broker.create_topic(topic, 1);
+    }
     let mut process = deployment.start();
     deployment.wait_for_records(&mut process, workload.events, Duration::from_secs(180));
     let (status, took) = process.terminate(Duration::from_secs(30));
@@ -45,7 +47,7 @@ fn check_output_topics(broker: &Tansu, reference: &Deployment, chaos: &Deploymen
         );
         assert!(
             !want.is_empty(),
-            "{expected} is empty: the workload makes dead letters"
+            "{expected} is empty: the workload makes dead letters and fires alerts"
         );
         let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
         assert!(missing.is_empty(), "{actual} lacks keys: {missing:?}");
@@ -57,6 +59,12 @@ fn check_output_topics(broker: &Tansu, reference: &Deployment, chaos: &Deploymen
         }
         let repeats: usize = got.values().map(|v| v.len() - 1).sum();
         println!("{actual}: {} keys, {repeats} identical repeats", got.len());
+        let kafka = sightline::config::KafkaConfig {
+            bootstrap_servers: broker.bootstrap.clone(),
+            ..Default::default()
+        };
+        let scan = sightline::pii_scan::scan_topic(&kafka, actual).expect("pii-scan");
+        assert!(scan.findings.is_empty(), "{actual}: {:?}", scan.findings);
     }
 }
 
@@ -75,7 +83,9 @@ fn kill_9_at_twenty_random_moments_changes_no_output() {
     let uninterrupted = started.elapsed();
 
     let chaos = Deployment::new(dir.path(), "chaos", &broker.bootstrap, &workload, 2, "");
-    broker.create_topic(&chaos.output_topics[0], 1);
+    for topic in &chaos.output_topics {
+        broker.create_topic(topic, 1);
+    }
     // Kills at random moments of a run as long as the uninterrupted one, so that they fall
     // in start-up, reading, lake writes and commits alike; two of the twenty stops are
     // SIGTERMs, which must exit 0 within the grace period.
@@ -140,7 +150,9 @@ fn a_broker_unreachable_for_thirty_seconds_loses_and_duplicates_nothing() {
     let reference = reference(&broker, dir.path(), &workload, 1);
 
     let faulty = Deployment::new(dir.path(), "outage", &broker.bootstrap, &workload, 1, "");
-    broker.create_topic(&faulty.output_topics[0], 1);
+    for topic in &faulty.output_topics {
+        broker.create_topic(topic, 1);
+    }
     let mut process = faulty.start();
     std::thread::sleep(Duration::from_millis(1500));
     broker.pause();
@@ -175,7 +187,9 @@ fn a_burst_of_ten_times_the_rate_keeps_memory_bounded_and_catches_up() {
     calm.late_fraction = 0.0;
     broker.create_topic(&calm.topic, calm.partitions);
     let deployment = Deployment::new(dir.path(), "burst", &broker.bootstrap, &calm, 1, "");
-    broker.create_topic(&deployment.output_topics[0], 1);
+    for topic in &deployment.output_topics {
+        broker.create_topic(topic, 1);
+    }
     let mut process = deployment.start();
     // Normal rate, then ten times the rate (event time keeps pace with the wall clock), then
     // the normal rate again.
@@ -293,7 +307,9 @@ fn a_decision_that_depends_on_idleness_survives_a_kill() {
         1,
         "",
     );
-    broker.create_topic(&deployment.output_topics[0], 1);
+    for topic in &deployment.output_topics {
+        broker.create_topic(topic, 1);
+    }
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", &broker.bootstrap)
         .set("linger.ms", "0")

@@ -4,12 +4,13 @@
 //!
 //! [`health`] takes the closed windows of [`crate::product::integration_health`] in window
 //! order on one worker (a few rows per window) and carries two things across windows: which
-//! breakers are open (opened, and no successful call since) and which rules are firing. A window
-//! with no calls still gets a row for an integration whose breaker is open, and a window in
-//! which nothing happened is still evaluated while some breaker is open or some rule fires, so
-//! that the state at every window's end is known. Each window's [`HealthWindow`] holds its rows,
-//! the alert transitions (`firing`, `resolved`) and the state after it, which the pipeline saves
-//! so that a restart resumes from it.
+//! breakers are open (opened, and no successful call since) and which rules are firing. Every
+//! window with integration data is evaluated, and in it an integration whose breaker is open has
+//! a row even without calls, and a firing rule whose integration had no calls resolves. Windows
+//! without any integration data are not evaluated (the state carries over them unchanged): what
+//! is evaluated depends on the input alone, never on how far the frontier happened to move.
+//! Each window's [`HealthWindow`] holds its rows, the alert transitions (`firing`, `resolved`)
+//! and the state after it, which the pipeline saves so that a restart resumes from it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -66,7 +67,7 @@ pub struct HealthState {
 }
 
 impl HealthState {
-    /// Whether anything carries over: then every window is evaluated, even an empty one.
+    /// Whether anything carries over (an open breaker, a firing rule).
     pub fn active(&self) -> bool {
         !self.open.is_empty() || !self.firing.is_empty()
     }
@@ -262,14 +263,11 @@ pub fn health<'s>(
     initial: HealthState,
 ) -> StreamVec<'s, Time, HealthWindow> {
     let to_first = Exchange::new(|_: &ClosedWindow<ProductKey, Tally>| 0u64);
-    let worker = closed.scope().index();
-    closed.unary_frontier(to_first, "IntegrationHealth", move |capability, _info| {
+    closed.unary_frontier(to_first, "IntegrationHealth", move |_capability, _info| {
         let mut state = initial;
         // Window start → (capability, tallies by integration).
         let mut pending: BTreeMap<u64, (Capability<Time>, BTreeMap<Label, Tally>)> =
             BTreeMap::new();
-        // Held while the state is active, at the next window's emission time.
-        let mut idle: Option<Capability<Time>> = (worker == 0).then_some(capability);
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 let Some(held) = cap.retain_least(0) else {
@@ -285,49 +283,18 @@ pub fn health<'s>(
                     }
                 }
             });
-            loop {
-                if frontier.is_empty() && pending.is_empty() {
-                    // The input is finished: nothing more to carry.
-                    break;
-                }
-                let carried = (state.active() && state.window_end_ms > 0 && !frontier.is_empty())
-                    .then_some(state.window_end_ms);
-                let start = match (carried, pending.first_key_value()) {
-                    (Some(c), Some((&p, _))) => c.min(p),
-                    (Some(c), None) => c,
-                    (None, Some((&p, _))) => p,
-                    (None, None) => break,
-                };
+            while let Some((&start, _)) = pending.first_key_value() {
                 let end = windows.end_of(start);
+                // Every worker's part of the window is in once the frontier has passed its end.
                 if frontier.less_than(&end) {
                     break;
                 }
-                let (cap, tallies) = match pending.remove(&start) {
-                    Some(found) => found,
-                    None => match idle.as_ref() {
-                        Some(idle) => (
-                            idle.delayed(&end.saturating_sub(1).max(*idle.time())),
-                            BTreeMap::new(),
-                        ),
-                        None => break,
-                    },
+                let Some((_, (cap, tallies))) = pending.pop_first() else {
+                    break;
                 };
                 let evaluated = evaluate(start, end, tallies, &state, &rules);
                 state = evaluated.state.clone();
-                let at = end.saturating_sub(1).max(*cap.time());
-                output.session(&cap.delayed(&at)).give(evaluated);
-                // Keep a capability for the next window while something carries over.
-                idle = state
-                    .active()
-                    .then(|| cap.delayed(&windows.end_of(end).saturating_sub(1).max(*cap.time())));
-            }
-            if !state.active() || frontier.is_empty() {
-                idle = None;
-            } else if let Some(held) = idle.as_mut() {
-                let next = windows.end_of(state.window_end_ms).saturating_sub(1);
-                if *held.time() < next {
-                    held.downgrade(&next);
-                }
+                output.session(&cap).give(evaluated);
             }
         }
     })

@@ -168,7 +168,13 @@ pub fn emit(
         tables.write(rows_of(windows.dead_letters, DeadLetterRow::from_closed));
         tables.write(rows_of(windows.command_queue, CommandQueueRow::from_closed));
         tables.write(rows_of(windows.feedback, FeedbackRow::from_closed));
-        let health_windows = windows.health;
+        let alert_reports = reports.clone();
+        let route_name = windows.route.as_str();
+        let health_windows = windows.health.inspect(move |w| {
+            for a in &w.alerts {
+                let _ = alert_reports.send(Report::Alert(crate::report::alert_line(a, route_name)));
+            }
+        });
         tables.write(health_windows.clone().flat_map(|w| {
             let rows = IntegrationHealthRow::from_health(&w);
             (!rows.is_empty()).then_some(WindowRows {

@@ -15,6 +15,8 @@ pub enum Report {
     /// A file written after its window was released (a funnel's entry window, written at its
     /// horizon): counted in the totals, not as a window.
     Later(WrittenWindow),
+    /// An alert changed state: the line to print.
+    Alert(String),
 }
 
 /// What is known of one window so far.
@@ -72,6 +74,7 @@ impl Progress {
                 self.totals.rows += written.rows;
                 self.totals.bytes += written.bytes;
             }
+            Report::Alert(_) => {}
         }
     }
 
@@ -90,6 +93,29 @@ impl Progress {
         }
         out
     }
+}
+
+/// One human line for an alert's change of state.
+pub fn alert_line(a: &sightline_operators::alerts::Alert, route: &str) -> String {
+    let start = sightline_schemas::format_rfc3339_ms(a.window_start_ms as i64);
+    let end = sightline_schemas::format_rfc3339_ms(a.window_end_ms as i64);
+    let route = if route == "standard" {
+        String::new()
+    } else {
+        format!(" ({route})")
+    };
+    format!(
+        "alert {} {}: {} on {}{route} in window {}–{} (value {:.3}, threshold {}, {} calls)",
+        a.state,
+        a.severity,
+        a.rule,
+        a.subject,
+        &start[..19],
+        &end[11..19],
+        a.value,
+        a.threshold,
+        a.calls
+    )
 }
 
 /// One human line for a closed window.

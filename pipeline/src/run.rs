@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::config::{Config, KafkaConfig};
 use crate::dataflow::{Analytics, Route, build, windows_of};
 use crate::emit::Outputs;
-use crate::report::{Progress, window_line};
+use crate::report::{Progress, Report, window_line};
 use sightline_ingest::source::checkpoint::CheckpointStore;
 use sightline_ingest::source::kafka::KafkaReader;
 use sightline_ingest::source::ndjson::NdjsonReader;
@@ -484,6 +484,12 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             warn!(%failure, "a sink gave up; stopping");
         }
         while let Ok(report) = reports_rx.try_recv() {
+            if let Report::Alert(line) = &report {
+                if job.print_windows {
+                    println!("{line}");
+                }
+                continue;
+            }
             progress.add(report);
         }
         for (start, window) in progress.release(durable) {
