@@ -745,13 +745,12 @@ fn kept_values(
         match value {
             Captured::Number(v) => {
                 if let Some(m) = Measure::from_f64(v) {
-                    pairs.push((Label::from(field.field.as_str()), KeptValue::Measure(m)));
+                    pairs.push((field.label.clone(), KeptValue::Measure(m)));
                 }
             }
-            Captured::Text(text) => pairs.push((
-                Label::from(field.field.as_str()),
-                KeptValue::Label(label(field, &text)),
-            )),
+            Captured::Text(text) => {
+                pairs.push((field.label.clone(), KeptValue::Label(label(field, &text))))
+            }
             Captured::Item(text) => {
                 let value = label(field, &text);
                 match lists.iter_mut().find(|(i, _)| *i == index) {
@@ -763,10 +762,7 @@ fn kept_values(
     }
     for (index, list) in lists {
         if let Some(field) = keep.get(index) {
-            pairs.push((
-                Label::from(field.field.as_str()),
-                KeptValue::Labels(list.into()),
-            ));
+            pairs.push((field.label.clone(), KeptValue::Labels(list.into())));
         }
     }
     Kept::new(pairs)

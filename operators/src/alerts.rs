@@ -154,7 +154,7 @@ pub fn evaluate(
         let tally = tallies.get(&integration).cloned().unwrap_or_default();
         let name = integration.to_string();
         // Open after an open until a later successful call.
-        match (tally.last.get("opened"), tally.last.get("success")) {
+        match (tally.last_at("opened"), tally.last_at("success")) {
             (Some(opened), Some(success)) if opened >= success => state.open.insert(name.clone()),
             (Some(_), None) => state.open.insert(name.clone()),
             (_, Some(_)) => state.open.remove(&name),
@@ -306,9 +306,11 @@ mod tests {
 
     fn calls(n: i64, failures: i64) -> Tally {
         let mut t = Tally::new();
-        t.counts.insert("calls".into(), n);
-        if failures > 0 {
-            t.counts.insert("failures".into(), failures);
+        for _ in 0..n {
+            t = t.count("calls");
+        }
+        for _ in 0..failures {
+            t = t.count("failures");
         }
         t
     }

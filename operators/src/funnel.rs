@@ -190,6 +190,23 @@ impl Field {
         }
     }
 
+    /// The field's value on `event` as a shared label (no copy for label fields).
+    pub fn label(&self, event: &Event) -> Option<Label> {
+        match self {
+            Field::AppVersion => Some(event.app_version.clone()),
+            Field::FeatureArea => Some(event.feature_area.clone()),
+            Field::Surface => event.surface.clone(),
+            Field::WorkflowName => event.workflow_name.clone(),
+            Field::UserRole => event.user_role.clone(),
+            Field::Country => event.country.clone(),
+            Field::Property(p) => match event.kept.label(p) {
+                Some(l) => Some(l.clone()),
+                None => event.kept.text(p).map(|t| Label::from(t.as_str())),
+            },
+            other => other.text(event).map(|t| Label::from(&*t)),
+        }
+    }
+
     /// The unit key of `event` for this field: the unit link of an identifier (0 when the
     /// decoder did not compute it), or a fixed hash of a property's value. `None` when the
     /// event has no such unit.
@@ -223,6 +240,43 @@ fn source_name(s: sightline_schemas::Source) -> &'static str {
         Worker => "worker",
         Api => "api",
     }
+}
+
+static NONE: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from(NONE_VALUE));
+
+thread_local! {
+    /// `experiment:<id>` labels by experiment id, made once per worker thread.
+    static EXPERIMENT_NAMES: std::cell::RefCell<std::collections::HashMap<Label, Label>> =
+        Default::default();
+    /// Field-name labels by field.
+    static FIELD_NAMES: std::cell::RefCell<std::collections::HashMap<Field, Label>> =
+        Default::default();
+}
+
+/// The breakdown name of an experiment: `experiment:<id>` (memoized: step-1 events repeat a
+/// few experiments).
+fn experiment_breakdown(id: &Label) -> Label {
+    EXPERIMENT_NAMES.with(|names| {
+        let mut names = names.borrow_mut();
+        if let Some(label) = names.get(id) {
+            return label.clone();
+        }
+        let label = Label::from(format!("experiment:{id}").as_str());
+        if names.len() < 4096 {
+            names.insert(id.clone(), label.clone());
+        }
+        label
+    })
+}
+
+fn field_breakdown(field: &Field) -> Label {
+    FIELD_NAMES.with(|names| {
+        names
+            .borrow_mut()
+            .entry(field.clone())
+            .or_insert_with(|| Label::from(field.name().as_str()))
+            .clone()
+    })
 }
 
 /// FNV-1a, 64 bits: a fixed hash (the same in every process and run) for the order of events
@@ -363,21 +417,19 @@ impl FunnelDef {
             match b {
                 Breakdown::Experiments => {
                     for (experiment, variant) in event.experiment_assignments.iter() {
-                        pairs.push((format!("experiment:{experiment}").into(), variant.clone()));
+                        pairs.push((experiment_breakdown(experiment), variant.clone()));
                     }
                 }
                 Breakdown::Experiment(id) => {
                     if let Some((_, variant)) =
                         event.experiment_assignments.iter().find(|(e, _)| e == id)
                     {
-                        pairs.push((format!("experiment:{id}").into(), variant.clone()));
+                        pairs.push((experiment_breakdown(id), variant.clone()));
                     }
                 }
                 Breakdown::Field(field) => {
-                    let value = field
-                        .text(event)
-                        .map_or_else(|| Label::from(NONE_VALUE), |v| Label::from(&*v));
-                    pairs.push((field.name().into(), value));
+                    let value = field.label(event).unwrap_or_else(|| NONE.clone());
+                    pairs.push((field_breakdown(field), value));
                 }
             }
         }
@@ -412,7 +464,7 @@ impl FunnelDef {
                 j += 1;
             }
             let reached = fastest.iter().take_while(|t| **t != u64::MAX).count();
-            let all = (Label::from("all"), Label::from("all"));
+            let all = (crate::product::ALL.clone(), crate::product::ALL.clone());
             for (breakdown, value) in std::iter::once(&all).chain(touches[first].breakdown.iter()) {
                 for (k, ttc) in fastest.iter().take(reached).enumerate() {
                     out.push(Reach {

@@ -4,29 +4,41 @@
 //! [`crate::close_windows`] like every other aggregate. The values they read are the
 //! properties the schemas keep (`x-sightline.keep`), by name.
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::difference::{IsZero, Monoid, Multiply, Semigroup};
 use serde::{Deserialize, Serialize};
 use sightline_schemas::{Event, EventName, Label};
+use smallvec::SmallVec;
 
 use crate::histogram::LatencyHistogram;
 use crate::window::{Time, WindowKey, Windows};
 
+/// The name of a counter, distribution or time in a [`Tally`]: a static name costs no
+/// allocation; names made from data (`reason:<dismiss_reason>`, `tag:<tag>`) are owned.
+pub type Name = Cow<'static, str>;
+
 /// Named counters and named distributions of one group: the difference of the product
-/// aggregates. Adding merges by name, exactly; zero entries are dropped.
+/// aggregates. Adding merges by name, exactly; zero entries are dropped. Each list is sorted by
+/// name and short (a handful of names per event), so it is kept inline.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Tally {
     /// Counters by name.
-    pub counts: BTreeMap<Label, i64>,
+    pub counts: SmallVec<[(Name, i64); 3]>,
     /// Distributions by name (values in millionths of their unit, as the histogram's
     /// "microseconds").
-    pub dists: BTreeMap<Label, LatencyHistogram>,
+    pub dists: SmallVec<[(Name, LatencyHistogram); 1]>,
     /// Latest times of named occurrences (ms), for "what came last" within a window; a
     /// tally is only ever added to (events are never retracted), where max is exact.
-    pub last: BTreeMap<Label, u64>,
+    pub last: SmallVec<[(Name, u64); 1]>,
+}
+
+/// Finds `name` in a sorted list, or where it goes.
+fn slot<V>(list: &[(Name, V)], name: &str) -> Result<usize, usize> {
+    list.binary_search_by(|(n, _)| n.as_ref().cmp(name))
 }
 
 impl Tally {
@@ -36,39 +48,59 @@ impl Tally {
     }
 
     /// Adds one to counter `name`.
-    pub fn count(mut self, name: &str) -> Tally {
-        *self.counts.entry(Label::from(name)).or_default() += 1;
+    pub fn count(self, name: impl Into<Name>) -> Tally {
+        self.add(name.into(), 1)
+    }
+
+    fn add(mut self, name: Name, n: i64) -> Tally {
+        match slot(&self.counts, &name) {
+            Ok(i) => self.counts[i].1 += n,
+            Err(i) => self.counts.insert(i, (name, n)),
+        }
         self
     }
 
     /// Adds `value` (in its unit; kept in millionths) to distribution `name`; negative or
     /// non-finite values are left out.
-    pub fn sample(mut self, name: &str, value: f64) -> Tally {
+    pub fn sample(mut self, name: &'static str, value: f64) -> Tally {
         if value.is_finite() && value >= 0.0 {
             let scaled = (value * 1_000_000.0).round() as u64;
-            self.dists
-                .entry(Label::from(name))
-                .or_default()
-                .record(scaled);
+            match slot(&self.dists, name) {
+                Ok(i) => self.dists[i].1.record(scaled),
+                Err(i) => self.dists.insert(
+                    i,
+                    (Name::Borrowed(name), LatencyHistogram::from_sample(scaled)),
+                ),
+            }
         }
         self
     }
 
     /// Records that `name` happened at `at_ms`.
-    pub fn at(mut self, name: &str, at_ms: u64) -> Tally {
-        let e = self.last.entry(Label::from(name)).or_default();
-        *e = (*e).max(at_ms);
+    pub fn at(mut self, name: &'static str, at_ms: u64) -> Tally {
+        match slot(&self.last, name) {
+            Ok(i) => self.last[i].1 = self.last[i].1.max(at_ms),
+            Err(i) => self.last.insert(i, (Name::Borrowed(name), at_ms)),
+        }
         self
     }
 
     /// Counter `name` (0 when absent).
     pub fn get(&self, name: &str) -> i64 {
-        self.counts.get(name).copied().unwrap_or(0)
+        slot(&self.counts, name).map_or(0, |i| self.counts[i].1)
     }
 
     /// Distribution `name`, if any sample.
     pub fn dist(&self, name: &str) -> Option<&LatencyHistogram> {
-        self.dists.get(name).filter(|h| h.count > 0)
+        slot(&self.dists, name)
+            .ok()
+            .map(|i| &self.dists[i].1)
+            .filter(|h| h.count > 0)
+    }
+
+    /// The latest time of `name`, if it happened.
+    pub fn last_at(&self, name: &str) -> Option<u64> {
+        slot(&self.last, name).ok().map(|i| self.last[i].1)
     }
 
     /// Counters whose name starts with `prefix`, without it.
@@ -90,22 +122,32 @@ impl IsZero for Tally {
 impl Semigroup for Tally {
     fn plus_equals(&mut self, rhs: &Self) {
         for (k, v) in &rhs.counts {
-            let e = self.counts.entry(k.clone()).or_default();
-            *e += v;
-            if *e == 0 {
-                self.counts.remove(k);
+            match slot(&self.counts, k) {
+                Ok(i) => {
+                    self.counts[i].1 += v;
+                    if self.counts[i].1 == 0 {
+                        self.counts.remove(i);
+                    }
+                }
+                Err(i) => self.counts.insert(i, (k.clone(), *v)),
             }
         }
         for (k, h) in &rhs.dists {
-            let e = self.dists.entry(k.clone()).or_default();
-            e.plus_equals(h);
-            if e.is_zero() {
-                self.dists.remove(k);
+            match slot(&self.dists, k) {
+                Ok(i) => {
+                    self.dists[i].1.plus_equals(h);
+                    if self.dists[i].1.is_zero() {
+                        self.dists.remove(i);
+                    }
+                }
+                Err(i) => self.dists.insert(i, (k.clone(), h.clone())),
             }
         }
         for (k, t) in &rhs.last {
-            let e = self.last.entry(k.clone()).or_default();
-            *e = (*e).max(*t);
+            match slot(&self.last, k) {
+                Ok(i) => self.last[i].1 = self.last[i].1.max(*t),
+                Err(i) => self.last.insert(i, (k.clone(), *t)),
+            }
         }
     }
 }
@@ -122,16 +164,18 @@ impl Multiply<isize> for Tally {
     /// Scales counters and distributions; the latest times are kept (they are only ever
     /// added, never retracted: see [`Tally::last`]).
     fn multiply(mut self, rhs: &isize) -> Tally {
+        if *rhs == 1 {
+            return self;
+        }
         let k = *rhs as i64;
-        self.counts.retain(|_, v| {
+        self.counts.retain(|(_, v)| {
             *v *= k;
             *v != 0
         });
-        self.dists = std::mem::take(&mut self.dists)
-            .into_iter()
-            .map(|(name, h)| (name, h.multiply(rhs)))
-            .filter(|(_, h)| !h.is_zero())
-            .collect();
+        for (_, h) in &mut self.dists {
+            *h = std::mem::take(h).multiply(rhs);
+        }
+        self.dists.retain(|(_, h)| !h.is_zero());
         self
     }
 }
@@ -159,8 +203,11 @@ fn name_is(e: &Event, name: &str) -> bool {
     EventName::from_name(name).is_some_and(|n| n == e.event_name)
 }
 
+/// `all`, shared.
+pub static ALL: LazyLock<Label> = LazyLock::new(|| Label::from("all"));
+
 fn all() -> (Label, Label) {
-    (Label::from("all"), Label::from("all"))
+    (ALL.clone(), ALL.clone())
 }
 
 /// Command-queue health per window and `action_type` (and `all`): recommendations generated,
@@ -194,7 +241,7 @@ pub fn command_queue<'s, E: Borrow<Event> + Clone + 'static>(
                     .to_owned();
                 let mut t = Tally::new()
                     .count("dismissed")
-                    .count(&format!("reason:{reason}"));
+                    .count(format!("reason:{reason}"));
                 if let Some(aps) = aps {
                     t = t.sample("aps_dismissed", aps);
                 }
@@ -206,7 +253,7 @@ pub fn command_queue<'s, E: Borrow<Event> + Clone + 'static>(
         let mut out = vec![(
             ProductKey {
                 window_start_ms: start,
-                group: Label::from("all"),
+                group: ALL.clone(),
                 breakdown: all(),
             },
             tally.clone(),
@@ -283,14 +330,14 @@ pub fn feedback<'s, E: Borrow<Event> + Clone + 'static>(
         }
         let mut t = Tally::new().count("feedback");
         if let Some(score) = e.kept.measure("score") {
-            t = t.count(&format!("score:{}", score.round() as i64));
+            t = t.count(format!("score:{}", score.round() as i64));
             t = t.sample("score", score);
         }
         if let Some(sentiment) = e.kept.label("sentiment") {
-            t = t.count(&format!("sentiment:{sentiment}"));
+            t = t.count(format!("sentiment:{sentiment}"));
         }
         for tag in e.kept.labels("tags") {
-            t = t.count(&format!("tag:{tag}"));
+            t = t.count(format!("tag:{tag}"));
         }
         if e.kept.measure("blocked") == Some(1.0) {
             t = t.count("blocked");

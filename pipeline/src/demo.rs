@@ -42,12 +42,46 @@ pub struct DemoOptions {
 }
 
 /// The configuration the demo starts from: 10 s windows and 2 s lateness so that progress
-/// shows quickly.
+/// shows quickly, and two funnels with short conversion windows besides the built-in ones.
 pub fn demo_config() -> Config {
     let mut config = Config::default();
     config.pipeline.window_ms = 10_000;
     config.pipeline.allowed_lateness_ms = 2_000;
     config.pipeline.idle_timeout_ms = 2_000;
+    config.analytics.save_state_every_ms = 10_000;
+    // The built-in funnels write a row 30 minutes (or 30 days) after its entry window; these
+    // two write theirs within two minutes, so that the demo shows the funnels table.
+    let steps = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| crate::analytics::StepConfig::Event((*n).into()))
+            .collect()
+    };
+    config.funnels = vec![
+        crate::analytics::FunnelConfig {
+            name: "demo_project_creation".into(),
+            unit: "user_id".into(),
+            steps: steps(&["project_viewed", "project_created", "task_assigned"]),
+            conversion_window_ms: 90_000,
+            order: "ordered".into(),
+            exclusions: Vec::new(),
+            breakdowns: vec!["experiments".into(), "platform".into()],
+        },
+        crate::analytics::FunnelConfig {
+            name: "demo_command_queue".into(),
+            unit: "properties.recommendation_id".into(),
+            steps: steps(&[
+                "recommendation_generated",
+                "recommendation_accepted",
+                "action_executed",
+                "outcome_reply_received",
+            ]),
+            conversion_window_ms: 120_000,
+            order: "ordered".into(),
+            exclusions: Vec::new(),
+            breakdowns: vec!["properties.action_type".into()],
+        },
+    ];
     config
 }
 

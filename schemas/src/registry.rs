@@ -301,6 +301,8 @@ pub enum KeptKind {
 pub struct Kept {
     /// The top-level property.
     pub field: String,
+    /// The same, as the shared label events carry (no allocation per event).
+    pub label: crate::Label,
     /// How it is kept.
     pub kind: KeptKind,
     /// Whether its values are scrubbed first (its action is `scrub`); other labels are kept
@@ -884,6 +886,7 @@ fn compile_keep(
             };
             kept.push(Kept {
                 field: name.to_owned(),
+                label: crate::Label::from(name),
                 kind,
                 scrub,
             });
