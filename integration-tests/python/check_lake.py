@@ -18,7 +18,7 @@ import duckdb
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-TABLES = ["event_counts", "latency", "latency_by_variant", "quality", "quality_summary", "dead_letter", "funnels", "command_queue", "integration_health", "feedback", "alerts"]
+TABLES = ["event_counts", "latency", "latency_by_variant", "quality", "quality_summary", "dead_letter", "funnels", "command_queue", "integration_health", "feedback", "alerts", "triage"]
 PRIVACY_COUNTERS = "('pseudonymized_fields', 'scrubbed_fields', 'dropped_fields', 'pii_violations')"
 
 lake, summary_path, input_path = sys.argv[1], sys.argv[2], sys.argv[3]

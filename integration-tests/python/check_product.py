@@ -1,4 +1,4 @@
-"""Recomputes the command-queue, integration-health, feedback and alerts tables from a replayed
+"""Recomputes the command-queue, integration-health, feedback, alerts and triage tables from a replayed
 input file, independently of Sightline (plain Python over the JSON lines), and compares them
 with the lake (read with DuckDB). The definitions are the README's.
 
@@ -199,6 +199,41 @@ for key, c in fb.items():
     if json.loads(row["sentiments"]) != dict(c["sent"]) or json.loads(row["tags"]) != dict(c["tags"]):
         failures.append(f"feedback {key}: sentiments or tags")
 
+# triage: critical feedback with the same user's errors of the 15 minutes before
+errors_by_user = defaultdict(list)
+for e in events:
+    if e["event_type"] == "error":
+        p = e["_p"]
+        code = p.get("error_code") or p.get("error_type")
+        if code is None and "status_code" in p:
+            code = str(float(p["status_code"])).removesuffix(".0")
+        errors_by_user[(e["_r"], e["user_id"])].append((e["_at"], e["event_name"], code))
+expected_triage = {}
+for e in events:
+    p = e["_p"]
+    if e["event_name"] != "project_feedback_submitted" or not (p["score"] <= 2 or p["blocked"]):
+        continue
+    errs = sorted((t, n, c) for (t, n, c) in errors_by_user[(e["_r"], e["user_id"])] if e["_at"] - 900_000 <= t <= e["_at"])
+    expected_triage[e["event_id"]] = (e["_r"], e["_w"], [n for _, n, _ in errs], [c for _, _, c in errs], p["score"], p["blocked"], p["correlation_id"])
+got = {row["event_id"]: row for r in (False, True) for row in parquet("triage", r)}
+if set(got) != set(expected_triage):
+    failures.append(f"triage: {len(set(expected_triage) - set(got))} missing, {len(set(got) - set(expected_triage))} extra")
+for event_id, (restricted, w, names, codes, score, blocked, correlation) in expected_triage.items():
+    row = got.get(event_id)
+    if row is None:
+        continue
+    if (row["ws"], row["route"] == "restricted") != (w, restricted):
+        failures.append(f"triage {event_id}: window or route")
+    if json.loads(row["recent_error_names"]) != names or json.loads(row["recent_error_codes"]) != codes:
+        failures.append(f"triage {event_id}: errors {row['recent_error_names']} {row['recent_error_codes']} vs {names} {codes}")
+    if row["score"] != score or row["blocked"] != blocked or row["correlation_id"] != correlation:
+        failures.append(f"triage {event_id}: score, blocked or correlation_id")
+    if row["recent_errors"] != len(names):
+        failures.append(f"triage {event_id}: recent_errors {row['recent_errors']}")
+with_errors = sum(1 for v in expected_triage.values() if v[2])
+if not with_errors:
+    failures.append("no triage record has recent errors: the input does not exercise the join")
+
 fired = sum(1 for a in expected_alerts if a[4] == "firing")
 resolved = sum(1 for a in expected_alerts if a[4] == "resolved")
 if not fired or not resolved:
@@ -208,4 +243,4 @@ for f in failures[:20]:
 if failures:
     print(f"{len(failures)} differences from the independent computation")
     sys.exit(1)
-print(f"ok   command_queue ({len(cq)} rows), integration_health ({len(expected_rows)}), feedback ({len(fb)}), alerts ({fired} firing, {resolved} resolved) equal an independent computation")
+print(f"ok   command_queue ({len(cq)} rows), integration_health ({len(expected_rows)}), feedback ({len(fb)}), alerts ({fired} firing, {resolved} resolved), triage ({len(expected_triage)} records, {with_errors} with recent errors) equal an independent computation")

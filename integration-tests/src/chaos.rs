@@ -239,15 +239,15 @@ pub struct Deployment {
     pub log: PathBuf,
     /// The consumer group.
     pub group: String,
-    /// The topics it produces to: the dead letters, then the alerts.
+    /// The topics it produces to: the dead letters, the alerts, the triage items.
     pub output_topics: Vec<String>,
 }
 
 impl Deployment {
     /// A deployment named `name` reading `workload`'s topic with `workers` workers: 2 s
     /// windows, 1 s lateness and idle timeout, offsets committed at every chance, a
-    /// dead-letter topic `<name>.dlq` and an alerts topic `<name>.alerts` (which the caller
-    /// creates), and two funnels with 20 s
+    /// dead-letter topic `<name>.dlq`, an alerts topic `<name>.alerts` and a triage topic
+    /// `<name>.triage` (which the caller creates), and two funnels with 20 s
     /// and 30 s conversion windows whose state is saved every 4 s of event time. `extra` is appended to the
     /// configuration (TOML: more keys of the `[pipeline]` table first, then other tables).
     pub fn new(
@@ -265,6 +265,7 @@ impl Deployment {
         let group = format!("sightline-{name}-{}", workload.seed);
         let dlq = format!("{name}.dlq");
         let alerts = format!("{name}.alerts");
+        let triage = format!("{name}.triage");
         let mut file = std::fs::File::create(&config).expect("config");
         write!(
             file,
@@ -281,6 +282,7 @@ group-id = "{group}"
 topics = [{{ name = "{topic}" }}]
 dead-letter-topic = "{dlq}"
 alerts-topic = "{alerts}"
+triage-topic = "{triage}"
 commit-interval-ms = 0
 
 [lake]
@@ -316,7 +318,7 @@ conversion-window-ms = 30000
             lake,
             log: root.join("stderr.log"),
             group,
-            output_topics: vec![dlq, alerts],
+            output_topics: vec![dlq, alerts, triage],
         }
     }
 

@@ -47,7 +47,7 @@ fn check_output_topics(broker: &Tansu, reference: &Deployment, chaos: &Deploymen
         );
         assert!(
             !want.is_empty(),
-            "{expected} is empty: the workload makes dead letters and fires alerts"
+            "{expected} is empty: the workload makes dead letters, fires alerts and has critical feedback"
         );
         let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
         assert!(missing.is_empty(), "{actual} lacks keys: {missing:?}");

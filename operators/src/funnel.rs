@@ -652,16 +652,30 @@ impl WindowKey for FunnelKey {
 pub type SavedTouch = ((bool, u64), Touch);
 
 /// Where one funnel resumes from.
-#[derive(Clone, Debug, Default)]
-pub struct FunnelResume {
-    /// This worker's share of the restored touches, each with its time.
-    pub restored: Vec<(SavedTouch, Time)>,
+pub type FunnelResume = Resume<SavedTouch>;
+
+/// Where a long-horizon operator resumes from.
+#[derive(Clone, Debug)]
+pub struct Resume<D> {
+    /// This worker's share of the restored records, each with its time.
+    pub restored: Vec<(D, Time)>,
     /// The frontier of the restored state: input before it is in `restored` (0: none).
     pub restored_at: Time,
     /// Entry windows whose horizon is at or before this are written already.
     pub written_before: Time,
     /// Fingerprint of the definition, saved with its state.
     pub definition: u64,
+}
+
+impl<D> Default for Resume<D> {
+    fn default() -> Self {
+        Resume {
+            restored: Vec::new(),
+            restored_at: 0,
+            written_before: 0,
+            definition: 0,
+        }
+    }
 }
 
 /// Saving the funnels' state ([`crate::state::snapshots`]).

@@ -13,7 +13,8 @@
 //! - [`funnel`]: conversion funnels, the first operator whose state spans windows;
 //! - [`state`]: snapshots of a long-horizon operator's state, for restarts;
 //! - [`product`]: command-queue, integration-health and feedback aggregates ([`product::Tally`]);
-//! - [`alerts`]: integration health across windows (breaker state) and the alert rules.
+//! - [`alerts`]: integration health across windows (breaker state) and the alert rules;
+//! - [`triage`]: P1 records of critical feedback, joined with the user's recent errors.
 //!
 //! ```
 //! use differential_dataflow::input::Input;
@@ -40,6 +41,7 @@ pub mod funnel;
 pub mod histogram;
 pub mod product;
 pub mod state;
+pub mod triage;
 pub mod window;
 
 pub use aggregates::{

@@ -12,6 +12,7 @@ use sightline_operators::alerts::AlertRules;
 use sightline_operators::funnel::{
     Breakdown, Exclusion, Field, FunnelDef, MAX_STEPS, Matcher, Order,
 };
+use sightline_operators::triage::TriageRules;
 use sightline_schemas::registry::{KeptKind, Registry};
 use sightline_schemas::{EventName, Label};
 
@@ -100,6 +101,54 @@ impl AlertsConfig {
             if value.trim().is_empty() {
                 bail!("alerts.{key} must not be empty");
             }
+        }
+        Ok(())
+    }
+}
+
+/// P1 triage (`[triage]`): which feedback opens a P1 record, and which errors count as recent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct TriageConfig {
+    /// Feedback with a score at or below this opens a P1 record.
+    pub max_score: f64,
+    /// Feedback that says the user was blocked opens one too.
+    pub include_blocked: bool,
+    /// Errors of the same user this long before the feedback are its recent errors, ms.
+    pub recent_errors_ms: u64,
+}
+
+impl Default for TriageConfig {
+    fn default() -> Self {
+        let r = TriageRules::default();
+        TriageConfig {
+            max_score: r.max_score,
+            include_blocked: r.blocked,
+            recent_errors_ms: r.recent_errors_ms,
+        }
+    }
+}
+
+impl TriageConfig {
+    /// The rules.
+    pub fn rules(&self) -> TriageRules {
+        TriageRules {
+            max_score: self.max_score,
+            blocked: self.include_blocked,
+            recent_errors_ms: self.recent_errors_ms,
+        }
+    }
+
+    /// Refuses values that cannot be meant.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(1.0..=5.0).contains(&self.max_score) {
+            bail!(
+                "triage.max-score ({}) must be a score from 1 to 5",
+                self.max_score
+            );
+        }
+        if self.recent_errors_ms == 0 {
+            bail!("triage.recent-errors-ms must be positive");
         }
         Ok(())
     }
@@ -400,9 +449,13 @@ fn matcher(
     })
 }
 
-/// Which identifiers the funnels follow, for the decoders' unit links.
+/// Which identifiers the funnels and triage follow, for the decoders' unit links (triage
+/// always follows users).
 pub fn link_fields(defs: &[FunnelDef]) -> sightline_ingest::LinkFields {
-    let mut links = sightline_ingest::LinkFields::default();
+    let mut links = sightline_ingest::LinkFields {
+        user: true,
+        ..Default::default()
+    };
     for d in defs {
         match d.unit {
             Field::TenantId => links.tenant = true,

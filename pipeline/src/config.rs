@@ -34,6 +34,8 @@ pub struct Config {
     pub funnels: Vec<crate::analytics::FunnelConfig>,
     /// The integration alert rules.
     pub alerts: crate::analytics::AlertsConfig,
+    /// P1 triage of critical feedback.
+    pub triage: crate::analytics::TriageConfig,
 }
 
 /// How the sinks retry a failed delivery (a lake write, a batch of records on a topic). A
@@ -229,6 +231,9 @@ pub struct KafkaConfig {
     /// Topic that receives one JSON record per alert state change, keyed by route, rule,
     /// subject and window (unset: the `alerts` table only).
     pub alerts_topic: Option<String>,
+    /// Topic that receives one JSON record per P1 triage item, keyed by the feedback's
+    /// `event_id` (unset: the `triage` table only).
+    pub triage_topic: Option<String>,
 }
 
 impl KafkaConfig {
@@ -275,6 +280,7 @@ impl Default for KafkaConfig {
             options: BTreeMap::new(),
             dead_letter_topic: None,
             alerts_topic: None,
+            triage_topic: None,
         }
     }
 }
@@ -400,19 +406,20 @@ impl Config {
         {
             bail!("kafka.dead-letter-topic must not be one of the input topics");
         }
-        if self
-            .kafka
-            .alerts_topic
-            .as_deref()
-            .is_some_and(|t| names.contains(&t))
-        {
-            bail!("kafka.alerts-topic must not be one of the input topics");
+        for (key, topic) in [
+            ("alerts-topic", &self.kafka.alerts_topic),
+            ("triage-topic", &self.kafka.triage_topic),
+        ] {
+            if topic.as_deref().is_some_and(|t| names.contains(&t)) {
+                bail!("kafka.{key} must not be one of the input topics");
+            }
         }
         if self.lake.restricted_prefix.trim_matches('/').is_empty() {
             bail!("lake.restricted-prefix must not be empty: restricted data is kept apart");
         }
         self.privacy.key_ring().context("privacy")?;
         self.alerts.validate()?;
+        self.triage.validate()?;
         if self.analytics.save_state_every_ms == 0 {
             bail!("analytics.save-state-every-ms must be positive");
         }

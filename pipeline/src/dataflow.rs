@@ -14,6 +14,7 @@ use differential_dataflow::{AsCollection, VecCollection};
 use std::sync::atomic::AtomicBool;
 
 use sightline_operators::alerts::{AlertRules, HealthState, HealthWindow, health};
+use sightline_operators::funnel::Resume;
 use sightline_operators::funnel::{
     FunnelDef, FunnelKey, FunnelResume, Funnels, SavedTouch, StateHooks, funnels,
 };
@@ -21,6 +22,7 @@ use sightline_operators::product::{
     ProductKey, Tally, command_queue, feedback, integration_health,
 };
 use sightline_operators::state::StateShard;
+use sightline_operators::triage::{SavedItem, TriageRecord, TriageRules, triage};
 use sightline_operators::{
     ClosedWindow, CountKey, LatencyHistogram, LatencyKey, QualityCounts, QualityKey, Time,
     VariantKey, WindowedDeadLetter, Windows, close_windows, event_counts, latency,
@@ -103,6 +105,10 @@ pub struct Computed<'s> {
     /// The funnels of both routes (the key says which), each entry window once, at its
     /// horizon (its end plus the funnel's conversion window).
     pub funnels: Closed<'s, FunnelKey, LatencyHistogram>,
+    /// P1 triage records (both routes; each record says which), each feedback's window once.
+    pub triage: Closed<'s, TriageRecord, isize>,
+    /// Snapshots of triage's state, when it is saved.
+    pub triage_state: Option<StreamVec<'s, Time, StateShard<SavedItem>>>,
     /// Snapshots of the funnels' state, when it is saved.
     pub funnel_state: Option<StreamVec<'s, Time, StateShard<SavedTouch>>>,
     /// The funnel definitions, in the order [`FunnelKey::funnel`] indexes.
@@ -130,6 +136,10 @@ pub struct Analytics {
     pub rules: AlertRules,
     /// The integration-health state each route resumes from, in the order of [`Route::ALL`].
     pub health: Vec<HealthState>,
+    /// Which feedback is critical, and the span of recent errors.
+    pub triage: TriageRules,
+    /// Where triage resumes (this worker's share of its restored state).
+    pub triage_resume: Resume<SavedItem>,
 }
 
 impl Analytics {
@@ -147,6 +157,8 @@ impl Analytics {
             flush: Arc::default(),
             rules: AlertRules::default(),
             health: Vec::new(),
+            triage: TriageRules::default(),
+            triage_resume: Resume::default(),
         }
     }
 }
@@ -225,12 +237,21 @@ pub fn compute<'s>(
         &analytics.resume,
         hooks.as_ref(),
     );
+    let (triage, triage_state) = triage(
+        events.clone(),
+        analytics.triage.clone(),
+        windows,
+        analytics.triage_resume.clone(),
+        hooks.as_ref(),
+    );
     Computed {
         events,
         dead_letters,
         routes,
         funnels,
         funnel_state,
+        triage,
+        triage_state,
         funnel_defs: Arc::clone(&analytics.funnels),
         watermark,
     }

@@ -8,10 +8,11 @@
 use std::sync::mpsc::Sender;
 
 use sightline_operators::funnel::SavedTouch;
+use sightline_operators::triage::SavedItem;
 use sightline_operators::{ClosedWindow, QualityTotals, Time};
 use sightline_sinks::kafka::{KeyedRecord, TopicSink};
 use sightline_sinks::product::{
-    AlertRow, CommandQueueRow, FeedbackRow, FunnelRow, IntegrationHealthRow,
+    AlertRow, CommandQueueRow, FeedbackRow, FunnelRow, IntegrationHealthRow, TriageRow,
 };
 use sightline_sinks::state::{HealthStateSink, StateSink};
 use sightline_sinks::tables::{
@@ -50,6 +51,8 @@ pub struct Outputs {
     pub state: Option<StateTarget>,
     /// The alerts topic, if configured.
     pub alerts_topic: Option<TopicSink<AlertRow>>,
+    /// The triage topic, if configured.
+    pub triage_topic: Option<TopicSink<TriageRow>>,
 }
 
 /// Where saved state goes: the lake's `_sightline/state/<group>/…` (restricted records under
@@ -85,7 +88,53 @@ pub fn emit(
         reports,
         state,
         alerts_topic,
+        triage_topic,
     } = outputs;
+    if let (Some(target), Some(shards)) = (state.clone(), computed.triage_state) {
+        let sink = StateSink::new(
+            target.lake,
+            &target.restricted_prefix,
+            &target.group,
+            |((restricted, _), _): &SavedItem| *restricted,
+        );
+        durable_sink(shards, sink, retry, &health, durable);
+    }
+    let triage = computed.triage;
+    for route in Route::ALL {
+        let restricted = route == Route::Restricted;
+        let rows = triage.clone().flat_map(move |w| {
+            let rows = TriageRow::from_closed(&w, restricted);
+            (!rows.is_empty()).then_some(WindowRows {
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
+                part: None,
+                rows,
+            })
+        });
+        let lake = match route {
+            Route::Standard => lake.clone(),
+            Route::Restricted => restricted_lake.clone(),
+        };
+        let reports = reports.clone();
+        write_windows(rows, lake, retry, &health, durable)
+            .probe_with(written)
+            .inspect(move |file| {
+                let _ = reports.send(Report::Written(file.clone()));
+            });
+    }
+    if let Some(topic) = triage_topic {
+        let records = triage.flat_map(|w| {
+            [false, true]
+                .into_iter()
+                .flat_map(|restricted| TriageRow::from_closed(&w, restricted))
+                .map(|value| KeyedRecord {
+                    key: value.event_id.clone(),
+                    value,
+                })
+                .collect::<Vec<_>>()
+        });
+        durable_sink(records, topic, retry, &health, durable).probe_with(written);
+    }
     if let (Some(target), Some(shards)) = (state.clone(), computed.funnel_state) {
         let sink = StateSink::new(
             target.lake,

@@ -53,6 +53,44 @@ impl fmt::Display for ScanReport {
     }
 }
 
+/// `text` with every UUID-shaped token (`8-4-4-4-12` hex digits) masked. Event ids,
+/// correlation ids and recommendation ids are UUIDs: none can hold personal data, but an
+/// all-decimal stretch of one reads like a phone number to the patterns.
+pub fn without_uuids(text: &str) -> std::borrow::Cow<'_, str> {
+    const SHAPE: &[u8; 36] = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx";
+    let bytes = text.as_bytes();
+    let is_uuid_at = |i: usize| {
+        bytes.get(i..i + 36).is_some_and(|w| {
+            w.iter().zip(SHAPE).all(|(&b, &s)| {
+                if s == b'-' {
+                    b == b'-'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            })
+        }) && !bytes
+            .get(i.wrapping_sub(1))
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+            && !bytes.get(i + 36).is_some_and(|b| b.is_ascii_alphanumeric())
+    };
+    if !(0..bytes.len()).any(is_uuid_at) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if is_uuid_at(i) {
+            out.push_str("[uuid]");
+            i += 36;
+        } else {
+            let ch = text[i..].chars().next().unwrap_or(' ');
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Scans every Parquet file under `location` (a directory, `file://`, or `s3://`).
 pub fn scan_lake(location: &str, s3: &S3Options) -> anyhow::Result<ScanReport> {
     let lake = Lake::open_with(location, s3).with_context(|| format!("opening {location}"))?;
@@ -74,7 +112,7 @@ pub fn scan_lake(location: &str, s3: &S3Options) -> anyhow::Result<ScanReport> {
             report.values += 1;
             report.findings.extend(
                 scrubber
-                    .scan(&value)
+                    .scan(&without_uuids(&value))
                     .into_iter()
                     .map(|f| (format!("{path}:{column}"), f)),
             );
@@ -135,9 +173,12 @@ pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport
             let text = String::from_utf8_lossy(message.payload().unwrap_or_default());
             report.values += 1;
             let at = format!("{topic}/{partition}/{}", message.offset());
-            report
-                .findings
-                .extend(scrubber.scan(&text).into_iter().map(|f| (at.clone(), f)));
+            report.findings.extend(
+                scrubber
+                    .scan(&without_uuids(&text))
+                    .into_iter()
+                    .map(|f| (at.clone(), f)),
+            );
         }
     }
     Ok(report)
@@ -148,6 +189,26 @@ pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport
 mod tests {
     use super::*;
     use sightline_sinks::tables::QualityRow;
+
+    #[test]
+    fn uuids_are_not_phone_numbers() {
+        let scrubber = Scrubber::new();
+        let id = "67123456-7890-4123-8456-789012345678";
+        assert!(
+            !scrubber.scan(id).is_empty(),
+            "the patterns see a phone in it"
+        );
+        assert!(scrubber.scan(&without_uuids(id)).is_empty());
+        let json = format!(r#"{{"correlation_id":"{id}","note":"call 555-123-4567"}}"#);
+        let masked = without_uuids(&json);
+        assert!(masked.contains("[uuid]"));
+        assert_eq!(
+            scrubber.scan(&masked).len(),
+            1,
+            "the real phone number is still found"
+        );
+        assert_eq!(without_uuids("no ids here"), "no ids here");
+    }
 
     #[test]
     fn finds_what_it_is_meant_to_find_and_nothing_else() {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use sightline_ingest::source::checkpoint::PartitionCheckpoints;
 use sightline_operators::Windows;
-use sightline_operators::funnel::{FunnelDef, FunnelResume, SavedTouch, fnv1a};
+use sightline_operators::funnel::{FunnelDef, FunnelResume, Resume, SavedTouch, fnv1a};
+use sightline_operators::triage::{SavedItem, TriageRules};
 use sightline_sinks::Lake;
 use sightline_sinks::state::load_state;
 use tracing::{info, warn};
@@ -17,27 +18,40 @@ use tracing::{info, warn};
 pub struct Restored {
     /// Per funnel, in definition order.
     pub funnels: Vec<FunnelResume>,
+    /// Triage.
+    pub triage: Resume<SavedItem>,
     /// The source's durable frontier at the start (0: nothing committed).
     pub resume_ms: u64,
 }
 
 impl Restored {
-    /// Worker `index` of `peers`'s share: every record once, over all workers (records are
-    /// exchanged by unit downstream, so any split is right).
+    /// Worker `index` of `peers`'s share of the funnels: every record once, over all workers
+    /// (records are exchanged by unit downstream, so any split is right).
     pub fn share(&self, index: usize, peers: usize) -> Vec<FunnelResume> {
         self.funnels
             .iter()
-            .map(|f| FunnelResume {
-                restored: f
-                    .restored
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| i % peers.max(1) == index)
-                    .map(|(_, r)| r.clone())
-                    .collect(),
-                ..f.clone()
-            })
+            .map(|f| share(f, index, peers))
             .collect()
+    }
+
+    /// Worker `index` of `peers`'s share of triage.
+    pub fn triage_share(&self, index: usize, peers: usize) -> Resume<SavedItem> {
+        share(&self.triage, index, peers)
+    }
+}
+
+fn share<D: Clone>(from: &Resume<D>, index: usize, peers: usize) -> Resume<D> {
+    Resume {
+        restored: from
+            .restored
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % peers.max(1) == index)
+            .map(|(_, r)| r.clone())
+            .collect(),
+        restored_at: from.restored_at,
+        written_before: from.written_before,
+        definition: from.definition,
     }
 }
 
@@ -60,12 +74,14 @@ pub fn resume_frontier(lake: &Lake, group: &str) -> anyhow::Result<u64> {
     Ok(frontier)
 }
 
-/// Where each funnel of `defs` resumes, for a Kafka source of consumer group `group`.
+/// Where each funnel of `defs`, and triage with `triage`, resume, for a Kafka source of
+/// consumer group `group`.
 pub fn restore_funnels(
     lake: &Lake,
     restricted_prefix: &str,
     group: &str,
     defs: &[FunnelDef],
+    triage: &TriageRules,
     windows: Windows,
 ) -> anyhow::Result<Restored> {
     let mut out = Vec::new();
@@ -112,8 +128,45 @@ pub fn restore_funnels(
             }
         }
     }
+    let definition = fnv1a(&serde_json::to_vec(triage).unwrap_or_default());
+    let loaded = load_state::<SavedItem>(lake, restricted_prefix, group, "triage")
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("restoring the state of triage")?;
+    let triage = match loaded {
+        Some(state) if state.definition == definition => {
+            info!(
+                frontier = state.frontier,
+                items = state.records.len(),
+                "triage state restored"
+            );
+            Resume {
+                restored: state.records,
+                restored_at: state.frontier,
+                written_before: state.frontier,
+                definition,
+            }
+        }
+        other => {
+            if other.is_some() {
+                warn!("the triage rules changed since their state was saved: triage starts afresh");
+            }
+            // Feedback windows that start at or after the resume point are seen whole with
+            // their errors only if the span before them is read again too.
+            Resume {
+                restored: Vec::new(),
+                restored_at: 0,
+                written_before: if resume_ms == 0 {
+                    0
+                } else {
+                    resume_ms + triage.recent_errors_ms + windows.width_ms() - 1
+                },
+                definition,
+            }
+        }
+    };
     Ok(Restored {
         funnels: out,
+        triage,
         resume_ms,
     })
 }

@@ -273,6 +273,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                 &prefix,
                 &kafka.group_id,
                 &funnels,
+                &job.config.triage.rules(),
                 windows_of(&job.config.pipeline),
             )?;
             let target = crate::emit::StateTarget {
@@ -305,6 +306,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         resume: Vec::new(),
         rules: job.config.alerts.rules(),
         health,
+        triage: job.config.triage.rules(),
         save_every_ms: state_target
             .as_ref()
             .map(|_| job.config.analytics.save_state_every_ms),
@@ -354,6 +356,10 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                             .as_ref()
                             .map(|r| r.share(index, peers))
                             .unwrap_or_default(),
+                        triage_resume: restored
+                            .as_ref()
+                            .map(|r| r.triage_share(index, peers))
+                            .unwrap_or_default(),
                         ..analytics.clone()
                     };
                     let p = &job.config.pipeline;
@@ -400,6 +406,15 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                                 .map(|topic| TopicSink::connect(&kafka.client_config(&[]), topic))
                                 .transpose()
                                 .context("creating the alerts producer")?,
+                            _ => None,
+                        },
+                        triage_topic: match &job.input {
+                            Input::Kafka(kafka) => kafka
+                                .triage_topic
+                                .as_deref()
+                                .map(|topic| TopicSink::connect(&kafka.client_config(&[]), topic))
+                                .transpose()
+                                .context("creating the triage producer")?,
                             _ => None,
                         },
                     };

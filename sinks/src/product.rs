@@ -590,3 +590,140 @@ impl Table for FeedbackRow {
         batch(Self::schema(), columns)
     }
 }
+
+/// A row of `triage`, and the value of a record on the triage topic: one critical feedback
+/// with its context and the user's recent errors.
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct TriageRow {
+    /// The feedback's window start, ms.
+    pub window_start_ms: u64,
+    /// Its end, ms.
+    pub window_end_ms: u64,
+    /// The feedback's `event_id`: the record's key.
+    pub event_id: String,
+    /// The feedback's time, ms.
+    pub feedback_time_ms: u64,
+    /// `standard` or `restricted`.
+    pub route: String,
+    /// Tenant pseudonym.
+    pub tenant_id: String,
+    /// User pseudonym.
+    pub user_id: String,
+    /// `feature_area`.
+    pub feature_area: String,
+    /// `workflow_name`, if any.
+    pub workflow_name: Option<String>,
+    /// `surface`, if any.
+    pub surface: Option<String>,
+    /// Experiment buckets, as a JSON object.
+    pub experiments: String,
+    /// `correlation_id`, if any.
+    pub correlation_id: Option<String>,
+    /// The score.
+    pub score: Option<f64>,
+    /// Whether the user was blocked.
+    pub blocked: bool,
+    /// `sentiment`, if any.
+    pub sentiment: Option<String>,
+    /// Errors of the same user in the span before the feedback.
+    pub recent_errors: i64,
+    /// Their event names, in time order, as a JSON array.
+    pub recent_error_names: String,
+    /// Their codes (`error_code`, `error_type` or `status_code`), as a JSON array.
+    pub recent_error_codes: String,
+}
+
+impl TriageRow {
+    /// Rows of one closed window.
+    pub fn from_closed(
+        w: &ClosedWindow<sightline_operators::triage::TriageRecord, isize>,
+        restricted: bool,
+    ) -> Vec<TriageRow> {
+        w.entries
+            .iter()
+            .filter(|(r, n)| r.restricted == restricted && *n > 0)
+            .map(|(r, _)| {
+                let c = &r.context;
+                let experiments: std::collections::BTreeMap<&str, &str> =
+                    c.experiments.iter().map(|(e, v)| (&**e, &**v)).collect();
+                let names: Vec<&str> = r.errors.iter().map(|(_, n, _)| &**n).collect();
+                let codes: Vec<Option<&str>> =
+                    r.errors.iter().map(|(_, _, c)| c.as_deref()).collect();
+                TriageRow {
+                    window_start_ms: w.window_start_ms,
+                    window_end_ms: w.window_end_ms,
+                    event_id: c.event_id.clone(),
+                    feedback_time_ms: r.at_ms,
+                    route: if restricted { "restricted" } else { "standard" }.into(),
+                    tenant_id: c.tenant_id.clone(),
+                    user_id: c.user_id.clone(),
+                    feature_area: c.feature_area.to_string(),
+                    workflow_name: c.workflow_name.as_ref().map(|l| l.to_string()),
+                    surface: c.surface.as_ref().map(|l| l.to_string()),
+                    experiments: serde_json::to_string(&experiments).unwrap_or_default(),
+                    correlation_id: c.correlation_id.as_ref().map(|l| l.to_string()),
+                    score: c.score_millis.map(|s| s as f64 / 1000.0),
+                    blocked: c.blocked,
+                    sentiment: c.sentiment.as_ref().map(|l| l.to_string()),
+                    recent_errors: r.errors.len() as i64,
+                    recent_error_names: serde_json::to_string(&names).unwrap_or_default(),
+                    recent_error_codes: serde_json::to_string(&codes).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Table for TriageRow {
+    const NAME: &'static str = "triage";
+    const RAW: bool = true;
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        fields.extend([
+            Field::new("event_id", DataType::Utf8, false),
+            Field::new("feedback_time_ms", DataType::Int64, false),
+            Field::new("route", DataType::Utf8, false),
+            Field::new("tenant_id", DataType::Utf8, false),
+            Field::new("user_id", DataType::Utf8, false),
+            Field::new("feature_area", DataType::Utf8, false),
+            Field::new("workflow_name", DataType::Utf8, true),
+            Field::new("surface", DataType::Utf8, true),
+            Field::new("experiments", DataType::Utf8, false),
+            Field::new("correlation_id", DataType::Utf8, true),
+            Field::new("score", DataType::Float64, true),
+            Field::new("blocked", DataType::Boolean, false),
+            Field::new("sentiment", DataType::Utf8, true),
+            Field::new("recent_errors", DataType::Int64, false),
+            Field::new("recent_error_names", DataType::Utf8, false),
+            Field::new("recent_error_codes", DataType::Utf8, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        use crate::tables::opt_strings;
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            strings(rows, |r| &r.event_id),
+            ints(rows, |r| r.feedback_time_ms as i64),
+            strings(rows, |r| &r.route),
+            strings(rows, |r| &r.tenant_id),
+            strings(rows, |r| &r.user_id),
+            strings(rows, |r| &r.feature_area),
+            opt_strings(rows, |r| r.workflow_name.as_deref()),
+            opt_strings(rows, |r| r.surface.as_deref()),
+            strings(rows, |r| &r.experiments),
+            opt_strings(rows, |r| r.correlation_id.as_deref()),
+            opt_floats(rows, |r| r.score),
+            Arc::new(arrow_array::BooleanArray::from_iter(
+                rows.iter().map(|r| Some(r.blocked)),
+            )),
+            opt_strings(rows, |r| r.sentiment.as_deref()),
+            ints(rows, |r| r.recent_errors),
+            strings(rows, |r| &r.recent_error_names),
+            strings(rows, |r| &r.recent_error_codes),
+        ]);
+        batch(Self::schema(), columns)
+    }
+}
