@@ -180,6 +180,22 @@ fn decoders_for(job: &Job, keys: &Arc<KeyRing>, analytics: &Analytics) -> Decode
     decoders
 }
 
+/// The producer of the topic `topic` picks from the Kafka configuration, when the input is
+/// Kafka and the topic is set; `what` names it in errors.
+fn topic_sink<V: serde::Serialize + timely::ExchangeData>(
+    job: &Job,
+    topic: impl Fn(&KafkaConfig) -> Option<&str>,
+    what: &str,
+) -> anyhow::Result<Option<TopicSink<V>>> {
+    match &job.input {
+        Input::Kafka(kafka) => topic(kafka)
+            .map(|t| TopicSink::connect(&kafka.client_config(&[]), t))
+            .transpose()
+            .with_context(|| format!("creating the {what} producer")),
+        _ => Ok(None),
+    }
+}
+
 /// Counts a worker out when it ends, however it ends. A worker that fails or panics also sets
 /// the run's abort flag: the others cannot make progress without it.
 struct WorkerExit<'a> {
@@ -377,15 +393,8 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                         .lock()
                         .map_err(|_| anyhow::anyhow!("report channel poisoned"))?
                         .clone();
-                    let dead_letter_topic = match &job.input {
-                        Input::Kafka(kafka) => kafka
-                            .dead_letter_topic
-                            .as_deref()
-                            .map(|topic| TopicSink::connect(&kafka.client_config(&[]), topic))
-                            .transpose()
-                            .context("creating the dead-letter producer")?,
-                        _ => None,
-                    };
+                    let dead_letter_topic =
+                        topic_sink(&job, |k| k.dead_letter_topic.as_deref(), "dead-letter")?;
                     let l = &job.config.lake;
                     let outputs = Outputs {
                         lake: job.lake.clone(),
@@ -399,24 +408,8 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                         health: Arc::clone(&health),
                         reports,
                         state: state_target.clone(),
-                        alerts_topic: match &job.input {
-                            Input::Kafka(kafka) => kafka
-                                .alerts_topic
-                                .as_deref()
-                                .map(|topic| TopicSink::connect(&kafka.client_config(&[]), topic))
-                                .transpose()
-                                .context("creating the alerts producer")?,
-                            _ => None,
-                        },
-                        triage_topic: match &job.input {
-                            Input::Kafka(kafka) => kafka
-                                .triage_topic
-                                .as_deref()
-                                .map(|topic| TopicSink::connect(&kafka.client_config(&[]), topic))
-                                .transpose()
-                                .context("creating the triage producer")?,
-                            _ => None,
-                        },
+                        alerts_topic: topic_sink(&job, |k| k.alerts_topic.as_deref(), "alerts")?,
+                        triage_topic: topic_sink(&job, |k| k.triage_topic.as_deref(), "triage")?,
                     };
                     let stats = Arc::clone(&stats);
                     let probes = worker.dataflow::<Time, _, _>(|scope| {
