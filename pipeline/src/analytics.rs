@@ -216,14 +216,16 @@ pub struct ExclusionConfig {
     pub to_step: Option<usize>,
 }
 
+/// Steps that are plain event names.
+pub fn steps(names: &[&str]) -> Vec<StepConfig> {
+    names
+        .iter()
+        .map(|n| StepConfig::Event((*n).into()))
+        .collect()
+}
+
 /// The built-in funnels of the two seed specifications.
 pub fn builtin_funnels() -> Vec<FunnelConfig> {
-    let steps = |names: &[&str]| {
-        names
-            .iter()
-            .map(|n| StepConfig::Event((*n).into()))
-            .collect()
-    };
     vec![
         FunnelConfig {
             name: "project_creation".into(),

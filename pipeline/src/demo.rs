@@ -51,12 +51,7 @@ pub fn demo_config() -> Config {
     config.analytics.save_state_every_ms = 10_000;
     // The built-in funnels write a row 30 minutes (or 30 days) after its entry window; these
     // two write theirs within two minutes, so that the demo shows the funnels table.
-    let steps = |names: &[&str]| {
-        names
-            .iter()
-            .map(|n| crate::analytics::StepConfig::Event((*n).into()))
-            .collect()
-    };
+    use crate::analytics::steps;
     config.funnels = vec![
         crate::analytics::FunnelConfig {
             name: "demo_project_creation".into(),

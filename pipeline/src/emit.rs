@@ -7,8 +7,7 @@
 
 use std::sync::mpsc::Sender;
 
-use sightline_operators::funnel::SavedTouch;
-use sightline_operators::triage::SavedItem;
+use sightline_operators::state::StateShard;
 use sightline_operators::{ClosedWindow, QualityTotals, Time};
 use sightline_sinks::kafka::{KeyedRecord, TopicSink};
 use sightline_sinks::product::{
@@ -20,7 +19,7 @@ use sightline_sinks::tables::{
     VariantLatencyRow,
 };
 use sightline_sinks::{
-    Lake, RetryPolicy, SinkHealth, Table, WindowRows, durable_sink, write_windows,
+    Lake, RetryPolicy, SinkHealth, Table, WindowRows, WrittenWindow, durable_sink, write_windows,
 };
 use std::sync::Arc;
 use timely::ExchangeData;
@@ -90,59 +89,9 @@ pub fn emit(
         alerts_topic,
         triage_topic,
     } = outputs;
-    if let (Some(target), Some(shards)) = (state.clone(), computed.triage_state) {
-        let sink = StateSink::new(
-            target.lake,
-            &target.restricted_prefix,
-            &target.group,
-            |((restricted, _), _): &SavedItem| *restricted,
-        );
-        durable_sink(shards, sink, retry, &health, durable);
-    }
-    let triage = computed.triage;
-    for route in Route::ALL {
-        let restricted = route == Route::Restricted;
-        let rows = triage.clone().flat_map(move |w| {
-            let rows = TriageRow::from_closed(&w, restricted);
-            (!rows.is_empty()).then_some(WindowRows {
-                window_start_ms: w.window_start_ms,
-                window_end_ms: w.window_end_ms,
-                part: None,
-                rows,
-            })
-        });
-        let lake = match route {
-            Route::Standard => lake.clone(),
-            Route::Restricted => restricted_lake.clone(),
-        };
-        let reports = reports.clone();
-        write_windows(rows, lake, retry, &health, durable)
-            .probe_with(written)
-            .inspect(move |file| {
-                let _ = reports.send(Report::Written(file.clone()));
-            });
-    }
-    if let Some(topic) = triage_topic {
-        let records = triage.flat_map(|w| {
-            [false, true]
-                .into_iter()
-                .flat_map(|restricted| TriageRow::from_closed(&w, restricted))
-                .map(|value| KeyedRecord {
-                    key: value.event_id.clone(),
-                    value,
-                })
-                .collect::<Vec<_>>()
-        });
-        durable_sink(records, topic, retry, &health, durable).probe_with(written);
-    }
-    if let (Some(target), Some(shards)) = (state.clone(), computed.funnel_state) {
-        let sink = StateSink::new(
-            target.lake,
-            &target.restricted_prefix,
-            &target.group,
-            |((restricted, _), _): &SavedTouch| *restricted,
-        );
-        durable_sink(shards, sink, retry, &health, durable);
+    if let Some(target) = &state {
+        save_state(computed.funnel_state, target, retry, &health, durable);
+        save_state(computed.triage_state, target, retry, &health, durable);
     }
     if let Some(topic) = dead_letter_topic {
         let records = computed
@@ -158,35 +107,24 @@ pub fn emit(
             });
         durable_sink(records, topic, retry, &health, durable).probe_with(written);
     }
-    let funnel_defs = Arc::clone(&computed.funnel_defs);
-    let funnels = computed.funnels;
-    for route in Route::ALL {
-        let defs = Arc::clone(&funnel_defs);
-        let restricted = route == Route::Restricted;
-        let rows = funnels.clone().flat_map(move |w| {
-            FunnelRow::from_closed(&w, &defs, restricted)
+    let (funnels, funnel_defs, triage) = (computed.funnels, computed.funnel_defs, computed.triage);
+    if let Some(topic) = triage_topic {
+        let records = triage.clone().flat_map(|w| {
+            [false, true]
                 .into_iter()
-                .map(|(funnel, rows)| WindowRows {
-                    window_start_ms: w.window_start_ms,
-                    window_end_ms: w.window_end_ms,
-                    part: defs.get(usize::from(funnel)).map(|d| d.name.clone()),
-                    rows,
+                .flat_map(|restricted| TriageRow::from_closed(&w, restricted))
+                .map(|value| KeyedRecord {
+                    key: value.event_id.clone(),
+                    value,
                 })
                 .collect::<Vec<_>>()
         });
-        let lake = match route {
-            Route::Standard => lake.clone(),
-            Route::Restricted => restricted_lake.clone(),
-        };
-        let reports = reports.clone();
-        write_windows(rows, lake, retry, &health, durable)
-            .probe_with(written)
-            .inspect(move |file| {
-                let _ = reports.send(Report::Later(file.clone()));
-            });
+        durable_sink(records, topic, retry, &health, durable).probe_with(written);
     }
     let mut alert_records = Vec::new();
     for windows in computed.routes {
+        let route = windows.route.as_str();
+        let restricted = windows.route == Route::Restricted;
         let tables = Tables {
             lake: match windows.route {
                 Route::Standard => lake.clone(),
@@ -217,32 +155,42 @@ pub fn emit(
         tables.write(rows_of(windows.dead_letters, DeadLetterRow::from_closed));
         tables.write(rows_of(windows.command_queue, CommandQueueRow::from_closed));
         tables.write(rows_of(windows.feedback, FeedbackRow::from_closed));
+        tables.write(
+            triage
+                .clone()
+                .flat_map(move |w| window_rows(&w, TriageRow::from_closed(&w, restricted))),
+        );
+        // A funnel's entry window is written at its horizon, one file per funnel, after the
+        // window itself was reported: counted in the totals only.
+        let defs = Arc::clone(&funnel_defs);
+        let funnel_rows = funnels.clone().flat_map(move |w| {
+            FunnelRow::from_closed(&w, &defs, restricted)
+                .into_iter()
+                .map(|(funnel, rows)| WindowRows {
+                    window_start_ms: w.window_start_ms,
+                    window_end_ms: w.window_end_ms,
+                    part: defs.get(usize::from(funnel)).map(|d| d.name.clone()),
+                    rows,
+                })
+                .collect::<Vec<_>>()
+        });
+        tables.write_reported(funnel_rows, Report::Later);
         let alert_reports = reports.clone();
-        let route_name = windows.route.as_str();
         let health_windows = windows.health.inspect(move |w| {
             for a in &w.alerts {
-                let _ = alert_reports.send(Report::Alert(crate::report::alert_line(a, route_name)));
+                let _ = alert_reports.send(Report::Alert(crate::report::alert_line(a, route)));
             }
         });
-        tables.write(health_windows.clone().flat_map(|w| {
-            let rows = IntegrationHealthRow::from_health(&w);
-            (!rows.is_empty()).then_some(WindowRows {
-                window_start_ms: w.window_start_ms,
-                window_end_ms: w.window_end_ms,
-                part: None,
-                rows,
-            })
-        }));
-        let route = windows.route.as_str();
-        tables.write(health_windows.clone().flat_map(move |w| {
-            let rows = AlertRow::from_health(&w, route);
-            (!rows.is_empty()).then_some(WindowRows {
-                window_start_ms: w.window_start_ms,
-                window_end_ms: w.window_end_ms,
-                part: None,
-                rows,
-            })
-        }));
+        tables.write(
+            health_windows
+                .clone()
+                .flat_map(|w| window_rows(&w, IntegrationHealthRow::from_health(&w))),
+        );
+        tables.write(
+            health_windows
+                .clone()
+                .flat_map(move |w| window_rows(&w, AlertRow::from_health(&w, route))),
+        );
         alert_records.push(health_windows.clone().flat_map(move |w| {
             AlertRow::from_health(&w, route)
                 .into_iter()
@@ -270,6 +218,56 @@ pub fn emit(
     }
 }
 
+/// A record of saved state keyed by `(restricted, unit)`.
+type Keyed<D> = ((bool, u64), D);
+
+/// Saves the snapshots of one long-horizon operator (routed by the key's `restricted` flag).
+fn save_state<D: ExchangeData + serde::Serialize + Clone>(
+    shards: Option<StreamVec<'_, Time, StateShard<Keyed<D>>>>,
+    target: &StateTarget,
+    retry: RetryPolicy,
+    health: &Arc<SinkHealth>,
+    durable: &ProbeHandle<Time>,
+) {
+    if let Some(shards) = shards {
+        let sink = StateSink::new(
+            target.lake.clone(),
+            &target.restricted_prefix,
+            &target.group,
+            |((restricted, _), _): &Keyed<D>| *restricted,
+        );
+        durable_sink(shards, sink, retry, health, durable);
+    }
+}
+
+/// The rows of a window (any window-like item), or nothing when there are none.
+fn window_rows<W: WindowSpan, R>(w: &W, rows: Vec<R>) -> Option<WindowRows<R>> {
+    let (window_start_ms, window_end_ms) = w.span();
+    (!rows.is_empty()).then_some(WindowRows {
+        window_start_ms,
+        window_end_ms,
+        part: None,
+        rows,
+    })
+}
+
+/// Something that covers one window.
+trait WindowSpan {
+    fn span(&self) -> (u64, u64);
+}
+
+impl<K, R> WindowSpan for ClosedWindow<K, R> {
+    fn span(&self) -> (u64, u64) {
+        (self.window_start_ms, self.window_end_ms)
+    }
+}
+
+impl WindowSpan for sightline_operators::alerts::HealthWindow {
+    fn span(&self) -> (u64, u64) {
+        (self.window_start_ms, self.window_end_ms)
+    }
+}
+
 /// The tables of one route.
 struct Tables<'a> {
     lake: Lake,
@@ -281,8 +279,17 @@ struct Tables<'a> {
 }
 
 impl Tables<'_> {
-    /// Writes table `R` and reports each file written.
+    /// Writes table `R` and reports each file written as part of its window.
     fn write<R: Table + ExchangeData>(&self, rows: StreamVec<'_, Time, WindowRows<R>>) {
+        self.write_reported(rows, Report::Written);
+    }
+
+    /// Writes table `R` and reports each file written as `report` says.
+    fn write_reported<R: Table + ExchangeData>(
+        &self,
+        rows: StreamVec<'_, Time, WindowRows<R>>,
+        report: fn(WrittenWindow) -> Report,
+    ) {
         let reports = self.reports.clone();
         write_windows(
             rows,
@@ -293,7 +300,7 @@ impl Tables<'_> {
         )
         .probe_with(self.written)
         .inspect(move |written| {
-            let _ = reports.send(Report::Written(written.clone()));
+            let _ = reports.send(report(written.clone()));
         });
     }
 }
