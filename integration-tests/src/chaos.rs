@@ -329,6 +329,7 @@ conversion-window-ms = 30000
             .append(true)
             .open(&self.log)
             .expect("log");
+        let log_from = log.metadata().map(|m| m.len()).unwrap_or(0);
         let child = Command::new(sightline_binary())
             .arg("run")
             .arg("--config")
@@ -341,6 +342,8 @@ conversion-window-ms = 30000
         Process {
             child,
             started: Instant::now(),
+            log: self.log.clone(),
+            log_from,
         }
     }
 
@@ -428,6 +431,10 @@ pub struct Process {
     child: Child,
     /// When it was started.
     pub started: Instant,
+    /// The log it writes to (shared with the deployment's earlier processes) …
+    log: PathBuf,
+    /// … from this byte on.
+    log_from: u64,
 }
 
 impl Process {
@@ -445,6 +452,7 @@ impl Process {
     /// SIGTERM, and waits up to `timeout` for it to exit; returns its status and how long it
     /// took (it is killed, and the test fails, if it does not exit in time).
     pub fn terminate(mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        self.wait_until_stoppable(timeout);
         signal(self.pid(), "TERM");
         let asked = Instant::now();
         loop {
@@ -456,6 +464,23 @@ impl Process {
                 panic!("sightline did not exit within {timeout:?} of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the process handles stop signals (its log says so): a SIGTERM before that
+    /// ends it at once, as it would any process, which is not what a test of a clean stop means.
+    fn wait_until_stoppable(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read(&self.log).unwrap_or_default();
+            let ours = &text[(self.log_from as usize).min(text.len())..];
+            if String::from_utf8_lossy(ours).contains(sightline::run::STOP_HANDLED) {
+                return;
+            }
+            if self.exited().is_some() || Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -26,7 +26,11 @@ fn reference(
     let mut process = deployment.start();
     deployment.wait_for_records(&mut process, workload.events, Duration::from_secs(180));
     let (status, took) = process.terminate(Duration::from_secs(30));
-    assert!(status.success(), "SIGTERM must exit 0, got {status}");
+    assert!(
+        status.success(),
+        "SIGTERM must exit 0, got {status}:\n{}",
+        deployment.log_tail()
+    );
     println!(
         "reference run: {:?} to the end, stopped in {took:?}",
         deployment.log
@@ -98,7 +102,8 @@ fn kill_9_at_twenty_random_moments_changes_no_output() {
             let (status, took) = process.terminate(Duration::from_secs(30));
             assert!(
                 status.success(),
-                "SIGTERM in round {round} exited with {status}"
+                "SIGTERM in round {round} exited with {status}:\n{}",
+                chaos.log_tail()
             );
             println!("round {round}: SIGTERM after {at:?}, exited 0 in {took:?}");
         } else {
@@ -109,7 +114,7 @@ fn kill_9_at_twenty_random_moments_changes_no_output() {
     let mut last = chaos.start();
     chaos.wait_for_records(&mut last, workload.events, Duration::from_secs(180));
     let (status, _) = last.terminate(Duration::from_secs(30));
-    assert!(status.success());
+    assert!(status.success(), "exit {status}:\n{}", chaos.log_tail());
 
     let (want, got) = (snapshot(&reference.lake), snapshot(&chaos.lake));
     assert!(want.len() > 20, "the reference wrote {} files", want.len());
@@ -165,7 +170,7 @@ fn a_broker_unreachable_for_thirty_seconds_loses_and_duplicates_nothing() {
     broker.resume();
     faulty.wait_for_records(&mut process, workload.events, Duration::from_secs(180));
     let (status, _) = process.terminate(Duration::from_secs(30));
-    assert!(status.success());
+    assert!(status.success(), "exit {status}:\n{}", faulty.log_tail());
     if let Some(diff) = difference(&snapshot(&reference.lake), &snapshot(&faulty.lake)) {
         panic!("after the outage the lake differs: {diff}");
     }
@@ -213,7 +218,11 @@ fn a_burst_of_ten_times_the_rate_keeps_memory_bounded_and_catches_up() {
     deployment.wait_for_records(&mut process, produced, Duration::from_secs(240));
     peak_kib = peak_kib.max(process.peak_rss_kib().unwrap_or(0));
     let (status, _) = process.terminate(Duration::from_secs(30));
-    assert!(status.success());
+    assert!(
+        status.success(),
+        "exit {status}:\n{}",
+        deployment.log_tail()
+    );
     println!(
         "burst: {produced} records, peak RSS {} MiB",
         peak_kib / 1024
@@ -367,7 +376,11 @@ fn a_decision_that_depends_on_idleness_survives_a_kill() {
     let mut process = deployment.start();
     deployment.wait_for_records(&mut process, 21, Duration::from_secs(60));
     let (status, _) = process.terminate(Duration::from_secs(30));
-    assert!(status.success());
+    assert!(
+        status.success(),
+        "exit {status}:\n{}",
+        deployment.log_tail()
+    );
     let records = read_topic(&broker.bootstrap, &deployment.output_topics[0], 1);
     assert!(
         topic_conflicts(&records).is_empty(),

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use sightline::config::Config;
 use sightline::demo::{DemoOptions, demo_config, run_demo};
 use sightline::generator::{Generator, GeneratorConfig};
-use sightline::run::{Input, Job, run};
+use sightline::run::{Input, Job, STOP_HANDLED, run};
 use sightline_ingest::Format;
 
 /// Sightline: product telemetry → event-time windowed aggregates → Parquet.
@@ -164,12 +164,15 @@ fn stop_on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
         );
     })
     .context("installing the signal handler")?;
+    tracing::info!("{STOP_HANDLED}");
     Ok(stop)
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, workers } => {
+            // First, so that a stop during start-up is a clean stop too.
+            let stop = stop_on_ctrl_c()?;
             let mut config = Config::load(Some(&config))?;
             if let Some(w) = workers {
                 config.pipeline.workers = w;
@@ -185,7 +188,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 input: Input::Kafka(config.kafka.clone()),
                 config,
                 lake,
-                stop: stop_on_ctrl_c()?,
+                stop,
                 print_windows: true,
                 format: Format::Envelope,
             };

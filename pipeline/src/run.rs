@@ -260,6 +260,10 @@ impl CloseDelays {
     }
 }
 
+/// What `sightline run` logs (info) once a stop signal is handled: before that line, SIGTERM
+/// ends the process at once, like any process that has not set up its handlers yet.
+pub const STOP_HANDLED: &str = "stop signals handled (SIGTERM, SIGINT, SIGHUP)";
+
 /// Runs `job` to completion (bounded input) or until `job.stop` is set, and returns what it did.
 pub fn run(job: Job) -> anyhow::Result<Summary> {
     run_with_stats(job, Arc::new(IngestStats::default()))
