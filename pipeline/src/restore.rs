@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use sightline_ingest::source::checkpoint::PartitionCheckpoints;
 use sightline_operators::Windows;
-use sightline_operators::funnel::{FunnelDef, FunnelResume, Resume, SavedTouch, fnv1a};
+use sightline_operators::funnel::{FunnelDef, FunnelResume, Resume, SavedFunnel, fnv1a};
 use sightline_operators::triage::{SavedItem, TriageRules};
 use sightline_sinks::Lake;
 use sightline_sinks::state::load_state;
@@ -25,12 +25,19 @@ pub struct Restored {
 }
 
 impl Restored {
-    /// Worker `index` of `peers`'s share of the funnels: every record once, over all workers
-    /// (records are exchanged by unit downstream, so any split is right).
-    pub fn share(&self, index: usize, peers: usize) -> Vec<FunnelResume> {
+    /// Worker `index`'s share of the funnels: every funnel runs on worker 0, which restores
+    /// all of its state.
+    pub fn share(&self, index: usize) -> Vec<FunnelResume> {
         self.funnels
             .iter()
-            .map(|f| share(f, index, peers))
+            .map(|f| Resume {
+                restored: if index == 0 {
+                    f.restored.clone()
+                } else {
+                    Vec::new()
+                },
+                ..f.clone()
+            })
             .collect()
     }
 
@@ -89,7 +96,7 @@ pub fn restore_funnels(
     for def in defs {
         let definition = fingerprint(def);
         let operator = def.state_name();
-        let loaded = load_state::<SavedTouch>(lake, restricted_prefix, group, &operator)
+        let loaded = load_state::<SavedFunnel>(lake, restricted_prefix, group, &operator)
             .map_err(|e| anyhow::anyhow!(e))
             .with_context(|| format!("restoring the state of funnel `{}`", def.name))?;
         match loaded {
@@ -97,13 +104,15 @@ pub fn restore_funnels(
                 info!(
                     funnel = %def.name,
                     frontier = state.frontier,
-                    touches = state.records.len(),
+                    records = state.records.len(),
                     "funnel state restored"
                 );
+                // The state holds every entry window not known to be written: the open ones
+                // and the closed ones whose rows may not be durable, which are written again.
                 out.push(FunnelResume {
                     restored: state.records,
                     restored_at: state.frontier,
-                    written_before: state.frontier,
+                    written_before: 0,
                     definition,
                 });
             }

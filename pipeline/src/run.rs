@@ -374,7 +374,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                     let analytics = Analytics {
                         resume: restored
                             .as_ref()
-                            .map(|r| r.share(index, peers))
+                            .map(|r| r.share(index))
                             .unwrap_or_default(),
                         triage_resume: restored
                             .as_ref()

@@ -33,37 +33,49 @@
 //! # Dataflow and state
 //!
 //! Each event becomes a [`Touch`] (time, order hash, which steps and exclusions it matches,
-//! the breakdown values of a step-1 event) keyed by `(route, unit)`. Touches live in the
-//! collection from their time until their **expiry**, `start of the event's window + window
-//! width + C`, when a delayed negation retracts them (a temporal filter, scheduled in timely
-//! time): no entry window they can affect is still open by then. A `reduce` keyed by unit
-//! computes the unit's [`Reach`]es from its live touches; when a touch arrives late or
-//! expires, the old reaches are retracted and the new ones added. Reaches become counts and
-//! time-to-convert histograms keyed by [`FunnelKey`], which [`close_at`] emits once, when the
-//! frontier passes the entry window's end plus `C` (its *horizon*). Updates at or after a
-//! key's horizon are the expiry's retractions and are dropped before closing.
+//! the breakdown values of a step-1 event) keyed by `(route, unit)`. One operator per funnel,
+//! on worker 0, buffers touches until the frontier has passed their time and then applies
+//! them, in sequence order, to their unit's [`Progress`]: per entry window it has entered,
+//! the chains that could still go further and the shortest time to convert per step (see
+//! [`progress`] for why that is exact and bounded by the steps). When the frontier passes an
+//! entry window's end plus `C` (its *horizon*) no later event can change it: the window's
+//! rows are emitted once, at time `horizon − 1`, and its entries leave the state.
 //!
-//! State per active unit: its live touches (about 80 bytes each, plus the breakdown values of
-//! step-1 events) in the reduce's input arrangement, and its reaches in the output
-//! arrangement; a unit whose touches have all expired takes nothing.
+//! State per active unit: one [`Entry`] per open entry window (about 100 bytes plus a few
+//! chains, and the breakdown values of its first step-1 event), whatever the unit's activity;
+//! a unit without open entry windows takes nothing. Touches wait in a buffer only while the
+//! frontier has not passed them (the allowed lateness).
 //!
 //! Routes: the unit key includes the route, so a chain never links a standard and a restricted
 //! event; restricted chains are counted apart and written to the restricted lake.
 
-use std::borrow::Cow;
-use std::sync::Arc;
+pub mod progress;
 
-use differential_dataflow::{AsCollection, VecCollection};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use differential_dataflow::VecCollection;
+use differential_dataflow::difference::Semigroup;
 use serde::{Deserialize, Serialize};
 use sightline_schemas::{Event, EventName, Label};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::Concatenate;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
-use timely::dataflow::operators::vec::{Filter, ToStream};
-use timely::dataflow::operators::{Concat, Concatenate};
+use timely::dataflow::operators::vec::Filter;
 
-use crate::close::{ClosedWindow, close_at};
+pub use progress::{Chain, Entry, Matching, Progress};
+
+use crate::close::ClosedWindow;
 use crate::histogram::LatencyHistogram;
-use crate::state::{SnapshotSettings, StateShard, snapshots};
+use crate::state::{Schedule, StateShard};
 use crate::window::{Time, WindowKey, Windows};
 
 /// Most steps a funnel may have (and most exclusions).
@@ -369,9 +381,11 @@ impl FunnelDef {
         }
     }
 
-    /// The name the funnel's state is saved under.
+    /// The name the funnel's state is saved under (`-progress`: the state is each unit's
+    /// [`Progress`]; the touches that earlier versions saved under `funnel-<name>` are not
+    /// read).
     pub fn state_name(&self) -> String {
-        format!("funnel-{}", self.name)
+        format!("funnel-{}-progress", self.name)
     }
 
     /// The touch of `event`, keyed by `(restricted, unit)`; `None` for an event that takes
@@ -434,140 +448,6 @@ impl FunnelDef {
             }
         }
         pairs.into()
-    }
-
-    /// The reaches of one unit from its live touches, sorted in sequence order (a pure
-    /// function: the reference tests and the operator both call it).
-    pub fn reaches(&self, windows: Windows, touches: &[&Touch]) -> Vec<Reach> {
-        let mut out = Vec::new();
-        let n = self.steps.len();
-        let mut i = 0;
-        while i < touches.len() {
-            if touches[i].steps & 1 == 0 {
-                i += 1;
-                continue;
-            }
-            // The step-1 events of one entry window.
-            let start = windows.start_of(touches[i].at_ms);
-            let first = i;
-            let mut fastest = vec![u64::MAX; n];
-            let mut j = i;
-            while j < touches.len() && windows.start_of(touches[j].at_ms) == start {
-                if touches[j].steps & 1 != 0 {
-                    let t1 = touches[j].at_ms;
-                    for (k, at) in self.chain(touches, j).into_iter().enumerate() {
-                        if let Some(at) = at {
-                            fastest[k] = fastest[k].min(at - t1);
-                        }
-                    }
-                }
-                j += 1;
-            }
-            let reached = fastest.iter().take_while(|t| **t != u64::MAX).count();
-            let all = (crate::product::ALL.clone(), crate::product::ALL.clone());
-            for (breakdown, value) in std::iter::once(&all).chain(touches[first].breakdown.iter()) {
-                for (k, ttc) in fastest.iter().take(reached).enumerate() {
-                    out.push(Reach {
-                        window_start_ms: start,
-                        breakdown: breakdown.clone(),
-                        value: value.clone(),
-                        step: (k + 1) as u8,
-                        ttc_ms: *ttc,
-                    });
-                }
-            }
-            i = j;
-        }
-        out
-    }
-
-    /// For the chain starting at the step-1 event `touches[i]`: when each step was first
-    /// reached (`None` when it was not).
-    fn chain(&self, touches: &[&Touch], i: usize) -> Vec<Option<u64>> {
-        let n = self.steps.len();
-        let all: u32 = if n >= 32 { u32::MAX } else { (1 << n) - 1 };
-        let t1 = touches[i].at_ms;
-        let deadline = t1.saturating_add(self.window_ms);
-        let mut first = vec![None; n];
-        first[0] = Some(t1);
-        let later = touches[i + 1..]
-            .iter()
-            .take_while(|t| t.at_ms <= deadline)
-            .copied();
-        match self.order {
-            Order::Strict => {
-                // Bit k: the chain has just reached step k + 1; any other event ends it.
-                let mut alive: u32 = 1;
-                for touch in later {
-                    alive = (alive << 1) & touch.steps & all;
-                    for (k, at) in first.iter_mut().enumerate() {
-                        if at.is_none() && alive & (1 << k) != 0 {
-                            *at = Some(touch.at_ms);
-                        }
-                    }
-                    if alive == 0 {
-                        break;
-                    }
-                }
-            }
-            Order::Ordered => {
-                // ceiling[k]: among the chains that have reached step k + 1, the highest step
-                // one of them may still reach (0: none has). An exclusion lowers the ceiling
-                // of the chains it falls inside to the step before its `to`; keeping only the
-                // highest ceiling per step is enough, as such a chain can do whatever a chain
-                // with a lower one can.
-                let mut ceiling = vec![0usize; n];
-                ceiling[0] = n;
-                for touch in later {
-                    for (x, exclusion) in self.exclusions.iter().enumerate() {
-                        if touch.exclusions & (1 << x) != 0 {
-                            let to = exclusion.to_step.min(n);
-                            for c in ceiling
-                                .iter_mut()
-                                .take(to.saturating_sub(1))
-                                .skip(exclusion.from_step.saturating_sub(1))
-                            {
-                                *c = (*c).min(to - 1);
-                            }
-                        }
-                    }
-                    for k in (1..n).rev() {
-                        if touch.steps & (1 << k) != 0 && ceiling[k - 1] > k {
-                            ceiling[k] = ceiling[k].max(ceiling[k - 1]);
-                            if first[k].is_none() {
-                                first[k] = Some(touch.at_ms);
-                            }
-                        }
-                    }
-                }
-            }
-            Order::Unordered => {
-                // t₁ takes step 1; each later event may take one other step: a maximum
-                // matching of events to distinct steps, grown one event at a time.
-                let mut masks: Vec<u32> = Vec::new();
-                let mut taken: Vec<Option<usize>> = vec![None; n];
-                let mut done = 1;
-                for touch in later {
-                    if touch.exclusions != 0 {
-                        break;
-                    }
-                    let mask = touch.steps & all & !1;
-                    if mask == 0 {
-                        continue;
-                    }
-                    masks.push(mask);
-                    let event = masks.len() - 1;
-                    if augment(event, &masks, &mut taken, &mut 0) {
-                        first[done] = Some(touch.at_ms);
-                        done += 1;
-                        if done == n {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        first
     }
 }
 
@@ -648,11 +528,21 @@ impl WindowKey for FunnelKey {
     }
 }
 
-/// What a funnel saves: a touch with its unit key (route, unit).
-pub type SavedTouch = ((bool, u64), Touch);
+/// What a funnel saves, as of a frontier, per route: each unit's progress in its open entry
+/// windows, and the entry windows already closed whose rows are not yet known to be written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Saved {
+    /// A unit's progress (keyed by route and unit).
+    Unit(Progress),
+    /// A closed entry window's rows of one route (keyed by route and 0).
+    Closed(ClosedWindow<FunnelKey, LatencyHistogram>),
+}
+
+/// A saved record with its key: `(restricted, unit)`.
+pub type SavedFunnel = ((bool, u64), Saved);
 
 /// Where one funnel resumes from.
-pub type FunnelResume = Resume<SavedTouch>;
+pub type FunnelResume = Resume<SavedFunnel>;
 
 /// Where a long-horizon operator resumes from.
 #[derive(Clone, Debug)]
@@ -678,7 +568,7 @@ impl<D> Default for Resume<D> {
     }
 }
 
-/// Saving the funnels' state ([`crate::state::snapshots`]).
+/// Saving the funnels' state (see [`funnels`]).
 #[derive(Clone, Debug)]
 pub struct StateHooks {
     /// Event time between two snapshots, ms.
@@ -693,16 +583,29 @@ pub struct StateHooks {
 
 /// The funnels' outputs.
 pub struct Funnels<'s> {
-    /// Per entry window and key, the units that reached the step (the histogram's count) and
-    /// their times to convert (in the histogram's microseconds); each window once, at its
-    /// horizon.
+    /// Per entry window and funnel, for each key the units that reached the step (the
+    /// histogram's count) and their times to convert (in the histogram's microseconds); each
+    /// window once, at its horizon, at time `horizon − 1`.
     pub closed: StreamVec<'s, Time, ClosedWindow<FunnelKey, LatencyHistogram>>,
     /// Snapshots of every funnel's state, when state is saved.
-    pub state: Option<StreamVec<'s, Time, StateShard<SavedTouch>>>,
+    pub state: Option<StreamVec<'s, Time, StateShard<SavedFunnel>>>,
 }
 
 /// Every funnel of `defs` over the accepted `events`, resuming from `resume` (one per funnel,
 /// or none), saving state with `hooks` when given.
+///
+/// Each funnel is one operator on worker 0 (every touch is exchanged to it): it buffers
+/// touches until the frontier passes their time, applies them to their unit's [`Progress`]
+/// in sequence order, and emits each entry window once the frontier passes its horizon. A
+/// touch costs a hash lookup and a few comparisons per open entry window of its unit, so one
+/// worker keeps up with the whole input (measured in `benches/REPORT.md`); sharding it needs
+/// the workers to agree on a snapshot frontier, which the multi-process cluster brings.
+///
+/// State is saved every `hooks.every_ms` of event time at `S` = the operator's input frontier:
+/// every unit's progress (every touch before `S` applied, none after) and the closed windows
+/// whose rows are not yet durable (`hooks.outputs`). A snapshot is emitted under a capability
+/// held at the previous one's `S`, so the durable frontier, which gates offset commits, never
+/// passes state that is not saved (see ARCHITECTURE.md, "Long-horizon state").
 pub fn funnels<'s, E>(
     events: VecCollection<'s, Time, E>,
     defs: Arc<[FunnelDef]>,
@@ -714,110 +617,303 @@ where
     E: std::borrow::Borrow<Event> + Clone + 'static,
 {
     let scope = events.inner.scope();
-    let mut all = Vec::new();
+    let mut closed = Vec::new();
     let mut shards = Vec::new();
-    let mut written_before = Vec::new();
     for (index, def) in defs.iter().enumerate() {
         let from = resume.get(index).cloned().unwrap_or_default();
-        written_before.push(from.written_before);
         let def = Arc::new(def.clone());
         let empty: Breakdowns = Arc::from(Vec::new());
         let of = Arc::clone(&def);
         let restored_at = from.restored_at;
         // Input before the restored frontier is in the restored state.
-        let read = events
+        let touches = events
             .clone()
             .flat_map(move |e| of.touch_of(e.borrow(), &empty))
             .inner
             .filter(move |(_, time, _)| *time >= restored_at);
-        let restored = from
-            .restored
-            .into_iter()
-            .map(|(touch, time)| (touch, time, 1isize))
-            .to_stream(scope);
-        let touches = read.concat(restored).as_collection();
-        let window_ms = def.window_ms;
-        let expiry = move |t: &Time| windows.end_of(windows.start_of(*t)) + window_ms;
-        if let Some(hooks) = hooks {
-            let settings = SnapshotSettings {
-                operator: def.state_name(),
-                definition: from.definition,
-                every_ms: hooks.every_ms,
-                restored_at,
-                flush: Arc::clone(&hooks.flush),
-            };
-            shards.push(snapshots(
-                touches.inner.clone(),
-                move |_, t| expiry(&t),
-                settings,
-                hooks.outputs.clone(),
-                hooks.durable.clone(),
-            ));
-        }
-        let live = touches.clone().concat(touches.negate().delay(expiry));
-        let logic = Arc::clone(&def);
-        let reaches = live.reduce_named(
-            &format!("Funnel({})", def.name),
-            move |_unit, input: &[(&Touch, isize)], output: &mut Vec<(Reach, isize)>| {
-                let touches: Vec<&Touch> = input
-                    .iter()
-                    .filter(|(_, n)| *n > 0)
-                    .map(|(t, _)| *t)
-                    .collect();
-                output.extend(logic.reaches(windows, &touches).into_iter().map(|r| (r, 1)));
-            },
-        );
-        let funnel = index as u16;
-        all.push(
-            reaches.explode(move |((restricted, _unit), reach): SavedReach| {
-                Some((
-                    FunnelKey {
-                        window_start_ms: reach.window_start_ms,
-                        restricted,
-                        funnel,
-                        breakdown: reach.breakdown,
-                        value: reach.value,
-                        step: reach.step,
-                    },
-                    LatencyHistogram::from_sample(reach.ttc_ms.saturating_mul(1000)),
-                ))
-            }),
-        );
+        let (windows_out, state_out) =
+            funnel_operator(touches, def, index as u16, windows, from, hooks);
+        closed.push(windows_out);
+        shards.extend(state_out);
     }
-    let updates = differential_dataflow::collection::concatenate(scope, all);
-    let horizon = {
-        let defs = Arc::clone(&defs);
-        move |key: &FunnelKey| {
-            let window_ms = defs.get(usize::from(key.funnel)).map_or(0, |d| d.window_ms);
-            windows.end_of(key.window_start_ms) + window_ms
-        }
-    };
-    let before = horizon.clone();
-    // Updates at or after a key's horizon are the expiry's retractions; windows whose horizon
-    // is at or before the restart's are written.
-    let updates = updates
-        .inner
-        .filter(move |(key, time, _)| {
-            let h = before(key);
-            let written = written_before
-                .get(usize::from(key.funnel))
-                .copied()
-                .unwrap_or(0);
-            *time < h && h > written
-        })
-        .as_collection();
     let state = if shards.is_empty() {
         None
     } else {
         Some(scope.concatenate(shards))
     };
     Funnels {
-        closed: close_at(updates, windows, horizon, "CloseFunnels"),
+        closed: scope.concatenate(closed),
         state,
     }
 }
 
-type SavedReach = ((bool, u64), Reach);
+/// An open entry window of a funnel: the capability to emit it (at `horizon − 1`) and the
+/// units that entered it.
+struct OpenWindow {
+    capability: Option<Capability<Time>>,
+    units: Vec<(bool, u64)>,
+}
+
+/// One funnel's operator (see [`funnels`]).
+#[allow(clippy::type_complexity)]
+fn funnel_operator<'s>(
+    touches: StreamVec<'s, Time, (((bool, u64), Touch), Time, isize)>,
+    def: Arc<FunnelDef>,
+    index: u16,
+    windows: Windows,
+    from: FunnelResume,
+    hooks: Option<&StateHooks>,
+) -> (
+    StreamVec<'s, Time, ClosedWindow<FunnelKey, LatencyHistogram>>,
+    Option<StreamVec<'s, Time, StateShard<SavedFunnel>>>,
+) {
+    let scope = touches.scope();
+    let worker = scope.index();
+    let mut builder = OperatorBuilder::new(format!("Funnel({})", def.name), scope);
+    let activator = scope.activator_for(builder.operator_info().address);
+    let to_first = Exchange::new(|_: &(((bool, u64), Touch), Time, isize)| 0u64);
+    let mut input = builder.new_input(touches, to_first);
+    let (closed_out, closed) =
+        builder.new_output::<Vec<ClosedWindow<FunnelKey, LatencyHistogram>>>();
+    let (state_out, state) = builder.new_output::<Vec<StateShard<SavedFunnel>>>();
+    let mut closed_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(closed_out);
+    let mut state_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(state_out);
+    let hooks = hooks.cloned();
+    let saving = hooks.is_some();
+    let window_ms = def.window_ms;
+    let horizon = move |start: u64| windows.end_of(start) + window_ms;
+    builder.build(move |capabilities| {
+        let mut capabilities = capabilities.into_iter();
+        let (mut restore_cap, snapshot_cap) = (capabilities.next(), capabilities.next());
+        if worker != 0 {
+            restore_cap = None;
+        }
+        let mut schedule = Schedule::new(
+            snapshot_cap.filter(|_| worker == 0 && saving),
+            from.restored_at,
+        );
+        let mut units: HashMap<(bool, u64), Progress, foldhash::fast::RandomState> =
+            HashMap::default();
+        // (horizon, window start) → the window.
+        let mut open: BTreeMap<(Time, u64), OpenWindow> = BTreeMap::new();
+        // Closed windows whose rows are not known to be durable yet (kept for snapshots).
+        let mut unwritten: BTreeMap<(Time, u64), ClosedWindow<FunnelKey, LatencyHistogram>> =
+            BTreeMap::new();
+        // Touches not yet applied, by time: at or after the input frontier.
+        let mut pending: BTreeMap<Time, Vec<((bool, u64), Touch)>> = BTreeMap::new();
+        let mut applied_to: Time = from.restored_at;
+        // The restored state, installed on the first activation (worker 0 only).
+        let mut restored = Some(from.restored);
+        let written_before = from.written_before;
+        move |frontiers| {
+            let mut closed_out = closed_out.activate();
+            let mut state_out = state_out.activate();
+            if let (Some(records), Some(cap)) = (restored.take(), restore_cap.as_ref()) {
+                let mut closed: BTreeMap<(Time, u64), ClosedWindow<FunnelKey, LatencyHistogram>> =
+                    BTreeMap::new();
+                for ((key, record), _) in records {
+                    match record {
+                        Saved::Unit(progress) => {
+                            for entry in &progress.entries {
+                                let start = entry.window_start_ms;
+                                let h = horizon(start);
+                                let window = open.entry((h, start)).or_insert_with(|| OpenWindow {
+                                    capability: Some(cap.delayed(&h.saturating_sub(1))),
+                                    units: Vec::new(),
+                                });
+                                window.units.push(key);
+                            }
+                            units.insert(key, progress);
+                        }
+                        Saved::Closed(mut window) => {
+                            // One record per route: the window's rows are merged again.
+                            let start = window.window_start_ms;
+                            match closed.entry((horizon(start), start)) {
+                                std::collections::btree_map::Entry::Occupied(mut o) => {
+                                    o.get_mut().entries.append(&mut window.entries);
+                                    o.get_mut().entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                                }
+                                std::collections::btree_map::Entry::Vacant(v) => {
+                                    v.insert(window);
+                                }
+                            }
+                        }
+                    }
+                }
+                for ((h, _), window) in closed {
+                    closed_out
+                        .session(&cap.delayed(&h.saturating_sub(1)))
+                        .give(window.clone());
+                    if saving {
+                        unwritten.insert((h, window.window_start_ms), window);
+                    }
+                }
+            }
+            restore_cap = None;
+            input.for_each(|cap, data| {
+                for ((key, touch), time, diff) in data.drain(..) {
+                    if touch.steps & 1 != 0 {
+                        let start = windows.start_of(touch.at_ms);
+                        let h = horizon(start);
+                        open.entry((h, start)).or_insert_with(|| OpenWindow {
+                            capability: Some(cap.delayed(&h.saturating_sub(1), 0)),
+                            units: Vec::new(),
+                        });
+                    }
+                    // Accepted events are inserted once each; a multiplicity repeats the event.
+                    let at = pending.entry(time).or_default();
+                    for _ in 1..diff.max(0) {
+                        at.push((key, touch.clone()));
+                    }
+                    if diff > 0 {
+                        at.push((key, touch));
+                    }
+                }
+            });
+            if worker != 0 {
+                return;
+            }
+            let frontier = frontiers[0]
+                .frontier()
+                .first()
+                .copied()
+                .unwrap_or(Time::MAX);
+            if frontier > applied_to {
+                // Every touch before the frontier, in sequence order.
+                let later = pending.split_off(&frontier);
+                let mut ready: Vec<((bool, u64), Touch)> = std::mem::replace(&mut pending, later)
+                    .into_values()
+                    .flatten()
+                    .collect();
+                ready.sort_unstable_by_key(|(_, touch)| (touch.at_ms, touch.order));
+                for (key, touch) in &ready {
+                    if touch.steps & 1 == 0 && !units.contains_key(key) {
+                        continue;
+                    }
+                    let progress = units.entry(*key).or_default();
+                    if let Some(start) = progress.apply(&def, windows, touch)
+                        && let Some(window) = open.get_mut(&(horizon(start), start))
+                    {
+                        window.units.push(*key);
+                    }
+                }
+                applied_to = frontier;
+            }
+            // Entry windows whose horizon the frontier has passed are final.
+            while let Some((&(h, start), _)) = open.first_key_value() {
+                if frontier < h {
+                    break;
+                }
+                let Some((_, window)) = open.pop_first() else {
+                    break;
+                };
+                let mut rows: HashMap<FunnelKey, LatencyHistogram, foldhash::fast::RandomState> =
+                    HashMap::default();
+                for key in &window.units {
+                    let Some(progress) = units.get_mut(key) else {
+                        continue;
+                    };
+                    if let Some(entry) = progress.take(start) {
+                        for reach in entry.reaches() {
+                            let sample =
+                                LatencyHistogram::from_sample(reach.ttc_ms.saturating_mul(1000));
+                            match rows.entry(FunnelKey {
+                                window_start_ms: start,
+                                restricted: key.0,
+                                funnel: index,
+                                breakdown: reach.breakdown,
+                                value: reach.value,
+                                step: reach.step,
+                            }) {
+                                std::collections::hash_map::Entry::Occupied(mut o) => {
+                                    o.get_mut().plus_equals(&sample)
+                                }
+                                std::collections::hash_map::Entry::Vacant(v) => {
+                                    v.insert(sample);
+                                }
+                            }
+                        }
+                    }
+                    if progress.entries.is_empty() {
+                        units.remove(key);
+                    }
+                }
+                // Windows a restart without state saw only in part are not written.
+                if rows.is_empty() || h <= written_before {
+                    continue;
+                }
+                let mut entries: Vec<(FunnelKey, LatencyHistogram)> = rows.into_iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                let closed = ClosedWindow {
+                    window_start_ms: start,
+                    window_end_ms: windows.end_of(start),
+                    entries,
+                };
+                if let Some(cap) = window.capability.as_ref() {
+                    closed_out.session(cap).give(closed.clone());
+                }
+                if saving {
+                    unwritten.insert((h, start), closed);
+                }
+            }
+            let Some(hooks) = hooks.as_ref().filter(|_| schedule.active()) else {
+                return;
+            };
+            if frontier == Time::MAX {
+                // The input is finished (a bounded replay): nothing more to save.
+                schedule.finish();
+                return;
+            }
+            let written = hooks
+                .outputs
+                .with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
+            while let Some((&(h, _), _)) = unwritten.first_key_value() {
+                if written < h {
+                    break;
+                }
+                unwritten.pop_first();
+            }
+            let flushing = hooks.flush.load(Ordering::Relaxed);
+            // The outputs move without telling this operator, and the input stands still while
+            // the pipeline stops: look again soon.
+            activator.activate_after(Duration::from_millis(if flushing { 20 } else { 200 }));
+            let s = applied_to;
+            if !schedule.due(s, &hooks.durable, hooks.every_ms, flushing) {
+                return;
+            }
+            let mut records: Vec<(SavedFunnel, Time)> = units
+                .iter()
+                .map(|(key, progress)| ((*key, Saved::Unit(progress.clone())), s))
+                .collect();
+            for window in unwritten.values() {
+                for restricted in [false, true] {
+                    let entries: Vec<_> = window
+                        .entries
+                        .iter()
+                        .filter(|(k, _)| k.restricted == restricted)
+                        .cloned()
+                        .collect();
+                    if !entries.is_empty() {
+                        let part = ClosedWindow {
+                            window_start_ms: window.window_start_ms,
+                            window_end_ms: window.window_end_ms,
+                            entries,
+                        };
+                        records.push((((restricted, 0), Saved::Closed(part)), s));
+                    }
+                }
+            }
+            schedule.take(
+                s,
+                &def.state_name(),
+                from.definition,
+                records,
+                |cap, shard| state_out.session(cap).give(shard),
+            );
+        }
+    });
+    (closed, saving.then_some(state))
+}
 
 #[cfg(test)]
 mod tests {
@@ -857,9 +953,17 @@ mod tests {
         }
     }
 
+    /// The rows of every entry window after applying `touches` in order.
+    fn reaches_of(d: &FunnelDef, windows: Windows, touches: &[Touch]) -> Vec<Reach> {
+        let mut progress = Progress::default();
+        for touch in touches {
+            progress.apply(d, windows, touch);
+        }
+        progress.entries.iter().flat_map(Entry::reaches).collect()
+    }
+
     fn steps_of(d: &FunnelDef, touches: &[Touch]) -> Vec<(u8, u64)> {
-        let refs: Vec<&Touch> = touches.iter().collect();
-        d.reaches(Windows::new(60_000), &refs)
+        reaches_of(d, Windows::new(60_000), touches)
             .into_iter()
             .map(|r| (r.step, r.ttc_ms))
             .collect()
@@ -949,9 +1053,7 @@ mod tests {
             touch(65_000, 1, 0),
             touch(70_000, 2, 0),
         ];
-        let refs: Vec<&Touch> = t.iter().collect();
-        let rows: Vec<(u64, u8, u64)> = d
-            .reaches(Windows::new(60_000), &refs)
+        let rows: Vec<(u64, u8, u64)> = reaches_of(&d, Windows::new(60_000), &t)
             .into_iter()
             .map(|r| (r.window_start_ms, r.step, r.ttc_ms))
             .collect();
