@@ -18,7 +18,7 @@
 //! snapshot at `S` = the smaller of its input frontier and the frontier up to which the other
 //! outputs are durable (`outputs`): every record before `S` that has not expired by `S`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -232,5 +232,43 @@ impl Schedule {
         self.emitted.push_back((*cap.time(), s));
         cap.downgrade(&s);
         self.last = s;
+    }
+}
+
+/// Inputs that wait until the frontier has passed their time (long-horizon operators apply
+/// their inputs in event-time order, and only then is the order known).
+pub struct Pending<T> {
+    by_time: BTreeMap<Time, Vec<T>>,
+}
+
+impl<T> Default for Pending<T> {
+    fn default() -> Self {
+        Pending {
+            by_time: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T: Clone> Pending<T> {
+    /// Adds `item` at `time`, `diff` times (inputs are insertions: a multiplicity repeats the
+    /// item; a retraction has no meaning here and is not added).
+    pub fn add(&mut self, time: Time, item: T, diff: isize) {
+        if diff <= 0 {
+            return;
+        }
+        let at = self.by_time.entry(time).or_default();
+        for _ in 1..diff {
+            at.push(item.clone());
+        }
+        at.push(item);
+    }
+
+    /// Every item with a time before `frontier`, removed (in no particular order).
+    pub fn take_before(&mut self, frontier: Time) -> Vec<T> {
+        let later = self.by_time.split_off(&frontier);
+        std::mem::replace(&mut self.by_time, later)
+            .into_values()
+            .flatten()
+            .collect()
     }
 }

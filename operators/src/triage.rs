@@ -4,25 +4,29 @@
 //!
 //! It is a join, not a lookup: errors that arrive after the feedback, within the allowed
 //! lateness, still count, so a record is emitted once, when the feedback's window closes. Both
-//! sides are keyed by `(route, user link)` (the link follows a user across key periods) and live
-//! in the collection until they can no longer matter, retracted by a delayed negation as the
-//! funnels' touches are: an error until the window of `its time + span` has closed, a feedback
-//! until its own window has. A `reduce` per user pairs each feedback with its errors; the
-//! records are closed at their window's end like any window. The state is the live items, saved
-//! and restored as the funnels' is.
+//! sides are keyed by `(route, user link)` (the link follows a user across key periods). The
+//! operator ([`triage`]) keeps per user the errors a feedback may still count and the feedback
+//! not yet written, and saves them as the funnels save their progress.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use differential_dataflow::{AsCollection, VecCollection};
+use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use sightline_schemas::{Event, EventType, Label};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
-use timely::dataflow::operators::Concat;
-use timely::dataflow::operators::vec::{Filter, Map, ToStream};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::vec::Filter;
 
-use crate::close::{ClosedWindow, close_at};
+use crate::close::ClosedWindow;
 use crate::funnel::{Resume, StateHooks, fnv1a};
-use crate::state::{SnapshotSettings, StateShard, snapshots};
+use crate::state::{Pending, Schedule, StateShard};
 use crate::window::{Time, WindowKey, Windows};
 
 /// Which feedback is critical.
@@ -101,6 +105,14 @@ impl TriageItem {
     pub fn at_ms(&self) -> u64 {
         match self {
             TriageItem::Error { at_ms, .. } | TriageItem::Feedback { at_ms, .. } => *at_ms,
+        }
+    }
+
+    /// Its order among items at the same millisecond (a hash of the event id).
+    pub fn order(&self) -> u64 {
+        match self {
+            TriageItem::Error { order, .. } => *order,
+            TriageItem::Feedback { context, .. } => fnv1a(context.event_id.as_bytes()),
         }
     }
 }
@@ -182,55 +194,6 @@ impl TriageRules {
         };
         Some(((event.is_restricted(), user), item))
     }
-
-    /// When an item stops mattering: an error once the window of its time plus the span has
-    /// closed, a feedback once its own window has.
-    pub fn expiry(&self, windows: Windows, item: &TriageItem, time: Time) -> Time {
-        let until = match item {
-            TriageItem::Error { .. } => time.saturating_add(self.recent_errors_ms),
-            TriageItem::Feedback { .. } => time,
-        };
-        windows.end_of(windows.start_of(until))
-    }
-
-    /// The records of one user from their live items (a pure function).
-    pub fn records(
-        &self,
-        windows: Windows,
-        restricted: bool,
-        items: &[&TriageItem],
-    ) -> Vec<TriageRecord> {
-        let mut errors: Vec<(u64, u64, &Label, &Option<Label>)> = items
-            .iter()
-            .filter_map(|i| match i {
-                TriageItem::Error {
-                    at_ms,
-                    order,
-                    name,
-                    code,
-                } => Some((*at_ms, *order, name, code)),
-                _ => None,
-            })
-            .collect();
-        errors.sort();
-        items
-            .iter()
-            .filter_map(|i| match i {
-                TriageItem::Feedback { at_ms, context } => Some(TriageRecord {
-                    window_start_ms: windows.start_of(*at_ms),
-                    restricted,
-                    at_ms: *at_ms,
-                    context: (**context).clone(),
-                    errors: errors
-                        .iter()
-                        .filter(|(t, ..)| *t <= *at_ms && *t + self.recent_errors_ms >= *at_ms)
-                        .map(|(t, _, name, code)| (*t, (*name).clone(), (*code).clone()))
-                        .collect(),
-                }),
-                _ => None,
-            })
-            .collect()
-    }
 }
 
 /// Triage's outputs: the closed records, and the snapshots of its state when it is saved.
@@ -239,8 +202,64 @@ pub type Triage<'s> = (
     Option<StreamVec<'s, Time, StateShard<SavedItem>>>,
 );
 
+/// An error a user had, in sequence order: `(time, order, event name, code)`.
+type UserError = (u64, u64, Label, Option<Label>);
+
+/// A critical feedback a user gave: its time, context, and whether its record was emitted.
+type UserFeedback = (u64, Box<FeedbackContext>, bool);
+
+/// Feedback windows not yet closed: start → (capability at end − 1, users with feedback in it).
+type FeedbackWindows = BTreeMap<u64, (Option<Capability<Time>>, Vec<(bool, u64)>)>;
+
+/// One user's items: the errors that a feedback in the state or to come may still count, and
+/// the feedback whose records are not known to be written.
+#[derive(Default)]
+struct UserItems {
+    errors: VecDeque<UserError>,
+    feedback: Vec<UserFeedback>,
+}
+
+impl UserItems {
+    fn add(&mut self, item: TriageItem) {
+        match item {
+            TriageItem::Error {
+                at_ms,
+                order,
+                name,
+                code,
+            } => self.errors.push_back((at_ms, order, name, code)),
+            TriageItem::Feedback { at_ms, context } => self.feedback.push((at_ms, context, false)),
+        }
+    }
+
+    /// Drops the errors no feedback from `from` on, nor any in the state, can count.
+    fn prune(&mut self, from: u64, span: u64) {
+        let oldest = self.feedback.iter().map(|f| f.0).min().unwrap_or(u64::MAX);
+        let bound = from.min(oldest);
+        while self
+            .errors
+            .front()
+            .is_some_and(|e| e.0.saturating_add(span) < bound)
+        {
+            self.errors.pop_front();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.errors.is_empty() && self.feedback.is_empty()
+    }
+}
+
 /// Triage over the accepted `events`: each critical feedback's record, once, when its window
-/// closes. Resumes from `resume` and saves its state with `hooks`, as the funnels do.
+/// closes. Resumes from `resume` and saves its state with `hooks`.
+///
+/// One operator on worker 0, as a funnel: items wait until the frontier has passed their time
+/// and are then added to their user's items in sequence order; when the frontier passes a
+/// feedback window's end, every error before it is in, and each of its critical feedback gets
+/// its record with the errors of the span before it. State: per user, the errors that a
+/// feedback may still count (at most the span's) and the feedback whose records are not known
+/// to be written; saved every `hooks.every_ms` at the operator's input frontier, as the
+/// funnels' is, and a restart writes again the records not known written.
 pub fn triage<'s, E>(
     events: VecCollection<'s, Time, E>,
     rules: TriageRules,
@@ -252,105 +271,211 @@ where
     E: std::borrow::Borrow<Event> + Clone + 'static,
 {
     let scope = events.inner.scope();
+    let worker = scope.index();
     let rules = Arc::new(rules);
     let of = Arc::clone(&rules);
     let restored_at = resume.restored_at;
-    let read = events
+    let items = events
         .flat_map(move |e| of.item_of(e.borrow()))
         .inner
         .filter(move |(_, time, _)| *time >= restored_at);
-    let restored = resume
-        .restored
-        .into_iter()
-        .map(|(item, time)| (item, time, 1isize))
-        .to_stream(scope);
-    let items = read.concat(restored).as_collection();
-    let expiry = Arc::clone(&rules);
-    let state = hooks.map(|hooks| {
-        let expiry = Arc::clone(&expiry);
-        snapshots(
-            items.inner.clone(),
-            move |(_, item): &SavedItem, t| expiry.expiry(windows, item, t),
-            SnapshotSettings {
-                operator: "triage".into(),
-                definition: resume.definition,
-                every_ms: hooks.every_ms,
-                restored_at,
-                flush: Arc::clone(&hooks.flush),
-            },
-            hooks.outputs.clone(),
-            hooks.durable.clone(),
-        )
-    });
-    let negated = {
-        let expiry = Arc::clone(&expiry);
-        items
-            .clone()
-            .inner
-            .map(move |((key, item), time, diff): (SavedItem, Time, isize)| {
-                let until = expiry.expiry(windows, &item, time);
-                ((key, item), until, -diff)
-            })
-    };
-    // A delayed negation whose delay depends on the item: each is sent at its own expiry.
-    let negated = delay_each(negated);
-    let live = items.concat(negated.as_collection());
-    let logic = Arc::clone(&rules);
-    let records = live.reduce_named(
-        "Triage",
-        move |(restricted, _user): &(bool, u64),
-              input: &[(&TriageItem, isize)],
-              output: &mut Vec<(TriageRecord, isize)>| {
-            let items: Vec<&TriageItem> = input
-                .iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(i, _)| *i)
-                .collect();
-            output.extend(
-                logic
-                    .records(windows, *restricted, &items)
-                    .into_iter()
-                    .map(|r| (r, 1)),
-            );
-        },
-    );
-    let written_before = resume.written_before;
-    let keyed = records
-        .map(|(_, record)| record)
-        .inner
-        .filter(move |(record, time, _)| {
-            let horizon = windows.end_of(record.window_start_ms);
-            *time < horizon && horizon > written_before
-        })
-        .as_collection();
-    (
-        close_at(
-            keyed,
-            windows,
-            move |r: &TriageRecord| windows.end_of(r.window_start_ms),
-            "CloseTriage",
-        ),
-        state,
-    )
-}
-
-/// Sends each update at its own (later) time: the capability of its message, delayed.
-fn delay_each<'s, D: timely::ExchangeData>(
-    updates: StreamVec<'s, Time, (D, Time, isize)>,
-) -> StreamVec<'s, Time, (D, Time, isize)> {
-    use timely::dataflow::channels::pact::Pipeline;
-    use timely::dataflow::operators::generic::Operator;
-    updates.unary(Pipeline, "DelayEach", |_, _| {
-        move |input, output| {
+    let mut builder = OperatorBuilder::new("Triage".to_owned(), scope);
+    let activator = scope.activator_for(builder.operator_info().address);
+    let to_first = Exchange::new(|_: &(SavedItem, Time, isize)| 0u64);
+    let mut input = builder.new_input(items, to_first);
+    let (closed_out, closed) = builder.new_output::<Vec<ClosedWindow<TriageRecord, isize>>>();
+    let (state_out, state) = builder.new_output::<Vec<StateShard<SavedItem>>>();
+    let mut closed_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(closed_out);
+    let mut state_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(state_out);
+    let hooks = hooks.cloned();
+    let saving = hooks.is_some();
+    let span = rules.recent_errors_ms;
+    builder.build(move |capabilities| {
+        let mut capabilities = capabilities.into_iter();
+        let (mut restore_cap, snapshot_cap) = (capabilities.next(), capabilities.next());
+        if worker != 0 {
+            restore_cap = None;
+        }
+        let mut schedule = Schedule::new(
+            snapshot_cap.filter(|_| worker == 0 && saving),
+            resume.restored_at,
+        );
+        let mut users: HashMap<(bool, u64), UserItems, foldhash::fast::RandomState> =
+            HashMap::default();
+        let mut open: FeedbackWindows = BTreeMap::new();
+        // Closed windows whose records are not known to be written: end → users.
+        let mut unwritten: BTreeMap<Time, Vec<(bool, u64)>> = BTreeMap::new();
+        let mut pending = Pending::default();
+        let mut applied_to = resume.restored_at;
+        let mut restored = Some(resume.restored);
+        let written_before = resume.written_before;
+        move |frontiers| {
+            let mut closed_out = closed_out.activate();
+            let mut state_out = state_out.activate();
+            if let (Some(records), Some(cap)) = (restored.take(), restore_cap.as_ref()) {
+                let mut records = records;
+                records.sort_by_key(|((_, item), _)| (item.at_ms(), item.order()));
+                for ((key, item), _) in records {
+                    if let TriageItem::Feedback { at_ms, .. } = &item {
+                        let start = windows.start_of(*at_ms);
+                        let end = windows.end_of(start);
+                        open.entry(start)
+                            .or_insert_with(|| (Some(cap.delayed(&(end - 1))), Vec::new()))
+                            .1
+                            .push(key);
+                    }
+                    users.entry(key).or_default().add(item);
+                }
+            }
+            restore_cap = None;
             input.for_each(|cap, data| {
-                for (d, t, r) in data.drain(..) {
-                    let Some(held) = cap.retain_least(0) else {
-                        continue;
-                    };
-                    let at = t.max(*held.time());
-                    output.session(&held.delayed(&at)).give((d, at, r));
+                for ((key, item), time, diff) in data.drain(..) {
+                    if let TriageItem::Feedback { at_ms, .. } = &item {
+                        let start = windows.start_of(*at_ms);
+                        let end = windows.end_of(start);
+                        open.entry(start)
+                            .or_insert_with(|| (Some(cap.delayed(&(end - 1), 0)), Vec::new()));
+                    }
+                    pending.add(time, (key, item), diff);
                 }
             });
+            if worker != 0 {
+                return;
+            }
+            let frontier = frontiers[0]
+                .frontier()
+                .first()
+                .copied()
+                .unwrap_or(Time::MAX);
+            if frontier > applied_to {
+                let mut ready = pending.take_before(frontier);
+                ready.sort_by_key(|(_, item)| (item.at_ms(), item.order()));
+                for (key, item) in ready {
+                    if let TriageItem::Feedback { at_ms, .. } = &item
+                        && let Some((_, keys)) = open.get_mut(&windows.start_of(*at_ms))
+                    {
+                        keys.push(key);
+                    }
+                    users.entry(key).or_default().add(item);
+                }
+                applied_to = frontier;
+            }
+            let mut closed_any = false;
+            while let Some((&start, _)) = open.first_key_value() {
+                let end = windows.end_of(start);
+                if frontier < end {
+                    break;
+                }
+                let Some((_, (cap, keys))) = open.pop_first() else {
+                    break;
+                };
+                closed_any = true;
+                let mut records: Vec<(TriageRecord, isize)> = Vec::new();
+                for key in &keys {
+                    let Some(user) = users.get_mut(key) else {
+                        continue;
+                    };
+                    let UserItems { errors, feedback } = user;
+                    for (at_ms, context, emitted) in feedback.iter_mut() {
+                        if *emitted || windows.start_of(*at_ms) != start {
+                            continue;
+                        }
+                        *emitted = true;
+                        records.push((
+                            TriageRecord {
+                                window_start_ms: start,
+                                restricted: key.0,
+                                at_ms: *at_ms,
+                                context: (**context).clone(),
+                                errors: errors
+                                    .iter()
+                                    .filter(|(t, ..)| *t <= *at_ms && *t + span >= *at_ms)
+                                    .map(|(t, _, name, code)| (*t, name.clone(), code.clone()))
+                                    .collect(),
+                            },
+                            1,
+                        ));
+                    }
+                }
+                unwritten.entry(end).or_default().extend(keys);
+                // Windows a restart without state saw only in part are not written.
+                if records.is_empty() || end <= written_before {
+                    continue;
+                }
+                records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                if let Some(cap) = cap.as_ref() {
+                    closed_out.session(cap).give(ClosedWindow {
+                        window_start_ms: start,
+                        window_end_ms: end,
+                        entries: records,
+                    });
+                }
+            }
+            // Feedback whose records are written leaves the state (all of it, when nothing
+            // is saved); errors leave it once nothing can count them.
+            let written = match hooks.as_ref() {
+                Some(hooks) => hooks
+                    .outputs
+                    .with_frontier(|f| f.first().copied().unwrap_or(Time::MAX)),
+                None => Time::MAX,
+            };
+            while let Some((&end, _)) = unwritten.first_key_value() {
+                if written < end {
+                    break;
+                }
+                let Some((_, keys)) = unwritten.pop_first() else {
+                    break;
+                };
+                for key in keys {
+                    if let Some(user) = users.get_mut(&key) {
+                        user.feedback.retain(|(at, _, emitted)| {
+                            !(*emitted && windows.end_of(windows.start_of(*at)) <= end)
+                        });
+                    }
+                }
+            }
+            if closed_any {
+                users.retain(|_, user| {
+                    user.prune(applied_to, span);
+                    !user.is_empty()
+                });
+            }
+            let Some(hooks) = hooks.as_ref().filter(|_| schedule.active()) else {
+                return;
+            };
+            if frontier == Time::MAX {
+                schedule.finish();
+                return;
+            }
+            let flushing = hooks.flush.load(Ordering::Relaxed);
+            activator.activate_after(Duration::from_millis(if flushing { 20 } else { 200 }));
+            let s = applied_to;
+            if !schedule.due(s, &hooks.durable, hooks.every_ms, flushing) {
+                return;
+            }
+            let mut records: Vec<(SavedItem, Time)> = Vec::new();
+            for (key, user) in &users {
+                for (at_ms, order, name, code) in &user.errors {
+                    let item = TriageItem::Error {
+                        at_ms: *at_ms,
+                        order: *order,
+                        name: name.clone(),
+                        code: code.clone(),
+                    };
+                    records.push(((*key, item), s));
+                }
+                for (at_ms, context, _) in &user.feedback {
+                    let item = TriageItem::Feedback {
+                        at_ms: *at_ms,
+                        context: context.clone(),
+                    };
+                    records.push(((*key, item), s));
+                }
+            }
+            schedule.take(s, "triage", resume.definition, records, |cap, shard| {
+                state_out.session(cap).give(shard)
+            });
         }
-    })
+    });
+    (closed, saving.then_some(state))
 }

@@ -12,13 +12,15 @@ use std::sync::{Arc, Mutex};
 use differential_dataflow::input::Input;
 use proptest::prelude::*;
 use sightline_operators::Windows;
-use sightline_operators::funnel::Resume;
-use sightline_operators::triage::{TriageRules, triage};
+use sightline_operators::funnel::{Resume, StateHooks};
+use sightline_operators::state::StateShard;
+use sightline_operators::triage::{SavedItem, TriageRules, triage};
 use sightline_schemas::{
     DataSensitivity, Event, EventName, Kept, KeptValue, Label, Links, Measure, PiiClassification,
     Platform, PrivacyCounts, Source,
 };
-use timely::dataflow::operators::Inspect;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::{Inspect, Probe};
 
 const TICK: u64 = 1000;
 const BASE: u64 = 1_769_178_600_000;
@@ -153,6 +155,138 @@ fn reference(log: &[Raw], width: u64) -> Records {
     out
 }
 
+/// Emitted records as `(event id, window start, error codes)`.
+type Emitted = Vec<(String, u64, Vec<String>)>;
+
+/// What a run emitted: its records, and the snapshots when it saved state.
+struct Outcome {
+    records: Emitted,
+    shards: Vec<StateShard<SavedItem>>,
+}
+
+/// Runs triage on `workers` threads over `log` (events arrive in arrival order, in batches,
+/// the frontier 20 s behind); saving state at every frontier with `save`, starting from
+/// `resume` (given to worker 0) when there is one.
+fn run(
+    mut log: Vec<(Raw, u64)>,
+    batches: Vec<usize>,
+    workers: usize,
+    width: u64,
+    save: bool,
+    resume: Option<Resume<SavedItem>>,
+) -> Outcome {
+    log.sort_by_key(|(r, arrival)| (*arrival, r.id));
+    let (log, batches) = (Arc::new(log), Arc::new(batches));
+    let got: Arc<Mutex<Emitted>> = Arc::default();
+    let shards: Arc<Mutex<Vec<StateShard<SavedItem>>>> = Arc::default();
+    let (out, out_shards) = (Arc::clone(&got), Arc::clone(&shards));
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let windows = Windows::new(width);
+        let (out, out_shards) = (Arc::clone(&out), Arc::clone(&out_shards));
+        let rules = TriageRules {
+            recent_errors_ms: SPAN,
+            ..TriageRules::default()
+        };
+        let hooks = save.then(|| StateHooks {
+            every_ms: 1,
+            outputs: ProbeHandle::new(),
+            durable: ProbeHandle::new(),
+            flush: Arc::default(),
+        });
+        let resume = resume
+            .as_ref()
+            .map(|r| Resume {
+                restored: if worker.index() == 0 {
+                    r.restored.clone()
+                } else {
+                    Vec::new()
+                },
+                ..r.clone()
+            })
+            .unwrap_or_default();
+        let mut input = worker.dataflow::<u64, _, _>(|scope| {
+            let (input, events) = scope.new_collection::<Event, isize>();
+            let (closed, state) = triage(events, rules, windows, resume, hooks.as_ref());
+            let closed = closed.inspect(move |w| {
+                for (record, n) in &w.entries {
+                    assert_eq!(*n, 1);
+                    let errors = record
+                        .errors
+                        .iter()
+                        .map(|(_, _, c)| c.as_deref().unwrap_or("").to_owned())
+                        .collect();
+                    out.lock().unwrap().push((
+                        record.context.event_id.clone(),
+                        w.window_start_ms,
+                        errors,
+                    ));
+                }
+            });
+            if let (Some(hooks), Some(state)) = (&hooks, state) {
+                closed.probe_with(&hooks.outputs);
+                state
+                    .inspect(move |s| out_shards.lock().unwrap().push(s.clone()))
+                    .probe_with(&hooks.durable);
+            }
+            input
+        });
+        let (index, peers) = (worker.index(), worker.peers());
+        let (mut position, mut batch) = (0, 0);
+        while position < log.len() {
+            let size = batches[batch % batches.len()].max(1);
+            batch += 1;
+            let end = (position + size).min(log.len());
+            for i in (position..end).filter(|i| i % peers == index) {
+                let raw = &log[i].0;
+                input.update_at(event_of(raw), raw.at_ms / TICK * TICK, 1);
+            }
+            if end < log.len() {
+                let frontier = log[end].1.saturating_sub(20_000) / TICK * TICK;
+                if frontier > *input.time() {
+                    input.advance_to(frontier);
+                }
+            }
+            input.flush();
+            worker.step();
+            position = end;
+        }
+    })
+    .unwrap();
+    let records = got.lock().unwrap().clone();
+    let shards = shards.lock().unwrap().clone();
+    Outcome { records, shards }
+}
+
+/// A log of `raws` with ids and arrival times (event time plus `jitter`).
+fn log_of(raws: Vec<Raw>, jitter: &[u64]) -> Vec<(Raw, u64)> {
+    raws.into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            r.id = i;
+            let arrival = r.at_ms + jitter[i];
+            (r, arrival)
+        })
+        .collect()
+}
+
+/// The records by event id; a record emitted twice must be the same both times (`repeats`
+/// allowed: a restart writes again what is not known written).
+fn by_id(records: Emitted, repeats: bool) -> Result<Records, TestCaseError> {
+    let mut out = Records::new();
+    for (id, start, errors) in records {
+        if let Some(before) = out.insert(id.clone(), (start, errors.clone())) {
+            prop_assert!(repeats, "record {} came out twice", id);
+            prop_assert_eq!(
+                before,
+                (start, errors),
+                "record {} came out twice, differently",
+                id
+            );
+        }
+    }
+    Ok(out)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -164,62 +298,44 @@ proptest! {
         workers in 1usize..=3,
         width in proptest::sample::select(vec![10_000u64, 60_000]),
     ) {
-        let mut log: Vec<(Raw, u64)> = raws
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut r)| {
-                r.id = i;
-                let arrival = r.at_ms + jitter[i];
-                (r, arrival)
-            })
-            .collect();
+        let log = log_of(raws, &jitter);
         let raws: Vec<Raw> = log.iter().map(|(r, _)| r.clone()).collect();
         let expected = reference(&raws, width);
-        log.sort_by_key(|(r, arrival)| (*arrival, r.id));
-        let (log, batches) = (Arc::new(log), Arc::new(batches));
-        let got: Arc<Mutex<Records>> = Arc::default();
-        let dupes: Arc<Mutex<usize>> = Arc::default();
-        let (out, dup) = (Arc::clone(&got), Arc::clone(&dupes));
-        timely::execute(timely::Config::process(workers), move |worker| {
-            let windows = Windows::new(width);
-            let (out, dup) = (Arc::clone(&out), Arc::clone(&dup));
-            let rules = TriageRules { recent_errors_ms: SPAN, ..TriageRules::default() };
-            let mut input = worker.dataflow::<u64, _, _>(|scope| {
-                let (input, events) = scope.new_collection::<Event, isize>();
-                triage(events, rules, windows, Resume::default(), None).0.inspect(move |w| {
-                    for (record, n) in &w.entries {
-                        assert_eq!(*n, 1);
-                        let errors = record.errors.iter().map(|(_, _, c)| c.as_deref().unwrap_or("").to_owned()).collect();
-                        if out.lock().unwrap().insert(record.context.event_id.clone(), (w.window_start_ms, errors)).is_some() {
-                            *dup.lock().unwrap() += 1;
-                        }
-                    }
-                });
-                input
-            });
-            let (index, peers) = (worker.index(), worker.peers());
-            let (mut position, mut batch) = (0, 0);
-            while position < log.len() {
-                let size = batches[batch % batches.len()].max(1);
-                batch += 1;
-                let end = (position + size).min(log.len());
-                for i in (position..end).filter(|i| i % peers == index) {
-                    let raw = &log[i].0;
-                    input.update_at(event_of(raw), raw.at_ms / TICK * TICK, 1);
-                }
-                if end < log.len() {
-                    let frontier = log[end].1.saturating_sub(20_000) / TICK * TICK;
-                    if frontier > *input.time() {
-                        input.advance_to(frontier);
-                    }
-                }
-                input.flush();
-                worker.step();
-                position = end;
-            }
-        })
-        .unwrap();
-        prop_assert_eq!(*dupes.lock().unwrap(), 0, "a record came out twice");
-        prop_assert_eq!(&*got.lock().unwrap(), &expected);
+        let outcome = run(log, batches, workers, width, false, None);
+        prop_assert_eq!(by_id(outcome.records, false)?, expected);
+    }
+
+    /// A run stopped after any of its snapshots and restarted from it (reading the whole log
+    /// again) emits what one run emits.
+    #[test]
+    fn a_restart_from_any_snapshot_changes_nothing(
+        raws in proptest::collection::vec(arb_raw(), 1..50),
+        jitter in proptest::collection::vec(0u64..20_000, 50),
+        batches in proptest::collection::vec(1usize..15, 1..5),
+        workers in 1usize..=3,
+        width in proptest::sample::select(vec![10_000u64, 60_000]),
+        pick in any::<proptest::sample::Index>(),
+    ) {
+        let log = log_of(raws, &jitter);
+        let raws: Vec<Raw> = log.iter().map(|(r, _)| r.clone()).collect();
+        let expected = reference(&raws, width);
+        let first = run(log.clone(), batches.clone(), workers, width, true, None);
+        prop_assume!(!first.shards.is_empty());
+        let snapshot = first.shards[pick.index(first.shards.len())].clone();
+        let at = snapshot.frontier;
+        // What the first run had emitted by then: the windows that had closed.
+        let mut records: Vec<_> = first
+            .records
+            .into_iter()
+            .filter(|(_, start, _)| start + width <= at)
+            .collect();
+        let resume = Resume {
+            restored: snapshot.records,
+            restored_at: at,
+            written_before: 0,
+            definition: 0,
+        };
+        records.extend(run(log, batches, workers, width, false, Some(resume)).records);
+        prop_assert_eq!(by_id(records, true)?, expected);
     }
 }

@@ -28,34 +28,23 @@ impl Restored {
     /// Worker `index`'s share of the funnels: every funnel runs on worker 0, which restores
     /// all of its state.
     pub fn share(&self, index: usize) -> Vec<FunnelResume> {
-        self.funnels
-            .iter()
-            .map(|f| Resume {
-                restored: if index == 0 {
-                    f.restored.clone()
-                } else {
-                    Vec::new()
-                },
-                ..f.clone()
-            })
-            .collect()
+        self.funnels.iter().map(|f| worker_zero(f, index)).collect()
     }
 
-    /// Worker `index` of `peers`'s share of triage.
-    pub fn triage_share(&self, index: usize, peers: usize) -> Resume<SavedItem> {
-        share(&self.triage, index, peers)
+    /// Worker `index`'s share of triage: it runs on worker 0, which restores all of it.
+    pub fn triage_share(&self, index: usize) -> Resume<SavedItem> {
+        worker_zero(&self.triage, index)
     }
 }
 
-fn share<D: Clone>(from: &Resume<D>, index: usize, peers: usize) -> Resume<D> {
+/// `from` for worker `index`: all of it on worker 0, none of its records elsewhere.
+fn worker_zero<D: Clone>(from: &Resume<D>, index: usize) -> Resume<D> {
     Resume {
-        restored: from
-            .restored
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % peers.max(1) == index)
-            .map(|(_, r)| r.clone())
-            .collect(),
+        restored: if index == 0 {
+            from.restored.clone()
+        } else {
+            Vec::new()
+        },
         restored_at: from.restored_at,
         written_before: from.written_before,
         definition: from.definition,
@@ -148,10 +137,12 @@ pub fn restore_funnels(
                 items = state.records.len(),
                 "triage state restored"
             );
+            // The state holds the feedback whose records are not known to be written: they are
+            // written again.
             Resume {
                 restored: state.records,
                 restored_at: state.frontier,
-                written_before: state.frontier,
+                written_before: 0,
                 definition,
             }
         }

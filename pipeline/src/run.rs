@@ -378,7 +378,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                             .unwrap_or_default(),
                         triage_resume: restored
                             .as_ref()
-                            .map(|r| r.triage_share(index, peers))
+                            .map(|r| r.triage_share(index))
                             .unwrap_or_default(),
                         ..analytics.clone()
                     };

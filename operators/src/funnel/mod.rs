@@ -75,7 +75,7 @@ pub use progress::{Chain, Entry, Matching, Progress};
 
 use crate::close::ClosedWindow;
 use crate::histogram::LatencyHistogram;
-use crate::state::{Schedule, StateShard};
+use crate::state::{Pending, Schedule, StateShard};
 use crate::window::{Time, WindowKey, Windows};
 
 /// Most steps a funnel may have (and most exclusions).
@@ -699,8 +699,8 @@ fn funnel_operator<'s>(
         // Closed windows whose rows are not known to be durable yet (kept for snapshots).
         let mut unwritten: BTreeMap<(Time, u64), ClosedWindow<FunnelKey, LatencyHistogram>> =
             BTreeMap::new();
-        // Touches not yet applied, by time: at or after the input frontier.
-        let mut pending: BTreeMap<Time, Vec<((bool, u64), Touch)>> = BTreeMap::new();
+        // Touches not yet applied: at or after the input frontier.
+        let mut pending: Pending<((bool, u64), Touch)> = Pending::default();
         let mut applied_to: Time = from.restored_at;
         // The restored state, installed on the first activation (worker 0 only).
         let mut restored = Some(from.restored);
@@ -760,14 +760,7 @@ fn funnel_operator<'s>(
                             units: Vec::new(),
                         });
                     }
-                    // Accepted events are inserted once each; a multiplicity repeats the event.
-                    let at = pending.entry(time).or_default();
-                    for _ in 1..diff.max(0) {
-                        at.push((key, touch.clone()));
-                    }
-                    if diff > 0 {
-                        at.push((key, touch));
-                    }
+                    pending.add(time, (key, touch), diff);
                 }
             });
             if worker != 0 {
@@ -780,11 +773,7 @@ fn funnel_operator<'s>(
                 .unwrap_or(Time::MAX);
             if frontier > applied_to {
                 // Every touch before the frontier, in sequence order.
-                let later = pending.split_off(&frontier);
-                let mut ready: Vec<((bool, u64), Touch)> = std::mem::replace(&mut pending, later)
-                    .into_values()
-                    .flatten()
-                    .collect();
+                let mut ready = pending.take_before(frontier);
                 ready.sort_unstable_by_key(|(_, touch)| (touch.at_ms, touch.order));
                 for (key, touch) in &ready {
                     if touch.steps & 1 == 0 && !units.contains_key(key) {
