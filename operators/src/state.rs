@@ -13,21 +13,13 @@
 //! that saves it (and with it the durable frontier that gates offset commits) cannot pass that
 //! frontier before the new snapshot is saved: a committed offset never points past state that
 //! is not saved. The funnels save their per-unit progress with it
-//! ([`crate::funnel::funnels`]). [`snapshots`] saves an operator whose state is its live
-//! inputs (triage, whose items live 15 minutes): every `every_ms` of event time it takes a
-//! snapshot at `S` = the smaller of its input frontier and the frontier up to which the other
-//! outputs are durable (`outputs`): every record before `S` that has not expired by `S`.
+//! ([`crate::funnel::funnels`]), triage its users' items ([`crate::triage::triage`]); both hold
+//! their inputs in [`Pending`] until the frontier has passed them.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use timely::dataflow::StreamVec;
-use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
-use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
 use crate::window::Time;
@@ -53,91 +45,8 @@ pub struct StateShard<D> {
     pub records: Vec<(D, Time)>,
 }
 
-/// Settings of [`snapshots`].
-#[derive(Clone, Debug)]
-pub struct SnapshotSettings {
-    /// The operator's name in the saved state.
-    pub operator: String,
-    /// Fingerprint of its definition.
-    pub definition: u64,
-    /// Event time between two snapshots, ms.
-    pub every_ms: u64,
-    /// The frontier of the restored state (0 when none): the first snapshot is not before it.
-    pub restored_at: Time,
-    /// Set when the pipeline stops: a snapshot is taken as soon as the outputs have moved,
-    /// whatever `every_ms` says, so that the last commit covers every written window.
-    pub flush: Arc<AtomicBool>,
-}
-
-/// Takes snapshots of the live records of `inserts` (insertions only, each live until
-/// `expiry(record, time)`); see the module documentation. `outputs` is the frontier up to which
-/// the other outputs are durable, `durable` the one of everything including the saved state.
-pub fn snapshots<'s, D>(
-    inserts: StreamVec<'s, Time, (D, Time, isize)>,
-    expiry: impl Fn(&D, Time) -> Time + 'static,
-    settings: SnapshotSettings,
-    outputs: ProbeHandle<Time>,
-    durable: ProbeHandle<Time>,
-) -> StreamVec<'s, Time, StateShard<D>>
-where
-    D: timely::ExchangeData + Clone,
-{
-    let scope = inserts.scope();
-    let worker = scope.index();
-    let name = format!("Snapshot({})", settings.operator);
-    // Worker 0 takes every snapshot: a snapshot is one frontier `S` for all records, and
-    // workers that decided `S` each on their own would not agree on it.
-    let to_first = Exchange::new(|_: &(D, Time, isize)| 0u64);
-    inserts.unary_frontier(to_first, &name, move |capability, info| {
-        let activator = scope.activator_for(info.address.clone());
-        let mut schedule = Schedule::new((worker == 0).then_some(capability), settings.restored_at);
-        // (record, time, expiry) of every live record, in arrival order.
-        let mut live: Vec<(D, Time, Time)> = Vec::new();
-        move |(input, frontier), output| {
-            input.for_each(|_cap, data| {
-                for (record, time, diff) in data.drain(..) {
-                    let ends = expiry(&record, time);
-                    for _ in 0..diff.max(0) {
-                        live.push((record.clone(), time, ends));
-                    }
-                }
-            });
-            if !schedule.active() {
-                return;
-            }
-            let Some(at_input) = frontier.frontier().first().copied() else {
-                // The input is finished (a bounded replay): nothing more to save.
-                schedule.finish();
-                return;
-            };
-            let at_outputs = outputs.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
-            let s = at_input.min(at_outputs);
-            let flushing = settings.flush.load(Ordering::Relaxed);
-            // The outputs move without telling this operator, and the input stands still while
-            // the pipeline stops: look again soon.
-            activator.activate_after(Duration::from_millis(if flushing { 20 } else { 200 }));
-            if !schedule.due(s, &durable, settings.every_ms, flushing) {
-                return;
-            }
-            live.retain(|(_, _, ends)| *ends >= s);
-            let records = live
-                .iter()
-                .filter(|(_, time, _)| *time < s)
-                .map(|(record, time, _)| (record.clone(), *time))
-                .collect();
-            schedule.take(
-                s,
-                &settings.operator,
-                settings.definition,
-                records,
-                |cap, shard| output.session(cap).give(shard),
-            );
-        }
-    })
-}
-
 /// When an operator that saves its state takes a snapshot, and under which capability: the
-/// bookkeeping [`snapshots`] and the funnels share.
+/// bookkeeping the funnels and triage share.
 ///
 /// A snapshot at `S` is emitted under a capability held at the previous snapshot's frontier
 /// (so the sink that saves it, and the durable frontier after it, cannot pass that frontier
