@@ -1,7 +1,8 @@
 //! The alert rules end to end: a planted failure burst fires exactly the expected rules in the
 //! expected windows and resolves after; clean input fires nothing; the alerts reach the alerts
-//! topic of the mock cluster, keyed by route, rule, subject and window, and hold nothing
-//! private.
+//! topic of the mock cluster, keyed by route, rule, subject and window, a critical feedback
+//! after the burst reaches the triage topic with the user's failed calls, and neither topic
+//! holds anything private.
 
 mod common;
 
@@ -21,6 +22,7 @@ fn event(n: &mut u64, name: &str, ms: i64, props: &str) -> String {
     *n += 1;
     let event_type = match name {
         "integration_call_failed" => "error",
+        "project_feedback_submitted" => "outcome",
         _ => "system_health",
     };
     format!(
@@ -205,7 +207,7 @@ fn clean_input_fires_nothing() {
 }
 
 #[test]
-fn alerts_reach_the_mock_cluster_topic_keyed_by_rule_subject_and_window() {
+fn alerts_and_triage_reach_the_mock_cluster_topics_keyed_as_documented() {
     use rdkafka::config::ClientConfig;
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -213,12 +215,14 @@ fn alerts_reach_the_mock_cluster_topic_keyed_by_rule_subject_and_window() {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("alerts.events", 1, 1).expect("topic");
     cluster.create_topic("alerts.out", 1, 1).expect("topic");
+    cluster.create_topic("triage.out", 1, 1).expect("topic");
     let bootstrap = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = common::kafka::kafka_config(&bootstrap, "alerts-test", 1);
     config.pipeline.window_ms = WINDOW as u64;
     config.kafka.topics = vec![sightline::config::TopicConfig::envelope("alerts.events")];
     config.kafka.alerts_topic = Some("alerts.out".into());
+    config.kafka.triage_topic = Some("triage.out".into());
     let (stop, pipeline) = common::kafka::start(&config, &dir.path().join("lake"));
 
     // The planted burst, moved to start a minute ago, so that idle time closes every window.
@@ -228,7 +232,24 @@ fn alerts_reach_the_mock_cluster_topic_keyed_by_rule_subject_and_window() {
         .set("bootstrap.servers", &bootstrap)
         .create()
         .expect("producer");
-    for line in planted(true) {
+    // The same user's critical feedback in window 2, after the 30 failed gmail calls of
+    // window 1: one triage record with 30 recent errors.
+    let mut lines = planted(true);
+    let mut n = 1_000;
+    let feedback = event(
+        &mut n,
+        "project_feedback_submitted",
+        BASE + 2 * WINDOW + 5_000,
+        r#"{"score":1,"sentiment":"negative","tags":["performance"],"comment_present":false,"correlation_id":"c-1","blocked":true,"blocker_type":"integration_failure"}"#,
+    );
+    let feedback_id = "00000000-0000-4000-8000-0000000003e9";
+    assert!(feedback.contains(feedback_id));
+    lines.push(feedback);
+    lines.sort_by_key(|l| {
+        let e: serde_json::Value = serde_json::from_str(l).expect("json");
+        sightline_schemas::parse_rfc3339_ms(e["timestamp"].as_str().expect("ts")).expect("time")
+    });
+    for line in lines {
         let mut e: serde_json::Value = serde_json::from_str(&line).expect("json");
         let ms = sightline_schemas::parse_rfc3339_ms(e["timestamp"].as_str().expect("ts"))
             .expect("time");
@@ -242,8 +263,10 @@ fn alerts_reach_the_mock_cluster_topic_keyed_by_rule_subject_and_window() {
     producer.flush(Duration::from_secs(10)).expect("flush");
 
     let mut records = Vec::new();
+    let mut triage: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while records.len() < 4 && Instant::now() < deadline {
+    while (records.len() < 4 || triage.is_empty()) && Instant::now() < deadline {
+        triage = read_topic(&bootstrap, "triage.out", 1);
         std::thread::sleep(Duration::from_millis(500));
         records = read_topic(&bootstrap, "alerts.out", 1)
             .into_iter()
@@ -279,6 +302,24 @@ fn alerts_reach_the_mock_cluster_topic_keyed_by_rule_subject_and_window() {
     want.sort();
     assert_eq!(got, want);
     let scan = sightline::pii_scan::scan_topic(&config.kafka, "alerts.out").expect("scan");
+    assert!(scan.findings.is_empty(), "{:?}", scan.findings);
+
+    assert_eq!(
+        triage.keys().collect::<Vec<_>>(),
+        vec![feedback_id],
+        "one triage record, keyed by the feedback's event_id"
+    );
+    for value in &triage[feedback_id] {
+        let record: serde_json::Value = serde_json::from_str(value).expect("json value");
+        assert_eq!(record["recent_errors"], 30, "{record}");
+        assert_eq!(record["blocked"], true, "{record}");
+        assert_eq!(record["route"], "standard", "{record}");
+        assert_ne!(
+            record["user_id"], "u_1",
+            "the user is pseudonymized: {record}"
+        );
+    }
+    let scan = sightline::pii_scan::scan_topic(&config.kafka, "triage.out").expect("scan");
     assert!(scan.findings.is_empty(), "{:?}", scan.findings);
     drop(cluster);
 }

@@ -24,6 +24,7 @@
 //! this against such an enumeration).
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use super::{Breakdowns, FunnelDef, Order, Reach, Touch};
 use crate::window::Windows;
@@ -59,8 +60,9 @@ pub struct Entry {
     pub breakdown: Breakdowns,
     /// Per step, the shortest time to convert found so far (`u64::MAX`: not reached).
     pub fastest: Vec<u64>,
-    /// Chains still able to go further (`ordered`, `strict`).
-    pub chains: Vec<Chain>,
+    /// Chains still able to go further (`ordered`, `strict`); without exclusions at most one
+    /// per step, so a few fit inline.
+    pub chains: SmallVec<[Chain; 3]>,
     /// Chains still able to go further (`unordered`).
     pub matchings: Vec<Matching>,
 }
@@ -87,11 +89,13 @@ impl Progress {
         let opened = match self.entries.last() {
             Some(last) if last.window_start_ms == start => None,
             _ => {
+                // A unit enters a window at most once per window: no spare capacity.
+                self.entries.reserve_exact(1);
                 self.entries.push(Entry {
                     window_start_ms: start,
                     breakdown: touch.breakdown.clone(),
                     fastest: vec![u64::MAX; def.steps.len()],
-                    chains: Vec::new(),
+                    chains: SmallVec::new(),
                     matchings: Vec::new(),
                 });
                 Some(start)
@@ -237,7 +241,7 @@ impl Entry {
 
 /// Keeps, per step, the chains no other chain dominates (a later step-1 time and a ceiling at
 /// least as high), one per step and ceiling.
-fn prune(chains: &mut Vec<Chain>) {
+fn prune(chains: &mut SmallVec<[Chain; 3]>) {
     if chains.len() < 2 {
         return;
     }

@@ -1,0 +1,117 @@
+//! State memory per active unit of the funnels, measured: how much this process's resident
+//! memory grows per unit when 200,000 units (20,000 for the 30-window case)' `Progress` is built in a hash map, as the operator
+//! keeps it (allocator overhead included), for the two built-in funnels in the shapes they
+//! take. Run by `benches/run`; prints one line per case.
+//!
+//! ```text
+//! cargo bench -p sightline-benches --bench state_size
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sightline::config::Config;
+use sightline_operators::Windows;
+use sightline_operators::funnel::{FunnelDef, Progress, Touch};
+use sightline_schemas::Label;
+
+/// This process's resident memory, bytes (`VmRSS`).
+fn rss_bytes() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+const UNITS: u64 = 200_000;
+const WINDOW_MS: u64 = 60_000;
+const START: u64 = 1_769_178_600_000;
+
+/// Bytes per unit of `units` units, each given the touches `touches(unit)` in order.
+fn per_unit(def: &FunnelDef, count: u64, touches: impl Fn(u64) -> Vec<Touch>) -> f64 {
+    let windows = Windows::new(WINDOW_MS);
+    let before = rss_bytes();
+    let mut units: HashMap<(bool, u64), Progress> = HashMap::new();
+    for unit in 0..count {
+        let progress: &mut Progress = units.entry((false, unit)).or_default();
+        for touch in touches(unit) {
+            progress.apply(def, windows, &touch);
+        }
+    }
+    let after = rss_bytes();
+    // Kept, not freed: freed memory would be reused by the next case and hide its growth.
+    std::mem::forget(units);
+    (after - before) as f64 / count as f64
+}
+
+fn touch(at_ms: u64, step: usize, breakdown: &Arc<[(Label, Label)]>) -> Touch {
+    Touch {
+        at_ms,
+        order: at_ms,
+        steps: 1 << step,
+        exclusions: 0,
+        breakdown: if step == 0 {
+            Arc::clone(breakdown)
+        } else {
+            Arc::from(Vec::new())
+        },
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let defs = Config::default().funnel_defs()?;
+    let by_name = |name: &str| {
+        defs.iter()
+            .find(|d| d.name.as_ref() == name)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no built-in funnel {name}"))
+    };
+    let projects = by_name("project_creation")?;
+    let outcomes = by_name("command_queue_outcomes")?;
+    // Breakdown values as the decoder shares them: labels interned, one slice per step-1 event.
+    let experiments: Arc<[(Label, Label)]> = Arc::from(vec![
+        (Label::from("experiment:exp_a"), Label::from("control")),
+        (Label::from("experiment:exp_b"), Label::from("treatment")),
+    ]);
+    let action: Arc<[(Label, Label)]> = Arc::from(vec![(
+        Label::from("properties.action_type"),
+        Label::from("send_email"),
+    )]);
+    let cases: Vec<(&str, f64)> = vec![
+        (
+            "project_creation: entered one window, reached step 2 (2 experiments)",
+            per_unit(&projects, UNITS, |_| {
+                vec![
+                    touch(START, 0, &experiments),
+                    touch(START + 5_000, 1, &experiments),
+                ]
+            }),
+        ),
+        (
+            "project_creation: entered 30 windows, 3 steps in each",
+            per_unit(&projects, UNITS / 10, |_| {
+                (0..30)
+                    .flat_map(|w| {
+                        let at = START + w * WINDOW_MS;
+                        (0..3).map(move |s| (at + s as u64 * 1_000, s))
+                    })
+                    .map(|(at, s)| touch(at, s, &experiments))
+                    .collect()
+            }),
+        ),
+        (
+            "command_queue_outcomes: generated, accepted, executed (one window)",
+            per_unit(&outcomes, UNITS, |_| {
+                (0..3)
+                    .map(|s| touch(START + s as u64 * 10_000, s, &action))
+                    .collect()
+            }),
+        ),
+    ];
+    for (case, bytes) in cases {
+        println!("state per active unit: {case}: {bytes:.0} bytes");
+    }
+    Ok(())
+}
