@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 use differential_dataflow::VecCollection;
 use differential_dataflow::difference::{IsZero, Monoid, Multiply, Semigroup};
 use serde::{Deserialize, Serialize};
-use sightline_schemas::{Event, EventName, Label};
+use sightline_schemas::{Event, Label};
 use smallvec::SmallVec;
 
 use crate::histogram::LatencyHistogram;
@@ -200,7 +200,7 @@ impl WindowKey for ProductKey {
 }
 
 fn name_is(e: &Event, name: &str) -> bool {
-    EventName::from_name(name).is_some_and(|n| n == e.event_name)
+    e.event_name.as_str() == name
 }
 
 /// `all`, shared.
@@ -219,13 +219,13 @@ pub fn command_queue<'s, E: Borrow<Event> + Clone + 'static>(
 ) -> VecCollection<'s, Time, ProductKey, Tally> {
     events.explode(move |e| {
         let e: &Event = e.borrow();
-        let aps = e.kept.measure("aps_score");
+        let aps = || e.kept.measure("aps_score");
         let tally = match e.event_name.as_str() {
             "recommendation_generated" => Tally::new().count("generated"),
             "recommendation_viewed" => Tally::new().count("viewed"),
             "recommendation_accepted" => {
                 let mut t = Tally::new().count("accepted");
-                if let Some(aps) = aps {
+                if let Some(aps) = aps() {
                     t = t.sample("aps_accepted", aps);
                 }
                 if let Some(s) = e.kept.measure("time_to_decision_seconds") {
@@ -242,7 +242,7 @@ pub fn command_queue<'s, E: Borrow<Event> + Clone + 'static>(
                 let mut t = Tally::new()
                     .count("dismissed")
                     .count(format!("reason:{reason}"));
-                if let Some(aps) = aps {
+                if let Some(aps) = aps() {
                     t = t.sample("aps_dismissed", aps);
                 }
                 t

@@ -154,16 +154,11 @@ impl TriageRules {
             let code = ["error_code", "error_type"]
                 .iter()
                 .find_map(|f| event.kept.label(f).cloned())
-                .or_else(|| {
-                    event
-                        .kept
-                        .measure("status_code")
-                        .map(|s| Label::from(format!("{s}").as_str()))
-                });
+                .or_else(|| event.kept.measure("status_code").map(status_label));
             TriageItem::Error {
                 at_ms,
                 order: fnv1a(event.event_id.as_bytes()),
-                name: Label::from(event.event_name.as_str()),
+                name: event.event_name.label(),
                 code,
             }
         } else if event.event_name.as_str() == "project_feedback_submitted" {
@@ -194,6 +189,25 @@ impl TriageRules {
         };
         Some(((event.is_restricted(), user), item))
     }
+}
+
+/// A status code as a label, made once per code and thread (a few codes repeat).
+fn status_label(code: f64) -> Label {
+    thread_local! {
+        static CODES: std::cell::RefCell<HashMap<u64, Label>> = Default::default();
+    }
+    let make = || Label::from(format!("{code}").as_str());
+    CODES.with(|codes| {
+        let mut codes = codes.borrow_mut();
+        if let Some(label) = codes.get(&code.to_bits()) {
+            return label.clone();
+        }
+        let label = make();
+        if codes.len() < 1024 {
+            codes.insert(code.to_bits(), label.clone());
+        }
+        label
+    })
 }
 
 /// Triage's outputs: the closed records, and the snapshots of its state when it is saved.

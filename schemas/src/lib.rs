@@ -173,6 +173,18 @@ impl EventName {
         &self.spec().name
     }
 
+    /// The event name as a shared label (made once per name: no allocation per call).
+    pub fn label(self) -> Label {
+        static LABELS: std::sync::LazyLock<Vec<Label>> = std::sync::LazyLock::new(|| {
+            registry::Registry::embedded()
+                .events()
+                .iter()
+                .map(|spec| Label::from(spec.name.as_str()))
+                .collect()
+        });
+        LABELS[usize::from(self.0)].clone()
+    }
+
     /// Every registered name, in registry (alphabetical) order.
     pub fn all() -> impl Iterator<Item = EventName> {
         (0..registry::Registry::embedded().events().len() as u16).map(EventName)
