@@ -17,10 +17,15 @@
 //! their inputs in [`Pending`] until the frontier has passed them.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::progress::frontier::MutableAntichain;
+use timely::scheduling::Activator;
 
 use crate::window::Time;
 
@@ -80,28 +85,46 @@ impl Schedule {
         }
     }
 
-    /// Whether this worker takes snapshots (it has not finished).
-    pub fn active(&self) -> bool {
-        self.capability.is_some()
+    /// For an operator on worker 0 with two outputs (its results, its snapshots), from the
+    /// capabilities it is built with: the results' capability (to emit restored state with,
+    /// worker 0 only) and the snapshots' schedule (worker 0 only, and only when `saving`).
+    pub fn on_worker_zero(
+        capabilities: Vec<Capability<Time>>,
+        worker: usize,
+        saving: bool,
+        restored_at: Time,
+    ) -> (Option<Capability<Time>>, Schedule) {
+        let mut capabilities = capabilities.into_iter();
+        let (results, snapshots) = (capabilities.next(), capabilities.next());
+        let first = worker == 0;
+        (
+            results.filter(|_| first),
+            Schedule::new(snapshots.filter(|_| first && saving), restored_at),
+        )
     }
 
-    /// No more snapshots (the input is finished).
-    pub fn finish(&mut self) {
-        self.capability = None;
-    }
-
-    /// Whether a snapshot at `s` is due; notes which snapshots `durable` says are saved.
+    /// Whether a snapshot at `s` is due; notes which snapshots are known saved. With the input
+    /// finished (`frontier` is `Time::MAX`, a bounded replay) there is nothing more to save.
+    /// While snapshots are taken the operator is woken again soon (`activator`): the outputs
+    /// move without telling it, and its input stands still while the pipeline stops.
     pub fn due(
         &mut self,
         s: Time,
-        durable: &ProbeHandle<Time>,
-        every_ms: u64,
-        flushing: bool,
+        frontier: Time,
+        hooks: &StateHooks,
+        activator: &Activator,
     ) -> bool {
+        if frontier == Time::MAX {
+            self.capability = None;
+        }
         if self.capability.is_none() {
             return false;
         }
-        let saved = durable.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
+        let flushing = hooks.flush.load(Ordering::Relaxed);
+        activator.activate_after(Duration::from_millis(if flushing { 20 } else { 200 }));
+        let saved = hooks
+            .durable
+            .with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
         while let Some(&(at, frontier)) = self.emitted.front() {
             if saved <= at {
                 break;
@@ -109,7 +132,7 @@ impl Schedule {
             self.complete = Some(frontier);
             self.emitted.pop_front();
         }
-        let every = if flushing { 1 } else { every_ms.max(1) };
+        let every = if flushing { 1 } else { hooks.every_ms.max(1) };
         s >= self.last.saturating_add(every)
     }
 
@@ -172,12 +195,44 @@ impl<T: Clone> Pending<T> {
         at.push(item);
     }
 
-    /// Every item with a time before `frontier`, removed (in no particular order).
-    pub fn take_before(&mut self, frontier: Time) -> Vec<T> {
+    /// Every item with a time before `frontier`, removed, sorted by `order` (the sequence
+    /// order: event time, then a hash of the event id).
+    pub fn take_before<K: Ord>(&mut self, frontier: Time, order: impl Fn(&T) -> K) -> Vec<T> {
         let later = self.by_time.split_off(&frontier);
-        std::mem::replace(&mut self.by_time, later)
+        let mut ready: Vec<T> = std::mem::replace(&mut self.by_time, later)
             .into_values()
             .flatten()
-            .collect()
+            .collect();
+        ready.sort_by_key(order);
+        ready
+    }
+}
+
+/// The frontier of an operator's only input (`Time::MAX` once it is finished).
+pub fn input_frontier(frontiers: &[MutableAntichain<Time>]) -> Time {
+    frontiers
+        .first()
+        .and_then(|f| f.frontier().first().copied())
+        .unwrap_or(Time::MAX)
+}
+
+/// Saving a long-horizon operator's state.
+#[derive(Clone, Debug)]
+pub struct StateHooks {
+    /// Event time between two snapshots, ms.
+    pub every_ms: u64,
+    /// Durable frontier of the outputs other than saved state.
+    pub outputs: ProbeHandle<Time>,
+    /// Durable frontier of everything.
+    pub durable: ProbeHandle<Time>,
+    /// Set when the pipeline stops: save at once.
+    pub flush: Arc<AtomicBool>,
+}
+
+impl StateHooks {
+    /// The frontier up to which the other outputs are written.
+    pub fn written(&self) -> Time {
+        self.outputs
+            .with_frontier(|f| f.first().copied().unwrap_or(Time::MAX))
     }
 }

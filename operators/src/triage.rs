@@ -10,8 +10,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
@@ -26,7 +24,7 @@ use timely::dataflow::operators::vec::Filter;
 
 use crate::close::ClosedWindow;
 use crate::funnel::{Resume, StateHooks, fnv1a};
-use crate::state::{Pending, Schedule, StateShard};
+use crate::state::{Pending, Schedule, StateShard, input_frontier};
 use crate::window::{Time, WindowKey, Windows};
 
 /// Which feedback is critical.
@@ -305,15 +303,8 @@ where
     let saving = hooks.is_some();
     let span = rules.recent_errors_ms;
     builder.build(move |capabilities| {
-        let mut capabilities = capabilities.into_iter();
-        let (mut restore_cap, snapshot_cap) = (capabilities.next(), capabilities.next());
-        if worker != 0 {
-            restore_cap = None;
-        }
-        let mut schedule = Schedule::new(
-            snapshot_cap.filter(|_| worker == 0 && saving),
-            resume.restored_at,
-        );
+        let (mut restore_cap, mut schedule) =
+            Schedule::on_worker_zero(capabilities, worker, saving, resume.restored_at);
         let mut users: HashMap<(bool, u64), UserItems, foldhash::fast::RandomState> =
             HashMap::default();
         let mut open: FeedbackWindows = BTreeMap::new();
@@ -356,14 +347,9 @@ where
             if worker != 0 {
                 return;
             }
-            let frontier = frontiers[0]
-                .frontier()
-                .first()
-                .copied()
-                .unwrap_or(Time::MAX);
+            let frontier = input_frontier(frontiers);
             if frontier > applied_to {
-                let mut ready = pending.take_before(frontier);
-                ready.sort_by_key(|(_, item)| (item.at_ms(), item.order()));
+                let ready = pending.take_before(frontier, |(_, i)| (i.at_ms(), i.order()));
                 for (key, item) in ready {
                     if let TriageItem::Feedback { at_ms, .. } = &item
                         && let Some((_, keys)) = open.get_mut(&windows.start_of(*at_ms))
@@ -454,17 +440,11 @@ where
                     !user.is_empty()
                 });
             }
-            let Some(hooks) = hooks.as_ref().filter(|_| schedule.active()) else {
+            let Some(hooks) = hooks.as_ref() else {
                 return;
             };
-            if frontier == Time::MAX {
-                schedule.finish();
-                return;
-            }
-            let flushing = hooks.flush.load(Ordering::Relaxed);
-            activator.activate_after(Duration::from_millis(if flushing { 20 } else { 200 }));
             let s = applied_to;
-            if !schedule.due(s, &hooks.durable, hooks.every_ms, flushing) {
+            if !schedule.due(s, frontier, hooks, &activator) {
                 return;
             }
             let mut records: Vec<(SavedItem, Time)> = Vec::new();

@@ -54,8 +54,6 @@ pub mod progress;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::difference::Semigroup;
@@ -68,14 +66,13 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::Concatenate;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
-use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Filter;
 
 pub use progress::{Chain, Entry, Matching, Progress};
 
 use crate::close::ClosedWindow;
 use crate::histogram::LatencyHistogram;
-use crate::state::{Pending, Schedule, StateShard};
+use crate::state::{Pending, Schedule, StateShard, input_frontier};
 use crate::window::{Time, WindowKey, Windows};
 
 /// Most steps a funnel may have (and most exclusions).
@@ -569,17 +566,7 @@ impl<D> Default for Resume<D> {
 }
 
 /// Saving the funnels' state (see [`funnels`]).
-#[derive(Clone, Debug)]
-pub struct StateHooks {
-    /// Event time between two snapshots, ms.
-    pub every_ms: u64,
-    /// Durable frontier of the outputs other than saved state.
-    pub outputs: ProbeHandle<Time>,
-    /// Durable frontier of everything.
-    pub durable: ProbeHandle<Time>,
-    /// Set when the pipeline stops: save at once.
-    pub flush: Arc<std::sync::atomic::AtomicBool>,
-}
+pub use crate::state::StateHooks;
 
 /// The funnels' outputs.
 pub struct Funnels<'s> {
@@ -683,15 +670,8 @@ fn funnel_operator<'s>(
     let window_ms = def.window_ms;
     let horizon = move |start: u64| windows.end_of(start) + window_ms;
     builder.build(move |capabilities| {
-        let mut capabilities = capabilities.into_iter();
-        let (mut restore_cap, snapshot_cap) = (capabilities.next(), capabilities.next());
-        if worker != 0 {
-            restore_cap = None;
-        }
-        let mut schedule = Schedule::new(
-            snapshot_cap.filter(|_| worker == 0 && saving),
-            from.restored_at,
-        );
+        let (mut restore_cap, mut schedule) =
+            Schedule::on_worker_zero(capabilities, worker, saving, from.restored_at);
         let mut units: HashMap<(bool, u64), Progress, foldhash::fast::RandomState> =
             HashMap::default();
         // (horizon, window start) → the window.
@@ -766,15 +746,9 @@ fn funnel_operator<'s>(
             if worker != 0 {
                 return;
             }
-            let frontier = frontiers[0]
-                .frontier()
-                .first()
-                .copied()
-                .unwrap_or(Time::MAX);
+            let frontier = input_frontier(frontiers);
             if frontier > applied_to {
-                // Every touch before the frontier, in sequence order.
-                let mut ready = pending.take_before(frontier);
-                ready.sort_unstable_by_key(|(_, touch)| (touch.at_ms, touch.order));
+                let ready = pending.take_before(frontier, |(_, t)| (t.at_ms, t.order));
                 for (key, touch) in &ready {
                     if touch.steps & 1 == 0 && !units.contains_key(key) {
                         continue;
@@ -845,29 +819,18 @@ fn funnel_operator<'s>(
                     unwritten.insert((h, start), closed);
                 }
             }
-            let Some(hooks) = hooks.as_ref().filter(|_| schedule.active()) else {
+            let Some(hooks) = hooks.as_ref() else {
                 return;
             };
-            if frontier == Time::MAX {
-                // The input is finished (a bounded replay): nothing more to save.
-                schedule.finish();
-                return;
-            }
-            let written = hooks
-                .outputs
-                .with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
+            let written = hooks.written();
             while let Some((&(h, _), _)) = unwritten.first_key_value() {
                 if written < h {
                     break;
                 }
                 unwritten.pop_first();
             }
-            let flushing = hooks.flush.load(Ordering::Relaxed);
-            // The outputs move without telling this operator, and the input stands still while
-            // the pipeline stops: look again soon.
-            activator.activate_after(Duration::from_millis(if flushing { 20 } else { 200 }));
             let s = applied_to;
-            if !schedule.due(s, &hooks.durable, hooks.every_ms, flushing) {
+            if !schedule.due(s, frontier, hooks, &activator) {
                 return;
             }
             let mut records: Vec<(SavedFunnel, Time)> = units
