@@ -41,8 +41,9 @@
 //! entry window's end plus `C` (its *horizon*) no later event can change it: the window's
 //! rows are emitted once, at time `horizon − 1`, and its entries leave the state.
 //!
-//! State per active unit: one [`Entry`] per open entry window (about 100 bytes plus a few
-//! chains, and the breakdown values of its first step-1 event), whatever the unit's activity;
+//! State per active unit: one [`Entry`] per open entry window (about 240 bytes with its chains
+//! and the breakdown values of its first step-1 event, measured by `benches/state_size`),
+//! whatever the unit's activity (`unordered` funnels: plus one matching per open chain);
 //! a unit without open entry windows takes nothing. Touches wait in a buffer only while the
 //! frontier has not passed them (the allowed lateness).
 //!

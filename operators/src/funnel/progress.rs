@@ -5,7 +5,9 @@
 //! the unit has entered and not yet closed, and it holds no event: only, per step, the chains
 //! that could still go further, and the shortest time to convert found so far (PostHog's
 //! per-step funnel state, kept per entry window and made exact for exclusions and the three
-//! orders). Its size is bounded by the steps, not by the unit's activity:
+//! orders). For `ordered` and `strict` funnels its size is bounded by the steps, not by the
+//! unit's activity; for `unordered` ones, by the window's step-1 events whose chains are
+//! still open:
 //!
 //! - `ordered`: among the chains that have reached a step, only those not *dominated* are
 //!   kept: a chain with a later step-1 time and a ceiling at least as high (the highest step
