@@ -212,7 +212,7 @@ pub struct Decoder {
 
 /// Which identifiers get a unit link ([`Links`]): only those an operator follows across key
 /// periods, as each costs a keyed hash per event.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LinkFields {
     /// `tenant_id`.
     pub tenant: bool,
@@ -220,6 +220,18 @@ pub struct LinkFields {
     pub user: bool,
     /// `session_id`.
     pub session: bool,
+    /// The events that get them: every event (`None`), or only these, the events the
+    /// operators that follow units read.
+    pub names: Option<Arc<[EventName]>>,
+}
+
+impl LinkFields {
+    /// Whether an event named `name` gets its links.
+    fn wanted(&self, name: EventName) -> bool {
+        self.names
+            .as_ref()
+            .is_none_or(|names| names.contains(&name))
+    }
 }
 
 /// An event's experiment assignments, shared by the events that have the same ones.
@@ -617,8 +629,9 @@ impl Decoder {
         let user_id = pseudonyms.pseudonym_of(&wire.user_id, event_time_ms);
         let tenant_id = pseudonyms.pseudonym_of(&wire.tenant_id, event_time_ms);
         let session_id = pseudonyms.pseudonym_of(&wire.session_id, event_time_ms);
+        let here = self.links.wanted(event_name);
         let link = |wanted: bool, value: &str, p: &mut sightline_privacy::Pseudonymizer| {
-            if wanted { p.link_of(value) } else { 0 }
+            if wanted && here { p.link_of(value) } else { 0 }
         };
         let links = Links {
             tenant: link(self.links.tenant, &wire.tenant_id, pseudonyms),
@@ -1059,6 +1072,37 @@ mod tests {
             .first()
             .unwrap_or_else(|| panic!("no violation in {err:?}"));
         (v.pointer.clone(), v.keyword.clone())
+    }
+
+    #[test]
+    fn links_only_the_asked_identifiers_of_the_asked_events() {
+        let task = EventName::from_name("task_assigned").unwrap();
+        let other = EventName::from_name("project_viewed").unwrap();
+        let linked = |names: Option<Vec<EventName>>| {
+            let links = LinkFields {
+                user: true,
+                names: names.map(Into::into),
+                ..Default::default()
+            };
+            decoder()
+                .with_links(links)
+                .decode(line(&[]).as_bytes())
+                .unwrap()
+                .links
+        };
+        let all = linked(None);
+        assert!(all.user != 0 && all.tenant == 0 && all.session == 0);
+        assert_eq!(linked(Some(vec![task])), all);
+        assert_eq!(linked(Some(vec![other])), Links::default());
+        // The link is the same in another key period (it follows the user across rotations).
+        let later = decoder()
+            .with_links(LinkFields {
+                user: true,
+                ..Default::default()
+            })
+            .decode(line(&[("timestamp", r#""2026-05-23T14:30:00.250Z""#)]).as_bytes())
+            .unwrap();
+        assert_eq!(later.links.user, all.user);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`state`]: snapshots of a long-horizon operator's state, for restarts;
 //! - [`product`]: command-queue, integration-health and feedback aggregates ([`product::Tally`]);
 //! - [`alerts`]: integration health across windows (breaker state) and the alert rules;
+//! - [`select`]: one pass that gives each consumer only the events it reads;
 //! - [`triage`]: P1 records of critical feedback, joined with the user's recent errors.
 //!
 //! ```
@@ -40,6 +41,7 @@ pub mod close;
 pub mod funnel;
 pub mod histogram;
 pub mod product;
+pub mod select;
 pub mod state;
 pub mod triage;
 pub mod window;

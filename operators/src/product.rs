@@ -203,6 +203,24 @@ fn name_is(e: &Event, name: &str) -> bool {
     e.event_name.as_str() == name
 }
 
+/// The events [`command_queue`] reads.
+pub const COMMAND_QUEUE_EVENTS: [&str; 4] = [
+    "recommendation_generated",
+    "recommendation_viewed",
+    "recommendation_accepted",
+    "recommendation_dismissed",
+];
+
+/// The events [`integration_health`] reads.
+pub const INTEGRATION_EVENTS: [&str; 3] = [
+    "integration_call_success",
+    "integration_call_failed",
+    "circuit_breaker_opened",
+];
+
+/// The events [`feedback`] reads.
+pub const FEEDBACK_EVENTS: [&str; 1] = ["project_feedback_submitted"];
+
 /// `all`, shared.
 pub static ALL: LazyLock<Label> = LazyLock::new(|| Label::from("all"));
 
@@ -247,17 +265,19 @@ pub fn command_queue<'s, E: Borrow<Event> + Clone + 'static>(
                 }
                 t
             }
-            _ => return Vec::new(),
+            _ => return SmallVec::new(),
         };
         let start = windows.start_of(e.event_time_ms as u64);
-        let mut out = vec![(
+        // `all` and the action type: two rows, inline.
+        let mut out: SmallVec<[(ProductKey, Tally); 2]> = SmallVec::new();
+        out.push((
             ProductKey {
                 window_start_ms: start,
                 group: ALL.clone(),
                 breakdown: all(),
             },
             tally.clone(),
-        )];
+        ));
         if let Some(action_type) = e.kept.label("action_type") {
             out.push((
                 ProductKey {

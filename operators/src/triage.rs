@@ -20,10 +20,11 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
-use timely::dataflow::operators::vec::Filter;
+use timely::dataflow::operators::vec::Map;
 
 use crate::close::ClosedWindow;
 use crate::funnel::{Resume, StateHooks, fnv1a};
+use crate::select::Names;
 use crate::state::{Pending, Schedule, StateShard, input_frontier};
 use crate::window::{Time, WindowKey, Windows};
 
@@ -139,7 +140,15 @@ impl WindowKey for TriageRecord {
     }
 }
 
+/// The feedback event.
+const FEEDBACK: &str = "project_feedback_submitted";
+
 impl TriageRules {
+    /// The events triage reads: errors and feedback (see [`crate::select`]).
+    pub fn names() -> Names {
+        Names::of(&[FEEDBACK], &[EventType::Error])
+    }
+
     /// The item `event` contributes, keyed by `(restricted, user link)`; `None` for events that
     /// are neither errors nor critical feedback, or that have no user link.
     pub fn item_of(&self, event: &Event) -> Option<((bool, u64), TriageItem)> {
@@ -159,7 +168,7 @@ impl TriageRules {
                 name: event.event_name.label(),
                 code,
             }
-        } else if event.event_name.as_str() == "project_feedback_submitted" {
+        } else if event.event_name.as_str() == FEEDBACK {
             let score = event.kept.measure("score");
             let blocked = event.kept.measure("blocked") == Some(1.0);
             let critical = score.is_some_and(|s| s <= self.max_score) || (self.blocked && blocked);
@@ -287,10 +296,12 @@ where
     let rules = Arc::new(rules);
     let of = Arc::clone(&rules);
     let restored_at = resume.restored_at;
-    let items = events
-        .flat_map(move |e| of.item_of(e.borrow()))
-        .inner
-        .filter(move |(_, time, _)| *time >= restored_at);
+    let items = events.inner.flat_map(move |(e, time, diff)| {
+        (time >= restored_at)
+            .then(|| of.item_of(e.borrow()))
+            .flatten()
+            .map(|item| (item, time, diff))
+    });
     let mut builder = OperatorBuilder::new("Triage".to_owned(), scope);
     let activator = scope.activator_for(builder.operator_info().address);
     let to_first = Exchange::new(|_: &(SavedItem, Time, isize)| 0u64);

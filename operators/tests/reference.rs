@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::Input;
 use proptest::prelude::*;
+use sightline_operators::select::{Names, Subscriber, select};
 use sightline_operators::{
     ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityCounts, QualityKey,
     VariantKey, Windows, close_windows, event_counts, histogram::RELATIVE_ACCURACY, latency,
@@ -321,5 +322,121 @@ proptest! {
             }
         }
         prop_assert_eq!(got_quality, want_quality);
+    }
+}
+
+/// The events [`select`] gives each subscriber, as `(event_id, time)` pairs with their
+/// differences, in a sorted list per subscriber.
+fn run_select(
+    workers: usize,
+    events: Vec<(Event, u64, isize)>,
+    subscribers: Vec<Subscriber>,
+) -> Vec<Vec<(String, u64, isize)>> {
+    let got: Arc<Mutex<Vec<Vec<(String, u64, isize)>>>> =
+        Arc::new(Mutex::new(vec![Vec::new(); subscribers.len()]));
+    let shared = Arc::clone(&got);
+    let events = Arc::new(events);
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let out = Arc::clone(&shared);
+        let subscribers = subscribers.clone();
+        let mut input = worker.dataflow::<u64, _, _>(|scope| {
+            let (input, collection) = scope.new_collection::<Arc<Event>, isize>();
+            for (i, stream) in select(collection.inner, &subscribers)
+                .into_iter()
+                .enumerate()
+            {
+                let out = Arc::clone(&out);
+                stream.inspect(move |(e, t, d)| {
+                    out.lock().unwrap()[i].push((e.event_id.clone(), *t, *d));
+                });
+            }
+            input
+        });
+        let (index, peers) = (worker.index(), worker.peers());
+        for (i, (event, time, diff)) in events.iter().enumerate() {
+            if i % peers == index {
+                input.update_at(Arc::new(event.clone()), *time, *diff);
+            }
+        }
+        input.close();
+    })
+    .unwrap();
+    let mut got = Arc::try_unwrap(got).unwrap().into_inner().unwrap();
+    for list in &mut got {
+        list.sort();
+    }
+    got
+}
+
+fn arb_subscriber() -> impl Strategy<Value = Subscriber> {
+    let names: Vec<EventName> = EventName::all().collect();
+    let count = names.len();
+    (
+        proptest::option::of(any::<bool>()),
+        proptest::option::of(proptest::sample::subsequence(names, 0..count)),
+    )
+        .prop_map(|(restricted, names)| Subscriber {
+            restricted,
+            names: names.map_or(Names::All, Names::Only),
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Each subscriber gets exactly the events of its route and names, each once, with its
+    /// time and difference: a filter per subscriber is the reference.
+    #[test]
+    fn select_gives_each_subscriber_exactly_its_events(
+        events in proptest::collection::vec((arb_event(), any::<bool>(), 0u64..50, -2isize..3), 0..120),
+        subscribers in proptest::collection::vec(arb_subscriber(), 1..12),
+        workers in 1usize..3,
+    ) {
+        let events: Vec<(Event, u64, isize)> = events
+            .into_iter()
+            .filter(|(_, _, _, d)| *d != 0)
+            .enumerate()
+            .map(|(i, (mut e, restricted, t, d))| {
+                e.event_id = format!("e{i}");
+                if restricted {
+                    e.data_sensitivity = DataSensitivity::Restricted;
+                }
+                (e, t, d)
+            })
+            .collect();
+        let got = run_select(workers, events.clone(), subscribers.clone());
+        for (s, got) in subscribers.iter().zip(got) {
+            let mut want: Vec<(String, u64, isize)> = events
+                .iter()
+                .filter(|(e, _, _)| {
+                    s.restricted.is_none_or(|r| r == e.is_restricted())
+                        && match &s.names {
+                            Names::All => true,
+                            Names::Only(names) => names.contains(&e.event_name),
+                        }
+                })
+                .map(|(e, t, d)| (e.event_id.clone(), *t, *d))
+                .collect();
+            want.sort();
+            prop_assert_eq!(got, want);
+        }
+    }
+}
+
+/// The names the product tables read are all in the catalog.
+#[test]
+fn the_product_tables_name_catalog_events() {
+    use sightline_operators::product::{COMMAND_QUEUE_EVENTS, FEEDBACK_EVENTS, INTEGRATION_EVENTS};
+    for names in [
+        &COMMAND_QUEUE_EVENTS[..],
+        &INTEGRATION_EVENTS[..],
+        &FEEDBACK_EVENTS[..],
+    ] {
+        for name in names {
+            assert!(
+                EventName::from_name(name).is_some(),
+                "{name} is not in the catalog"
+            );
+        }
     }
 }

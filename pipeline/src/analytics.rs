@@ -12,6 +12,7 @@ use sightline_operators::alerts::AlertRules;
 use sightline_operators::funnel::{
     Breakdown, Exclusion, Field, FunnelDef, MAX_STEPS, Matcher, Order,
 };
+use sightline_operators::select::Names;
 use sightline_operators::triage::TriageRules;
 use sightline_schemas::registry::{KeptKind, Registry};
 use sightline_schemas::{EventName, Label};
@@ -452,20 +453,26 @@ fn matcher(
 }
 
 /// Which identifiers the funnels and triage follow, for the decoders' unit links (triage
-/// always follows users).
+/// always follows users), and on which events: the ones those operators read.
 pub fn link_fields(defs: &[FunnelDef]) -> sightline_ingest::LinkFields {
     let mut links = sightline_ingest::LinkFields {
         user: true,
         ..Default::default()
     };
+    let mut read = vec![TriageRules::names()];
     for d in defs {
         match d.unit {
             Field::TenantId => links.tenant = true,
             Field::UserId => links.user = true,
             Field::SessionId => links.session = true,
-            _ => {}
+            _ => continue,
         }
+        read.push(d.names());
     }
+    links.names = match Names::union(&read) {
+        Names::All => None,
+        Names::Only(names) => Some(names.into()),
+    };
     links
 }
 

@@ -19,8 +19,10 @@ use sightline_operators::funnel::{
     FunnelDef, FunnelKey, FunnelResume, Funnels, SavedFunnel, StateHooks, funnels,
 };
 use sightline_operators::product::{
-    ProductKey, Tally, command_queue, feedback, integration_health,
+    COMMAND_QUEUE_EVENTS, FEEDBACK_EVENTS, INTEGRATION_EVENTS, ProductKey, Tally, command_queue,
+    feedback, integration_health,
 };
+use sightline_operators::select::{Names, Subscriber, select};
 use sightline_operators::state::StateShard;
 use sightline_operators::triage::{SavedItem, TriageRecord, TriageRules, triage};
 use sightline_operators::{
@@ -187,40 +189,61 @@ pub fn compute<'s>(
     });
     let events = oks.as_collection();
     let dead_letters = errs.as_collection();
-    // One pass routes each record; events stay in their `Arc`, so that every aggregate shares
-    // them instead of copying them.
-    let by_route = |restricted: bool| Route::of(restricted) as u64;
-    let routed_events = events
-        .inner
-        .clone()
-        .partition(2, move |(event, time, diff)| {
-            (by_route(event.is_restricted()), (event, time, diff))
+    // One pass gives each consumer the events it reads (by route and name); events stay in
+    // their `Arc`, shared by every consumer instead of copied.
+    let only = |names: &[&str]| Names::of(names, &[]);
+    let mut readers = Vec::new();
+    for route in Route::ALL {
+        let restricted = Some(route == Route::Restricted);
+        for names in [
+            Names::All,
+            only(&INTEGRATION_EVENTS),
+            only(&COMMAND_QUEUE_EVENTS),
+            only(&FEEDBACK_EVENTS),
+        ] {
+            readers.push(Subscriber { restricted, names });
+        }
+    }
+    let funnel_names: Vec<Names> = analytics.funnels.iter().map(FunnelDef::names).collect();
+    for names in [Names::union(&funnel_names), TriageRules::names()] {
+        readers.push(Subscriber {
+            restricted: None,
+            names,
         });
+    }
+    let mut selected = select(events.inner.clone(), &readers)
+        .into_iter()
+        .map(|s| s.as_collection());
+    let mut next = || selected.next().expect("one stream per reader");
+    let by_route = |restricted: bool| Route::of(restricted) as u64;
     let routed_dead = dead_letters
         .inner
         .clone()
         .partition(2, move |(dead, time, diff)| {
             (by_route(dead.restricted), (dead, time, diff))
         });
-    let routes = Route::ALL
-        .into_iter()
-        .zip(routed_events)
-        .zip(routed_dead)
-        .map(|((route, events), dead)| {
-            let health = analytics
-                .health
-                .get(route as usize)
-                .cloned()
-                .unwrap_or_default();
-            aggregate(
-                route,
-                events.as_collection(),
-                dead.as_collection(),
-                windows,
-                (&analytics.rules, health),
-            )
-        })
-        .collect();
+    let mut routes = Vec::new();
+    for (route, dead) in Route::ALL.into_iter().zip(routed_dead) {
+        let health = analytics
+            .health
+            .get(route as usize)
+            .cloned()
+            .unwrap_or_default();
+        let events = RouteEvents {
+            all: next(),
+            integrations: next(),
+            command_queue: next(),
+            feedback: next(),
+        };
+        routes.push(aggregate(
+            route,
+            events,
+            dead.as_collection(),
+            windows,
+            (&analytics.rules, health),
+        ));
+    }
+    let (funnel_events, triage_events) = (next(), next());
     let hooks = analytics.save_every_ms.map(|every_ms| StateHooks {
         every_ms,
         outputs,
@@ -231,14 +254,14 @@ pub fn compute<'s>(
         closed: funnels,
         state: funnel_state,
     } = funnels(
-        events.clone(),
+        funnel_events,
         Arc::clone(&analytics.funnels),
         windows,
         &analytics.resume,
         hooks.as_ref(),
     );
     let (triage, triage_state) = triage(
-        events.clone(),
+        triage_events,
         analytics.triage.clone(),
         windows,
         analytics.triage_resume.clone(),
@@ -257,50 +280,63 @@ pub fn compute<'s>(
     }
 }
 
+/// The events of one route, as its aggregates read them.
+struct RouteEvents<'s> {
+    /// Every event.
+    all: VecCollection<'s, Time, Arc<Event>>,
+    /// The events [`integration_health`] reads.
+    integrations: VecCollection<'s, Time, Arc<Event>>,
+    /// The events [`command_queue`] reads.
+    command_queue: VecCollection<'s, Time, Arc<Event>>,
+    /// The events [`feedback`] reads.
+    feedback: VecCollection<'s, Time, Arc<Event>>,
+}
+
 /// Every aggregate of one route, closed.
 fn aggregate<'s>(
     route: Route,
-    events: VecCollection<'s, Time, Arc<Event>>,
+    events: RouteEvents<'s>,
     dead: VecCollection<'s, Time, DeadLetter>,
     windows: Windows,
     (rules, health_from): (&AlertRules, HealthState),
 ) -> RouteWindows<'s> {
     let name = |what: &str| format!("{what}({})", route.as_str());
     let integrations = close_windows(
-        integration_health(events.clone(), windows),
+        integration_health(events.integrations, windows),
         windows,
         &name("CloseIntegrationHealth"),
     );
+    let events_all = events.all;
     RouteWindows {
         command_queue: close_windows(
-            command_queue(events.clone(), windows),
+            command_queue(events.command_queue, windows),
             windows,
             &name("CloseCommandQueue"),
         ),
         feedback: close_windows(
-            feedback(events.clone(), windows),
+            feedback(events.feedback, windows),
             windows,
             &name("CloseFeedback"),
         ),
         health: health(integrations, windows, rules.clone(), health_from),
         route,
         event_counts: close_windows(
-            event_counts(events.clone(), windows),
+            event_counts(events_all.clone(), windows),
             windows,
             &name("CloseEventCounts"),
         ),
         latency: close_windows(
-            latency(events.clone(), windows),
+            latency(events_all.clone(), windows),
             windows,
             &name("CloseLatency"),
         ),
         latency_by_variant: close_windows(
-            latency_by_variant(events.clone(), windows),
+            latency_by_variant(events_all.clone(), windows),
             windows,
             &name("CloseLatencyByVariant"),
         ),
         quality: close_windows(
-            quality(events, dead.clone(), windows),
+            quality(events_all, dead.clone(), windows),
             windows,
             &name("CloseQuality"),
         ),

@@ -27,6 +27,13 @@
 //! println!("{summary}");
 //! ```
 
+/// The allocator of every Sightline binary (the CLI, the benchmarks, the tests): mimalloc.
+/// The decoder and the operators make many small, short-lived allocations (kept values,
+/// labels, tallies); glibc's allocator spent about a tenth of the pipeline's time on them
+/// (`benches/README.md`, "Product analytics").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod analytics;
 pub mod config;
 pub mod dataflow;

@@ -67,12 +67,13 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::Concatenate;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
-use timely::dataflow::operators::vec::Filter;
+use timely::dataflow::operators::vec::Map;
 
 pub use progress::{Chain, Entry, Matching, Progress};
 
 use crate::close::ClosedWindow;
 use crate::histogram::LatencyHistogram;
+use crate::select::{Names, Subscriber, select};
 use crate::state::{Pending, Schedule, StateShard, input_frontier};
 use crate::window::{Time, WindowKey, Windows};
 
@@ -386,6 +387,19 @@ impl FunnelDef {
         format!("funnel-{}-progress", self.name)
     }
 
+    /// The events the funnel reads: its steps' and exclusions' names, or every event in a
+    /// `strict` funnel (any event of the unit between two steps breaks a chain).
+    pub fn names(&self) -> Names {
+        if self.order == Order::Strict {
+            return Names::All;
+        }
+        let mut names: Vec<EventName> = self.steps.iter().map(|s| s.event).collect();
+        names.extend(self.exclusions.iter().map(|x| x.matcher.event));
+        names.sort_unstable();
+        names.dedup();
+        Names::Only(names)
+    }
+
     /// The touch of `event`, keyed by `(restricted, unit)`; `None` for an event that takes
     /// no part in the funnel.
     pub fn touch_of(&self, event: &Event, empty: &Breakdowns) -> Option<((bool, u64), Touch)> {
@@ -607,18 +621,27 @@ where
     let scope = events.inner.scope();
     let mut closed = Vec::new();
     let mut shards = Vec::new();
-    for (index, def) in defs.iter().enumerate() {
+    let readers: Vec<Subscriber> = defs
+        .iter()
+        .map(|def| Subscriber {
+            restricted: None,
+            names: def.names(),
+        })
+        .collect();
+    let selected = select(events.inner, &readers);
+    for ((index, def), events) in defs.iter().enumerate().zip(selected) {
         let from = resume.get(index).cloned().unwrap_or_default();
         let def = Arc::new(def.clone());
         let empty: Breakdowns = Arc::from(Vec::new());
         let of = Arc::clone(&def);
         let restored_at = from.restored_at;
         // Input before the restored frontier is in the restored state.
-        let touches = events
-            .clone()
-            .flat_map(move |e| of.touch_of(e.borrow(), &empty))
-            .inner
-            .filter(move |(_, time, _)| *time >= restored_at);
+        let touches = events.flat_map(move |(e, time, diff)| {
+            (time >= restored_at)
+                .then(|| of.touch_of(e.borrow(), &empty))
+                .flatten()
+                .map(|touch| (touch, time, diff))
+        });
         let (windows_out, state_out) =
             funnel_operator(touches, def, index as u16, windows, from, hooks);
         closed.push(windows_out);
