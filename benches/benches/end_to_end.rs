@@ -94,7 +94,13 @@ fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     match mode {
         "pipeline" => {
-            let mut config = Config::default();
+            // `SIGHTLINE_BENCH_CONFIG`: a configuration file over the defaults (the memory
+            // runs at a fixed number of active units use `benches/fixed-units.toml`).
+            let file = std::env::var_os("SIGHTLINE_BENCH_CONFIG").map(std::path::PathBuf::from);
+            let mut config = match &file {
+                Some(file) => Config::load(Some(file))?,
+                None => Config::default(),
+            };
             config.pipeline.workers = workers;
             if let Some(batch) = std::env::var("SIGHTLINE_BENCH_BATCH")
                 .ok()

@@ -1,0 +1,318 @@
+#![allow(clippy::unwrap_used)]
+
+//! Calibration of the statistics core by simulation, with fixed seeds: thousands of A/A
+//! experiments peeked at every window, SRM under the planned split, CUPED's variance against
+//! the simulated variance (with a large lift), and the power of a planted effect. Each
+//! acceptance bound is the nominal rate plus three Monte-Carlo standard errors; the naive
+//! fixed-horizon test peeked the same way is shown to break its bound, so the check can fail.
+//!
+//! The experiments go through the same code the dataflow uses: units become fixed-point
+//! [`Moments`], summed per arm, and every figure is a function of those sums.
+
+use sightline_stats::dist::normal_cdf;
+
+use sightline_stats::effect::{self, Effect};
+use sightline_stats::moments::fixed;
+use sightline_stats::sequential::{Running, Sequential};
+use sightline_stats::srm::{SRM_THRESHOLD, srm_p_value};
+use sightline_stats::{Moments, Summary};
+
+/// xoshiro256**: a small, fixed, seedable generator.
+struct Rng([u64; 4]);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        Rng([next(), next(), next(), next()])
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in (0, 1).
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// The bound a simulated rate must stay within: `p` plus three Monte-Carlo standard errors.
+fn three_se(p: f64, runs: usize) -> f64 {
+    3.0 * (p * (1.0 - p) / runs as f64).sqrt()
+}
+
+fn unit(y: f64, x: Option<f64>) -> Moments {
+    Moments::unit(fixed(y).unwrap(), x.map(|x| fixed(x).unwrap()))
+}
+
+const ALPHA: f64 = 0.05;
+const RUNS: usize = 3000;
+const LOOKS: usize = 40;
+const UNITS_PER_LOOK: usize = 50;
+
+/// One A/A experiment peeked at every window: whether the always-valid test (absolute and
+/// relative), its running interval (coverage of the true effect, 0), and the naive z-test
+/// ever rejected.
+#[derive(Default)]
+struct Outcome {
+    always_valid: bool,
+    relative: bool,
+    covered: bool,
+    naive: bool,
+}
+
+fn aa_experiment(rng: &mut Rng, test: &Sequential, draw: &dyn Fn(&mut Rng) -> f64) -> Outcome {
+    let (mut t, mut c) = (Moments::default(), Moments::default());
+    let (mut absolute, mut relative) = (Running::default(), Running::default());
+    let mut naive = false;
+    let z = sightline_stats::dist::normal_quantile(1.0 - ALPHA / 2.0);
+    for _ in 0..LOOKS {
+        for _ in 0..UNITS_PER_LOOK {
+            t = t.plus(&unit(draw(rng), None));
+            c = c.plus(&unit(draw(rng), None));
+        }
+        let (ts, cs) = (t.summary(), c.summary());
+        if let Some(d) = effect::absolute(&ts, &cs) {
+            absolute.look(
+                test.p_value(d.estimate, d.se, d.n, 0.0),
+                test.interval(d.estimate, d.se, d.n),
+            );
+            naive |= (d.estimate / d.se).abs() > z;
+        }
+        if let Some(r) = effect::relative(&ts, &cs).filter(|_| effect::relative_allowed(&cs, test))
+        {
+            relative.look(
+                test.p_value(r.estimate, r.se, r.n, 0.0),
+                test.interval(r.estimate, r.se, r.n),
+            );
+        }
+    }
+    Outcome {
+        always_valid: absolute.p_value < ALPHA,
+        relative: relative.p_value < ALPHA,
+        covered: absolute.interval.contains(0.0) && !absolute.disjoint,
+        naive,
+    }
+}
+
+fn aa_rates(seed: u64, draw: &dyn Fn(&mut Rng) -> f64) -> [f64; 4] {
+    let test = Sequential {
+        alpha: ALPHA,
+        n_star: (2 * LOOKS * UNITS_PER_LOOK) as f64 / 2.0,
+    };
+    let mut rng = Rng::new(seed);
+    let mut counts = [0usize; 4];
+    for _ in 0..RUNS {
+        let o = aa_experiment(&mut rng, &test, draw);
+        for (i, hit) in [o.always_valid, o.relative, o.covered, o.naive]
+            .into_iter()
+            .enumerate()
+        {
+            counts[i] += usize::from(hit);
+        }
+    }
+    counts.map(|n| n as f64 / RUNS as f64)
+}
+
+#[test]
+fn the_always_valid_test_holds_alpha_when_peeked_at_every_window() {
+    let bound = ALPHA + three_se(ALPHA, RUNS);
+    let coverage_bound = 1.0 - ALPHA - three_se(ALPHA, RUNS);
+    // A symmetric metric, a conversion (Bernoulli 0.1) and a skewed one (log-normal).
+    type Draw = Box<dyn Fn(&mut Rng) -> f64>;
+    let metrics: [(&str, Draw); 3] = [
+        ("normal", Box::new(|r: &mut Rng| 10.0 + 2.0 * r.normal())),
+        (
+            "conversion",
+            Box::new(|r: &mut Rng| f64::from(u8::from(r.uniform() < 0.1))),
+        ),
+        (
+            "log-normal",
+            Box::new(|r: &mut Rng| (0.8 * r.normal()).exp()),
+        ),
+    ];
+    for (seed, (name, draw)) in metrics.iter().enumerate() {
+        let [fpr, relative_fpr, coverage, naive] = aa_rates(seed as u64 + 1, draw.as_ref());
+        eprintln!(
+            "{name}: always-valid FPR {fpr:.4}, relative {relative_fpr:.4}, coverage {coverage:.4}, naive peeking {naive:.4} (bound {bound:.4})"
+        );
+        assert!(fpr <= bound, "{name}: FPR {fpr} above {bound}");
+        assert!(
+            relative_fpr <= bound,
+            "{name}: relative FPR {relative_fpr} above {bound}"
+        );
+        assert!(
+            coverage >= coverage_bound,
+            "{name}: coverage {coverage} below {coverage_bound}"
+        );
+        // The same check fails a fixed-horizon z-test peeked at every window.
+        assert!(
+            naive > bound,
+            "{name}: naive peeking {naive} within {bound}?"
+        );
+    }
+}
+
+#[test]
+fn srm_false_alarms_stay_at_the_threshold_and_a_skew_is_caught() {
+    const N: usize = 2000;
+    const SRM_RUNS: usize = 20_000;
+    let mut rng = Rng::new(7);
+    let mut alarm = |weights: &[f64], skew: f64| {
+        let total: f64 = weights.iter().sum();
+        let mut counts = vec![0i64; weights.len()];
+        for _ in 0..N {
+            let mut u = rng.uniform() * total;
+            // A skew moves that share of the first arm's units to the last arm.
+            let mut arm = weights.len() - 1;
+            for (i, w) in weights.iter().enumerate() {
+                if u < *w {
+                    arm = i;
+                    break;
+                }
+                u -= w;
+            }
+            if arm == 0 && rng.uniform() < skew {
+                arm = weights.len() - 1;
+            }
+            counts[arm] += 1;
+        }
+        srm_p_value(&counts, weights) < SRM_THRESHOLD
+    };
+    let bound = SRM_THRESHOLD + three_se(SRM_THRESHOLD, SRM_RUNS);
+    for weights in [&[1.0, 1.0][..], &[0.2, 0.4, 0.4][..]] {
+        let rate = (0..SRM_RUNS).filter(|_| alarm(weights, 0.0)).count() as f64 / SRM_RUNS as f64;
+        eprintln!("SRM false alarms {weights:?}: {rate:.5} (bound {bound:.5})");
+        assert!(rate <= bound, "{weights:?}: {rate}");
+    }
+    // 15% of control's units lost to treatment on 2,000 units: caught nearly always.
+    let caught = (0..500).filter(|_| alarm(&[1.0, 1.0], 0.15)).count();
+    assert!(caught >= 490, "{caught} of 500");
+}
+
+/// Correlated pre/post data: x ~ N(10, 2²); control y = x + N(0, ½²); the treatment adds
+/// `lift` × 10 (the control mean) to every unit. A small post-exposure noise and a large lift
+/// are where the relative variance without its covariance term undercovers (GrowthBook PR
+/// #3610).
+fn cuped_arms(rng: &mut Rng, n: usize, lift: f64) -> (Moments, Moments) {
+    let mut arm = |shift: f64| {
+        (0..n).fold(Moments::default(), |m, _| {
+            let x = 10.0 + 2.0 * rng.normal();
+            let y = x + 0.5 * rng.normal() + shift;
+            m.plus(&unit(y, Some(x)))
+        })
+    };
+    (arm(10.0 * lift), arm(0.0))
+}
+
+/// The variance GrowthBook's engine used for relative CUPED before its PR #3610: the adjusted
+/// control variance as the variance of the unadjusted denominator, no covariance term.
+fn pre_3610_variance(t: &Summary, c: &Summary, theta: f64) -> f64 {
+    let (vt, vc) = (
+        effect::adjusted_variance(t, theta),
+        effect::adjusted_variance(c, theta),
+    );
+    vt / (t.n as f64 * c.mean_y.powi(2)) + vc * t.mean_y.powi(2) / (c.n as f64 * c.mean_y.powi(4))
+}
+
+#[test]
+fn cuped_variance_matches_the_simulated_variance_even_with_a_large_lift() {
+    const CUPED_RUNS: usize = 2000;
+    let mut rng = Rng::new(11);
+    for lift in [0.0, 0.3] {
+        let (mut abs, mut rel, mut old) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut unadjusted_var, mut adjusted_var) = (0.0, 0.0);
+        for _ in 0..CUPED_RUNS {
+            let (t, c) = cuped_arms(&mut rng, 1000, lift);
+            let theta = effect::theta(&t, &c).unwrap();
+            let (ts, cs) = (t.summary(), c.summary());
+            let a: Effect = effect::cuped_absolute(&ts, &cs, theta).unwrap();
+            let r: Effect = effect::cuped_relative(&ts, &cs, theta).unwrap();
+            abs.push((a.estimate, a.se * a.se));
+            rel.push((r.estimate, r.se * r.se));
+            old.push(pre_3610_variance(&ts, &cs, theta));
+            unadjusted_var += effect::absolute(&ts, &cs).unwrap().se.powi(2);
+            adjusted_var += a.se * a.se;
+        }
+        let ratio = |v: &[(f64, f64)]| {
+            let mean = v.iter().map(|e| e.0).sum::<f64>() / v.len() as f64;
+            let empirical =
+                v.iter().map(|e| (e.0 - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64;
+            v.iter().map(|e| e.1).sum::<f64>() / v.len() as f64 / empirical
+        };
+        let (abs_ratio, rel_ratio) = (ratio(&abs), ratio(&rel));
+        let old_pairs: Vec<(f64, f64)> = rel.iter().zip(&old).map(|(r, o)| (r.0, *o)).collect();
+        let old_ratio = ratio(&old_pairs);
+        eprintln!(
+            "CUPED, lift {lift}: estimated/simulated variance absolute {abs_ratio:.3}, relative {rel_ratio:.3} (pre-#3610 formula {old_ratio:.3}); variance reduction {:.1}x",
+            unadjusted_var / adjusted_var
+        );
+        assert!((abs_ratio - 1.0).abs() < 0.10, "absolute: {abs_ratio}");
+        assert!((rel_ratio - 1.0).abs() < 0.10, "relative: {rel_ratio}");
+        assert!(
+            unadjusted_var > 2.0 * adjusted_var,
+            "CUPED reduces variance"
+        );
+        if lift > 0.0 {
+            // The omitted covariance term shows at a large lift: the old formula is off.
+            assert!(
+                (old_ratio - 1.0).abs() > 0.10,
+                "pre-#3610 ratio {old_ratio}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_planted_effect_is_detected_with_the_power_the_formulas_predict() {
+    const POWER_RUNS: usize = 2000;
+    const N: usize = 2000;
+    let test = Sequential {
+        alpha: ALPHA,
+        n_star: 4000.0,
+    };
+    // σ = 1 per unit, SE of the difference sqrt(2/N); δ puts the power near one half.
+    let se = (2.0 / N as f64).sqrt();
+    let h = test.half_width(se, 2.0 * N as f64, sightline_stats::sequential::Sides::Two);
+    let delta = h;
+    let predicted = normal_cdf((delta - h) / se) + normal_cdf((-delta - h) / se);
+    let mut rng = Rng::new(13);
+    let mut detected = 0;
+    for _ in 0..POWER_RUNS {
+        let (mut t, mut c) = (Moments::default(), Moments::default());
+        for _ in 0..N {
+            t = t.plus(&unit(delta + rng.normal(), None));
+            c = c.plus(&unit(rng.normal(), None));
+        }
+        let d = effect::absolute(&t.summary(), &c.summary()).unwrap();
+        detected += usize::from(test.p_value(d.estimate, d.se, d.n, 0.0) < ALPHA);
+    }
+    let power = detected as f64 / POWER_RUNS as f64;
+    eprintln!("power: simulated {power:.3}, predicted {predicted:.3}");
+    assert!(
+        (power - predicted).abs() <= three_se(predicted, POWER_RUNS),
+        "{power} vs {predicted}"
+    );
+}
