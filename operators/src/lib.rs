@@ -10,6 +10,7 @@
 //!   counts as accepted, rejected and late records against the platform spec's targets;
 //! - [`close`]: [`close_windows`], which emits each window once, when the frontier has passed it
 //!   (and [`close_at`], at a later horizon);
+//! - [`experiment`]: experiment exposures and per-arm sufficient statistics (`sightline-stats`);
 //! - [`funnel`]: conversion funnels, the first operator whose state spans windows;
 //! - [`state`]: snapshots of a long-horizon operator's state, for restarts;
 //! - [`product`]: command-queue, integration-health and feedback aggregates ([`product::Tally`]);
@@ -38,6 +39,7 @@
 pub mod aggregates;
 pub mod alerts;
 pub mod close;
+pub mod experiment;
 pub mod funnel;
 pub mod histogram;
 pub mod product;

@@ -1,0 +1,318 @@
+#![allow(clippy::unwrap_used)]
+
+//! The experiment operator against a naive reference: random events of a few units on both
+//! routes, with assignments that sometimes change arm, arriving out of order within the
+//! lateness, in random batches, on 1–3 workers. The per-arm sums the operator's collection
+//! accumulates, before any time and in the end, must equal a batch recomputation of the
+//! semantics from the whole log, exactly; so must the exposure counts.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use differential_dataflow::input::Input;
+use proptest::prelude::*;
+use sightline_operators::Windows;
+use sightline_operators::experiment::{
+    ArmKey, ExperimentDef, ExposureKey, Metric, MetricKind, experiments,
+};
+use sightline_operators::funnel::fnv1a;
+use sightline_schemas::{
+    DataSensitivity, Event, EventName, Kept, KeptValue, Label, Links, Measure, PiiClassification,
+    Platform, PrivacyCounts, Source,
+};
+use sightline_stats::Moments;
+use timely::dataflow::operators::Inspect;
+
+const TICK: u64 = 1000;
+const BASE: u64 = 1_769_178_600_000;
+const WIDTH: u64 = 60_000;
+const WITHIN: u64 = 60_000;
+const NAMES: [&str; 3] = ["project_viewed", "project_created", "task_assigned"];
+const ARMS: [&str; 2] = ["control", "treatment"];
+
+#[derive(Clone, Debug)]
+struct Raw {
+    tenant: u64,
+    user: u64,
+    at_ms: u64,
+    name: usize,
+    /// None: no assignment; Some(true): the unit's usual arm; Some(false): the other one.
+    assigned: Option<bool>,
+    score: i64,
+    restricted: bool,
+    id: usize,
+}
+
+impl Raw {
+    fn arm(&self) -> Option<&'static str> {
+        let usual = ((self.tenant + self.user) % 2) as usize;
+        self.assigned
+            .map(|usual_arm| ARMS[if usual_arm { usual } else { 1 - usual }])
+    }
+}
+
+fn event_of(r: &Raw) -> Event {
+    let event_name = EventName::from_name(NAMES[r.name]).unwrap();
+    let assignments: Vec<(Label, Label)> = r
+        .arm()
+        .map(|arm| vec![(Label::from("exp_a"), Label::from(arm))])
+        .unwrap_or_default();
+    Event {
+        event_time_ms: r.at_ms as i64,
+        event_name,
+        event_type: event_name.spec().event_type,
+        event_id: format!("id-{}", r.id),
+        source: Source::Server,
+        platform: Platform::Web,
+        app_version: "1".into(),
+        tenant_id: "t".try_into().unwrap(),
+        user_id: "u".try_into().unwrap(),
+        session_id: "s".try_into().unwrap(),
+        links: Links {
+            tenant: r.tenant,
+            user: r.user,
+            session: 0,
+        },
+        user_role: None,
+        country: None,
+        kept: Kept::new(vec![(
+            Label::from("score"),
+            KeptValue::Measure(Measure(r.score * 1_000_000)),
+        )]),
+        feature_area: "projects".into(),
+        workflow_name: None,
+        surface: None,
+        experiment_assignments: assignments.into(),
+        pii_classification: PiiClassification::None,
+        data_sensitivity: if r.restricted {
+            DataSensitivity::Restricted
+        } else {
+            DataSensitivity::Internal
+        },
+        latency_us: None,
+        privacy: PrivacyCounts::default(),
+    }
+}
+
+fn defs() -> Arc<[ExperimentDef]> {
+    let name = |n: &str| EventName::from_name(n).unwrap();
+    Arc::from(vec![ExperimentDef {
+        id: Label::from("exp_a"),
+        metrics: vec![
+            Metric {
+                name: Label::from("created"),
+                kind: MetricKind::Count {
+                    event: name("project_created"),
+                },
+            },
+            Metric {
+                name: Label::from("score"),
+                kind: MetricKind::Sum {
+                    event: name("task_assigned"),
+                    field: Label::from("score"),
+                },
+            },
+            Metric {
+                name: Label::from("converted"),
+                kind: MetricKind::Conversion {
+                    event: name("project_created"),
+                    within_ms: WITHIN,
+                },
+            },
+        ],
+    }])
+}
+
+fn arb_raw() -> impl Strategy<Value = Raw> {
+    (
+        1u64..=2,
+        1u64..=3,
+        0u64..1200,
+        0usize..3,
+        proptest::option::weighted(0.5, proptest::bool::weighted(0.9)),
+        0i64..5,
+        proptest::bool::weighted(0.15),
+    )
+        .prop_map(|(tenant, user, q, name, assigned, score, restricted)| Raw {
+            tenant,
+            user,
+            at_ms: BASE + q * 250,
+            name,
+            assigned,
+            score,
+            restricted,
+            id: 0,
+        })
+}
+
+type Stats = BTreeMap<ArmKey, Moments>;
+type Exposures = BTreeMap<ExposureKey, isize>;
+
+/// The semantics from the whole log, counting only events before `until` (ms).
+fn reference(log: &[Raw], until: u64) -> (Stats, Exposures) {
+    let mut by_unit: BTreeMap<(u64, u64), Vec<&Raw>> = BTreeMap::new();
+    for r in log.iter().filter(|r| !r.restricted && r.at_ms < until) {
+        by_unit.entry((r.tenant, r.user)).or_default().push(r);
+    }
+    let (mut stats, mut exposures) = (Stats::new(), Exposures::new());
+    let window = |at: u64| at / WIDTH * WIDTH;
+    for events in by_unit.values_mut() {
+        events.sort_by_key(|r| (r.at_ms, fnv1a(format!("id-{}", r.id).as_bytes())));
+        let Some(first) = events.iter().position(|r| r.arm().is_some()) else {
+            continue;
+        };
+        let (arm, exposed_at) = (events[first].arm().unwrap(), events[first].at_ms);
+        *exposures
+            .entry(ExposureKey {
+                window_start_ms: window(exposed_at),
+                experiment: "exp_a".into(),
+                arm: arm.into(),
+                multiple: false,
+            })
+            .or_default() += 1;
+        let mut multiple = false;
+        let (mut created, mut score, mut converted) = (0i64, 0i64, 0i64);
+        for r in &events[first..] {
+            if r.arm().is_some_and(|a| a != arm) {
+                *exposures
+                    .entry(ExposureKey {
+                        window_start_ms: window(r.at_ms),
+                        experiment: "exp_a".into(),
+                        arm: arm.into(),
+                        multiple: true,
+                    })
+                    .or_default() += 1;
+                multiple = true;
+                break;
+            }
+            match NAMES[r.name] {
+                "project_created" => {
+                    created += 1;
+                    if r.at_ms <= exposed_at + WITHIN {
+                        converted = 1;
+                    }
+                }
+                "task_assigned" => score += r.score,
+                _ => {}
+            }
+        }
+        if multiple {
+            continue;
+        }
+        for (metric, value) in [
+            ("created", created),
+            ("score", score),
+            ("converted", converted),
+        ] {
+            let key = ArmKey {
+                experiment: "exp_a".into(),
+                metric: metric.into(),
+                arm: arm.into(),
+            };
+            let entry = stats.entry(key).or_default();
+            *entry = entry.plus(&Moments::unit(value * 1_000_000, None));
+        }
+    }
+    (stats, exposures)
+}
+
+/// Every output update with its time.
+#[derive(Default)]
+struct Outputs {
+    stats: Vec<(ArmKey, u64, Moments)>,
+    exposures: Vec<(ExposureKey, u64, isize)>,
+}
+
+fn run(mut log: Vec<(Raw, u64)>, batches: Vec<usize>, workers: usize) -> Outputs {
+    log.sort_by_key(|(r, arrival)| (*arrival, r.id));
+    let (log, batches) = (Arc::new(log), Arc::new(batches));
+    let got: Arc<Mutex<Outputs>> = Arc::default();
+    let out = Arc::clone(&got);
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let windows = Windows::new(WIDTH);
+        let (a, b) = (Arc::clone(&out), Arc::clone(&out));
+        let mut input = worker.dataflow::<u64, _, _>(|scope| {
+            let (input, events) = scope.new_collection::<Event, isize>();
+            let out = experiments(events, defs(), windows);
+            out.stats.inner.inspect(move |(k, t, m)| {
+                a.lock().unwrap().stats.push((k.clone(), *t, *m));
+            });
+            out.exposures.inner.inspect(move |(k, t, n)| {
+                b.lock().unwrap().exposures.push((k.clone(), *t, *n));
+            });
+            input
+        });
+        let (index, peers) = (worker.index(), worker.peers());
+        let (mut position, mut batch) = (0, 0);
+        while position < log.len() {
+            let size = batches[batch % batches.len()].max(1);
+            batch += 1;
+            let end = (position + size).min(log.len());
+            for i in (position..end).filter(|i| i % peers == index) {
+                let raw = &log[i].0;
+                input.update_at(event_of(raw), raw.at_ms / TICK * TICK, 1);
+            }
+            if end < log.len() {
+                let frontier = log[end].1.saturating_sub(20_000) / TICK * TICK;
+                if frontier > *input.time() {
+                    input.advance_to(frontier);
+                }
+            }
+            input.flush();
+            worker.step();
+            position = end;
+        }
+    })
+    .unwrap();
+    Arc::try_unwrap(got).ok().unwrap().into_inner().unwrap()
+}
+
+/// The accumulation of `updates` before time `until`, zeros left out.
+fn accumulate<K: Ord + Clone, R: differential_dataflow::difference::Semigroup + Clone>(
+    updates: &[(K, u64, R)],
+    until: u64,
+) -> BTreeMap<K, R> {
+    let mut out: BTreeMap<K, R> = BTreeMap::new();
+    for (k, _, r) in updates.iter().filter(|u| u.1 < until) {
+        match out.get_mut(k) {
+            Some(acc) => acc.plus_equals(r),
+            None => {
+                out.insert(k.clone(), r.clone());
+            }
+        }
+    }
+    out.retain(|_, r| !r.is_zero());
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn per_arm_sums_equal_the_batch_recomputation(
+        raws in proptest::collection::vec(arb_raw(), 0..80),
+        jitter in proptest::collection::vec(0u64..20_000, 1..16),
+        batches in proptest::collection::vec(1usize..12, 1..6),
+        workers in 1usize..4,
+        cut in 0u64..300_000,
+    ) {
+        let log: Vec<(Raw, u64)> = raws
+            .into_iter()
+            .enumerate()
+            .map(|(id, mut r)| {
+                r.id = id;
+                let arrival = r.at_ms + jitter[id % jitter.len()];
+                (r, arrival)
+            })
+            .collect();
+        let raws: Vec<Raw> = log.iter().map(|(r, _)| r.clone()).collect();
+        let out = run(log, batches, workers);
+        // Before a cut (a tick boundary) and in the end.
+        let cut = BASE + cut / TICK * TICK;
+        for until in [cut, u64::MAX] {
+            let (stats, exposures) = reference(&raws, until);
+            prop_assert_eq!(accumulate(&out.stats, until), stats, "stats before {}", until);
+            prop_assert_eq!(accumulate(&out.exposures, until), exposures, "exposures before {}", until);
+        }
+    }
+}
