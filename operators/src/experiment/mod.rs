@@ -39,6 +39,10 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 
+pub mod results;
+
+pub use results::{Analysis, Decision, Guardrail, Inference, ResultRow, Results, results};
+
 use crate::funnel::fnv1a;
 use crate::state::{Pending, input_frontier};
 use crate::window::{Time, Windows};
