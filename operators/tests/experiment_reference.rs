@@ -13,8 +13,9 @@ use differential_dataflow::input::Input;
 use proptest::prelude::*;
 use sightline_operators::Windows;
 use sightline_operators::experiment::{
-    ArmKey, ExperimentDef, ExposureKey, Metric, MetricKind, experiments,
+    ArmKey, ExperimentDef, ExposureKey, Metric, MetricKind, Setup, experiments,
 };
+use sightline_operators::funnel::Resume;
 use sightline_operators::funnel::fnv1a;
 use sightline_schemas::{
     DataSensitivity, Event, EventName, Kept, KeptValue, Label, Links, Measure, PiiClassification,
@@ -94,9 +95,9 @@ fn event_of(r: &Raw) -> Event {
     }
 }
 
-fn defs() -> Arc<[ExperimentDef]> {
+fn setup() -> Arc<Setup> {
     let name = |n: &str| EventName::from_name(n).unwrap();
-    Arc::from(vec![ExperimentDef {
+    let defs = vec![ExperimentDef {
         id: Label::from("exp_a"),
         metrics: vec![
             Metric {
@@ -120,7 +121,11 @@ fn defs() -> Arc<[ExperimentDef]> {
                 },
             },
         ],
-    }])
+    }];
+    Arc::new(Setup {
+        defs,
+        ..Setup::default()
+    })
 }
 
 fn arb_raw() -> impl Strategy<Value = Raw> {
@@ -233,7 +238,7 @@ fn run(mut log: Vec<(Raw, u64)>, batches: Vec<usize>, workers: usize) -> Outputs
         let (a, b) = (Arc::clone(&out), Arc::clone(&out));
         let mut input = worker.dataflow::<u64, _, _>(|scope| {
             let (input, events) = scope.new_collection::<Event, isize>();
-            let out = experiments(events, defs(), windows);
+            let out = experiments(events, setup(), windows, Resume::default(), None);
             out.stats.inner.inspect(move |(k, t, m)| {
                 a.lock().unwrap().stats.push((k.clone(), *t, *m));
             });

@@ -21,9 +21,13 @@
 //! of that time, exactly, whatever the arrival order or the number of workers. Exposures
 //! are a second collection, counted in the window of the exposing event.
 //!
-//! Like the funnels, the operator runs on worker 0 and applies its input once the frontier has
-//! passed it, in sequence order ([`crate::state::Pending`]). A unit's state lives as long as
-//! the experiment (a few dozen bytes per unit and experiment).
+//! **Results.** The same operator applies its input window by window, once the frontier has
+//! passed a window's end, in sequence order ([`crate::state::Pending`]); it adds every update of
+//! the collection to the experiment's cumulative sums and then looks at them
+//! ([`results::look`]): result rows at every window, guardrail decisions at every sampling
+//! interval. One operator holds both halves so that one snapshot covers them: saved state
+//! (units, sums, looks) is as of one frontier, like the funnels'. It runs on worker 0. A
+//! unit's state lives as long as the experiment (a few dozen bytes per unit and experiment).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -34,17 +38,21 @@ use sightline_schemas::{Event, EventName, Label};
 use sightline_stats::Moments;
 use smallvec::SmallVec;
 use timely::container::CapacityContainerBuilder;
+use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::vec::Map;
 
 pub mod results;
 
-pub use results::{Analysis, Decision, Guardrail, Inference, ResultRow, Results, results};
+pub use results::{Analysis, Decision, Guardrail, Inference, ResultRow, ResultState, Tracked};
 
+use crate::close::ClosedWindow;
+use crate::funnel::Resume;
 use crate::funnel::fnv1a;
-use crate::state::{Pending, input_frontier};
+use crate::state::{Pending, Schedule, StateHooks, StateShard, input_frontier};
 use crate::window::{Time, Windows};
 
 /// Fixed-point scale of metric values (millionths), as [`sightline_stats::moments::SCALE`].
@@ -84,6 +92,15 @@ pub struct Metric {
 }
 
 impl Metric {
+    /// Whether the metric reads events named `name`.
+    pub fn reads(&self, name: EventName) -> bool {
+        match &self.kind {
+            MetricKind::Count { event }
+            | MetricKind::Sum { event, .. }
+            | MetricKind::Conversion { event, .. } => *event == name,
+        }
+    }
+
     /// The value `event` adds to a unit whose value is `value`, exposed at `exposed_at`.
     fn apply(&self, value: i64, event: &Event, at_ms: u64, exposed_at: u64) -> i64 {
         match &self.kind {
@@ -148,176 +165,427 @@ pub struct Experiments<'s> {
     pub stats: VecCollection<'s, Time, ArmKey, Moments>,
     /// Exposures per window and arm.
     pub exposures: VecCollection<'s, Time, ExposureKey, isize>,
+    /// `experiment_results` rows, one closed window each.
+    pub results: StreamVec<'s, Time, ClosedWindow<ResultRow, isize>>,
+    /// Guardrail decisions, one closed window each (those that end a sampling interval).
+    pub decisions: StreamVec<'s, Time, ClosedWindow<Decision, isize>>,
+    /// Snapshots of the state (worker 0), when saving.
+    pub state: Option<StreamVec<'s, Time, StateShard<Saved>>>,
 }
 
 /// One unit's state in one experiment.
-#[derive(Clone, Debug)]
-struct Exposure {
-    arm: Label,
-    exposed_at: u64,
-    multiple: bool,
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Exposure {
+    /// The arm it was first exposed to.
+    pub arm: Label,
+    /// When, ms.
+    pub exposed_at: u64,
+    /// Seen in another arm since: left out of the analysis.
+    pub multiple: bool,
     /// One value per metric, in millionths.
-    values: SmallVec<[i64; 4]>,
+    pub values: SmallVec<[i64; 4]>,
 }
 
 /// A unit: (tenant link, user link).
-type Unit = (u64, u64);
+pub type Unit = (u64, u64);
 
-/// The per-arm statistics and exposures of `defs` over `events` (standard-route events with
-/// their tenant and user links; others are left out).
+/// A record of the saved state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Saved {
+    /// A unit's exposure to an experiment.
+    Unit(Unit, Label, Exposure),
+    /// An experiment's sums and looks.
+    Experiment(Label, Box<Tracked>),
+    /// A closed window's rows and decisions not known to be written: written again.
+    Closed(u64, Vec<ResultRow>, Vec<Decision>),
+    /// The next window to look at.
+    Next(u64),
+}
+
+/// What the experiments are: their definitions (undeclared ones get `default_metrics`) and
+/// analyses.
+#[derive(Clone, Debug, Default)]
+pub struct Setup {
+    /// Declared experiments.
+    pub defs: Vec<ExperimentDef>,
+    /// Metrics of an experiment seen in `experiment_assignments` without a declaration;
+    /// `None`: undeclared experiments are not analysed.
+    pub default_metrics: Option<Vec<Metric>>,
+    /// Analyses by experiment id (others get [`Analysis::default`]).
+    pub analyses: BTreeMap<Label, Analysis>,
+    /// A fingerprint of all of it, saved with the state.
+    pub definition: u64,
+}
+
+impl Setup {
+    /// Whether `event` can matter: it carries assignments, or a metric reads its name.
+    pub fn reads(&self, event: &Event) -> bool {
+        !event.experiment_assignments.is_empty()
+            || self
+                .defs
+                .iter()
+                .flat_map(|d| &d.metrics)
+                .chain(self.default_metrics.iter().flatten())
+                .any(|m| m.reads(event.event_name))
+    }
+
+    /// The metrics of experiment `id`, if it is analysed.
+    fn metrics_of(&self, id: &Label) -> Option<&[Metric]> {
+        match self.defs.iter().find(|d| d.id == *id) {
+            Some(d) => Some(&d.metrics),
+            None => self.default_metrics.as_deref(),
+        }
+    }
+}
+
+/// Per unit: its exposures, by experiment.
+type UnitState = SmallVec<[(Label, Exposure); 1]>;
+
+/// Applies `event` to `unit`'s state: the updates of the per-arm statistics and of the
+/// exposures, each through `emit`.
+fn apply(
+    setup: &Setup,
+    state: &mut UnitState,
+    event: &Event,
+    windows: Windows,
+    stats: &mut impl FnMut(ArmKey, Moments),
+    exposures: &mut impl FnMut(ExposureKey),
+) {
+    let at_ms = event.event_time_ms.max(0) as u64;
+    // Experiments the unit was exposed to before this event (the event updates them).
+    let before = state.len();
+    // Assignments to experiments the unit has not seen yet expose it.
+    for (id, arm) in event.experiment_assignments.iter() {
+        if state.iter().any(|(e, _)| e == id) {
+            continue;
+        }
+        let Some(metrics) = setup.metrics_of(id) else {
+            continue;
+        };
+        let values: SmallVec<[i64; 4]> = metrics
+            .iter()
+            .map(|m| m.apply(0, event, at_ms, at_ms))
+            .collect();
+        for (metric, value) in metrics.iter().zip(&values) {
+            stats(
+                ArmKey {
+                    experiment: id.clone(),
+                    metric: metric.name.clone(),
+                    arm: arm.clone(),
+                },
+                Moments::unit(*value, None),
+            );
+        }
+        exposures(ExposureKey {
+            window_start_ms: windows.start_of(at_ms),
+            experiment: id.clone(),
+            arm: arm.clone(),
+            multiple: false,
+        });
+        state.push((
+            id.clone(),
+            Exposure {
+                arm: arm.clone(),
+                exposed_at: at_ms,
+                multiple: false,
+                values,
+            },
+        ));
+    }
+    // (An experiment this event exposed the unit to has the event's contribution already.)
+    for (id, exposure) in state.iter_mut().take(before) {
+        if exposure.multiple {
+            continue;
+        }
+        let Some(metrics) = setup.metrics_of(id) else {
+            continue;
+        };
+        let key = |metric: &Metric| ArmKey {
+            experiment: id.clone(),
+            metric: metric.name.clone(),
+            arm: exposure.arm.clone(),
+        };
+        let assigned = event
+            .experiment_assignments
+            .iter()
+            .find(|(e, _)| e == id)
+            .map(|(_, arm)| arm);
+        if let Some(other) = assigned
+            && *other != exposure.arm
+        {
+            exposure.multiple = true;
+            for (metric, value) in metrics.iter().zip(&exposure.values) {
+                stats(key(metric), Moments::unit(*value, None).negated());
+            }
+            exposures(ExposureKey {
+                window_start_ms: windows.start_of(at_ms),
+                experiment: id.clone(),
+                arm: exposure.arm.clone(),
+                multiple: true,
+            });
+            continue;
+        }
+        for (metric, value) in metrics.iter().zip(exposure.values.iter_mut()) {
+            let new = metric.apply(*value, event, at_ms, exposure.exposed_at);
+            if new != *value {
+                stats(key(metric), Moments::unit(*value, None).negated());
+                stats(key(metric), Moments::unit(new, None));
+                *value = new;
+            }
+        }
+    }
+}
+
+/// The experiments of `setup` over `events` (standard-route events with their tenant and
+/// user links; others are left out), resuming from `resume`, saving state with `hooks`.
 pub fn experiments<'s, E>(
     events: VecCollection<'s, Time, E>,
-    defs: Arc<[ExperimentDef]>,
+    setup: Arc<Setup>,
     windows: Windows,
+    resume: Resume<Saved>,
+    hooks: Option<&StateHooks>,
 ) -> Experiments<'s>
 where
-    E: std::borrow::Borrow<Event> + Clone + 'static,
+    E: std::borrow::Borrow<Event> + Into<Arc<Event>> + Clone + 'static,
 {
     let scope = events.inner.scope();
     let worker = scope.index();
-    use timely::dataflow::operators::vec::Map;
-    let units = events.inner.flat_map(|(e, time, diff)| {
+    let restored_at = resume.restored_at;
+    let reads = Arc::clone(&setup);
+    let units = events.inner.flat_map(move |(e, time, diff)| {
         let event: &Event = e.borrow();
         let unit = (event.links.tenant, event.links.user);
-        (!event.is_restricted() && unit.0 != 0 && unit.1 != 0)
-            .then(|| ((unit, Arc::new(event.clone())), time, diff))
+        (time >= restored_at
+            && !event.is_restricted()
+            && unit.0 != 0
+            && unit.1 != 0
+            && reads.reads(event))
+        .then(|| ((unit, e.into()), time, diff))
     });
     let mut builder = OperatorBuilder::new("Experiments".to_owned(), scope);
+    let activator = scope.activator_for(builder.operator_info().address);
     let to_first = Exchange::new(|_: &((Unit, Arc<Event>), Time, isize)| 0u64);
     let mut input = builder.new_input(units, to_first);
     let (stats_out, stats) = builder.new_output::<Vec<(ArmKey, Time, Moments)>>();
     let (exposures_out, exposures) = builder.new_output::<Vec<(ExposureKey, Time, isize)>>();
+    let (results_out, results) = builder.new_output::<Vec<ClosedWindow<ResultRow, isize>>>();
+    let (decisions_out, decisions) = builder.new_output::<Vec<ClosedWindow<Decision, isize>>>();
+    let (state_out, state) = builder.new_output::<Vec<StateShard<Saved>>>();
     let mut stats_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(stats_out);
     let mut exposures_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(exposures_out);
-    builder.build(move |_capabilities| {
-        let mut units: HashMap<Unit, SmallVec<[Option<Exposure>; 1]>, foldhash::fast::RandomState> =
-            HashMap::default();
+    let mut results_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(results_out);
+    let mut decisions_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(decisions_out);
+    let mut state_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(state_out);
+    let hooks = hooks.cloned();
+    let saving = hooks.is_some();
+    let definition = setup.definition;
+    builder.build(move |capabilities| {
+        let first = worker == 0;
+        let mut capabilities = capabilities.into_iter();
+        let held: Vec<Option<Capability<Time>>> = (0..4)
+            .map(|_| capabilities.next().filter(|_| first))
+            .collect();
+        let mut schedule =
+            Schedule::new(capabilities.next().filter(|_| first && saving), restored_at);
+        // Capabilities to emit the rows and decisions of the next window (worker 0).
+        let mut window_caps: Option<(Capability<Time>, Capability<Time>)> = None;
+        let mut restore_caps = held;
+        let mut units: HashMap<Unit, UnitState, foldhash::fast::RandomState> = HashMap::default();
+        let mut tracked: BTreeMap<Label, Tracked> = BTreeMap::new();
         let mut pending: Pending<(Unit, Arc<Event>, Time)> = Pending::default();
-        // Capabilities (one per output) for every time with pending input: what an event
-        // changes goes out at its time.
+        // Capabilities (stats, exposures) for every time with pending input.
         let mut caps: BTreeMap<Time, (Capability<Time>, Capability<Time>)> = BTreeMap::new();
-        let mut applied_to: Time = 0;
+        // The next window to look at, and the newest time with input.
+        let mut next_start: Option<u64> = None;
+        let mut last_data: Time = 0;
+        // Closed windows whose rows are not known to be written: end → (rows, decisions).
+        let mut unwritten: BTreeMap<u64, (Vec<ResultRow>, Vec<Decision>)> = BTreeMap::new();
+        let mut restored = Some(resume.restored);
         move |frontiers| {
             let mut stats_out = stats_out.activate();
             let mut exposures_out = exposures_out.activate();
+            let mut results_out = results_out.activate();
+            let mut decisions_out = decisions_out.activate();
+            let mut state_out = state_out.activate();
+            if let Some(records) = restored.take()
+                && first
+            {
+                for (record, _) in records {
+                    match record {
+                        Saved::Unit(unit, id, exposure) => {
+                            units.entry(unit).or_default().push((id, exposure));
+                        }
+                        Saved::Experiment(id, t) => {
+                            tracked.insert(id, *t);
+                        }
+                        Saved::Closed(end, rows, decided) => {
+                            unwritten.insert(end, (rows, decided));
+                        }
+                        Saved::Next(start) => next_start = Some(start),
+                    }
+                }
+                // Rows not known to be written are written again.
+                if let (Some(rc), Some(dc)) = (restore_caps[2].as_ref(), restore_caps[3].as_ref()) {
+                    for (&end, (rows, decided)) in &unwritten {
+                        let start = end - windows.width_ms();
+                        let at = end - 1;
+                        if !rows.is_empty() {
+                            results_out.session(&rc.delayed(&at)).give(ClosedWindow {
+                                window_start_ms: start,
+                                window_end_ms: end,
+                                entries: rows.iter().map(|r| (r.clone(), 1)).collect(),
+                            });
+                        }
+                        if !decided.is_empty() {
+                            decisions_out.session(&dc.delayed(&at)).give(ClosedWindow {
+                                window_start_ms: start,
+                                window_end_ms: end,
+                                entries: decided.iter().map(|d| (d.clone(), 1)).collect(),
+                            });
+                        }
+                    }
+                }
+                if let (Some(start), Some(rc), Some(dc)) = (
+                    next_start,
+                    restore_caps[2].as_ref(),
+                    restore_caps[3].as_ref(),
+                ) {
+                    let at = (windows.end_of(start) - 1).max(*rc.time());
+                    window_caps = Some((rc.delayed(&at), dc.delayed(&at)));
+                }
+            }
+            restore_caps = vec![None, None, None, None];
             input.for_each(|cap, data| {
                 for ((unit, event), time, diff) in data.drain(..) {
                     caps.entry(time)
                         .or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1)));
+                    let start = windows.start_of(time);
+                    let at = windows.end_of(start) - 1;
+                    if window_caps.as_ref().is_none_or(|(c, _)| *c.time() > at) {
+                        window_caps = Some((cap.delayed(&at, 2), cap.delayed(&at, 3)));
+                    }
+                    if next_start.is_none_or(|s| start < s) {
+                        next_start = Some(start);
+                    }
+                    last_data = last_data.max(time);
                     pending.add(time, (unit, event, time), diff);
                 }
             });
-            if worker != 0 {
+            if !first {
                 caps.clear();
+                window_caps = None;
                 return;
             }
             let frontier = input_frontier(frontiers);
-            if frontier <= applied_to && frontier != Time::MAX {
-                return;
-            }
-            let ready = pending.take_before(frontier, |(_, e, _)| {
-                (e.event_time_ms, fnv1a(e.event_id.as_bytes()))
-            });
-            for (unit, event, time) in ready {
-                let Some((stats_cap, exposures_cap)) = caps.get(&time) else {
-                    continue;
-                };
-                let mut stats = stats_out.session(stats_cap);
-                let mut exposed = exposures_out.session(exposures_cap);
-                let state = units
-                    .entry(unit)
-                    .or_insert_with(|| SmallVec::from_elem(None, defs.len()));
-                let at_ms = event.event_time_ms.max(0) as u64;
-                for (def, slot) in defs.iter().zip(state.iter_mut()) {
-                    let assigned = event
-                        .experiment_assignments
-                        .iter()
-                        .find(|(id, _)| *id == def.id)
-                        .map(|(_, arm)| arm);
-                    let key = |metric: &Metric, arm: &Label| ArmKey {
-                        experiment: def.id.clone(),
-                        metric: metric.name.clone(),
-                        arm: arm.clone(),
-                    };
-                    match slot {
-                        None => {
-                            let Some(arm) = assigned else { continue };
-                            let values: SmallVec<[i64; 4]> = def
-                                .metrics
-                                .iter()
-                                .map(|m| m.apply(0, &event, at_ms, at_ms))
-                                .collect();
-                            for (metric, value) in def.metrics.iter().zip(&values) {
-                                stats.give((key(metric, arm), time, Moments::unit(*value, None)));
-                            }
-                            exposed.give((
-                                ExposureKey {
-                                    window_start_ms: windows.start_of(at_ms),
-                                    experiment: def.id.clone(),
-                                    arm: arm.clone(),
-                                    multiple: false,
-                                },
-                                time,
-                                1,
-                            ));
-                            *slot = Some(Exposure {
-                                arm: arm.clone(),
-                                exposed_at: at_ms,
-                                multiple: false,
-                                values,
+            let mut applied_to = restored_at;
+            if let Some(mut start) = next_start {
+                loop {
+                    let end = windows.end_of(start);
+                    if end > frontier || (frontier == Time::MAX && start > last_data) {
+                        break;
+                    }
+                    let ready = pending.take_before(end, |(_, e, _)| {
+                        (e.event_time_ms, fnv1a(e.event_id.as_bytes()))
+                    });
+                    for (unit, event, time) in ready {
+                        let Some((sc, ec)) = caps.get(&time) else {
+                            continue;
+                        };
+                        let mut stats = stats_out.session(sc);
+                        let mut exposed = exposures_out.session(ec);
+                        let state = units.entry(unit).or_default();
+                        apply(
+                            &setup,
+                            state,
+                            &event,
+                            windows,
+                            &mut |key, m| {
+                                tracked.entry(key.experiment.clone()).or_default().add(
+                                    &key.metric,
+                                    &key.arm,
+                                    &m,
+                                    start,
+                                );
+                                stats.give((key, time, m));
+                            },
+                            &mut |key| exposed.give((key, time, 1)),
+                        );
+                    }
+                    let (mut rows, mut decided) = (Vec::new(), Vec::new());
+                    for (id, t) in tracked.iter_mut() {
+                        let default = Analysis::default();
+                        let analysis = setup.analyses.get(id).unwrap_or(&default);
+                        results::look(id, t, analysis, start, end, &mut rows, &mut decided);
+                    }
+                    if let Some((rc, dc)) = window_caps.as_mut() {
+                        let at = end - 1;
+                        rc.downgrade(&at);
+                        dc.downgrade(&at);
+                        if !rows.is_empty() {
+                            results_out.session(rc).give(ClosedWindow {
+                                window_start_ms: start,
+                                window_end_ms: end,
+                                entries: rows.iter().map(|r| (r.clone(), 1)).collect(),
                             });
                         }
-                        Some(exposure) if exposure.multiple => {}
-                        Some(exposure) => {
-                            if let Some(other) = assigned
-                                && *other != exposure.arm
-                            {
-                                exposure.multiple = true;
-                                for (metric, value) in def.metrics.iter().zip(&exposure.values) {
-                                    stats.give((
-                                        key(metric, &exposure.arm),
-                                        time,
-                                        Moments::unit(*value, None).negated(),
-                                    ));
-                                }
-                                exposed.give((
-                                    ExposureKey {
-                                        window_start_ms: windows.start_of(at_ms),
-                                        experiment: def.id.clone(),
-                                        arm: exposure.arm.clone(),
-                                        multiple: true,
-                                    },
-                                    time,
-                                    1,
-                                ));
-                                continue;
-                            }
-                            for (metric, value) in
-                                def.metrics.iter().zip(exposure.values.iter_mut())
-                            {
-                                let new = metric.apply(*value, &event, at_ms, exposure.exposed_at);
-                                if new != *value {
-                                    let k = key(metric, &exposure.arm);
-                                    stats.give((
-                                        k.clone(),
-                                        time,
-                                        Moments::unit(*value, None).negated(),
-                                    ));
-                                    stats.give((k, time, Moments::unit(new, None)));
-                                    *value = new;
-                                }
-                            }
+                        if !decided.is_empty() {
+                            decisions_out.session(dc).give(ClosedWindow {
+                                window_start_ms: start,
+                                window_end_ms: end,
+                                entries: decided.iter().map(|d| (d.clone(), 1)).collect(),
+                            });
                         }
                     }
+                    if saving && !(rows.is_empty() && decided.is_empty()) {
+                        unwritten.insert(end, (rows, decided));
+                    }
+                    start = end;
+                }
+                next_start = Some(start);
+                applied_to = applied_to.max(start);
+                caps = caps.split_off(&start);
+                if frontier == Time::MAX {
+                    window_caps = None;
+                } else if let Some((rc, dc)) = window_caps.as_mut() {
+                    let at = windows.end_of(start) - 1;
+                    rc.downgrade(&at);
+                    dc.downgrade(&at);
                 }
             }
-            applied_to = frontier;
-            // Times before the frontier have no input left.
-            caps = caps.split_off(&frontier);
+            let Some(hooks) = hooks.as_ref() else {
+                return;
+            };
+            let written = hooks.written();
+            unwritten.retain(|end, _| *end > written);
+            if !schedule.due(applied_to, frontier, hooks, &activator) {
+                return;
+            }
+            let s = applied_to;
+            let mut records: Vec<(Saved, Time)> = Vec::new();
+            for (unit, state) in &units {
+                for (id, exposure) in state {
+                    records.push((Saved::Unit(*unit, id.clone(), exposure.clone()), s));
+                }
+            }
+            for (id, t) in &tracked {
+                records.push((Saved::Experiment(id.clone(), Box::new(t.clone())), s));
+            }
+            for (end, (rows, decided)) in &unwritten {
+                records.push((Saved::Closed(*end, rows.clone(), decided.clone()), s));
+            }
+            if let Some(start) = next_start {
+                records.push((Saved::Next(start), s));
+            }
+            schedule.take(s, "experiments", definition, records, |cap, shard| {
+                state_out.session(cap).give(shard);
+            });
         }
     });
     Experiments {
         stats: stats.as_collection(),
         exposures: exposures.as_collection(),
+        results,
+        decisions,
+        state: saving.then_some(state),
     }
 }

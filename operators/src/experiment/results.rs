@@ -1,9 +1,9 @@
 //! Experiments in the stream, second half: the results at every closed window (cumulative
 //! since the experiment's start), and the guardrail decisions at every sampling interval.
 //!
-//! The input is the per-arm statistics collection of [`super::experiments`]. The operator
-//! applies its updates in time order once the frontier has passed them and, when the frontier
-//! passes a window's end, computes every result from the sums as they were at that end with
+//! [`super::experiments`] applies its input window by window once the frontier has passed a
+//! window's end, adds the per-arm statistics' updates to each experiment's [`Tracked`] sums,
+//! and then takes a [`look`]: every result from the sums as they were at that end, with
 //! `sightline-stats`: per metric and arm, units, mean and variance; per treatment arm, the
 //! absolute and relative effects against control with their always-valid intervals and
 //! p-values (kept monotone over looks: running minimum of p, running intersection of
@@ -12,7 +12,6 @@
 //! emitted, keyed by experiment, rule and decision epoch, so that a replay yields the same keys.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sightline_schemas::Label;
@@ -21,17 +20,6 @@ use sightline_stats::effect;
 use sightline_stats::guardrail::{Action, Evidence, Harm, Persistence, breached};
 use sightline_stats::sequential::{Interval, Running, Sequential};
 use sightline_stats::srm::{SRM_THRESHOLD, srm_p_value};
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::StreamVec;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::Capability;
-use timely::dataflow::operators::generic::OutputBuilder;
-use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
-
-use super::ArmKey;
-use crate::close::ClosedWindow;
-use crate::state::{Pending, input_frontier};
-use crate::window::{Time, Windows};
 
 /// A guardrail of an experiment: a metric, the direction in which it harms, and the
 /// non-inferiority margin (in the metric's unit, absolute).
@@ -111,9 +99,40 @@ pub struct ResultRow {
     pub relative: Option<Inference>,
     /// The experiment's SRM p-value.
     pub srm_p_value: f64,
-    /// `running`, `significant_positive`, `significant_negative`, `breach`, `killed` or
-    /// `unhealthy`.
-    pub state: &'static str,
+    /// Where the experiment stands for this metric and arm.
+    pub state: ResultState,
+}
+
+/// The state of a result row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultState {
+    /// Collecting data, nothing conclusive.
+    Running,
+    /// The effect is significantly positive (always-valid).
+    SignificantPositive,
+    /// The effect is significantly negative.
+    SignificantNegative,
+    /// A guardrail on this metric is breached at the last sampling interval.
+    Breach,
+    /// The experiment was killed.
+    Killed,
+    /// The SRM check fails: results are not trusted.
+    Unhealthy,
+}
+
+impl ResultState {
+    /// The column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultState::Running => "running",
+            ResultState::SignificantPositive => "significant_positive",
+            ResultState::SignificantNegative => "significant_negative",
+            ResultState::Breach => "breach",
+            ResultState::Killed => "killed",
+            ResultState::Unhealthy => "unhealthy",
+        }
+    }
 }
 
 /// An effect with its always-valid inference.
@@ -160,136 +179,129 @@ pub struct Decision {
     pub config_version: u64,
 }
 
-/// The operator's outputs: result rows per window, decisions per window.
-pub struct Results<'s> {
-    /// `experiment_results` rows, one closed window each.
-    pub results: StreamVec<'s, Time, ClosedWindow<ResultRow, isize>>,
-    /// Guardrail decisions, one closed window each (the windows that end a sampling interval).
-    pub decisions: StreamVec<'s, Time, ClosedWindow<Decision, isize>>,
-}
-
-/// What the operator keeps per experiment.
-#[derive(Default)]
-struct Tracked {
+/// What an experiment's looks keep across windows: the cumulative sums, the running
+/// inference, the guardrails' persistence. Saved with the operator's state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tracked {
     /// Cumulative sums per (metric, arm).
-    sums: BTreeMap<(Label, Label), Moments>,
+    pub sums: BTreeMap<Label, BTreeMap<Label, Moments>>,
     /// The first window with data.
-    first_window: Option<u64>,
-    /// Running inference per (metric, arm, relative?).
-    running: BTreeMap<(Label, Label, bool), Running>,
-    /// Persistence per (guardrail metric, arm).
-    persistence: BTreeMap<(Label, Label), Persistence>,
+    pub first_window: Option<u64>,
+    /// Running inference per (metric, arm), absolute then relative.
+    pub running: Vec<((Label, Label, bool), SavedRunning)>,
+    /// Persistence per (rule, arm).
+    pub persistence: Vec<((Label, Label), Persistence)>,
     /// Breached at the last interval, per (metric, arm).
-    breached: BTreeMap<(Label, Label), bool>,
-    killed: bool,
-    unhealthy: bool,
+    pub breached: Vec<((Label, Label), bool)>,
+    /// Killed (for good).
+    pub killed: bool,
+    /// The SRM check failed at the last look.
+    pub unhealthy: bool,
 }
 
-/// Results and decisions of the experiments in `stats`, analysed as `analyses` says (an
-/// experiment without an entry gets [`Analysis::default`]).
-pub fn results<'s>(
-    stats: differential_dataflow::VecCollection<'s, Time, ArmKey, Moments>,
-    analyses: Arc<BTreeMap<Label, Analysis>>,
-    windows: Windows,
-) -> Results<'s> {
-    let scope = stats.inner.scope();
-    let worker = scope.index();
-    let mut builder = OperatorBuilder::new("ExperimentResults".to_owned(), scope);
-    let to_first = Exchange::new(|_: &(ArmKey, Time, Moments)| 0u64);
-    let mut input = builder.new_input(stats.inner, to_first);
-    let (results_out, results) = builder.new_output::<Vec<ClosedWindow<ResultRow, isize>>>();
-    let (decisions_out, decisions) = builder.new_output::<Vec<ClosedWindow<Decision, isize>>>();
-    let mut results_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(results_out);
-    let mut decisions_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(decisions_out);
-    builder.build(move |_| {
-        let mut pending: Pending<(ArmKey, Moments)> = Pending::default();
-        let mut experiments: BTreeMap<Label, Tracked> = BTreeMap::new();
-        // The capability to emit the next window's rows (one per output).
-        let mut caps: Option<(Capability<Time>, Capability<Time>)> = None;
-        // The next window to emit.
-        let mut next_start: Option<u64> = None;
-        let mut last_data: u64 = 0;
-        move |frontiers| {
-            let mut results_out = results_out.activate();
-            let mut decisions_out = decisions_out.activate();
-            input.for_each(|cap, data| {
-                for (key, time, m) in data.drain(..) {
-                    let start = windows.start_of(time);
-                    // Hold the capability of the earliest window with data.
-                    let at = windows.end_of(start) - 1;
-                    if caps.as_ref().is_none_or(|(c, _)| *c.time() > at) {
-                        caps = Some((cap.delayed(&at, 0), cap.delayed(&at, 1)));
-                    }
-                    next_start = Some(next_start.map_or(start, |s: u64| s.min(start)));
-                    last_data = last_data.max(time);
-                    pending.add(time, (key, m), 1);
-                }
-            });
-            if worker != 0 {
-                caps = None;
-                return;
-            }
-            let frontier = input_frontier(frontiers);
-            let Some(mut start) = next_start else {
-                return;
-            };
-            loop {
-                let end = windows.end_of(start);
-                // A window is final once the frontier has passed its end; when the input is
-                // finished, windows after the last data are not emitted.
-                if end > frontier || (frontier == Time::MAX && start > last_data) {
-                    break;
-                }
-                for (key, m) in pending.take_before(end, |(k, _)| k.clone()) {
-                    let tracked = experiments.entry(key.experiment.clone()).or_default();
-                    tracked.first_window.get_or_insert(start);
-                    let sum = tracked.sums.entry((key.metric, key.arm)).or_default();
-                    *sum = sum.plus(&m);
-                }
-                let (mut rows, mut decided) = (Vec::new(), Vec::new());
-                for (id, tracked) in experiments.iter_mut() {
-                    let default = Analysis::default();
-                    let analysis = analyses.get(id).unwrap_or(&default);
-                    look(id, tracked, analysis, start, end, &mut rows, &mut decided);
-                }
-                if let Some((rc, dc)) = caps.as_mut() {
-                    let at = end - 1;
-                    rc.downgrade(&at);
-                    dc.downgrade(&at);
-                    if !rows.is_empty() {
-                        results_out.session(rc).give(ClosedWindow {
-                            window_start_ms: start,
-                            window_end_ms: end,
-                            entries: rows.into_iter().map(|r| (r, 1)).collect(),
-                        });
-                    }
-                    if !decided.is_empty() {
-                        decisions_out.session(dc).give(ClosedWindow {
-                            window_start_ms: start,
-                            window_end_ms: end,
-                            entries: decided.into_iter().map(|d| (d, 1)).collect(),
-                        });
-                    }
-                }
-                start = end;
-            }
-            next_start = Some(start);
-            if frontier == Time::MAX {
-                caps = None;
-            } else if let Some((rc, dc)) = caps.as_mut() {
-                let at = windows.end_of(start) - 1;
-                rc.downgrade(&at);
-                dc.downgrade(&at);
-            }
+/// [`Running`] as saved: infinite bounds as `None` (JSON has no infinities).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavedRunning {
+    /// The running minimum p-value.
+    pub p_value: f64,
+    /// Lower bound, `None` for −∞.
+    pub lo: Option<f64>,
+    /// Upper bound, `None` for +∞.
+    pub hi: Option<f64>,
+    /// The intersection became empty once.
+    pub disjoint: bool,
+}
+
+impl SavedRunning {
+    fn of(r: &Running) -> SavedRunning {
+        let finite = |v: f64| v.is_finite().then_some(v);
+        SavedRunning {
+            p_value: r.p_value,
+            lo: finite(r.interval.lo),
+            hi: finite(r.interval.hi),
+            disjoint: r.disjoint,
         }
-    });
-    Results { results, decisions }
+    }
+
+    fn running(&self) -> Running {
+        Running {
+            p_value: self.p_value,
+            interval: Interval {
+                lo: self.lo.unwrap_or(f64::NEG_INFINITY),
+                hi: self.hi.unwrap_or(f64::INFINITY),
+            },
+            disjoint: self.disjoint,
+        }
+    }
+}
+
+impl Tracked {
+    /// Adds `m` to the sums of `metric` and `arm`, and notes the first window.
+    pub fn add(&mut self, metric: &Label, arm: &Label, m: &Moments, window_start: u64) {
+        self.first_window.get_or_insert(window_start);
+        let sum = self
+            .sums
+            .entry(metric.clone())
+            .or_default()
+            .entry(arm.clone())
+            .or_default();
+        *sum = sum.plus(m);
+    }
+
+    fn sum(&self, metric: &Label, arm: &Label) -> Moments {
+        self.sums
+            .get(metric)
+            .and_then(|a| a.get(arm))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn running_mut(&mut self, key: (Label, Label, bool)) -> Running {
+        self.running
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or_else(Running::default, |(_, r)| r.running())
+    }
+
+    fn set_running(&mut self, key: (Label, Label, bool), r: &Running) {
+        let saved = SavedRunning::of(r);
+        match self.running.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = saved,
+            None => self.running.push((key, saved)),
+        }
+    }
+
+    fn persistence_mut(&mut self, key: (Label, Label)) -> &mut Persistence {
+        let i = match self.persistence.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.persistence.push((key, Persistence::default()));
+                self.persistence.len() - 1
+            }
+        };
+        &mut self.persistence[i].1
+    }
+
+    fn was_breached(&self, key: &(Label, Label)) -> bool {
+        self.breached.iter().any(|(k, b)| k == key && *b)
+    }
+
+    fn set_breached(&mut self, key: (Label, Label), breached: bool) {
+        match self.breached.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = breached,
+            None => self.breached.push((key, breached)),
+        }
+    }
 }
 
 /// The arms of an experiment in the order of its analysis (or sorted), with the control.
 fn arms_of(tracked: &Tracked, analysis: &Analysis) -> (Vec<(Label, f64)>, Label) {
     let mut arms: Vec<(Label, f64)> = if analysis.arms.is_empty() {
-        let mut seen: Vec<Label> = tracked.sums.keys().map(|(_, a)| a.clone()).collect();
+        let mut seen: Vec<Label> = tracked
+            .sums
+            .values()
+            .flat_map(|arms| arms.keys().cloned())
+            .collect();
         seen.sort();
         seen.dedup();
         seen.into_iter().map(|a| (a, 1.0)).collect()
@@ -311,7 +323,7 @@ fn arms_of(tracked: &Tracked, analysis: &Analysis) -> (Vec<(Label, f64)>, Label)
 
 /// One look at an experiment at the end of window `[start, end)`: its rows and, at the end of a
 /// sampling interval, its decisions.
-fn look(
+pub fn look(
     id: &Label,
     tracked: &mut Tracked,
     analysis: &Analysis,
@@ -324,19 +336,12 @@ fn look(
         return;
     };
     let (arms, control) = arms_of(tracked, analysis);
-    let metrics: Vec<Label> = {
-        let mut m: Vec<Label> = tracked.sums.keys().map(|(m, _)| m.clone()).collect();
-        m.dedup();
-        m
-    };
+    let metrics: Vec<Label> = tracked.sums.keys().cloned().collect();
     // Units per arm: every exposed unit contributes to every metric, so any metric's n.
     let units: Vec<(Label, i64)> = arms
         .iter()
         .map(|(arm, _)| {
-            let n = metrics
-                .first()
-                .and_then(|m| tracked.sums.get(&(m.clone(), arm.clone())))
-                .map_or(0, |s| s.n);
+            let n = metrics.first().map_or(0, |m| tracked.sum(m, arm).n);
             (arm.clone(), n)
         })
         .collect();
@@ -348,33 +353,24 @@ fn look(
     let width = end - start;
     let interval_end = analysis.interval_windows.max(1) * width;
     let at_interval = (end - first).is_multiple_of(interval_end);
-    let epoch = (end - first) / interval_end - 1;
+    let epoch = ((end - first) / interval_end).saturating_sub(1);
     let mut effects: BTreeMap<(Label, Label), effect::Effect> = BTreeMap::new();
     for metric in &metrics {
-        let summary = |arm: &Label| {
-            tracked
-                .sums
-                .get(&(metric.clone(), arm.clone()))
-                .copied()
-                .unwrap_or_default()
-                .summary()
-        };
-        let c = summary(&control);
+        let c = tracked.sum(metric, &control).summary();
         for (arm, _) in &arms {
-            let s = summary(arm);
+            let s = tracked.sum(metric, arm).summary();
             let is_control = *arm == control;
             let (mut absolute, mut relative) = (None, None);
             if !is_control {
                 if let Some(d) = effect::absolute(&s, &c) {
                     effects.insert((metric.clone(), arm.clone()), d);
-                    let run = tracked
-                        .running
-                        .entry((metric.clone(), arm.clone(), false))
-                        .or_default();
+                    let key = (metric.clone(), arm.clone(), false);
+                    let mut run = tracked.running_mut(key.clone());
                     run.look(
                         test.p_value(d.estimate, d.se, d.n, 0.0),
                         test.interval(d.estimate, d.se, d.n),
                     );
+                    tracked.set_running(key, &run);
                     absolute = Some(Inference {
                         estimate: d.estimate,
                         interval: run.interval,
@@ -384,14 +380,13 @@ fn look(
                 if let Some(r) =
                     effect::relative(&s, &c).filter(|_| effect::relative_allowed(&c, &test))
                 {
-                    let run = tracked
-                        .running
-                        .entry((metric.clone(), arm.clone(), true))
-                        .or_default();
+                    let key = (metric.clone(), arm.clone(), true);
+                    let mut run = tracked.running_mut(key.clone());
                     run.look(
                         test.p_value(r.estimate, r.se, r.n, 0.0),
                         test.interval(r.estimate, r.se, r.n),
                     );
+                    tracked.set_running(key, &run);
                     relative = Some(Inference {
                         estimate: r.estimate,
                         interval: run.interval,
@@ -400,21 +395,18 @@ fn look(
                 }
             }
             let state = if tracked.killed {
-                "killed"
+                ResultState::Killed
             } else if tracked.unhealthy {
-                "unhealthy"
-            } else if tracked
-                .breached
-                .get(&(metric.clone(), arm.clone()))
-                .copied()
-                .unwrap_or(false)
-            {
-                "breach"
+                ResultState::Unhealthy
+            } else if tracked.was_breached(&(metric.clone(), arm.clone())) {
+                ResultState::Breach
             } else {
                 match absolute {
-                    Some(a) if a.p_value < test.alpha && a.estimate > 0.0 => "significant_positive",
-                    Some(a) if a.p_value < test.alpha => "significant_negative",
-                    _ => "running",
+                    Some(a) if a.p_value < test.alpha && a.estimate > 0.0 => {
+                        ResultState::SignificantPositive
+                    }
+                    Some(a) if a.p_value < test.alpha => ResultState::SignificantNegative,
+                    _ => ResultState::Running,
                 }
             };
             rows.push(ResultRow {
@@ -439,10 +431,8 @@ fn look(
     let srm_ok = !tracked.unhealthy;
     for (arm, _) in arms.iter().filter(|(a, _)| *a != control) {
         let confident = analysis.primary.as_ref().is_some_and(|p| {
-            tracked
-                .running
-                .get(&(p.clone(), arm.clone(), false))
-                .is_some_and(|r| r.p_value < test.alpha && r.interval.lo > 0.0)
+            let r = tracked.running_mut((p.clone(), arm.clone(), false));
+            r.p_value < test.alpha && r.interval.lo > 0.0
         });
         let rules: Vec<Option<&Guardrail>> = if analysis.guardrails.is_empty() {
             vec![None]
@@ -462,17 +452,12 @@ fn look(
                         let i = test.one_sided(d.estimate, d.se, d.n, direction);
                         if g.harm == Harm::Increase { i.lo } else { i.hi }
                     });
-                    tracked
-                        .breached
-                        .insert((g.metric.clone(), arm.clone()), breach);
+                    tracked.set_breached((g.metric.clone(), arm.clone()), breach);
                     (g.metric.clone(), d, breach, bound)
                 }
                 None => (Label::from("rollout"), None, false, None),
             };
-            let persistence = tracked
-                .persistence
-                .entry((rule.clone(), arm.clone()))
-                .or_default();
+            let persistence = tracked.persistence_mut((rule.clone(), arm.clone()));
             let action = persistence.decide(
                 Evidence {
                     breached: breach,
@@ -482,6 +467,7 @@ fn look(
                 },
                 analysis.srm_kills,
             );
+            let breached_intervals = persistence.breached_intervals;
             if action == Action::Kill {
                 tracked.killed = true;
             }
@@ -496,7 +482,7 @@ fn look(
                 alpha: test.alpha,
                 n_star: test.n_star,
                 units: units.clone(),
-                breached_intervals: persistence.breached_intervals,
+                breached_intervals,
                 srm_p_value: srm,
                 watermark_ms: end,
                 config_version: analysis.version,
