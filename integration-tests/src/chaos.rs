@@ -239,15 +239,17 @@ pub struct Deployment {
     pub log: PathBuf,
     /// The consumer group.
     pub group: String,
-    /// The topics it produces to: the dead letters, the alerts, the triage items.
+    /// The topics it produces to: the dead letters, the alerts, the triage items, the
+    /// guardrail decisions.
     pub output_topics: Vec<String>,
 }
 
 impl Deployment {
     /// A deployment named `name` reading `workload`'s topic with `workers` workers: 2 s
     /// windows, 1 s lateness and idle timeout, offsets committed at every chance, a
-    /// dead-letter topic `<name>.dlq`, an alerts topic `<name>.alerts` and a triage topic
-    /// `<name>.triage` (which the caller creates), and two funnels with 20 s
+    /// dead-letter topic `<name>.dlq`, an alerts topic `<name>.alerts`, a triage topic
+    /// `<name>.triage` and a guardrail topic `<name>.guardrail` (which the caller creates), the
+    /// generator's experiments analysed with the defaults, and two funnels with 20 s
     /// and 30 s conversion windows whose state is saved every 4 s of event time. `extra` is appended to the
     /// configuration (TOML: more keys of the `[pipeline]` table first, then other tables).
     pub fn new(
@@ -266,6 +268,7 @@ impl Deployment {
         let dlq = format!("{name}.dlq");
         let alerts = format!("{name}.alerts");
         let triage = format!("{name}.triage");
+        let guardrail = format!("{name}.guardrail");
         let mut file = std::fs::File::create(&config).expect("config");
         write!(
             file,
@@ -283,6 +286,7 @@ topics = [{{ name = "{topic}" }}]
 dead-letter-topic = "{dlq}"
 alerts-topic = "{alerts}"
 triage-topic = "{triage}"
+guardrail-topic = "{guardrail}"
 commit-interval-ms = 0
 
 [lake]
@@ -318,7 +322,7 @@ conversion-window-ms = 30000
             lake,
             log: root.join("stderr.log"),
             group,
-            output_topics: vec![dlq, alerts, triage],
+            output_topics: vec![dlq, alerts, triage, guardrail],
         }
     }
 

@@ -51,7 +51,7 @@ fn check_output_topics(broker: &Tansu, reference: &Deployment, chaos: &Deploymen
         );
         assert!(
             !want.is_empty(),
-            "{expected} is empty: the workload makes dead letters, fires alerts and has critical feedback"
+            "{expected} is empty: the workload makes dead letters, fires alerts, has critical feedback and experiments"
         );
         let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
         assert!(missing.is_empty(), "{actual} lacks keys: {missing:?}");
@@ -138,6 +138,18 @@ fn kill_9_at_twenty_random_moments_changes_no_output() {
     assert!(
         log.contains("funnel state restored"),
         "the restarts restored the funnels' state"
+    );
+    assert!(
+        log.contains("experiment state restored"),
+        "the restarts restored the experiments' state"
+    );
+    let experiment_files = want
+        .keys()
+        .filter(|k| k.contains("experiment_results/"))
+        .count();
+    assert!(
+        experiment_files > 10,
+        "the reference wrote {experiment_files} experiment_results files"
     );
 }
 

@@ -221,7 +221,7 @@ fn reference(log: &[Raw], until: u64) -> (Stats, Exposures) {
     (stats, exposures)
 }
 
-/// Every output update with its time.
+/// Every output: statistics updates with their times, exposure counts with their window start.
 #[derive(Default)]
 struct Outputs {
     stats: Vec<(ArmKey, u64, Moments)>,
@@ -242,8 +242,13 @@ fn run(mut log: Vec<(Raw, u64)>, batches: Vec<usize>, workers: usize) -> Outputs
             out.stats.inner.inspect(move |(k, t, m)| {
                 a.lock().unwrap().stats.push((k.clone(), *t, *m));
             });
-            out.exposures.inner.inspect(move |(k, t, n)| {
-                b.lock().unwrap().exposures.push((k.clone(), *t, *n));
+            out.exposures.inspect(move |w| {
+                for (k, n) in &w.entries {
+                    b.lock()
+                        .unwrap()
+                        .exposures
+                        .push((k.clone(), w.window_start_ms, *n));
+                }
             });
             input
         });
@@ -315,9 +320,16 @@ proptest! {
         // Before a cut (a tick boundary) and in the end.
         let cut = BASE + cut / TICK * TICK;
         for until in [cut, u64::MAX] {
-            let (stats, exposures) = reference(&raws, until);
+            let (stats, _) = reference(&raws, until);
             prop_assert_eq!(accumulate(&out.stats, until), stats, "stats before {}", until);
-            prop_assert_eq!(accumulate(&out.exposures, until), exposures, "exposures before {}", until);
         }
+        // Exposures come per closed window (keyed by its start): every window, each once.
+        let (_, exposures) = reference(&raws, u64::MAX);
+        prop_assert_eq!(accumulate(&out.exposures, u64::MAX), exposures);
+        let keys: Vec<(u64, &ExposureKey)> = out.exposures.iter().map(|(k, w, _)| (*w, k)).collect();
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        prop_assert_eq!(unique.len(), keys.len(), "each window's exposures once");
     }
 }

@@ -27,6 +27,9 @@ pub struct AnalyticsConfig {
     /// Offsets are committed only up to the last snapshot, so a restart reads at most about
     /// this much event time again, and never the funnels' whole conversion windows.
     pub save_state_every_ms: u64,
+    /// Analyse experiments that appear in `experiment_assignments` without a declaration, with
+    /// the default metrics and guardrails.
+    pub experiments: bool,
 }
 
 impl Default for AnalyticsConfig {
@@ -34,6 +37,7 @@ impl Default for AnalyticsConfig {
         AnalyticsConfig {
             builtin_funnels: true,
             save_state_every_ms: 60_000,
+            experiments: true,
         }
     }
 }
@@ -452,9 +456,11 @@ fn matcher(
     })
 }
 
-/// Which identifiers the funnels and triage follow, for the decoders' unit links (triage
-/// always follows users), and on which events: the ones those operators read.
-pub fn link_fields(defs: &[FunnelDef]) -> sightline_ingest::LinkFields {
+/// Which identifiers the funnels, triage and the experiments follow, for the decoders' unit
+/// links (triage always follows users), and on which events: the ones those operators read
+/// (every event when experiments are analysed: their units are (tenant, user) pairs, and any
+/// event can carry an assignment).
+pub fn link_fields(defs: &[FunnelDef], experiments: bool) -> sightline_ingest::LinkFields {
     let mut links = sightline_ingest::LinkFields {
         user: true,
         ..Default::default()
@@ -468,6 +474,11 @@ pub fn link_fields(defs: &[FunnelDef]) -> sightline_ingest::LinkFields {
             _ => continue,
         }
         read.push(d.names());
+    }
+    if experiments {
+        links.tenant = true;
+        links.user = true;
+        read.push(Names::All);
     }
     links.names = match Names::union(&read) {
         Names::All => None,

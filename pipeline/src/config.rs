@@ -36,6 +36,8 @@ pub struct Config {
     pub alerts: crate::analytics::AlertsConfig,
     /// P1 triage of critical feedback.
     pub triage: crate::analytics::TriageConfig,
+    /// Experiments (`[[experiments]]`).
+    pub experiments: Vec<crate::experiments::ExperimentConfig>,
 }
 
 /// How the sinks retry a failed delivery (a lake write, a batch of records on a topic). A
@@ -234,6 +236,8 @@ pub struct KafkaConfig {
     /// Topic that receives one JSON record per P1 triage item, keyed by the feedback's
     /// `event_id` (unset: the `triage` table only).
     pub triage_topic: Option<String>,
+    /// Topic for guardrail decisions (`kill`, `hold`, `advance`), if any.
+    pub guardrail_topic: Option<String>,
 }
 
 impl KafkaConfig {
@@ -281,6 +285,7 @@ impl Default for KafkaConfig {
             dead_letter_topic: None,
             alerts_topic: None,
             triage_topic: None,
+            guardrail_topic: None,
         }
     }
 }
@@ -409,6 +414,7 @@ impl Config {
         for (key, topic) in [
             ("alerts-topic", &self.kafka.alerts_topic),
             ("triage-topic", &self.kafka.triage_topic),
+            ("guardrail-topic", &self.kafka.guardrail_topic),
         ] {
             if topic.as_deref().is_some_and(|t| names.contains(&t)) {
                 bail!("kafka.{key} must not be one of the input topics");
@@ -424,7 +430,13 @@ impl Config {
             bail!("analytics.save-state-every-ms must be positive");
         }
         self.funnel_defs()?;
+        self.experiment_setup()?;
         Ok(())
+    }
+
+    /// The experiments this configuration analyses, checked.
+    pub fn experiment_setup(&self) -> anyhow::Result<sightline_operators::experiment::Setup> {
+        crate::experiments::setup(&self.experiments, self.analytics.experiments)
     }
 }
 

@@ -14,6 +14,9 @@ use differential_dataflow::{AsCollection, VecCollection};
 use std::sync::atomic::AtomicBool;
 
 use sightline_operators::alerts::{AlertRules, HealthState, HealthWindow, health};
+use sightline_operators::experiment::{
+    Decision, ExposureKey, ResultRow, Saved as ExperimentSaved, Setup, experiments,
+};
 use sightline_operators::funnel::Resume;
 use sightline_operators::funnel::{
     FunnelDef, FunnelKey, FunnelResume, Funnels, SavedFunnel, StateHooks, funnels,
@@ -95,6 +98,18 @@ pub struct RouteWindows<'s> {
     pub health: StreamVec<'s, Time, HealthWindow>,
 }
 
+/// What the experiments compute (standard route only: restricted events are not analysed).
+pub struct ExperimentWindows<'s> {
+    /// `experiment_results` rows, each window once (cumulative since the start).
+    pub results: Closed<'s, ResultRow, isize>,
+    /// Exposures per window and arm.
+    pub exposures: Closed<'s, ExposureKey, isize>,
+    /// Guardrail decisions, at the windows that end a sampling interval.
+    pub decisions: Closed<'s, Decision, isize>,
+    /// Snapshots of the experiments' state, when it is saved.
+    pub state: Option<StreamVec<'s, Time, StateShard<ExperimentSaved>>>,
+}
+
 /// What the dataflow computes, for outputs to attach to.
 pub struct Computed<'s> {
     /// Every accepted event (both routes), at its event-time tick, shared: for operators that
@@ -115,6 +130,8 @@ pub struct Computed<'s> {
     pub funnel_state: Option<StreamVec<'s, Time, StateShard<SavedFunnel>>>,
     /// The funnel definitions, in the order [`FunnelKey::funnel`] indexes.
     pub funnel_defs: Arc<[FunnelDef]>,
+    /// The experiments' outputs, when any experiment is analysed.
+    pub experiments: Option<ExperimentWindows<'s>>,
     /// The sources' frontier: the global watermark.
     pub watermark: ProbeHandle<Time>,
 }
@@ -142,6 +159,10 @@ pub struct Analytics {
     pub triage: TriageRules,
     /// Where triage resumes (this worker's share of its restored state).
     pub triage_resume: Resume<SavedItem>,
+    /// The experiments analysed.
+    pub experiments: Arc<Setup>,
+    /// Where the experiments resume (this worker's share of their restored state).
+    pub experiments_resume: Resume<ExperimentSaved>,
 }
 
 impl Analytics {
@@ -161,6 +182,8 @@ impl Analytics {
             health: Vec::new(),
             triage: TriageRules::default(),
             triage_resume: Resume::default(),
+            experiments: Arc::new(Setup::default()),
+            experiments_resume: Resume::default(),
         }
     }
 }
@@ -211,6 +234,11 @@ pub fn compute<'s>(
             names,
         });
     }
+    // Experiments read every standard-route event (an assignment can be on any event).
+    readers.push(Subscriber {
+        restricted: Some(false),
+        names: Names::All,
+    });
     let mut selected = select(events.inner.clone(), &readers)
         .into_iter()
         .map(|s| s.as_collection());
@@ -243,7 +271,7 @@ pub fn compute<'s>(
             (&analytics.rules, health),
         ));
     }
-    let (funnel_events, triage_events) = (next(), next());
+    let (funnel_events, triage_events, experiment_events) = (next(), next(), next());
     let hooks = analytics.save_every_ms.map(|every_ms| StateHooks {
         every_ms,
         outputs,
@@ -267,8 +295,25 @@ pub fn compute<'s>(
         analytics.triage_resume.clone(),
         hooks.as_ref(),
     );
+    let setup = &analytics.experiments;
+    let experiments = setup.is_on().then(|| {
+        let out = experiments(
+            experiment_events,
+            Arc::clone(setup),
+            windows,
+            analytics.experiments_resume.clone(),
+            hooks.as_ref(),
+        );
+        ExperimentWindows {
+            results: out.results,
+            exposures: out.exposures,
+            decisions: out.decisions,
+            state: out.state,
+        }
+    });
     Computed {
         events,
+        experiments,
         dead_letters,
         routes,
         funnels,

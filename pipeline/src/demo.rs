@@ -25,6 +25,8 @@ use crate::run::{Input, Job, Summary, run};
 pub const DEMO_TOPIC: &str = "telemetry.events";
 /// The demo's dead-letter topic.
 pub const DEMO_DEAD_LETTER_TOPIC: &str = "telemetry.dead-letter";
+/// The demo's guardrail-decision topic.
+pub const DEMO_GUARDRAIL_TOPIC: &str = "experiments.guardrail-decisions";
 
 /// Settings of a demo run.
 #[derive(Clone, Debug)]
@@ -77,6 +79,32 @@ pub fn demo_config() -> Config {
             breakdowns: vec!["properties.action_type".into()],
         },
     ];
+    // The generator's two experiments: `exp_guided_setup` is healthy; in
+    // `exp_aps_ranking_v2`, `variant_b` users start failing actions a minute in, and its
+    // errors guardrail kills it within a few minutes (three breached intervals of 30 s).
+    let experiment = |id: &str, arms: &[&str]| crate::experiments::ExperimentConfig {
+        id: id.into(),
+        arms: arms
+            .iter()
+            .map(|a| crate::experiments::ArmConfig {
+                name: (*a).into(),
+                weight: 1.0,
+            })
+            .collect(),
+        control: Some("control".into()),
+        alpha: 0.05,
+        planned_units: 2_000,
+        min_units: 50,
+        sampling_interval_windows: 3,
+        metrics: Vec::new(),
+        guardrails: None,
+        primary: Some("project_creation_conversion".into()),
+        srm_kills: false,
+    };
+    config.experiments = vec![
+        experiment("exp_guided_setup", &["control", "treatment"]),
+        experiment("exp_aps_ranking_v2", &["control", "variant_a", "variant_b"]),
+    ];
     config
 }
 
@@ -89,6 +117,9 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
     cluster
         .create_topic(DEMO_DEAD_LETTER_TOPIC, 1, 1)
         .context("creating the demo dead-letter topic")?;
+    cluster
+        .create_topic(DEMO_GUARDRAIL_TOPIC, 1, 1)
+        .context("creating the demo guardrail topic")?;
     let bootstrap = cluster.bootstrap_servers();
 
     let mut config = options.config.clone();
@@ -96,6 +127,7 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
     config.kafka.topics = vec![TopicConfig::envelope(DEMO_TOPIC)];
     config.kafka.group_id = "sightline-demo".into();
     config.kafka.dead_letter_topic = Some(DEMO_DEAD_LETTER_TOPIC.into());
+    config.kafka.guardrail_topic = Some(DEMO_GUARDRAIL_TOPIC.into());
     config.kafka.commit_interval_ms = 1_000;
 
     let stop = Arc::clone(&options.stop);

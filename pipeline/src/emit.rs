@@ -7,8 +7,10 @@
 
 use std::sync::mpsc::Sender;
 
+use sightline_operators::experiment::Saved as ExperimentSaved;
 use sightline_operators::state::StateShard;
 use sightline_operators::{ClosedWindow, QualityTotals, Time};
+use sightline_sinks::experiments::{DecisionRow, ExperimentResultRow, ExposureRow};
 use sightline_sinks::kafka::{KeyedRecord, TopicSink};
 use sightline_sinks::product::{
     AlertRow, CommandQueueRow, FeedbackRow, FunnelRow, IntegrationHealthRow, TriageRow,
@@ -52,6 +54,8 @@ pub struct Outputs {
     pub alerts_topic: Option<TopicSink<AlertRow>>,
     /// The triage topic, if configured.
     pub triage_topic: Option<TopicSink<TriageRow>>,
+    /// The guardrail decisions topic, if configured.
+    pub guardrail_topic: Option<TopicSink<DecisionRow>>,
 }
 
 /// Where saved state goes: the lake's `_sightline/state/<group>/…` (restricted records under
@@ -88,10 +92,66 @@ pub fn emit(
         state,
         alerts_topic,
         triage_topic,
+        guardrail_topic,
     } = outputs;
     if let Some(target) = &state {
         save_state(computed.funnel_state, target, retry, &health, durable);
         save_state(computed.triage_state, target, retry, &health, durable);
+    }
+    if let Some(experiments) = computed.experiments {
+        // Experiments analyse the standard route only: their state and tables are there.
+        if let (Some(target), Some(shards)) = (&state, experiments.state) {
+            let sink = StateSink::new(
+                target.lake.clone(),
+                &target.restricted_prefix,
+                &target.group,
+                |_: &ExperimentSaved| false,
+            );
+            durable_sink(shards, sink, retry, &health, durable);
+        }
+        let tables = Tables {
+            lake: lake.clone(),
+            retry,
+            health: &health,
+            durable,
+            written,
+            reports: reports.clone(),
+        };
+        tables.write(rows_of(experiments.results, |w| {
+            ExperimentResultRow::from_closed(&w)
+        }));
+        tables.write(rows_of(experiments.exposures, |w| {
+            ExposureRow::from_closed(&w)
+        }));
+        // Kills and advances are printed; a kill once (later epochs repeat it on the topic).
+        let decision_reports = reports.clone();
+        let mut killed = std::collections::BTreeSet::new();
+        let decisions = experiments.decisions.inspect(move |w| {
+            for (d, _) in &w.entries {
+                let new_kill = d.action == sightline_stats::guardrail::Action::Kill
+                    && killed.insert((d.experiment.clone(), d.arm.clone(), d.rule.clone()));
+                if new_kill || d.action == sightline_stats::guardrail::Action::Advance {
+                    let _ = decision_reports.send(Report::Alert(crate::report::decision_line(d)));
+                }
+            }
+        });
+        tables.write(
+            decisions
+                .clone()
+                .flat_map(|w| window_rows(&w, DecisionRow::from_closed(&w))),
+        );
+        if let Some(topic) = guardrail_topic {
+            let records = decisions.flat_map(|w| {
+                DecisionRow::from_closed(&w)
+                    .into_iter()
+                    .map(|value| KeyedRecord {
+                        key: value.key(),
+                        value,
+                    })
+                    .collect::<Vec<_>>()
+            });
+            durable_sink(records, topic, retry, &health, durable).probe_with(written);
+        }
     }
     if let Some(topic) = dead_letter_topic {
         let records = computed

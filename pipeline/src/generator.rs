@@ -149,6 +149,27 @@ const WEIGHTS: &[(&str, u32)] = &[
     ("integration_call_failed", 2),
 ];
 
+/// The arm of `exp_aps_ranking_v2` whose users start failing actions part-way through.
+pub const DEGRADED_ARM: &str = "variant_b";
+/// When, after the generator's start (event time).
+pub const DEGRADE_AFTER_MS: i64 = 60_000;
+
+/// A user's arms in the two generated experiments, fixed per (tenant, user) as a bucketing
+/// service would assign them: two users in three are in `exp_guided_setup` (control or
+/// treatment); one in four of those is also in `exp_aps_ranking_v2` (control, variant_a or
+/// variant_b).
+pub fn arms_of(tenant: u64, user: u64) -> (Option<&'static str>, Option<&'static str>) {
+    let bucket = mix(tenant.wrapping_mul(0x9e37_79b9) ^ user ^ 0x5eed);
+    if bucket.is_multiple_of(3) {
+        return (None, None);
+    }
+    let guided = ["control", "treatment"][(mix(bucket ^ 1) % 2) as usize];
+    let aps = mix(bucket ^ 2)
+        .is_multiple_of(4)
+        .then(|| ["control", "variant_a", "variant_b"][(mix(bucket ^ 3) % 3) as usize]);
+    (Some(guided), aps)
+}
+
 /// Every `BURST_PERIOD_MS` of event time, from `BURST_START_MS` into the period and for
 /// `BURST_MS`, half the calls to [`BURST_INTEGRATION`] fail and its breaker opens.
 const BURST_PERIOD_MS: i64 = 180_000;
@@ -261,6 +282,17 @@ impl Generator {
     pub fn event(&mut self, time_ms: i64, out: &mut Vec<u8>) {
         let mut name = self.pick_name();
         let mut context = Context::default();
+        let who = (
+            self.rng.below(u64::from(self.config.tenants)),
+            self.rng.below(u64::from(self.config.users)),
+        );
+        // The degraded arm fails one action in five once its degradation has started.
+        if arms_of(who.0, who.1).1 == Some(DEGRADED_ARM)
+            && time_ms - self.config.start_ms >= DEGRADE_AFTER_MS
+            && self.rng.below(5) == 0
+        {
+            name = "action_failed";
+        }
         if let Some(burst) = self.burst_at(time_ms)
             && name == "integration_call_success"
         {
@@ -281,7 +313,7 @@ impl Generator {
                 context.integration = Some(*self.rng.pick(&["hubspot", "calendar"]));
             }
         }
-        self.event_as(name, time_ms, None, context, out);
+        self.event_as(name, time_ms, Some(who), context, out);
     }
 
     /// The burst `time_ms` falls in, if it falls in one.
@@ -429,19 +461,20 @@ impl Generator {
             r.pick(&["sso", "scim", "passwordless", "api_token"]),
             r.below(20) == 0,
         );
-        if r.below(4) == 0 {
-            let _ = write!(
-                out,
-                r#""experiment_assignments":{{"exp_guided_setup":"{}","exp_aps_ranking_v2":"{}"}},"#,
-                r.pick(&["control", "treatment"]),
-                r.pick(&["control", "variant_a", "variant_b"])
-            );
-        } else if r.below(3) == 0 {
-            let _ = write!(
-                out,
-                r#""experiment_assignments":{{"exp_guided_setup":"{}"}},"#,
-                r.pick(&["control", "treatment"])
-            );
+        match arms_of(tenant, user) {
+            (Some(guided), Some(aps)) => {
+                let _ = write!(
+                    out,
+                    r#""experiment_assignments":{{"exp_guided_setup":"{guided}","exp_aps_ranking_v2":"{aps}"}},"#,
+                );
+            }
+            (Some(guided), None) => {
+                let _ = write!(
+                    out,
+                    r#""experiment_assignments":{{"exp_guided_setup":"{guided}"}},"#,
+                );
+            }
+            _ => {}
         }
         let _ = write!(
             out,

@@ -39,6 +39,7 @@ pub mod config;
 pub mod dataflow;
 pub mod demo;
 pub mod emit;
+pub mod experiments;
 pub mod generator;
 pub mod pii_scan;
 pub mod report;

@@ -137,3 +137,21 @@ pub fn window_line(start_ms: u64, w: &WindowProgress) -> String {
         w.rows
     )
 }
+
+/// The line printed for a guardrail decision that acts (`kill`, `advance`).
+pub fn decision_line(d: &sightline_operators::experiment::Decision) -> String {
+    let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
+    format!(
+        "guardrail {} {} ({}, {}): {} at epoch {} — effect {}, bound {}, {} breached intervals, SRM p {:.4}",
+        d.experiment,
+        d.arm,
+        d.rule,
+        &sightline_schemas::format_rfc3339_ms(d.watermark_ms as i64)[..19],
+        d.action.as_str(),
+        d.epoch,
+        fmt(d.estimate),
+        fmt(d.bound),
+        d.breached_intervals,
+        d.srm_p_value
+    )
+}

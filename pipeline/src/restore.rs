@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use sightline_ingest::source::checkpoint::PartitionCheckpoints;
 use sightline_operators::Windows;
+use sightline_operators::experiment::{Saved as ExperimentSaved, Setup};
 use sightline_operators::funnel::{FunnelDef, FunnelResume, Resume, SavedFunnel, fnv1a};
 use sightline_operators::triage::{SavedItem, TriageRules};
 use sightline_sinks::Lake;
@@ -20,6 +21,8 @@ pub struct Restored {
     pub funnels: Vec<FunnelResume>,
     /// Triage.
     pub triage: Resume<SavedItem>,
+    /// The experiments.
+    pub experiments: Resume<ExperimentSaved>,
     /// The source's durable frontier at the start (0: nothing committed).
     pub resume_ms: u64,
 }
@@ -34,6 +37,11 @@ impl Restored {
     /// Worker `index`'s share of triage: it runs on worker 0, which restores all of it.
     pub fn triage_share(&self, index: usize) -> Resume<SavedItem> {
         worker_zero(&self.triage, index)
+    }
+
+    /// Worker `index`'s share of the experiments: they run on worker 0, which restores all.
+    pub fn experiments_share(&self, index: usize) -> Resume<ExperimentSaved> {
+        worker_zero(&self.experiments, index)
     }
 }
 
@@ -78,6 +86,7 @@ pub fn restore_funnels(
     group: &str,
     defs: &[FunnelDef],
     triage: &TriageRules,
+    experiments: &Setup,
     windows: Windows,
 ) -> anyhow::Result<Restored> {
     let mut out = Vec::new();
@@ -164,9 +173,39 @@ pub fn restore_funnels(
             }
         }
     };
+    let loaded = load_state::<ExperimentSaved>(lake, restricted_prefix, group, "experiments")
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("restoring the state of the experiments")?;
+    let experiments = match loaded {
+        Some(state) if state.definition == experiments.definition => {
+            info!(
+                frontier = state.frontier,
+                records = state.records.len(),
+                "experiment state restored"
+            );
+            Resume {
+                restored: state.records,
+                restored_at: state.frontier,
+                written_before: 0,
+                definition: experiments.definition,
+            }
+        }
+        other => {
+            if other.is_some() {
+                warn!(
+                    "the experiments' configuration changed since their state was saved: their analysis starts afresh"
+                );
+            }
+            Resume {
+                definition: experiments.definition,
+                ..Resume::default()
+            }
+        }
+    };
     Ok(Restored {
         funnels: out,
         triage,
+        experiments,
         resume_ms,
     })
 }

@@ -166,8 +166,9 @@ impl CheckpointStore for LakeCheckpoints {
 /// The decoders of one worker: the replay format (or the canonical envelope) by default, and
 /// each Kafka topic's declared format.
 fn decoders_for(job: &Job, keys: &Arc<KeyRing>, analytics: &Analytics) -> Decoders {
-    let base = Decoder::new(job.config.pipeline.max_event_bytes, Arc::clone(keys))
-        .with_links(crate::analytics::link_fields(&analytics.funnels));
+    let base = Decoder::new(job.config.pipeline.max_event_bytes, Arc::clone(keys)).with_links(
+        crate::analytics::link_fields(&analytics.funnels, analytics.experiments.is_on()),
+    );
     let mut decoders = Decoders::new(base.clone().with_format(job.format.clone()));
     if let Input::Kafka(kafka) = &job.input {
         for topic in &kafka.topics {
@@ -282,6 +283,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         }
     };
     let funnels: Arc<[sightline_operators::funnel::FunnelDef]> = job.config.funnel_defs()?.into();
+    let experiments = Arc::new(job.config.experiment_setup()?);
     let flush = Arc::new(AtomicBool::new(false));
     // The long-horizon state is saved and restored for Kafka sources: they resume from
     // committed offsets. A file replay starts from its beginning every time.
@@ -294,6 +296,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                 &kafka.group_id,
                 &funnels,
                 &job.config.triage.rules(),
+                &experiments,
                 windows_of(&job.config.pipeline),
             )?;
             let target = crate::emit::StateTarget {
@@ -331,6 +334,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             .as_ref()
             .map(|_| job.config.analytics.save_state_every_ms),
         flush: Arc::clone(&flush),
+        experiments,
         ..Analytics::of(funnels)
     };
     let (reports_tx, reports_rx) = mpsc::channel();
@@ -380,6 +384,10 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                             .as_ref()
                             .map(|r| r.triage_share(index))
                             .unwrap_or_default(),
+                        experiments_resume: restored
+                            .as_ref()
+                            .map(|r| r.experiments_share(index))
+                            .unwrap_or_default(),
                         ..analytics.clone()
                     };
                     let p = &job.config.pipeline;
@@ -414,6 +422,11 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                         state: state_target.clone(),
                         alerts_topic: topic_sink(&job, |k| k.alerts_topic.as_deref(), "alerts")?,
                         triage_topic: topic_sink(&job, |k| k.triage_topic.as_deref(), "triage")?,
+                        guardrail_topic: topic_sink(
+                            &job,
+                            |k| k.guardrail_topic.as_deref(),
+                            "guardrail",
+                        )?,
                     };
                     let stats = Arc::clone(&stats);
                     let probes = worker.dataflow::<Time, _, _>(|scope| {

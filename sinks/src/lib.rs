@@ -32,6 +32,7 @@
 
 pub mod durable;
 mod encode;
+pub mod experiments;
 pub mod kafka;
 mod lake;
 mod lake_sink;

@@ -24,12 +24,14 @@
 //! **Results.** The same operator applies its input window by window, once the frontier has
 //! passed a window's end, in sequence order ([`crate::state::Pending`]); it adds every update of
 //! the collection to the experiment's cumulative sums and then looks at them
-//! ([`results::look`]): result rows at every window, guardrail decisions at every sampling
-//! interval. One operator holds both halves so that one snapshot covers them: saved state
+//! ([`results::look`]): result rows at every window in which the experiment had an update,
+//! guardrail decisions at the first such window after each sampling interval has ended. (Looks
+//! never happen in windows without data: every output depends on the data alone, not on how
+//! far an idle watermark moved.) One operator holds both halves so that one snapshot covers them: saved state
 //! (units, sums, looks) is as of one frontier, like the funnels'. It runs on worker 0. A
 //! unit's state lives as long as the experiment (a few dozen bytes per unit and experiment).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use differential_dataflow::{AsCollection, VecCollection};
@@ -73,6 +75,8 @@ pub enum MetricKind {
         /// Its kept measure.
         field: Label,
     },
+    /// The number of error events (every event whose type is `error`).
+    Errors,
     /// 1 when an event named `event` happened within `within_ms` after exposure, else 0.
     Conversion {
         /// The converting event.
@@ -98,6 +102,7 @@ impl Metric {
             MetricKind::Count { event }
             | MetricKind::Sum { event, .. }
             | MetricKind::Conversion { event, .. } => *event == name,
+            MetricKind::Errors => name.spec().event_type == sightline_schemas::EventType::Error,
         }
     }
 
@@ -105,6 +110,9 @@ impl Metric {
     fn apply(&self, value: i64, event: &Event, at_ms: u64, exposed_at: u64) -> i64 {
         match &self.kind {
             MetricKind::Count { event: name } if event.event_name == *name => value + ONE,
+            MetricKind::Errors if event.event_type == sightline_schemas::EventType::Error => {
+                value + ONE
+            }
             MetricKind::Sum { event: name, field } if event.event_name == *name => {
                 value
                     + event
@@ -159,12 +167,18 @@ pub struct ExposureKey {
     pub multiple: bool,
 }
 
+impl crate::window::WindowKey for ExposureKey {
+    fn window_start_ms(&self) -> u64 {
+        self.window_start_ms
+    }
+}
+
 /// The operator's outputs.
 pub struct Experiments<'s> {
     /// Per-arm sufficient statistics of every metric of every experiment.
     pub stats: VecCollection<'s, Time, ArmKey, Moments>,
-    /// Exposures per window and arm.
-    pub exposures: VecCollection<'s, Time, ExposureKey, isize>,
+    /// Exposures per window and arm, one closed window each.
+    pub exposures: StreamVec<'s, Time, ClosedWindow<ExposureKey, isize>>,
     /// `experiment_results` rows, one closed window each.
     pub results: StreamVec<'s, Time, ClosedWindow<ResultRow, isize>>,
     /// Guardrail decisions, one closed window each (those that end a sampling interval).
@@ -196,8 +210,8 @@ pub enum Saved {
     Unit(Unit, Label, Exposure),
     /// An experiment's sums and looks.
     Experiment(Label, Box<Tracked>),
-    /// A closed window's rows and decisions not known to be written: written again.
-    Closed(u64, Vec<ResultRow>, Vec<Decision>),
+    /// A closed window's outputs not known to be written: written again.
+    Closed(u64, Box<WindowOut>),
     /// The next window to look at.
     Next(u64),
 }
@@ -211,13 +225,20 @@ pub struct Setup {
     /// Metrics of an experiment seen in `experiment_assignments` without a declaration;
     /// `None`: undeclared experiments are not analysed.
     pub default_metrics: Option<Vec<Metric>>,
-    /// Analyses by experiment id (others get [`Analysis::default`]).
+    /// Analyses by experiment id.
     pub analyses: BTreeMap<Label, Analysis>,
+    /// The analysis of an experiment without one.
+    pub default_analysis: Analysis,
     /// A fingerprint of all of it, saved with the state.
     pub definition: u64,
 }
 
 impl Setup {
+    /// Whether any experiment is analysed.
+    pub fn is_on(&self) -> bool {
+        !self.defs.is_empty() || self.default_metrics.is_some()
+    }
+
     /// Whether `event` can matter: it carries assignments, or a metric reads its name.
     pub fn reads(&self, event: &Event) -> bool {
         !event.experiment_assignments.is_empty()
@@ -236,6 +257,37 @@ impl Setup {
             None => self.default_metrics.as_deref(),
         }
     }
+}
+
+/// What one closed window emits: result rows, decisions, exposure counts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowOut {
+    /// `experiment_results` rows.
+    pub rows: Vec<ResultRow>,
+    /// Guardrail decisions.
+    pub decisions: Vec<Decision>,
+    /// Exposure counts.
+    pub exposures: Vec<(ExposureKey, isize)>,
+}
+
+impl WindowOut {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.decisions.is_empty() && self.exposures.is_empty()
+    }
+}
+
+/// A closed window of `entries`.
+fn closed<K>(start: u64, end: u64, entries: Vec<(K, isize)>) -> ClosedWindow<K, isize> {
+    ClosedWindow {
+        window_start_ms: start,
+        window_end_ms: end,
+        entries,
+    }
+}
+
+/// Each of `items` once.
+fn counted<K: Clone>(items: &[K]) -> Vec<(K, isize)> {
+    items.iter().map(|k| (k.clone(), 1)).collect()
 }
 
 /// Per unit: its exposures, by experiment.
@@ -367,7 +419,7 @@ where
     let to_first = Exchange::new(|_: &((Unit, Arc<Event>), Time, isize)| 0u64);
     let mut input = builder.new_input(units, to_first);
     let (stats_out, stats) = builder.new_output::<Vec<(ArmKey, Time, Moments)>>();
-    let (exposures_out, exposures) = builder.new_output::<Vec<(ExposureKey, Time, isize)>>();
+    let (exposures_out, exposures) = builder.new_output::<Vec<ClosedWindow<ExposureKey, isize>>>();
     let (results_out, results) = builder.new_output::<Vec<ClosedWindow<ResultRow, isize>>>();
     let (decisions_out, decisions) = builder.new_output::<Vec<ClosedWindow<Decision, isize>>>();
     let (state_out, state) = builder.new_output::<Vec<StateShard<Saved>>>();
@@ -387,25 +439,51 @@ where
             .collect();
         let mut schedule =
             Schedule::new(capabilities.next().filter(|_| first && saving), restored_at);
-        // Capabilities to emit the rows and decisions of the next window (worker 0).
-        let mut window_caps: Option<(Capability<Time>, Capability<Time>)> = None;
+        // Capabilities to emit the exposures, rows and decisions of the next window (worker 0).
+        let mut window_caps: Option<[Capability<Time>; 3]> = None;
         let mut restore_caps = held;
         let mut units: HashMap<Unit, UnitState, foldhash::fast::RandomState> = HashMap::default();
         let mut tracked: BTreeMap<Label, Tracked> = BTreeMap::new();
         let mut pending: Pending<(Unit, Arc<Event>, Time)> = Pending::default();
-        // Capabilities (stats, exposures) for every time with pending input.
-        let mut caps: BTreeMap<Time, (Capability<Time>, Capability<Time>)> = BTreeMap::new();
+        // A capability of the statistics' output for every time with pending input.
+        let mut caps: BTreeMap<Time, Capability<Time>> = BTreeMap::new();
         // The next window to look at, and the newest time with input.
         let mut next_start: Option<u64> = None;
         let mut last_data: Time = 0;
-        // Closed windows whose rows are not known to be written: end → (rows, decisions).
-        let mut unwritten: BTreeMap<u64, (Vec<ResultRow>, Vec<Decision>)> = BTreeMap::new();
+        // Closed windows whose outputs are not known to be written, by end.
+        let mut unwritten: BTreeMap<u64, WindowOut> = BTreeMap::new();
         let mut restored = Some(resume.restored);
         move |frontiers| {
             let mut stats_out = stats_out.activate();
             let mut exposures_out = exposures_out.activate();
             let mut results_out = results_out.activate();
             let mut decisions_out = decisions_out.activate();
+            // Emits one window's outputs under the three window capabilities.
+            let mut emit = |caps: &[Capability<Time>; 3], end: u64, out: &WindowOut| {
+                let start = end - windows.width_ms();
+                let at = end - 1;
+                if !out.exposures.is_empty() {
+                    exposures_out.session(&caps[0].delayed(&at)).give(closed(
+                        start,
+                        end,
+                        out.exposures.clone(),
+                    ));
+                }
+                if !out.rows.is_empty() {
+                    results_out.session(&caps[1].delayed(&at)).give(closed(
+                        start,
+                        end,
+                        counted(&out.rows),
+                    ));
+                }
+                if !out.decisions.is_empty() {
+                    decisions_out.session(&caps[2].delayed(&at)).give(closed(
+                        start,
+                        end,
+                        counted(&out.decisions),
+                    ));
+                }
+            };
             let mut state_out = state_out.activate();
             if let Some(records) = restored.take()
                 && first
@@ -418,51 +496,43 @@ where
                         Saved::Experiment(id, t) => {
                             tracked.insert(id, *t);
                         }
-                        Saved::Closed(end, rows, decided) => {
-                            unwritten.insert(end, (rows, decided));
+                        Saved::Closed(end, out) => {
+                            unwritten.insert(end, *out);
                         }
                         Saved::Next(start) => next_start = Some(start),
                     }
                 }
-                // Rows not known to be written are written again.
-                if let (Some(rc), Some(dc)) = (restore_caps[2].as_ref(), restore_caps[3].as_ref()) {
-                    for (&end, (rows, decided)) in &unwritten {
-                        let start = end - windows.width_ms();
-                        let at = end - 1;
-                        if !rows.is_empty() {
-                            results_out.session(&rc.delayed(&at)).give(ClosedWindow {
-                                window_start_ms: start,
-                                window_end_ms: end,
-                                entries: rows.iter().map(|r| (r.clone(), 1)).collect(),
-                            });
-                        }
-                        if !decided.is_empty() {
-                            decisions_out.session(&dc.delayed(&at)).give(ClosedWindow {
-                                window_start_ms: start,
-                                window_end_ms: end,
-                                entries: decided.iter().map(|d| (d.clone(), 1)).collect(),
-                            });
-                        }
+                // Outputs not known to be written are written again.
+                let restore: Option<[Capability<Time>; 3]> = match &restore_caps[1..] {
+                    [Some(a), Some(b), Some(c)] => Some([a.clone(), b.clone(), c.clone()]),
+                    _ => None,
+                };
+                if let Some(held) = restore.as_ref() {
+                    for (&end, out) in &unwritten {
+                        emit(held, end, out);
                     }
-                }
-                if let (Some(start), Some(rc), Some(dc)) = (
-                    next_start,
-                    restore_caps[2].as_ref(),
-                    restore_caps[3].as_ref(),
-                ) {
-                    let at = (windows.end_of(start) - 1).max(*rc.time());
-                    window_caps = Some((rc.delayed(&at), dc.delayed(&at)));
+                    if let Some(start) = next_start {
+                        let at = (windows.end_of(start) - 1).max(*held[0].time());
+                        window_caps = Some([
+                            held[0].delayed(&at),
+                            held[1].delayed(&at),
+                            held[2].delayed(&at),
+                        ]);
+                    }
                 }
             }
             restore_caps = vec![None, None, None, None];
             input.for_each(|cap, data| {
                 for ((unit, event), time, diff) in data.drain(..) {
-                    caps.entry(time)
-                        .or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1)));
+                    caps.entry(time).or_insert_with(|| cap.delayed(&time, 0));
                     let start = windows.start_of(time);
                     let at = windows.end_of(start) - 1;
-                    if window_caps.as_ref().is_none_or(|(c, _)| *c.time() > at) {
-                        window_caps = Some((cap.delayed(&at, 2), cap.delayed(&at, 3)));
+                    if window_caps.as_ref().is_none_or(|c| *c[0].time() > at) {
+                        window_caps = Some([
+                            cap.delayed(&at, 1),
+                            cap.delayed(&at, 2),
+                            cap.delayed(&at, 3),
+                        ]);
                     }
                     if next_start.is_none_or(|s| start < s) {
                         next_start = Some(start);
@@ -487,12 +557,14 @@ where
                     let ready = pending.take_before(end, |(_, e, _)| {
                         (e.event_time_ms, fnv1a(e.event_id.as_bytes()))
                     });
+                    // Experiments with an update in this window: only they are looked at.
+                    let mut touched: BTreeSet<Label> = BTreeSet::new();
+                    let mut exposed: BTreeMap<ExposureKey, isize> = BTreeMap::new();
                     for (unit, event, time) in ready {
-                        let Some((sc, ec)) = caps.get(&time) else {
+                        let Some(sc) = caps.get(&time) else {
                             continue;
                         };
                         let mut stats = stats_out.session(sc);
-                        let mut exposed = exposures_out.session(ec);
                         let state = units.entry(unit).or_default();
                         apply(
                             &setup,
@@ -500,6 +572,9 @@ where
                             &event,
                             windows,
                             &mut |key, m| {
+                                if !touched.contains(&key.experiment) {
+                                    touched.insert(key.experiment.clone());
+                                }
                                 tracked.entry(key.experiment.clone()).or_default().add(
                                     &key.metric,
                                     &key.arm,
@@ -508,36 +583,33 @@ where
                                 );
                                 stats.give((key, time, m));
                             },
-                            &mut |key| exposed.give((key, time, 1)),
+                            &mut |key| *exposed.entry(key).or_default() += 1,
                         );
                     }
-                    let (mut rows, mut decided) = (Vec::new(), Vec::new());
-                    for (id, t) in tracked.iter_mut() {
-                        let default = Analysis::default();
-                        let analysis = setup.analyses.get(id).unwrap_or(&default);
-                        results::look(id, t, analysis, start, end, &mut rows, &mut decided);
+                    let mut out = WindowOut {
+                        exposures: exposed.into_iter().collect(),
+                        ..WindowOut::default()
+                    };
+                    for (id, t) in tracked.iter_mut().filter(|(id, _)| touched.contains(*id)) {
+                        let analysis = setup.analyses.get(id).unwrap_or(&setup.default_analysis);
+                        results::look(
+                            id,
+                            t,
+                            analysis,
+                            start,
+                            end,
+                            &mut out.rows,
+                            &mut out.decisions,
+                        );
                     }
-                    if let Some((rc, dc)) = window_caps.as_mut() {
-                        let at = end - 1;
-                        rc.downgrade(&at);
-                        dc.downgrade(&at);
-                        if !rows.is_empty() {
-                            results_out.session(rc).give(ClosedWindow {
-                                window_start_ms: start,
-                                window_end_ms: end,
-                                entries: rows.iter().map(|r| (r.clone(), 1)).collect(),
-                            });
+                    if let Some(held) = window_caps.as_mut() {
+                        for c in held.iter_mut() {
+                            c.downgrade(&(end - 1));
                         }
-                        if !decided.is_empty() {
-                            decisions_out.session(dc).give(ClosedWindow {
-                                window_start_ms: start,
-                                window_end_ms: end,
-                                entries: decided.iter().map(|d| (d.clone(), 1)).collect(),
-                            });
-                        }
+                        emit(held, end, &out);
                     }
-                    if saving && !(rows.is_empty() && decided.is_empty()) {
-                        unwritten.insert(end, (rows, decided));
+                    if saving && !out.is_empty() {
+                        unwritten.insert(end, out);
                     }
                     start = end;
                 }
@@ -546,10 +618,11 @@ where
                 caps = caps.split_off(&start);
                 if frontier == Time::MAX {
                     window_caps = None;
-                } else if let Some((rc, dc)) = window_caps.as_mut() {
+                } else if let Some(held) = window_caps.as_mut() {
                     let at = windows.end_of(start) - 1;
-                    rc.downgrade(&at);
-                    dc.downgrade(&at);
+                    for c in held.iter_mut() {
+                        c.downgrade(&at);
+                    }
                 }
             }
             let Some(hooks) = hooks.as_ref() else {
@@ -570,8 +643,8 @@ where
             for (id, t) in &tracked {
                 records.push((Saved::Experiment(id.clone(), Box::new(t.clone())), s));
             }
-            for (end, (rows, decided)) in &unwritten {
-                records.push((Saved::Closed(*end, rows.clone(), decided.clone()), s));
+            for (end, out) in &unwritten {
+                records.push((Saved::Closed(*end, Box::new(out.clone())), s));
             }
             if let Some(start) = next_start {
                 records.push((Saved::Next(start), s));
@@ -583,7 +656,7 @@ where
     });
     Experiments {
         stats: stats.as_collection(),
-        exposures: exposures.as_collection(),
+        exposures,
         results,
         decisions,
         state: saving.then_some(state),

@@ -197,6 +197,9 @@ pub struct Tracked {
     pub killed: bool,
     /// The SRM check failed at the last look.
     pub unhealthy: bool,
+    /// Sampling intervals completed at the last decision.
+    #[serde(default)]
+    pub intervals_decided: u64,
 }
 
 /// [`Running`] as saved: infinite bounds as `None` (JSON has no infinities).
@@ -352,8 +355,12 @@ pub fn look(
     let test = analysis.test;
     let width = end - start;
     let interval_end = analysis.interval_windows.max(1) * width;
-    let at_interval = (end - first).is_multiple_of(interval_end);
-    let epoch = ((end - first) / interval_end).saturating_sub(1);
+    // A look decides when a sampling interval has ended since the last decision (looks happen
+    // only at windows with data, so that every output depends on the data alone, never on how
+    // far an idle watermark moved); the epoch is the newest interval ended.
+    let intervals = (end - first) / interval_end;
+    let at_interval = intervals > tracked.intervals_decided;
+    let epoch = intervals.saturating_sub(1);
     let mut effects: BTreeMap<(Label, Label), effect::Effect> = BTreeMap::new();
     for metric in &metrics {
         let c = tracked.sum(metric, &control).summary();
@@ -427,6 +434,7 @@ pub fn look(
     if !at_interval {
         return;
     }
+    tracked.intervals_decided = intervals;
     let units_ok = counts.iter().all(|n| *n >= analysis.min_units);
     let srm_ok = !tracked.unhealthy;
     for (arm, _) in arms.iter().filter(|(a, _)| *a != control) {

@@ -1,0 +1,418 @@
+//! Experiments as configured (`[[experiments]]`, and `analytics.experiments` for the ones that
+//! are not declared), checked, into the operators' [`Setup`].
+//!
+//! An experiment that appears in `experiment_assignments` without a declaration is analysed
+//! with the defaults when `analytics.experiments` is on (the default): equal weights over the
+//! arms seen, control `control` (or the first arm), the [`default_metrics`], and the errors
+//! guardrail, so that a fresh deployment watches every experiment it sees.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+use sightline_operators::experiment::{
+    Analysis, ExperimentDef, Guardrail, Metric, MetricKind, Setup,
+};
+use sightline_operators::funnel::fnv1a;
+use sightline_schemas::{EventName, Label};
+use sightline_stats::guardrail::Harm;
+use sightline_stats::sequential::Sequential;
+
+/// One experiment as configured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Its id, as in `experiment_assignments`.
+    pub id: String,
+    /// Arms with their planned weights; empty: the arms seen, equal weights.
+    #[serde(default)]
+    pub arms: Vec<ArmConfig>,
+    /// The control arm (default `control`, or the first arm).
+    #[serde(default)]
+    pub control: Option<String>,
+    /// Significance level α.
+    #[serde(default = "alpha")]
+    pub alpha: f64,
+    /// N*: the planned number of units of the two arms compared; it tunes the always-valid
+    /// test (its intervals are narrowest there).
+    #[serde(default = "planned_units")]
+    pub planned_units: u64,
+    /// Units every arm needs before any decision.
+    #[serde(default = "min_units")]
+    pub min_units: u64,
+    /// Windows per sampling interval (guardrails are evaluated at the end of each).
+    #[serde(default = "interval")]
+    pub sampling_interval_windows: u64,
+    /// Its metrics; empty: the default metrics.
+    #[serde(default)]
+    pub metrics: Vec<MetricConfig>,
+    /// Its guardrails; absent: the errors guardrail.
+    #[serde(default)]
+    pub guardrails: Option<Vec<GuardrailConfig>>,
+    /// The metric whose confidently positive effect advances a rollout.
+    #[serde(default)]
+    pub primary: Option<String>,
+    /// Whether a sample-ratio mismatch alone kills (default: it only makes the experiment
+    /// unhealthy).
+    #[serde(default)]
+    pub srm_kills: bool,
+}
+
+fn alpha() -> f64 {
+    0.05
+}
+fn planned_units() -> u64 {
+    10_000
+}
+fn min_units() -> u64 {
+    100
+}
+fn interval() -> u64 {
+    5
+}
+fn one() -> f64 {
+    1.0
+}
+fn increase() -> String {
+    "increase".into()
+}
+
+/// An arm and its planned weight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ArmConfig {
+    /// The variant, as in `experiment_assignments`.
+    pub name: String,
+    /// Its planned share (relative).
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+/// A metric per unit since exposure.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MetricConfig {
+    /// Its name (a column value).
+    pub name: String,
+    /// `count` (events of `event`), `sum` (of the kept measure `field` over events of
+    /// `event`), `conversion` (an event of `event` within `within-ms` after exposure) or
+    /// `errors` (error events).
+    pub kind: String,
+    /// The event it reads.
+    #[serde(default)]
+    pub event: Option<String>,
+    /// For `sum`: the kept measure.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// For `conversion`: how long after exposure it counts, ms.
+    #[serde(default)]
+    pub within_ms: Option<u64>,
+}
+
+/// A guardrail: a metric, the direction in which it harms, and its non-inferiority margin.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct GuardrailConfig {
+    /// The metric (one of the experiment's).
+    pub metric: String,
+    /// `increase` (default) or `decrease`.
+    #[serde(default = "increase")]
+    pub harm: String,
+    /// The margin, in the metric's unit (absolute difference).
+    #[serde(default)]
+    pub margin: f64,
+}
+
+/// The metrics of an experiment without its own: the conversion of each built-in funnel (its
+/// last step within its conversion window after exposure) and the errors per unit.
+pub fn default_metrics() -> Vec<Metric> {
+    let mut out = Vec::new();
+    for (name, event, within_ms) in [
+        ("project_creation_conversion", "task_assigned", 30 * 60_000),
+        (
+            "command_queue_outcomes_conversion",
+            "outcome_deal_advanced",
+            30 * 86_400_000,
+        ),
+    ] {
+        if let Some(event) = EventName::from_name(event) {
+            out.push(Metric {
+                name: name.into(),
+                kind: MetricKind::Conversion { event, within_ms },
+            });
+        }
+    }
+    out.push(Metric {
+        name: "errors".into(),
+        kind: MetricKind::Errors,
+    });
+    out
+}
+
+/// The guardrails of an experiment without its own: errors per unit must not increase.
+fn default_guardrails() -> Vec<Guardrail> {
+    vec![Guardrail {
+        metric: "errors".into(),
+        harm: Harm::Increase,
+        margin: 0.0,
+    }]
+}
+
+/// The analysis of an undeclared experiment.
+fn default_analysis() -> Analysis {
+    Analysis {
+        guardrails: default_guardrails(),
+        ..Analysis::default()
+    }
+}
+
+/// The experiments' setup: checked, with every field named in what it refuses. `undeclared`:
+/// whether experiments without a declaration are analysed with the defaults.
+pub fn setup(configs: &[ExperimentConfig], undeclared: bool) -> anyhow::Result<Setup> {
+    let mut ids = BTreeSet::new();
+    let mut defs = Vec::new();
+    let mut analyses = BTreeMap::new();
+    for (i, c) in configs.iter().enumerate() {
+        let at = format!("experiments[{i}]");
+        if c.id.trim().is_empty() {
+            bail!("{at}.id must not be empty");
+        }
+        if !ids.insert(c.id.clone()) {
+            bail!("{at}.id: `{}` is declared twice", c.id);
+        }
+        let mut arms = Vec::new();
+        for (j, arm) in c.arms.iter().enumerate() {
+            if arm.name.trim().is_empty() {
+                bail!("{at}.arms[{j}].name must not be empty");
+            }
+            if !(arm.weight.is_finite() && arm.weight > 0.0) {
+                bail!("{at}.arms[{j}].weight must be positive");
+            }
+            if arms.iter().any(|(a, _): &(Label, f64)| **a == *arm.name) {
+                bail!("{at}.arms[{j}].name: `{}` is listed twice", arm.name);
+            }
+            arms.push((Label::from(arm.name.as_str()), arm.weight));
+        }
+        if let Some(control) = &c.control
+            && !arms.is_empty()
+            && !arms.iter().any(|(a, _)| **a == **control)
+        {
+            bail!("{at}.control: `{control}` is not one of its arms");
+        }
+        if !(c.alpha > 0.0 && c.alpha < 0.5) {
+            bail!("{at}.alpha ({}) must be in (0, 0.5)", c.alpha);
+        }
+        if c.planned_units == 0 {
+            bail!("{at}.planned-units must be positive");
+        }
+        if c.sampling_interval_windows == 0 {
+            bail!("{at}.sampling-interval-windows must be at least 1");
+        }
+        let metrics = if c.metrics.is_empty() {
+            default_metrics()
+        } else {
+            let mut out: Vec<Metric> = Vec::new();
+            for (j, m) in c.metrics.iter().enumerate() {
+                let here = format!("{at}.metrics[{j}]");
+                if m.name.trim().is_empty() {
+                    bail!("{here}.name must not be empty");
+                }
+                if out.iter().any(|o| *o.name == *m.name) {
+                    bail!("{here}.name: `{}` is defined twice", m.name);
+                }
+                out.push(Metric {
+                    name: m.name.as_str().into(),
+                    kind: metric_kind(m, &here)?,
+                });
+            }
+            out
+        };
+        let guardrails = match &c.guardrails {
+            None => default_guardrails()
+                .into_iter()
+                .filter(|g| metrics.iter().any(|m| m.name == g.metric))
+                .collect(),
+            Some(list) => {
+                let mut out = Vec::new();
+                for (j, g) in list.iter().enumerate() {
+                    let here = format!("{at}.guardrails[{j}]");
+                    if !metrics.iter().any(|m| *m.name == *g.metric) {
+                        bail!(
+                            "{here}.metric: `{}` is not one of the experiment's metrics",
+                            g.metric
+                        );
+                    }
+                    let harm = match g.harm.as_str() {
+                        "increase" => Harm::Increase,
+                        "decrease" => Harm::Decrease,
+                        other => bail!("{here}.harm: `{other}` is not `increase` or `decrease`"),
+                    };
+                    if !g.margin.is_finite() || g.margin < 0.0 {
+                        bail!("{here}.margin must be a non-negative number");
+                    }
+                    out.push(Guardrail {
+                        metric: g.metric.as_str().into(),
+                        harm,
+                        margin: g.margin,
+                    });
+                }
+                out
+            }
+        };
+        if let Some(primary) = &c.primary
+            && !metrics.iter().any(|m| *m.name == **primary)
+        {
+            bail!("{at}.primary: `{primary}` is not one of the experiment's metrics");
+        }
+        let version = fnv1a(&serde_json::to_vec(c).unwrap_or_default());
+        analyses.insert(
+            Label::from(c.id.as_str()),
+            Analysis {
+                arms,
+                control: c.control.as_deref().map(Label::from),
+                test: Sequential {
+                    alpha: c.alpha,
+                    n_star: c.planned_units as f64,
+                },
+                min_units: c.min_units as i64,
+                interval_windows: c.sampling_interval_windows,
+                guardrails,
+                primary: c.primary.as_deref().map(Label::from),
+                srm_kills: c.srm_kills,
+                version,
+            },
+        );
+        defs.push(ExperimentDef {
+            id: c.id.as_str().into(),
+            metrics,
+        });
+    }
+    let definition = fnv1a(&serde_json::to_vec(&(configs, undeclared)).unwrap_or_default());
+    Ok(Setup {
+        defs,
+        default_metrics: undeclared.then(default_metrics),
+        analyses,
+        default_analysis: default_analysis(),
+        definition,
+    })
+}
+
+fn metric_kind(m: &MetricConfig, here: &str) -> anyhow::Result<MetricKind> {
+    let event = || -> anyhow::Result<EventName> {
+        let Some(name) = &m.event else {
+            bail!("{here}.event is required for a `{}` metric", m.kind);
+        };
+        EventName::from_name(name).ok_or_else(|| {
+            anyhow::anyhow!("{here}.event: `{name}` is not an event of the schema registry")
+        })
+    };
+    Ok(match m.kind.as_str() {
+        "count" => MetricKind::Count { event: event()? },
+        "sum" => {
+            let Some(field) = m.field.as_deref().filter(|f| !f.trim().is_empty()) else {
+                bail!("{here}.field is required for a `sum` metric (a kept measure of its event)");
+            };
+            MetricKind::Sum {
+                event: event()?,
+                field: field.into(),
+            }
+        }
+        "conversion" => {
+            let within_ms = m.within_ms.unwrap_or(0);
+            if within_ms == 0 {
+                bail!("{here}.within-ms must be positive for a `conversion` metric");
+            }
+            MetricKind::Conversion {
+                event: event()?,
+                within_ms,
+            }
+        }
+        "errors" => MetricKind::Errors,
+        other => bail!("{here}.kind: `{other}` is not `count`, `sum`, `conversion` or `errors`"),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn one(toml_text: &str) -> anyhow::Result<Setup> {
+        #[derive(Deserialize)]
+        struct Doc {
+            experiments: Vec<ExperimentConfig>,
+        }
+        use figment::providers::Format;
+        let doc: Doc =
+            figment::Figment::from(figment::providers::Toml::string(toml_text)).extract()?;
+        setup(&doc.experiments, true)
+    }
+
+    #[test]
+    fn a_declared_experiment_compiles() {
+        let s = one(r#"[[experiments]]
+id = "exp_onboarding_v2"
+arms = [{ name = "control" }, { name = "treatment", weight = 2 }]
+planned-units = 5000
+metrics = [{ name = "created", kind = "count", event = "project_created" },
+           { name = "errors", kind = "errors" }]
+guardrails = [{ metric = "errors" }]"#)
+        .unwrap();
+        assert_eq!(s.defs[0].metrics.len(), 2);
+        let a = &s.analyses[&Label::from("exp_onboarding_v2")];
+        assert_eq!(a.test.n_star, 5000.0);
+        assert_eq!(a.guardrails[0].harm, Harm::Increase);
+        assert!(s.default_metrics.is_some());
+    }
+
+    #[test]
+    fn bad_definitions_are_refused_with_the_field_named() {
+        for (text, field) in [
+            (
+                r#"[[experiments]]
+id = """#,
+                "experiments[0].id",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+metrics = [{ name = "m", kind = "count", event = "no_such_event" }]"#,
+                "experiments[0].metrics[0].event",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+alpha = 0.9"#,
+                "experiments[0].alpha",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+sampling-interval-windows = 0"#,
+                "experiments[0].sampling-interval-windows",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+guardrails = [{ metric = "nope" }]"#,
+                "experiments[0].guardrails[0].metric",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+arms = [{ name = "a" }, { name = "b" }]
+control = "c""#,
+                "experiments[0].control",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+metrics = [{ name = "m", kind = "conversion", event = "project_created" }]"#,
+                "experiments[0].metrics[0].within-ms",
+            ),
+        ] {
+            let err = one(text).err().unwrap().to_string();
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The experiment tables: `experiment_results` (cumulative per closed window),
+//! `experiment_exposures` (per window) and `guardrail_decisions` (per sampling interval; also
+//! the value of a record on the guardrail topic).
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use serde::{Deserialize, Serialize};
+use sightline_operators::ClosedWindow;
+use sightline_operators::experiment::{Decision, ExposureKey, ResultRow};
+
+use crate::tables::{batch, floats, ints, strings, window_columns, window_fields};
+use crate::{Result, Table};
+
+fn opt_floats<T>(rows: &[T], f: impl Fn(&T) -> Option<f64>) -> ArrayRef {
+    Arc::new(Float64Array::from_iter(
+        rows.iter().map(|r| f(r).filter(|v| v.is_finite())),
+    ))
+}
+
+fn bools<T>(rows: &[T], f: impl Fn(&T) -> bool) -> ArrayRef {
+    Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(f(r)))))
+}
+
+/// A row of `experiment_results`: one metric and arm of an experiment, cumulative since the
+/// experiment's start, at the end of a window.
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct ExperimentResultRow {
+    /// Window start, ms.
+    pub window_start_ms: u64,
+    /// Window end, ms: the results are as of this watermark.
+    pub window_end_ms: u64,
+    /// Experiment id.
+    pub experiment_id: String,
+    /// Metric.
+    pub metric: String,
+    /// Arm.
+    pub arm: String,
+    /// Whether the arm is the control.
+    pub is_control: bool,
+    /// Units analysed.
+    pub units: i64,
+    /// Mean per unit.
+    pub mean: f64,
+    /// Variance per unit.
+    pub variance: f64,
+    /// Absolute effect against control (treatment arms).
+    pub effect: Option<f64>,
+    /// Its always-valid interval (running intersection), lower bound.
+    pub effect_lower: Option<f64>,
+    /// Upper bound.
+    pub effect_upper: Option<f64>,
+    /// Its always-valid p-value (running minimum).
+    pub p_value: Option<f64>,
+    /// Relative lift against control, when the control mean is away from 0.
+    pub lift: Option<f64>,
+    /// Its interval, lower bound.
+    pub lift_lower: Option<f64>,
+    /// Upper bound.
+    pub lift_upper: Option<f64>,
+    /// Its p-value.
+    pub lift_p_value: Option<f64>,
+    /// The experiment's sample-ratio-mismatch p-value.
+    pub srm_p_value: f64,
+    /// `running`, `significant_positive`, `significant_negative`, `breach`, `killed` or
+    /// `unhealthy`.
+    pub state: String,
+}
+
+impl ExperimentResultRow {
+    /// Rows of one closed window.
+    pub fn from_closed(w: &ClosedWindow<ResultRow, isize>) -> Vec<ExperimentResultRow> {
+        w.entries
+            .iter()
+            .map(|(r, _)| ExperimentResultRow {
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
+                experiment_id: r.experiment.to_string(),
+                metric: r.metric.to_string(),
+                arm: r.arm.to_string(),
+                is_control: r.control,
+                units: r.units,
+                mean: r.mean,
+                variance: r.variance,
+                effect: r.absolute.map(|a| a.estimate),
+                effect_lower: r.absolute.map(|a| a.interval.lo),
+                effect_upper: r.absolute.map(|a| a.interval.hi),
+                p_value: r.absolute.map(|a| a.p_value),
+                lift: r.relative.map(|a| a.estimate),
+                lift_lower: r.relative.map(|a| a.interval.lo),
+                lift_upper: r.relative.map(|a| a.interval.hi),
+                lift_p_value: r.relative.map(|a| a.p_value),
+                srm_p_value: r.srm_p_value,
+                state: r.state.as_str().to_owned(),
+            })
+            .collect()
+    }
+}
+
+impl Table for ExperimentResultRow {
+    const NAME: &'static str = "experiment_results";
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        let opt = |name: &str| Field::new(name, DataType::Float64, true);
+        fields.extend([
+            Field::new("experiment_id", DataType::Utf8, false),
+            Field::new("metric", DataType::Utf8, false),
+            Field::new("arm", DataType::Utf8, false),
+            Field::new("is_control", DataType::Boolean, false),
+            Field::new("units", DataType::Int64, false),
+            Field::new("mean", DataType::Float64, false),
+            Field::new("variance", DataType::Float64, false),
+            opt("effect"),
+            opt("effect_lower"),
+            opt("effect_upper"),
+            opt("p_value"),
+            opt("lift"),
+            opt("lift_lower"),
+            opt("lift_upper"),
+            opt("lift_p_value"),
+            Field::new("srm_p_value", DataType::Float64, false),
+            Field::new("state", DataType::Utf8, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            strings(rows, |r| &r.experiment_id),
+            strings(rows, |r| &r.metric),
+            strings(rows, |r| &r.arm),
+            bools(rows, |r| r.is_control),
+            ints(rows, |r| r.units),
+            floats(rows, |r| r.mean),
+            floats(rows, |r| r.variance),
+            opt_floats(rows, |r| r.effect),
+            opt_floats(rows, |r| r.effect_lower),
+            opt_floats(rows, |r| r.effect_upper),
+            opt_floats(rows, |r| r.p_value),
+            opt_floats(rows, |r| r.lift),
+            opt_floats(rows, |r| r.lift_lower),
+            opt_floats(rows, |r| r.lift_upper),
+            opt_floats(rows, |r| r.lift_p_value),
+            floats(rows, |r| r.srm_p_value),
+            strings(rows, |r| &r.state),
+        ]);
+        batch(Self::schema(), columns)
+    }
+}
+
+/// A row of `experiment_exposures`: units first exposed to an arm in a window, and units found
+/// in a second arm (multiple exposures, left out of the analysis).
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct ExposureRow {
+    /// Window start, ms.
+    pub window_start_ms: u64,
+    /// Window end, ms.
+    pub window_end_ms: u64,
+    /// Experiment id.
+    pub experiment_id: String,
+    /// Arm (for a multiple exposure: the arm the unit was first exposed to).
+    pub arm: String,
+    /// Units first exposed.
+    pub exposures: i64,
+    /// Units seen in another arm in this window.
+    pub multiple_exposures: i64,
+}
+
+impl ExposureRow {
+    /// Rows of one closed window of exposure counts.
+    pub fn from_closed(w: &ClosedWindow<ExposureKey, isize>) -> Vec<ExposureRow> {
+        let mut rows: Vec<ExposureRow> = Vec::new();
+        for (k, n) in &w.entries {
+            let row = match rows
+                .iter_mut()
+                .find(|r| r.experiment_id == *k.experiment && r.arm == *k.arm)
+            {
+                Some(row) => row,
+                None => {
+                    rows.push(ExposureRow {
+                        window_start_ms: w.window_start_ms,
+                        window_end_ms: w.window_end_ms,
+                        experiment_id: k.experiment.to_string(),
+                        arm: k.arm.to_string(),
+                        exposures: 0,
+                        multiple_exposures: 0,
+                    });
+                    let last = rows.len() - 1;
+                    &mut rows[last]
+                }
+            };
+            if k.multiple {
+                row.multiple_exposures += *n as i64;
+            } else {
+                row.exposures += *n as i64;
+            }
+        }
+        rows
+    }
+}
+
+impl Table for ExposureRow {
+    const NAME: &'static str = "experiment_exposures";
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        fields.extend([
+            Field::new("experiment_id", DataType::Utf8, false),
+            Field::new("arm", DataType::Utf8, false),
+            Field::new("exposures", DataType::Int64, false),
+            Field::new("multiple_exposures", DataType::Int64, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            strings(rows, |r| &r.experiment_id),
+            strings(rows, |r| &r.arm),
+            ints(rows, |r| r.exposures),
+            ints(rows, |r| r.multiple_exposures),
+        ]);
+        batch(Self::schema(), columns)
+    }
+}
+
+/// A row of `guardrail_decisions`, and the value of a record on the guardrail topic: what a
+/// feature-flag platform acts on, with its evidence.
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct DecisionRow {
+    /// Window start, ms.
+    pub window_start_ms: u64,
+    /// Window end, ms: the watermark of the decision.
+    pub window_end_ms: u64,
+    /// Experiment id.
+    pub experiment_id: String,
+    /// The guardrail's metric, or `rollout` for an experiment without guardrails.
+    pub rule: String,
+    /// The sampling interval's index since the experiment's first window.
+    pub decision_epoch: i64,
+    /// `kill`, `hold` or `advance`.
+    pub action: String,
+    /// The treatment arm.
+    pub arm: String,
+    /// The metric's absolute effect.
+    pub estimate: Option<f64>,
+    /// Its one-sided always-valid bound on the harmful side.
+    pub bound: Option<f64>,
+    /// α.
+    pub alpha: f64,
+    /// N*.
+    pub planned_units: f64,
+    /// Units per arm, as a JSON object.
+    pub units: String,
+    /// Consecutive breached sampling intervals.
+    pub breached_intervals: i64,
+    /// The experiment's SRM p-value.
+    pub srm_p_value: f64,
+    /// The configuration's fingerprint.
+    pub config_version: String,
+}
+
+impl DecisionRow {
+    /// Rows of one closed window of decisions.
+    pub fn from_closed(w: &ClosedWindow<Decision, isize>) -> Vec<DecisionRow> {
+        w.entries
+            .iter()
+            .map(|(d, _)| {
+                let units: std::collections::BTreeMap<&str, i64> =
+                    d.units.iter().map(|(a, n)| (&**a, *n)).collect();
+                DecisionRow {
+                    window_start_ms: w.window_start_ms,
+                    window_end_ms: w.window_end_ms,
+                    experiment_id: d.experiment.to_string(),
+                    rule: d.rule.to_string(),
+                    decision_epoch: d.epoch as i64,
+                    action: d.action.as_str().to_owned(),
+                    arm: d.arm.to_string(),
+                    estimate: d.estimate,
+                    bound: d.bound,
+                    alpha: d.alpha,
+                    planned_units: d.n_star,
+                    units: serde_json::to_string(&units).unwrap_or_default(),
+                    breached_intervals: i64::from(d.breached_intervals),
+                    srm_p_value: d.srm_p_value,
+                    config_version: format!("{:016x}", d.config_version),
+                }
+            })
+            .collect()
+    }
+
+    /// Its key on the guardrail topic: experiment, rule, arm and decision epoch, the same in a
+    /// replay.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.experiment_id, self.rule, self.arm, self.decision_epoch
+        )
+    }
+}
+
+impl Table for DecisionRow {
+    const NAME: &'static str = "guardrail_decisions";
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        fields.extend([
+            Field::new("experiment_id", DataType::Utf8, false),
+            Field::new("rule", DataType::Utf8, false),
+            Field::new("decision_epoch", DataType::Int64, false),
+            Field::new("action", DataType::Utf8, false),
+            Field::new("arm", DataType::Utf8, false),
+            Field::new("estimate", DataType::Float64, true),
+            Field::new("bound", DataType::Float64, true),
+            Field::new("alpha", DataType::Float64, false),
+            Field::new("planned_units", DataType::Float64, false),
+            Field::new("units", DataType::Utf8, false),
+            Field::new("breached_intervals", DataType::Int64, false),
+            Field::new("srm_p_value", DataType::Float64, false),
+            Field::new("config_version", DataType::Utf8, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            strings(rows, |r| &r.experiment_id),
+            strings(rows, |r| &r.rule),
+            ints(rows, |r| r.decision_epoch),
+            strings(rows, |r| &r.action),
+            strings(rows, |r| &r.arm),
+            opt_floats(rows, |r| r.estimate),
+            opt_floats(rows, |r| r.bound),
+            floats(rows, |r| r.alpha),
+            floats(rows, |r| r.planned_units),
+            strings(rows, |r| &r.units),
+            ints(rows, |r| r.breached_intervals),
+            floats(rows, |r| r.srm_p_value),
+            strings(rows, |r| &r.config_version),
+        ]);
+        batch(Self::schema(), columns)
+    }
+}
