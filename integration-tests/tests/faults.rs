@@ -40,14 +40,26 @@ fn config(bootstrap: &str, group: &str, workload: &Workload, idle_timeout_ms: u6
 fn run_until(job: Job, lake_dir: &Path, records: usize) -> sightline::run::Summary {
     let stop = Arc::clone(&job.stop);
     let handle = std::thread::spawn(move || run(job));
-    wait_for_lake(lake_dir, records, Duration::from_secs(300), || {
+    let waited = wait_for_lake(lake_dir, records, Duration::from_secs(300), || {
         if handle.is_finished() {
             Err("the run ended".into())
         } else {
             Ok(())
         }
-    })
-    .unwrap_or_else(|why| panic!("{why}"));
+    });
+    if let Err(why) = waited {
+        // Say how the run ended, if it did.
+        let ended = if handle.is_finished() {
+            match handle.join() {
+                Ok(Ok(summary)) => format!(": {summary}"),
+                Ok(Err(e)) => format!(": {e:#}"),
+                Err(_) => ": it panicked".to_owned(),
+            }
+        } else {
+            String::new()
+        };
+        panic!("{why}{ended}");
+    }
     stop.store(true, Ordering::Relaxed);
     handle.join().expect("run thread").expect("run")
 }

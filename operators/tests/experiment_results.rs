@@ -389,7 +389,9 @@ fn a_restart_from_any_snapshot_changes_nothing() {
             analysis(),
             false,
             Resume {
-                restored: shard.records.clone(),
+                // Through JSON, as the lake keeps it.
+                restored: serde_json::from_str(&serde_json::to_string(&shard.records).unwrap())
+                    .unwrap(),
                 restored_at: s,
                 written_before: 0,
                 definition: 0,
@@ -412,4 +414,40 @@ fn a_restart_from_any_snapshot_changes_nothing() {
             "restored at {s}"
         );
     }
+}
+
+#[test]
+fn snapshots_move_on_without_any_experiment_data() {
+    // A deployment that analyses experiments but sees no assignment must not hold its
+    // snapshots (and the offsets the source commits behind them) at the start.
+    let plan: Plan = vec![vec![]; 6];
+    let out = run_from(&plan, analysis(), true, Resume::default());
+    let last = out.shards.iter().map(|s| s.frontier).max().unwrap_or(0);
+    assert!(last >= BASE + 4 * WIDTH, "the last snapshot is at {last}");
+}
+
+#[test]
+fn a_look_without_variance_does_not_pin_the_running_interval() {
+    let same = |ids: std::ops::Range<u64>| ids.map(|i| (i, 10.0)).collect::<Vec<_>>();
+    let plan: Plan = vec![
+        vec![
+            ("control", same(1..151)),
+            ("treatment", same(T + 1..T + 151)),
+        ],
+        vec![
+            ("control", units(151..301, 10.0)),
+            ("treatment", units(T + 151..T + 301, 10.1)),
+        ],
+    ];
+    let (rows, _) = run(&plan, analysis());
+    let last = rows
+        .iter()
+        .rev()
+        .find_map(|(_, r)| r.absolute)
+        .expect("a treatment row");
+    assert!(
+        last.interval.hi - last.interval.lo > 0.01,
+        "the interval is {:?}",
+        last.interval
+    );
 }

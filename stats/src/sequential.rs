@@ -43,13 +43,47 @@ pub enum Direction {
     Less,
 }
 
-/// An interval of effects.
+/// An interval of effects. Serialized with an unbounded side as `null` (JSON has no
+/// infinities), and read back as ∓∞.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Interval {
     /// Lower bound (−∞ for a one-sided "less" interval).
+    #[serde(with = "lower")]
     pub lo: f64,
     /// Upper bound (+∞ for a one-sided "greater" interval).
+    #[serde(with = "upper")]
     pub hi: f64,
+}
+
+/// A bound as an optional finite number.
+pub(crate) fn serialize_bound<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.is_finite() {
+        s.serialize_some(v)
+    } else {
+        s.serialize_none()
+    }
+}
+
+/// A lower bound: `null` is −∞.
+mod lower {
+    use serde::{Deserialize, Deserializer};
+
+    pub(crate) use super::serialize_bound as serialize;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NEG_INFINITY))
+    }
+}
+
+/// An upper bound: `null` is +∞.
+mod upper {
+    use serde::{Deserialize, Deserializer};
+
+    pub(crate) use super::serialize_bound as serialize;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+    }
 }
 
 impl Interval {
@@ -247,6 +281,15 @@ mod tests {
             1.0
         );
         assert!(h1 < h2);
+    }
+
+    #[test]
+    fn unbounded_intervals_survive_json() {
+        let i = Running::default().interval;
+        let text = serde_json::to_string(&i).unwrap_or_default();
+        assert_eq!(text, r#"{"lo":null,"hi":null}"#);
+        let back: Interval = serde_json::from_str(&text).unwrap_or(Interval { lo: 0.0, hi: 0.0 });
+        assert_eq!(back, i);
     }
 
     #[test]

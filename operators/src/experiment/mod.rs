@@ -624,6 +624,10 @@ where
                         c.downgrade(&at);
                     }
                 }
+            } else if frontier != Time::MAX {
+                // No input yet: everything before the frontier is applied (there was none), so
+                // snapshots, and with them the offsets the source commits, keep moving.
+                applied_to = applied_to.max(windows.start_of(frontier));
             }
             let Some(hooks) = hooks.as_ref() else {
                 return;

@@ -297,6 +297,11 @@ impl Tracked {
     }
 }
 
+/// Whether an estimate with standard error `se` carries information for a look.
+fn informative(se: f64) -> bool {
+    se.is_finite() && se > 0.0
+}
+
 /// The arms of an experiment in the order of its analysis (or sorted), with the control.
 fn arms_of(tracked: &Tracked, analysis: &Analysis) -> (Vec<(Label, f64)>, Label) {
     let mut arms: Vec<(Label, f64)> = if analysis.arms.is_empty() {
@@ -373,10 +378,14 @@ pub fn look(
                     effects.insert((metric.clone(), arm.clone()), d);
                     let key = (metric.clone(), arm.clone(), false);
                     let mut run = tracked.running_mut(key.clone());
-                    run.look(
-                        test.p_value(d.estimate, d.se, d.n, 0.0),
-                        test.interval(d.estimate, d.se, d.n),
-                    );
+                    // A look without variance (every unit alike so far) says nothing: its
+                    // interval would be a point and the running intersection would stay one.
+                    if informative(d.se) {
+                        run.look(
+                            test.p_value(d.estimate, d.se, d.n, 0.0),
+                            test.interval(d.estimate, d.se, d.n),
+                        );
+                    }
                     tracked.set_running(key, &run);
                     absolute = Some(Inference {
                         estimate: d.estimate,
@@ -389,10 +398,12 @@ pub fn look(
                 {
                     let key = (metric.clone(), arm.clone(), true);
                     let mut run = tracked.running_mut(key.clone());
-                    run.look(
-                        test.p_value(r.estimate, r.se, r.n, 0.0),
-                        test.interval(r.estimate, r.se, r.n),
-                    );
+                    if informative(r.se) {
+                        run.look(
+                            test.p_value(r.estimate, r.se, r.n, 0.0),
+                            test.interval(r.estimate, r.se, r.n),
+                        );
+                    }
                     tracked.set_running(key, &run);
                     relative = Some(Inference {
                         estimate: r.estimate,
