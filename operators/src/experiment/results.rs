@@ -1,5 +1,6 @@
-//! Experiments in the stream, second half: the results at every closed window (cumulative
-//! since the experiment's start), and the guardrail decisions at every sampling interval.
+//! Experiments in the stream, second half: the results at every closed window with data
+//! (cumulative since the experiment's start), and the guardrail decisions once per sampling
+//! interval.
 //!
 //! [`super::experiments`] applies its input window by window once the frontier has passed a
 //! window's end, adds the per-arm statistics' updates to each experiment's [`Tracked`] sums,
@@ -7,9 +8,10 @@
 //! `sightline-stats`: per metric and arm, units, mean and variance; per treatment arm, the
 //! absolute and relative effects against control with their always-valid intervals and
 //! p-values (kept monotone over looks: running minimum of p, running intersection of
-//! intervals); the SRM p-value of the experiment; and the state. Every `interval_windows`
-//! windows, each guardrail is evaluated and a decision (`kill`, `hold`, `advance`) is
-//! emitted, keyed by experiment, rule and decision epoch, so that a replay yields the same keys.
+//! intervals); the SRM p-value of the experiment; and the state. At the first look after each
+//! `interval_windows` windows, each guardrail is evaluated and a decision (`kill`, `hold`,
+//! `advance`) is emitted, keyed by experiment, rule and decision epoch, so that a replay
+//! yields the same keys.
 
 use std::collections::BTreeMap;
 
