@@ -2,7 +2,8 @@
 input file, independently of Sightline (plain Python over the JSON lines), and compares them
 with the lake (read with DuckDB). The definitions are the README's.
 
-Accepted events are the input lines that are not dead letters. Quantiles are the exact samples
+Accepted events are the input lines that are not dead letters. The alerts include the
+experiments' compliance alerts. Quantiles are the exact samples
 at rank floor(q*(n-1)); the lake's must be within 1% of them. Alerts use the default rules
 (error rate > 5% with at least 20 calls: page; p99 > 2 s: warning; breaker open: critical).
 
@@ -165,6 +166,38 @@ for key, (c, is_open) in expected_rows.items():
     if row["breaker_state"] != ("open" if is_open else "closed"):
         failures.append(f"integration_health {key}: breaker_state {row['breaker_state']}")
     check_spread(f"integration_health {key}", row, c["lat"], [(0.5, "latency_p50_ms"), (0.95, "latency_p95_ms"), (0.99, "latency_p99_ms")])
+# Compliance alerts of the experiments (analysed with the default metrics, which count every
+# event of an exposed unit, so an experiment has data in a window when a standard-route event of
+# a unit exposed by then, or a restricted event with its assignment, falls in it): `firing` in
+# the first window with restricted events that carry its assignment, `resolved` at the next
+# window with data and none.
+exposed_at = defaultdict(dict)
+for e in events:
+    if not e["_r"]:
+        unit = (e["tenant_id"], e["user_id"])
+        for exp in e.get("experiment_assignments") or {}:
+            exposed_at[unit][exp] = min(exposed_at[unit].get(exp, e["_at"]), e["_at"])
+with_data, compliance = defaultdict(set), defaultdict(set)
+for e in events:
+    if e["_r"]:
+        for exp in e.get("experiment_assignments") or {}:
+            with_data[exp].add(e["_w"])
+            compliance[exp].add(e["_w"])
+    else:
+        for exp, at in exposed_at.get((e["tenant_id"], e["user_id"]), {}).items():
+            if e["_at"] >= at:
+                with_data[exp].add(e["_w"])
+compliance_alerts = 0
+for exp, windows in with_data.items():
+    firing = False
+    for w in sorted(windows):
+        now = w in compliance[exp]
+        if now != firing:
+            expected_alerts.add((False, w, "compliance", exp, "firing" if now else "resolved"))
+            compliance_alerts += 1
+        firing = now
+if not compliance_alerts:
+    failures.append("no compliance alert: the input does not exercise the experiments' compliance check")
 alerts = {(r, row["ws"], row["rule"], row["subject"], row["state"]) for r in (False, True) for row in parquet("alerts", r)}
 if alerts != expected_alerts:
     failures.append(f"alerts: missing {sorted(expected_alerts - alerts)[:4]}, extra {sorted(alerts - expected_alerts)[:4]}")

@@ -87,9 +87,9 @@ pub struct HealthRow {
 /// A rule's change of state for one integration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
-    /// `error_rate`, `latency_p99` or `breaker_open`.
+    /// `error_rate`, `latency_p99`, `breaker_open`, or `compliance` (an experiment's).
     pub rule: String,
-    /// The integration.
+    /// The integration (the experiment, for `compliance`).
     pub subject: String,
     /// `page`, `warning`, `critical` (as configured).
     pub severity: String,
@@ -104,7 +104,7 @@ pub struct Alert {
     pub value: f64,
     /// The threshold.
     pub threshold: f64,
-    /// Calls in the window.
+    /// Calls in the window (events, for `compliance`).
     pub calls: i64,
 }
 

@@ -46,6 +46,16 @@ pub fn bucket_value(bucket: u16) -> f64 {
     2.0 * GAMMA.powf(i) / (GAMMA + 1.0)
 }
 
+/// The edges of a bucket in microseconds: `(γ^(b−2), γ^(b−1)]` for `b ≥ 1`, `[0, 0]` for
+/// bucket 0.
+pub fn bucket_bounds(bucket: u16) -> (f64, f64) {
+    if bucket == 0 {
+        return (0.0, 0.0);
+    }
+    let i = f64::from(bucket) - 1.0;
+    (GAMMA.powf(i - 1.0), GAMMA.powf(i))
+}
+
 /// Latency samples of one group: exact count and sum, and per-bucket counts.
 ///
 /// Counts may be negative while updates are in flight (a retraction seen before its

@@ -149,6 +149,16 @@ impl TriageRules {
         Names::of(&[FEEDBACK], &[EventType::Error])
     }
 
+    /// Whether `event` is critical feedback: a support ticket.
+    pub fn is_critical(&self, event: &Event) -> bool {
+        if event.event_name.as_str() != FEEDBACK {
+            return false;
+        }
+        let score = event.kept.measure("score");
+        let blocked = event.kept.measure("blocked") == Some(1.0);
+        score.is_some_and(|s| s <= self.max_score) || (self.blocked && blocked)
+    }
+
     /// The item `event` contributes, keyed by `(restricted, user link)`; `None` for events that
     /// are neither errors nor critical feedback, or that have no user link.
     pub fn item_of(&self, event: &Event) -> Option<((bool, u64), TriageItem)> {
@@ -169,12 +179,11 @@ impl TriageRules {
                 code,
             }
         } else if event.event_name.as_str() == FEEDBACK {
-            let score = event.kept.measure("score");
-            let blocked = event.kept.measure("blocked") == Some(1.0);
-            let critical = score.is_some_and(|s| s <= self.max_score) || (self.blocked && blocked);
-            if !critical {
+            if !self.is_critical(event) {
                 return None;
             }
+            let score = event.kept.measure("score");
+            let blocked = event.kept.measure("blocked") == Some(1.0);
             TriageItem::Feedback {
                 at_ms,
                 context: Box::new(FeedbackContext {

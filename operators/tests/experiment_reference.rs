@@ -2,18 +2,20 @@
 
 //! The experiment operator against a naive reference: random events of a few units on both
 //! routes, with assignments that sometimes change arm, arriving out of order within the
-//! lateness, in random batches, on 1–3 workers. The per-arm sums the operator's collection
-//! accumulates, before any time and in the end, must equal a batch recomputation of the
-//! semantics from the whole log, exactly; so must the exposure counts.
+//! lateness, in random batches, on 1–3 workers. The per-arm sums and latency histograms the
+//! operator's collections accumulate, before any time and in the end, must equal a batch
+//! recomputation of the semantics from the whole log, exactly; so must the exposure counts,
+//! with the compliance counts (restricted events, and a tenant outside `exp_b`'s allowlist).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::Input;
 use proptest::prelude::*;
+use sightline_operators::LatencyHistogram;
 use sightline_operators::Windows;
 use sightline_operators::experiment::{
-    ArmKey, ExperimentDef, ExposureKey, Metric, MetricKind, Setup, experiments,
+    ArmKey, ExperimentDef, ExposureKey, ExposureKind, Metric, MetricKind, Setup, experiments,
 };
 use sightline_operators::funnel::Resume;
 use sightline_operators::funnel::fnv1a;
@@ -56,7 +58,12 @@ fn event_of(r: &Raw) -> Event {
     let event_name = EventName::from_name(NAMES[r.name]).unwrap();
     let assignments: Vec<(Label, Label)> = r
         .arm()
-        .map(|arm| vec![(Label::from("exp_a"), Label::from(arm))])
+        .map(|arm| {
+            EXPERIMENTS
+                .iter()
+                .map(|e| (Label::from(*e), Label::from(arm)))
+                .collect()
+        })
         .unwrap_or_default();
     Event {
         event_time_ms: r.at_ms as i64,
@@ -90,38 +97,85 @@ fn event_of(r: &Raw) -> Event {
         } else {
             DataSensitivity::Internal
         },
-        latency_us: None,
+        latency_us: latency_of(r),
         privacy: PrivacyCounts::default(),
     }
 }
 
+/// Both experiments; `exp_b` analyses tenant 1 only.
+const EXPERIMENTS: [&str; 2] = ["exp_a", "exp_b"];
+
+/// The latency of `project_viewed` events (µs), spread over many buckets.
+fn latency_of(r: &Raw) -> Option<u64> {
+    (NAMES[r.name] == "project_viewed").then(|| 1_000 + (r.id as u64 * 7_919) % 90_000)
+}
+
 fn setup() -> Arc<Setup> {
     let name = |n: &str| EventName::from_name(n).unwrap();
-    let defs = vec![ExperimentDef {
-        id: Label::from("exp_a"),
-        metrics: vec![
-            Metric {
+    let defs = vec![
+        ExperimentDef {
+            id: Label::from("exp_a"),
+            tenants: None,
+            metrics: vec![
+                Metric {
+                    name: Label::from("created"),
+                    kind: MetricKind::Count {
+                        event: name("project_created"),
+                    },
+                },
+                Metric {
+                    name: Label::from("score"),
+                    kind: MetricKind::Sum {
+                        event: name("task_assigned"),
+                        field: Label::from("score"),
+                    },
+                },
+                Metric {
+                    name: Label::from("converted"),
+                    kind: MetricKind::Conversion {
+                        event: name("project_created"),
+                        within_ms: WITHIN,
+                    },
+                },
+                Metric {
+                    name: Label::from("events"),
+                    kind: MetricKind::Events,
+                },
+                Metric {
+                    name: Label::from("created_per_event"),
+                    kind: MetricKind::Ratio {
+                        numerator: 0,
+                        denominator: 3,
+                    },
+                },
+                Metric {
+                    name: Label::from("abandoned"),
+                    kind: MetricKind::Abandonment {
+                        entry: name("project_viewed"),
+                        goal: name("task_assigned"),
+                        within_ms: WITHIN,
+                    },
+                },
+                Metric {
+                    name: Label::from("p95"),
+                    kind: MetricKind::Latency {
+                        event: name("project_viewed"),
+                        permille: 950,
+                    },
+                },
+            ],
+        },
+        ExperimentDef {
+            id: Label::from("exp_b"),
+            tenants: Some([1].into_iter().collect()),
+            metrics: vec![Metric {
                 name: Label::from("created"),
                 kind: MetricKind::Count {
                     event: name("project_created"),
                 },
-            },
-            Metric {
-                name: Label::from("score"),
-                kind: MetricKind::Sum {
-                    event: name("task_assigned"),
-                    field: Label::from("score"),
-                },
-            },
-            Metric {
-                name: Label::from("converted"),
-                kind: MetricKind::Conversion {
-                    event: name("project_created"),
-                    within_ms: WITHIN,
-                },
-            },
-        ],
-    }];
+            }],
+        },
+    ];
     Arc::new(Setup {
         defs,
         ..Setup::default()
@@ -151,45 +205,79 @@ fn arb_raw() -> impl Strategy<Value = Raw> {
 }
 
 type Stats = BTreeMap<ArmKey, Moments>;
+type Latency = BTreeMap<ArmKey, LatencyHistogram>;
 type Exposures = BTreeMap<ExposureKey, isize>;
 
-/// The semantics from the whole log, counting only events before `until` (ms).
-fn reference(log: &[Raw], until: u64) -> (Stats, Exposures) {
-    let mut by_unit: BTreeMap<(u64, u64), Vec<&Raw>> = BTreeMap::new();
-    for r in log.iter().filter(|r| !r.restricted && r.at_ms < until) {
-        by_unit.entry((r.tenant, r.user)).or_default().push(r);
+fn arm_key(experiment: &str, metric: &str, arm: &str) -> ArmKey {
+    ArmKey {
+        experiment: experiment.into(),
+        metric: metric.into(),
+        arm: arm.into(),
     }
-    let (mut stats, mut exposures) = (Stats::new(), Exposures::new());
+}
+
+/// The semantics from the whole log, counting only events before `until` (ms).
+fn reference(log: &[Raw], until: u64) -> (Stats, Latency, Exposures) {
     let window = |at: u64| at / WIDTH * WIDTH;
-    for events in by_unit.values_mut() {
+    let (mut stats, mut latency, mut exposures) = (Stats::new(), Latency::new(), Exposures::new());
+    let mut count = |experiment: &str, at: u64, arm: &str, kind: ExposureKind| {
+        *exposures
+            .entry(ExposureKey {
+                window_start_ms: window(at),
+                experiment: experiment.into(),
+                arm: arm.into(),
+                kind,
+            })
+            .or_default() += 1;
+    };
+    let mut by_unit: BTreeMap<(u64, u64), Vec<&Raw>> = BTreeMap::new();
+    for r in log.iter().filter(|r| r.at_ms < until) {
+        if r.restricted {
+            // Counted for both experiments, never analysed.
+            if let Some(arm) = r.arm() {
+                for e in EXPERIMENTS {
+                    count(e, r.at_ms, arm, ExposureKind::Compliance);
+                }
+            }
+        } else {
+            by_unit.entry((r.tenant, r.user)).or_default().push(r);
+        }
+    }
+    for (&(tenant, _), events) in by_unit.iter_mut() {
         events.sort_by_key(|r| (r.at_ms, fnv1a(format!("id-{}", r.id).as_bytes())));
+        // exp_b: tenant 2 is outside its allowlist; its assigned events are counted.
+        if tenant != 1 {
+            for r in events.iter() {
+                if let Some(arm) = r.arm() {
+                    count("exp_b", r.at_ms, arm, ExposureKind::Compliance);
+                }
+            }
+        }
         let Some(first) = events.iter().position(|r| r.arm().is_some()) else {
             continue;
         };
         let (arm, exposed_at) = (events[first].arm().unwrap(), events[first].at_ms);
-        *exposures
-            .entry(ExposureKey {
-                window_start_ms: window(exposed_at),
-                experiment: "exp_a".into(),
-                arm: arm.into(),
-                multiple: false,
-            })
-            .or_default() += 1;
+        let experiments: &[&str] = if tenant == 1 {
+            &EXPERIMENTS
+        } else {
+            &EXPERIMENTS[..1]
+        };
+        for e in experiments {
+            count(e, exposed_at, arm, ExposureKind::First);
+        }
         let mut multiple = false;
-        let (mut created, mut score, mut converted) = (0i64, 0i64, 0i64);
+        let (mut created, mut score, mut converted, mut all) = (0i64, 0i64, 0i64, 0i64);
+        let (mut entered, mut finished) = (false, false);
+        let mut samples = LatencyHistogram::default();
         for r in &events[first..] {
             if r.arm().is_some_and(|a| a != arm) {
-                *exposures
-                    .entry(ExposureKey {
-                        window_start_ms: window(r.at_ms),
-                        experiment: "exp_a".into(),
-                        arm: arm.into(),
-                        multiple: true,
-                    })
-                    .or_default() += 1;
+                for e in experiments {
+                    count(e, r.at_ms, arm, ExposureKind::Multiple);
+                }
                 multiple = true;
                 break;
             }
+            all += 1;
             match NAMES[r.name] {
                 "project_created" => {
                     created += 1;
@@ -197,34 +285,65 @@ fn reference(log: &[Raw], until: u64) -> (Stats, Exposures) {
                         converted = 1;
                     }
                 }
-                "task_assigned" => score += r.score,
+                "task_assigned" => {
+                    score += r.score;
+                    if entered && r.at_ms <= exposed_at + WITHIN {
+                        finished = true;
+                    }
+                }
+                "project_viewed" => {
+                    entered = true;
+                    samples.record(latency_of(r).unwrap());
+                }
                 _ => {}
             }
         }
         if multiple {
             continue;
         }
+        let one = 1_000_000;
+        let mut add = |experiment: &str, metric: &str, m: Moments| {
+            let entry = stats.entry(arm_key(experiment, metric, arm)).or_default();
+            *entry = entry.plus(&m);
+        };
         for (metric, value) in [
             ("created", created),
             ("score", score),
             ("converted", converted),
+            ("events", all),
         ] {
-            let key = ArmKey {
-                experiment: "exp_a".into(),
-                metric: metric.into(),
-                arm: arm.into(),
-            };
-            let entry = stats.entry(key).or_default();
-            *entry = entry.plus(&Moments::unit(value * 1_000_000, None));
+            add("exp_a", metric, Moments::unit(value * one, None));
+        }
+        add(
+            "exp_a",
+            "created_per_event",
+            Moments::unit(created * one, Some(all * one)),
+        );
+        let abandoned = i64::from(entered && !finished);
+        add(
+            "exp_a",
+            "abandoned",
+            Moments::unit(abandoned * one, Some(i64::from(entered) * one)),
+        );
+        if tenant == 1 {
+            add("exp_b", "created", Moments::unit(created * one, None));
+        }
+        if samples.count > 0 {
+            use differential_dataflow::difference::Semigroup;
+            latency
+                .entry(arm_key("exp_a", "p95", arm))
+                .or_default()
+                .plus_equals(&samples);
         }
     }
-    (stats, exposures)
+    (stats, latency, exposures)
 }
 
 /// Every output: statistics updates with their times, exposure counts with their window start.
 #[derive(Default)]
 struct Outputs {
     stats: Vec<(ArmKey, u64, Moments)>,
+    latency: Vec<(ArmKey, u64, LatencyHistogram)>,
     exposures: Vec<(ExposureKey, u64, isize)>,
 }
 
@@ -235,12 +354,15 @@ fn run(mut log: Vec<(Raw, u64)>, batches: Vec<usize>, workers: usize) -> Outputs
     let out = Arc::clone(&got);
     timely::execute(timely::Config::process(workers), move |worker| {
         let windows = Windows::new(WIDTH);
-        let (a, b) = (Arc::clone(&out), Arc::clone(&out));
+        let (a, b, c) = (Arc::clone(&out), Arc::clone(&out), Arc::clone(&out));
         let mut input = worker.dataflow::<u64, _, _>(|scope| {
             let (input, events) = scope.new_collection::<Event, isize>();
             let out = experiments(events, setup(), windows, Resume::default(), None);
             out.stats.inner.inspect(move |(k, t, m)| {
                 a.lock().unwrap().stats.push((k.clone(), *t, *m));
+            });
+            out.latency.inner.inspect(move |(k, t, h)| {
+                c.lock().unwrap().latency.push((k.clone(), *t, h.clone()));
             });
             out.exposures.inspect(move |w| {
                 for (k, n) in &w.entries {
@@ -320,11 +442,12 @@ proptest! {
         // Before a cut (a tick boundary) and in the end.
         let cut = BASE + cut / TICK * TICK;
         for until in [cut, u64::MAX] {
-            let (stats, _) = reference(&raws, until);
+            let (stats, latency, _) = reference(&raws, until);
             prop_assert_eq!(accumulate(&out.stats, until), stats, "stats before {}", until);
+            prop_assert_eq!(accumulate(&out.latency, until), latency, "latency before {}", until);
         }
         // Exposures come per closed window (keyed by its start): every window, each once.
-        let (_, exposures) = reference(&raws, u64::MAX);
+        let (_, _, exposures) = reference(&raws, u64::MAX);
         prop_assert_eq!(accumulate(&out.exposures, u64::MAX), exposures);
         let keys: Vec<(u64, &ExposureKey)> = out.exposures.iter().map(|(k, w, _)| (*w, k)).collect();
         let mut unique = keys.clone();

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::Input;
 use sightline_operators::Windows;
+use sightline_operators::alerts::Alert;
 use sightline_operators::experiment::Saved;
 use sightline_operators::experiment::{
     Analysis, Decision, ExperimentDef, Guardrail, Metric, MetricKind, ResultRow, ResultState,
@@ -36,7 +37,13 @@ const BASE: u64 = 1_769_178_600_000;
 /// Per window: (arm, (unit, y) events).
 type Plan = Vec<Vec<(&'static str, Vec<(u64, f64)>)>>;
 
+/// An event of `unit` in `arm`; an arm written `restricted:<arm>` makes a restricted tenant's
+/// event.
 fn event(unit: u64, arm: &str, y: f64, at_ms: u64, id: usize) -> Event {
+    let (restricted, arm) = match arm.strip_prefix("restricted:") {
+        Some(arm) => (true, arm),
+        None => (false, arm),
+    };
     let event_name = EventName::from_name("project_viewed").unwrap();
     Event {
         event_time_ms: at_ms as i64,
@@ -65,8 +72,13 @@ fn event(unit: u64, arm: &str, y: f64, at_ms: u64, id: usize) -> Event {
         surface: None,
         experiment_assignments: vec![(Label::from("exp"), Label::from(arm))].into(),
         pii_classification: PiiClassification::None,
-        data_sensitivity: DataSensitivity::Internal,
-        latency_us: None,
+        data_sensitivity: if restricted {
+            DataSensitivity::Restricted
+        } else {
+            DataSensitivity::Internal
+        },
+        // `y` in ms is also the event's latency measure.
+        latency_us: Some((y.max(0.0) * 1000.0) as u64),
         privacy: PrivacyCounts::default(),
     }
 }
@@ -77,17 +89,38 @@ fn units(ids: std::ops::Range<u64>, mean: f64) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// The metric `latency`: the sum of `y` per unit.
+fn sum_metric() -> Metric {
+    Metric {
+        name: "latency".into(),
+        kind: MetricKind::Sum {
+            event: EventName::from_name("project_viewed").unwrap(),
+            field: "y".into(),
+        },
+    }
+}
+
+/// The metric `p95`: the event-level p95 of the latency (`y` ms).
+fn p95_metric() -> Metric {
+    Metric {
+        name: "p95".into(),
+        kind: MetricKind::Latency {
+            event: EventName::from_name("project_viewed").unwrap(),
+            permille: 950,
+        },
+    }
+}
+
 fn setup(analysis: Analysis) -> Arc<Setup> {
+    setup_with(analysis, vec![sum_metric()])
+}
+
+fn setup_with(analysis: Analysis, metrics: Vec<Metric>) -> Arc<Setup> {
     Arc::new(Setup {
         defs: vec![ExperimentDef {
             id: "exp".into(),
-            metrics: vec![Metric {
-                name: "latency".into(),
-                kind: MetricKind::Sum {
-                    event: EventName::from_name("project_viewed").unwrap(),
-                    field: "y".into(),
-                },
-            }],
+            metrics,
+            tenants: None,
         }],
         analyses: BTreeMap::from([(Label::from("exp"), analysis)]),
         ..Setup::default()
@@ -96,30 +129,33 @@ fn setup(analysis: Analysis) -> Arc<Setup> {
 
 /// What a run emits: rows (window start, row), decisions, and snapshots when saving.
 struct Emitted {
+    alerts: Vec<Alert>,
     rows: Vec<(u64, ResultRow)>,
     decisions: Vec<Decision>,
     shards: Vec<StateShard<Saved>>,
 }
 
 fn run(plan: &Plan, analysis: Analysis) -> (Vec<(u64, ResultRow)>, Vec<Decision>) {
-    let out = run_from(plan, analysis, false, Resume::default());
+    let out = run_from(plan, setup(analysis), false, Resume::default());
     (out.rows, out.decisions)
 }
 
 /// Runs `plan` (only its input at or after `resume.restored_at`), saving state when `save`.
-fn run_from(plan: &Plan, analysis: Analysis, save: bool, resume: Resume<Saved>) -> Emitted {
+fn run_from(plan: &Plan, setup: Arc<Setup>, save: bool, resume: Resume<Saved>) -> Emitted {
     let rows: Arc<Mutex<Vec<(u64, ResultRow)>>> = Arc::default();
     let decisions: Arc<Mutex<Vec<Decision>>> = Arc::default();
     let shards: Arc<Mutex<Vec<StateShard<Saved>>>> = Arc::default();
+    let alerts: Arc<Mutex<Vec<Alert>>> = Arc::default();
+    let al = Arc::clone(&alerts);
     let (r, d, sh) = (
         Arc::clone(&rows),
         Arc::clone(&decisions),
         Arc::clone(&shards),
     );
-    let setup = setup(analysis);
     let plan = plan.clone();
     timely::execute_directly(move |worker| {
         let (r, d, sh) = (Arc::clone(&r), Arc::clone(&d), Arc::clone(&sh));
+        let al = Arc::clone(&al);
         let setup = Arc::clone(&setup);
         let hooks = save.then(|| StateHooks {
             every_ms: 1,
@@ -136,6 +172,11 @@ fn run_from(plan: &Plan, analysis: Analysis, save: bool, resume: Resume<Saved>) 
                 for (row, _) in &w.entries {
                     r.lock().unwrap().push((w.window_start_ms, row.clone()));
                 }
+            });
+            out.alerts.inspect(move |w| {
+                al.lock()
+                    .unwrap()
+                    .extend(w.entries.iter().map(|(x, _)| x.clone()));
             });
             out.decisions.inspect(move |w| {
                 d.lock()
@@ -168,6 +209,7 @@ fn run_from(plan: &Plan, analysis: Analysis, save: bool, resume: Resume<Saved>) 
     let decisions = decisions.lock().unwrap().clone();
     let shards = shards.lock().unwrap().clone();
     Emitted {
+        alerts: alerts.lock().unwrap().clone(),
         rows,
         decisions,
         shards,
@@ -379,14 +421,17 @@ fn a_restart_from_any_snapshot_changes_nothing() {
     let plan: Plan = (0..6)
         .map(|i| window(i, if i < 2 { 10.0 } else { 12.0 }))
         .collect();
-    let whole = run_from(&plan, analysis(), true, Resume::default());
+    // With a latency metric too: its histograms are saved, its rank spreads recomputed.
+    let both = || setup_with(analysis(), vec![sum_metric(), p95_metric()]);
+    let whole = run_from(&plan, both(), true, Resume::default());
     assert!(whole.shards.len() >= 3, "{} snapshots", whole.shards.len());
+    assert!(whole.rows.iter().any(|(_, r)| r.quantile.is_some()));
     assert!(whole.decisions.iter().any(|d| d.action == Action::Kill));
     for shard in &whole.shards {
         let s = shard.frontier;
         let resumed = run_from(
             &plan,
-            analysis(),
+            both(),
             false,
             Resume {
                 // Through JSON, as the lake keeps it.
@@ -421,7 +466,7 @@ fn snapshots_move_on_without_any_experiment_data() {
     // A deployment that analyses experiments but sees no assignment must not hold its
     // snapshots (and the offsets the source commits behind them) at the start.
     let plan: Plan = vec![vec![]; 6];
-    let out = run_from(&plan, analysis(), true, Resume::default());
+    let out = run_from(&plan, setup(analysis()), true, Resume::default());
     let last = out.shards.iter().map(|s| s.frontier).max().unwrap_or(0);
     assert!(last >= BASE + 4 * WIDTH, "the last snapshot is at {last}");
 }
@@ -450,4 +495,117 @@ fn a_look_without_variance_does_not_pin_the_running_interval() {
         "the interval is {:?}",
         last.interval
     );
+}
+
+#[test]
+fn a_p95_latency_regression_kills_after_exactly_three_breached_intervals() {
+    // Every unit sends three events per window; treatment latencies rise by 30% from the
+    // second window on.
+    let window = |i: u64, t: f64| {
+        let three = |ids: std::ops::Range<u64>, mean: f64| {
+            let one = units(ids, mean);
+            [one.clone(), one.clone(), one].concat()
+        };
+        vec![
+            ("control", three(i * 1000 + 1..i * 1000 + 201, 10.0)),
+            ("treatment", three(T + i * 1000 + 1..T + i * 1000 + 201, t)),
+        ]
+    };
+    let plan: Plan = vec![
+        window(0, 10.0),
+        window(1, 13.0),
+        window(2, 13.0),
+        window(3, 13.0),
+        window(4, 13.0),
+    ];
+    let p95 = Analysis {
+        guardrails: vec![Guardrail {
+            metric: "p95".into(),
+            harm: Harm::Increase,
+            margin: 0.0,
+        }],
+        ..analysis()
+    };
+    let out = run_from(
+        &plan,
+        setup_with(p95, vec![p95_metric()]),
+        false,
+        Resume::default(),
+    );
+    let breached: Vec<u32> = out.decisions.iter().map(|d| d.breached_intervals).collect();
+    assert_eq!(breached, [0, 1, 2, 3, 3], "{:#?}", out.decisions);
+    assert_eq!(out.decisions[3].action, Action::Kill);
+    assert_eq!(&*out.decisions[3].rule, "p95");
+    // The last treatment row: its p95 (bucket midpoint, within 1%), the rank test, and the
+    // effect (the difference of the p95s) with its always-valid interval above 0.
+    let (_, last) = out
+        .rows
+        .iter()
+        .rev()
+        .find(|(_, r)| &*r.arm == "treatment")
+        .unwrap();
+    let q = last.quantile.unwrap();
+    assert_eq!(q.samples, 3 * 200 + 4 * 3 * 200);
+    assert!(
+        q.auc.unwrap() > 0.6 && q.mann_whitney_p_value.unwrap() < 1e-6,
+        "{q:?}"
+    );
+    let effect = last.absolute.unwrap();
+    assert!(
+        effect.interval.lo > 0.0 && effect.estimate > 1.0,
+        "{effect:?}"
+    );
+    assert_eq!(last.units, 200 * 5);
+    // The treatment p95 is the exact one within the histogram's 1% (and the bucket's width).
+    let mut all: Vec<f64> = plan
+        .iter()
+        .flat_map(|w| w.iter().filter(|(arm, _)| *arm == "treatment"))
+        .flat_map(|(_, events)| events.iter().map(|(_, y)| *y))
+        .collect();
+    all.sort_by(f64::total_cmp);
+    let exact = all[(0.95 * all.len() as f64).ceil() as usize - 1];
+    assert!(
+        (q.value_ms.unwrap() / exact - 1.0).abs() < 0.02,
+        "{q:?} vs {exact}"
+    );
+}
+
+#[test]
+fn restricted_events_are_counted_never_analysed_and_raise_a_compliance_alert() {
+    let plan: Plan = vec![
+        vec![
+            ("control", units(1..11, 10.0)),
+            ("treatment", units(T + 1..T + 11, 10.0)),
+        ],
+        // A restricted tenant's events carry the assignment.
+        vec![
+            ("control", units(11..21, 10.0)),
+            ("restricted:treatment", units(T + 11..T + 16, 50.0)),
+        ],
+        vec![("restricted:control", units(21..23, 50.0))],
+        vec![("control", units(23..31, 10.0))],
+    ];
+    let out = run_from(&plan, setup(analysis()), false, Resume::default());
+    let states: Vec<(u64, &str, &str)> = out
+        .alerts
+        .iter()
+        .map(|a| {
+            (
+                (a.window_start_ms - BASE / WIDTH * WIDTH) / WIDTH,
+                a.state.as_str(),
+                a.subject.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(states, [(1, "firing", "exp"), (3, "resolved", "exp")]);
+    assert_eq!(out.alerts[0].calls, 5);
+    // Never analysed: the units and the means are the standard events' alone.
+    let (_, last) = out
+        .rows
+        .iter()
+        .rev()
+        .find(|(_, r)| &*r.arm == "treatment")
+        .unwrap();
+    assert_eq!(last.units, 10);
+    assert!((last.mean - 10.0).abs() < 1.0);
 }

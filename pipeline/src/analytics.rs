@@ -204,6 +204,15 @@ pub enum StepConfig {
     },
 }
 
+impl StepConfig {
+    /// The step's event name.
+    pub fn event_name(&self) -> &str {
+        match self {
+            StepConfig::Event(name) | StepConfig::Filtered { event: name, .. } => name,
+        }
+    }
+}
+
 /// One exclusion.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]

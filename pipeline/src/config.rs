@@ -430,13 +430,22 @@ impl Config {
             bail!("analytics.save-state-every-ms must be positive");
         }
         self.funnel_defs()?;
-        self.experiment_setup()?;
+        self.experiment_setup(&mut |_| 1)?;
         Ok(())
     }
 
-    /// The experiments this configuration analyses, checked.
-    pub fn experiment_setup(&self) -> anyhow::Result<sightline_operators::experiment::Setup> {
-        crate::experiments::setup(&self.experiments, self.analytics.experiments)
+    /// The experiments this configuration analyses, checked; `link` gives the unit link of a
+    /// tenant id (for allowlists).
+    pub fn experiment_setup(
+        &self,
+        link: &mut dyn FnMut(&str) -> u64,
+    ) -> anyhow::Result<sightline_operators::experiment::Setup> {
+        crate::experiments::setup(
+            &self.experiments,
+            self.analytics.experiments,
+            &self.triage.rules(),
+            link,
+        )
     }
 }
 

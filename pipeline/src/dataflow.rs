@@ -98,7 +98,8 @@ pub struct RouteWindows<'s> {
     pub health: StreamVec<'s, Time, HealthWindow>,
 }
 
-/// What the experiments compute (standard route only: restricted events are not analysed).
+/// What the experiments compute (standard route only: restricted events are counted for
+/// compliance, never analysed).
 pub struct ExperimentWindows<'s> {
     /// `experiment_results` rows, each window once (cumulative since the start).
     pub results: Closed<'s, ResultRow, isize>,
@@ -106,6 +107,8 @@ pub struct ExperimentWindows<'s> {
     pub exposures: Closed<'s, ExposureKey, isize>,
     /// Guardrail decisions, at the windows that end a sampling interval.
     pub decisions: Closed<'s, Decision, isize>,
+    /// Compliance alerts (`firing`, `resolved`).
+    pub alerts: Closed<'s, sightline_operators::alerts::Alert, isize>,
     /// Snapshots of the experiments' state, when it is saved.
     pub state: Option<StreamVec<'s, Time, StateShard<ExperimentSaved>>>,
 }
@@ -234,9 +237,10 @@ pub fn compute<'s>(
             names,
         });
     }
-    // Experiments read every standard-route event (an assignment can be on any event).
+    // Experiments read every event (an assignment can be on any event) of both routes
+    // (restricted events that carry an assignment are counted for compliance, never analysed).
     readers.push(Subscriber {
-        restricted: Some(false),
+        restricted: None,
         names: Names::All,
     });
     let mut selected = select(events.inner.clone(), &readers)
@@ -308,6 +312,7 @@ pub fn compute<'s>(
             results: out.results,
             exposures: out.exposures,
             decisions: out.decisions,
+            alerts: out.alerts,
             state: out.state,
         }
     });

@@ -100,6 +100,7 @@ pub fn demo_config() -> Config {
         guardrails: None,
         primary: Some("project_creation_conversion".into()),
         srm_kills: false,
+        tenants: None,
     };
     config.experiments = vec![
         experiment("exp_guided_setup", &["control", "treatment"]),

@@ -7,6 +7,7 @@
 
 use std::sync::mpsc::Sender;
 
+use sightline_operators::alerts::Alert;
 use sightline_operators::experiment::Saved as ExperimentSaved;
 use sightline_operators::state::StateShard;
 use sightline_operators::{ClosedWindow, QualityTotals, Time};
@@ -98,6 +99,7 @@ pub fn emit(
         save_state(computed.funnel_state, target, retry, &health, durable);
         save_state(computed.triage_state, target, retry, &health, durable);
     }
+    let mut alert_records = Vec::new();
     if let Some(experiments) = computed.experiments {
         // Experiments analyse the standard route only: their state and tables are there.
         if let (Some(target), Some(shards)) = (&state, experiments.state) {
@@ -122,6 +124,39 @@ pub fn emit(
         }));
         tables.write(rows_of(experiments.exposures, |w| {
             ExposureRow::from_closed(&w)
+        }));
+        // Compliance alerts join the alerts table (a part of their own in each window) and
+        // the alerts topic.
+        let alert_reports = reports.clone();
+        let compliance = experiments.alerts.inspect(move |w| {
+            for (a, _) in &w.entries {
+                let line = crate::report::alert_line(a, "standard");
+                let _ = alert_reports.send(Report::Alert(line));
+            }
+        });
+        let alert_rows = |w: &ClosedWindow<Alert, isize>| -> Vec<AlertRow> {
+            w.entries
+                .iter()
+                .map(|(a, _)| AlertRow::of(a, "standard"))
+                .collect()
+        };
+        tables.write(compliance.clone().flat_map(move |w| {
+            let rows = alert_rows(&w);
+            (!rows.is_empty()).then(|| WindowRows {
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
+                part: Some("compliance".into()),
+                rows,
+            })
+        }));
+        alert_records.push(compliance.flat_map(move |w| {
+            alert_rows(&w)
+                .into_iter()
+                .map(|value| KeyedRecord {
+                    key: value.key(),
+                    value,
+                })
+                .collect::<Vec<_>>()
         }));
         // Kills and advances are printed; a kill once (later epochs repeat it on the topic).
         let decision_reports = reports.clone();
@@ -181,7 +216,6 @@ pub fn emit(
         });
         durable_sink(records, topic, retry, &health, durable).probe_with(written);
     }
-    let mut alert_records = Vec::new();
     for windows in computed.routes {
         let route = windows.route.as_str();
         let restricted = windows.route == Route::Restricted;

@@ -14,6 +14,7 @@ use sightline_operators::experiment::{
     Analysis, ExperimentDef, Guardrail, Metric, MetricKind, Setup,
 };
 use sightline_operators::funnel::fnv1a;
+use sightline_operators::triage::TriageRules;
 use sightline_schemas::{EventName, Label};
 use sightline_stats::guardrail::Harm;
 use sightline_stats::sequential::Sequential;
@@ -56,6 +57,11 @@ pub struct ExperimentConfig {
     /// unhealthy).
     #[serde(default)]
     pub srm_kills: bool,
+    /// The tenants (`tenant_id`, as sent) it may analyse; absent: every tenant that is not
+    /// restricted. Events of other tenants that carry its assignment are counted
+    /// (`compliance_events`) and raise a `compliance` alert.
+    #[serde(default)]
+    pub tenants: Option<Vec<String>>,
 }
 
 fn alpha() -> f64 {
@@ -95,8 +101,12 @@ pub struct MetricConfig {
     /// Its name (a column value).
     pub name: String,
     /// `count` (events of `event`), `sum` (of the kept measure `field` over events of
-    /// `event`), `conversion` (an event of `event` within `within-ms` after exposure) or
-    /// `errors` (error events).
+    /// `event`), `conversion` (an event of `event` within `within-ms` after exposure),
+    /// `errors` (error events), `events` (every event), `tickets` (critical feedback, by the
+    /// triage rules), `abandonment` (of the units that performed `event`, the share without
+    /// `goal` within `within-ms` after exposure), `ratio` (`numerator` ÷ `denominator`, two
+    /// other metrics of the experiment) or `latency` (the `quantile` of `event`'s latency
+    /// measure, event-level).
     pub kind: String,
     /// The event it reads.
     #[serde(default)]
@@ -104,9 +114,21 @@ pub struct MetricConfig {
     /// For `sum`: the kept measure.
     #[serde(default)]
     pub field: Option<String>,
-    /// For `conversion`: how long after exposure it counts, ms.
+    /// For `conversion` and `abandonment`: how long after exposure it counts, ms.
     #[serde(default)]
     pub within_ms: Option<u64>,
+    /// For `abandonment`: the event that completes the funnel.
+    #[serde(default)]
+    pub goal: Option<String>,
+    /// For `ratio`: the metric divided.
+    #[serde(default)]
+    pub numerator: Option<String>,
+    /// For `ratio`: the metric it is divided by.
+    #[serde(default)]
+    pub denominator: Option<String>,
+    /// For `latency`: the quantile, in (0, 1) (default 0.95).
+    #[serde(default)]
+    pub quantile: Option<f64>,
 }
 
 /// A guardrail: a metric, the direction in which it harms, and its non-inferiority margin.
@@ -123,52 +145,111 @@ pub struct GuardrailConfig {
     pub margin: f64,
 }
 
-/// The metrics of an experiment without its own: the conversion of each built-in funnel (its
-/// last step within its conversion window after exposure) and the errors per unit.
-pub fn default_metrics() -> Vec<Metric> {
+/// The metrics of an experiment without its own: for each built-in funnel its conversion
+/// (its last step within its conversion window after exposure) and its abandonment; errors and
+/// events per unit and the error rate (errors ÷ events); support tickets (critical feedback by
+/// `triage`); and the p95 latency of every event that has a latency measure.
+pub fn default_metrics(triage: &TriageRules) -> Vec<Metric> {
     let mut out = Vec::new();
-    for (name, event, within_ms) in [
-        ("project_creation_conversion", "task_assigned", 30 * 60_000),
-        (
-            "command_queue_outcomes_conversion",
-            "outcome_deal_advanced",
-            30 * 86_400_000,
-        ),
-    ] {
-        if let Some(event) = EventName::from_name(event) {
-            out.push(Metric {
-                name: name.into(),
-                kind: MetricKind::Conversion { event, within_ms },
-            });
-        }
+    for funnel in crate::analytics::builtin_funnels() {
+        let step = |s: Option<&crate::analytics::StepConfig>| {
+            s.and_then(|s| EventName::from_name(s.event_name()))
+        };
+        let (Some(entry), Some(goal)) = (step(funnel.steps.first()), step(funnel.steps.last()))
+        else {
+            continue;
+        };
+        let within_ms = funnel.conversion_window_ms;
+        out.push(Metric {
+            name: format!("{}_conversion", funnel.name).as_str().into(),
+            kind: MetricKind::Conversion {
+                event: goal,
+                within_ms,
+            },
+        });
+        out.push(Metric {
+            name: format!("{}_abandonment", funnel.name).as_str().into(),
+            kind: MetricKind::Abandonment {
+                entry,
+                goal,
+                within_ms,
+            },
+        });
     }
+    let errors = out.len();
     out.push(Metric {
         name: "errors".into(),
         kind: MetricKind::Errors,
     });
+    out.push(Metric {
+        name: "events".into(),
+        kind: MetricKind::Events,
+    });
+    out.push(Metric {
+        name: "error_rate".into(),
+        kind: MetricKind::Ratio {
+            numerator: errors,
+            denominator: errors + 1,
+        },
+    });
+    out.push(Metric {
+        name: "support_tickets".into(),
+        kind: MetricKind::Tickets {
+            rules: triage.clone(),
+        },
+    });
+    for name in EventName::all() {
+        if name.spec().latency().is_some() {
+            out.push(Metric {
+                name: format!("p95_latency_{}", name.as_str()).as_str().into(),
+                kind: MetricKind::Latency {
+                    event: name,
+                    permille: 950,
+                },
+            });
+        }
+    }
     out
 }
 
-/// The guardrails of an experiment without its own: errors per unit must not increase.
-fn default_guardrails() -> Vec<Guardrail> {
-    vec![Guardrail {
-        metric: "errors".into(),
-        harm: Harm::Increase,
-        margin: 0.0,
-    }]
+/// The guardrails of an experiment without its own, each against an increase with margin 0:
+/// the error rate, every abandonment, support tickets and every p95 latency among `metrics`.
+fn default_guardrails(metrics: &[Metric]) -> Vec<Guardrail> {
+    metrics
+        .iter()
+        .filter(|m| {
+            matches!(
+                m.kind,
+                MetricKind::Abandonment { .. }
+                    | MetricKind::Latency { .. }
+                    | MetricKind::Tickets { .. }
+            ) || &*m.name == "error_rate"
+        })
+        .map(|m| Guardrail {
+            metric: m.name.clone(),
+            harm: Harm::Increase,
+            margin: 0.0,
+        })
+        .collect()
 }
 
 /// The analysis of an undeclared experiment.
-fn default_analysis() -> Analysis {
+fn default_analysis(triage: &TriageRules) -> Analysis {
     Analysis {
-        guardrails: default_guardrails(),
+        guardrails: default_guardrails(&default_metrics(triage)),
         ..Analysis::default()
     }
 }
 
 /// The experiments' setup: checked, with every field named in what it refuses. `undeclared`:
-/// whether experiments without a declaration are analysed with the defaults.
-pub fn setup(configs: &[ExperimentConfig], undeclared: bool) -> anyhow::Result<Setup> {
+/// whether experiments without a declaration are analysed with the defaults; `triage`: what
+/// makes a support ticket; `link`: the unit link of a tenant id (for allowlists).
+pub fn setup(
+    configs: &[ExperimentConfig],
+    undeclared: bool,
+    triage: &TriageRules,
+    link: &mut dyn FnMut(&str) -> u64,
+) -> anyhow::Result<Setup> {
     let mut ids = BTreeSet::new();
     let mut defs = Vec::new();
     let mut analyses = BTreeMap::new();
@@ -209,7 +290,7 @@ pub fn setup(configs: &[ExperimentConfig], undeclared: bool) -> anyhow::Result<S
             bail!("{at}.sampling-interval-windows must be at least 1");
         }
         let metrics = if c.metrics.is_empty() {
-            default_metrics()
+            default_metrics(triage)
         } else {
             let mut out: Vec<Metric> = Vec::new();
             for (j, m) in c.metrics.iter().enumerate() {
@@ -217,21 +298,23 @@ pub fn setup(configs: &[ExperimentConfig], undeclared: bool) -> anyhow::Result<S
                 if m.name.trim().is_empty() {
                     bail!("{here}.name must not be empty");
                 }
-                if out.iter().any(|o| *o.name == *m.name) {
+                if c.metrics[..j].iter().any(|o| o.name == m.name) {
                     bail!("{here}.name: `{}` is defined twice", m.name);
                 }
                 out.push(Metric {
                     name: m.name.as_str().into(),
-                    kind: metric_kind(m, &here)?,
+                    kind: metric_kind(m, &here, &c.metrics, triage)?,
                 });
             }
             out
         };
+        if let Some(tenants) = &c.tenants
+            && let Some(j) = tenants.iter().position(|t| t.trim().is_empty())
+        {
+            bail!("{at}.tenants[{j}] must not be empty");
+        }
         let guardrails = match &c.guardrails {
-            None => default_guardrails()
-                .into_iter()
-                .filter(|g| metrics.iter().any(|m| m.name == g.metric))
-                .collect(),
+            None => default_guardrails(&metrics),
             Some(list) => {
                 let mut out = Vec::new();
                 for (j, g) in list.iter().enumerate() {
@@ -285,19 +368,28 @@ pub fn setup(configs: &[ExperimentConfig], undeclared: bool) -> anyhow::Result<S
         defs.push(ExperimentDef {
             id: c.id.as_str().into(),
             metrics,
+            tenants: c
+                .tenants
+                .as_ref()
+                .map(|list| list.iter().map(|t| link(t)).collect()),
         });
     }
     let definition = fnv1a(&serde_json::to_vec(&(configs, undeclared)).unwrap_or_default());
     Ok(Setup {
         defs,
-        default_metrics: undeclared.then(default_metrics),
+        default_metrics: undeclared.then(|| default_metrics(triage)),
         analyses,
-        default_analysis: default_analysis(),
+        default_analysis: default_analysis(triage),
         definition,
     })
 }
 
-fn metric_kind(m: &MetricConfig, here: &str) -> anyhow::Result<MetricKind> {
+fn metric_kind(
+    m: &MetricConfig,
+    here: &str,
+    all: &[MetricConfig],
+    triage: &TriageRules,
+) -> anyhow::Result<MetricKind> {
     let event = || -> anyhow::Result<EventName> {
         let Some(name) = &m.event else {
             bail!("{here}.event is required for a `{}` metric", m.kind);
@@ -328,7 +420,69 @@ fn metric_kind(m: &MetricConfig, here: &str) -> anyhow::Result<MetricKind> {
             }
         }
         "errors" => MetricKind::Errors,
-        other => bail!("{here}.kind: `{other}` is not `count`, `sum`, `conversion` or `errors`"),
+        "events" => MetricKind::Events,
+        "tickets" => MetricKind::Tickets {
+            rules: triage.clone(),
+        },
+        "abandonment" => {
+            let within_ms = m.within_ms.unwrap_or(0);
+            if within_ms == 0 {
+                bail!("{here}.within-ms must be positive for an `abandonment` metric");
+            }
+            let Some(goal) = &m.goal else {
+                bail!("{here}.goal is required for an `abandonment` metric");
+            };
+            let goal = EventName::from_name(goal).ok_or_else(|| {
+                anyhow::anyhow!("{here}.goal: `{goal}` is not an event of the schema registry")
+            })?;
+            MetricKind::Abandonment {
+                entry: event()?,
+                goal,
+                within_ms,
+            }
+        }
+        "latency" => {
+            let q = m.quantile.unwrap_or(0.95);
+            if !(q > 0.0 && q < 1.0) {
+                bail!("{here}.quantile ({q}) must be in (0, 1)");
+            }
+            let event = event()?;
+            if event.spec().latency().is_none() {
+                bail!(
+                    "{here}.event: `{}` has no latency measure in the schema registry",
+                    event.as_str()
+                );
+            }
+            MetricKind::Latency {
+                event,
+                permille: (q * 1000.0).round() as u16,
+            }
+        }
+        "ratio" => {
+            let part = |field: &str, name: &Option<String>| -> anyhow::Result<usize> {
+                let Some(name) = name else {
+                    bail!("{here}.{field} is required for a `ratio` metric");
+                };
+                let Some(i) = all.iter().position(|o| o.name == *name) else {
+                    bail!("{here}.{field}: `{name}` is not one of the experiment's metrics");
+                };
+                if matches!(all[i].kind.as_str(), "ratio" | "latency" | "abandonment") {
+                    bail!(
+                        "{here}.{field}: `{name}` is a `{}` metric, not a per-unit value",
+                        all[i].kind
+                    );
+                }
+                Ok(i)
+            };
+            MetricKind::Ratio {
+                numerator: part("numerator", &m.numerator)?,
+                denominator: part("denominator", &m.denominator)?,
+            }
+        }
+        other => bail!(
+            "{here}.kind: `{other}` is not `count`, `sum`, `conversion`, `errors`, `events`, \
+             `tickets`, `abandonment`, `ratio` or `latency`"
+        ),
     })
 }
 
@@ -345,7 +499,9 @@ mod tests {
         use figment::providers::Format;
         let doc: Doc =
             figment::Figment::from(figment::providers::Toml::string(toml_text)).extract()?;
-        setup(&doc.experiments, true)
+        setup(&doc.experiments, true, &TriageRules::default(), &mut |t| {
+            fnv1a(t.as_bytes())
+        })
     }
 
     #[test]

@@ -149,7 +149,7 @@ const WEIGHTS: &[(&str, u32)] = &[
     ("integration_call_failed", 2),
 ];
 
-/// The arm of `exp_aps_ranking_v2` whose users start failing actions part-way through.
+/// The arm of `exp_aps_ranking_v2` whose actions turn three times slower part-way through.
 pub const DEGRADED_ARM: &str = "variant_b";
 /// When, after the generator's start (event time).
 pub const DEGRADE_AFTER_MS: i64 = 60_000;
@@ -189,6 +189,8 @@ struct Context {
     integration: Option<&'static str>,
     /// Feedback after an error: a low score.
     after_error: bool,
+    /// The user is in the degraded arm and its degradation has started: slow actions.
+    slow: bool,
 }
 
 /// A scheduled event of the same user.
@@ -286,13 +288,6 @@ impl Generator {
             self.rng.below(u64::from(self.config.tenants)),
             self.rng.below(u64::from(self.config.users)),
         );
-        // The degraded arm fails one action in five once its degradation has started.
-        if arms_of(who.0, who.1).1 == Some(DEGRADED_ARM)
-            && time_ms - self.config.start_ms >= DEGRADE_AFTER_MS
-            && self.rng.below(5) == 0
-        {
-            name = "action_failed";
-        }
         if let Some(burst) = self.burst_at(time_ms)
             && name == "integration_call_success"
         {
@@ -391,6 +386,9 @@ impl Generator {
                 r.below(u64::from(self.config.users)),
             ),
         };
+        // The degraded arm's actions run three times slower once its degradation has started.
+        context.slow = arms_of(tenant, user).1 == Some(DEGRADED_ARM)
+            && time_ms - self.config.start_ms >= DEGRADE_AFTER_MS;
         // A user's events share a session for up to five minutes of event time (sessions start
         // at a different offset for each user), as real sessions do.
         let session = mix(user.wrapping_mul(SESSION_MS)
@@ -666,7 +664,7 @@ impl Generator {
                     out,
                     r#"{{"action_id":"{action}",{linked}"action_type":"{action_type}","execution_mode":"{}","success":true,"error":null,"duration_ms":{},"metadata":{{"subject":"Follow up: Demo tomorrow","gmail_message_id":"msg_{}"}}}}"#,
                     r.pick(&["automated", "manual", "dry_run"]),
-                    ms(r, 450.0),
+                    ms(r, if c.slow { 1_350.0 } else { 450.0 }),
                     r.below(100_000)
                 )
             }

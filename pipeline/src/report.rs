@@ -105,7 +105,7 @@ pub fn alert_line(a: &sightline_operators::alerts::Alert, route: &str) -> String
         format!(" ({route})")
     };
     format!(
-        "alert {} {}: {} on {}{route} in window {}–{} (value {:.3}, threshold {}, {} calls)",
+        "alert {} {}: {} on {}{route} in window {}–{} (value {:.3}, threshold {}, {} {})",
         a.state,
         a.severity,
         a.rule,
@@ -114,7 +114,12 @@ pub fn alert_line(a: &sightline_operators::alerts::Alert, route: &str) -> String
         &end[11..19],
         a.value,
         a.threshold,
-        a.calls
+        a.calls,
+        if a.rule == "compliance" {
+            "events"
+        } else {
+            "calls"
+        }
     )
 }
 

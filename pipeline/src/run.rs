@@ -283,7 +283,8 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         }
     };
     let funnels: Arc<[sightline_operators::funnel::FunnelDef]> = job.config.funnel_defs()?.into();
-    let experiments = Arc::new(job.config.experiment_setup()?);
+    let mut linker = sightline_privacy::Pseudonymizer::new(Arc::clone(&keys));
+    let experiments = Arc::new(job.config.experiment_setup(&mut |t| linker.link_of(t))?);
     let flush = Arc::new(AtomicBool::new(false));
     // The long-horizon state is saved and restored for Kafka sources: they resume from
     // committed offsets. A file replay starts from its beginning every time.

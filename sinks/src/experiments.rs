@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch};
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 use sightline_operators::ClosedWindow;
-use sightline_operators::experiment::{Decision, ExposureKey, ResultRow};
+use sightline_operators::experiment::{Decision, ExposureKey, ExposureKind, ResultRow};
 
 use crate::tables::{batch, floats, ints, strings, window_columns, window_fields};
 use crate::{Result, Table};
@@ -53,6 +53,9 @@ pub struct ExperimentResultRow {
     pub effect_upper: Option<f64>,
     /// Its always-valid p-value (running minimum).
     pub p_value: Option<f64>,
+    /// The effect changed over time: an interval fell outside the running intersection,
+    /// which restarted there.
+    pub effect_drift: Option<bool>,
     /// Relative lift against control, when the control mean is away from 0.
     pub lift: Option<f64>,
     /// Its interval, lower bound.
@@ -66,6 +69,17 @@ pub struct ExperimentResultRow {
     /// `running`, `significant_positive`, `significant_negative`, `breach`, `killed` or
     /// `unhealthy`.
     pub state: String,
+    /// For a latency metric: the quantile (0.95), and then `mean` and `variance` are the
+    /// events' latency in ms and `effect`, `lift` the difference of the quantile.
+    pub quantile: Option<f64>,
+    /// The arm's quantile, ms.
+    pub quantile_ms: Option<f64>,
+    /// Latency samples (events) in the arm.
+    pub samples: Option<i64>,
+    /// Mann-Whitney against control: P(treatment > control) + ½ P(tie).
+    pub mann_whitney_auc: Option<f64>,
+    /// Its two-sided p-value (fixed-horizon, event-level: descriptive).
+    pub mann_whitney_p_value: Option<f64>,
 }
 
 impl ExperimentResultRow {
@@ -87,12 +101,18 @@ impl ExperimentResultRow {
                 effect_lower: r.absolute.map(|a| a.interval.lo),
                 effect_upper: r.absolute.map(|a| a.interval.hi),
                 p_value: r.absolute.map(|a| a.p_value),
+                effect_drift: r.absolute.map(|a| a.drift),
                 lift: r.relative.map(|a| a.estimate),
                 lift_lower: r.relative.map(|a| a.interval.lo),
                 lift_upper: r.relative.map(|a| a.interval.hi),
                 lift_p_value: r.relative.map(|a| a.p_value),
                 srm_p_value: r.srm_p_value,
                 state: r.state.as_str().to_owned(),
+                quantile: r.quantile.map(|q| q.q),
+                quantile_ms: r.quantile.and_then(|q| q.value_ms),
+                samples: r.quantile.map(|q| q.samples),
+                mann_whitney_auc: r.quantile.and_then(|q| q.auc),
+                mann_whitney_p_value: r.quantile.and_then(|q| q.mann_whitney_p_value),
             })
             .collect()
     }
@@ -116,12 +136,18 @@ impl Table for ExperimentResultRow {
             opt("effect_lower"),
             opt("effect_upper"),
             opt("p_value"),
+            Field::new("effect_drift", DataType::Boolean, true),
             opt("lift"),
             opt("lift_lower"),
             opt("lift_upper"),
             opt("lift_p_value"),
             Field::new("srm_p_value", DataType::Float64, false),
             Field::new("state", DataType::Utf8, false),
+            opt("quantile"),
+            opt("quantile_ms"),
+            Field::new("samples", DataType::Int64, true),
+            opt("mann_whitney_auc"),
+            opt("mann_whitney_p_value"),
         ]);
         Arc::new(Schema::new(fields))
     }
@@ -140,12 +166,18 @@ impl Table for ExperimentResultRow {
             opt_floats(rows, |r| r.effect_lower),
             opt_floats(rows, |r| r.effect_upper),
             opt_floats(rows, |r| r.p_value),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| r.effect_drift))),
             opt_floats(rows, |r| r.lift),
             opt_floats(rows, |r| r.lift_lower),
             opt_floats(rows, |r| r.lift_upper),
             opt_floats(rows, |r| r.lift_p_value),
             floats(rows, |r| r.srm_p_value),
             strings(rows, |r| &r.state),
+            opt_floats(rows, |r| r.quantile),
+            opt_floats(rows, |r| r.quantile_ms),
+            Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.samples))),
+            opt_floats(rows, |r| r.mann_whitney_auc),
+            opt_floats(rows, |r| r.mann_whitney_p_value),
         ]);
         batch(Self::schema(), columns)
     }
@@ -167,6 +199,9 @@ pub struct ExposureRow {
     pub exposures: i64,
     /// Units seen in another arm in this window.
     pub multiple_exposures: i64,
+    /// Events with this arm's assignment that may not be analysed (a restricted tenant, or
+    /// one outside the experiment's allowlist): counted, never analysed.
+    pub compliance_events: i64,
 }
 
 impl ExposureRow {
@@ -187,15 +222,17 @@ impl ExposureRow {
                         arm: k.arm.to_string(),
                         exposures: 0,
                         multiple_exposures: 0,
+                        compliance_events: 0,
                     });
                     let last = rows.len() - 1;
                     &mut rows[last]
                 }
             };
-            if k.multiple {
-                row.multiple_exposures += *n as i64;
-            } else {
-                row.exposures += *n as i64;
+            let n = *n as i64;
+            match k.kind {
+                ExposureKind::First => row.exposures += n,
+                ExposureKind::Multiple => row.multiple_exposures += n,
+                ExposureKind::Compliance => row.compliance_events += n,
             }
         }
         rows
@@ -212,6 +249,7 @@ impl Table for ExposureRow {
             Field::new("arm", DataType::Utf8, false),
             Field::new("exposures", DataType::Int64, false),
             Field::new("multiple_exposures", DataType::Int64, false),
+            Field::new("compliance_events", DataType::Int64, false),
         ]);
         Arc::new(Schema::new(fields))
     }
@@ -223,6 +261,7 @@ impl Table for ExposureRow {
             strings(rows, |r| &r.arm),
             ints(rows, |r| r.exposures),
             ints(rows, |r| r.multiple_exposures),
+            ints(rows, |r| r.compliance_events),
         ]);
         batch(Self::schema(), columns)
     }

@@ -435,21 +435,23 @@ pub struct AlertRow {
 impl AlertRow {
     /// Rows of one evaluated window.
     pub fn from_health(w: &HealthWindow, route: &str) -> Vec<AlertRow> {
-        w.alerts
-            .iter()
-            .map(|a: &Alert| AlertRow {
-                window_start_ms: a.window_start_ms,
-                window_end_ms: a.window_end_ms,
-                route: route.to_owned(),
-                rule: a.rule.clone(),
-                subject: a.subject.clone(),
-                severity: a.severity.clone(),
-                state: a.state.clone(),
-                value: a.value,
-                threshold: a.threshold,
-                calls: a.calls,
-            })
-            .collect()
+        w.alerts.iter().map(|a| AlertRow::of(a, route)).collect()
+    }
+
+    /// The row of one alert on `route`.
+    pub fn of(a: &Alert, route: &str) -> AlertRow {
+        AlertRow {
+            window_start_ms: a.window_start_ms,
+            window_end_ms: a.window_end_ms,
+            route: route.to_owned(),
+            rule: a.rule.clone(),
+            subject: a.subject.clone(),
+            severity: a.severity.clone(),
+            state: a.state.clone(),
+            value: a.value,
+            threshold: a.threshold,
+            calls: a.calls,
+        }
     }
 
     /// Its key on the alerts topic: route, rule, subject and window, the same in a replay.

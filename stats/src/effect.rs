@@ -64,6 +64,27 @@ pub fn relative(t: &Summary, c: &Summary) -> Option<Effect> {
     })
 }
 
+/// A ratio metric's arm as a per-unit metric: `R = ȳ / x̄` (numerator ÷ denominator sums) and
+/// the delta-method variance per unit `(s²_y − 2R s_xy + R² s²_x) / x̄²`, so that
+/// [`absolute`] and [`relative`] apply to it unchanged (Deng et al. 2018, "Applying the delta
+/// method in metric analytics"). `None` when the denominator's mean is 0.
+pub fn ratio_summary(s: &Summary) -> Option<Summary> {
+    if s.mean_x == 0.0 || !s.mean_x.is_finite() {
+        return None;
+    }
+    let r = s.mean_y / s.mean_x;
+    let var = (s.var_y - 2.0 * r * s.cov_xy + r * r * s.var_x) / (s.mean_x * s.mean_x);
+    Some(Summary {
+        n: s.n,
+        n_pre: 0,
+        mean_y: r,
+        var_y: var.max(0.0),
+        mean_x: 0.0,
+        var_x: 0.0,
+        cov_xy: 0.0,
+    })
+}
+
 /// Whether a relative lift may be reported: the control mean's always-valid interval
 /// excludes 0 (otherwise the ratio, and its delta-method variance, are meaningless).
 pub fn relative_allowed(c: &Summary, test: &Sequential) -> bool {

@@ -21,6 +21,14 @@
 //! `Y_(U)` the upper edge of the bucket that holds rank U (so the bucket error is inside);
 //! `σ_q = (Y_(U) − Y_(L)) / (2z)`. A difference of two arms' quantiles gets
 //! `(q̂_T − q̂_C) ± z·sqrt(σ²_T + σ²_C)`. Refused when `n ≤ z²q/(1−q)` or `n ≤ z²(1−q)/q`.
+//!
+//! **Clustered observations.** `sqrt(nq(1 − q))` is the standard deviation of the number of
+//! observations below the quantile when observations are independent. Event-level latencies
+//! under user randomization are not: one slow user contributes many slow events. With `b_i`
+//! the events of unit `i` at or below `q̂` and `n_i` its events, the cluster-robust (sandwich)
+//! standard deviation of that count is `sqrt(Σ_i (b_i − q n_i)²)` ([`clustered_rank_sd`]);
+//! [`quantile_clustered`] puts it in place of `sqrt(nq(1 − q))`. With one event per unit it
+//! equals the independent case in expectation.
 
 use serde::{Deserialize, Serialize};
 
@@ -107,12 +115,57 @@ pub struct Quantile {
 /// The `q`-quantile of `buckets` (sorted, non-overlapping) with its standard error at
 /// confidence `1 − alpha`; `None` for too few observations (see the module docs).
 pub fn quantile(buckets: &[Bucket], q: f64, alpha: f64) -> Option<Quantile> {
+    quantile_clustered(buckets, q, alpha, None)
+}
+
+/// The index in `buckets` of the bucket that holds the `q`-quantile (rank `nq`); `None` when
+/// empty.
+pub fn quantile_bucket(buckets: &[Bucket], q: f64) -> Option<usize> {
+    let n: f64 = buckets.iter().map(|b| b.count.max(0) as f64).sum();
+    if n <= 0.0 {
+        return None;
+    }
+    let rank = (n * q).clamp(1.0, n);
+    let mut seen = 0.0;
+    for (i, b) in buckets.iter().enumerate() {
+        seen += b.count.max(0) as f64;
+        if seen >= rank {
+            return Some(i);
+        }
+    }
+    Some(buckets.len() - 1)
+}
+
+/// The cluster-robust standard deviation of the number of observations at or below the
+/// `q`-quantile: `sqrt(Σ_i (b_i − q n_i)²)` over units `i`, each given as `(b_i, n_i)`.
+pub fn clustered_rank_sd(units: impl IntoIterator<Item = (i64, i64)>, q: f64) -> f64 {
+    units
+        .into_iter()
+        .map(|(below, n)| {
+            let r = below as f64 - q * n as f64;
+            r * r
+        })
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// [`quantile`] with the standard deviation of the rank `rank_sd` given (for example
+/// [`clustered_rank_sd`]); `None`: independent observations, `sqrt(nq(1 − q))`.
+pub fn quantile_clustered(
+    buckets: &[Bucket],
+    q: f64,
+    alpha: f64,
+    rank_sd: Option<f64>,
+) -> Option<Quantile> {
     let n: f64 = buckets.iter().map(|b| b.count.max(0) as f64).sum();
     let z = normal_quantile(1.0 - alpha / 2.0);
     if !(0.0 < q && q < 1.0) || n <= z * z * q / (1.0 - q) || n <= z * z * (1.0 - q) / q {
         return None;
     }
-    let spread = z * (n * q * (1.0 - q)).sqrt();
+    let sd = rank_sd
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or_else(|| (n * q * (1.0 - q)).sqrt());
+    let spread = z * sd;
     let holding = |rank: f64| {
         let rank = rank.clamp(1.0, n);
         let mut seen = 0.0;

@@ -206,6 +206,12 @@ impl Sequential {
 
 /// What the looks so far allow: the smallest p-value and the intersection of the intervals.
 /// Both only ever tighten, so a result never turns "un-significant".
+///
+/// The intersection assumes one effect throughout (the confidence sequence covers a constant
+/// parameter). A new interval that does not meet it shows that the effect changed over time
+/// (a regression part-way through, say): the intersection then restarts from that interval,
+/// so that the interval reported is never one the data has left, and `disjoint` stays set to
+/// say so.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Running {
     /// The smallest p-value seen.
@@ -213,7 +219,7 @@ pub struct Running {
     /// The intersection of every interval seen.
     pub interval: Interval,
     /// A new interval did not meet the intersection: the effect is not constant over time.
-    /// The intersection is kept as it was.
+    /// The intersection restarted from that interval.
     pub disjoint: bool,
 }
 
@@ -241,6 +247,7 @@ impl Running {
         if lo <= hi {
             self.interval = Interval { lo, hi };
         } else {
+            self.interval = interval;
             self.disjoint = true;
         }
     }
@@ -301,6 +308,8 @@ mod tests {
         assert_eq!(r.interval, Interval { lo: -1.0, hi: 1.5 });
         r.look(0.5, Interval { lo: 3.0, hi: 4.0 });
         assert!(r.disjoint);
-        assert_eq!(r.interval, Interval { lo: -1.0, hi: 1.5 });
+        assert_eq!(r.interval, Interval { lo: 3.0, hi: 4.0 });
+        r.look(0.5, Interval { lo: 2.0, hi: 3.5 });
+        assert_eq!(r.interval, Interval { lo: 3.0, hi: 3.5 });
     }
 }

@@ -316,3 +316,96 @@ fn a_planted_effect_is_detected_with_the_power_the_formulas_predict() {
         "{power} vs {predicted}"
     );
 }
+
+/// Per-unit latencies in buckets of 0.05 (ms): `units` units per arm, each with its own level
+/// (a log-normal unit effect) and `events` events around it. Returns the arm's buckets and
+/// each unit's events per bucket index.
+fn clustered_arm(rng: &mut Rng, units: usize, events: usize) -> Vec<Vec<usize>> {
+    (0..units)
+        .map(|_| {
+            let level = (0.8 * rng.normal()).exp() * 10.0;
+            (0..events)
+                .map(|_| {
+                    let v = level * (0.2 * rng.normal()).exp();
+                    ((v / 0.05) as usize).min(39_999)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn buckets_of(arm: &[Vec<usize>]) -> Vec<sightline_stats::rank::Bucket> {
+    let mut counts = std::collections::BTreeMap::<usize, i64>::new();
+    for unit in arm {
+        for b in unit {
+            *counts.entry(*b).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(b, count)| sightline_stats::rank::Bucket {
+            lower: b as f64 * 0.05,
+            upper: (b + 1) as f64 * 0.05,
+            count,
+        })
+        .collect()
+}
+
+/// The p95 of one arm with its standard error, the rank spread independent or clustered.
+fn p95_of(arm: &[Vec<usize>], clustered: bool) -> Option<sightline_stats::rank::Quantile> {
+    use sightline_stats::rank;
+    let buckets = buckets_of(arm);
+    let sd = clustered.then(|| {
+        let at = rank::quantile_bucket(&buckets, 0.95).unwrap();
+        let threshold = (buckets[at].lower / 0.05).round() as usize;
+        rank::clustered_rank_sd(
+            arm.iter().map(|u| {
+                let below = u.iter().filter(|b| **b <= threshold).count() as i64;
+                (below, u.len() as i64)
+            }),
+            0.95,
+        )
+    });
+    rank::quantile_clustered(&buckets, 0.95, ALPHA, sd)
+}
+
+/// Event-level p95 of clustered latencies (each user's events share the user's level): the
+/// interval of the difference of two A/A arms' p95 with the cluster-robust rank spread covers
+/// 0 at the nominal rate; with the independent spread, `sqrt(nq(1 − q))`, it does not, which
+/// shows the check can fail.
+#[test]
+fn clustered_quantile_intervals_keep_their_coverage() {
+    let runs = 600;
+    let z = sightline_stats::dist::normal_quantile(1.0 - ALPHA / 2.0);
+    let mut rng = Rng::new(0x95);
+    let (mut covered, mut covered_naive) = (0usize, 0usize);
+    for _ in 0..runs {
+        let (a, b) = (
+            clustered_arm(&mut rng, 300, 10),
+            clustered_arm(&mut rng, 300, 10),
+        );
+        let covers = |clustered: bool| {
+            let (qa, qb) = (
+                p95_of(&a, clustered).unwrap(),
+                p95_of(&b, clustered).unwrap(),
+            );
+            let h = z * (qa.sigma * qa.sigma + qb.sigma * qb.sigma).sqrt();
+            (qa.estimate - qb.estimate).abs() <= h
+        };
+        covered += usize::from(covers(true));
+        covered_naive += usize::from(covers(false));
+    }
+    let (rate, naive) = (
+        covered as f64 / runs as f64,
+        covered_naive as f64 / runs as f64,
+    );
+    let bound = 1.0 - ALPHA - three_se(ALPHA, runs);
+    eprintln!(
+        "p95 difference coverage: clustered {rate:.3}, independent {naive:.3} (bound {bound:.3})"
+    );
+    assert!(rate >= bound, "clustered coverage {rate} below {bound}");
+    assert!(
+        naive < bound,
+        "the independent spread should under-cover: {naive}"
+    );
+}

@@ -49,11 +49,16 @@ use timely::dataflow::operators::vec::Map;
 
 pub mod results;
 
-pub use results::{Analysis, Decision, Guardrail, Inference, ResultRow, ResultState, Tracked};
+pub use results::{
+    Analysis, Decision, Guardrail, Inference, QuantileFigures, ResultRow, ResultState, Samples,
+    Tracked,
+};
 
+use crate::alerts::Alert;
 use crate::close::ClosedWindow;
 use crate::funnel::Resume;
 use crate::funnel::fnv1a;
+use crate::histogram::LatencyHistogram;
 use crate::state::{Pending, Schedule, StateHooks, StateShard, input_frontier};
 use crate::window::{Time, Windows};
 
@@ -61,7 +66,7 @@ use crate::window::{Time, Windows};
 const ONE: i64 = 1_000_000;
 
 /// What a metric measures per unit since exposure.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum MetricKind {
     /// The number of events named `event`.
     Count {
@@ -84,10 +89,44 @@ pub enum MetricKind {
         /// How long after exposure it counts, ms.
         within_ms: u64,
     },
+    /// An event-level quantile of the latency measure of events named `event` (every such
+    /// event of an exposed unit since its exposure is one sample of its arm's histogram).
+    Latency {
+        /// The event whose latency measure is read.
+        event: EventName,
+        /// The quantile in thousandths (950: p95).
+        permille: u16,
+    },
+    /// The ratio of two unit-level metrics of the same experiment (for example error events
+    /// ÷ all events), each unit contributing its numerator and denominator: the ratio of the
+    /// arm's sums, with a delta-method variance.
+    Ratio {
+        /// Index of the numerator in the experiment's metrics.
+        numerator: usize,
+        /// Index of the denominator.
+        denominator: usize,
+    },
+    /// The number of events per unit (every event the unit emits since exposure).
+    Events,
+    /// The share of the units that performed `entry` and not `goal` within `within_ms` after
+    /// exposure, among the units that performed `entry` (a ratio: abandoned ÷ entered).
+    Abandonment {
+        /// The funnel's first step.
+        entry: EventName,
+        /// Its last step.
+        goal: EventName,
+        /// How long after exposure the goal counts, ms.
+        within_ms: u64,
+    },
+    /// Support tickets per unit: its critical feedback, by the triage rules.
+    Tickets {
+        /// What makes feedback critical.
+        rules: crate::triage::TriageRules,
+    },
 }
 
 /// A metric of an experiment.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Metric {
     /// Its name, a column value.
     pub name: Label,
@@ -101,8 +140,57 @@ impl Metric {
         match &self.kind {
             MetricKind::Count { event }
             | MetricKind::Sum { event, .. }
+            | MetricKind::Latency { event, .. }
             | MetricKind::Conversion { event, .. } => *event == name,
             MetricKind::Errors => name.spec().event_type == sightline_schemas::EventType::Error,
+            MetricKind::Events => true,
+            MetricKind::Abandonment { entry, goal, .. } => *entry == name || *goal == name,
+            MetricKind::Tickets { .. } => name.as_str() == "feedback_submitted",
+            // Its parts read for it.
+            MetricKind::Ratio { .. } => false,
+        }
+    }
+
+    /// The quantile of an event-level latency metric.
+    pub fn quantile(&self) -> Option<f64> {
+        match self.kind {
+            MetricKind::Latency { permille, .. } => Some(f64::from(permille) / 1000.0),
+            _ => None,
+        }
+    }
+
+    /// Whether per-unit values of the metric go to the per-arm [`Moments`] (all but the
+    /// event-level latency metrics).
+    fn is_unit_level(&self) -> bool {
+        !matches!(self.kind, MetricKind::Latency { .. })
+    }
+
+    /// Whether the metric is a ratio of per-unit sums (its rows and effects are those of the
+    /// ratio, by the delta method).
+    pub fn is_ratio(&self) -> bool {
+        matches!(
+            self.kind,
+            MetricKind::Ratio { .. } | MetricKind::Abandonment { .. }
+        )
+    }
+
+    /// The unit's contribution to the per-arm sums, from its values of every metric.
+    fn moments(&self, values: &[i64], own: i64) -> Moments {
+        match self.kind {
+            // Not entered: (0, 0); entered: (1, 1); converted: (0, 1).
+            MetricKind::Abandonment { .. } => match own {
+                0 => Moments::unit(0, Some(0)),
+                ONE => Moments::unit(ONE, Some(ONE)),
+                _ => Moments::unit(0, Some(ONE)),
+            },
+            MetricKind::Ratio {
+                numerator,
+                denominator,
+            } => Moments::unit(
+                values.get(numerator).copied().unwrap_or(0),
+                Some(values.get(denominator).copied().unwrap_or(0)),
+            ),
+            _ => Moments::unit(own, None),
         }
     }
 
@@ -128,18 +216,38 @@ impl Metric {
                 event: name,
                 within_ms,
             } if event.event_name == *name && at_ms <= exposed_at + within_ms => ONE,
+            MetricKind::Events => value + ONE,
+            MetricKind::Tickets { rules } if rules.is_critical(event) => value + ONE,
+            MetricKind::Abandonment {
+                entry,
+                goal,
+                within_ms,
+            } => {
+                if value == 0 && event.event_name == *entry {
+                    ONE
+                } else if value == ONE
+                    && event.event_name == *goal
+                    && at_ms <= exposed_at + within_ms
+                {
+                    2 * ONE
+                } else {
+                    value
+                }
+            }
             _ => value,
         }
     }
 }
 
 /// An experiment as the operator sees it: its id and its metrics.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ExperimentDef {
     /// The experiment id, as in `experiment_assignments`.
     pub id: Label,
     /// Its metrics.
     pub metrics: Vec<Metric>,
+    /// The tenants (links) it may analyse; `None`: every tenant that is not restricted.
+    pub tenants: Option<BTreeSet<u64>>,
 }
 
 /// The key of the per-arm statistics.
@@ -162,9 +270,22 @@ pub struct ExposureKey {
     pub experiment: Label,
     /// Arm of the exposure.
     pub arm: Label,
-    /// `false`: a first exposure; `true`: the unit was seen in another arm (counted in the
-    /// window of the event that showed it, under the arm it was first exposed to).
-    pub multiple: bool,
+    /// What is counted.
+    pub kind: ExposureKind,
+}
+
+/// What an exposure count counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ExposureKind {
+    /// Units first exposed (in the window of the exposing event).
+    First,
+    /// Units seen in another arm (in the window of the event that showed it, under the arm
+    /// they were first exposed to): left out of the analysis.
+    Multiple,
+    /// Events that carry the experiment's assignment but may not be analysed: a restricted
+    /// tenant's (`data_sensitivity: restricted`), or a tenant outside the experiment's
+    /// allowlist. Counted, never analysed, and they raise a `compliance` alert.
+    Compliance,
 }
 
 impl crate::window::WindowKey for ExposureKey {
@@ -175,10 +296,14 @@ impl crate::window::WindowKey for ExposureKey {
 
 /// The operator's outputs.
 pub struct Experiments<'s> {
-    /// Per-arm sufficient statistics of every metric of every experiment.
+    /// Per-arm sufficient statistics of every unit-level metric of every experiment.
     pub stats: VecCollection<'s, Time, ArmKey, Moments>,
+    /// Per-arm latency histograms of every event-level latency metric.
+    pub latency: VecCollection<'s, Time, ArmKey, LatencyHistogram>,
     /// Exposures per window and arm, one closed window each.
     pub exposures: StreamVec<'s, Time, ClosedWindow<ExposureKey, isize>>,
+    /// Compliance alerts, one closed window each.
+    pub alerts: StreamVec<'s, Time, ClosedWindow<Alert, isize>>,
     /// `experiment_results` rows, one closed window each.
     pub results: StreamVec<'s, Time, ClosedWindow<ResultRow, isize>>,
     /// Guardrail decisions, one closed window each (those that end a sampling interval).
@@ -198,6 +323,10 @@ pub struct Exposure {
     pub multiple: bool,
     /// One value per metric, in millionths.
     pub values: SmallVec<[i64; 4]>,
+    /// Its latency samples since exposure, per event-level latency metric (by index), so that
+    /// a multiple exposure retracts them.
+    #[serde(default)]
+    pub samples: Vec<(u8, LatencyHistogram)>,
 }
 
 /// A unit: (tenant link, user link).
@@ -250,6 +379,25 @@ impl Setup {
                 .any(|m| m.reads(event.event_name))
     }
 
+    /// The quantile of latency metric `metric` of experiment `id` (0.95 if unknown).
+    fn quantile_of(&self, id: &Label, metric: &Label) -> f64 {
+        self.metrics_of(id)
+            .and_then(|ms| ms.iter().find(|m| m.name == *metric))
+            .and_then(Metric::quantile)
+            .unwrap_or(0.95)
+    }
+
+    /// Whether experiment `id` may analyse events of the tenant with link `tenant`.
+    pub fn allows(&self, id: &Label, tenant: u64) -> bool {
+        match self.defs.iter().find(|d| d.id == *id) {
+            Some(ExperimentDef {
+                tenants: Some(allowed),
+                ..
+            }) => allowed.contains(&tenant),
+            _ => true,
+        }
+    }
+
     /// The metrics of experiment `id`, if it is analysed.
     fn metrics_of(&self, id: &Label) -> Option<&[Metric]> {
         match self.defs.iter().find(|d| d.id == *id) {
@@ -268,11 +416,17 @@ pub struct WindowOut {
     pub decisions: Vec<Decision>,
     /// Exposure counts.
     pub exposures: Vec<(ExposureKey, isize)>,
+    /// Compliance alerts (`firing`, `resolved`).
+    #[serde(default)]
+    pub alerts: Vec<Alert>,
 }
 
 impl WindowOut {
     fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.decisions.is_empty() && self.exposures.is_empty()
+        self.rows.is_empty()
+            && self.decisions.is_empty()
+            && self.exposures.is_empty()
+            && self.alerts.is_empty()
     }
 }
 
@@ -285,6 +439,17 @@ fn closed<K>(start: u64, end: u64, entries: Vec<(K, isize)>) -> ClosedWindow<K, 
     }
 }
 
+/// One part of each closed window's outputs, as a closed window (none when it is empty).
+fn part<K: 'static>(
+    width: u64,
+    f: fn(&WindowOut) -> Vec<(K, isize)>,
+) -> impl FnMut((u64, Arc<WindowOut>)) -> Option<ClosedWindow<K, isize>> + 'static {
+    move |(end, out)| {
+        let entries = f(&out);
+        (!entries.is_empty()).then(|| closed(end - width, end, entries))
+    }
+}
+
 /// Each of `items` once.
 fn counted<K: Clone>(items: &[K]) -> Vec<(K, isize)> {
     items.iter().map(|k| (k.clone(), 1)).collect()
@@ -293,16 +458,47 @@ fn counted<K: Clone>(items: &[K]) -> Vec<(K, isize)> {
 /// Per unit: its exposures, by experiment.
 type UnitState = SmallVec<[(Label, Exposure); 1]>;
 
-/// Applies `event` to `unit`'s state: the updates of the per-arm statistics and of the
-/// exposures, each through `emit`.
-fn apply(
+/// Where [`apply`] sends what an event changed.
+struct Updates<'a, S, L, X> {
+    /// A change of a per-arm sum.
+    stats: &'a mut S,
+    /// A change of a per-arm latency histogram (negative counts retract).
+    samples: &'a mut L,
+    /// An exposure (first, or a second arm).
+    exposures: &'a mut X,
+}
+
+/// The latency sample `event` adds to latency metric `metric`, if it is one and the event
+/// has a latency measure.
+fn sample_of(metric: &Metric, event: &Event) -> Option<u64> {
+    match &metric.kind {
+        MetricKind::Latency { event: name, .. } if event.event_name == *name => event.latency_us,
+        _ => None,
+    }
+}
+
+/// Adds `value_us` to the unit's histogram of metric `index`.
+fn record(samples: &mut Vec<(u8, LatencyHistogram)>, index: usize, value_us: u64) {
+    let index = index as u8;
+    match samples.iter_mut().find(|(i, _)| *i == index) {
+        Some((_, h)) => h.record(value_us),
+        None => samples.push((index, LatencyHistogram::from_sample(value_us))),
+    }
+}
+
+/// Applies `event` to `unit`'s state: the updates of the per-arm statistics, of the latency
+/// histograms and of the exposures, each through `out`.
+fn apply<S, L, X>(
     setup: &Setup,
     state: &mut UnitState,
     event: &Event,
     windows: Windows,
-    stats: &mut impl FnMut(ArmKey, Moments),
-    exposures: &mut impl FnMut(ExposureKey),
-) {
+    out: Updates<'_, S, L, X>,
+) where
+    S: FnMut(ArmKey, Moments),
+    L: FnMut(ArmKey, LatencyHistogram),
+    X: FnMut(ExposureKey),
+{
     let at_ms = event.event_time_ms.max(0) as u64;
     // Experiments the unit was exposed to before this event (the event updates them).
     let before = state.len();
@@ -314,25 +510,38 @@ fn apply(
         let Some(metrics) = setup.metrics_of(id) else {
             continue;
         };
+        if !setup.allows(id, event.links.tenant) {
+            (out.exposures)(ExposureKey {
+                window_start_ms: windows.start_of(at_ms),
+                experiment: id.clone(),
+                arm: arm.clone(),
+                kind: ExposureKind::Compliance,
+            });
+            continue;
+        }
+        let key = |metric: &Metric| ArmKey {
+            experiment: id.clone(),
+            metric: metric.name.clone(),
+            arm: arm.clone(),
+        };
         let values: SmallVec<[i64; 4]> = metrics
             .iter()
             .map(|m| m.apply(0, event, at_ms, at_ms))
             .collect();
-        for (metric, value) in metrics.iter().zip(&values) {
-            stats(
-                ArmKey {
-                    experiment: id.clone(),
-                    metric: metric.name.clone(),
-                    arm: arm.clone(),
-                },
-                Moments::unit(*value, None),
-            );
+        let mut samples = Vec::new();
+        for (i, metric) in metrics.iter().enumerate() {
+            if metric.is_unit_level() {
+                (out.stats)(key(metric), metric.moments(&values, values[i]));
+            } else if let Some(us) = sample_of(metric, event) {
+                record(&mut samples, i, us);
+                (out.samples)(key(metric), LatencyHistogram::from_sample(us));
+            }
         }
-        exposures(ExposureKey {
+        (out.exposures)(ExposureKey {
             window_start_ms: windows.start_of(at_ms),
             experiment: id.clone(),
             arm: arm.clone(),
-            multiple: false,
+            kind: ExposureKind::First,
         });
         state.push((
             id.clone(),
@@ -341,6 +550,7 @@ fn apply(
                 exposed_at: at_ms,
                 multiple: false,
                 values,
+                samples,
             },
         ));
     }
@@ -365,25 +575,182 @@ fn apply(
         if let Some(other) = assigned
             && *other != exposure.arm
         {
+            // Seen in a second arm: everything the unit contributed is retracted.
             exposure.multiple = true;
-            for (metric, value) in metrics.iter().zip(&exposure.values) {
-                stats(key(metric), Moments::unit(*value, None).negated());
+            for (i, metric) in metrics.iter().enumerate() {
+                if metric.is_unit_level() {
+                    (out.stats)(
+                        key(metric),
+                        metric
+                            .moments(&exposure.values, exposure.values[i])
+                            .negated(),
+                    );
+                }
             }
-            exposures(ExposureKey {
+            for (i, mut h) in std::mem::take(&mut exposure.samples) {
+                if let Some(metric) = metrics.get(usize::from(i)) {
+                    differential_dataflow::difference::Abelian::negate(&mut h);
+                    (out.samples)(key(metric), h);
+                }
+            }
+            (out.exposures)(ExposureKey {
                 window_start_ms: windows.start_of(at_ms),
                 experiment: id.clone(),
                 arm: exposure.arm.clone(),
-                multiple: true,
+                kind: ExposureKind::Multiple,
             });
             continue;
         }
-        for (metric, value) in metrics.iter().zip(exposure.values.iter_mut()) {
-            let new = metric.apply(*value, event, at_ms, exposure.exposed_at);
-            if new != *value {
-                stats(key(metric), Moments::unit(*value, None).negated());
-                stats(key(metric), Moments::unit(new, None));
-                *value = new;
+        let old: SmallVec<[i64; 16]> = SmallVec::from_slice(&exposure.values);
+        let mut changed = false;
+        for (i, metric) in metrics.iter().enumerate() {
+            if let Some(us) = sample_of(metric, event) {
+                record(&mut exposure.samples, i, us);
+                (out.samples)(key(metric), LatencyHistogram::from_sample(us));
             }
+            let new = metric.apply(old[i], event, at_ms, exposure.exposed_at);
+            changed |= new != old[i];
+            exposure.values[i] = new;
+        }
+        if !changed {
+            continue;
+        }
+        for (i, metric) in metrics.iter().enumerate() {
+            if !metric.is_unit_level() {
+                continue;
+            }
+            let (was, now) = (
+                metric.moments(&old, old[i]),
+                metric.moments(&exposure.values, exposure.values[i]),
+            );
+            if was != now {
+                (out.stats)(key(metric), was.negated());
+                (out.stats)(key(metric), now);
+            }
+        }
+    }
+}
+
+/// The looks kept for experiment `id`, noted as touched in the window starting at `start`.
+fn touch<'t>(
+    tracked: &'t mut BTreeMap<Label, Tracked>,
+    touched: &mut BTreeSet<Label>,
+    id: &Label,
+    start: u64,
+) -> &'t mut Tracked {
+    if !touched.contains(id) {
+        touched.insert(id.clone());
+    }
+    let t = tracked.entry(id.clone()).or_default();
+    t.first_window.get_or_insert(start);
+    t
+}
+
+/// The compliance alerts of a window: `firing` for an experiment that had events it may not
+/// analyse in the window and was not firing, `resolved` for one that was firing and had data
+/// but no such events.
+fn compliance(
+    tracked: &mut BTreeMap<Label, Tracked>,
+    touched: &BTreeSet<Label>,
+    exposed: &BTreeMap<ExposureKey, isize>,
+    start: u64,
+    end: u64,
+) -> Vec<Alert> {
+    let mut alerts = Vec::new();
+    for id in touched {
+        let events: isize = exposed
+            .iter()
+            .filter(|(k, _)| k.experiment == *id && k.kind == ExposureKind::Compliance)
+            .map(|(_, n)| *n)
+            .sum();
+        let Some(t) = tracked.get_mut(id) else {
+            continue;
+        };
+        let firing = events > 0;
+        if firing != t.compliance_firing {
+            t.compliance_firing = firing;
+            alerts.push(Alert {
+                rule: "compliance".into(),
+                subject: id.to_string(),
+                severity: "warning".into(),
+                state: if firing { "firing" } else { "resolved" }.into(),
+                window_start_ms: start,
+                window_end_ms: end,
+                value: events as f64,
+                threshold: 0.0,
+                calls: events as i64,
+            });
+        }
+    }
+    alerts
+}
+
+/// Before a look: the cluster-robust spread of the rank of each latency quantile
+/// ([`sightline_stats::rank::clustered_rank_sd`]), per metric and arm of the experiments in
+/// `touched`, from every analysed unit's own histogram.
+fn spreads<S: std::hash::BuildHasher>(
+    setup: &Setup,
+    units: &HashMap<Unit, UnitState, S>,
+    tracked: &mut BTreeMap<Label, Tracked>,
+    touched: &BTreeSet<Label>,
+) {
+    // (experiment, metric index) → (metric, quantile, threshold bucket per arm).
+    type Thresholds = BTreeMap<Label, (f64, BTreeMap<Label, u16>)>;
+    let mut wanted: BTreeMap<&Label, (&[Metric], Thresholds)> = BTreeMap::new();
+    for id in touched {
+        let (Some(t), Some(metrics)) = (tracked.get(id), setup.metrics_of(id)) else {
+            continue;
+        };
+        let thresholds: Thresholds = t
+            .samples
+            .iter()
+            .map(|(metric, s)| (metric.clone(), (s.quantile(), s.thresholds())))
+            .collect();
+        if !thresholds.is_empty() {
+            wanted.insert(id, (metrics, thresholds));
+        }
+    }
+    if wanted.is_empty() {
+        return;
+    }
+    let mut sums: BTreeMap<(Label, Label, Label), f64> = BTreeMap::new();
+    for state in units.values() {
+        for (id, exposure) in state {
+            let Some((metrics, thresholds)) = wanted.get(id) else {
+                continue;
+            };
+            if exposure.multiple {
+                continue;
+            }
+            for (i, h) in &exposure.samples {
+                let Some(metric) = metrics.get(usize::from(*i)) else {
+                    continue;
+                };
+                let Some((q, by_arm)) = thresholds.get(&metric.name) else {
+                    continue;
+                };
+                let Some(&threshold) = by_arm.get(&exposure.arm) else {
+                    continue;
+                };
+                let below: i64 = h
+                    .buckets
+                    .iter()
+                    .take_while(|(b, _)| *b <= threshold)
+                    .map(|(_, n)| n)
+                    .sum();
+                let r = below as f64 - q * h.count as f64;
+                *sums
+                    .entry((id.clone(), metric.name.clone(), exposure.arm.clone()))
+                    .or_default() += r * r;
+            }
+        }
+    }
+    for ((id, metric, arm), sum) in sums {
+        if let Some(s) = tracked
+            .get_mut(&id)
+            .and_then(|t| t.samples.get_mut(&metric))
+        {
+            s.rank_sd.insert(arm, sum.sqrt());
         }
     }
 }
@@ -407,26 +774,26 @@ where
     let units = events.inner.flat_map(move |(e, time, diff)| {
         let event: &Event = e.borrow();
         let unit = (event.links.tenant, event.links.user);
-        (time >= restored_at
-            && !event.is_restricted()
-            && unit.0 != 0
-            && unit.1 != 0
-            && reads.reads(event))
-        .then(|| ((unit, e.into()), time, diff))
+        // Restricted events are only counted (compliance), and only when they carry an
+        // assignment.
+        let wanted = if event.is_restricted() {
+            !event.experiment_assignments.is_empty()
+        } else {
+            unit.0 != 0 && unit.1 != 0 && reads.reads(event)
+        };
+        (time >= restored_at && wanted).then(|| ((unit, e.into()), time, diff))
     });
     let mut builder = OperatorBuilder::new("Experiments".to_owned(), scope);
     let activator = scope.activator_for(builder.operator_info().address);
     let to_first = Exchange::new(|_: &((Unit, Arc<Event>), Time, isize)| 0u64);
     let mut input = builder.new_input(units, to_first);
     let (stats_out, stats) = builder.new_output::<Vec<(ArmKey, Time, Moments)>>();
-    let (exposures_out, exposures) = builder.new_output::<Vec<ClosedWindow<ExposureKey, isize>>>();
-    let (results_out, results) = builder.new_output::<Vec<ClosedWindow<ResultRow, isize>>>();
-    let (decisions_out, decisions) = builder.new_output::<Vec<ClosedWindow<Decision, isize>>>();
+    let (latency_out, latency) = builder.new_output::<Vec<(ArmKey, Time, LatencyHistogram)>>();
+    let (windows_out, closed_windows) = builder.new_output::<Vec<(u64, Arc<WindowOut>)>>();
     let (state_out, state) = builder.new_output::<Vec<StateShard<Saved>>>();
     let mut stats_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(stats_out);
-    let mut exposures_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(exposures_out);
-    let mut results_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(results_out);
-    let mut decisions_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(decisions_out);
+    let mut latency_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(latency_out);
+    let mut windows_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(windows_out);
     let mut state_out = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(state_out);
     let hooks = hooks.cloned();
     let saving = hooks.is_some();
@@ -434,19 +801,20 @@ where
     builder.build(move |capabilities| {
         let first = worker == 0;
         let mut capabilities = capabilities.into_iter();
-        let held: Vec<Option<Capability<Time>>> = (0..4)
-            .map(|_| capabilities.next().filter(|_| first))
-            .collect();
+        // The statistics' capabilities are not held; the windows' is, to write the outputs
+        // not known to be written again at a restart.
+        let _ = capabilities.next();
+        let _ = capabilities.next();
+        let mut restore_cap = capabilities.next().filter(|_| first);
         let mut schedule =
             Schedule::new(capabilities.next().filter(|_| first && saving), restored_at);
-        // Capabilities to emit the exposures, rows and decisions of the next window (worker 0).
-        let mut window_caps: Option<[Capability<Time>; 3]> = None;
-        let mut restore_caps = held;
+        // The capability to emit the outputs of the next window (worker 0).
+        let mut window_cap: Option<Capability<Time>> = None;
         let mut units: HashMap<Unit, UnitState, foldhash::fast::RandomState> = HashMap::default();
         let mut tracked: BTreeMap<Label, Tracked> = BTreeMap::new();
         let mut pending: Pending<(Unit, Arc<Event>, Time)> = Pending::default();
-        // A capability of the statistics' output for every time with pending input.
-        let mut caps: BTreeMap<Time, Capability<Time>> = BTreeMap::new();
+        // Capabilities of the statistics' outputs for every time with pending input.
+        let mut caps: BTreeMap<Time, [Capability<Time>; 2]> = BTreeMap::new();
         // The next window to look at, and the newest time with input.
         let mut next_start: Option<u64> = None;
         let mut last_data: Time = 0;
@@ -455,33 +823,14 @@ where
         let mut restored = Some(resume.restored);
         move |frontiers| {
             let mut stats_out = stats_out.activate();
-            let mut exposures_out = exposures_out.activate();
-            let mut results_out = results_out.activate();
-            let mut decisions_out = decisions_out.activate();
-            // Emits one window's outputs under the three window capabilities.
-            let mut emit = |caps: &[Capability<Time>; 3], end: u64, out: &WindowOut| {
-                let start = end - windows.width_ms();
-                let at = end - 1;
-                if !out.exposures.is_empty() {
-                    exposures_out.session(&caps[0].delayed(&at)).give(closed(
-                        start,
-                        end,
-                        out.exposures.clone(),
-                    ));
-                }
-                if !out.rows.is_empty() {
-                    results_out.session(&caps[1].delayed(&at)).give(closed(
-                        start,
-                        end,
-                        counted(&out.rows),
-                    ));
-                }
-                if !out.decisions.is_empty() {
-                    decisions_out.session(&caps[2].delayed(&at)).give(closed(
-                        start,
-                        end,
-                        counted(&out.decisions),
-                    ));
+            let mut latency_out = latency_out.activate();
+            let mut windows_out = windows_out.activate();
+            // Emits one window's outputs.
+            let mut emit = |cap: &Capability<Time>, end: u64, out: &WindowOut| {
+                if !out.is_empty() {
+                    windows_out
+                        .session(&cap.delayed(&(end - 1)))
+                        .give((end, Arc::new(out.clone())));
                 }
             };
             let mut state_out = state_out.activate();
@@ -503,36 +852,25 @@ where
                     }
                 }
                 // Outputs not known to be written are written again.
-                let restore: Option<[Capability<Time>; 3]> = match &restore_caps[1..] {
-                    [Some(a), Some(b), Some(c)] => Some([a.clone(), b.clone(), c.clone()]),
-                    _ => None,
-                };
-                if let Some(held) = restore.as_ref() {
+                if let Some(held) = restore_cap.as_ref() {
                     for (&end, out) in &unwritten {
                         emit(held, end, out);
                     }
                     if let Some(start) = next_start {
-                        let at = (windows.end_of(start) - 1).max(*held[0].time());
-                        window_caps = Some([
-                            held[0].delayed(&at),
-                            held[1].delayed(&at),
-                            held[2].delayed(&at),
-                        ]);
+                        let at = (windows.end_of(start) - 1).max(*held.time());
+                        window_cap = Some(held.delayed(&at));
                     }
                 }
             }
-            restore_caps = vec![None, None, None, None];
+            restore_cap = None;
             input.for_each(|cap, data| {
                 for ((unit, event), time, diff) in data.drain(..) {
-                    caps.entry(time).or_insert_with(|| cap.delayed(&time, 0));
+                    caps.entry(time)
+                        .or_insert_with(|| [cap.delayed(&time, 0), cap.delayed(&time, 1)]);
                     let start = windows.start_of(time);
                     let at = windows.end_of(start) - 1;
-                    if window_caps.as_ref().is_none_or(|c| *c[0].time() > at) {
-                        window_caps = Some([
-                            cap.delayed(&at, 1),
-                            cap.delayed(&at, 2),
-                            cap.delayed(&at, 3),
-                        ]);
+                    if window_cap.as_ref().is_none_or(|c| *c.time() > at) {
+                        window_cap = Some(cap.delayed(&at, 2));
                     }
                     if next_start.is_none_or(|s| start < s) {
                         next_start = Some(start);
@@ -543,7 +881,7 @@ where
             });
             if !first {
                 caps.clear();
-                window_caps = None;
+                window_cap = None;
                 return;
             }
             let frontier = input_frontier(frontiers);
@@ -560,52 +898,93 @@ where
                     // Experiments with an update in this window: only they are looked at.
                     let mut touched: BTreeSet<Label> = BTreeSet::new();
                     let mut exposed: BTreeMap<ExposureKey, isize> = BTreeMap::new();
+                    let mut moments_buf: Vec<(ArmKey, Moments)> = Vec::new();
+                    let mut samples_buf: Vec<(ArmKey, LatencyHistogram)> = Vec::new();
+                    let mut exposures_buf: Vec<ExposureKey> = Vec::new();
                     for (unit, event, time) in ready {
                         let Some(sc) = caps.get(&time) else {
                             continue;
                         };
-                        let mut stats = stats_out.session(sc);
-                        let state = units.entry(unit).or_default();
-                        apply(
-                            &setup,
-                            state,
-                            &event,
-                            windows,
-                            &mut |key, m| {
-                                if !touched.contains(&key.experiment) {
-                                    touched.insert(key.experiment.clone());
+                        let mut stats = stats_out.session(&sc[0]);
+                        let mut latency = latency_out.session(&sc[1]);
+                        if event.is_restricted() {
+                            // Counted, never analysed.
+                            for (id, arm) in event.experiment_assignments.iter() {
+                                if setup.metrics_of(id).is_some() {
+                                    exposures_buf.push(ExposureKey {
+                                        window_start_ms: start,
+                                        experiment: id.clone(),
+                                        arm: arm.clone(),
+                                        kind: ExposureKind::Compliance,
+                                    });
                                 }
-                                tracked.entry(key.experiment.clone()).or_default().add(
-                                    &key.metric,
-                                    &key.arm,
-                                    &m,
-                                    start,
-                                );
-                                stats.give((key, time, m));
-                            },
-                            &mut |key| *exposed.entry(key).or_default() += 1,
-                        );
+                            }
+                        } else {
+                            apply(
+                                &setup,
+                                units.entry(unit).or_default(),
+                                &event,
+                                windows,
+                                Updates {
+                                    stats: &mut |key, m| moments_buf.push((key, m)),
+                                    samples: &mut |key, h| samples_buf.push((key, h)),
+                                    exposures: &mut |key| exposures_buf.push(key),
+                                },
+                            );
+                        }
+                        for (key, m) in moments_buf.drain(..) {
+                            touch(&mut tracked, &mut touched, &key.experiment, start).add(
+                                &key.metric,
+                                &key.arm,
+                                &m,
+                                start,
+                            );
+                            stats.give((key, time, m));
+                        }
+                        for (key, h) in samples_buf.drain(..) {
+                            let quantile = setup.quantile_of(&key.experiment, &key.metric);
+                            touch(&mut tracked, &mut touched, &key.experiment, start).add_samples(
+                                &key.metric,
+                                &key.arm,
+                                quantile,
+                                &h,
+                            );
+                            latency.give((key, time, h));
+                        }
+                        for key in exposures_buf.drain(..) {
+                            let delta = match key.kind {
+                                ExposureKind::First => 1,
+                                ExposureKind::Multiple => -1,
+                                ExposureKind::Compliance => 0,
+                            };
+                            touch(&mut tracked, &mut touched, &key.experiment, start)
+                                .expose(&key.arm, delta);
+                            *exposed.entry(key).or_default() += 1;
+                        }
                     }
+                    spreads(&setup, &units, &mut tracked, &touched);
+                    let alerts = compliance(&mut tracked, &touched, &exposed, start, end);
                     let mut out = WindowOut {
                         exposures: exposed.into_iter().collect(),
+                        alerts,
                         ..WindowOut::default()
                     };
                     for (id, t) in tracked.iter_mut().filter(|(id, _)| touched.contains(*id)) {
                         let analysis = setup.analyses.get(id).unwrap_or(&setup.default_analysis);
+                        let metrics = setup.metrics_of(id).unwrap_or(&[]);
                         results::look(
                             id,
                             t,
                             analysis,
+                            metrics,
                             start,
                             end,
                             &mut out.rows,
                             &mut out.decisions,
                         );
                     }
-                    if let Some(held) = window_caps.as_mut() {
-                        for c in held.iter_mut() {
-                            c.downgrade(&(end - 1));
-                        }
+                    if let Some(held) = window_cap.as_mut() {
+                        held.downgrade(&(end - 1));
                         emit(held, end, &out);
                     }
                     if saving && !out.is_empty() {
@@ -617,12 +996,9 @@ where
                 applied_to = applied_to.max(start);
                 caps = caps.split_off(&start);
                 if frontier == Time::MAX {
-                    window_caps = None;
-                } else if let Some(held) = window_caps.as_mut() {
-                    let at = windows.end_of(start) - 1;
-                    for c in held.iter_mut() {
-                        c.downgrade(&at);
-                    }
+                    window_cap = None;
+                } else if let Some(held) = window_cap.as_mut() {
+                    held.downgrade(&(windows.end_of(start) - 1));
                 }
             } else if frontier != Time::MAX {
                 // No input yet: everything before the frontier is applied (there was none), so
@@ -658,11 +1034,20 @@ where
             });
         }
     });
+    let width = windows.width_ms();
     Experiments {
         stats: stats.as_collection(),
-        exposures,
-        results,
-        decisions,
+        latency: latency.as_collection(),
+        exposures: closed_windows
+            .clone()
+            .flat_map(part(width, |o: &WindowOut| o.exposures.clone())),
+        results: closed_windows
+            .clone()
+            .flat_map(part(width, |o: &WindowOut| counted(&o.rows))),
+        decisions: closed_windows
+            .clone()
+            .flat_map(part(width, |o: &WindowOut| counted(&o.decisions))),
+        alerts: closed_windows.flat_map(part(width, |o: &WindowOut| counted(&o.alerts))),
         state: saving.then_some(state),
     }
 }

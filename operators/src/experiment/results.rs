@@ -17,11 +17,15 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sightline_schemas::Label;
-use sightline_stats::Moments;
+
+use super::Metric;
+use crate::histogram::{LatencyHistogram, bucket_bounds};
 use sightline_stats::effect;
 use sightline_stats::guardrail::{Action, Evidence, Harm, Persistence, breached};
+use sightline_stats::rank;
 use sightline_stats::sequential::{Interval, Running, Sequential};
 use sightline_stats::srm::{SRM_THRESHOLD, srm_p_value};
+use sightline_stats::{Moments, Summary};
 
 /// A guardrail of an experiment: a metric, the direction in which it harms, and the
 /// non-inferiority margin (in the metric's unit, absolute).
@@ -103,6 +107,75 @@ pub struct ResultRow {
     pub srm_p_value: f64,
     /// Where the experiment stands for this metric and arm.
     pub state: ResultState,
+    /// For an event-level latency metric: its quantile and the rank test (`mean` and
+    /// `variance` are then the events' latency in ms, and the effects are differences of the
+    /// quantile).
+    #[serde(default)]
+    pub quantile: Option<QuantileFigures>,
+}
+
+/// The figures of an event-level latency metric in one arm.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuantileFigures {
+    /// The quantile (0.95: p95).
+    pub q: f64,
+    /// The arm's quantile, ms (the midpoint of the bucket that holds it).
+    pub value_ms: Option<f64>,
+    /// Latency samples (events) in the arm.
+    pub samples: i64,
+    /// Mann-Whitney against control (treatment arms): P(treatment > control) + ½ P(tie), at
+    /// bucket resolution.
+    pub auc: Option<f64>,
+    /// Its two-sided p-value: fixed-horizon, not always-valid, and event-level (see
+    /// `sightline_stats::rank`): a description, never a decision.
+    pub mann_whitney_p_value: Option<f64>,
+}
+
+/// The latency histograms of one event-level latency metric, per arm.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Samples {
+    /// The quantile in thousandths.
+    pub permille: u16,
+    /// Per arm, every analysed unit's samples since exposure.
+    pub arms: BTreeMap<Label, LatencyHistogram>,
+    /// Per arm, the cluster-robust spread of the quantile's rank, computed from the units'
+    /// own histograms before each look (not saved: recomputed from the saved units).
+    #[serde(skip)]
+    pub rank_sd: BTreeMap<Label, f64>,
+}
+
+impl Samples {
+    /// The quantile, as a share.
+    pub fn quantile(&self) -> f64 {
+        f64::from(self.permille) / 1000.0
+    }
+
+    /// Per arm, the bucket that holds the quantile's rank `nq`.
+    pub fn thresholds(&self) -> BTreeMap<Label, u16> {
+        let q = self.quantile();
+        self.arms
+            .iter()
+            .filter_map(|(arm, h)| {
+                let i = rank::quantile_bucket(&buckets_ms(h), q)?;
+                Some((arm.clone(), h.buckets[i].0))
+            })
+            .collect()
+    }
+}
+
+/// A histogram's buckets with their edges in ms, for [`rank`].
+fn buckets_ms(h: &LatencyHistogram) -> Vec<rank::Bucket> {
+    h.buckets
+        .iter()
+        .map(|&(b, count)| {
+            let (lower, upper) = bucket_bounds(b);
+            rank::Bucket {
+                lower: lower / 1000.0,
+                upper: upper / 1000.0,
+                count,
+            }
+        })
+        .collect()
 }
 
 /// The state of a result row.
@@ -146,6 +219,10 @@ pub struct Inference {
     pub interval: Interval,
     /// The running minimum of the p-values so far.
     pub p_value: f64,
+    /// An interval once fell outside the intersection: the effect changed over time, and the
+    /// intersection restarted there.
+    #[serde(default)]
+    pub drift: bool,
 }
 
 /// A guardrail decision at a sampling interval.
@@ -202,6 +279,15 @@ pub struct Tracked {
     /// Sampling intervals completed at the last decision.
     #[serde(default)]
     pub intervals_decided: u64,
+    /// Latency histograms per event-level latency metric.
+    #[serde(default)]
+    pub samples: BTreeMap<Label, Samples>,
+    /// Units analysed per arm (exposed, less those found in a second arm).
+    #[serde(default)]
+    pub exposed: BTreeMap<Label, i64>,
+    /// The compliance alert is firing.
+    #[serde(default)]
+    pub compliance_firing: bool,
 }
 
 /// [`Running`] as saved: infinite bounds as `None` (JSON has no infinities).
@@ -251,6 +337,26 @@ impl Tracked {
             .entry(arm.clone())
             .or_default();
         *sum = sum.plus(m);
+    }
+
+    /// Adds `h` (negative counts retract) to the histogram of latency metric `metric` and
+    /// `arm`, whose quantile is `quantile`.
+    pub fn add_samples(
+        &mut self,
+        metric: &Label,
+        arm: &Label,
+        quantile: f64,
+        h: &LatencyHistogram,
+    ) {
+        let s = self.samples.entry(metric.clone()).or_default();
+        s.permille = (quantile * 1000.0).round() as u16;
+        let arm = s.arms.entry(arm.clone()).or_default();
+        differential_dataflow::difference::Semigroup::plus_equals(arm, h);
+    }
+
+    /// Counts `delta` units of `arm` in or out of the analysis.
+    pub fn expose(&mut self, arm: &Label, delta: i64) {
+        *self.exposed.entry(arm.clone()).or_default() += delta;
     }
 
     fn sum(&self, metric: &Label, arm: &Label) -> Moments {
@@ -311,6 +417,13 @@ fn arms_of(tracked: &Tracked, analysis: &Analysis) -> (Vec<(Label, f64)>, Label)
             .sums
             .values()
             .flat_map(|arms| arms.keys().cloned())
+            .chain(
+                tracked
+                    .samples
+                    .values()
+                    .flat_map(|s| s.arms.keys().cloned()),
+            )
+            .chain(tracked.exposed.keys().cloned())
             .collect();
         seen.sort();
         seen.dedup();
@@ -331,12 +444,219 @@ fn arms_of(tracked: &Tracked, analysis: &Analysis) -> (Vec<(Label, f64)>, Label)
     (arms, control)
 }
 
+/// The running inference of `key` after a look at `e` (a look without variance says nothing:
+/// its interval would be a point and the running intersection would stay one).
+fn infer(
+    tracked: &mut Tracked,
+    key: (Label, Label, bool),
+    test: &Sequential,
+    e: &effect::Effect,
+) -> Inference {
+    let mut run = tracked.running_mut(key.clone());
+    if informative(e.se) {
+        run.look(
+            test.p_value(e.estimate, e.se, e.n, 0.0),
+            test.interval(e.estimate, e.se, e.n),
+        );
+    }
+    tracked.set_running(key, &run);
+    Inference {
+        estimate: e.estimate,
+        interval: run.interval,
+        p_value: run.p_value,
+        drift: run.disjoint,
+    }
+}
+
+/// The running inference of the absolute effect `d` of `metric` in `arm`, noted in `effects`
+/// for the guardrails.
+fn absolute_effect(
+    tracked: &mut Tracked,
+    effects: &mut BTreeMap<(Label, Label), effect::Effect>,
+    metric: &Label,
+    arm: &Label,
+    test: &Sequential,
+    d: effect::Effect,
+) -> Inference {
+    effects.insert((metric.clone(), arm.clone()), d);
+    infer(tracked, (metric.clone(), arm.clone(), false), test, &d)
+}
+
+/// One arm's figures for one metric at a look, before its row is made.
+struct ArmFigures {
+    units: i64,
+    mean: f64,
+    variance: f64,
+    absolute: Option<Inference>,
+    relative: Option<Inference>,
+    quantile: Option<QuantileFigures>,
+}
+
+/// The figures of a unit-level metric (a mean, or a ratio) in every arm; the absolute effects
+/// go to `effects` for the guardrails.
+fn unit_level(
+    tracked: &mut Tracked,
+    metric: &Label,
+    ratio: bool,
+    arms: &[(Label, f64)],
+    control: &Label,
+    test: &Sequential,
+    effects: &mut BTreeMap<(Label, Label), effect::Effect>,
+) -> Vec<ArmFigures> {
+    let summary = |t: &Tracked, arm: &Label| -> Summary {
+        let s = t.sum(metric, arm).summary();
+        if ratio {
+            effect::ratio_summary(&s).unwrap_or(Summary {
+                n: s.n,
+                ..Summary::default()
+            })
+        } else {
+            s
+        }
+    };
+    let c = summary(tracked, control);
+    let mut out = Vec::new();
+    for (arm, _) in arms {
+        let s = summary(tracked, arm);
+        let (mut absolute, mut relative) = (None, None);
+        if arm != control {
+            if let Some(d) = effect::absolute(&s, &c) {
+                absolute = Some(absolute_effect(tracked, effects, metric, arm, test, d));
+            }
+            if let Some(r) = effect::relative(&s, &c).filter(|_| effect::relative_allowed(&c, test))
+            {
+                relative = Some(infer(
+                    tracked,
+                    (metric.clone(), arm.clone(), true),
+                    test,
+                    &r,
+                ));
+            }
+        }
+        out.push(ArmFigures {
+            units: s.n,
+            mean: s.mean_y,
+            variance: s.var_y,
+            absolute,
+            relative,
+            quantile: None,
+        });
+    }
+    out
+}
+
+/// The figures of an event-level latency metric in every arm: the quantile's difference
+/// against control with its always-valid interval (the quantile's standard error from the
+/// outer interval with the cluster-robust rank spread; `n` the units of both arms), the
+/// relative difference when the control's quantile is away from 0, and Mann-Whitney.
+fn latency_level(
+    tracked: &mut Tracked,
+    metric: &Label,
+    arms: &[(Label, f64)],
+    control: &Label,
+    test: &Sequential,
+    effects: &mut BTreeMap<(Label, Label), effect::Effect>,
+) -> Vec<ArmFigures> {
+    let Some(samples) = tracked.samples.get(metric).cloned() else {
+        return Vec::new();
+    };
+    let q = samples.quantile();
+    let empty = LatencyHistogram::default();
+    let histogram = |arm: &Label| samples.arms.get(arm).unwrap_or(&empty);
+    let quantile_of = |arm: &Label| {
+        rank::quantile_clustered(
+            &buckets_ms(histogram(arm)),
+            q,
+            test.alpha,
+            samples.rank_sd.get(arm).copied(),
+        )
+    };
+    let pairs = |h: &LatencyHistogram| -> Vec<(i64, i64)> {
+        h.buckets.iter().map(|&(b, n)| (i64::from(b), n)).collect()
+    };
+    let exposed = tracked.exposed.clone();
+    let units = |arm: &Label| exposed.get(arm).copied().unwrap_or(0);
+    let c = quantile_of(control);
+    let c_pairs = pairs(histogram(control));
+    let z = sightline_stats::dist::normal_quantile(1.0 - test.alpha / 2.0);
+    let mut out = Vec::new();
+    for (arm, _) in arms {
+        let h = histogram(arm);
+        let t = quantile_of(arm);
+        let n = (units(arm) + units(control)) as f64;
+        let (mut absolute, mut relative, mut auc, mut mw_p) = (None, None, None, None);
+        if arm != control {
+            if let (Some(t), Some(c)) = (t, c) {
+                let d = effect::Effect {
+                    estimate: t.estimate - c.estimate,
+                    se: (t.sigma * t.sigma + c.sigma * c.sigma).sqrt(),
+                    n,
+                };
+                absolute = Some(absolute_effect(tracked, effects, metric, arm, test, d));
+                if c.estimate - z * c.sigma > 0.0 {
+                    let (ct, cc) = (t.estimate, c.estimate);
+                    let r = effect::Effect {
+                        estimate: (ct - cc) / cc,
+                        se: (t.sigma * t.sigma / (cc * cc)
+                            + ct * ct * c.sigma * c.sigma / cc.powi(4))
+                        .sqrt(),
+                        n,
+                    };
+                    relative = Some(infer(
+                        tracked,
+                        (metric.clone(), arm.clone(), true),
+                        test,
+                        &r,
+                    ));
+                }
+            }
+            if let Some(m) = rank::mann_whitney(&pairs(h), &c_pairs) {
+                auc = Some(m.auc);
+                mw_p = Some(m.p_value);
+            }
+        }
+        // The events' latency: the mean is exact, the variance at bucket resolution.
+        let count = h.count as f64;
+        let mean = h.mean_us().unwrap_or(0.0) / 1000.0;
+        let second: f64 = h
+            .buckets
+            .iter()
+            .map(|&(b, k)| {
+                let v = crate::histogram::bucket_value(b) / 1000.0;
+                k as f64 * v * v
+            })
+            .sum();
+        let variance = if count > 1.0 {
+            ((second - count * mean * mean) / (count - 1.0)).max(0.0)
+        } else {
+            0.0
+        };
+        out.push(ArmFigures {
+            units: units(arm),
+            mean,
+            variance,
+            absolute,
+            relative,
+            quantile: Some(QuantileFigures {
+                q,
+                value_ms: t.map(|t| t.estimate),
+                samples: h.count,
+                auc,
+                mann_whitney_p_value: mw_p,
+            }),
+        });
+    }
+    out
+}
+
 /// One look at an experiment at the end of window `[start, end)`: its rows and, at the end of a
-/// sampling interval, its decisions.
+/// sampling interval, its decisions. `metrics` are its definitions (to tell ratios apart).
+#[allow(clippy::too_many_arguments)]
 pub fn look(
     id: &Label,
     tracked: &mut Tracked,
     analysis: &Analysis,
+    metrics: &[Metric],
     start: u64,
     end: u64,
     rows: &mut Vec<ResultRow>,
@@ -346,12 +666,19 @@ pub fn look(
         return;
     };
     let (arms, control) = arms_of(tracked, analysis);
-    let metrics: Vec<Label> = tracked.sums.keys().cloned().collect();
-    // Units per arm: every exposed unit contributes to every metric, so any metric's n.
+    let unit_metrics: Vec<Label> = tracked.sums.keys().cloned().collect();
+    let latency_metrics: Vec<Label> = tracked.samples.keys().cloned().collect();
+    // Units per arm: the units analysed (before exposures were counted apart, any metric's n).
     let units: Vec<(Label, i64)> = arms
         .iter()
         .map(|(arm, _)| {
-            let n = metrics.first().map_or(0, |m| tracked.sum(m, arm).n);
+            let n = match tracked.exposed.get(arm) {
+                Some(n) => *n,
+                None if tracked.exposed.is_empty() => {
+                    unit_metrics.first().map_or(0, |m| tracked.sum(m, arm).n)
+                }
+                None => 0,
+            };
             (arm.clone(), n)
         })
         .collect();
@@ -369,51 +696,19 @@ pub fn look(
     let at_interval = intervals > tracked.intervals_decided;
     let epoch = intervals.saturating_sub(1);
     let mut effects: BTreeMap<(Label, Label), effect::Effect> = BTreeMap::new();
-    for metric in &metrics {
-        let c = tracked.sum(metric, &control).summary();
-        for (arm, _) in &arms {
-            let s = tracked.sum(metric, arm).summary();
-            let is_control = *arm == control;
-            let (mut absolute, mut relative) = (None, None);
-            if !is_control {
-                if let Some(d) = effect::absolute(&s, &c) {
-                    effects.insert((metric.clone(), arm.clone()), d);
-                    let key = (metric.clone(), arm.clone(), false);
-                    let mut run = tracked.running_mut(key.clone());
-                    // A look without variance (every unit alike so far) says nothing: its
-                    // interval would be a point and the running intersection would stay one.
-                    if informative(d.se) {
-                        run.look(
-                            test.p_value(d.estimate, d.se, d.n, 0.0),
-                            test.interval(d.estimate, d.se, d.n),
-                        );
-                    }
-                    tracked.set_running(key, &run);
-                    absolute = Some(Inference {
-                        estimate: d.estimate,
-                        interval: run.interval,
-                        p_value: run.p_value,
-                    });
-                }
-                if let Some(r) =
-                    effect::relative(&s, &c).filter(|_| effect::relative_allowed(&c, &test))
-                {
-                    let key = (metric.clone(), arm.clone(), true);
-                    let mut run = tracked.running_mut(key.clone());
-                    if informative(r.se) {
-                        run.look(
-                            test.p_value(r.estimate, r.se, r.n, 0.0),
-                            test.interval(r.estimate, r.se, r.n),
-                        );
-                    }
-                    tracked.set_running(key, &run);
-                    relative = Some(Inference {
-                        estimate: r.estimate,
-                        interval: run.interval,
-                        p_value: run.p_value,
-                    });
-                }
-            }
+    let is_ratio = |name: &Label| metrics.iter().any(|m| m.name == *name && m.is_ratio());
+    let mut figures: Vec<(Label, Vec<ArmFigures>)> = Vec::new();
+    for metric in &unit_metrics {
+        let ratio = is_ratio(metric);
+        let f = unit_level(tracked, metric, ratio, &arms, &control, &test, &mut effects);
+        figures.push((metric.clone(), f));
+    }
+    for metric in &latency_metrics {
+        let f = latency_level(tracked, metric, &arms, &control, &test, &mut effects);
+        figures.push((metric.clone(), f));
+    }
+    for (metric, per_arm) in figures {
+        for ((arm, _), f) in arms.iter().zip(per_arm) {
             let state = if tracked.killed {
                 ResultState::Killed
             } else if tracked.unhealthy {
@@ -421,7 +716,7 @@ pub fn look(
             } else if tracked.was_breached(&(metric.clone(), arm.clone())) {
                 ResultState::Breach
             } else {
-                match absolute {
+                match f.absolute {
                     Some(a) if a.p_value < test.alpha && a.estimate > 0.0 => {
                         ResultState::SignificantPositive
                     }
@@ -433,14 +728,15 @@ pub fn look(
                 experiment: id.clone(),
                 metric: metric.clone(),
                 arm: arm.clone(),
-                control: is_control,
-                units: s.n,
-                mean: s.mean_y,
-                variance: s.var_y,
-                absolute,
-                relative,
+                control: *arm == control,
+                units: f.units,
+                mean: f.mean,
+                variance: f.variance,
+                absolute: f.absolute,
+                relative: f.relative,
                 srm_p_value: srm,
                 state,
+                quantile: f.quantile,
             });
         }
     }
