@@ -6,6 +6,8 @@
 //! operator's collections accumulate, before any time and in the end, must equal a batch
 //! recomputation of the semantics from the whole log, exactly; so must the exposure counts,
 //! with the compliance counts (restricted events, and a tenant outside `exp_b`'s allowlist).
+//! Events span three days and CUPED looks back one: each unit's covariates (the same metrics
+//! on the day before its exposure's day) are part of the sums.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,8 @@ use proptest::prelude::*;
 use sightline_operators::LatencyHistogram;
 use sightline_operators::Windows;
 use sightline_operators::experiment::{
-    ArmKey, ExperimentDef, ExposureKey, ExposureKind, Metric, MetricKind, Setup, experiments,
+    ArmKey, ExperimentDef, ExposureKey, ExposureKind, Lookback, Metric, MetricKind, Setup,
+    experiments,
 };
 use sightline_operators::funnel::Resume;
 use sightline_operators::funnel::fnv1a;
@@ -32,6 +35,8 @@ const WIDTH: u64 = 60_000;
 const WITHIN: u64 = 60_000;
 const NAMES: [&str; 3] = ["project_viewed", "project_created", "task_assigned"];
 const ARMS: [&str; 2] = ["control", "treatment"];
+const DAY: u64 = 86_400_000;
+const LOOKBACK_DAYS: u32 = 1;
 
 #[derive(Clone, Debug)]
 struct Raw {
@@ -178,6 +183,7 @@ fn setup() -> Arc<Setup> {
     ];
     Arc::new(Setup {
         defs,
+        lookback: Some(Lookback::days(LOOKBACK_DAYS)),
         ..Setup::default()
     })
 }
@@ -186,22 +192,27 @@ fn arb_raw() -> impl Strategy<Value = Raw> {
     (
         1u64..=2,
         1u64..=3,
-        0u64..1200,
+        (
+            0u64..1200,
+            prop_oneof![4 => Just(0u64), 1 => Just(1), 1 => Just(2)],
+        ),
         0usize..3,
         proptest::option::weighted(0.5, proptest::bool::weighted(0.9)),
         0i64..5,
         proptest::bool::weighted(0.15),
     )
-        .prop_map(|(tenant, user, q, name, assigned, score, restricted)| Raw {
-            tenant,
-            user,
-            at_ms: BASE + q * 250,
-            name,
-            assigned,
-            score,
-            restricted,
-            id: 0,
-        })
+        .prop_map(
+            |(tenant, user, (q, day), name, assigned, score, restricted)| Raw {
+                tenant,
+                user,
+                at_ms: BASE + day * DAY + q * 250,
+                name,
+                assigned,
+                score,
+                restricted,
+                id: 0,
+            },
+        )
 }
 
 type Stats = BTreeMap<ArmKey, Moments>;
@@ -257,6 +268,20 @@ fn reference(log: &[Raw], until: u64) -> (Stats, Latency, Exposures) {
             continue;
         };
         let (arm, exposed_at) = (events[first].arm().unwrap(), events[first].at_ms);
+        // CUPED: the unit's events on the lookback's days before the exposure's day.
+        let day = exposed_at / DAY;
+        let pre: Vec<&&Raw> = events
+            .iter()
+            .filter(|r| r.at_ms / DAY < day && r.at_ms / DAY + u64::from(LOOKBACK_DAYS) >= day)
+            .collect();
+        let pre_count = |name: &str| pre.iter().filter(|r| NAMES[r.name] == name).count() as i64;
+        let has_pre = !pre.is_empty();
+        let x = |value: i64| has_pre.then_some(value * 1_000_000);
+        let pre_score: i64 = pre
+            .iter()
+            .filter(|r| NAMES[r.name] == "task_assigned")
+            .map(|r| r.score)
+            .sum();
         let experiments: &[&str] = if tenant == 1 {
             &EXPERIMENTS
         } else {
@@ -306,13 +331,13 @@ fn reference(log: &[Raw], until: u64) -> (Stats, Latency, Exposures) {
             let entry = stats.entry(arm_key(experiment, metric, arm)).or_default();
             *entry = entry.plus(&m);
         };
-        for (metric, value) in [
-            ("created", created),
-            ("score", score),
-            ("converted", converted),
-            ("events", all),
+        for (metric, value, covariate) in [
+            ("created", created, pre_count("project_created")),
+            ("score", score, pre_score),
+            ("converted", converted, pre_count("project_created").min(1)),
+            ("events", all, pre.len() as i64),
         ] {
-            add("exp_a", metric, Moments::unit(value * one, None));
+            add("exp_a", metric, Moments::unit(value * one, x(covariate)));
         }
         add(
             "exp_a",
@@ -326,7 +351,8 @@ fn reference(log: &[Raw], until: u64) -> (Stats, Latency, Exposures) {
             Moments::unit(abandoned * one, Some(i64::from(entered) * one)),
         );
         if tenant == 1 {
-            add("exp_b", "created", Moments::unit(created * one, None));
+            let covariate = x(pre_count("project_created"));
+            add("exp_b", "created", Moments::unit(created * one, covariate));
         }
         if samples.count > 0 {
             use differential_dataflow::difference::Semigroup;

@@ -16,8 +16,8 @@ use sightline_operators::Windows;
 use sightline_operators::alerts::Alert;
 use sightline_operators::experiment::Saved;
 use sightline_operators::experiment::{
-    Analysis, Decision, ExperimentDef, Guardrail, Metric, MetricKind, ResultRow, ResultState,
-    Setup, experiments,
+    Analysis, Decision, ExperimentDef, Guardrail, Lookback, Metric, MetricKind, ResultRow,
+    ResultState, Setup, experiments,
 };
 use sightline_operators::funnel::Resume;
 use sightline_operators::state::{StateHooks, StateShard};
@@ -38,11 +38,16 @@ const BASE: u64 = 1_769_178_600_000;
 type Plan = Vec<Vec<(&'static str, Vec<(u64, f64)>)>>;
 
 /// An event of `unit` in `arm`; an arm written `restricted:<arm>` makes a restricted tenant's
-/// event.
+/// event, and `none` an event without an assignment.
 fn event(unit: u64, arm: &str, y: f64, at_ms: u64, id: usize) -> Event {
     let (restricted, arm) = match arm.strip_prefix("restricted:") {
         Some(arm) => (true, arm),
         None => (false, arm),
+    };
+    let assignments: Vec<(Label, Label)> = if arm == "none" {
+        Vec::new()
+    } else {
+        vec![(Label::from("exp"), Label::from(arm))]
     };
     let event_name = EventName::from_name("project_viewed").unwrap();
     Event {
@@ -70,7 +75,7 @@ fn event(unit: u64, arm: &str, y: f64, at_ms: u64, id: usize) -> Event {
         feature_area: "projects".into(),
         workflow_name: None,
         surface: None,
-        experiment_assignments: vec![(Label::from("exp"), Label::from(arm))].into(),
+        experiment_assignments: assignments.into(),
         pii_classification: PiiClassification::None,
         data_sensitivity: if restricted {
             DataSensitivity::Restricted
@@ -422,7 +427,12 @@ fn a_restart_from_any_snapshot_changes_nothing() {
         .map(|i| window(i, if i < 2 { 10.0 } else { 12.0 }))
         .collect();
     // With a latency metric too: its histograms are saved, its rank spreads recomputed.
-    let both = || setup_with(analysis(), vec![sum_metric(), p95_metric()]);
+    // And with CUPED's history, saved with the units.
+    let both = || {
+        let mut s = (*setup_with(analysis(), vec![sum_metric(), p95_metric()])).clone();
+        s.lookback = Some(Lookback::days(1));
+        Arc::new(s)
+    };
     let whole = run_from(&plan, both(), true, Resume::default());
     assert!(whole.shards.len() >= 3, "{} snapshots", whole.shards.len());
     assert!(whole.rows.iter().any(|(_, r)| r.quantile.is_some()));
@@ -608,4 +618,57 @@ fn restricted_events_are_counted_never_analysed_and_raise_a_compliance_alert() {
         .unwrap();
     assert_eq!(last.units, 10);
     assert!((last.mean - 10.0).abs() < 1.0);
+}
+
+#[test]
+fn cuped_adjusts_by_the_same_metric_before_exposure_and_narrows_the_interval() {
+    // Day 0: 300 units per arm, without an assignment, at their own level; a day later, their
+    // first assigned events at that level plus a little noise, and 0.5 more in treatment.
+    let level = |u: u64| ((u * 7919) % 97) as f64 / 10.0;
+    let noise = |u: u64| ((u * 37) % 11) as f64 / 50.0 - 0.1;
+    let arm = |ids: std::ops::Range<u64>, f: &dyn Fn(u64) -> f64| -> Vec<(u64, f64)> {
+        ids.map(|u| (u, f(u))).collect()
+    };
+    let mut plan: Plan = vec![Vec::new(); 1441];
+    plan[0] = vec![
+        ("none", arm(1..301, &level)),
+        ("none", arm(T + 1..T + 301, &level)),
+    ];
+    plan[1440] = vec![
+        ("control", arm(1..301, &|u| level(u) + noise(u))),
+        (
+            "treatment",
+            arm(T + 1..T + 301, &|u| level(u) + noise(u) + 0.5),
+        ),
+    ];
+    let mut with_cuped = (*setup(analysis())).clone();
+    with_cuped.lookback = Some(Lookback::days(1));
+    let out = run_from(&plan, Arc::new(with_cuped), false, Resume::default());
+    let (_, last) = out
+        .rows
+        .iter()
+        .rev()
+        .find(|(_, r)| &*r.arm == "treatment")
+        .unwrap();
+    let cuped = last
+        .cuped
+        .expect("CUPED figures with 300 units with pre-exposure data");
+    assert_eq!(cuped.units_with_pre, 300);
+    assert!((cuped.theta - 1.0).abs() < 0.05, "{cuped:?}");
+    let adjusted = cuped.absolute.unwrap();
+    assert!((adjusted.estimate - 0.5).abs() < 0.05, "{adjusted:?}");
+    assert!(
+        adjusted.interval.lo > 0.0 && adjusted.p_value < 0.05,
+        "{adjusted:?}"
+    );
+    // The unadjusted interval, driven by the spread of the levels, is many times wider.
+    let plain = last.absolute.unwrap();
+    let width = |i: &sightline_stats::sequential::Interval| i.hi - i.lo;
+    assert!(
+        width(&adjusted.interval) * 5.0 < width(&plain.interval),
+        "{adjusted:?} {plain:?}"
+    );
+    // Without a lookback, no CUPED figures.
+    let out = run_from(&plan, setup(analysis()), false, Resume::default());
+    assert!(out.rows.iter().all(|(_, r)| r.cuped.is_none()));
 }

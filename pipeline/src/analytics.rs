@@ -30,6 +30,13 @@ pub struct AnalyticsConfig {
     /// Analyse experiments that appear in `experiment_assignments` without a declaration, with
     /// the default metrics and guardrails.
     pub experiments: bool,
+    /// CUPED's pre-exposure lookback, ms: the covariate of a unit's metric is the same metric
+    /// over the whole periods (`cuped-period-ms`) of this span before the period of its
+    /// exposure. 0: CUPED off, no per-unit history kept.
+    pub cuped_lookback_ms: u64,
+    /// The resolution of that history, ms (a UTC day by default); the lookback is a multiple
+    /// of it.
+    pub cuped_period_ms: u64,
 }
 
 impl Default for AnalyticsConfig {
@@ -38,6 +45,8 @@ impl Default for AnalyticsConfig {
             builtin_funnels: true,
             save_state_every_ms: 60_000,
             experiments: true,
+            cuped_lookback_ms: 14 * 86_400_000,
+            cuped_period_ms: 86_400_000,
         }
     }
 }

@@ -440,12 +440,33 @@ impl Config {
         &self,
         link: &mut dyn FnMut(&str) -> u64,
     ) -> anyhow::Result<sightline_operators::experiment::Setup> {
-        crate::experiments::setup(
+        let (lookback, period) = (
+            self.analytics.cuped_lookback_ms,
+            self.analytics.cuped_period_ms,
+        );
+        if lookback > 0 && (period == 0 || !lookback.is_multiple_of(period)) {
+            anyhow::bail!(
+                "analytics.cuped-lookback-ms ({lookback}) must be a multiple of analytics.cuped-period-ms ({period})"
+            );
+        }
+        if lookback > 0 && lookback / period > 1000 {
+            anyhow::bail!(
+                "analytics.cuped-lookback-ms ({lookback}) spans more than 1000 periods of analytics.cuped-period-ms ({period})"
+            );
+        }
+        let mut setup = crate::experiments::setup(
             &self.experiments,
             self.analytics.experiments,
             &self.triage.rules(),
             link,
-        )
+        )?;
+        // The saved histories depend on the lookback: it is part of the definition.
+        setup.lookback = (lookback > 0).then(|| sightline_operators::experiment::Lookback {
+            periods: (lookback / period) as u32,
+            period_ms: period,
+        });
+        setup.definition ^= (lookback ^ period.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Ok(setup)
     }
 }
 

@@ -102,6 +102,10 @@ pub fn demo_config() -> Config {
         srm_kills: false,
         tenants: None,
     };
+    // CUPED with a lookback the demo can show: the minute before a unit's exposure, in 10 s
+    // periods (`exp_guided_setup` starts 20 s in, so its units have a history).
+    config.analytics.cuped_lookback_ms = 60_000;
+    config.analytics.cuped_period_ms = 10_000;
     config.experiments = vec![
         experiment("exp_guided_setup", &["control", "treatment"]),
         experiment("exp_aps_ranking_v2", &["control", "variant_a", "variant_b"]),

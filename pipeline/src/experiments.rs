@@ -381,6 +381,8 @@ pub fn setup(
         analyses,
         default_analysis: default_analysis(triage),
         definition,
+        // Set from `analytics.cuped-lookback-ms` by the caller.
+        lookback: None,
     })
 }
 

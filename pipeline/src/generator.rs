@@ -153,6 +153,8 @@ const WEIGHTS: &[(&str, u32)] = &[
 pub const DEGRADED_ARM: &str = "variant_b";
 /// When, after the generator's start (event time).
 pub const DEGRADE_AFTER_MS: i64 = 60_000;
+/// When `exp_guided_setup` starts, after the generator's start (event time).
+pub const GUIDED_START_MS: i64 = 20_000;
 
 /// A user's arms in the two generated experiments, fixed per (tenant, user) as a bucketing
 /// service would assign them: two users in three are in `exp_guided_setup` (control or
@@ -459,7 +461,11 @@ impl Generator {
             r.pick(&["sso", "scim", "passwordless", "api_token"]),
             r.below(20) == 0,
         );
-        match arms_of(tenant, user) {
+        // `exp_guided_setup` starts part-way through: its users' earlier events are their
+        // pre-exposure history (CUPED's covariate).
+        let (guided, aps) = arms_of(tenant, user);
+        let guided = guided.filter(|_| time_ms - self.config.start_ms >= GUIDED_START_MS);
+        match (guided, aps) {
             (Some(guided), Some(aps)) => {
                 let _ = write!(
                     out,
@@ -472,7 +478,13 @@ impl Generator {
                     r#""experiment_assignments":{{"exp_guided_setup":"{guided}"}},"#,
                 );
             }
-            _ => {}
+            (None, Some(aps)) => {
+                let _ = write!(
+                    out,
+                    r#""experiment_assignments":{{"exp_aps_ranking_v2":"{aps}"}},"#,
+                );
+            }
+            (None, None) => {}
         }
         let _ = write!(
             out,

@@ -80,6 +80,26 @@ pub struct ExperimentResultRow {
     pub mann_whitney_auc: Option<f64>,
     /// Its two-sided p-value (fixed-horizon, event-level: descriptive).
     pub mann_whitney_p_value: Option<f64>,
+    /// CUPED's θ (when at least 100 units of the arm and control had pre-exposure data).
+    pub cuped_theta: Option<f64>,
+    /// Units of the arm with pre-exposure data.
+    pub cuped_units_with_pre: Option<i64>,
+    /// The CUPED-adjusted mean.
+    pub cuped_mean: Option<f64>,
+    /// The adjusted absolute effect, its always-valid interval and p-value.
+    pub cuped_effect: Option<f64>,
+    /// Lower bound.
+    pub cuped_effect_lower: Option<f64>,
+    /// Upper bound.
+    pub cuped_effect_upper: Option<f64>,
+    /// p-value.
+    pub cuped_p_value: Option<f64>,
+    /// The adjusted relative lift.
+    pub cuped_lift: Option<f64>,
+    /// Lower bound.
+    pub cuped_lift_lower: Option<f64>,
+    /// Upper bound.
+    pub cuped_lift_upper: Option<f64>,
 }
 
 impl ExperimentResultRow {
@@ -113,6 +133,16 @@ impl ExperimentResultRow {
                 samples: r.quantile.map(|q| q.samples),
                 mann_whitney_auc: r.quantile.and_then(|q| q.auc),
                 mann_whitney_p_value: r.quantile.and_then(|q| q.mann_whitney_p_value),
+                cuped_theta: r.cuped.map(|c| c.theta),
+                cuped_units_with_pre: r.cuped.map(|c| c.units_with_pre),
+                cuped_mean: r.cuped.map(|c| c.mean),
+                cuped_effect: r.cuped.and_then(|c| c.absolute).map(|a| a.estimate),
+                cuped_effect_lower: r.cuped.and_then(|c| c.absolute).map(|a| a.interval.lo),
+                cuped_effect_upper: r.cuped.and_then(|c| c.absolute).map(|a| a.interval.hi),
+                cuped_p_value: r.cuped.and_then(|c| c.absolute).map(|a| a.p_value),
+                cuped_lift: r.cuped.and_then(|c| c.relative).map(|a| a.estimate),
+                cuped_lift_lower: r.cuped.and_then(|c| c.relative).map(|a| a.interval.lo),
+                cuped_lift_upper: r.cuped.and_then(|c| c.relative).map(|a| a.interval.hi),
             })
             .collect()
     }
@@ -148,6 +178,16 @@ impl Table for ExperimentResultRow {
             Field::new("samples", DataType::Int64, true),
             opt("mann_whitney_auc"),
             opt("mann_whitney_p_value"),
+            opt("cuped_theta"),
+            Field::new("cuped_units_with_pre", DataType::Int64, true),
+            opt("cuped_mean"),
+            opt("cuped_effect"),
+            opt("cuped_effect_lower"),
+            opt("cuped_effect_upper"),
+            opt("cuped_p_value"),
+            opt("cuped_lift"),
+            opt("cuped_lift_lower"),
+            opt("cuped_lift_upper"),
         ]);
         Arc::new(Schema::new(fields))
     }
@@ -178,6 +218,18 @@ impl Table for ExperimentResultRow {
             Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.samples))),
             opt_floats(rows, |r| r.mann_whitney_auc),
             opt_floats(rows, |r| r.mann_whitney_p_value),
+            opt_floats(rows, |r| r.cuped_theta),
+            Arc::new(Int64Array::from_iter(
+                rows.iter().map(|r| r.cuped_units_with_pre),
+            )),
+            opt_floats(rows, |r| r.cuped_mean),
+            opt_floats(rows, |r| r.cuped_effect),
+            opt_floats(rows, |r| r.cuped_effect_lower),
+            opt_floats(rows, |r| r.cuped_effect_upper),
+            opt_floats(rows, |r| r.cuped_p_value),
+            opt_floats(rows, |r| r.cuped_lift),
+            opt_floats(rows, |r| r.cuped_lift_lower),
+            opt_floats(rows, |r| r.cuped_lift_upper),
         ]);
         batch(Self::schema(), columns)
     }

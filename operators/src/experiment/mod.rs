@@ -50,8 +50,8 @@ use timely::dataflow::operators::vec::Map;
 pub mod results;
 
 pub use results::{
-    Analysis, Decision, Guardrail, Inference, QuantileFigures, ResultRow, ResultState, Samples,
-    Tracked,
+    Analysis, CupedFigures, Decision, Guardrail, Inference, QuantileFigures, ResultRow,
+    ResultState, Samples, Tracked,
 };
 
 use crate::alerts::Alert;
@@ -174,8 +174,9 @@ impl Metric {
         )
     }
 
-    /// The unit's contribution to the per-arm sums, from its values of every metric.
-    fn moments(&self, values: &[i64], own: i64) -> Moments {
+    /// The unit's contribution to the per-arm sums, from its values of every metric and, for
+    /// CUPED, its pre-exposure covariate `x` (`None`: no pre-exposure data).
+    fn moments(&self, values: &[i64], own: i64, x: Option<i64>) -> Moments {
         match self.kind {
             // Not entered: (0, 0); entered: (1, 1); converted: (0, 1).
             MetricKind::Abandonment { .. } => match own {
@@ -190,8 +191,36 @@ impl Metric {
                 values.get(numerator).copied().unwrap_or(0),
                 Some(values.get(denominator).copied().unwrap_or(0)),
             ),
-            _ => Moments::unit(own, None),
+            _ => Moments::unit(own, x),
         }
+    }
+
+    /// What `event` adds to the metric's pre-exposure covariate: the metric's own increment
+    /// (an occurrence, for a conversion); 0 for metrics without a covariate.
+    fn pre_increment(&self, event: &Event) -> i64 {
+        match &self.kind {
+            MetricKind::Conversion { event: name, .. } if event.event_name == *name => ONE,
+            MetricKind::Count { .. }
+            | MetricKind::Sum { .. }
+            | MetricKind::Errors
+            | MetricKind::Events
+            | MetricKind::Tickets { .. } => self.apply(0, event, 0, 0),
+            _ => 0,
+        }
+    }
+
+    /// Whether the metric has a CUPED covariate: the same metric before exposure (not for
+    /// ratios, abandonment and latency, whose covariate slot is taken or meaningless).
+    fn has_covariate(&self) -> bool {
+        matches!(
+            self.kind,
+            MetricKind::Count { .. }
+                | MetricKind::Sum { .. }
+                | MetricKind::Errors
+                | MetricKind::Events
+                | MetricKind::Tickets { .. }
+                | MetricKind::Conversion { .. }
+        )
     }
 
     /// The value `event` adds to a unit whose value is `value`, exposed at `exposed_at`.
@@ -327,6 +356,59 @@ pub struct Exposure {
     /// a multiple exposure retracts them.
     #[serde(default)]
     pub samples: Vec<(u8, LatencyHistogram)>,
+    /// CUPED's covariate per metric (the same metric over the lookback before the exposure's
+    /// day), fixed at exposure; `None`: the unit had no pre-exposure data.
+    #[serde(default)]
+    pub pre: Option<SmallVec<[i64; 4]>>,
+}
+
+impl Exposure {
+    /// The covariate of metric `i`.
+    fn x(&self, i: usize) -> Option<i64> {
+        self.pre.as_ref().map(|p| p.get(i).copied().unwrap_or(0))
+    }
+}
+
+/// A unit's activity by period, for CUPED: `(period, covariate, value)`, the period the index
+/// of a [`Lookback::period_ms`] period since the epoch (a UTC day by default), the covariate an
+/// index into the setup's distinct covariates ([`ACTIVE`]: events, so that a unit seen with
+/// only zero values has pre-exposure data), the value the sum of the covariate's increments
+/// in the period (millionths). Only the last [`Lookback::periods`] are kept.
+pub type History = SmallVec<[(u32, u8, i64); 2]>;
+
+/// A unit's state: its history and its exposures.
+#[derive(Clone, Debug, Default)]
+struct UnitEntry {
+    history: History,
+    exposures: UnitState,
+}
+
+/// The covariate index of a [`History`]'s activity entries (events per day).
+const ACTIVE: u8 = u8::MAX;
+
+/// CUPED's pre-exposure lookback: the `periods` whole periods of `period_ms` before the period
+/// of a unit's exposure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lookback {
+    /// Periods looked back.
+    pub periods: u32,
+    /// Length of a period, ms.
+    pub period_ms: u64,
+}
+
+impl Lookback {
+    /// `days` UTC days.
+    pub fn days(days: u32) -> Lookback {
+        Lookback {
+            periods: days,
+            period_ms: 86_400_000,
+        }
+    }
+
+    /// The period of `at_ms`.
+    fn period(&self, at_ms: u64) -> u32 {
+        (at_ms / self.period_ms.max(1)).min(u64::from(u32::MAX)) as u32
+    }
 }
 
 /// A unit: (tenant link, user link).
@@ -337,6 +419,8 @@ pub type Unit = (u64, u64);
 pub enum Saved {
     /// A unit's exposure to an experiment.
     Unit(Unit, Label, Exposure),
+    /// A unit's pre-exposure history.
+    History(Unit, History),
     /// An experiment's sums and looks.
     Experiment(Label, Box<Tracked>),
     /// A closed window's outputs not known to be written: written again.
@@ -360,6 +444,96 @@ pub struct Setup {
     pub default_analysis: Analysis,
     /// A fingerprint of all of it, saved with the state.
     pub definition: u64,
+    /// CUPED's pre-exposure lookback; `None`: CUPED is off (no history is kept).
+    pub lookback: Option<Lookback>,
+}
+
+/// The distinct covariates of a setup: every metric with one, by kind, deduplicated across
+/// experiments.
+#[derive(Clone, Debug)]
+struct Covariates {
+    /// One metric of each kind.
+    metrics: Vec<Metric>,
+    /// The lookback.
+    lookback: Lookback,
+}
+
+impl Covariates {
+    /// The covariates of `setup`; `None` when CUPED is off.
+    fn of(setup: &Setup) -> Option<Covariates> {
+        let lookback = setup
+            .lookback
+            .filter(|l| l.periods > 0 && l.period_ms > 0)?;
+        let mut metrics: Vec<Metric> = Vec::new();
+        let all = setup
+            .defs
+            .iter()
+            .flat_map(|d| &d.metrics)
+            .chain(setup.default_metrics.iter().flatten());
+        for m in all.filter(|m| m.has_covariate()) {
+            // Indexes are bytes, and ACTIVE is taken.
+            if !metrics.iter().any(|c| c.kind == m.kind) && metrics.len() < usize::from(ACTIVE) {
+                metrics.push(m.clone());
+            }
+        }
+        Some(Covariates { metrics, lookback })
+    }
+
+    /// The index of metric `m`'s covariate.
+    fn index(&self, m: &Metric) -> Option<usize> {
+        self.metrics.iter().position(|c| c.kind == m.kind)
+    }
+
+    /// Adds `event`'s increments to `history` (the event's day), dropping days older than the
+    /// lookback.
+    fn record(&self, history: &mut History, event: &Event) {
+        let day = self.lookback.period(event.event_time_ms.max(0) as u64);
+        let mut add =
+            |i: u8, inc: i64| match history.iter_mut().find(|(d, c, _)| *d == day && *c == i) {
+                Some(entry) => entry.2 += inc,
+                None => history.push((day, i, inc)),
+            };
+        // The unit was active that day, whatever its metrics: it has pre-exposure data.
+        add(ACTIVE, 1);
+        for (i, m) in self.metrics.iter().enumerate() {
+            let inc = m.pre_increment(event);
+            if inc != 0 {
+                add(i as u8, inc);
+            }
+        }
+        let periods = self.lookback.periods;
+        history.retain(|(d, _, _)| *d + periods >= day);
+    }
+
+    /// The covariates of `metrics` for a unit exposed at `at_ms`: the sums over the
+    /// lookback's whole periods before the exposure's period; `None` without any activity then.
+    fn pre(&self, history: &History, metrics: &[Metric], at_ms: u64) -> Option<SmallVec<[i64; 4]>> {
+        let day = self.lookback.period(at_ms);
+        let periods = self.lookback.periods;
+        let within = |d: u32| d < day && d + periods >= day;
+        if !history.iter().any(|(d, _, _)| within(*d)) {
+            return None;
+        }
+        Some(
+            metrics
+                .iter()
+                .map(|m| {
+                    let Some(i) = self.index(m) else {
+                        return 0;
+                    };
+                    let sum: i64 = history
+                        .iter()
+                        .filter(|(d, c, _)| within(*d) && usize::from(*c) == i)
+                        .map(|e| e.2)
+                        .sum();
+                    match m.kind {
+                        MetricKind::Conversion { .. } => sum.min(ONE),
+                        _ => sum,
+                    }
+                })
+                .collect(),
+        )
+    }
 }
 
 impl Setup {
@@ -490,7 +664,8 @@ fn record(samples: &mut Vec<(u8, LatencyHistogram)>, index: usize, value_us: u64
 /// histograms and of the exposures, each through `out`.
 fn apply<S, L, X>(
     setup: &Setup,
-    state: &mut UnitState,
+    covariates: Option<&Covariates>,
+    unit: &mut UnitEntry,
     event: &Event,
     windows: Windows,
     out: Updates<'_, S, L, X>,
@@ -500,6 +675,7 @@ fn apply<S, L, X>(
     X: FnMut(ExposureKey),
 {
     let at_ms = event.event_time_ms.max(0) as u64;
+    let state = &mut unit.exposures;
     // Experiments the unit was exposed to before this event (the event updates them).
     let before = state.len();
     // Assignments to experiments the unit has not seen yet expose it.
@@ -528,10 +704,12 @@ fn apply<S, L, X>(
             .iter()
             .map(|m| m.apply(0, event, at_ms, at_ms))
             .collect();
+        let pre = covariates.and_then(|c| c.pre(&unit.history, metrics, at_ms));
         let mut samples = Vec::new();
         for (i, metric) in metrics.iter().enumerate() {
             if metric.is_unit_level() {
-                (out.stats)(key(metric), metric.moments(&values, values[i]));
+                let x = pre.as_ref().map(|p| p[i]);
+                (out.stats)(key(metric), metric.moments(&values, values[i], x));
             } else if let Some(us) = sample_of(metric, event) {
                 record(&mut samples, i, us);
                 (out.samples)(key(metric), LatencyHistogram::from_sample(us));
@@ -551,6 +729,7 @@ fn apply<S, L, X>(
                 multiple: false,
                 values,
                 samples,
+                pre,
             },
         ));
     }
@@ -579,10 +758,11 @@ fn apply<S, L, X>(
             exposure.multiple = true;
             for (i, metric) in metrics.iter().enumerate() {
                 if metric.is_unit_level() {
+                    let x = exposure.x(i);
                     (out.stats)(
                         key(metric),
                         metric
-                            .moments(&exposure.values, exposure.values[i])
+                            .moments(&exposure.values, exposure.values[i], x)
                             .negated(),
                     );
                 }
@@ -619,15 +799,19 @@ fn apply<S, L, X>(
             if !metric.is_unit_level() {
                 continue;
             }
+            let x = exposure.x(i);
             let (was, now) = (
-                metric.moments(&old, old[i]),
-                metric.moments(&exposure.values, exposure.values[i]),
+                metric.moments(&old, old[i], x),
+                metric.moments(&exposure.values, exposure.values[i], x),
             );
             if was != now {
                 (out.stats)(key(metric), was.negated());
                 (out.stats)(key(metric), now);
             }
         }
+    }
+    if let Some(c) = covariates {
+        c.record(&mut unit.history, event);
     }
 }
 
@@ -690,7 +874,7 @@ fn compliance(
 /// `touched`, from every analysed unit's own histogram.
 fn spreads<S: std::hash::BuildHasher>(
     setup: &Setup,
-    units: &HashMap<Unit, UnitState, S>,
+    units: &HashMap<Unit, UnitEntry, S>,
     tracked: &mut BTreeMap<Label, Tracked>,
     touched: &BTreeSet<Label>,
 ) {
@@ -714,8 +898,8 @@ fn spreads<S: std::hash::BuildHasher>(
         return;
     }
     let mut sums: BTreeMap<(Label, Label, Label), f64> = BTreeMap::new();
-    for state in units.values() {
-        for (id, exposure) in state {
+    for entry in units.values() {
+        for (id, exposure) in &entry.exposures {
             let Some((metrics, thresholds)) = wanted.get(id) else {
                 continue;
             };
@@ -798,6 +982,7 @@ where
     let hooks = hooks.cloned();
     let saving = hooks.is_some();
     let definition = setup.definition;
+    let covariates = Covariates::of(&setup);
     builder.build(move |capabilities| {
         let first = worker == 0;
         let mut capabilities = capabilities.into_iter();
@@ -810,7 +995,9 @@ where
             Schedule::new(capabilities.next().filter(|_| first && saving), restored_at);
         // The capability to emit the outputs of the next window (worker 0).
         let mut window_cap: Option<Capability<Time>> = None;
-        let mut units: HashMap<Unit, UnitState, foldhash::fast::RandomState> = HashMap::default();
+        let mut units: HashMap<Unit, UnitEntry, foldhash::fast::RandomState> = HashMap::default();
+        // The day of the last sweep of units without exposures or recent history.
+        let mut swept_day: u64 = 0;
         let mut tracked: BTreeMap<Label, Tracked> = BTreeMap::new();
         let mut pending: Pending<(Unit, Arc<Event>, Time)> = Pending::default();
         // Capabilities of the statistics' outputs for every time with pending input.
@@ -840,7 +1027,14 @@ where
                 for (record, _) in records {
                     match record {
                         Saved::Unit(unit, id, exposure) => {
-                            units.entry(unit).or_default().push((id, exposure));
+                            units
+                                .entry(unit)
+                                .or_default()
+                                .exposures
+                                .push((id, exposure));
+                        }
+                        Saved::History(unit, history) => {
+                            units.entry(unit).or_default().history = history;
                         }
                         Saved::Experiment(id, t) => {
                             tracked.insert(id, *t);
@@ -922,6 +1116,7 @@ where
                         } else {
                             apply(
                                 &setup,
+                                covariates.as_ref(),
                                 units.entry(unit).or_default(),
                                 &event,
                                 windows,
@@ -994,6 +1189,21 @@ where
                 }
                 next_start = Some(start);
                 applied_to = applied_to.max(start);
+                // Once a period of event time (a day without CUPED): units without exposures
+                // whose history is older than the lookback are forgotten (nothing of them can
+                // matter any more).
+                let lookback = covariates
+                    .as_ref()
+                    .map_or(Lookback::days(0), |c| c.lookback);
+                let today = u64::from(lookback.period(start));
+                if today > swept_day {
+                    swept_day = today;
+                    let keep_from = today.saturating_sub(u64::from(lookback.periods));
+                    units.retain(|_, entry| {
+                        entry.history.retain(|(d, _, _)| u64::from(*d) >= keep_from);
+                        !entry.exposures.is_empty() || !entry.history.is_empty()
+                    });
+                }
                 caps = caps.split_off(&start);
                 if frontier == Time::MAX {
                     window_cap = None;
@@ -1015,9 +1225,12 @@ where
             }
             let s = applied_to;
             let mut records: Vec<(Saved, Time)> = Vec::new();
-            for (unit, state) in &units {
-                for (id, exposure) in state {
+            for (unit, entry) in &units {
+                for (id, exposure) in &entry.exposures {
                     records.push((Saved::Unit(*unit, id.clone(), exposure.clone()), s));
+                }
+                if !entry.history.is_empty() {
+                    records.push((Saved::History(*unit, entry.history.clone()), s));
                 }
             }
             for (id, t) in &tracked {

@@ -112,6 +112,26 @@ pub struct ResultRow {
     /// quantile).
     #[serde(default)]
     pub quantile: Option<QuantileFigures>,
+    /// CUPED-adjusted figures, when enough units have pre-exposure data.
+    #[serde(default)]
+    pub cuped: Option<CupedFigures>,
+}
+
+/// A metric's CUPED-adjusted figures in one arm (Deng et al. 2013; the covariate is the same
+/// metric over the lookback before exposure).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CupedFigures {
+    /// θ = cov(x, y) / var(x), pooled over the arm and control.
+    pub theta: f64,
+    /// Units of the arm with pre-exposure data.
+    pub units_with_pre: i64,
+    /// The adjusted mean, ȳ − θx̄.
+    pub mean: f64,
+    /// Against control: the adjusted absolute effect.
+    pub absolute: Option<Inference>,
+    /// Against control: the adjusted relative lift (with the covariance term of GrowthBook's
+    /// PR #3610).
+    pub relative: Option<Inference>,
 }
 
 /// The figures of an event-level latency metric in one arm.
@@ -490,6 +510,7 @@ struct ArmFigures {
     absolute: Option<Inference>,
     relative: Option<Inference>,
     quantile: Option<QuantileFigures>,
+    cuped: Option<CupedFigures>,
 }
 
 /// The figures of a unit-level metric (a mean, or a ratio) in every arm; the absolute effects
@@ -533,6 +554,11 @@ fn unit_level(
                 ));
             }
         }
+        let cuped = if ratio {
+            None
+        } else {
+            cuped_figures(tracked, metric, arm, arms, control, test)
+        };
         out.push(ArmFigures {
             units: s.n,
             mean: s.mean_y,
@@ -540,9 +566,61 @@ fn unit_level(
             absolute,
             relative,
             quantile: None,
+            cuped,
         });
     }
     out
+}
+
+/// CUPED's figures of `metric` in `arm`: θ pooled over the arm and control (over every arm
+/// for the control's row), the adjusted mean and, for a treatment arm, the adjusted absolute
+/// and relative effects with their own running always-valid inference. `None` below
+/// [`effect::CUPED_MIN_UNITS`] units with pre-exposure data (the unadjusted figures stand).
+fn cuped_figures(
+    tracked: &mut Tracked,
+    metric: &Label,
+    arm: &Label,
+    arms: &[(Label, f64)],
+    control: &Label,
+    test: &Sequential,
+) -> Option<CupedFigures> {
+    let (t, c) = (tracked.sum(metric, arm), tracked.sum(metric, control));
+    let pooled = if arm == control {
+        arms.iter()
+            .filter(|(a, _)| a != control)
+            .fold(Moments::default(), |m, (a, _)| {
+                m.plus(&tracked.sum(metric, a))
+            })
+    } else {
+        t
+    };
+    let theta = effect::theta(&pooled, &c)?;
+    let (ts, cs) = (t.summary(), c.summary());
+    let key = |relative: bool| {
+        (
+            Label::from(format!("{metric}#cuped").as_str()),
+            arm.clone(),
+            relative,
+        )
+    };
+    let (mut absolute, mut relative) = (None, None);
+    if arm != control {
+        if let Some(d) = effect::cuped_absolute(&ts, &cs, theta) {
+            absolute = Some(infer(tracked, key(false), test, &d));
+        }
+        if let Some(r) =
+            effect::cuped_relative(&ts, &cs, theta).filter(|_| effect::relative_allowed(&cs, test))
+        {
+            relative = Some(infer(tracked, key(true), test, &r));
+        }
+    }
+    Some(CupedFigures {
+        theta,
+        units_with_pre: ts.n_pre,
+        mean: effect::adjusted_mean(&ts, theta),
+        absolute,
+        relative,
+    })
 }
 
 /// The figures of an event-level latency metric in every arm: the quantile's difference
@@ -637,6 +715,7 @@ fn latency_level(
             variance,
             absolute,
             relative,
+            cuped: None,
             quantile: Some(QuantileFigures {
                 q,
                 value_ms: t.map(|t| t.estimate),
@@ -737,6 +816,7 @@ pub fn look(
                 srm_p_value: srm,
                 state,
                 quantile: f.quantile,
+                cuped: f.cuped,
             });
         }
     }
