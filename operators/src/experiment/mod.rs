@@ -553,14 +553,6 @@ impl Setup {
                 .any(|m| m.reads(event.event_name))
     }
 
-    /// The quantile of latency metric `metric` of experiment `id` (0.95 if unknown).
-    fn quantile_of(&self, id: &Label, metric: &Label) -> f64 {
-        self.metrics_of(id)
-            .and_then(|ms| ms.iter().find(|m| m.name == *metric))
-            .and_then(Metric::quantile)
-            .unwrap_or(0.95)
-    }
-
     /// Whether experiment `id` may analyse events of the tenant with link `tenant`.
     pub fn allows(&self, id: &Label, tenant: u64) -> bool {
         match self.defs.iter().find(|d| d.id == *id) {
@@ -636,7 +628,8 @@ type UnitState = SmallVec<[(Label, Exposure); 1]>;
 struct Updates<'a, S, L, X> {
     /// A change of a per-arm sum.
     stats: &'a mut S,
-    /// A change of a per-arm latency histogram (negative counts retract).
+    /// A change of a per-arm latency histogram (negative counts retract), with the metric's
+    /// quantile.
     samples: &'a mut L,
     /// An exposure (first, or a second arm).
     exposures: &'a mut X,
@@ -671,7 +664,7 @@ fn apply<S, L, X>(
     out: Updates<'_, S, L, X>,
 ) where
     S: FnMut(ArmKey, Moments),
-    L: FnMut(ArmKey, LatencyHistogram),
+    L: FnMut(ArmKey, LatencyHistogram, f64),
     X: FnMut(ExposureKey),
 {
     let at_ms = event.event_time_ms.max(0) as u64;
@@ -712,7 +705,8 @@ fn apply<S, L, X>(
                 (out.stats)(key(metric), metric.moments(&values, values[i], x));
             } else if let Some(us) = sample_of(metric, event) {
                 record(&mut samples, i, us);
-                (out.samples)(key(metric), LatencyHistogram::from_sample(us));
+                let q = metric.quantile().unwrap_or(0.95);
+                (out.samples)(key(metric), LatencyHistogram::from_sample(us), q);
             }
         }
         (out.exposures)(ExposureKey {
@@ -770,7 +764,7 @@ fn apply<S, L, X>(
             for (i, mut h) in std::mem::take(&mut exposure.samples) {
                 if let Some(metric) = metrics.get(usize::from(i)) {
                     differential_dataflow::difference::Abelian::negate(&mut h);
-                    (out.samples)(key(metric), h);
+                    (out.samples)(key(metric), h, metric.quantile().unwrap_or(0.95));
                 }
             }
             (out.exposures)(ExposureKey {
@@ -786,7 +780,8 @@ fn apply<S, L, X>(
         for (i, metric) in metrics.iter().enumerate() {
             if let Some(us) = sample_of(metric, event) {
                 record(&mut exposure.samples, i, us);
-                (out.samples)(key(metric), LatencyHistogram::from_sample(us));
+                let q = metric.quantile().unwrap_or(0.95);
+                (out.samples)(key(metric), LatencyHistogram::from_sample(us), q);
             }
             let new = metric.apply(old[i], event, at_ms, exposure.exposed_at);
             changed |= new != old[i];
@@ -999,7 +994,8 @@ where
         // The day of the last sweep of units without exposures or recent history.
         let mut swept_day: u64 = 0;
         let mut tracked: BTreeMap<Label, Tracked> = BTreeMap::new();
-        let mut pending: Pending<(Unit, Arc<Event>, Time)> = Pending::default();
+        // Inputs with their sequence order (event time, hash of the event id), computed once.
+        let mut pending: Pending<((i64, u64), Unit, Arc<Event>, Time)> = Pending::default();
         // Capabilities of the statistics' outputs for every time with pending input.
         let mut caps: BTreeMap<Time, [Capability<Time>; 2]> = BTreeMap::new();
         // The next window to look at, and the newest time with input.
@@ -1070,7 +1066,8 @@ where
                         next_start = Some(start);
                     }
                     last_data = last_data.max(time);
-                    pending.add(time, (unit, event, time), diff);
+                    let order = (event.event_time_ms, fnv1a(event.event_id.as_bytes()));
+                    pending.add(time, (order, unit, event, time), diff);
                 }
             });
             if !first {
@@ -1086,16 +1083,14 @@ where
                     if end > frontier || (frontier == Time::MAX && start > last_data) {
                         break;
                     }
-                    let ready = pending.take_before(end, |(_, e, _)| {
-                        (e.event_time_ms, fnv1a(e.event_id.as_bytes()))
-                    });
+                    let ready = pending.take_before(end, |(order, ..)| *order);
                     // Experiments with an update in this window: only they are looked at.
                     let mut touched: BTreeSet<Label> = BTreeSet::new();
                     let mut exposed: BTreeMap<ExposureKey, isize> = BTreeMap::new();
                     let mut moments_buf: Vec<(ArmKey, Moments)> = Vec::new();
-                    let mut samples_buf: Vec<(ArmKey, LatencyHistogram)> = Vec::new();
+                    let mut samples_buf: Vec<(ArmKey, LatencyHistogram, f64)> = Vec::new();
                     let mut exposures_buf: Vec<ExposureKey> = Vec::new();
-                    for (unit, event, time) in ready {
+                    for (_, unit, event, time) in ready {
                         let Some(sc) = caps.get(&time) else {
                             continue;
                         };
@@ -1122,7 +1117,7 @@ where
                                 windows,
                                 Updates {
                                     stats: &mut |key, m| moments_buf.push((key, m)),
-                                    samples: &mut |key, h| samples_buf.push((key, h)),
+                                    samples: &mut |key, h, q| samples_buf.push((key, h, q)),
                                     exposures: &mut |key| exposures_buf.push(key),
                                 },
                             );
@@ -1136,8 +1131,7 @@ where
                             );
                             stats.give((key, time, m));
                         }
-                        for (key, h) in samples_buf.drain(..) {
-                            let quantile = setup.quantile_of(&key.experiment, &key.metric);
+                        for (key, h, quantile) in samples_buf.drain(..) {
                             touch(&mut tracked, &mut touched, &key.experiment, start).add_samples(
                                 &key.metric,
                                 &key.arm,
