@@ -1,7 +1,9 @@
-//! State memory per active unit of the funnels, measured: how much this process's resident
-//! memory grows per unit when 200,000 units (20,000 for the 30-window case)' `Progress` is built in a hash map, as the operator
-//! keeps it (allocator overhead included), for the two built-in funnels in the shapes they
-//! take. Run by `benches/run`; prints one line per case.
+//! State memory per active unit of the funnels and the experiments, measured: how much this
+//! process's resident memory grows per unit when 200,000 units (20,000 for the 30-window case)
+//! are built as the operators keep them (allocator overhead included): a funnel's `Progress` in
+//! a hash map, for the two built-in funnels in the shapes they take, and the experiments'
+//! `UnitStates` under the default setup (default metrics, 14-day CUPED history). Run by
+//! `benches/run`; prints one line per case.
 //!
 //! ```text
 //! cargo bench -p sightline-benches --bench state_size
@@ -12,8 +14,12 @@ use std::sync::Arc;
 
 use sightline::config::Config;
 use sightline_operators::Windows;
+use sightline_operators::experiment::UnitStates;
 use sightline_operators::funnel::{FunnelDef, Progress, Touch};
-use sightline_schemas::Label;
+use sightline_schemas::{
+    DataSensitivity, Event, EventName, Kept, Label, Links, PiiClassification, Platform,
+    PrivacyCounts, Source,
+};
 
 /// This process's resident memory, bytes (`VmRSS`).
 fn rss_bytes() -> i64 {
@@ -44,6 +50,59 @@ fn per_unit(def: &FunnelDef, count: u64, touches: impl Fn(u64) -> Vec<Touch>) ->
     // Kept, not freed: freed memory would be reused by the next case and hide its growth.
     std::mem::forget(units);
     (after - before) as f64 / count as f64
+}
+
+/// Bytes per unit of `count` experiment units, each given the events `events(unit)` in order.
+fn per_experiment_unit(
+    states: &mut UnitStates,
+    count: u64,
+    events: impl Fn(u64) -> Vec<Event>,
+) -> f64 {
+    let before = rss_bytes();
+    for unit in 0..count {
+        for event in events(unit) {
+            states.apply(&event);
+        }
+    }
+    let after = rss_bytes();
+    (after - before) as f64 / count as f64
+}
+
+fn pseudonym() -> sightline_schemas::Pseudonym {
+    sightline_schemas::Pseudonym::try_from("k.0.000000000000000000000000").unwrap_or_else(|_| unreachable!())
+}
+
+/// An event of `user` (tenant 1) named `name` at `at_ms`, with `assignments`.
+fn event(name: &str, at_ms: u64, user: u64, assignments: &Arc<[(Label, Label)]>) -> Event {
+    let event_name = EventName::from_name(name).unwrap_or_else(|| EventName::all().next().unwrap());
+    Event {
+        event_time_ms: at_ms as i64,
+        event_name,
+        event_type: event_name.spec().event_type,
+        event_id: format!("{user}-{at_ms}"),
+        source: Source::Server,
+        platform: Platform::Web,
+        app_version: "4.2.0".into(),
+        tenant_id: pseudonym(),
+        user_id: pseudonym(),
+        session_id: pseudonym(),
+        links: Links {
+            tenant: 1,
+            user: user + 1,
+            session: 0,
+        },
+        user_role: None,
+        country: None,
+        kept: Kept::new(Vec::new()),
+        feature_area: "projects".into(),
+        workflow_name: None,
+        surface: None,
+        experiment_assignments: Arc::clone(assignments),
+        pii_classification: PiiClassification::None,
+        data_sensitivity: DataSensitivity::Internal,
+        latency_us: event_name.spec().latency().map(|_| 1_000 + user % 5_000 * 97),
+        privacy: PrivacyCounts::default(),
+    }
 }
 
 fn touch(at_ms: u64, step: usize, breakdown: &Arc<[(Label, Label)]>) -> Touch {
@@ -110,6 +169,32 @@ fn main() -> anyhow::Result<()> {
             }),
         ),
     ];
+    let config = Config::default();
+    let setup = Arc::new(config.experiment_setup(&mut |_| 1)?);
+    let mut states = UnitStates::new(Arc::clone(&setup), Windows::new(WINDOW_MS));
+    let none: Arc<[(Label, Label)]> = Arc::from(Vec::new());
+    let both: Arc<[(Label, Label)]> = Arc::from(vec![
+        (Label::from("exp_aps_ranking_v2"), Label::from("variant_a")),
+        (Label::from("exp_guided_setup"), Label::from("treatment")),
+    ]);
+    let day = 86_400_000;
+    let mut cases = cases;
+    cases.push((
+        "experiments (default setup): 3 events the day before, then 5 in two experiments (3 with a latency)",
+        per_experiment_unit(&mut states, UNITS, |u| {
+            vec![
+                event("project_viewed", START - day, u, &none),
+                event("project_created", START - day + 5_000, u, &none),
+                event("task_assigned", START - day + 9_000, u, &none),
+                event("project_viewed", START, u, &both),
+                event("recommendation_viewed", START + 1_000, u, &both),
+                event("recommendation_accepted", START + 2_000, u, &both),
+                event("action_executed", START + 3_000, u, &both),
+                event("action_failed", START + 4_000, u, &both),
+            ]
+        }),
+    ));
+    std::mem::forget(states);
     for (case, bytes) in cases {
         println!("state per active unit: {case}: {bytes:.0} bytes");
     }

@@ -810,6 +810,54 @@ fn apply<S, L, X>(
     }
 }
 
+/// The experiments' per-unit state alone (histories and exposures), as the operator keeps it,
+/// for measuring its memory (`benches/benches/state_size.rs`).
+pub struct UnitStates {
+    setup: Arc<Setup>,
+    covariates: Option<Covariates>,
+    windows: Windows,
+    units: HashMap<Unit, UnitEntry, foldhash::fast::RandomState>,
+}
+
+impl UnitStates {
+    /// No units yet.
+    pub fn new(setup: Arc<Setup>, windows: Windows) -> UnitStates {
+        UnitStates {
+            covariates: Covariates::of(&setup),
+            setup,
+            windows,
+            units: HashMap::default(),
+        }
+    }
+
+    /// Applies `event` to its unit (tenant and user links), discarding the updates.
+    pub fn apply(&mut self, event: &Event) {
+        let unit = (event.links.tenant, event.links.user);
+        apply(
+            &self.setup,
+            self.covariates.as_ref(),
+            self.units.entry(unit).or_default(),
+            event,
+            self.windows,
+            Updates {
+                stats: &mut |_, _| {},
+                samples: &mut |_, _, _| {},
+                exposures: &mut |_| {},
+            },
+        );
+    }
+
+    /// Units held.
+    pub fn len(&self) -> usize {
+        self.units.len()
+    }
+
+    /// Whether no unit is held.
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+}
+
 /// The looks kept for experiment `id`, noted as touched in the window starting at `start`.
 fn touch<'t>(
     tracked: &'t mut BTreeMap<Label, Tracked>,
