@@ -69,7 +69,8 @@ fn per_experiment_unit(
 }
 
 fn pseudonym() -> sightline_schemas::Pseudonym {
-    sightline_schemas::Pseudonym::try_from("k.0.000000000000000000000000").unwrap_or_else(|_| unreachable!())
+    sightline_schemas::Pseudonym::try_from("k.0.000000000000000000000000")
+        .unwrap_or_else(|_| unreachable!())
 }
 
 /// An event of `user` (tenant 1) named `name` at `at_ms`, with `assignments`.
@@ -100,7 +101,10 @@ fn event(name: &str, at_ms: u64, user: u64, assignments: &Arc<[(Label, Label)]>)
         experiment_assignments: Arc::clone(assignments),
         pii_classification: PiiClassification::None,
         data_sensitivity: DataSensitivity::Internal,
-        latency_us: event_name.spec().latency().map(|_| 1_000 + user % 5_000 * 97),
+        latency_us: event_name
+            .spec()
+            .latency()
+            .map(|_| 1_000 + user % 5_000 * 97),
         privacy: PrivacyCounts::default(),
     }
 }

@@ -121,6 +121,7 @@ fn setup() -> Arc<Setup> {
         ExperimentDef {
             id: Label::from("exp_a"),
             tenants: None,
+            phases: Vec::new(),
             metrics: vec![
                 Metric {
                     name: Label::from("created"),
@@ -173,6 +174,7 @@ fn setup() -> Arc<Setup> {
         ExperimentDef {
             id: Label::from("exp_b"),
             tenants: Some([1].into_iter().collect()),
+            phases: Vec::new(),
             metrics: vec![Metric {
                 name: Label::from("created"),
                 kind: MetricKind::Count {

@@ -126,6 +126,7 @@ fn setup_with(analysis: Analysis, metrics: Vec<Metric>) -> Arc<Setup> {
             id: "exp".into(),
             metrics,
             tenants: None,
+            phases: Vec::new(),
         }],
         analyses: BTreeMap::from([(Label::from("exp"), analysis)]),
         ..Setup::default()
@@ -671,4 +672,67 @@ fn cuped_adjusts_by_the_same_metric_before_exposure_and_narrows_the_interval() {
     // Without a lookback, no CUPED figures.
     let out = run_from(&plan, setup(analysis()), false, Resume::default());
     assert!(out.rows.iter().all(|(_, r)| r.cuped.is_none()));
+}
+
+#[test]
+fn rollout_phases_are_strata_and_remove_the_ramp_up_bias() {
+    // An A/A rollout: 5% in treatment for two windows, then 50%, while the metric drifts from
+    // 10 to 12 (the same in both arms).
+    let plan: Plan = (0..4u64)
+        .map(|i| {
+            let (c, t, level) = if i < 2 {
+                (190, 10, 10.0)
+            } else {
+                (100, 100, 12.0)
+            };
+            vec![
+                ("control", units(i * 1000 + 1..i * 1000 + 1 + c, level)),
+                (
+                    "treatment",
+                    units(T + i * 1000 + 1..T + i * 1000 + 1 + t, level),
+                ),
+            ]
+        })
+        .collect();
+    let start = BASE / WIDTH * WIDTH;
+    let weights = |c: f64, t: f64| vec![(Label::from("control"), c), (Label::from("treatment"), t)];
+    let phased = Analysis {
+        arms: weights(1.0, 1.0),
+        phases: vec![weights(95.0, 5.0), weights(50.0, 50.0)],
+        ..analysis()
+    };
+    let mut setup = (*setup(phased)).clone();
+    setup.defs[0].phases = vec![start, start + 2 * WIDTH];
+    let out = run_from(&plan, Arc::new(setup), false, Resume::default());
+    let last = |rows: &[(u64, ResultRow)]| {
+        rows.iter()
+            .rev()
+            .find(|(_, r)| &*r.arm == "treatment")
+            .map(|(_, r)| r.clone())
+            .unwrap()
+    };
+    let row = last(&out.rows);
+    assert_eq!(row.phases, 2);
+    let effect = row.absolute.unwrap();
+    assert!(
+        effect.estimate.abs() < 0.5 && effect.interval.contains(0.0),
+        "{effect:?}"
+    );
+    assert!(
+        row.srm_p_value > 0.01,
+        "each phase as planned: {}",
+        row.srm_p_value
+    );
+    assert_eq!(row.state, ResultState::Running);
+    // Pooled, the same data shows a large false effect and fails SRM against one split.
+    let pooled = run_from(
+        &plan,
+        setup_with(analysis(), vec![sum_metric()]),
+        false,
+        Resume::default(),
+    );
+    let row = last(&pooled.rows);
+    assert_eq!(row.phases, 0);
+    assert!(row.absolute.unwrap().estimate > 1.0, "{:?}", row.absolute);
+    assert_eq!(row.state, ResultState::Unhealthy);
 }

@@ -79,9 +79,10 @@ pub fn demo_config() -> Config {
             breakdowns: vec!["properties.action_type".into()],
         },
     ];
-    // The generator's two experiments: `exp_guided_setup` is healthy; in
-    // `exp_aps_ranking_v2`, `variant_b` users start failing actions a minute in, and its
-    // errors guardrail kills it within a few minutes (three breached intervals of 30 s).
+    // The generator's two experiments: `exp_guided_setup` is healthy, in two rollout phases
+    // (a stratum each; equal weights in both); in `exp_aps_ranking_v2`, `variant_b`'s actions
+    // turn three times slower a minute in, and its p95-latency guardrail kills it within a few
+    // minutes (three breached intervals of 30 s).
     let experiment = |id: &str, arms: &[&str]| crate::experiments::ExperimentConfig {
         id: id.into(),
         arms: arms
@@ -101,13 +102,24 @@ pub fn demo_config() -> Config {
         primary: Some("project_creation_conversion".into()),
         srm_kills: false,
         tenants: None,
+        phases: Vec::new(),
     };
     // CUPED with a lookback the demo can show: the minute before a unit's exposure, in 10 s
     // periods (`exp_guided_setup` starts 20 s in, so its units have a history).
     config.analytics.cuped_lookback_ms = 60_000;
     config.analytics.cuped_period_ms = 10_000;
+    let mut guided = experiment("exp_guided_setup", &["control", "treatment"]);
+    let start = now_ms().max(0) as u64;
+    guided.phases = [("first", start), ("second", start + 120_000)]
+        .into_iter()
+        .map(|(name, start_ms)| crate::experiments::PhaseConfig {
+            name: name.into(),
+            start_ms,
+            arms: guided.arms.clone(),
+        })
+        .collect();
     config.experiments = vec![
-        experiment("exp_guided_setup", &["control", "treatment"]),
+        guided,
         experiment("exp_aps_ranking_v2", &["control", "variant_a", "variant_b"]),
     ];
     config

@@ -57,6 +57,10 @@ pub struct ExperimentConfig {
     /// unhealthy).
     #[serde(default)]
     pub srm_kills: bool,
+    /// Its rollout phases, in order (none by default): each a stratum of the analysis, with
+    /// its own planned weights.
+    #[serde(default)]
+    pub phases: Vec<PhaseConfig>,
     /// The tenants (`tenant_id`, as sent) it may analyse; absent: every tenant that is not
     /// restricted. Events of other tenants that carry its assignment are counted
     /// (`compliance_events`) and raise a `compliance` alert.
@@ -92,6 +96,18 @@ pub struct ArmConfig {
     /// Its planned share (relative).
     #[serde(default = "one")]
     pub weight: f64,
+}
+
+/// A rollout phase: from `start-ms` on, units are exposed with these planned weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PhaseConfig {
+    /// Its name (for example `5%`).
+    pub name: String,
+    /// When it starts (event time, ms since the epoch).
+    pub start_ms: u64,
+    /// The arms' planned weights in this phase (0: not exposed yet).
+    pub arms: Vec<ArmConfig>,
 }
 
 /// A metric per unit since exposure.
@@ -308,6 +324,13 @@ pub fn setup(
             }
             out
         };
+        let (phase_starts, phase_weights) = phases(c, &arms, &at)?;
+        if arms.is_empty()
+            && let Some(last) = phase_weights.last()
+        {
+            // The arms of an experiment declared by its phases alone.
+            arms = last.iter().map(|(a, _)| (a.clone(), 1.0)).collect();
+        }
         if let Some(tenants) = &c.tenants
             && let Some(j) = tenants.iter().position(|t| t.trim().is_empty())
         {
@@ -363,6 +386,7 @@ pub fn setup(
                 primary: c.primary.as_deref().map(Label::from),
                 srm_kills: c.srm_kills,
                 version,
+                phases: phase_weights,
             },
         );
         defs.push(ExperimentDef {
@@ -372,6 +396,7 @@ pub fn setup(
                 .tenants
                 .as_ref()
                 .map(|list| list.iter().map(|t| link(t)).collect()),
+            phases: phase_starts,
         });
     }
     let definition = fnv1a(&serde_json::to_vec(&(configs, undeclared)).unwrap_or_default());
@@ -384,6 +409,51 @@ pub fn setup(
         // Set from `analytics.cuped-lookback-ms` by the caller.
         lookback: None,
     })
+}
+
+/// The phases of experiment `c` (declared `arms`, if any, at `at`), checked: their starts and
+/// their planned weights.
+type Phases = (Vec<u64>, Vec<Vec<(Label, f64)>>);
+
+fn phases(c: &ExperimentConfig, arms: &[(Label, f64)], at: &str) -> anyhow::Result<Phases> {
+    let (mut starts, mut weights) = (Vec::new(), Vec::new());
+    if c.phases.len() > usize::from(u8::MAX) {
+        bail!("{at}.phases: at most {} phases", u8::MAX);
+    }
+    for (k, phase) in c.phases.iter().enumerate() {
+        let here = format!("{at}.phases[{k}]");
+        if phase.name.trim().is_empty() {
+            bail!("{here}.name must not be empty");
+        }
+        if c.phases[..k].iter().any(|p| p.name == phase.name) {
+            bail!("{here}.name: `{}` is used twice", phase.name);
+        }
+        if starts.last().is_some_and(|s| *s >= phase.start_ms) {
+            bail!("{here}.start-ms must be later than the phase before");
+        }
+        let mut planned: Vec<(Label, f64)> = Vec::new();
+        for (j, arm) in phase.arms.iter().enumerate() {
+            if !arms.is_empty() && !arms.iter().any(|(a, _)| **a == *arm.name) {
+                bail!(
+                    "{here}.arms[{j}].name: `{}` is not one of the experiment's arms",
+                    arm.name
+                );
+            }
+            if !(arm.weight.is_finite() && arm.weight >= 0.0) {
+                bail!("{here}.arms[{j}].weight must not be negative");
+            }
+            if planned.iter().any(|(a, _)| **a == *arm.name) {
+                bail!("{here}.arms[{j}].name: `{}` is listed twice", arm.name);
+            }
+            planned.push((Label::from(arm.name.as_str()), arm.weight));
+        }
+        if planned.iter().filter(|(_, w)| *w > 0.0).count() < 2 {
+            bail!("{here}.arms: at least two arms need a positive weight");
+        }
+        starts.push(phase.start_ms);
+        weights.push(planned);
+    }
+    Ok((starts, weights))
 }
 
 fn metric_kind(
@@ -567,6 +637,32 @@ control = "c""#,
 id = "e"
 metrics = [{ name = "m", kind = "conversion", event = "project_created" }]"#,
                 "experiments[0].metrics[0].within-ms",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+phases = [{ name = "a", start-ms = 10, arms = [{ name = "c" }, { name = "t" }] },
+          { name = "b", start-ms = 5, arms = [{ name = "c" }, { name = "t" }] }]"#,
+                "experiments[0].phases[1].start-ms",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+arms = [{ name = "c" }, { name = "t" }]
+phases = [{ name = "a", start-ms = 10, arms = [{ name = "c" }, { name = "x" }] }]"#,
+                "experiments[0].phases[0].arms[1].name",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+metrics = [{ name = "r", kind = "ratio", numerator = "nope", denominator = "nope" }]"#,
+                "experiments[0].metrics[0].numerator",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+metrics = [{ name = "p", kind = "latency", event = "project_created", quantile = 1.5 }]"#,
+                "experiments[0].metrics[0].quantile",
             ),
         ] {
             let err = one(text).err().unwrap().to_string();

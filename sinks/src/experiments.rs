@@ -100,6 +100,8 @@ pub struct ExperimentResultRow {
     pub cuped_lift_lower: Option<f64>,
     /// Upper bound.
     pub cuped_lift_upper: Option<f64>,
+    /// The rollout phases the effects are post-stratified over (0: none).
+    pub phases: i64,
 }
 
 impl ExperimentResultRow {
@@ -143,6 +145,7 @@ impl ExperimentResultRow {
                 cuped_lift: r.cuped.and_then(|c| c.relative).map(|a| a.estimate),
                 cuped_lift_lower: r.cuped.and_then(|c| c.relative).map(|a| a.interval.lo),
                 cuped_lift_upper: r.cuped.and_then(|c| c.relative).map(|a| a.interval.hi),
+                phases: i64::from(r.phases),
             })
             .collect()
     }
@@ -188,6 +191,7 @@ impl Table for ExperimentResultRow {
             opt("cuped_lift"),
             opt("cuped_lift_lower"),
             opt("cuped_lift_upper"),
+            Field::new("phases", DataType::Int64, false),
         ]);
         Arc::new(Schema::new(fields))
     }
@@ -230,6 +234,7 @@ impl Table for ExperimentResultRow {
             opt_floats(rows, |r| r.cuped_lift),
             opt_floats(rows, |r| r.cuped_lift_lower),
             opt_floats(rows, |r| r.cuped_lift_upper),
+            ints(rows, |r| r.phases),
         ]);
         batch(Self::schema(), columns)
     }

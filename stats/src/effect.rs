@@ -85,6 +85,45 @@ pub fn ratio_summary(s: &Summary) -> Option<Summary> {
     })
 }
 
+/// The effect of a rollout in phases (strata), post-stratified: each phase's difference of
+/// means weighted by its share of the units, `d = Σ_k w_k (ȳ_Tk − ȳ_Ck)`, `w_k = n_k / Σ n`,
+/// with `Var d = Σ_k w_k² (s²_Tk/n_Tk + s²_Ck/n_Ck)`. Within a phase the assignment is
+/// randomized with fixed weights; across phases the weights change, so when the metric drifts
+/// over time a pooled difference mixes the drift into the effect (the ramp-up bias, Simpson's
+/// paradox) and this does not. Phases where an arm has fewer than two units are left out.
+/// Also the relative lift `d / c̄` (c̄ = Σ w_k ȳ_Ck), by the delta method with the two
+/// arms' stratified means independent. `None` when no phase has two units in both arms.
+pub fn stratified(strata: &[(Summary, Summary)]) -> Option<(Effect, Option<Effect>)> {
+    let usable: Vec<&(Summary, Summary)> = strata.iter().filter(|(t, c)| enough(t, c)).collect();
+    let total: f64 = usable.iter().map(|(t, c)| (t.n + c.n) as f64).sum();
+    if usable.is_empty() || total <= 0.0 {
+        return None;
+    }
+    let (mut d, mut var, mut mean_t, mut mean_c, mut var_t, mut var_c) =
+        (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    for (t, c) in &usable {
+        let w = (t.n + c.n) as f64 / total;
+        let (vt, vc) = (t.var_y / t.n as f64, c.var_y / c.n as f64);
+        d += w * (t.mean_y - c.mean_y);
+        var += w * w * (vt + vc);
+        mean_t += w * t.mean_y;
+        mean_c += w * c.mean_y;
+        var_t += w * w * vt;
+        var_c += w * w * vc;
+    }
+    let absolute = Effect {
+        estimate: d,
+        se: var.sqrt(),
+        n: total,
+    };
+    let relative = (mean_c != 0.0).then(|| Effect {
+        estimate: d / mean_c.abs(),
+        se: (var_t / (mean_c * mean_c) + mean_t * mean_t * var_c / mean_c.powi(4)).sqrt(),
+        n: total,
+    });
+    Some((absolute, relative))
+}
+
 /// Whether a relative lift may be reported: the control mean's always-valid interval
 /// excludes 0 (otherwise the ratio, and its delta-method variance, are meaningless).
 pub fn relative_allowed(c: &Summary, test: &Sequential) -> bool {

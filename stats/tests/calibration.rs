@@ -409,3 +409,52 @@ fn clustered_quantile_intervals_keep_their_coverage() {
         "the independent spread should under-cover: {naive}"
     );
 }
+
+/// A rollout in two phases (5% then 50% in treatment) of an A/A experiment whose metric drifts
+/// between the phases (10 then 12, as a weekday effect would): the post-stratified effect's
+/// always-valid interval covers the true effect, 0, at the nominal rate; the pooled difference
+/// of means mixes the drift into the effect (the ramp-up bias) and misses it, which shows the
+/// check can fail.
+#[test]
+fn stratified_phases_remove_the_ramp_up_bias() {
+    let runs = 500;
+    let test = Sequential {
+        alpha: ALPHA,
+        n_star: 4000.0,
+    };
+    let mut rng = Rng::new(0x5a5e);
+    let (mut covered, mut covered_pooled) = (0usize, 0usize);
+    for _ in 0..runs {
+        let mut phases = Vec::new();
+        let (mut pooled_t, mut pooled_c) = (Moments::default(), Moments::default());
+        for (share, level) in [(0.05, 10.0), (0.5, 12.0)] {
+            let (mut t, mut c) = (Moments::default(), Moments::default());
+            for _ in 0..2000 {
+                let m = unit(level + rng.normal(), None);
+                if rng.uniform() < share {
+                    t = t.plus(&m);
+                } else {
+                    c = c.plus(&m);
+                }
+            }
+            pooled_t = pooled_t.plus(&t);
+            pooled_c = pooled_c.plus(&c);
+            phases.push((t.summary(), c.summary()));
+        }
+        let (d, _) = effect::stratified(&phases).unwrap();
+        covered += usize::from(test.interval(d.estimate, d.se, d.n).contains(0.0));
+        let p = effect::absolute(&pooled_t.summary(), &pooled_c.summary()).unwrap();
+        covered_pooled += usize::from(test.interval(p.estimate, p.se, p.n).contains(0.0));
+    }
+    let (rate, pooled) = (
+        covered as f64 / runs as f64,
+        covered_pooled as f64 / runs as f64,
+    );
+    let bound = 1.0 - ALPHA - three_se(ALPHA, runs);
+    eprintln!("phased A/A coverage: stratified {rate:.3}, pooled {pooled:.3} (bound {bound:.3})");
+    assert!(rate >= bound, "stratified coverage {rate} below {bound}");
+    assert!(
+        pooled < bound,
+        "the pooled difference should be biased: {pooled}"
+    );
+}

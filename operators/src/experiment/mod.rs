@@ -277,6 +277,9 @@ pub struct ExperimentDef {
     pub metrics: Vec<Metric>,
     /// The tenants (links) it may analyse; `None`: every tenant that is not restricted.
     pub tenants: Option<BTreeSet<u64>>,
+    /// The starts of its rollout phases (ms, increasing); empty: one phase. A unit's stratum
+    /// is the phase in effect at its exposure (the first phase before the first start).
+    pub phases: Vec<u64>,
 }
 
 /// The key of the per-arm statistics.
@@ -360,6 +363,9 @@ pub struct Exposure {
     /// day), fixed at exposure; `None`: the unit had no pre-exposure data.
     #[serde(default)]
     pub pre: Option<SmallVec<[i64; 4]>>,
+    /// The rollout phase (stratum) it was exposed in, for an experiment with phases.
+    #[serde(default)]
+    pub phase: Option<u8>,
 }
 
 impl Exposure {
@@ -553,6 +559,20 @@ impl Setup {
                 .any(|m| m.reads(event.event_name))
     }
 
+    /// The rollout phase of experiment `id` at `at_ms`, if it has phases.
+    pub fn phase_of(&self, id: &Label, at_ms: u64) -> Option<u8> {
+        let def = self.defs.iter().find(|d| d.id == *id)?;
+        if def.phases.is_empty() {
+            return None;
+        }
+        let after = def
+            .phases
+            .iter()
+            .take_while(|start| **start <= at_ms)
+            .count();
+        Some(after.saturating_sub(1).min(usize::from(u8::MAX)) as u8)
+    }
+
     /// Whether experiment `id` may analyse events of the tenant with link `tenant`.
     pub fn allows(&self, id: &Label, tenant: u64) -> bool {
         match self.defs.iter().find(|d| d.id == *id) {
@@ -663,9 +683,9 @@ fn apply<S, L, X>(
     windows: Windows,
     out: Updates<'_, S, L, X>,
 ) where
-    S: FnMut(ArmKey, Moments),
+    S: FnMut(ArmKey, Option<u8>, Moments),
     L: FnMut(ArmKey, LatencyHistogram, f64),
-    X: FnMut(ExposureKey),
+    X: FnMut(ExposureKey, Option<u8>),
 {
     let at_ms = event.event_time_ms.max(0) as u64;
     let state = &mut unit.exposures;
@@ -680,14 +700,18 @@ fn apply<S, L, X>(
             continue;
         };
         if !setup.allows(id, event.links.tenant) {
-            (out.exposures)(ExposureKey {
-                window_start_ms: windows.start_of(at_ms),
-                experiment: id.clone(),
-                arm: arm.clone(),
-                kind: ExposureKind::Compliance,
-            });
+            (out.exposures)(
+                ExposureKey {
+                    window_start_ms: windows.start_of(at_ms),
+                    experiment: id.clone(),
+                    arm: arm.clone(),
+                    kind: ExposureKind::Compliance,
+                },
+                None,
+            );
             continue;
         }
+        let phase = setup.phase_of(id, at_ms);
         let key = |metric: &Metric| ArmKey {
             experiment: id.clone(),
             metric: metric.name.clone(),
@@ -702,19 +726,22 @@ fn apply<S, L, X>(
         for (i, metric) in metrics.iter().enumerate() {
             if metric.is_unit_level() {
                 let x = pre.as_ref().map(|p| p[i]);
-                (out.stats)(key(metric), metric.moments(&values, values[i], x));
+                (out.stats)(key(metric), phase, metric.moments(&values, values[i], x));
             } else if let Some(us) = sample_of(metric, event) {
                 record(&mut samples, i, us);
                 let q = metric.quantile().unwrap_or(0.95);
                 (out.samples)(key(metric), LatencyHistogram::from_sample(us), q);
             }
         }
-        (out.exposures)(ExposureKey {
-            window_start_ms: windows.start_of(at_ms),
-            experiment: id.clone(),
-            arm: arm.clone(),
-            kind: ExposureKind::First,
-        });
+        (out.exposures)(
+            ExposureKey {
+                window_start_ms: windows.start_of(at_ms),
+                experiment: id.clone(),
+                arm: arm.clone(),
+                kind: ExposureKind::First,
+            },
+            phase,
+        );
         state.push((
             id.clone(),
             Exposure {
@@ -724,6 +751,7 @@ fn apply<S, L, X>(
                 values,
                 samples,
                 pre,
+                phase,
             },
         ));
     }
@@ -755,6 +783,7 @@ fn apply<S, L, X>(
                     let x = exposure.x(i);
                     (out.stats)(
                         key(metric),
+                        exposure.phase,
                         metric
                             .moments(&exposure.values, exposure.values[i], x)
                             .negated(),
@@ -767,12 +796,15 @@ fn apply<S, L, X>(
                     (out.samples)(key(metric), h, metric.quantile().unwrap_or(0.95));
                 }
             }
-            (out.exposures)(ExposureKey {
-                window_start_ms: windows.start_of(at_ms),
-                experiment: id.clone(),
-                arm: exposure.arm.clone(),
-                kind: ExposureKind::Multiple,
-            });
+            (out.exposures)(
+                ExposureKey {
+                    window_start_ms: windows.start_of(at_ms),
+                    experiment: id.clone(),
+                    arm: exposure.arm.clone(),
+                    kind: ExposureKind::Multiple,
+                },
+                exposure.phase,
+            );
             continue;
         }
         let old: SmallVec<[i64; 16]> = SmallVec::from_slice(&exposure.values);
@@ -800,8 +832,8 @@ fn apply<S, L, X>(
                 metric.moments(&exposure.values, exposure.values[i], x),
             );
             if was != now {
-                (out.stats)(key(metric), was.negated());
-                (out.stats)(key(metric), now);
+                (out.stats)(key(metric), exposure.phase, was.negated());
+                (out.stats)(key(metric), exposure.phase, now);
             }
         }
     }
@@ -840,9 +872,9 @@ impl UnitStates {
             event,
             self.windows,
             Updates {
-                stats: &mut |_, _| {},
+                stats: &mut |_, _, _| {},
                 samples: &mut |_, _, _| {},
-                exposures: &mut |_| {},
+                exposures: &mut |_, _| {},
             },
         );
     }
@@ -1135,9 +1167,9 @@ where
                     // Experiments with an update in this window: only they are looked at.
                     let mut touched: BTreeSet<Label> = BTreeSet::new();
                     let mut exposed: BTreeMap<ExposureKey, isize> = BTreeMap::new();
-                    let mut moments_buf: Vec<(ArmKey, Moments)> = Vec::new();
+                    let mut moments_buf: Vec<(ArmKey, Option<u8>, Moments)> = Vec::new();
                     let mut samples_buf: Vec<(ArmKey, LatencyHistogram, f64)> = Vec::new();
-                    let mut exposures_buf: Vec<ExposureKey> = Vec::new();
+                    let mut exposures_buf: Vec<(ExposureKey, Option<u8>)> = Vec::new();
                     for (_, unit, event, time) in ready {
                         let Some(sc) = caps.get(&time) else {
                             continue;
@@ -1148,12 +1180,13 @@ where
                             // Counted, never analysed.
                             for (id, arm) in event.experiment_assignments.iter() {
                                 if setup.metrics_of(id).is_some() {
-                                    exposures_buf.push(ExposureKey {
+                                    let key = ExposureKey {
                                         window_start_ms: start,
                                         experiment: id.clone(),
                                         arm: arm.clone(),
                                         kind: ExposureKind::Compliance,
-                                    });
+                                    };
+                                    exposures_buf.push((key, None));
                                 }
                             }
                         } else {
@@ -1164,19 +1197,18 @@ where
                                 &event,
                                 windows,
                                 Updates {
-                                    stats: &mut |key, m| moments_buf.push((key, m)),
+                                    stats: &mut |key, phase, m| moments_buf.push((key, phase, m)),
                                     samples: &mut |key, h, q| samples_buf.push((key, h, q)),
-                                    exposures: &mut |key| exposures_buf.push(key),
+                                    exposures: &mut |key, phase| exposures_buf.push((key, phase)),
                                 },
                             );
                         }
-                        for (key, m) in moments_buf.drain(..) {
-                            touch(&mut tracked, &mut touched, &key.experiment, start).add(
-                                &key.metric,
-                                &key.arm,
-                                &m,
-                                start,
-                            );
+                        for (key, phase, m) in moments_buf.drain(..) {
+                            let t = touch(&mut tracked, &mut touched, &key.experiment, start);
+                            t.add(&key.metric, &key.arm, &m, start);
+                            if let Some(phase) = phase {
+                                t.add_stratum(&key.metric, phase, &key.arm, &m);
+                            }
                             stats.give((key, time, m));
                         }
                         for (key, h, quantile) in samples_buf.drain(..) {
@@ -1188,14 +1220,14 @@ where
                             );
                             latency.give((key, time, h));
                         }
-                        for key in exposures_buf.drain(..) {
+                        for (key, phase) in exposures_buf.drain(..) {
                             let delta = match key.kind {
                                 ExposureKind::First => 1,
                                 ExposureKind::Multiple => -1,
                                 ExposureKind::Compliance => 0,
                             };
                             touch(&mut tracked, &mut touched, &key.experiment, start)
-                                .expose(&key.arm, delta);
+                                .expose(&key.arm, phase, delta);
                             *exposed.entry(key).or_default() += 1;
                         }
                     }

@@ -24,7 +24,7 @@ use sightline_stats::effect;
 use sightline_stats::guardrail::{Action, Evidence, Harm, Persistence, breached};
 use sightline_stats::rank;
 use sightline_stats::sequential::{Interval, Running, Sequential};
-use sightline_stats::srm::{SRM_THRESHOLD, srm_p_value};
+use sightline_stats::srm::{SRM_THRESHOLD, srm_p_value, srm_p_value_stratified};
 use sightline_stats::{Moments, Summary};
 
 /// A guardrail of an experiment: a metric, the direction in which it harms, and the
@@ -60,6 +60,9 @@ pub struct Analysis {
     pub srm_kills: bool,
     /// A fingerprint of the configuration, carried by every decision.
     pub version: u64,
+    /// Planned weights per rollout phase (in the order of the experiment's phases); empty:
+    /// no phases (`arms` holds the weights).
+    pub phases: Vec<Vec<(Label, f64)>>,
 }
 
 impl Default for Analysis {
@@ -77,6 +80,7 @@ impl Default for Analysis {
             primary: None,
             srm_kills: false,
             version: 0,
+            phases: Vec::new(),
         }
     }
 }
@@ -115,6 +119,9 @@ pub struct ResultRow {
     /// CUPED-adjusted figures, when enough units have pre-exposure data.
     #[serde(default)]
     pub cuped: Option<CupedFigures>,
+    /// The rollout phases the effects are stratified over (0: none).
+    #[serde(default)]
+    pub phases: u32,
 }
 
 /// A metric's CUPED-adjusted figures in one arm (Deng et al. 2013; the covariate is the same
@@ -308,6 +315,12 @@ pub struct Tracked {
     /// The compliance alert is firing.
     #[serde(default)]
     pub compliance_firing: bool,
+    /// Per metric, the sums per rollout phase and arm (experiments with phases).
+    #[serde(default)]
+    pub strata: BTreeMap<Label, BTreeMap<(u8, Label), Moments>>,
+    /// Units analysed per rollout phase and arm (experiments with phases).
+    #[serde(default)]
+    pub exposed_strata: BTreeMap<(u8, Label), i64>,
 }
 
 /// [`Running`] as saved: infinite bounds as `None` (JSON has no infinities).
@@ -374,9 +387,24 @@ impl Tracked {
         differential_dataflow::difference::Semigroup::plus_equals(arm, h);
     }
 
-    /// Counts `delta` units of `arm` in or out of the analysis.
-    pub fn expose(&mut self, arm: &Label, delta: i64) {
+    /// Counts `delta` units of `arm` (exposed in rollout phase `phase`) in or out of the
+    /// analysis.
+    pub fn expose(&mut self, arm: &Label, phase: Option<u8>, delta: i64) {
         *self.exposed.entry(arm.clone()).or_default() += delta;
+        if let Some(phase) = phase {
+            *self.exposed_strata.entry((phase, arm.clone())).or_default() += delta;
+        }
+    }
+
+    /// Adds `m` to the sums of `metric` in rollout phase `phase` and `arm`.
+    pub fn add_stratum(&mut self, metric: &Label, phase: u8, arm: &Label, m: &Moments) {
+        let sum = self
+            .strata
+            .entry(metric.clone())
+            .or_default()
+            .entry((phase, arm.clone()))
+            .or_default();
+        *sum = sum.plus(m);
     }
 
     fn sum(&self, metric: &Label, arm: &Label) -> Moments {
@@ -518,14 +546,15 @@ struct ArmFigures {
 fn unit_level(
     tracked: &mut Tracked,
     metric: &Label,
-    ratio: bool,
+    shape: Shape,
     arms: &[(Label, f64)],
     control: &Label,
     test: &Sequential,
     effects: &mut BTreeMap<(Label, Label), effect::Effect>,
 ) -> Vec<ArmFigures> {
-    let summary = |t: &Tracked, arm: &Label| -> Summary {
-        let s = t.sum(metric, arm).summary();
+    let Shape { ratio, phases } = shape;
+    let as_metric = |m: Moments| -> Summary {
+        let s = m.summary();
         if ratio {
             effect::ratio_summary(&s).unwrap_or(Summary {
                 n: s.n,
@@ -535,12 +564,40 @@ fn unit_level(
             s
         }
     };
+    let summary = |t: &Tracked, arm: &Label| as_metric(t.sum(metric, arm));
+    // Per rollout phase, the arm's and the control's summaries.
+    let strata = |t: &Tracked, arm: &Label| -> Vec<(Summary, Summary)> {
+        let of = |phase: usize, arm: &Label| {
+            let key = (phase as u8, arm.clone());
+            as_metric(
+                t.strata
+                    .get(metric)
+                    .and_then(|s| s.get(&key))
+                    .copied()
+                    .unwrap_or_default(),
+            )
+        };
+        (0..phases).map(|k| (of(k, arm), of(k, control))).collect()
+    };
     let c = summary(tracked, control);
     let mut out = Vec::new();
     for (arm, _) in arms {
         let s = summary(tracked, arm);
         let (mut absolute, mut relative) = (None, None);
-        if arm != control {
+        if arm != control && phases > 0 {
+            // Post-stratified over the phases: the pooled means mix the phases' drift in.
+            if let Some((d, r)) = effect::stratified(&strata(tracked, arm)) {
+                absolute = Some(absolute_effect(tracked, effects, metric, arm, test, d));
+                if let Some(r) = r.filter(|_| effect::relative_allowed(&c, test)) {
+                    relative = Some(infer(
+                        tracked,
+                        (metric.clone(), arm.clone(), true),
+                        test,
+                        &r,
+                    ));
+                }
+            }
+        } else if arm != control {
             if let Some(d) = effect::absolute(&s, &c) {
                 absolute = Some(absolute_effect(tracked, effects, metric, arm, test, d));
             }
@@ -554,7 +611,8 @@ fn unit_level(
                 ));
             }
         }
-        let cuped = if ratio {
+        // (CUPED on pooled sums would carry the phases' drift: not with phases.)
+        let cuped = if ratio || phases > 0 {
             None
         } else {
             cuped_figures(tracked, metric, arm, arms, control, test)
@@ -570,6 +628,15 @@ fn unit_level(
         });
     }
     out
+}
+
+/// How a unit-level metric is analysed.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// A ratio of per-unit sums.
+    ratio: bool,
+    /// Rollout phases to stratify over (0: none).
+    phases: usize,
 }
 
 /// CUPED's figures of `metric` in `arm`: θ pooled over the arm and control (over every arm
@@ -763,7 +830,28 @@ pub fn look(
         .collect();
     let counts: Vec<i64> = units.iter().map(|u| u.1).collect();
     let weights: Vec<f64> = arms.iter().map(|a| a.1).collect();
-    let srm = srm_p_value(&counts, &weights);
+    // With rollout phases, each phase is tested against its own planned weights.
+    let srm = if analysis.phases.is_empty() {
+        srm_p_value(&counts, &weights)
+    } else {
+        let strata: Vec<(Vec<i64>, Vec<f64>)> = analysis
+            .phases
+            .iter()
+            .enumerate()
+            .map(|(k, planned)| {
+                let phase = k.min(usize::from(u8::MAX)) as u8;
+                let n = |arm: &Label| {
+                    let key = (phase, arm.clone());
+                    tracked.exposed_strata.get(&key).copied().unwrap_or(0)
+                };
+                (
+                    planned.iter().map(|(arm, _)| n(arm)).collect(),
+                    planned.iter().map(|(_, w)| *w).collect(),
+                )
+            })
+            .collect();
+        srm_p_value_stratified(&strata)
+    };
     tracked.unhealthy = srm < SRM_THRESHOLD;
     let test = analysis.test;
     let width = end - start;
@@ -777,9 +865,11 @@ pub fn look(
     let mut effects: BTreeMap<(Label, Label), effect::Effect> = BTreeMap::new();
     let is_ratio = |name: &Label| metrics.iter().any(|m| m.name == *name && m.is_ratio());
     let mut figures: Vec<(Label, Vec<ArmFigures>)> = Vec::new();
+    let phases = analysis.phases.len();
     for metric in &unit_metrics {
         let ratio = is_ratio(metric);
-        let f = unit_level(tracked, metric, ratio, &arms, &control, &test, &mut effects);
+        let shape = Shape { ratio, phases };
+        let f = unit_level(tracked, metric, shape, &arms, &control, &test, &mut effects);
         figures.push((metric.clone(), f));
     }
     for metric in &latency_metrics {
@@ -817,6 +907,11 @@ pub fn look(
                 state,
                 quantile: f.quantile,
                 cuped: f.cuped,
+                phases: if f.quantile.is_some() {
+                    0
+                } else {
+                    phases as u32
+                },
             });
         }
     }
