@@ -1,25 +1,31 @@
-//! Experiments in the stream, first half: each unit's exposure and metric values, and the
-//! per-arm sufficient statistics ([`Moments`]) as a differential collection.
+//! Experiments in the stream: the operator ([`experiments`]) that follows every unit's
+//! exposures and metric values and keeps the per-arm sufficient statistics ([`Moments`]) as a
+//! differential collection, then looks at them when windows close. Its parts: [`metric`] (what
+//! a metric measures), [`mod@unit`] (a unit's state and how an event changes it), [`results`]
+//! (the looks: rows and guardrail decisions).
 //!
 //! **Units and exposure.** The unit is the pair (`tenant_id`, `user_id`), followed by their
 //! links ([`sightline_schemas::Links`]) so that it survives the pseudonyms' rotation like a
 //! funnel's unit. A unit is exposed to an experiment at its first event, in sequence order
 //! (event time, then a hash of the event id), that carries the experiment in its
-//! `experiment_assignments`; its arm is the variant there. A unit seen later in another arm is
-//! a *multiple exposure*: its contribution is retracted from the analysis and it is counted
-//! apart. Restricted events are not analysed (they are counted by the compliance check, which
-//! comes with the experiment configuration).
+//! `experiment_assignments`; its arm is the variant there, its stratum the rollout phase in
+//! effect then. A unit seen later in another arm is a *multiple exposure*: its contribution is
+//! retracted from the analysis and it is counted apart. Restricted events, and events of
+//! tenants outside an experiment's allowlist, are never analysed: they are counted
+//! ([`ExposureKind::Compliance`]) and raise a `compliance` alert.
 //!
-//! **Metrics.** Per unit, since its exposure (the exposing event included): the number of
-//! events of a name ([`MetricKind::Count`]), the sum of a kept measure over events of a name
-//! ([`MetricKind::Sum`]), or whether an event of a name happened within a time after exposure
-//! ([`MetricKind::Conversion`], 0 or 1). Values are fixed point, so sums are exact.
+//! **Metrics** ([`MetricKind`]). Per unit, since its exposure (the exposing event included):
+//! counts, sums of a kept measure, conversions within a time, errors, events, support tickets,
+//! abandonment, ratios of two of them; and, event-level, latency quantiles from a subtractable
+//! histogram per arm. Values are fixed point, so sums are exact. With a CUPED lookback, each
+//! unit's covariate is the same metric over the periods before its exposure ([`mod@unit`]).
 //!
 //! **The collection.** When a unit's value changes, its old contribution
 //! `Moments::unit(old)` is retracted and its new one added, at the time of the event that
 //! changed it: the collection's accumulation at any time is the per-arm sums of the units as
-//! of that time, exactly, whatever the arrival order or the number of workers. Exposures
-//! are a second collection, counted in the window of the exposing event.
+//! of that time, exactly, whatever the arrival order or the number of workers. Latency samples
+//! are a second collection (histograms per arm), exposures a third, counted in the window of
+//! the exposing event.
 //!
 //! **Results.** The same operator applies its input window by window, once the frontier has
 //! passed a window's end, in sequence order ([`crate::state::Pending`]); it adds every update of
@@ -27,18 +33,17 @@
 //! ([`results::look`]): result rows at every window in which the experiment had an update,
 //! guardrail decisions at the first such window after each sampling interval has ended. (Looks
 //! never happen in windows without data: every output depends on the data alone, not on how
-//! far an idle watermark moved.) One operator holds both halves so that one snapshot covers them: saved state
-//! (units, sums, looks) is as of one frontier, like the funnels'. It runs on worker 0. A
-//! unit's state lives as long as the experiment (a few dozen bytes per unit and experiment).
+//! far an idle watermark moved.) One operator holds both halves so that one snapshot covers
+//! them: saved state (units, sums, looks) is as of one frontier, like the funnels'. It runs on
+//! worker 0. A unit's state lives as long as the experiment (`benches/README.md` has its size).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
-use sightline_schemas::{Event, EventName, Label};
+use sightline_schemas::{Event, Label};
 use sightline_stats::Moments;
-use smallvec::SmallVec;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
@@ -47,7 +52,13 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::vec::Map;
 
+pub mod metric;
 pub mod results;
+pub mod unit;
+
+pub use metric::{Metric, MetricKind};
+use unit::{Covariates, UnitEntry, Updates, apply};
+pub use unit::{Exposure, History, Lookback, UnitStates};
 
 pub use results::{
     Analysis, CupedFigures, Decision, Guardrail, Inference, QuantileFigures, ResultRow,
@@ -61,212 +72,6 @@ use crate::funnel::fnv1a;
 use crate::histogram::LatencyHistogram;
 use crate::state::{Pending, Schedule, StateHooks, StateShard, input_frontier};
 use crate::window::{Time, Windows};
-
-/// Fixed-point scale of metric values (millionths), as [`sightline_stats::moments::SCALE`].
-const ONE: i64 = 1_000_000;
-
-/// What a metric measures per unit since exposure.
-#[derive(Clone, Debug, PartialEq)]
-pub enum MetricKind {
-    /// The number of events named `event`.
-    Count {
-        /// The event counted.
-        event: EventName,
-    },
-    /// The sum of the kept measure `field` over events named `event`.
-    Sum {
-        /// The event.
-        event: EventName,
-        /// Its kept measure.
-        field: Label,
-    },
-    /// The number of error events (every event whose type is `error`).
-    Errors,
-    /// 1 when an event named `event` happened within `within_ms` after exposure, else 0.
-    Conversion {
-        /// The converting event.
-        event: EventName,
-        /// How long after exposure it counts, ms.
-        within_ms: u64,
-    },
-    /// An event-level quantile of the latency measure of events named `event` (every such
-    /// event of an exposed unit since its exposure is one sample of its arm's histogram).
-    Latency {
-        /// The event whose latency measure is read.
-        event: EventName,
-        /// The quantile in thousandths (950: p95).
-        permille: u16,
-    },
-    /// The ratio of two unit-level metrics of the same experiment (for example error events
-    /// ÷ all events), each unit contributing its numerator and denominator: the ratio of the
-    /// arm's sums, with a delta-method variance.
-    Ratio {
-        /// Index of the numerator in the experiment's metrics.
-        numerator: usize,
-        /// Index of the denominator.
-        denominator: usize,
-    },
-    /// The number of events per unit (every event the unit emits since exposure).
-    Events,
-    /// The share of the units that performed `entry` and not `goal` within `within_ms` after
-    /// exposure, among the units that performed `entry` (a ratio: abandoned ÷ entered).
-    Abandonment {
-        /// The funnel's first step.
-        entry: EventName,
-        /// Its last step.
-        goal: EventName,
-        /// How long after exposure the goal counts, ms.
-        within_ms: u64,
-    },
-    /// Support tickets per unit: its critical feedback, by the triage rules.
-    Tickets {
-        /// What makes feedback critical.
-        rules: crate::triage::TriageRules,
-    },
-}
-
-/// A metric of an experiment.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Metric {
-    /// Its name, a column value.
-    pub name: Label,
-    /// What it measures.
-    pub kind: MetricKind,
-}
-
-impl Metric {
-    /// Whether the metric reads events named `name`.
-    pub fn reads(&self, name: EventName) -> bool {
-        match &self.kind {
-            MetricKind::Count { event }
-            | MetricKind::Sum { event, .. }
-            | MetricKind::Latency { event, .. }
-            | MetricKind::Conversion { event, .. } => *event == name,
-            MetricKind::Errors => name.spec().event_type == sightline_schemas::EventType::Error,
-            MetricKind::Events => true,
-            MetricKind::Abandonment { entry, goal, .. } => *entry == name || *goal == name,
-            MetricKind::Tickets { .. } => name.as_str() == "feedback_submitted",
-            // Its parts read for it.
-            MetricKind::Ratio { .. } => false,
-        }
-    }
-
-    /// The quantile of an event-level latency metric.
-    pub fn quantile(&self) -> Option<f64> {
-        match self.kind {
-            MetricKind::Latency { permille, .. } => Some(f64::from(permille) / 1000.0),
-            _ => None,
-        }
-    }
-
-    /// Whether per-unit values of the metric go to the per-arm [`Moments`] (all but the
-    /// event-level latency metrics).
-    fn is_unit_level(&self) -> bool {
-        !matches!(self.kind, MetricKind::Latency { .. })
-    }
-
-    /// Whether the metric is a ratio of per-unit sums (its rows and effects are those of the
-    /// ratio, by the delta method).
-    pub fn is_ratio(&self) -> bool {
-        matches!(
-            self.kind,
-            MetricKind::Ratio { .. } | MetricKind::Abandonment { .. }
-        )
-    }
-
-    /// The unit's contribution to the per-arm sums, from its values of every metric and, for
-    /// CUPED, its pre-exposure covariate `x` (`None`: no pre-exposure data).
-    fn moments(&self, values: &[i64], own: i64, x: Option<i64>) -> Moments {
-        match self.kind {
-            // Not entered: (0, 0); entered: (1, 1); converted: (0, 1).
-            MetricKind::Abandonment { .. } => match own {
-                0 => Moments::unit(0, Some(0)),
-                ONE => Moments::unit(ONE, Some(ONE)),
-                _ => Moments::unit(0, Some(ONE)),
-            },
-            MetricKind::Ratio {
-                numerator,
-                denominator,
-            } => Moments::unit(
-                values.get(numerator).copied().unwrap_or(0),
-                Some(values.get(denominator).copied().unwrap_or(0)),
-            ),
-            _ => Moments::unit(own, x),
-        }
-    }
-
-    /// What `event` adds to the metric's pre-exposure covariate: the metric's own increment
-    /// (an occurrence, for a conversion); 0 for metrics without a covariate.
-    fn pre_increment(&self, event: &Event) -> i64 {
-        match &self.kind {
-            MetricKind::Conversion { event: name, .. } if event.event_name == *name => ONE,
-            MetricKind::Count { .. }
-            | MetricKind::Sum { .. }
-            | MetricKind::Errors
-            | MetricKind::Events
-            | MetricKind::Tickets { .. } => self.apply(0, event, 0, 0),
-            _ => 0,
-        }
-    }
-
-    /// Whether the metric has a CUPED covariate: the same metric before exposure (not for
-    /// ratios, abandonment and latency, whose covariate slot is taken or meaningless).
-    fn has_covariate(&self) -> bool {
-        matches!(
-            self.kind,
-            MetricKind::Count { .. }
-                | MetricKind::Sum { .. }
-                | MetricKind::Errors
-                | MetricKind::Events
-                | MetricKind::Tickets { .. }
-                | MetricKind::Conversion { .. }
-        )
-    }
-
-    /// The value `event` adds to a unit whose value is `value`, exposed at `exposed_at`.
-    fn apply(&self, value: i64, event: &Event, at_ms: u64, exposed_at: u64) -> i64 {
-        match &self.kind {
-            MetricKind::Count { event: name } if event.event_name == *name => value + ONE,
-            MetricKind::Errors if event.event_type == sightline_schemas::EventType::Error => {
-                value + ONE
-            }
-            MetricKind::Sum { event: name, field } if event.event_name == *name => {
-                value
-                    + event
-                        .kept
-                        .get(field)
-                        .and_then(|v| match v {
-                            sightline_schemas::KeptValue::Measure(m) => Some(m.0),
-                            _ => None,
-                        })
-                        .unwrap_or(0)
-            }
-            MetricKind::Conversion {
-                event: name,
-                within_ms,
-            } if event.event_name == *name && at_ms <= exposed_at + within_ms => ONE,
-            MetricKind::Events => value + ONE,
-            MetricKind::Tickets { rules } if rules.is_critical(event) => value + ONE,
-            MetricKind::Abandonment {
-                entry,
-                goal,
-                within_ms,
-            } => {
-                if value == 0 && event.event_name == *entry {
-                    ONE
-                } else if value == ONE
-                    && event.event_name == *goal
-                    && at_ms <= exposed_at + within_ms
-                {
-                    2 * ONE
-                } else {
-                    value
-                }
-            }
-            _ => value,
-        }
-    }
-}
 
 /// An experiment as the operator sees it: its id and its metrics.
 #[derive(Clone, Debug, PartialEq)]
@@ -344,79 +149,6 @@ pub struct Experiments<'s> {
     pub state: Option<StreamVec<'s, Time, StateShard<Saved>>>,
 }
 
-/// One unit's state in one experiment.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Exposure {
-    /// The arm it was first exposed to.
-    pub arm: Label,
-    /// When, ms.
-    pub exposed_at: u64,
-    /// Seen in another arm since: left out of the analysis.
-    pub multiple: bool,
-    /// One value per metric, in millionths.
-    pub values: SmallVec<[i64; 4]>,
-    /// Its latency samples since exposure, per event-level latency metric (by index), so that
-    /// a multiple exposure retracts them.
-    #[serde(default)]
-    pub samples: Vec<(u8, LatencyHistogram)>,
-    /// CUPED's covariate per metric (the same metric over the lookback before the exposure's
-    /// day), fixed at exposure; `None`: the unit had no pre-exposure data.
-    #[serde(default)]
-    pub pre: Option<SmallVec<[i64; 4]>>,
-    /// The rollout phase (stratum) it was exposed in, for an experiment with phases.
-    #[serde(default)]
-    pub phase: Option<u8>,
-}
-
-impl Exposure {
-    /// The covariate of metric `i`.
-    fn x(&self, i: usize) -> Option<i64> {
-        self.pre.as_ref().map(|p| p.get(i).copied().unwrap_or(0))
-    }
-}
-
-/// A unit's activity by period, for CUPED: `(period, covariate, value)`, the period the index
-/// of a [`Lookback::period_ms`] period since the epoch (a UTC day by default), the covariate an
-/// index into the setup's distinct covariates ([`ACTIVE`]: events, so that a unit seen with
-/// only zero values has pre-exposure data), the value the sum of the covariate's increments
-/// in the period (millionths). Only the last [`Lookback::periods`] are kept.
-pub type History = SmallVec<[(u32, u8, i64); 2]>;
-
-/// A unit's state: its history and its exposures.
-#[derive(Clone, Debug, Default)]
-struct UnitEntry {
-    history: History,
-    exposures: UnitState,
-}
-
-/// The covariate index of a [`History`]'s activity entries (events per day).
-const ACTIVE: u8 = u8::MAX;
-
-/// CUPED's pre-exposure lookback: the `periods` whole periods of `period_ms` before the period
-/// of a unit's exposure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Lookback {
-    /// Periods looked back.
-    pub periods: u32,
-    /// Length of a period, ms.
-    pub period_ms: u64,
-}
-
-impl Lookback {
-    /// `days` UTC days.
-    pub fn days(days: u32) -> Lookback {
-        Lookback {
-            periods: days,
-            period_ms: 86_400_000,
-        }
-    }
-
-    /// The period of `at_ms`.
-    fn period(&self, at_ms: u64) -> u32 {
-        (at_ms / self.period_ms.max(1)).min(u64::from(u32::MAX)) as u32
-    }
-}
-
 /// A unit: (tenant link, user link).
 pub type Unit = (u64, u64);
 
@@ -452,94 +184,6 @@ pub struct Setup {
     pub definition: u64,
     /// CUPED's pre-exposure lookback; `None`: CUPED is off (no history is kept).
     pub lookback: Option<Lookback>,
-}
-
-/// The distinct covariates of a setup: every metric with one, by kind, deduplicated across
-/// experiments.
-#[derive(Clone, Debug)]
-struct Covariates {
-    /// One metric of each kind.
-    metrics: Vec<Metric>,
-    /// The lookback.
-    lookback: Lookback,
-}
-
-impl Covariates {
-    /// The covariates of `setup`; `None` when CUPED is off.
-    fn of(setup: &Setup) -> Option<Covariates> {
-        let lookback = setup
-            .lookback
-            .filter(|l| l.periods > 0 && l.period_ms > 0)?;
-        let mut metrics: Vec<Metric> = Vec::new();
-        let all = setup
-            .defs
-            .iter()
-            .flat_map(|d| &d.metrics)
-            .chain(setup.default_metrics.iter().flatten());
-        for m in all.filter(|m| m.has_covariate()) {
-            // Indexes are bytes, and ACTIVE is taken.
-            if !metrics.iter().any(|c| c.kind == m.kind) && metrics.len() < usize::from(ACTIVE) {
-                metrics.push(m.clone());
-            }
-        }
-        Some(Covariates { metrics, lookback })
-    }
-
-    /// The index of metric `m`'s covariate.
-    fn index(&self, m: &Metric) -> Option<usize> {
-        self.metrics.iter().position(|c| c.kind == m.kind)
-    }
-
-    /// Adds `event`'s increments to `history` (the event's day), dropping days older than the
-    /// lookback.
-    fn record(&self, history: &mut History, event: &Event) {
-        let day = self.lookback.period(event.event_time_ms.max(0) as u64);
-        let mut add =
-            |i: u8, inc: i64| match history.iter_mut().find(|(d, c, _)| *d == day && *c == i) {
-                Some(entry) => entry.2 += inc,
-                None => history.push((day, i, inc)),
-            };
-        // The unit was active that day, whatever its metrics: it has pre-exposure data.
-        add(ACTIVE, 1);
-        for (i, m) in self.metrics.iter().enumerate() {
-            let inc = m.pre_increment(event);
-            if inc != 0 {
-                add(i as u8, inc);
-            }
-        }
-        let periods = self.lookback.periods;
-        history.retain(|(d, _, _)| *d + periods >= day);
-    }
-
-    /// The covariates of `metrics` for a unit exposed at `at_ms`: the sums over the
-    /// lookback's whole periods before the exposure's period; `None` without any activity then.
-    fn pre(&self, history: &History, metrics: &[Metric], at_ms: u64) -> Option<SmallVec<[i64; 4]>> {
-        let day = self.lookback.period(at_ms);
-        let periods = self.lookback.periods;
-        let within = |d: u32| d < day && d + periods >= day;
-        if !history.iter().any(|(d, _, _)| within(*d)) {
-            return None;
-        }
-        Some(
-            metrics
-                .iter()
-                .map(|m| {
-                    let Some(i) = self.index(m) else {
-                        return 0;
-                    };
-                    let sum: i64 = history
-                        .iter()
-                        .filter(|(d, c, _)| within(*d) && usize::from(*c) == i)
-                        .map(|e| e.2)
-                        .sum();
-                    match m.kind {
-                        MetricKind::Conversion { .. } => sum.min(ONE),
-                        _ => sum,
-                    }
-                })
-                .collect(),
-        )
-    }
 }
 
 impl Setup {
@@ -639,255 +283,6 @@ fn part<K: 'static>(
 /// Each of `items` once.
 fn counted<K: Clone>(items: &[K]) -> Vec<(K, isize)> {
     items.iter().map(|k| (k.clone(), 1)).collect()
-}
-
-/// Per unit: its exposures, by experiment.
-type UnitState = SmallVec<[(Label, Exposure); 1]>;
-
-/// Where [`apply`] sends what an event changed.
-struct Updates<'a, S, L, X> {
-    /// A change of a per-arm sum.
-    stats: &'a mut S,
-    /// A change of a per-arm latency histogram (negative counts retract), with the metric's
-    /// quantile.
-    samples: &'a mut L,
-    /// An exposure (first, or a second arm).
-    exposures: &'a mut X,
-}
-
-/// The latency sample `event` adds to latency metric `metric`, if it is one and the event
-/// has a latency measure.
-fn sample_of(metric: &Metric, event: &Event) -> Option<u64> {
-    match &metric.kind {
-        MetricKind::Latency { event: name, .. } if event.event_name == *name => event.latency_us,
-        _ => None,
-    }
-}
-
-/// Adds `value_us` to the unit's histogram of metric `index`.
-fn record(samples: &mut Vec<(u8, LatencyHistogram)>, index: usize, value_us: u64) {
-    let index = index as u8;
-    match samples.iter_mut().find(|(i, _)| *i == index) {
-        Some((_, h)) => h.record(value_us),
-        None => samples.push((index, LatencyHistogram::from_sample(value_us))),
-    }
-}
-
-/// Applies `event` to `unit`'s state: the updates of the per-arm statistics, of the latency
-/// histograms and of the exposures, each through `out`.
-fn apply<S, L, X>(
-    setup: &Setup,
-    covariates: Option<&Covariates>,
-    unit: &mut UnitEntry,
-    event: &Event,
-    windows: Windows,
-    out: Updates<'_, S, L, X>,
-) where
-    S: FnMut(ArmKey, Option<u8>, Moments),
-    L: FnMut(ArmKey, LatencyHistogram, f64),
-    X: FnMut(ExposureKey, Option<u8>),
-{
-    let at_ms = event.event_time_ms.max(0) as u64;
-    let state = &mut unit.exposures;
-    // Experiments the unit was exposed to before this event (the event updates them).
-    let before = state.len();
-    // Assignments to experiments the unit has not seen yet expose it.
-    for (id, arm) in event.experiment_assignments.iter() {
-        if state.iter().any(|(e, _)| e == id) {
-            continue;
-        }
-        let Some(metrics) = setup.metrics_of(id) else {
-            continue;
-        };
-        if !setup.allows(id, event.links.tenant) {
-            (out.exposures)(
-                ExposureKey {
-                    window_start_ms: windows.start_of(at_ms),
-                    experiment: id.clone(),
-                    arm: arm.clone(),
-                    kind: ExposureKind::Compliance,
-                },
-                None,
-            );
-            continue;
-        }
-        let phase = setup.phase_of(id, at_ms);
-        let key = |metric: &Metric| ArmKey {
-            experiment: id.clone(),
-            metric: metric.name.clone(),
-            arm: arm.clone(),
-        };
-        let values: SmallVec<[i64; 4]> = metrics
-            .iter()
-            .map(|m| m.apply(0, event, at_ms, at_ms))
-            .collect();
-        let pre = covariates.and_then(|c| c.pre(&unit.history, metrics, at_ms));
-        let mut samples = Vec::new();
-        for (i, metric) in metrics.iter().enumerate() {
-            if metric.is_unit_level() {
-                let x = pre.as_ref().map(|p| p[i]);
-                (out.stats)(key(metric), phase, metric.moments(&values, values[i], x));
-            } else if let Some(us) = sample_of(metric, event) {
-                record(&mut samples, i, us);
-                let q = metric.quantile().unwrap_or(0.95);
-                (out.samples)(key(metric), LatencyHistogram::from_sample(us), q);
-            }
-        }
-        (out.exposures)(
-            ExposureKey {
-                window_start_ms: windows.start_of(at_ms),
-                experiment: id.clone(),
-                arm: arm.clone(),
-                kind: ExposureKind::First,
-            },
-            phase,
-        );
-        state.push((
-            id.clone(),
-            Exposure {
-                arm: arm.clone(),
-                exposed_at: at_ms,
-                multiple: false,
-                values,
-                samples,
-                pre,
-                phase,
-            },
-        ));
-    }
-    // (An experiment this event exposed the unit to has the event's contribution already.)
-    for (id, exposure) in state.iter_mut().take(before) {
-        if exposure.multiple {
-            continue;
-        }
-        let Some(metrics) = setup.metrics_of(id) else {
-            continue;
-        };
-        let key = |metric: &Metric| ArmKey {
-            experiment: id.clone(),
-            metric: metric.name.clone(),
-            arm: exposure.arm.clone(),
-        };
-        let assigned = event
-            .experiment_assignments
-            .iter()
-            .find(|(e, _)| e == id)
-            .map(|(_, arm)| arm);
-        if let Some(other) = assigned
-            && *other != exposure.arm
-        {
-            // Seen in a second arm: everything the unit contributed is retracted.
-            exposure.multiple = true;
-            for (i, metric) in metrics.iter().enumerate() {
-                if metric.is_unit_level() {
-                    let x = exposure.x(i);
-                    (out.stats)(
-                        key(metric),
-                        exposure.phase,
-                        metric
-                            .moments(&exposure.values, exposure.values[i], x)
-                            .negated(),
-                    );
-                }
-            }
-            for (i, mut h) in std::mem::take(&mut exposure.samples) {
-                if let Some(metric) = metrics.get(usize::from(i)) {
-                    differential_dataflow::difference::Abelian::negate(&mut h);
-                    (out.samples)(key(metric), h, metric.quantile().unwrap_or(0.95));
-                }
-            }
-            (out.exposures)(
-                ExposureKey {
-                    window_start_ms: windows.start_of(at_ms),
-                    experiment: id.clone(),
-                    arm: exposure.arm.clone(),
-                    kind: ExposureKind::Multiple,
-                },
-                exposure.phase,
-            );
-            continue;
-        }
-        let old: SmallVec<[i64; 16]> = SmallVec::from_slice(&exposure.values);
-        let mut changed = false;
-        for (i, metric) in metrics.iter().enumerate() {
-            if let Some(us) = sample_of(metric, event) {
-                record(&mut exposure.samples, i, us);
-                let q = metric.quantile().unwrap_or(0.95);
-                (out.samples)(key(metric), LatencyHistogram::from_sample(us), q);
-            }
-            let new = metric.apply(old[i], event, at_ms, exposure.exposed_at);
-            changed |= new != old[i];
-            exposure.values[i] = new;
-        }
-        if !changed {
-            continue;
-        }
-        for (i, metric) in metrics.iter().enumerate() {
-            if !metric.is_unit_level() {
-                continue;
-            }
-            let x = exposure.x(i);
-            let (was, now) = (
-                metric.moments(&old, old[i], x),
-                metric.moments(&exposure.values, exposure.values[i], x),
-            );
-            if was != now {
-                (out.stats)(key(metric), exposure.phase, was.negated());
-                (out.stats)(key(metric), exposure.phase, now);
-            }
-        }
-    }
-    if let Some(c) = covariates {
-        c.record(&mut unit.history, event);
-    }
-}
-
-/// The experiments' per-unit state alone (histories and exposures), as the operator keeps it,
-/// for measuring its memory (`benches/benches/state_size.rs`).
-pub struct UnitStates {
-    setup: Arc<Setup>,
-    covariates: Option<Covariates>,
-    windows: Windows,
-    units: HashMap<Unit, UnitEntry, foldhash::fast::RandomState>,
-}
-
-impl UnitStates {
-    /// No units yet.
-    pub fn new(setup: Arc<Setup>, windows: Windows) -> UnitStates {
-        UnitStates {
-            covariates: Covariates::of(&setup),
-            setup,
-            windows,
-            units: HashMap::default(),
-        }
-    }
-
-    /// Applies `event` to its unit (tenant and user links), discarding the updates.
-    pub fn apply(&mut self, event: &Event) {
-        let unit = (event.links.tenant, event.links.user);
-        apply(
-            &self.setup,
-            self.covariates.as_ref(),
-            self.units.entry(unit).or_default(),
-            event,
-            self.windows,
-            Updates {
-                stats: &mut |_, _, _| {},
-                samples: &mut |_, _, _| {},
-                exposures: &mut |_, _| {},
-            },
-        );
-    }
-
-    /// Units held.
-    pub fn len(&self) -> usize {
-        self.units.len()
-    }
-
-    /// Whether no unit is held.
-    pub fn is_empty(&self) -> bool {
-        self.units.is_empty()
-    }
 }
 
 /// The looks kept for experiment `id`, noted as touched in the window starting at `start`.
