@@ -305,6 +305,9 @@ pub fn setup(
         if c.sampling_interval_windows == 0 {
             bail!("{at}.sampling-interval-windows must be at least 1");
         }
+        if c.metrics.len() > usize::from(u8::MAX) {
+            bail!("{at}.metrics: at most {} metrics per experiment", u8::MAX);
+        }
         let metrics = if c.metrics.is_empty() {
             default_metrics(triage)
         } else {
