@@ -135,78 +135,77 @@ pub fn restore_funnels(
             }
         }
     }
-    let definition = fnv1a(&serde_json::to_vec(triage).unwrap_or_default());
-    let loaded = load_state::<SavedItem>(lake, restricted_prefix, group, "triage")
-        .map_err(|e| anyhow::anyhow!(e))
-        .context("restoring the state of triage")?;
-    let triage = match loaded {
-        Some(state) if state.definition == definition => {
-            info!(
-                frontier = state.frontier,
-                items = state.records.len(),
-                "triage state restored"
-            );
-            // The state holds the feedback whose records are not known to be written: they are
-            // written again.
-            Resume {
-                restored: state.records,
-                restored_at: state.frontier,
-                written_before: 0,
-                definition,
-            }
-        }
-        other => {
-            if other.is_some() {
-                warn!("the triage rules changed since their state was saved: triage starts afresh");
-            }
-            // Feedback windows that start at or after the resume point are seen whole with
-            // their errors only if the span before them is read again too.
-            Resume {
-                restored: Vec::new(),
-                restored_at: 0,
-                written_before: if resume_ms == 0 {
-                    0
-                } else {
-                    resume_ms + triage.recent_errors_ms + windows.width_ms() - 1
-                },
-                definition,
-            }
-        }
+    // Feedback windows that start at or after the resume point are seen whole with their
+    // errors only if the span before them is read again too.
+    let triage_written_before = if resume_ms == 0 {
+        0
+    } else {
+        resume_ms + triage.recent_errors_ms + windows.width_ms() - 1
     };
-    let loaded = load_state::<ExperimentSaved>(lake, restricted_prefix, group, "experiments")
-        .map_err(|e| anyhow::anyhow!(e))
-        .context("restoring the state of the experiments")?;
-    let experiments = match loaded {
-        Some(state) if state.definition == experiments.definition => {
-            info!(
-                frontier = state.frontier,
-                records = state.records.len(),
-                "experiment state restored"
-            );
-            Resume {
-                restored: state.records,
-                restored_at: state.frontier,
-                written_before: 0,
-                definition: experiments.definition,
-            }
-        }
-        other => {
-            if other.is_some() {
-                warn!(
-                    "the experiments' configuration changed since their state was saved: their analysis starts afresh"
-                );
-            }
-            Resume {
-                definition: experiments.definition,
-                ..Resume::default()
-            }
-        }
-    };
+    // The triage state holds the feedback whose records are not known to be written: they
+    // are written again.
+    let triage = resume_of::<SavedItem>(
+        (lake, restricted_prefix, group),
+        ("triage", "triage"),
+        fnv1a(&serde_json::to_vec(triage).unwrap_or_default()),
+        triage_written_before,
+        "the triage rules changed since their state was saved: triage starts afresh",
+    )?;
+    let experiments = resume_of::<ExperimentSaved>(
+        (lake, restricted_prefix, group),
+        ("experiments", "experiment"),
+        experiments.definition,
+        0,
+        "the experiments' configuration changed since their state was saved: their analysis starts afresh",
+    )?;
     Ok(Restored {
         funnels: out,
         triage,
         experiments,
         resume_ms,
+    })
+}
+
+/// Where one single-snapshot operator (`name`: triage, experiments; `shown` in the log)
+/// resumes: its saved state
+/// when it was saved under `definition`, else a fresh start that writes nothing before
+/// `written_before` (and says why with `changed` when a state of another definition was
+/// found).
+fn resume_of<D: serde::de::DeserializeOwned>(
+    (lake, restricted_prefix, group): (&Lake, &str, &str),
+    (name, shown): (&str, &str),
+    definition: u64,
+    written_before: u64,
+    changed: &str,
+) -> anyhow::Result<Resume<D>> {
+    let loaded = load_state::<D>(lake, restricted_prefix, group, name)
+        .map_err(|e| anyhow::anyhow!(e))
+        .with_context(|| format!("restoring the state of {shown}"))?;
+    Ok(match loaded {
+        Some(state) if state.definition == definition => {
+            info!(
+                frontier = state.frontier,
+                records = state.records.len(),
+                "{shown} state restored"
+            );
+            Resume {
+                restored: state.records,
+                restored_at: state.frontier,
+                written_before: 0,
+                definition,
+            }
+        }
+        other => {
+            if other.is_some() {
+                warn!("{changed}");
+            }
+            Resume {
+                restored: Vec::new(),
+                restored_at: 0,
+                written_before,
+                definition,
+            }
+        }
     })
 }
 
