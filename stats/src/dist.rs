@@ -1,5 +1,6 @@
-//! The distributions the tests need: the standard normal (CDF, survival function, quantile)
-//! and the χ² survival function (through the regularized incomplete gamma function).
+//! The distributions the tests need: the standard normal (CDF, survival function, quantile),
+//! the χ² survival function (through the regularized incomplete gamma function) and Student's
+//! t (survival function and quantile, through the regularized incomplete beta function).
 
 /// P(Z ≤ z) for a standard normal Z.
 pub fn normal_cdf(z: f64) -> f64 {
@@ -136,6 +137,138 @@ fn gamma_q(a: f64, x: f64) -> f64 {
     }
 }
 
+/// P(T > t) for T ~ Student's t with `df` degrees of freedom (`df` > 0, not necessarily
+/// whole): ½ I_{df/(df+t²)}(df/2, ½) for t ≥ 0, by symmetry below.
+pub fn student_t_sf(t: f64, df: f64) -> f64 {
+    if t.is_nan() || df.is_nan() || df <= 0.0 {
+        return f64::NAN;
+    }
+    if t.is_infinite() {
+        return if t > 0.0 { 0.0 } else { 1.0 };
+    }
+    let tail = 0.5 * beta_i(df / 2.0, 0.5, df / (df + t * t));
+    if t >= 0.0 { tail } else { 1.0 - tail }
+}
+
+/// The `p`-quantile of Student's t with `df` degrees of freedom, for `p` in (0, 1): Newton
+/// steps on [`student_t_sf`] from the normal quantile, safeguarded by bisection; to 1e-12.
+pub fn student_t_quantile(p: f64, df: f64) -> f64 {
+    if p.is_nan() || df.is_nan() || df <= 0.0 {
+        return f64::NAN;
+    }
+    if p <= 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if p >= 1.0 {
+        return f64::INFINITY;
+    }
+    if p < 0.5 {
+        return -student_t_quantile(1.0 - p, df);
+    }
+    // Bracket the root of F(t) − p, with F(t) = 1 − sf(t), on [0, hi].
+    let f = |t: f64| (1.0 - student_t_sf(t, df)) - p;
+    let (mut lo, mut hi) = (0.0f64, normal_quantile(p).max(1.0));
+    while f(hi) < 0.0 {
+        lo = hi;
+        hi *= 2.0;
+        if hi > 1e300 {
+            return f64::INFINITY;
+        }
+    }
+    let mut t = normal_quantile(p).clamp(lo, hi);
+    for _ in 0..200 {
+        let e = f(t);
+        if e.abs() < 1e-15 {
+            break;
+        }
+        if e < 0.0 {
+            lo = t;
+        } else {
+            hi = t;
+        }
+        // The density of t at t.
+        let log_pdf = libm::lgamma((df + 1.0) / 2.0)
+            - libm::lgamma(df / 2.0)
+            - 0.5 * (df * std::f64::consts::PI).ln()
+            - (df + 1.0) / 2.0 * (1.0 + t * t / df).ln();
+        let next = t - e / log_pdf.exp();
+        t = if next > lo && next < hi {
+            next
+        } else {
+            (lo + hi) / 2.0
+        };
+        if hi - lo < 1e-12 * hi.max(1.0) {
+            break;
+        }
+    }
+    t
+}
+
+/// The regularized incomplete beta function I_x(a, b), a, b > 0, x in [0, 1]: Lentz's
+/// continued fraction (Numerical Recipes §6.4), on the side where it converges fast.
+fn beta_i(a: f64, b: f64, x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let log_front = libm::lgamma(a + b) - libm::lgamma(a) - libm::lgamma(b)
+        + a * x.ln()
+        + b * (1.0 - x).ln();
+    if x < (a + 1.0) / (a + b + 2.0) {
+        (log_front.exp() * beta_cf(a, b, x) / a).clamp(0.0, 1.0)
+    } else {
+        (1.0 - log_front.exp() * beta_cf(b, a, 1.0 - x) / b).clamp(0.0, 1.0)
+    }
+}
+
+/// The continued fraction of the incomplete beta function.
+fn beta_cf(a: f64, b: f64, x: f64) -> f64 {
+    const TINY: f64 = 1e-300;
+    let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
+    let mut c = 1.0;
+    let mut d = 1.0 - qab * x / qap;
+    if d.abs() < TINY {
+        d = TINY;
+    }
+    d = 1.0 / d;
+    let mut h = d;
+    for m in 1..10_000 {
+        let m = m as f64;
+        let m2 = 2.0 * m;
+        // The even step.
+        let aa = m * (b - m) * x / ((qam + m2) * (a + m2));
+        d = 1.0 + aa * d;
+        if d.abs() < TINY {
+            d = TINY;
+        }
+        c = 1.0 + aa / c;
+        if c.abs() < TINY {
+            c = TINY;
+        }
+        d = 1.0 / d;
+        h *= d * c;
+        // The odd step.
+        let aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
+        d = 1.0 + aa * d;
+        if d.abs() < TINY {
+            d = TINY;
+        }
+        c = 1.0 + aa / c;
+        if c.abs() < TINY {
+            c = TINY;
+        }
+        d = 1.0 / d;
+        let delta = d * c;
+        h *= delta;
+        if (delta - 1.0).abs() < 1e-16 {
+            break;
+        }
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +300,22 @@ mod tests {
                 "df 1, x {x}: {one} vs {want}"
             );
         }
+    }
+
+    #[test]
+    fn student_t_matches_closed_forms() {
+        // df = 1 is Cauchy: sf = 1/2 − atan(t)/π; df = 2: sf = (1 − t/√(t²+2)) / 2.
+        for t in [-30.0, -2.0, -0.3, 0.0, 0.7, 1.5, 4.0, 60.0] {
+            let cauchy = 0.5 - f64::atan(t) / std::f64::consts::PI;
+            assert!((student_t_sf(t, 1.0) - cauchy).abs() < 1e-13, "df 1, t {t}");
+            let two = 0.5 * (1.0 - t / (t * t + 2.0f64).sqrt());
+            assert!((student_t_sf(t, 2.0) - two).abs() < 1e-13, "df 2, t {t}");
+        }
+        for (p, df) in [(0.975, 1.0), (0.975, 3.5), (0.9, 10.0), (0.025, 4.0), (0.5, 7.0)] {
+            let t = student_t_quantile(p, df);
+            assert!((1.0 - student_t_sf(t, df) - p).abs() < 1e-12, "p {p}, df {df}: {t}");
+        }
+        // A large df is the normal.
+        assert!((student_t_quantile(0.975, 1e7) - 1.959_964).abs() < 1e-5);
     }
 }

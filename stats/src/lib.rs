@@ -10,8 +10,10 @@
 //!   minimum and intersection over looks;
 //! - [`srm`]: the χ² sample-ratio-mismatch test;
 //! - [`rank`]: Mann-Whitney U and quantile intervals from histograms;
+//! - [`did`]: difference-in-differences for rollouts by tenant that are not randomised, and
+//!   its pre-trend check;
 //! - [`guardrail`]: breaches, persistence and the kill / hold / advance decision;
-//! - [`dist`]: the normal and χ² distributions they need.
+//! - [`dist`]: the normal, χ² and Student's t distributions they need.
 //!
 //! Every formula, with what it assumes, is in its module's documentation. They are checked
 //! against scipy on fixed inputs and calibrated by simulation (`tests/`).
@@ -29,6 +31,7 @@
 //! assert!(interval.contains(1.0));
 //! ```
 
+pub mod did;
 pub mod dist;
 pub mod effect;
 pub mod guardrail;

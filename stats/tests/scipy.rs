@@ -3,7 +3,8 @@
 //! The formulas against independent implementations on fixed inputs: scipy for the χ² SRM
 //! test, Mann-Whitney U (asymptotic, tie-corrected, no continuity correction) and the normal
 //! quantile; a transcription of GrowthBook's gbstats formulas in Python for the confidence
-//! sequence, its p-value and the relative CUPED variance.
+//! sequence, its p-value and the relative CUPED variance; scipy's Student's t and Welch's
+//! test for one cohort's difference in differences.
 //!
 //! Python is `SIGHTLINE_PYTHON`, or the test venv that `scripts/test` installs
 //! (`.tools/venv`, with scipy). Without it the test fails and says so.
@@ -12,7 +13,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use sightline_stats::dist::normal_quantile;
+use sightline_stats::did::{CohortChanges, did};
+use sightline_stats::dist::{normal_quantile, student_t_quantile, student_t_sf};
 use sightline_stats::effect;
 use sightline_stats::moments::{Moments, fixed};
 use sightline_stats::rank::mann_whitney;
@@ -59,6 +61,15 @@ for mt, mc, vyt, vyc, vxt, vxc, cxyt, cxyc, nt, nc, theta in cases["cuped"]:
     num_c = (vyc * mt**2 / mc**2 - 2 * theta * cxyc * mt / mc + theta**2 * vxc) / (nc * mc**2)
     cuped.append(num_t + num_c)
 out["cuped"] = cuped
+
+# Student's t, and one cohort's DiD as Welch's test of the changes.
+out["t"] = [[float(stats.t.sf(t, df)), float(stats.t.ppf(p, df))] for t, p, df in cases["t"]]
+welch = []
+for treated, controls in cases["welch"]:
+    r = stats.ttest_ind(treated, controls, equal_var=False)
+    ci = r.confidence_interval(0.95)
+    welch.append([float(r.pvalue), float(r.df), float(ci.low), float(ci.high)])
+out["welch"] = welch
 json.dump(out, sys.stdout)
 "#;
 
@@ -143,7 +154,22 @@ fn the_formulas_match_scipy_and_gbstats() {
         &[10.0, 9.0, 11.0, 8.5, 10.5, 9.5],
     );
     let theta = 0.8;
+    let t_cases = [
+        (2.1, 0.975, 3.0),
+        (-0.4, 0.9, 7.5),
+        (5.0, 0.995, 1.3),
+        (1.0, 0.6, 40.0),
+    ];
+    let welch: Vec<(Vec<f64>, Vec<f64>)> = vec![
+        (vec![1.2, 2.5, 0.4], vec![0.1, -0.3, 0.2, 0.6, -0.8]),
+        (
+            vec![3.0, 2.2, 4.1, 2.8, 3.3, 2.9],
+            vec![0.5, 1.0, -0.2, 0.3, 0.9, 1.4, 0.1, 0.0],
+        ),
+    ];
     let cases = json!({
+        "t": t_cases,
+        "welch": welch,
         "srm": srm,
         "mann_whitney": mw,
         "ppf": ppf,
@@ -201,4 +227,24 @@ fn the_formulas_match_scipy_and_gbstats() {
         1e-12,
         "relative CUPED variance",
     );
+    for ((t, p, df), want) in t_cases.iter().zip(want["t"].as_array().unwrap()) {
+        close(student_t_sf(*t, *df), want[0].as_f64().unwrap(), 1e-9, "t sf");
+        close(
+            student_t_quantile(*p, *df),
+            want[1].as_f64().unwrap(),
+            1e-9,
+            "t ppf",
+        );
+    }
+    for ((treated, controls), want) in welch.iter().zip(want["welch"].as_array().unwrap()) {
+        let cohort = CohortChanges {
+            treated: treated.clone(),
+            controls: controls.iter().map(|c| Some(*c)).collect(),
+        };
+        let got = did(&[cohort], 0.05).unwrap();
+        close(got.p_value, want[0].as_f64().unwrap(), 1e-9, "DiD p");
+        close(got.df, want[1].as_f64().unwrap(), 1e-9, "DiD df");
+        close(got.lower, want[2].as_f64().unwrap(), 1e-9, "DiD lower");
+        close(got.upper, want[3].as_f64().unwrap(), 1e-9, "DiD upper");
+    }
 }
