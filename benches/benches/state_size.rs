@@ -75,7 +75,8 @@ fn pseudonym() -> sightline_schemas::Pseudonym {
 
 /// An event of `user` (tenant 1) named `name` at `at_ms`, with `assignments`.
 fn event(name: &str, at_ms: u64, user: u64, assignments: &Arc<[(Label, Label)]>) -> Event {
-    let event_name = EventName::from_name(name).unwrap_or_else(|| EventName::all().next().unwrap());
+    let event_name =
+        EventName::from_name(name).unwrap_or_else(|| unreachable!("`{name}` is in the catalog"));
     Event {
         event_time_ms: at_ms as i64,
         event_name,

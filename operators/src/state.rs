@@ -236,3 +236,67 @@ impl StateHooks {
             .with_frontier(|f| f.first().copied().unwrap_or(Time::MAX))
     }
 }
+
+/// Maps whose keys are not strings, saved as lists of `(key, value)` pairs (a JSON object's
+/// keys are strings): `#[serde(with = "crate::state::pairs")]`.
+pub mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Saves `map` as a list of pairs.
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    /// Reads a list of pairs back into a map.
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+
+    /// The same one level down: a map of such maps.
+    pub mod nested {
+        use std::collections::BTreeMap;
+
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        /// Saves each inner map as a list of pairs.
+        pub fn serialize<O, K, V, S>(
+            map: &BTreeMap<O, BTreeMap<K, V>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error>
+        where
+            O: Serialize,
+            K: Serialize,
+            V: Serialize,
+            S: Serializer,
+        {
+            s.collect_map(
+                map.iter()
+                    .map(|(o, inner)| (o, inner.iter().collect::<Vec<_>>())),
+            )
+        }
+
+        /// Reads them back.
+        pub fn deserialize<'de, O, K, V, D>(d: D) -> Result<BTreeMap<O, BTreeMap<K, V>>, D::Error>
+        where
+            O: Deserialize<'de> + Ord,
+            K: Deserialize<'de> + Ord,
+            V: Deserialize<'de>,
+            D: Deserializer<'de>,
+        {
+            Ok(BTreeMap::<O, Vec<(K, V)>>::deserialize(d)?
+                .into_iter()
+                .map(|(o, inner)| (o, inner.into_iter().collect()))
+                .collect())
+        }
+    }
+}

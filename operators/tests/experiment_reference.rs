@@ -122,6 +122,7 @@ fn setup() -> Arc<Setup> {
             id: Label::from("exp_a"),
             tenants: None,
             phases: Vec::new(),
+            rollout: None,
             metrics: vec![
                 Metric {
                     name: Label::from("created"),
@@ -175,6 +176,7 @@ fn setup() -> Arc<Setup> {
             id: Label::from("exp_b"),
             tenants: Some([1].into_iter().collect()),
             phases: Vec::new(),
+            rollout: None,
             metrics: vec![Metric {
                 name: Label::from("created"),
                 kind: MetricKind::Count {

@@ -465,6 +465,13 @@ impl Config {
             periods: (lookback / period) as u32,
             period_ms: period,
         });
+        // Rollouts by tenant read their values per CUPED period, over its lookback before each
+        // cohort's start (14 days when CUPED is off).
+        if let Some(l) = setup.lookback {
+            for rollout in setup.defs.iter_mut().filter_map(|d| d.rollout.as_mut()) {
+                rollout.lookback = l;
+            }
+        }
         setup.definition ^= (lookback ^ period.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         Ok(setup)
     }

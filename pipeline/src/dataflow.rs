@@ -109,6 +109,8 @@ pub struct ExperimentWindows<'s> {
     pub decisions: Closed<'s, Decision, isize>,
     /// Compliance alerts (`firing`, `resolved`).
     pub alerts: Closed<'s, sightline_operators::alerts::Alert, isize>,
+    /// `experiment_did` rows of the rollouts by tenant.
+    pub did: Closed<'s, sightline_operators::experiment::DidRow, isize>,
     /// Snapshots of the experiments' state, when it is saved.
     pub state: Option<StreamVec<'s, Time, StateShard<ExperimentSaved>>>,
 }
@@ -313,6 +315,7 @@ pub fn compute<'s>(
             exposures: out.exposures,
             decisions: out.decisions,
             alerts: out.alerts,
+            did: out.did,
             state: out.state,
         }
     });

@@ -103,6 +103,7 @@ pub fn demo_config() -> Config {
         srm_kills: false,
         tenants: None,
         phases: Vec::new(),
+        rollout: Vec::new(),
     };
     // CUPED with a lookback the demo can show: the minute before a unit's exposure, in 10 s
     // periods (`exp_guided_setup` starts 20 s in, so its units have a history).
@@ -118,9 +119,26 @@ pub fn demo_config() -> Config {
             arms: guided.arms.clone(),
         })
         .collect();
+    // A rollout by tenant that is not randomised (`action_retries`): the generator's cohorts
+    // of tenants get it a minute and two minutes in, and their actions fail more from then on;
+    // `experiment_did` compares their change with the other tenants'.
+    let mut rollout = experiment("action_retries", &[]);
+    rollout.control = None;
+    rollout.primary = None;
+    rollout.rollout = crate::generator::ROLLOUT
+        .iter()
+        .map(|(after, tenants)| crate::experiments::CohortConfig {
+            start_ms: start + *after as u64,
+            tenants: tenants
+                .iter()
+                .map(|t| crate::generator::tenant_id(*t))
+                .collect(),
+        })
+        .collect();
     config.experiments = vec![
         guided,
         experiment("exp_aps_ranking_v2", &["control", "variant_a", "variant_b"]),
+        rollout,
     ];
     config
 }

@@ -11,7 +11,9 @@ use sightline_operators::alerts::Alert;
 use sightline_operators::experiment::Saved as ExperimentSaved;
 use sightline_operators::state::StateShard;
 use sightline_operators::{ClosedWindow, QualityTotals, Time};
-use sightline_sinks::experiments::{DecisionRow, ExperimentResultRow, ExposureRow};
+use sightline_sinks::experiments::{
+    DecisionRow, ExperimentDidRow, ExperimentResultRow, ExposureRow,
+};
 use sightline_sinks::kafka::{KeyedRecord, TopicSink};
 use sightline_sinks::product::{
     AlertRow, CommandQueueRow, FeedbackRow, FunnelRow, IntegrationHealthRow, TriageRow,
@@ -124,6 +126,9 @@ pub fn emit(
         }));
         tables.write(rows_of(experiments.exposures, |w| {
             ExposureRow::from_closed(&w)
+        }));
+        tables.write(rows_of(experiments.did, |w| {
+            ExperimentDidRow::from_closed(&w)
         }));
         // Compliance alerts join the alerts table (a part of their own in each window) and
         // the alerts topic.

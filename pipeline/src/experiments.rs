@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use sightline_operators::experiment::{
-    Analysis, ExperimentDef, Guardrail, Metric, MetricKind, Setup,
+    Analysis, ExperimentDef, Guardrail, Lookback, Metric, MetricKind, Rollout, Setup, did,
 };
 use sightline_operators::funnel::fnv1a;
 use sightline_operators::triage::TriageRules;
@@ -66,6 +66,20 @@ pub struct ExperimentConfig {
     /// (`compliance_events`) and raise a `compliance` alert.
     #[serde(default)]
     pub tenants: Option<Vec<String>>,
+    /// A rollout by tenant that is not randomised, in cohorts: analysed by difference in
+    /// differences against the tenants never rolled out to (`experiment_did`), not by arm.
+    #[serde(default)]
+    pub rollout: Vec<CohortConfig>,
+}
+
+/// A cohort of a rollout by tenant: its tenants get the feature from `start-ms` on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CohortConfig {
+    /// When the cohort's tenants get the feature (event time, ms since the epoch).
+    pub start_ms: u64,
+    /// Its tenants (`tenant_id`, as sent).
+    pub tenants: Vec<String>,
 }
 
 fn alpha() -> f64 {
@@ -308,7 +322,9 @@ pub fn setup(
         if c.metrics.len() > usize::from(u8::MAX) {
             bail!("{at}.metrics: at most {} metrics per experiment", u8::MAX);
         }
-        let metrics = if c.metrics.is_empty() {
+        let metrics = if c.metrics.is_empty() && !c.rollout.is_empty() {
+            rollout_metrics(default_metrics(triage))
+        } else if c.metrics.is_empty() {
             default_metrics(triage)
         } else {
             let mut out: Vec<Metric> = Vec::new();
@@ -373,6 +389,7 @@ pub fn setup(
         {
             bail!("{at}.primary: `{primary}` is not one of the experiment's metrics");
         }
+        let rollout = rollout(c, &metrics, &at, link)?;
         let version = fnv1a(&serde_json::to_vec(c).unwrap_or_default());
         analyses.insert(
             Label::from(c.id.as_str()),
@@ -400,6 +417,7 @@ pub fn setup(
                 .as_ref()
                 .map(|list| list.iter().map(|t| link(t)).collect()),
             phases: phase_starts,
+            rollout,
         });
     }
     let definition = fnv1a(&serde_json::to_vec(&(configs, undeclared)).unwrap_or_default());
@@ -412,6 +430,97 @@ pub fn setup(
         // Set from `analytics.cuped-lookback-ms` by the caller.
         lookback: None,
     })
+}
+
+/// The rollout by tenant of experiment `c` (with `metrics`, at `at`), checked; `None` when it
+/// declares none. Its lookback is set by the caller, with CUPED's.
+fn rollout(
+    c: &ExperimentConfig,
+    metrics: &[Metric],
+    at: &str,
+    link: &mut dyn FnMut(&str) -> u64,
+) -> anyhow::Result<Option<Rollout>> {
+    if c.rollout.is_empty() {
+        return Ok(None);
+    }
+    if !c.phases.is_empty() {
+        bail!("{at}.rollout: a rollout by tenant has no phases (its cohorts are its steps)");
+    }
+    if !c.arms.is_empty() {
+        bail!("{at}.rollout: a rollout by tenant has no arms (it is not randomised)");
+    }
+    if c.guardrails.is_some() || c.primary.is_some() {
+        bail!(
+            "{at}.rollout: a rollout by tenant takes no guardrails or primary metric (its difference in differences is descriptive: no decision is taken on it)"
+        );
+    }
+    if let Some(j) = metrics.iter().position(|m| !did::supports(m)) {
+        bail!(
+            "{at}.metrics[{j}]: a rollout by tenant follows count, sum, errors, events, tickets and ratio metrics per tenant and period, not `{}`",
+            metrics[j].name
+        );
+    }
+    let mut cohorts: Vec<(u64, BTreeSet<u64>)> = Vec::new();
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    for (k, cohort) in c.rollout.iter().enumerate() {
+        let here = format!("{at}.rollout[{k}]");
+        if cohort.tenants.is_empty() {
+            bail!("{here}.tenants must list at least one tenant");
+        }
+        if cohorts.last().is_some_and(|(s, _)| *s >= cohort.start_ms) {
+            bail!("{here}.start-ms must be later than the cohort before");
+        }
+        let mut links = BTreeSet::new();
+        for (j, tenant) in cohort.tenants.iter().enumerate() {
+            if tenant.trim().is_empty() {
+                bail!("{here}.tenants[{j}] must not be empty");
+            }
+            if !seen.insert(tenant) {
+                bail!("{here}.tenants[{j}]: `{tenant}` is in two cohorts");
+            }
+            if c.tenants
+                .as_ref()
+                .is_some_and(|allowed| !allowed.contains(tenant))
+            {
+                bail!("{here}.tenants[{j}]: `{tenant}` is not in the experiment's tenants");
+            }
+            links.insert(link(tenant));
+        }
+        cohorts.push((cohort.start_ms, links));
+    }
+    Ok(Some(Rollout {
+        cohorts,
+        lookback: Lookback::days(14),
+    }))
+}
+
+/// `metrics` less those a rollout by tenant cannot follow ([`did::supports`]), with the
+/// indexes of ratios moved to their parts' new places (a ratio goes with a part).
+fn rollout_metrics(metrics: Vec<Metric>) -> Vec<Metric> {
+    let kept: Vec<Option<usize>> = metrics
+        .iter()
+        .scan(0, |next, m| {
+            Some(did::supports(m).then(|| {
+                *next += 1;
+                *next - 1
+            }))
+        })
+        .collect();
+    metrics
+        .into_iter()
+        .filter(did::supports)
+        .filter_map(|mut m| {
+            if let MetricKind::Ratio {
+                numerator,
+                denominator,
+            } = &mut m.kind
+            {
+                *numerator = kept.get(*numerator).copied().flatten()?;
+                *denominator = kept.get(*denominator).copied().flatten()?;
+            }
+            Some(m)
+        })
+        .collect()
 }
 
 /// The phases of experiment `c` (declared `arms`, if any, at `at`), checked: their starts and
@@ -597,6 +706,28 @@ guardrails = [{ metric = "errors" }]"#)
     }
 
     #[test]
+    fn a_rollout_by_tenant_keeps_the_metrics_it_can_follow() {
+        let s = one(r#"[[experiments]]
+id = "new_editor"
+rollout = [{ start-ms = 1000, tenants = ["t1", "t2"] }, { start-ms = 5000, tenants = ["t3"] }]"#)
+        .unwrap();
+        let def = &s.defs[0];
+        let rollout = def.rollout.as_ref().unwrap();
+        assert_eq!(rollout.cohorts.len(), 2);
+        assert_eq!(rollout.cohorts[0].1.len(), 2);
+        let names: Vec<&str> = def.metrics.iter().map(|m| &*m.name).collect();
+        assert_eq!(names, ["errors", "events", "error_rate", "support_tickets"]);
+        // The ratio points at its parts' new places.
+        assert_eq!(
+            def.metrics[2].kind,
+            MetricKind::Ratio {
+                numerator: 0,
+                denominator: 1
+            }
+        );
+    }
+
+    #[test]
     fn bad_definitions_are_refused_with_the_field_named() {
         for (text, field) in [
             (
@@ -666,6 +797,45 @@ metrics = [{ name = "r", kind = "ratio", numerator = "nope", denominator = "nope
 id = "e"
 metrics = [{ name = "p", kind = "latency", event = "project_created", quantile = 1.5 }]"#,
                 "experiments[0].metrics[0].quantile",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+metrics = [{ name = "c", kind = "conversion", event = "project_created", within-ms = 10 }]
+rollout = [{ start-ms = 10, tenants = ["t1"] }]"#,
+                "experiments[0].metrics[0]: a rollout by tenant",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+rollout = [{ start-ms = 10, tenants = ["t1"] }, { start-ms = 20, tenants = ["t2", "t1"] }]"#,
+                "experiments[0].rollout[1].tenants[1]",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+rollout = [{ start-ms = 10, tenants = ["t1"] }, { start-ms = 10, tenants = ["t2"] }]"#,
+                "experiments[0].rollout[1].start-ms",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+tenants = ["t1", "t3"]
+rollout = [{ start-ms = 10, tenants = ["t2"] }]"#,
+                "experiments[0].rollout[0].tenants[0]",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+arms = [{ name = "c" }, { name = "t" }]
+rollout = [{ start-ms = 10, tenants = ["t2"] }]"#,
+                "experiments[0].rollout: a rollout by tenant has no arms",
+            ),
+            (
+                r#"[[experiments]]
+id = "e"
+rollout = [{ start-ms = 10, tenants = [] }]"#,
+                "experiments[0].rollout[0].tenants",
             ),
         ] {
             let err = one(text).err().unwrap().to_string();

@@ -155,6 +155,23 @@ pub const DEGRADED_ARM: &str = "variant_b";
 pub const DEGRADE_AFTER_MS: i64 = 60_000;
 /// When `exp_guided_setup` starts, after the generator's start (event time).
 pub const GUIDED_START_MS: i64 = 20_000;
+/// A rollout by tenant that is not randomised, in two cohorts: when each starts, after the
+/// generator's start (event time), and its tenants (generator indexes; see [`tenant_id`]).
+/// From its start, one `action_executed` in three of a cohort's tenants fails instead
+/// (`action_failed`, an error).
+pub const ROLLOUT: [(i64, &[u64]); 2] = [(60_000, &[1, 2, 3]), (120_000, &[6, 7])];
+
+/// The `tenant_id` the generator sends for tenant `tenant`.
+pub fn tenant_id(tenant: u64) -> String {
+    format!("t_{:016x}", mix(tenant))
+}
+
+/// Whether tenant `tenant` has the rollout `since_start_ms` after the generator's start.
+fn rolled_out(tenant: u64, since_start_ms: i64) -> bool {
+    ROLLOUT
+        .iter()
+        .any(|(start, tenants)| since_start_ms >= *start && tenants.contains(&tenant))
+}
 
 /// A user's arms in the two generated experiments, fixed per (tenant, user) as a bucketing
 /// service would assign them: two users in three are in `exp_guided_setup` (control or
@@ -387,6 +404,15 @@ impl Generator {
                 r.below(u64::from(self.config.tenants)),
                 r.below(u64::from(self.config.users)),
             ),
+        };
+        // The rollout's tenants fail one action in three once their cohort has started.
+        let name = if name == "action_executed"
+            && rolled_out(tenant, time_ms - self.config.start_ms)
+            && mix(user ^ (time_ms as u64)).is_multiple_of(3)
+        {
+            "action_failed"
+        } else {
+            name
         };
         // The degraded arm's actions run three times slower once its degradation has started.
         context.slow = arms_of(tenant, user).1 == Some(DEGRADED_ARM)

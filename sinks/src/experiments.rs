@@ -1,23 +1,22 @@
 //! The experiment tables: `experiment_results` (cumulative per closed window),
 //! `experiment_exposures` (per window) and `guardrail_decisions` (per sampling interval; also
-//! the value of a record on the guardrail topic).
+//! the value of a record on the guardrail topic), and `experiment_did` (the rollouts by
+//! tenant, per closed window).
 
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch};
+use arrow_array::{ArrayRef, BooleanArray, Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 use sightline_operators::ClosedWindow;
-use sightline_operators::experiment::{Decision, ExposureKey, ExposureKind, ResultRow};
+use sightline_operators::experiment::{
+    Decision, DidFigures, DidRow, ExposureKey, ExposureKind, ResultRow,
+};
 
-use crate::tables::{batch, floats, ints, strings, window_columns, window_fields};
+use crate::tables::{
+    batch, floats, ints, opt_floats, opt_ints, strings, window_columns, window_fields,
+};
 use crate::{Result, Table};
-
-fn opt_floats<T>(rows: &[T], f: impl Fn(&T) -> Option<f64>) -> ArrayRef {
-    Arc::new(Float64Array::from_iter(
-        rows.iter().map(|r| f(r).filter(|v| v.is_finite())),
-    ))
-}
 
 fn bools<T>(rows: &[T], f: impl Fn(&T) -> bool) -> ArrayRef {
     Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(f(r)))))
@@ -438,6 +437,132 @@ impl Table for DecisionRow {
             ints(rows, |r| r.breached_intervals),
             floats(rows, |r| r.srm_p_value),
             strings(rows, |r| &r.config_version),
+        ]);
+        batch(Self::schema(), columns)
+    }
+}
+
+/// A row of `experiment_did`: a metric of a rollout by tenant, for one cohort (or all that
+/// have started), by difference in differences against the never-treated tenants, as of the
+/// end of a window. The interval and p-value are fixed-horizon (descriptive: no decision is
+/// taken on them).
+#[derive(Clone, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+pub struct ExperimentDidRow {
+    /// Window start, ms.
+    pub window_start_ms: u64,
+    /// Window end, ms.
+    pub window_end_ms: u64,
+    /// Experiment id.
+    pub experiment_id: String,
+    /// Metric.
+    pub metric: String,
+    /// The cohort's start, ms; `None`: every cohort that has started, combined.
+    pub cohort_start_ms: Option<i64>,
+    /// Treated tenants with data before and after.
+    pub treated_tenants: i64,
+    /// Control tenants with data before and after.
+    pub control_tenants: i64,
+    /// Periods before the start that are compared.
+    pub pre_periods: i64,
+    /// Periods since the start.
+    pub post_periods: i64,
+    /// The treated tenants' mean change (after less before, per active unit).
+    pub treated_change: Option<f64>,
+    /// The controls' mean change.
+    pub control_change: Option<f64>,
+    /// The difference in differences.
+    pub estimate: Option<f64>,
+    /// Its interval (1 − α, Student's t), lower bound.
+    pub lower: Option<f64>,
+    /// Upper bound.
+    pub upper: Option<f64>,
+    /// Its two-sided p-value.
+    pub p_value: Option<f64>,
+    /// The pre-trend check: the same estimate on the pre-period's later half less its
+    /// earlier half.
+    pub pre_trend: Option<f64>,
+    /// Its p-value (below α: the state is `pre_trend`).
+    pub pre_trend_p_value: Option<f64>,
+    /// `insufficient`, `pre_trend`, `significant_positive`, `significant_negative` or
+    /// `running`.
+    pub state: String,
+}
+
+impl ExperimentDidRow {
+    /// Rows of one closed window.
+    pub fn from_closed(w: &ClosedWindow<DidRow, isize>) -> Vec<ExperimentDidRow> {
+        let fig = |f: Option<DidFigures>, g: fn(DidFigures) -> f64| f.map(g);
+        w.entries
+            .iter()
+            .map(|(r, _)| ExperimentDidRow {
+                window_start_ms: w.window_start_ms,
+                window_end_ms: w.window_end_ms,
+                experiment_id: r.experiment.to_string(),
+                metric: r.metric.to_string(),
+                cohort_start_ms: r.cohort_start_ms.map(|s| s as i64),
+                treated_tenants: r.treated_tenants,
+                control_tenants: r.control_tenants,
+                pre_periods: r.pre_periods,
+                post_periods: r.post_periods,
+                treated_change: fig(r.estimate, |f| f.treated_change),
+                control_change: fig(r.estimate, |f| f.control_change),
+                estimate: fig(r.estimate, |f| f.estimate),
+                lower: fig(r.estimate, |f| f.lower),
+                upper: fig(r.estimate, |f| f.upper),
+                p_value: fig(r.estimate, |f| f.p_value),
+                pre_trend: fig(r.pre_trend, |f| f.estimate),
+                pre_trend_p_value: fig(r.pre_trend, |f| f.p_value),
+                state: r.state.as_str().to_owned(),
+            })
+            .collect()
+    }
+}
+
+impl Table for ExperimentDidRow {
+    const NAME: &'static str = "experiment_did";
+
+    fn schema() -> SchemaRef {
+        let mut fields = window_fields();
+        fields.extend([
+            Field::new("experiment_id", DataType::Utf8, false),
+            Field::new("metric", DataType::Utf8, false),
+            Field::new("cohort_start_ms", DataType::Int64, true),
+            Field::new("treated_tenants", DataType::Int64, false),
+            Field::new("control_tenants", DataType::Int64, false),
+            Field::new("pre_periods", DataType::Int64, false),
+            Field::new("post_periods", DataType::Int64, false),
+            Field::new("treated_change", DataType::Float64, true),
+            Field::new("control_change", DataType::Float64, true),
+            Field::new("estimate", DataType::Float64, true),
+            Field::new("lower", DataType::Float64, true),
+            Field::new("upper", DataType::Float64, true),
+            Field::new("p_value", DataType::Float64, true),
+            Field::new("pre_trend", DataType::Float64, true),
+            Field::new("pre_trend_p_value", DataType::Float64, true),
+            Field::new("state", DataType::Utf8, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
+        columns.extend([
+            strings(rows, |r| &r.experiment_id),
+            strings(rows, |r| &r.metric),
+            opt_ints(rows, |r| r.cohort_start_ms),
+            ints(rows, |r| r.treated_tenants),
+            ints(rows, |r| r.control_tenants),
+            ints(rows, |r| r.pre_periods),
+            ints(rows, |r| r.post_periods),
+            opt_floats(rows, |r| r.treated_change),
+            opt_floats(rows, |r| r.control_change),
+            opt_floats(rows, |r| r.estimate),
+            opt_floats(rows, |r| r.lower),
+            opt_floats(rows, |r| r.upper),
+            opt_floats(rows, |r| r.p_value),
+            opt_floats(rows, |r| r.pre_trend),
+            opt_floats(rows, |r| r.pre_trend_p_value),
+            strings(rows, |r| &r.state),
         ]);
         batch(Self::schema(), columns)
     }

@@ -12,7 +12,7 @@ use sightline_operators::funnel::{FunnelDef, FunnelKey};
 use sightline_operators::product::{ProductKey, Tally};
 use sightline_operators::{ClosedWindow, LatencyHistogram};
 
-use crate::tables::{batch, floats, ints, strings, window_columns, window_fields};
+use crate::tables::{batch, floats, ints, opt_floats, strings, window_columns, window_fields};
 use crate::{Result, Table};
 
 /// A row of `funnels`: one entry window, funnel, breakdown value and step.
@@ -153,11 +153,6 @@ impl Table for FunnelRow {
         }
         rows
     }
-}
-
-/// A nullable float column.
-fn opt_floats<T>(rows: &[T], f: impl Fn(&T) -> Option<f64>) -> arrow_array::ArrayRef {
-    Arc::new(arrow_array::Float64Array::from_iter(rows.iter().map(f)))
 }
 
 /// Count, mean, p50 and p90 of a distribution of a [`Tally`], in its unit.

@@ -58,6 +58,18 @@ pub(crate) fn floats<T>(rows: &[T], f: impl Fn(&T) -> f64) -> ArrayRef {
     Arc::new(Float64Array::from_iter_values(rows.iter().map(f)))
 }
 
+/// A nullable float column; non-finite values are null.
+pub(crate) fn opt_floats<T>(rows: &[T], f: impl Fn(&T) -> Option<f64>) -> ArrayRef {
+    Arc::new(Float64Array::from_iter(
+        rows.iter().map(|r| f(r).filter(|v| v.is_finite())),
+    ))
+}
+
+/// A nullable integer column.
+pub(crate) fn opt_ints<T>(rows: &[T], f: impl Fn(&T) -> Option<i64>) -> ArrayRef {
+    Arc::new(Int64Array::from_iter(rows.iter().map(f)))
+}
+
 pub(crate) fn batch(schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(schema, columns)?)
 }

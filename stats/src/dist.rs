@@ -213,9 +213,8 @@ fn beta_i(a: f64, b: f64, x: f64) -> f64 {
     if x >= 1.0 {
         return 1.0;
     }
-    let log_front = libm::lgamma(a + b) - libm::lgamma(a) - libm::lgamma(b)
-        + a * x.ln()
-        + b * (1.0 - x).ln();
+    let log_front =
+        libm::lgamma(a + b) - libm::lgamma(a) - libm::lgamma(b) + a * x.ln() + b * (1.0 - x).ln();
     if x < (a + 1.0) / (a + b + 2.0) {
         (log_front.exp() * beta_cf(a, b, x) / a).clamp(0.0, 1.0)
     } else {
@@ -311,9 +310,18 @@ mod tests {
             let two = 0.5 * (1.0 - t / (t * t + 2.0f64).sqrt());
             assert!((student_t_sf(t, 2.0) - two).abs() < 1e-13, "df 2, t {t}");
         }
-        for (p, df) in [(0.975, 1.0), (0.975, 3.5), (0.9, 10.0), (0.025, 4.0), (0.5, 7.0)] {
+        for (p, df) in [
+            (0.975, 1.0),
+            (0.975, 3.5),
+            (0.9, 10.0),
+            (0.025, 4.0),
+            (0.5, 7.0),
+        ] {
             let t = student_t_quantile(p, df);
-            assert!((1.0 - student_t_sf(t, df) - p).abs() < 1e-12, "p {p}, df {df}: {t}");
+            assert!(
+                (1.0 - student_t_sf(t, df) - p).abs() < 1e-12,
+                "p {p}, df {df}: {t}"
+            );
         }
         // A large df is the normal.
         assert!((student_t_quantile(0.975, 1e7) - 1.959_964).abs() < 1e-5);

@@ -228,7 +228,12 @@ fn the_formulas_match_scipy_and_gbstats() {
         "relative CUPED variance",
     );
     for ((t, p, df), want) in t_cases.iter().zip(want["t"].as_array().unwrap()) {
-        close(student_t_sf(*t, *df), want[0].as_f64().unwrap(), 1e-9, "t sf");
+        close(
+            student_t_sf(*t, *df),
+            want[0].as_f64().unwrap(),
+            1e-9,
+            "t sf",
+        );
         close(
             student_t_quantile(*p, *df),
             want[1].as_f64().unwrap(),

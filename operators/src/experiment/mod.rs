@@ -52,10 +52,12 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::vec::Map;
 
+pub mod did;
 pub mod metric;
 pub mod results;
 pub mod unit;
 
+pub use did::{DidFigures, DidRow, DidState, Panel, Rollout};
 pub use metric::{Metric, MetricKind};
 use unit::{Covariates, UnitEntry, Updates, apply};
 pub use unit::{Exposure, History, Lookback, UnitStates};
@@ -85,6 +87,9 @@ pub struct ExperimentDef {
     /// The starts of its rollout phases (ms, increasing); empty: one phase. A unit's stratum
     /// is the phase in effect at its exposure (the first phase before the first start).
     pub phases: Vec<u64>,
+    /// For a rollout by tenant that is not randomised: its cohorts, analysed by difference
+    /// in differences ([`did`]) instead of by arm.
+    pub rollout: Option<Rollout>,
 }
 
 /// The key of the per-arm statistics.
@@ -145,12 +150,18 @@ pub struct Experiments<'s> {
     pub results: StreamVec<'s, Time, ClosedWindow<ResultRow, isize>>,
     /// Guardrail decisions, one closed window each (those that end a sampling interval).
     pub decisions: StreamVec<'s, Time, ClosedWindow<Decision, isize>>,
+    /// `experiment_did` rows of the rollouts, one closed window each.
+    pub did: StreamVec<'s, Time, ClosedWindow<DidRow, isize>>,
     /// Snapshots of the state (worker 0), when saving.
     pub state: Option<StreamVec<'s, Time, StateShard<Saved>>>,
 }
 
 /// A unit: (tenant link, user link).
 pub type Unit = (u64, u64);
+
+/// An input waiting for its window: its sequence order (event time, hash of the event id),
+/// unit, event and time.
+type Queued = ((i64, u64), Unit, Arc<Event>, Time);
 
 /// A record of the saved state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -192,9 +203,11 @@ impl Setup {
         !self.defs.is_empty() || self.default_metrics.is_some()
     }
 
-    /// Whether `event` can matter: it carries assignments, or a metric reads its name.
+    /// Whether `event` can matter: it carries assignments, a metric reads its name, or a
+    /// rollout counts its tenant's active units.
     pub fn reads(&self, event: &Event) -> bool {
         !event.experiment_assignments.is_empty()
+            || self.defs.iter().any(|d| d.rollout.is_some())
             || self
                 .defs
                 .iter()
@@ -228,16 +241,18 @@ impl Setup {
         }
     }
 
-    /// The metrics of experiment `id`, if it is analysed.
+    /// The metrics of experiment `id`, if it is analysed by arm (not a rollout).
     fn metrics_of(&self, id: &Label) -> Option<&[Metric]> {
         match self.defs.iter().find(|d| d.id == *id) {
+            Some(d) if d.rollout.is_some() => None,
             Some(d) => Some(&d.metrics),
             None => self.default_metrics.as_deref(),
         }
     }
 }
 
-/// What one closed window emits: result rows, decisions, exposure counts.
+/// What one closed window emits: result rows, decisions, exposure counts, alerts and the
+/// rollouts' difference-in-differences rows.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WindowOut {
     /// `experiment_results` rows.
@@ -249,6 +264,9 @@ pub struct WindowOut {
     /// Compliance alerts (`firing`, `resolved`).
     #[serde(default)]
     pub alerts: Vec<Alert>,
+    /// `experiment_did` rows.
+    #[serde(default)]
+    pub did: Vec<DidRow>,
 }
 
 impl WindowOut {
@@ -257,6 +275,7 @@ impl WindowOut {
             && self.decisions.is_empty()
             && self.exposures.is_empty()
             && self.alerts.is_empty()
+            && self.did.is_empty()
     }
 }
 
@@ -470,7 +489,7 @@ where
         let mut swept_day: u64 = 0;
         let mut tracked: BTreeMap<Label, Tracked> = BTreeMap::new();
         // Inputs with their sequence order (event time, hash of the event id), computed once.
-        let mut pending: Pending<((i64, u64), Unit, Arc<Event>, Time)> = Pending::default();
+        let mut pending: Pending<Queued> = Pending::default();
         // Capabilities of the statistics' outputs for every time with pending input.
         let mut caps: BTreeMap<Time, [Capability<Time>; 2]> = BTreeMap::new();
         // The next window to look at, and the newest time with input.
@@ -585,6 +604,19 @@ where
                                 }
                             }
                         } else {
+                            for def in setup
+                                .defs
+                                .iter()
+                                .filter(|d| d.rollout.is_some() && setup.allows(&d.id, unit.0))
+                            {
+                                let Some(rollout) = def.rollout.as_ref() else {
+                                    continue;
+                                };
+                                let t = tracked.entry(def.id.clone()).or_default();
+                                if t.panel.add(rollout, &def.metrics, &event) {
+                                    touch(&mut tracked, &mut touched, &def.id, start);
+                                }
+                            }
                             apply(
                                 &setup,
                                 covariates.as_ref(),
@@ -635,6 +667,21 @@ where
                     };
                     for (id, t) in tracked.iter_mut().filter(|(id, _)| touched.contains(*id)) {
                         let analysis = setup.analyses.get(id).unwrap_or(&setup.default_analysis);
+                        if let Some(def) = setup.defs.iter().find(|d| d.id == *id)
+                            && let Some(rollout) = &def.rollout
+                        {
+                            t.panel.close(rollout.lookback, end);
+                            did::look(
+                                id,
+                                &t.panel,
+                                rollout,
+                                &def.metrics,
+                                analysis.test.alpha,
+                                end,
+                                &mut out.did,
+                            );
+                            continue;
+                        }
                         let metrics = setup.metrics_of(id).unwrap_or(&[]);
                         results::look(
                             id,
@@ -729,7 +776,10 @@ where
         decisions: closed_windows
             .clone()
             .flat_map(part(width, |o: &WindowOut| counted(&o.decisions))),
-        alerts: closed_windows.flat_map(part(width, |o: &WindowOut| counted(&o.alerts))),
+        alerts: closed_windows
+            .clone()
+            .flat_map(part(width, |o: &WindowOut| counted(&o.alerts))),
+        did: closed_windows.flat_map(part(width, |o: &WindowOut| counted(&o.did))),
         state: saving.then_some(state),
     }
 }

@@ -316,11 +316,14 @@ pub struct Tracked {
     #[serde(default)]
     pub compliance_firing: bool,
     /// Per metric, the sums per rollout phase and arm (experiments with phases).
-    #[serde(default)]
+    #[serde(default, with = "crate::state::pairs::nested")]
     pub strata: BTreeMap<Label, BTreeMap<(u8, Label), Moments>>,
     /// Units analysed per rollout phase and arm (experiments with phases).
-    #[serde(default)]
+    #[serde(default, with = "crate::state::pairs")]
     pub exposed_strata: BTreeMap<(u8, Label), i64>,
+    /// Per tenant and period, the figures of a rollout by tenant.
+    #[serde(default)]
+    pub panel: super::did::Panel,
 }
 
 /// [`Running`] as saved: infinite bounds as `None` (JSON has no infinities).
