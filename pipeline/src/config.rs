@@ -38,6 +38,100 @@ pub struct Config {
     pub triage: crate::analytics::TriageConfig,
     /// Experiments (`[[experiments]]`).
     pub experiments: Vec<crate::experiments::ExperimentConfig>,
+    /// The metrics store (Prometheus remote-write); off unless `url` is set.
+    pub metrics_store: MetricsStoreConfig,
+}
+
+/// The metrics store: every exported table's closed windows as Prometheus remote-write 1.0
+/// samples (see `sightline_sinks::remote_write` for the naming and delivery). Off unless `url`
+/// is set. Not part of the durability frontier: an outage of the store never holds back the
+/// lake or the Kafka offsets; samples wait in a bounded queue, and what overflows is counted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct MetricsStoreConfig {
+    /// The remote-write endpoint, `http(s)://host:port/api/v1/write` for Prometheus.
+    pub url: Option<String>,
+    /// Extra request headers.
+    pub headers: BTreeMap<String, String>,
+    /// A file holding a bearer token, sent as `Authorization: Bearer <token>`.
+    pub bearer_token_file: Option<String>,
+    /// Samples per request, at most.
+    pub max_samples_per_request: usize,
+    /// Samples queued while the store is slow or down, at most; the oldest are dropped (and
+    /// counted) beyond.
+    pub buffer_samples: usize,
+    /// Time allowed for one request, ms.
+    pub timeout_ms: u64,
+    /// How long a stop waits for the queue to be sent, ms.
+    pub finish_timeout_ms: u64,
+}
+
+impl Default for MetricsStoreConfig {
+    fn default() -> Self {
+        MetricsStoreConfig {
+            url: None,
+            headers: BTreeMap::new(),
+            bearer_token_file: None,
+            max_samples_per_request: 2_000,
+            buffer_samples: 1_000_000,
+            timeout_ms: 10_000,
+            finish_timeout_ms: 15_000,
+        }
+    }
+}
+
+impl MetricsStoreConfig {
+    /// The sender's options, checked (with every field named in what it refuses); `None`
+    /// when no `url` is set.
+    pub fn options(
+        &self,
+    ) -> anyhow::Result<Option<sightline_sinks::remote_write::RemoteWriteOptions>> {
+        let Some(url) = &self.url else {
+            return Ok(None);
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("metrics-store.url (`{url}`) must be an http:// or https:// URL");
+        }
+        if self.max_samples_per_request == 0 {
+            bail!("metrics-store.max-samples-per-request must be at least 1");
+        }
+        if self.buffer_samples < self.max_samples_per_request {
+            bail!(
+                "metrics-store.buffer-samples ({}) must hold at least one request (metrics-store.max-samples-per-request, {})",
+                self.buffer_samples,
+                self.max_samples_per_request
+            );
+        }
+        if self.timeout_ms == 0 {
+            bail!("metrics-store.timeout-ms must be positive");
+        }
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for (name, value) in &self.headers {
+            if name.trim().is_empty() || name.contains(|c: char| c.is_whitespace() || c == ':') {
+                bail!("metrics-store.headers: `{name}` is not a header name");
+            }
+            headers.push((name.clone(), value.clone()));
+        }
+        if let Some(path) = &self.bearer_token_file {
+            let token = std::fs::read_to_string(path).with_context(|| {
+                format!("metrics-store.bearer-token-file: cannot read `{path}`")
+            })?;
+            let token = token.trim();
+            if token.is_empty() {
+                bail!("metrics-store.bearer-token-file: `{path}` is empty");
+            }
+            headers.push(("Authorization".into(), format!("Bearer {token}")));
+        }
+        Ok(Some(sightline_sinks::remote_write::RemoteWriteOptions {
+            url: url.clone(),
+            headers,
+            max_samples_per_request: self.max_samples_per_request,
+            buffer_samples: self.buffer_samples,
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            min_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(5),
+        }))
+    }
 }
 
 /// How the sinks retry a failed delivery (a lake write, a batch of records on a topic). A
@@ -367,6 +461,7 @@ impl Config {
 
     /// Checks the relations between fields.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.metrics_store.options()?;
         let p = &self.pipeline;
         if p.workers == 0 {
             bail!("pipeline.workers must be at least 1");
@@ -509,6 +604,36 @@ mod tests {
             assert!(Config::load(Some(Path::new("bad2.toml"))).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_bad_metrics_store_is_refused_with_the_field_named() {
+        for (text, field) in [
+            ("[metrics-store]\nurl = \"ftp://x\"\n", "metrics-store.url"),
+            (
+                "[metrics-store]\nurl = \"http://x/api/v1/write\"\nbearer-token-file = \"/nonexistent/token\"\n",
+                "metrics-store.bearer-token-file",
+            ),
+            (
+                "[metrics-store]\nurl = \"http://x/api/v1/write\"\nbuffer-samples = 10\n",
+                "metrics-store.buffer-samples",
+            ),
+            (
+                "[metrics-store]\nurl = \"http://x/api/v1/write\"\nheaders = { \"a b\" = \"c\" }\n",
+                "metrics-store.headers",
+            ),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.create_file("m.toml", text)?;
+                let err = Config::load(Some(Path::new("m.toml")))
+                    .and_then(|c| c.validate().map(|()| c))
+                    .err()
+                    .map(|e| format!("{e:#}"))
+                    .unwrap_or_default();
+                assert!(err.contains(field), "`{err}` should name {field}");
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -18,13 +18,15 @@ use sightline_sinks::kafka::{KeyedRecord, TopicSink};
 use sightline_sinks::product::{
     AlertRow, CommandQueueRow, FeedbackRow, FunnelRow, IntegrationHealthRow, TriageRow,
 };
+use sightline_sinks::remote_write::RemoteWrite;
 use sightline_sinks::state::{HealthStateSink, StateSink};
 use sightline_sinks::tables::{
     DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow,
     VariantLatencyRow,
 };
 use sightline_sinks::{
-    Lake, RetryPolicy, SinkHealth, Table, WindowRows, WrittenWindow, durable_sink, write_windows,
+    Lake, RetryPolicy, SinkHealth, Table, TableSink, WindowRows, WrittenWindow, durable_sink,
+    write_windows_to,
 };
 use std::sync::Arc;
 use timely::ExchangeData;
@@ -59,6 +61,9 @@ pub struct Outputs {
     pub triage_topic: Option<TopicSink<TriageRow>>,
     /// The guardrail decisions topic, if configured.
     pub guardrail_topic: Option<TopicSink<DecisionRow>>,
+    /// The metrics store (Prometheus remote-write), if configured: every exported table's
+    /// windows go there too once written.
+    pub remote: Option<RemoteWrite>,
 }
 
 /// Where saved state goes: the lake's `_sightline/state/<group>/…` (restricted records under
@@ -96,6 +101,7 @@ pub fn emit(
         alerts_topic,
         triage_topic,
         guardrail_topic,
+        remote,
     } = outputs;
     if let Some(target) = &state {
         save_state(computed.funnel_state, target, retry, &health, durable);
@@ -120,6 +126,7 @@ pub fn emit(
             durable,
             written,
             reports: reports.clone(),
+            remote: remote.clone(),
         };
         tables.write(rows_of(experiments.results, |w| {
             ExperimentResultRow::from_closed(&w)
@@ -234,6 +241,7 @@ pub fn emit(
             durable,
             written,
             reports: reports.clone(),
+            remote: remote.clone(),
         };
         let quality_reports = reports.clone();
         let quality = windows.quality.inspect(move |w| {
@@ -375,6 +383,7 @@ struct Tables<'a> {
     durable: &'a ProbeHandle<Time>,
     written: &'a ProbeHandle<Time>,
     reports: Sender<Report>,
+    remote: Option<RemoteWrite>,
 }
 
 impl Tables<'_> {
@@ -390,9 +399,9 @@ impl Tables<'_> {
         report: fn(WrittenWindow) -> Report,
     ) {
         let reports = self.reports.clone();
-        write_windows(
+        write_windows_to(
             rows,
-            self.lake.clone(),
+            TableSink::new(self.lake.clone()).with_remote(self.remote.clone()),
             self.retry,
             self.health,
             self.durable,

@@ -91,6 +91,9 @@ pub struct Summary {
     pub already_written: u64,
     /// Failed deliveries, each retried.
     pub retries: u64,
+    /// The metrics store, when configured: samples sent, rejected for good, dropped from a
+    /// full queue, still queued at the end; and requests retried.
+    pub remote_write: Option<(u64, u64, u64, u64, u64)>,
 }
 
 impl std::fmt::Display for Summary {
@@ -116,6 +119,18 @@ impl std::fmt::Display for Summary {
         }
         if self.retries > 0 {
             write!(f, " · delivery retries {}", self.retries)?;
+        }
+        if let Some((sent, rejected, dropped, queued, retries)) = self.remote_write {
+            write!(
+                f,
+                " · remote-write: {sent} samples sent, {rejected} rejected, {dropped} dropped"
+            )?;
+            if queued > 0 {
+                write!(f, ", {queued} not sent")?;
+            }
+            if retries > 0 {
+                write!(f, " ({retries} requests retried)")?;
+            }
         }
         Ok(())
     }
@@ -286,6 +301,13 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
     let mut linker = sightline_privacy::Pseudonymizer::new(Arc::clone(&keys));
     let experiments = Arc::new(job.config.experiment_setup(&mut |t| linker.link_of(t))?);
     let flush = Arc::new(AtomicBool::new(false));
+    let remote = job
+        .config
+        .metrics_store
+        .options()?
+        .map(sightline_sinks::remote_write::RemoteWrite::start)
+        .transpose()
+        .context("starting the metrics store's sender")?;
     // The long-horizon state is saved and restored for Kafka sources: they resume from
     // committed offsets. A file replay starts from its beginning every time.
     let (restored, state_target) = match &job.input {
@@ -364,6 +386,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         let (abort, drain, health) = (Arc::clone(&abort), Arc::clone(&drain), Arc::clone(&health));
         let (analytics, restored, state_target) =
             (analytics.clone(), restored.clone(), state_target.clone());
+        let remote = remote.clone();
         let reports_tx = std::sync::Mutex::new(reports_tx);
         timely::execute(
             timely::Config::process(workers),
@@ -428,6 +451,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                             |k| k.guardrail_topic.as_deref(),
                             "guardrail",
                         )?,
+                        remote: remote.clone(),
                     };
                     let stats = Arc::clone(&stats);
                     let probes = worker.dataflow::<Time, _, _>(|scope| {
@@ -554,6 +578,19 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
             errors.len()
         ));
     }
+    // The metrics store gets what is queued (for a while: it is not part of the durability
+    // frontier, so a stop does not wait for it forever).
+    let remote_write = remote.map(|r| {
+        let limit = Duration::from_millis(job.config.metrics_store.finish_timeout_ms);
+        if !r.finish(limit) {
+            warn!(
+                queued = r.queued(),
+                "remote-write: the metrics store did not take every sample before the stop"
+            );
+        }
+        let (sent, retries, rejected, dropped) = r.stats().snapshot();
+        (sent, rejected, dropped, r.queued() as u64, retries)
+    });
     let (read, accepted, rejected, late) = stats.snapshot();
     let t = &progress.totals;
     let summary = Summary {
@@ -567,6 +604,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         bytes: t.bytes,
         already_written: stats.already_written.load(Ordering::Relaxed),
         retries: health.retries.load(Ordering::Relaxed),
+        remote_write,
     };
     info!(elapsed_ms = started.elapsed().as_millis() as u64, %summary, "run finished");
     Ok(summary)

@@ -10,6 +10,7 @@ use timely::dataflow::StreamVec;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
 use crate::durable::{Completeness, Deliver, RetryPolicy, SinkHealth, durable_sink};
+use crate::remote_write::{RemoteWrite, series_of};
 use crate::{Error, Lake, Table};
 
 /// One worker's rows of one closed window of one table.
@@ -53,6 +54,7 @@ pub struct WrittenWindow {
 /// the store has acknowledged the file.
 pub struct TableSink<R> {
     lake: Lake,
+    remote: Option<RemoteWrite>,
     table: PhantomData<R>,
 }
 
@@ -61,8 +63,16 @@ impl<R> TableSink<R> {
     pub fn new(lake: Lake) -> TableSink<R> {
         TableSink {
             lake,
+            remote: None,
             table: PhantomData,
         }
+    }
+
+    /// Also hands each window written to the metrics store (see [`crate::remote_write`]: after
+    /// the file is durable, and outside the durability frontier).
+    pub fn with_remote(mut self, remote: Option<RemoteWrite>) -> TableSink<R> {
+        self.remote = remote;
+        self
     }
 }
 
@@ -93,8 +103,25 @@ impl<R: Table + ExchangeData> Deliver for TableSink<R> {
     }
 
     fn deliver(&mut self, window: &Self::Batch, rows: &Vec<R>) -> Result<WrittenWindow, Error> {
-        self.lake
-            .write_window_part::<R>(window.0, window.1, window.2.as_deref(), rows)
+        let written =
+            self.lake
+                .write_window_part::<R>(window.0, window.1, window.2.as_deref(), rows)?;
+        if let Some(remote) = &self.remote
+            && !rows.is_empty()
+        {
+            match R::to_batch(rows) {
+                Ok(batch) => remote.push(series_of(
+                    R::NAME,
+                    self.lake.route(),
+                    &batch,
+                    window.1 as i64,
+                )),
+                Err(e) => {
+                    tracing::warn!(table = R::NAME, error = %e, "remote-write: rows not encoded")
+                }
+            }
+        }
+        Ok(written)
     }
 }
 
@@ -111,5 +138,19 @@ pub fn write_windows<'s, R>(
 where
     R: Table + ExchangeData,
 {
-    durable_sink(parts, TableSink::<R>::new(lake), policy, health, durable)
+    write_windows_to(parts, TableSink::new(lake), policy, health, durable)
+}
+
+/// [`write_windows`] with the table sink `sink` (which may also feed the metrics store).
+pub fn write_windows_to<'s, R>(
+    parts: StreamVec<'s, Time, WindowRows<R>>,
+    sink: TableSink<R>,
+    policy: RetryPolicy,
+    health: &std::sync::Arc<SinkHealth>,
+    durable: &ProbeHandle<Time>,
+) -> StreamVec<'s, Time, WrittenWindow>
+where
+    R: Table + ExchangeData,
+{
+    durable_sink(parts, sink, policy, health, durable)
 }

@@ -37,13 +37,14 @@ pub mod kafka;
 mod lake;
 mod lake_sink;
 pub mod product;
+pub mod remote_write;
 pub mod state;
 pub mod tables;
 
 pub use durable::{Deliver, RetryPolicy, SinkHealth, durable_sink};
 pub use encode::{Table, parquet_encode};
 pub use lake::{Lake, Retention, S3Options, window_part_path, window_path};
-pub use lake_sink::{TableSink, WindowRows, WrittenWindow, write_windows};
+pub use lake_sink::{TableSink, WindowRows, WrittenWindow, write_windows, write_windows_to};
 
 /// Errors of the sinks. Each says whether retrying can help.
 #[derive(Debug, thiserror::Error)]
