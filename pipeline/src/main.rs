@@ -104,6 +104,10 @@ enum Command {
         /// Lake directory (default: `lake.location` of the configuration, `./sightline-data`).
         #[arg(long)]
         out: Option<String>,
+        /// Also send every closed window to this Prometheus remote-write endpoint (for example
+        /// `http://127.0.0.1:9090/api/v1/write`): `metrics-store.url`.
+        #[arg(long)]
+        metrics_store: Option<String>,
         /// Configuration file (TOML) layered over the demo defaults (10 s windows, 2 s lateness).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -289,10 +293,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             out,
             config,
             workers,
+            metrics_store,
         } => {
             let mut config = Config::load_over(demo_config(), config.as_deref())?;
             if let Some(out) = out {
                 config.lake.location = out;
+            }
+            if let Some(url) = metrics_store {
+                config.metrics_store.url = Some(url);
             }
             let out = config.lake.location.clone();
             if let Some(w) = workers {
@@ -307,6 +315,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 config.pipeline.allowed_lateness_ms / 1000,
                 config.pipeline.workers,
             );
+            if let Some(url) = &config.metrics_store.url {
+                println!("metrics store: every closed window is also sent to {url} (Prometheus remote-write)");
+            }
             let options = DemoOptions {
                 duration: seconds.map(Duration::from_secs),
                 events_per_second: rate,
