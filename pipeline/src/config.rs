@@ -40,6 +40,17 @@ pub struct Config {
     pub experiments: Vec<crate::experiments::ExperimentConfig>,
     /// The metrics store (Prometheus remote-write); off unless `url` is set.
     pub metrics_store: MetricsStoreConfig,
+    /// The pipeline's own endpoints (`/metrics`, `/healthz`, `/readyz`), for `run` and `demo`.
+    pub http: HttpConfig,
+}
+
+/// Where `run` and `demo` serve `/metrics`, `/healthz` and `/readyz`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `host:port`. Absent: `127.0.0.1:9464` when it is free (a warning when it is not); an
+    /// empty string: no server. An address that cannot be served stops the start.
+    pub listen: Option<String>,
 }
 
 /// The metrics store: every exported table's closed windows as Prometheus remote-write 1.0

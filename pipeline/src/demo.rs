@@ -19,7 +19,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 
 use crate::config::{Config, TopicConfig};
 use crate::generator::{Generator, GeneratorConfig};
-use crate::run::{Input, Job, Summary, run};
+use crate::run::{Input, Job, Summary};
 
 /// The demo's topic.
 pub const DEMO_TOPIC: &str = "telemetry.events";
@@ -197,7 +197,20 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
         print_windows: options.print_windows,
         format: Default::default(),
     };
-    let summary = run(job);
+    let telemetry = Arc::new(crate::http::Telemetry::new(Arc::default()));
+    let summary = match crate::http::start(&config.http, Arc::clone(&telemetry)) {
+        Ok(served) => {
+            if let Some(addr) = served
+                && options.print_windows
+            {
+                println!(
+                    "metrics: http://{addr}/metrics · health: http://{addr}/healthz, http://{addr}/readyz"
+                );
+            }
+            crate::run::run_observed(job, telemetry)
+        }
+        Err(e) => Err(e),
+    };
     stop.store(true, Ordering::Relaxed);
     let produce_result = producer_thread
         .join()

@@ -41,6 +41,7 @@ pub mod demo;
 pub mod emit;
 pub mod experiments;
 pub mod generator;
+pub mod http;
 pub mod pii_scan;
 pub mod report;
 pub mod restore;

@@ -196,7 +196,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 print_windows: true,
                 format: Format::Envelope,
             };
-            let summary = run(job)?;
+            let telemetry = Arc::new(sightline::http::Telemetry::new(Arc::default()));
+            if let Some(addr) = sightline::http::start(&job.config.http, Arc::clone(&telemetry))? {
+                println!(
+                    "metrics: http://{addr}/metrics · health: http://{addr}/healthz, http://{addr}/readyz"
+                );
+            }
+            let summary = sightline::run::run_observed(job, telemetry)?;
             println!("stopped: {summary}");
         }
         Command::Replay {
@@ -316,7 +322,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 config.pipeline.workers,
             );
             if let Some(url) = &config.metrics_store.url {
-                println!("metrics store: every closed window is also sent to {url} (Prometheus remote-write)");
+                println!(
+                    "metrics store: every closed window is also sent to {url} (Prometheus remote-write)"
+                );
             }
             let options = DemoOptions {
                 duration: seconds.map(Duration::from_secs),

@@ -287,6 +287,12 @@ pub fn run(job: Job) -> anyhow::Result<Summary> {
 
 /// [`run`], updating `stats` as records are read, so that a caller can watch progress.
 pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summary> {
+    run_observed(job, Arc::new(crate::http::Telemetry::new(stats)))
+}
+
+/// [`run`], keeping `telemetry` (what `/metrics`, `/healthz` and `/readyz` show) up to date.
+pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow::Result<Summary> {
+    let stats = Arc::clone(&telemetry.ingest);
     let workers = job.config.pipeline.workers;
     let keys = match job.config.privacy.key_ring()? {
         Some(ring) => Arc::new(ring),
@@ -371,6 +377,12 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
     let abort = Arc::new(AtomicBool::new(false));
     let drain = Arc::new(Drain::new(workers));
     let health = Arc::new(SinkHealth::default());
+    if let Ok(mut sinks) = telemetry.sinks.lock() {
+        *sinks = Some(Arc::clone(&health));
+    }
+    if let Ok(mut r) = telemetry.remote.lock() {
+        r.clone_from(&remote);
+    }
     let grace = Duration::from_millis(job.config.pipeline.shutdown_grace_ms);
     let started = Instant::now();
 
@@ -513,6 +525,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
 
     let mut progress = Progress::default();
     let mut delays = CloseDelays::new(job.config.pipeline.window_ms);
+    telemetry.ready.store(true, Ordering::Release);
     loop {
         std::thread::sleep(Duration::from_millis(50));
         // Frontiers first, then reports: every report of a window behind this frontier was
@@ -547,6 +560,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
                 println!("{}", window_line(start, &window));
             }
         }
+        telemetry.observe(&progress);
         if finished.load(Ordering::Acquire) as usize == workers {
             break;
         }
@@ -591,6 +605,7 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
         let (sent, retries, rejected, dropped) = r.stats().snapshot();
         (sent, rejected, dropped, r.queued() as u64, retries)
     });
+    telemetry.observe(&progress);
     let (read, accepted, rejected, late) = stats.snapshot();
     let t = &progress.totals;
     let summary = Summary {

@@ -1,0 +1,149 @@
+#![allow(clippy::unwrap_used)]
+
+//! `/metrics`, `/healthz` and `/readyz` of a replay run in this process: the text parses with
+//! Prometheus' own parser (`promtool check metrics`, from the test command's Prometheus) and its
+//! counters equal the run's summary.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use sightline::config::{Config, HttpConfig};
+use sightline::generator::{Generator, GeneratorConfig};
+use sightline::http::{Telemetry, start};
+use sightline::run::{Input, Job, run_observed};
+use sightline_ingest::Format;
+
+fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    get_as(addr, path, "*/*")
+}
+
+fn get_as(addr: std::net::SocketAddr, path: &str, accept: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_parse_and_match_the_run_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.ndjson");
+    let mut generator = Generator::new(GeneratorConfig::default());
+    let mut text = Vec::new();
+    for _ in 0..5000 {
+        generator.next_line(&mut text);
+        text.push(b'\n');
+    }
+    std::fs::write(&input, &text).unwrap();
+    let mut config = Config::default();
+    config.pipeline.window_ms = 10_000;
+    config.lake.location = dir.path().join("lake").display().to_string();
+    config.http = HttpConfig {
+        listen: Some("127.0.0.1:0".into()),
+    };
+    let lake = config.lake.open().unwrap();
+    let telemetry = Arc::new(Telemetry::new(Arc::default()));
+    let addr = start(&config.http, Arc::clone(&telemetry))
+        .unwrap()
+        .unwrap();
+    assert_eq!(get(addr, "/readyz").0, 503, "not ready before the run");
+    let job = Job {
+        input: Input::Ndjson(input.display().to_string()),
+        config,
+        lake,
+        stop: Arc::new(AtomicBool::new(false)),
+        print_windows: false,
+        format: Format::Envelope,
+    };
+    let summary = run_observed(job, telemetry).unwrap();
+    assert_eq!(get(addr, "/readyz").0, 200);
+    assert_eq!(get(addr, "/healthz").0, 200);
+    assert_eq!(get(addr, "/nope").0, 404);
+    let (status, metrics) = get(addr, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        value(&metrics, "sightline_records_read_total"),
+        summary.read
+    );
+    assert_eq!(
+        value(&metrics, "sightline_events_accepted_total"),
+        summary.accepted
+    );
+    assert_eq!(
+        value(&metrics, "sightline_records_rejected_total"),
+        summary.rejected
+    );
+    assert_eq!(value(&metrics, "sightline_events_late_total"), summary.late);
+    assert_eq!(
+        value(&metrics, "sightline_windows_written_total"),
+        summary.windows
+    );
+    assert_eq!(
+        value(&metrics, "sightline_files_written_total"),
+        summary.files
+    );
+    assert_eq!(
+        value(&metrics, "sightline_rows_written_total"),
+        summary.rows
+    );
+    assert_eq!(
+        value(&metrics, "sightline_lake_written_bytes_total"),
+        summary.bytes
+    );
+    assert!(summary.read >= 5000 && summary.files > 0);
+    // What Prometheus asks for: OpenMetrics, the same counters.
+    let (_, openmetrics) = get_as(
+        addr,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0",
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    assert_eq!(
+        value(&openmetrics, "sightline_records_read_total"),
+        summary.read
+    );
+    // Prometheus' own parser, from the Prometheus the test command installs.
+    let promtool = std::env::var_os("SIGHTLINE_PROMTOOL").unwrap_or_else(|| "promtool".into());
+    let mut child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): run scripts/test, which installs Prometheus, or set SIGHTLINE_PROMTOOL")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
