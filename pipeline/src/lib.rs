@@ -43,6 +43,7 @@ pub mod experiments;
 pub mod generator;
 pub mod http;
 pub mod pii_scan;
+pub mod progress;
 pub mod report;
 pub mod restore;
 pub mod run;

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use sightline::config::Config;
 use sightline::demo::{DemoOptions, demo_config, run_demo};
 use sightline::generator::{Generator, GeneratorConfig};
-use sightline::run::{Input, Job, STOP_HANDLED, run};
+use sightline::run::{Input, Job, STOP_HANDLED};
 use sightline_ingest::Format;
 
 /// Sightline: product telemetry → event-time windowed aggregates → Parquet.
@@ -138,6 +138,21 @@ enum SchemasCommand {
     },
 }
 
+/// The lines of the file at `path` (for progress; `None` when it cannot be read).
+fn count_lines(path: &str) -> Option<u64> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut lines = 0u64;
+    loop {
+        let n = file.read(&mut buf).ok()?;
+        if n == 0 {
+            return Some(lines);
+        }
+        lines += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -145,6 +160,8 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a redirected log gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(err) = real_main(Cli::parse()) {
         eprintln!("error: {err:#}");
@@ -223,6 +240,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 InputFormat::Envelope => Format::Envelope,
                 InputFormat::Flat => Format::Flat(Default::default()),
             };
+            // Progress on standard error: records read of the file's lines.
+            let total = (input != "-").then(|| count_lines(&input)).flatten();
             let job = Job {
                 input: Input::Ndjson(input),
                 config,
@@ -231,8 +250,24 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 print_windows: false,
                 format,
             };
-            let summary = run(job)?;
-            println!("{summary}");
+            let stats = Arc::new(sightline_ingest::source::IngestStats::default());
+            let done = Arc::new(AtomicBool::new(false));
+            let watcher = {
+                let (stats, done) = (Arc::clone(&stats), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let mut progress =
+                        sightline::progress::Reporter::new("replay", "records", total);
+                    while !done.load(Ordering::Relaxed) {
+                        progress.update(stats.read.load(Ordering::Relaxed));
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    progress.finish();
+                })
+            };
+            let summary = sightline::run::run_with_stats(job, stats);
+            done.store(true, Ordering::Relaxed);
+            let _ = watcher.join();
+            println!("{}", summary?);
         }
         Command::Schemas {
             command: SchemasCommand::Lint { dir },
@@ -285,13 +320,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ..GeneratorConfig::default()
             });
             let mut line = Vec::with_capacity(2048);
-            for _ in 0..events {
+            let mut progress =
+                sightline::progress::Reporter::new("generate", "events", Some(events));
+            for i in 0..events {
                 line.clear();
                 generator.next_line(&mut line);
                 line.push(b'\n');
                 sink.write_all(&line)?;
+                if i % 8192 == 0 {
+                    progress.update(i);
+                }
             }
             sink.flush()?;
+            progress.finish();
         }
         Command::Demo {
             seconds,
