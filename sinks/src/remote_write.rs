@@ -289,6 +289,8 @@ struct Shared {
     /// Set when nothing is queued or in flight.
     idle: Condvar,
     in_flight: AtomicBool,
+    /// Samples of the request being sent.
+    in_flight_samples: AtomicU64,
     stats: RemoteWriteStats,
 }
 
@@ -334,6 +336,7 @@ impl RemoteWrite {
             closing: AtomicBool::new(false),
             idle: Condvar::new(),
             in_flight: AtomicBool::new(false),
+            in_flight_samples: AtomicU64::new(0),
             stats: RemoteWriteStats::default(),
         });
         let buffer = options.buffer_samples.max(1);
@@ -373,9 +376,10 @@ impl RemoteWrite {
         &self.shared.stats
     }
 
-    /// Samples queued, not yet sent.
+    /// Samples not sent yet: queued, and in the request being sent.
     pub fn queued(&self) -> usize {
-        self.shared.queue.lock().map_or(0, |q| q.len())
+        let queued = self.shared.queue.lock().map_or(0, |q| q.len());
+        queued + self.shared.in_flight_samples.load(Ordering::SeqCst) as usize
     }
 
     /// Waits until everything queued is sent (or rejected), for at most `limit`; then the
@@ -443,6 +447,7 @@ fn send_loop(shared: &Shared, options: &RemoteWriteOptions) {
             }
             shared.in_flight.store(true, Ordering::SeqCst);
             let n = queue.len().min(options.max_samples_per_request.max(1));
+            shared.in_flight_samples.store(n as u64, Ordering::SeqCst);
             queue.drain(..n).collect()
         };
         let body = match encoder.compress_vec(&encode(&batch)) {
@@ -453,6 +458,7 @@ fn send_loop(shared: &Shared, options: &RemoteWriteOptions) {
                     .stats
                     .rejected
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                shared.in_flight_samples.store(0, Ordering::SeqCst);
                 continue;
             }
         };
@@ -486,6 +492,7 @@ fn send_loop(shared: &Shared, options: &RemoteWriteOptions) {
                 }
             }
         }
+        shared.in_flight_samples.store(0, Ordering::SeqCst);
     }
 }
 
@@ -600,6 +607,9 @@ mod tests {
         // 25 pushed: at most 10 queued and 4 in flight; the rest dropped, and counted.
         assert!(dropped >= 11, "dropped {dropped}");
         assert!(!remote.finish(Duration::from_millis(100)));
+        // What is not sent is what was pushed less what was dropped.
+        let (_, _, _, dropped_now) = remote.stats().snapshot();
+        assert_eq!(remote.queued() as u64 + dropped_now, 25);
         assert!(remote.stats().retries.load(Ordering::Relaxed) > 0);
     }
 
