@@ -34,7 +34,7 @@ KEYS = {
     "feedback": ["feature_area", "breakdown", "breakdown_value"],
     "experiment_results": ["experiment_id", "metric", "arm", "state"],
     "experiment_exposures": ["experiment_id", "arm"],
-    "guardrail_decisions": ["experiment_id", "rule", "action", "arm", "metric"],
+    "guardrail_decisions": ["experiment_id", "rule", "action", "arm"],
     "experiment_did": ["experiment_id", "metric", "cohort_start_ms", "state"],
 }
 NOT_MEASURES = {"epoch", "config_version", "decision_epoch"}

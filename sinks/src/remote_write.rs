@@ -74,7 +74,7 @@ pub const SPECS: &[(&str, &[&str])] = &[
     ("experiment_exposures", &["experiment_id", "arm"]),
     (
         "guardrail_decisions",
-        &["experiment_id", "rule", "action", "arm", "metric"],
+        &["experiment_id", "rule", "action", "arm"],
     ),
     (
         "experiment_did",
