@@ -19,14 +19,13 @@ usage: check_did.py LAKE_DIR INPUT_FILE CONFIG
 """
 
 import glob
-import json
 import math
 import sys
 import tomllib
 from collections import defaultdict
-from datetime import datetime
 
 import duckdb
+from accepted import accepted_lines, event_time_ms
 from scipy import stats
 
 lake, input_path, config_path = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -39,20 +38,13 @@ rollouts = [e for e in config["experiments"] if e.get("rollout")]
 con = duckdb.connect()
 failures = []
 
-paths = [p for p in (f"{lake}/dead_letter", f"{lake}/restricted/dead_letter") if glob.glob(f"{p}/**/*.parquet", recursive=True)]
-dead = {r[0] for r in con.execute("SELECT \"offset\" FROM read_parquet([" + ", ".join(f"'{p}/**/*.parquet'" for p in paths) + "])").fetchall()}
 events = []
-with open(input_path, "rb") as f:
-    for offset, line in enumerate(f):
-        if offset in dead:
-            continue
-        e = json.loads(line)
-        if e.get("data_sensitivity") == "restricted" or e.get("pii_classification") == "high":
-            continue
-        if not e.get("user_id") or not e.get("tenant_id"):
-            continue
-        at = int(datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp() * 1000 + 0.5)
-        events.append((e["tenant_id"], e["user_id"], at, e["event_type"] == "error"))
+for _, e in accepted_lines(con, lake, input_path):
+    if e.get("data_sensitivity") == "restricted" or e.get("pii_classification") == "high":
+        continue
+    if not e.get("user_id") or not e.get("tenant_id"):
+        continue
+    events.append((e["tenant_id"], e["user_id"], event_time_ms(e), e["event_type"] == "error"))
 
 rows = con.execute(f"SELECT * EXCLUDE (dt, hr, window_start, window_end), epoch_ms(window_start) AS ws FROM read_parquet('{lake}/experiment_did/**/*.parquet', hive_partitioning=true)").fetchall() if glob.glob(f"{lake}/experiment_did/**/*.parquet", recursive=True) else []
 names = [d[0] for d in con.description] if rows else []

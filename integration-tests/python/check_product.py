@@ -14,9 +14,9 @@ import glob
 import json
 import sys
 from collections import defaultdict
-from datetime import datetime
 
 import duckdb
+from accepted import accepted_lines, event_time_ms
 
 lake, input_path, window_ms = sys.argv[1], sys.argv[2], int(sys.argv[3])
 con = duckdb.connect()
@@ -49,19 +49,13 @@ def check_spread(where, got, samples, q_names):
             failures.append(f"{where}: {name} {got.get(name)} vs exact {quantile(samples, q)}")
 
 
-paths = [p for p in (f"{lake}/dead_letter", f"{lake}/restricted/dead_letter") if glob.glob(f"{p}/**/*.parquet", recursive=True)]
-dead = {r[0] for r in con.execute("SELECT \"offset\" FROM read_parquet([" + ", ".join(f"'{p}/**/*.parquet'" for p in paths) + "])").fetchall()}
 events = []
-with open(input_path, "rb") as f:
-    for offset, line in enumerate(f):
-        if offset in dead:
-            continue
-        e = json.loads(line)
-        at = int(datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp() * 1000 + 0.5)
-        e["_at"], e["_w"] = at, at - at % window_ms
-        e["_r"] = e.get("data_sensitivity") == "restricted" or e.get("pii_classification") == "high"
-        e["_p"] = e.get("properties") or {}
-        events.append(e)
+for _, e in accepted_lines(con, lake, input_path):
+    at = event_time_ms(e)
+    e["_at"], e["_w"] = at, at - at % window_ms
+    e["_r"] = e.get("data_sensitivity") == "restricted" or e.get("pii_classification") == "high"
+    e["_p"] = e.get("properties") or {}
+    events.append(e)
 
 # command_queue
 cq = defaultdict(lambda: {"generated": 0, "viewed": 0, "accepted": 0, "dismissed": 0, "aps_a": [], "aps_d": [], "ttd": [], "reasons": defaultdict(int)})

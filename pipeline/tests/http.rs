@@ -81,35 +81,18 @@ fn metrics_parse_and_match_the_run_summary() {
     assert_eq!(get(addr, "/nope").0, 404);
     let (status, metrics) = get(addr, "/metrics");
     assert_eq!(status, 200);
-    assert_eq!(
-        value(&metrics, "sightline_records_read_total"),
-        summary.read
-    );
-    assert_eq!(
-        value(&metrics, "sightline_events_accepted_total"),
-        summary.accepted
-    );
-    assert_eq!(
-        value(&metrics, "sightline_records_rejected_total"),
-        summary.rejected
-    );
-    assert_eq!(value(&metrics, "sightline_events_late_total"), summary.late);
-    assert_eq!(
-        value(&metrics, "sightline_windows_written_total"),
-        summary.windows
-    );
-    assert_eq!(
-        value(&metrics, "sightline_files_written_total"),
-        summary.files
-    );
-    assert_eq!(
-        value(&metrics, "sightline_rows_written_total"),
-        summary.rows
-    );
-    assert_eq!(
-        value(&metrics, "sightline_lake_written_bytes_total"),
-        summary.bytes
-    );
+    for (name, want) in [
+        ("sightline_records_read_total", summary.read),
+        ("sightline_events_accepted_total", summary.accepted),
+        ("sightline_records_rejected_total", summary.rejected),
+        ("sightline_events_late_total", summary.late),
+        ("sightline_windows_written_total", summary.windows),
+        ("sightline_files_written_total", summary.files),
+        ("sightline_rows_written_total", summary.rows),
+        ("sightline_lake_written_bytes_total", summary.bytes),
+    ] {
+        assert_eq!(value(&metrics, name), want, "{name}");
+    }
     assert!(summary.read >= 5000 && summary.files > 0);
     // What Prometheus asks for: OpenMetrics, the same counters.
     let (_, openmetrics) = get_as(

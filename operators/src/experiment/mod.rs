@@ -604,14 +604,14 @@ where
                                 }
                             }
                         } else {
-                            for def in setup
-                                .defs
-                                .iter()
-                                .filter(|d| d.rollout.is_some() && setup.allows(&d.id, unit.0))
-                            {
-                                let Some(rollout) = def.rollout.as_ref() else {
+                            // Rollouts by tenant read every event of their tenants.
+                            for def in &setup.defs {
+                                let Some(rollout) = &def.rollout else {
                                     continue;
                                 };
+                                if def.tenants.as_ref().is_some_and(|t| !t.contains(&unit.0)) {
+                                    continue;
+                                }
                                 let t = tracked.entry(def.id.clone()).or_default();
                                 if t.panel.add(rollout, &def.metrics, &event) {
                                     touch(&mut tracked, &mut touched, &def.id, start);
