@@ -197,15 +197,13 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
         print_windows: options.print_windows,
         format: Default::default(),
     };
-    let telemetry = Arc::new(crate::http::Telemetry::new(Arc::default()));
+    let telemetry = crate::http::telemetry_for(&config.http);
     let summary = match crate::http::start(&config.http, Arc::clone(&telemetry)) {
         Ok(served) => {
             if let Some(addr) = served
                 && options.print_windows
             {
-                println!(
-                    "metrics: http://{addr}/metrics · health: http://{addr}/healthz, http://{addr}/readyz"
-                );
+                println!("{}", crate::http::served_line(addr));
             }
             crate::run::run_observed(job, telemetry)
         }

@@ -11,6 +11,7 @@ use sightline_operators::alerts::Alert;
 use sightline_operators::experiment::Saved as ExperimentSaved;
 use sightline_operators::state::StateShard;
 use sightline_operators::{ClosedWindow, QualityTotals, Time};
+use sightline_sinks::board::Views;
 use sightline_sinks::experiments::{
     DecisionRow, ExperimentDidRow, ExperimentResultRow, ExposureRow,
 };
@@ -18,7 +19,6 @@ use sightline_sinks::kafka::{KeyedRecord, TopicSink};
 use sightline_sinks::product::{
     AlertRow, CommandQueueRow, FeedbackRow, FunnelRow, IntegrationHealthRow, TriageRow,
 };
-use sightline_sinks::remote_write::RemoteWrite;
 use sightline_sinks::state::{HealthStateSink, StateSink};
 use sightline_sinks::tables::{
     DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow,
@@ -61,9 +61,9 @@ pub struct Outputs {
     pub triage_topic: Option<TopicSink<TriageRow>>,
     /// The guardrail decisions topic, if configured.
     pub guardrail_topic: Option<TopicSink<DecisionRow>>,
-    /// The metrics store (Prometheus remote-write), if configured: every exported table's
-    /// windows go there too once written.
-    pub remote: Option<RemoteWrite>,
+    /// The metrics store (Prometheus remote-write) and the dashboard board, each if there is
+    /// one: every exported table's windows go there too once written.
+    pub views: Views,
 }
 
 /// Where saved state goes: the lake's `_sightline/state/<group>/…` (restricted records under
@@ -101,7 +101,7 @@ pub fn emit(
         alerts_topic,
         triage_topic,
         guardrail_topic,
-        remote,
+        views,
     } = outputs;
     if let Some(target) = &state {
         save_state(computed.funnel_state, target, retry, &health, durable);
@@ -126,7 +126,7 @@ pub fn emit(
             durable,
             written,
             reports: reports.clone(),
-            remote: remote.clone(),
+            views: views.clone(),
         };
         tables.write(rows_of(experiments.results, |w| {
             ExperimentResultRow::from_closed(&w)
@@ -241,7 +241,7 @@ pub fn emit(
             durable,
             written,
             reports: reports.clone(),
-            remote: remote.clone(),
+            views: views.clone(),
         };
         let quality_reports = reports.clone();
         let quality = windows.quality.inspect(move |w| {
@@ -383,7 +383,7 @@ struct Tables<'a> {
     durable: &'a ProbeHandle<Time>,
     written: &'a ProbeHandle<Time>,
     reports: Sender<Report>,
-    remote: Option<RemoteWrite>,
+    views: Views,
 }
 
 impl Tables<'_> {
@@ -401,7 +401,7 @@ impl Tables<'_> {
         let reports = self.reports.clone();
         write_windows_to(
             rows,
-            TableSink::new(self.lake.clone()).with_remote(self.remote.clone()),
+            TableSink::new(self.lake.clone()).with_views(self.views.clone()),
             self.retry,
             self.health,
             self.durable,

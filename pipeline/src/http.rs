@@ -17,12 +17,17 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
-use sightline_ingest::source::IngestStats;
+use sightline_ingest::source::{IngestStats, PartitionGauge};
 use sightline_sinks::SinkHealth;
+use sightline_sinks::board::Board;
+use sightline_sinks::durable::SinkStats;
 use sightline_sinks::remote_write::RemoteWrite;
+use sightline_sinks::timing::Timing;
 use tracing::warn;
 
 /// What the endpoints show, shared with the run that updates it.
@@ -44,6 +49,13 @@ pub struct Telemetry {
     pub sinks: Mutex<Option<Arc<SinkHealth>>>,
     /// The metrics store's sender, when configured.
     pub remote: Mutex<Option<RemoteWrite>>,
+    /// The dashboard's board, when the page is served: the latest windows of the exported
+    /// tables.
+    pub board: Option<Board>,
+    /// Delays from a window's end (every watermark past it) to its files being durable.
+    pub close_delay: Mutex<Timing>,
+    /// The windows' width, ms (set by the run).
+    pub window_ms: AtomicU64,
 }
 
 impl Telemetry {
@@ -52,6 +64,14 @@ impl Telemetry {
         Telemetry {
             ingest,
             ..Telemetry::default()
+        }
+    }
+
+    /// The same, with a board for the dashboard page.
+    pub fn with_board(ingest: Arc<IngestStats>) -> Telemetry {
+        Telemetry {
+            board: Some(Board::default()),
+            ..Telemetry::new(ingest)
         }
     }
 
@@ -140,9 +160,74 @@ impl Telemetry {
             Unit::Seconds,
             ConstGauge::new(load(&i.max_close_delay_ms) as f64 / 1000.0),
         );
+        if let Ok(timing) = self.close_delay.lock() {
+            registry.register_with_unit(
+                "window_close_delay",
+                "Delay from a window's end (every watermark past it) to its files being durable",
+                Unit::Seconds,
+                Timings(vec![(Vec::new(), timing.clone())]),
+            );
+        }
+        self.register_partitions(&mut registry);
         if let Ok(sinks) = self.sinks.lock()
             && let Some(h) = sinks.as_ref()
         {
+            let per_sink = h.per_sink();
+            let labelled = |f: &dyn Fn(&SinkStats) -> u64| {
+                Labelled(
+                    per_sink
+                        .iter()
+                        .map(|(name, s)| (vec![("sink".to_owned(), name.clone())], f(s) as f64))
+                        .collect(),
+                    MetricType::Counter,
+                )
+            };
+            registry.register(
+                "sink_writes",
+                "Batches each sink delivered (windows written, records produced, snapshots saved)",
+                labelled(&|s| s.writes),
+            );
+            registry.register(
+                "sink_failures",
+                "Failed deliveries of each sink, each retried",
+                labelled(&|s| s.failures),
+            );
+            registry.register_with_unit(
+                "sink_write_duration",
+                "How long each successful delivery of each sink took",
+                Unit::Seconds,
+                Timings(
+                    per_sink
+                        .iter()
+                        .map(|(name, s)| {
+                            (vec![("sink".to_owned(), name.clone())], s.latency.clone())
+                        })
+                        .collect(),
+                ),
+            );
+            let sizes = h.state_sizes();
+            let state = |f: &dyn Fn(&(u64, u64)) -> u64| {
+                Labelled(
+                    sizes
+                        .iter()
+                        .map(|(op, size)| {
+                            (vec![("operator".to_owned(), op.clone())], f(size) as f64)
+                        })
+                        .collect(),
+                    MetricType::Gauge,
+                )
+            };
+            registry.register(
+                "state_records",
+                "Records in the last saved snapshot of each long-horizon operator",
+                state(&|s| s.0),
+            );
+            registry.register_with_unit(
+                "state_size",
+                "Size of the last saved snapshot of each long-horizon operator",
+                Unit::Bytes,
+                state(&|s| s.1),
+            );
             counter(
                 &mut registry,
                 "sink_retries",
@@ -189,6 +274,14 @@ impl Telemetry {
                 "Samples waiting to be sent",
                 ConstGauge::new(r.queued() as i64),
             );
+            if let Ok(latency) = r.stats().latency.lock() {
+                registry.register_with_unit(
+                    "remote_write_request_duration",
+                    "How long each remote-write request took to be answered",
+                    Unit::Seconds,
+                    Timings(vec![(Vec::new(), latency.clone())]),
+                );
+            }
         }
         if let Some(rss) = resident_bytes() {
             registry.register_with_unit(
@@ -198,11 +291,174 @@ impl Telemetry {
                 ConstGauge::new(rss as i64),
             );
         }
+        if let Some(board) = &self.board {
+            registry.register(
+                "dashboard_series",
+                "Series the dashboard page holds",
+                ConstGauge::new(board.len() as i64),
+            );
+        }
         let mut out = String::new();
         if encode(&mut out, &registry).is_err() {
             out.clear();
         }
         out
+    }
+
+    /// `/api/status`: the run's counters, its health, and where each source partition stands.
+    pub fn status_json(&self) -> String {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let i = &self.ingest;
+        let now_ms = sightline_schemas::wall_clock_ms();
+        let partitions: Vec<serde_json::Value> = self
+            .ingest
+            .partitions
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .map(|((topic, partition), g)| {
+                        serde_json::json!({
+                            "topic": topic,
+                            "partition": partition,
+                            "watermark_ms": g.watermark_ms,
+                            "freshness_lag_ms": g.watermark_ms.map(|w| now_ms.saturating_sub(w)),
+                            "consumer_lag": g.consumer_lag(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let remote = self.remote.lock().ok().and_then(|r| {
+            let r = r.as_ref()?;
+            let (sent, retries, rejected, dropped) = r.stats().snapshot();
+            Some(serde_json::json!({
+                "sent": sent, "retries": retries, "rejected": rejected,
+                "dropped": dropped, "queued": r.queued(),
+            }))
+        });
+        let close_p99 = self
+            .close_delay
+            .lock()
+            .ok()
+            .filter(|t| t.count() > 0)
+            .map(|t| t.quantile_seconds(0.99));
+        serde_json::json!({
+            "now_ms": now_ms,
+            "window_ms": load(&self.window_ms),
+            "ready": self.ready.load(Ordering::Acquire),
+            "healthy": self.healthy(),
+            "read": load(&i.read),
+            "accepted": load(&i.accepted),
+            "rejected": load(&i.rejected),
+            "late": load(&i.late),
+            "windows": load(&self.windows),
+            "files": load(&self.files),
+            "rows": load(&self.rows),
+            "close_delay_p99_s": close_p99,
+            "partitions": partitions,
+            "remote_write": remote,
+        })
+        .to_string()
+    }
+
+    /// Per source partition: its watermark, how far that is behind the wall clock
+    /// (freshness), and for Kafka the consumer lag and offsets.
+    fn register_partitions(&self, registry: &mut Registry) {
+        let Ok(partitions) = self.ingest.partitions.lock() else {
+            return;
+        };
+        let now_ms = sightline_schemas::wall_clock_ms();
+        let gauge = |f: &dyn Fn(&PartitionGauge) -> Option<f64>| {
+            Labelled(
+                partitions
+                    .iter()
+                    .filter_map(|((topic, partition), g)| {
+                        let labels = vec![
+                            ("topic".to_owned(), topic.clone()),
+                            ("partition".to_owned(), partition.to_string()),
+                        ];
+                        Some((labels, f(g)?))
+                    })
+                    .collect(),
+                MetricType::Gauge,
+            )
+        };
+        registry.register_with_unit(
+            "source_watermark",
+            "Each source partition's watermark (its newest event time less the allowed lateness), as a Unix time",
+            Unit::Seconds,
+            gauge(&|g| Some(g.watermark_ms? as f64 / 1000.0)),
+        );
+        registry.register_with_unit(
+            "source_freshness_lag",
+            "How far each source partition's watermark is behind the wall clock",
+            Unit::Seconds,
+            gauge(&|g| Some(now_ms.saturating_sub(g.watermark_ms?) as f64 / 1000.0)),
+        );
+        registry.register(
+            "source_consumer_lag",
+            "Records of each Kafka partition not yet committed: end offset less committed offset",
+            gauge(&|g| g.consumer_lag().map(|l| l as f64)),
+        );
+        registry.register(
+            "source_committed_offset",
+            "Each Kafka partition's committed offset",
+            gauge(&|g| g.committed.map(|o| o as f64)),
+        );
+        registry.register(
+            "source_end_offset",
+            "Each Kafka partition's end offset (high watermark)",
+            gauge(&|g| g.end_offset.map(|o| o as f64)),
+        );
+    }
+}
+
+/// A labelled family of constant values (counters or gauges) for one scrape.
+#[derive(Debug)]
+struct Labelled(Vec<(Vec<(String, String)>, f64)>, MetricType);
+
+impl TypedMetric for Labelled {}
+
+impl EncodeMetric for Labelled {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, value) in &self.0 {
+            let mut e = encoder.encode_family(labels)?;
+            match self.1 {
+                MetricType::Counter => e.encode_counter::<NoLabelSet, f64, f64>(value, None),
+                _ => e.encode_gauge(value),
+            }?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.1
+    }
+}
+
+/// A labelled family of histograms from [`Timing`]s, for one scrape.
+#[derive(Debug)]
+struct Timings(Vec<(Vec<(String, String)>, Timing)>);
+
+impl TypedMetric for Timings {}
+
+impl EncodeMetric for Timings {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, timing) in &self.0 {
+            encoder
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(
+                    timing.sum_seconds(),
+                    timing.count(),
+                    &timing.buckets(),
+                    None,
+                )?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -232,11 +488,51 @@ pub fn text_format(openmetrics: &str) -> String {
     out
 }
 
+/// The built-in dashboard page: one file, its script and styles inline, no external resource.
+/// It polls `/api/status` and `/api/board`.
+pub const DASHBOARD_PAGE: &str = include_str!("dashboard.html");
+
+/// `/api/board?names=a,b&last=n`: the board's series named (all when `names` is absent), their
+/// `last` newest points (30 by default).
+fn board_json(telemetry: &Telemetry, url: &str) -> String {
+    let Some(board) = &telemetry.board else {
+        return "{\"series\":[],\"evicted\":0}".to_owned();
+    };
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let param = |key: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    };
+    let names: Vec<&str> = param("names")
+        .map(|n| n.split(',').filter(|n| !n.is_empty()).collect())
+        .unwrap_or_default();
+    let last = param("last").and_then(|n| n.parse().ok()).unwrap_or(30);
+    board.to_json(&names, last)
+}
+
 /// The process's resident memory, from `/proc/self/statm` (Linux).
 fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+/// Telemetry for a run whose endpoints are served as `config` says: with a board for the
+/// dashboard page unless they are off.
+pub fn telemetry_for(config: &crate::config::HttpConfig) -> Arc<Telemetry> {
+    Arc::new(if config.listen.as_deref() == Some("") {
+        Telemetry::new(Arc::default())
+    } else {
+        Telemetry::with_board(Arc::default())
+    })
+}
+
+/// The line `run` and `demo` print once the endpoints are served at `addr`.
+pub fn served_line(addr: std::net::SocketAddr) -> String {
+    format!(
+        "dashboard: http://{addr}/ · metrics: http://{addr}/metrics · health: http://{addr}/healthz, http://{addr}/readyz"
+    )
 }
 
 /// Where the endpoints are served when `http.listen` is not set.
@@ -298,6 +594,15 @@ pub fn serve(listen: &str, telemetry: Arc<Telemetry>) -> anyhow::Result<std::net
                         (200, "text/plain", "ready\n".to_owned())
                     }
                     "/readyz" => (503, "text/plain", "starting\n".to_owned()),
+                    "/" | "/index.html" => {
+                        (200, "text/html; charset=utf-8", DASHBOARD_PAGE.to_owned())
+                    }
+                    "/api/status" => (200, "application/json", telemetry.status_json()),
+                    "/api/board" => (
+                        200,
+                        "application/json",
+                        board_json(&telemetry, request.url()),
+                    ),
                     _ => (404, "text/plain", "not found\n".to_owned()),
                 };
                 let header = tiny_http::Header::from_bytes("Content-Type", content_type)

@@ -213,11 +213,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 print_windows: true,
                 format: Format::Envelope,
             };
-            let telemetry = Arc::new(sightline::http::Telemetry::new(Arc::default()));
+            let telemetry = sightline::http::telemetry_for(&job.config.http);
             if let Some(addr) = sightline::http::start(&job.config.http, Arc::clone(&telemetry))? {
-                println!(
-                    "metrics: http://{addr}/metrics · health: http://{addr}/healthz, http://{addr}/readyz"
-                );
+                println!("{}", sightline::http::served_line(addr));
             }
             let summary = sightline::run::run_observed(job, telemetry)?;
             println!("stopped: {summary}");

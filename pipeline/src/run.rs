@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -10,6 +10,7 @@ use sightline_ingest::{Decoder, Format};
 use sightline_operators::Time;
 use sightline_privacy::KeyRing;
 use sightline_sinks::kafka::TopicSink;
+use sightline_sinks::timing::Timing;
 use sightline_sinks::{Lake, SinkHealth};
 use tracing::{info, warn};
 
@@ -246,7 +247,13 @@ impl CloseDelays {
         }
     }
 
-    fn observe(&mut self, watermark: u64, durable: u64, stats: &IngestStats) {
+    fn observe(
+        &mut self,
+        watermark: u64,
+        durable: u64,
+        stats: &IngestStats,
+        timing: &Mutex<Timing>,
+    ) {
         let now = Instant::now();
         // The end of input is not a watermark: nothing is timed past it.
         if watermark != u64::MAX && watermark > 0 {
@@ -268,10 +275,14 @@ impl CloseDelays {
                 break;
             }
             self.passed.pop_front();
+            let delay = now.duration_since(at);
             stats.closed_windows.fetch_add(1, Ordering::Relaxed);
             stats
                 .max_close_delay_ms
-                .fetch_max(now.duration_since(at).as_millis() as u64, Ordering::Relaxed);
+                .fetch_max(delay.as_millis() as u64, Ordering::Relaxed);
+            if let Ok(mut timing) = timing.lock() {
+                timing.record(delay);
+            }
         }
     }
 }
@@ -383,6 +394,9 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
     if let Ok(mut r) = telemetry.remote.lock() {
         r.clone_from(&remote);
     }
+    telemetry
+        .window_ms
+        .store(job.config.pipeline.window_ms, Ordering::Relaxed);
     let grace = Duration::from_millis(job.config.pipeline.shutdown_grace_ms);
     let started = Instant::now();
 
@@ -398,7 +412,10 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         let (abort, drain, health) = (Arc::clone(&abort), Arc::clone(&drain), Arc::clone(&health));
         let (analytics, restored, state_target) =
             (analytics.clone(), restored.clone(), state_target.clone());
-        let remote = remote.clone();
+        let views = sightline_sinks::board::Views {
+            remote: remote.clone(),
+            board: telemetry.board.clone(),
+        };
         let reports_tx = std::sync::Mutex::new(reports_tx);
         timely::execute(
             timely::Config::process(workers),
@@ -463,7 +480,7 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                             |k| k.guardrail_topic.as_deref(),
                             "guardrail",
                         )?,
-                        remote: remote.clone(),
+                        views: views.clone(),
                     };
                     let stats = Arc::clone(&stats);
                     let probes = worker.dataflow::<Time, _, _>(|scope| {
@@ -540,7 +557,7 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
             .map(|f| f.load(Ordering::Acquire))
             .min()
             .unwrap_or(u64::MAX);
-        delays.observe(watermark, durable, &stats);
+        delays.observe(watermark, durable, &stats, &telemetry.close_delay);
         if let Some(failure) = health.failed()
             && !abort.swap(true, Ordering::Relaxed)
         {

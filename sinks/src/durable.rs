@@ -53,6 +53,7 @@ use timely::dataflow::operators::probe::{Handle as ProbeHandle, Probe};
 use tracing::{error, warn};
 
 use crate::Error;
+use crate::timing::Timing;
 
 /// When a batch may be delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +101,12 @@ pub trait Deliver: 'static {
         batch: &Self::Batch,
         sealed: &Self::Sealed,
     ) -> Result<Self::Receipt, Error>;
+
+    /// For a sink of saved state: the operator whose snapshot `sealed` is, its records and
+    /// its bytes (a gauge of the pipeline's metrics once delivered). `None` for other sinks.
+    fn size(&self, _batch: &Self::Batch, _sealed: &Self::Sealed) -> Option<(String, u64, u64)> {
+        None
+    }
 }
 
 /// How failed deliveries are retried: exponential backoff from `initial`, doubling up to `max`.
@@ -134,12 +141,64 @@ pub struct SinkHealth {
     /// Of those, the failures classified as permanent.
     pub permanent_failures: AtomicU64,
     failed: Mutex<Option<String>>,
+    /// Per sink (its operator name), what it delivered: read by the pipeline's `/metrics`.
+    per_sink: Mutex<BTreeMap<String, SinkStats>>,
+    /// Per long-horizon operator, the records and bytes of its last saved snapshot.
+    state_sizes: Mutex<BTreeMap<String, (u64, u64)>>,
+}
+
+/// What one sink delivered.
+#[derive(Clone, Debug, Default)]
+pub struct SinkStats {
+    /// Batches delivered (windows written, records produced).
+    pub writes: u64,
+    /// Failed delivery attempts (each retried).
+    pub failures: u64,
+    /// Of those, the permanent ones.
+    pub permanent_failures: u64,
+    /// How long each successful delivery took.
+    pub latency: Timing,
 }
 
 impl SinkHealth {
     /// Why a sink gave up, if one did: the pipeline must stop.
     pub fn failed(&self) -> Option<String> {
         self.failed.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Per sink, what it delivered so far.
+    pub fn per_sink(&self) -> BTreeMap<String, SinkStats> {
+        self.per_sink.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Per long-horizon operator, the records and bytes of its last saved snapshot.
+    pub fn state_sizes(&self) -> BTreeMap<String, (u64, u64)> {
+        self.state_sizes
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    fn note(&self, sink: &str, outcome: Result<Duration, bool>) {
+        let Ok(mut all) = self.per_sink.lock() else {
+            return;
+        };
+        if !all.contains_key(sink) {
+            all.insert(sink.to_owned(), SinkStats::default());
+        }
+        let Some(stats) = all.get_mut(sink) else {
+            return;
+        };
+        match outcome {
+            Ok(took) => {
+                stats.writes += 1;
+                stats.latency.record(took);
+            }
+            Err(permanent) => {
+                stats.failures += 1;
+                stats.permanent_failures += u64::from(permanent);
+            }
+        }
     }
 
     fn give_up(&self, why: String) {
@@ -274,8 +333,16 @@ pub fn durable_sink<'s, D: Deliver>(
                 return;
             }
             while let Some(entry) = sealed.first_entry() {
+                let began = Instant::now();
                 match sink.deliver(entry.key(), &entry.get().contents) {
                     Ok(receipt) => {
+                        health.note(&label, Ok(began.elapsed()));
+                        if let Some((operator, records, bytes)) =
+                            sink.size(entry.key(), &entry.get().contents)
+                            && let Ok(mut sizes) = health.state_sizes.lock()
+                        {
+                            sizes.insert(operator, (records, bytes));
+                        }
                         backoff.succeeded();
                         failing_since = None;
                         let (_, Pending { capability, .. }) = entry.remove_entry();
@@ -286,6 +353,7 @@ pub fn durable_sink<'s, D: Deliver>(
                         let retry_in_ms = delay.as_millis() as u64;
                         let batch = format!("{:?}", entry.key());
                         health.retries.fetch_add(1, Ordering::Relaxed);
+                        health.note(&label, Err(!err.is_retryable()));
                         if err.is_retryable() {
                             warn!(sink = %label, %batch, error = %err, cause = ?std::error::Error::source(&err), retry_in_ms, "delivery failed; retrying");
                         } else {

@@ -9,8 +9,9 @@ use timely::ExchangeData;
 use timely::dataflow::StreamVec;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
+use crate::board::Views;
 use crate::durable::{Completeness, Deliver, RetryPolicy, SinkHealth, durable_sink};
-use crate::remote_write::{RemoteWrite, series_of};
+use crate::remote_write::series_of;
 use crate::{Error, Lake, Table};
 
 /// One worker's rows of one closed window of one table.
@@ -54,7 +55,7 @@ pub struct WrittenWindow {
 /// the store has acknowledged the file.
 pub struct TableSink<R> {
     lake: Lake,
-    remote: Option<RemoteWrite>,
+    views: Views,
     table: PhantomData<R>,
 }
 
@@ -63,15 +64,15 @@ impl<R> TableSink<R> {
     pub fn new(lake: Lake) -> TableSink<R> {
         TableSink {
             lake,
-            remote: None,
+            views: Views::default(),
             table: PhantomData,
         }
     }
 
-    /// Also hands each window written to the metrics store (see [`crate::remote_write`]: after
-    /// the file is durable, and outside the durability frontier).
-    pub fn with_remote(mut self, remote: Option<RemoteWrite>) -> TableSink<R> {
-        self.remote = remote;
+    /// Also hands each window written to the metrics store and the dashboard board (see
+    /// [`crate::board`]: after the file is durable, and outside the durability frontier).
+    pub fn with_views(mut self, views: Views) -> TableSink<R> {
+        self.views = views;
         self
     }
 }
@@ -106,18 +107,16 @@ impl<R: Table + ExchangeData> Deliver for TableSink<R> {
         let written =
             self.lake
                 .write_window_part::<R>(window.0, window.1, window.2.as_deref(), rows)?;
-        if let Some(remote) = &self.remote
-            && !rows.is_empty()
-        {
+        if !self.views.is_empty() && !rows.is_empty() {
             match R::to_batch(rows) {
-                Ok(batch) => remote.push(series_of(
+                Ok(batch) => self.views.push(series_of(
                     R::NAME,
                     self.lake.route(),
                     &batch,
                     window.1 as i64,
                 )),
                 Err(e) => {
-                    tracing::warn!(table = R::NAME, error = %e, "remote-write: rows not encoded")
+                    tracing::warn!(table = R::NAME, error = %e, "metrics store and board: rows not encoded")
                 }
             }
         }

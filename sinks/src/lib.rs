@@ -30,6 +30,7 @@
 //! assert_eq!(lake.read_rows(&written.path).unwrap(), 1);
 //! ```
 
+pub mod board;
 pub mod durable;
 mod encode;
 pub mod experiments;
@@ -40,6 +41,7 @@ pub mod product;
 pub mod remote_write;
 pub mod state;
 pub mod tables;
+pub mod timing;
 
 pub use durable::{Deliver, RetryPolicy, SinkHealth, durable_sink};
 pub use encode::{Table, parquet_encode};

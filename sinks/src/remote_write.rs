@@ -36,6 +36,8 @@ use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 use tracing::{info, warn};
 
+use crate::timing::Timing;
+
 /// Per exported table, its label columns (its key, bounded sets). Every other numeric column
 /// is a series.
 pub const SPECS: &[(&str, &[&str])] = &[
@@ -263,6 +265,8 @@ pub struct RemoteWriteStats {
     pub dropped: AtomicU64,
     /// Requests accepted.
     pub requests: AtomicU64,
+    /// How long each request took to be answered (any answer).
+    pub latency: Mutex<Timing>,
 }
 
 impl RemoteWriteStats {
@@ -464,7 +468,11 @@ fn send_loop(shared: &Shared, options: &RemoteWriteOptions) {
         };
         let mut backoff = options.min_backoff;
         loop {
+            let began = std::time::Instant::now();
             let outcome = runtime.block_on(post(&client, options, body.clone()));
+            if let Ok(mut latency) = shared.stats.latency.lock() {
+                latency.record(began.elapsed());
+            }
             match outcome {
                 Outcome::Sent => {
                     shared

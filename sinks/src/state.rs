@@ -105,8 +105,9 @@ impl<D> StateSink<D> {
 impl<D: ExchangeData + Serialize + Clone> Deliver for StateSink<D> {
     type Item = StateShard<D>;
     type Batch = (Time, String);
-    /// The newest complete snapshot to clean up to (worker 0 only), and the objects.
-    type Sealed = (Option<Time>, Vec<(String, Bytes)>);
+    /// The newest complete snapshot to clean up to (worker 0 only), the objects, and the
+    /// records they hold.
+    type Sealed = (Option<Time>, Vec<(String, Bytes)>, u64);
     type Receipt = ();
 
     const COMPLETENESS: Completeness = Completeness::Eager;
@@ -126,7 +127,9 @@ impl<D: ExchangeData + Serialize + Clone> Deliver for StateSink<D> {
     fn seal(&mut self, _batch: &(Time, String), shards: Vec<StateShard<D>>) -> Self::Sealed {
         let mut objects = Vec::new();
         let mut complete = None;
+        let mut count = 0;
         for shard in shards {
+            count += shard.records.len() as u64;
             if shard.worker == 0 {
                 complete = complete.max(shard.complete);
             }
@@ -153,11 +156,16 @@ impl<D: ExchangeData + Serialize + Clone> Deliver for StateSink<D> {
                 }
             }
         }
-        (complete, objects)
+        (complete, objects, count)
+    }
+
+    fn size(&self, batch: &(Time, String), sealed: &Self::Sealed) -> Option<(String, u64, u64)> {
+        let bytes = sealed.1.iter().map(|(_, b)| b.len() as u64).sum();
+        Some((batch.1.clone(), sealed.2, bytes))
     }
 
     fn deliver(&mut self, batch: &(Time, String), sealed: &Self::Sealed) -> Result<(), Error> {
-        let (complete, objects) = sealed;
+        let (complete, objects, _) = sealed;
         if objects.is_empty() {
             return Err(Error::Encode("saved state could not be encoded".into()));
         }

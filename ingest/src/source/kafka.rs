@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -81,6 +82,43 @@ pub struct KafkaReader {
     written_up_to: u64,
     store: Arc<dyn CheckpointStore>,
     group: String,
+    /// Per slot, the partition's end offset as last fetched (-1 before), by [`watch_ends`].
+    ends: Arc<Vec<AtomicI64>>,
+}
+
+/// How often the end offsets of a reader's partitions are fetched.
+const END_OFFSETS_EVERY: Duration = Duration::from_secs(5);
+
+/// Fetches the end offsets (high watermarks) of `partitions` into `ends` every
+/// [`END_OFFSETS_EVERY`], from a thread of its own (a fetch is a round trip to the broker,
+/// which the worker does not wait for), until the consumer is dropped.
+fn watch_ends(
+    consumer: std::sync::Weak<BaseConsumer>,
+    partitions: Vec<(String, i32)>,
+    ends: Arc<Vec<AtomicI64>>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("kafka-ends".into())
+        .spawn(move || {
+            loop {
+                let Some(consumer) = consumer.upgrade() else {
+                    return;
+                };
+                for ((topic, partition), end) in partitions.iter().zip(ends.iter()) {
+                    match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(2)) {
+                        Ok((_, high)) => end.store(high, Ordering::Relaxed),
+                        Err(err) => {
+                            debug!(topic, partition, error = %err, "fetching the end offset failed")
+                        }
+                    }
+                }
+                drop(consumer);
+                std::thread::sleep(END_OFFSETS_EVERY);
+            }
+        });
+    if let Err(err) = spawned {
+        warn!(error = %err, "no consumer-lag metrics: the end offsets' thread did not start");
+    }
 }
 
 /// The partitions of `topics` that worker `worker` of `peers` reads, in assignment order.
@@ -206,6 +244,16 @@ impl KafkaReader {
                 }
             }
         }
+        let ends: Arc<Vec<AtomicI64>> =
+            Arc::new(partitions.iter().map(|_| AtomicI64::new(-1)).collect());
+        watch_ends(
+            Arc::downgrade(&consumer),
+            partitions
+                .iter()
+                .map(|p| (p.topic.clone(), p.partition))
+                .collect(),
+            Arc::clone(&ends),
+        );
         info!(worker, peers, partitions = ?mine, written_up_to, resume = ?partitions.iter().map(|p| p.next_offset).collect::<Vec<_>>(), "kafka source assigned");
         Ok(KafkaReader {
             consumer,
@@ -223,6 +271,7 @@ impl KafkaReader {
             written_up_to,
             store,
             group,
+            ends,
         })
     }
 
@@ -611,6 +660,16 @@ impl RecordReader for KafkaReader {
 
     fn caught_up(&mut self, slot: usize) -> bool {
         self.books.get(slot).is_none_or(|b| b.at_end)
+    }
+
+    fn offsets(&self, slot: usize) -> (Option<i64>, Option<i64>) {
+        let committed = self.books.get(slot).and_then(|b| b.ledger.committed());
+        let end = self
+            .ends
+            .get(slot)
+            .map(|e| e.load(Ordering::Relaxed))
+            .filter(|&e| e >= 0);
+        (committed, end)
     }
 
     fn track(&mut self, slot: usize, offset: i64, window_start: Option<u64>, before: Clock) {

@@ -14,8 +14,9 @@ pub mod watermark;
 
 pub use partition::{Clock, PartitionState};
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sightline_operators::{Time, Windows};
@@ -110,6 +111,12 @@ pub trait RecordReader {
     fn caught_up(&mut self, _slot: usize) -> bool {
         true
     }
+
+    /// The committed offset and the end offset of the partition in `slot`, where the reader
+    /// knows them (Kafka); `(None, None)` otherwise.
+    fn offsets(&self, _slot: usize) -> (Option<i64>, Option<i64>) {
+        (None, None)
+    }
 }
 
 /// Counters of one process's sources, shared by its workers.
@@ -131,6 +138,32 @@ pub struct IngestStats {
     pub closed_windows: AtomicU64,
     /// The largest such delay, in ms (sampled every 50 ms by the run loop).
     pub max_close_delay_ms: AtomicU64,
+    /// Per source partition (topic, partition), where it stands: published by the ingest
+    /// operator about twice a second, for the pipeline's metrics.
+    pub partitions: Mutex<BTreeMap<(String, i32), PartitionGauge>>,
+}
+
+/// Where one source partition stands, for the pipeline's metrics (freshness, consumer lag).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartitionGauge {
+    /// The partition's watermark (its position less the allowed lateness), ms since the epoch;
+    /// `None` before it has a position.
+    pub watermark_ms: Option<u64>,
+    /// The next offset to read.
+    pub next_offset: Option<i64>,
+    /// The last offset committed (Kafka).
+    pub committed: Option<i64>,
+    /// The partition's end: the offset the next record produced will get (Kafka's high
+    /// watermark, fetched every few seconds).
+    pub end_offset: Option<i64>,
+}
+
+impl PartitionGauge {
+    /// Records produced and not yet committed: end offset less committed offset (from the
+    /// partition's start, 0, when nothing is committed); `None` without an end offset.
+    pub fn consumer_lag(&self) -> Option<i64> {
+        Some((self.end_offset? - self.committed.unwrap_or(0)).max(0))
+    }
 }
 
 impl IngestStats {
@@ -292,6 +325,7 @@ pub fn ingest<'s>(
         let windows = settings.windows;
         let written_up_to = reader.written_up_to();
         let mut last_durable = 0;
+        let mut published: Option<Instant> = None;
         // Dead letters of partitions that have no clock position yet.
         let mut waiting: Vec<Pending> = Vec::new();
         let mut ready: Vec<(Pending, Time)> = Vec::with_capacity(settings.batch_size);
@@ -424,6 +458,10 @@ pub fn ingest<'s>(
                     .collect()
             };
             let watermark = marks.advance(reader.partitions_mut(), &idle, wall_ms);
+            if published.is_none_or(|at| at.elapsed() >= PUBLISH_EVERY) {
+                published = Some(Instant::now());
+                publish(reader.as_ref(), settings.lateness_ms, &stats);
+            }
             if !waiting.is_empty() {
                 // Partitions that went idle without an event: their dead letters are processed
                 // at the idle time. If a bounded input ended, at the wall clock.
@@ -478,6 +516,7 @@ pub fn ingest<'s>(
             }
             stats.read.fetch_add(read, Ordering::Relaxed);
             if status == ReadStatus::Exhausted {
+                publish(reader.as_ref(), settings.lateness_ms, &stats);
                 cap = None;
                 return;
             }
@@ -491,6 +530,28 @@ pub fn ingest<'s>(
             }
         }
     })
+}
+
+/// How often a source publishes where its partitions stand.
+const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+
+/// Publishes where `reader`'s partitions stand to `stats`.
+fn publish(reader: &dyn RecordReader, lateness_ms: u64, stats: &IngestStats) {
+    let Ok(mut gauges) = stats.partitions.lock() else {
+        return;
+    };
+    for (slot, p) in reader.partitions().iter().enumerate() {
+        let (committed, end_offset) = reader.offsets(slot);
+        gauges.insert(
+            (p.topic.clone(), p.partition),
+            PartitionGauge {
+                watermark_ms: p.clock.watermark_ms(lateness_ms),
+                next_offset: p.next_offset,
+                committed,
+                end_offset,
+            },
+        );
+    }
 }
 
 /// A decoded record on its way out of the source, with where it came from.
