@@ -56,6 +56,12 @@ try {
     .filter((t) => !["alerts", "guardrails"].includes(t.id) && !t.querySelector("svg rect, svg polyline, svg circle"))
     .map((t) => t.id));
   if (withoutChart.length) problems.push(`tiles with no chart: ${withoutChart.join(", ")}`);
+  // The freshness tile's source: every Kafka partition with a watermark and a consumer lag.
+  const status = await (await page.request.get(`${origin}/api/status`)).json();
+  const partial = status.partitions.filter((p) => p.watermark_ms == null || p.consumer_lag == null);
+  if (!status.partitions.length || partial.length) {
+    problems.push(`partitions without a watermark or a consumer lag: ${JSON.stringify(status.partitions)}`);
+  }
   const state = await page.textContent("#s-state");
   if (state !== "running") problems.push(`header says "${state}", not "running"`);
   await page.screenshot({ path: screenshot, fullPage: true });
