@@ -89,6 +89,24 @@ impl Measurement {
     }
 }
 
+/// Reads the endpoints every second until `done`; returns the bytes read.
+fn scrape_every_second(addr: std::net::SocketAddr, done: &std::sync::atomic::AtomicBool) -> usize {
+    use std::io::{Read, Write};
+    let mut bytes = 0;
+    while !done.load(Ordering::Relaxed) {
+        for path in ["/metrics", "/api/status", "/api/board?last=30"] {
+            if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+                let mut body = Vec::new();
+                if write!(s, "GET {path} HTTP/1.0\r\n\r\n").is_ok() && s.read_to_end(&mut body).is_ok() {
+                    bytes += body.len();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    bytes
+}
+
 fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
     let block = Block::generate(BLOCK, 1);
     let started = Instant::now();
@@ -131,7 +149,26 @@ fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
                 print_windows: false,
                 format: Default::default(),
             };
-            let summary = run(job)?;
+            // With `[http] listen` in the configuration, the endpoints and the dashboard's board
+            // run too, and a scraper reads `/metrics`, `/api/status` and `/api/board` every
+            // second (Prometheus scrapes every 15 s by default, the page polls every 3 s).
+            let summary = if job.config.http.listen.as_deref().is_some_and(|l| !l.is_empty()) {
+                let telemetry = sightline::http::telemetry_for(&job.config.http);
+                let addr = sightline::http::start(&job.config.http, Arc::clone(&telemetry))?
+                    .ok_or_else(|| anyhow::anyhow!("the endpoints did not start"))?;
+                let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let scraper = {
+                    let done = Arc::clone(&done);
+                    std::thread::spawn(move || scrape_every_second(addr, &done))
+                };
+                let summary = sightline::run::run_observed(job, telemetry);
+                done.store(true, Ordering::Relaxed);
+                let scraped = scraper.join().unwrap_or(0);
+                eprintln!("endpoints: {scraped} bytes scraped");
+                summary?
+            } else {
+                run(job)?
+            };
             anyhow::ensure!(summary.read == events, "read {} of {events}", summary.read);
         }
         "parse" => {
