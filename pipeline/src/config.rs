@@ -44,7 +44,8 @@ pub struct Config {
     pub http: HttpConfig,
 }
 
-/// Where `run` and `demo` serve `/metrics`, `/healthz` and `/readyz`.
+/// Where `run` and `demo` serve the dashboard page (`/`, `/api/status`, `/api/board`),
+/// `/metrics`, `/healthz` and `/readyz`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct HttpConfig {

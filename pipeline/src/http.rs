@@ -7,10 +7,15 @@
 //!   dropped as already written after a restart; windows, files, rows and bytes written; sink
 //!   retries and permanent failures; remote-write samples sent, rejected, dropped and queued,
 //!   and requests retried; the largest delay from a window's end to its files being durable;
-//!   the process's resident memory.
+//!   the process's resident memory; per source partition its watermark, freshness and (Kafka)
+//!   consumer lag and offsets; per sink its writes and failures; each long-horizon operator's
+//!   last snapshot size; and the histograms of the window close delay, sink writes and
+//!   remote-write requests (from [`Timing`]s).
 //! - `/healthz`: 200 while no sink has given up, 503 after.
 //! - `/readyz`: 200 once the run has started (the lake answered the restore, the sources are
 //!   assigned), 503 before.
+//! - `/`: the dashboard page ([`DASHBOARD_PAGE`]), which reads `/api/status` (the run's counters
+//!   and partitions, [`Telemetry::status_json`]) and `/api/board` (the board's series).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
