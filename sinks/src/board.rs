@@ -84,7 +84,7 @@ impl Board {
                 .iter()
                 .map(|(k, p)| (p.back().map_or(i64::MIN, |p| p.0), k.clone()))
                 .collect();
-            newest.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            newest.sort_unstable_by_key(|n| std::cmp::Reverse(n.0));
             for (_, key) in newest.into_iter().skip(keep) {
                 inner.series.remove(&key);
                 inner.evicted += 1;
