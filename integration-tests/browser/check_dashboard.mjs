@@ -27,17 +27,19 @@ const browser = await chromium.launch({
          "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
 const problems = [];
-let failed = false;
+// Requests cut short by closing the browser at the end are not the page's fault.
+let closing = false;
+const problem = (p) => { if (!closing) problems.push(p); };
 try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 1800 } });
-  page.on("console", (m) => { if (m.type() === "error") problems.push(`console error: ${m.text()}`); });
-  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-  page.on("requestfailed", (r) => problems.push(`request failed: ${r.url()} (${r.failure()?.errorText})`));
-  page.on("response", (r) => { if (r.status() >= 400) problems.push(`HTTP ${r.status()}: ${r.url()}`); });
+  page.on("console", (m) => { if (m.type() === "error") problem(`console error: ${m.text()}`); });
+  page.on("pageerror", (e) => problem(`page error: ${e.message}`));
+  page.on("requestfailed", (r) => problem(`request failed: ${r.url()} (${r.failure()?.errorText})`));
+  page.on("response", (r) => { if (r.status() >= 400) problem(`HTTP ${r.status()}: ${r.url()}`); });
   // Every request must stay on the page's own server: nothing from a CDN.
   const origin = new URL(url).origin;
   page.on("request", (r) => {
-    if (!r.url().startsWith(origin) && !r.url().startsWith("data:")) problems.push(`external request: ${r.url()}`);
+    if (!r.url().startsWith(origin) && !r.url().startsWith("data:")) problem(`external request: ${r.url()}`);
   });
 
   await page.goto(url, { waitUntil: "load" });
@@ -69,8 +71,8 @@ try {
 } catch (e) {
   problems.push(`check failed: ${e.stack || e}`);
 } finally {
+  closing = true;
   await browser.close();
 }
 for (const p of problems) console.error(p);
-failed = problems.length > 0;
-process.exit(failed ? 1 : 0);
+process.exit(problems.length > 0 ? 1 : 0);
