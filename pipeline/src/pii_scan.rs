@@ -121,6 +121,33 @@ pub fn scan_lake(location: &str, s3: &S3Options) -> anyhow::Result<ScanReport> {
     Ok(report)
 }
 
+/// The text of a topic's record that can hold personal data: the keys and string values of a
+/// JSON record (as the lake's scan reads string cells), or the whole text when it is not JSON.
+/// Numbers are the pipeline's measures: a float such as `0.9495168055` is not a phone number.
+fn record_strings(text: &str) -> Vec<String> {
+    fn walk(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    out.push(k.clone());
+                    walk(v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(value) => {
+            let mut out = Vec::new();
+            walk(&value, &mut out);
+            out
+        }
+        Err(_) => vec![text.to_owned()],
+    }
+}
+
 /// Scans every record of `topic`, from the start of each partition to its current end.
 pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport> {
     let consumer: BaseConsumer = kafka
@@ -173,12 +200,14 @@ pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport
             let text = String::from_utf8_lossy(message.payload().unwrap_or_default());
             report.values += 1;
             let at = format!("{topic}/{partition}/{}", message.offset());
-            report.findings.extend(
-                scrubber
-                    .scan(&without_uuids(&text))
-                    .into_iter()
-                    .map(|f| (at.clone(), f)),
-            );
+            for value in record_strings(&text) {
+                report.findings.extend(
+                    scrubber
+                        .scan(&without_uuids(&value))
+                        .into_iter()
+                        .map(|f| (at.clone(), f)),
+                );
+            }
         }
     }
     Ok(report)
@@ -189,6 +218,25 @@ pub fn scan_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<ScanReport
 mod tests {
     use super::*;
     use sightline_sinks::tables::QualityRow;
+
+    #[test]
+    fn a_topic_record_is_scanned_in_its_strings_not_its_numbers() {
+        let scrubber = Scrubber::new();
+        let record = r#"{"estimate":0.9495168055,"nested":[{"note":"call 555-123-4567"}]}"#;
+        assert!(
+            !scrubber.scan(record).is_empty(),
+            "the raw text reads as phones"
+        );
+        let found: Vec<_> = record_strings(record)
+            .iter()
+            .flat_map(|v| scrubber.scan(v))
+            .collect();
+        assert_eq!(found.len(), 1, "only the note's phone: {found:?}");
+        assert_eq!(
+            record_strings("not json 555-123-4567"),
+            vec!["not json 555-123-4567"]
+        );
+    }
 
     #[test]
     fn uuids_are_not_phone_numbers() {
