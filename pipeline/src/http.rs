@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 use sightline_ingest::source::{IngestStats, PartitionGauge};
 use sightline_sinks::SinkHealth;
@@ -237,13 +237,13 @@ impl Telemetry {
                 &mut registry,
                 "sink_retries",
                 "Failed sink deliveries, each retried",
-                load(&h.retries),
+                h.retries(),
             );
             counter(
                 &mut registry,
                 "sink_permanent_failures",
                 "Sink failures classified as permanent",
-                load(&h.permanent_failures),
+                h.permanent_failures(),
             );
         }
         if let Ok(remote) = self.remote.lock()
@@ -422,8 +422,6 @@ impl Telemetry {
 #[derive(Debug)]
 struct Labelled(Vec<(Vec<(String, String)>, f64)>, MetricType);
 
-impl TypedMetric for Labelled {}
-
 impl EncodeMetric for Labelled {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         for (labels, value) in &self.0 {
@@ -444,8 +442,6 @@ impl EncodeMetric for Labelled {
 /// A labelled family of histograms from [`Timing`]s, for one scrape.
 #[derive(Debug)]
 struct Timings(Vec<(Vec<(String, String)>, Timing)>);
-
-impl TypedMetric for Timings {}
 
 impl EncodeMetric for Timings {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {

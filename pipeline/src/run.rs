@@ -635,7 +635,7 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         rows: t.rows,
         bytes: t.bytes,
         already_written: stats.already_written.load(Ordering::Relaxed),
-        retries: health.retries.load(Ordering::Relaxed),
+        retries: health.retries(),
         remote_write,
     };
     info!(elapsed_ms = started.elapsed().as_millis() as u64, %summary, "run finished");

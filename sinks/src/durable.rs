@@ -39,7 +39,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -136,10 +135,6 @@ impl Default for RetryPolicy {
 /// of the pipeline, read by the run loop (and its summary).
 #[derive(Debug, Default)]
 pub struct SinkHealth {
-    /// Failed delivery attempts, each retried.
-    pub retries: AtomicU64,
-    /// Of those, the failures classified as permanent.
-    pub permanent_failures: AtomicU64,
     failed: Mutex<Option<String>>,
     /// Per sink (its operator name), what it delivered: read by the pipeline's `/metrics`.
     per_sink: Mutex<BTreeMap<String, SinkStats>>,
@@ -154,7 +149,7 @@ pub struct SinkStats {
     pub writes: u64,
     /// Failed delivery attempts (each retried).
     pub failures: u64,
-    /// Of those, the permanent ones.
+    /// Of those, the failures classified as permanent.
     pub permanent_failures: u64,
     /// How long each successful delivery took.
     pub latency: Timing,
@@ -164,6 +159,16 @@ impl SinkHealth {
     /// Why a sink gave up, if one did: the pipeline must stop.
     pub fn failed(&self) -> Option<String> {
         self.failed.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Failed delivery attempts of every sink, each retried.
+    pub fn retries(&self) -> u64 {
+        self.per_sink().values().map(|s| s.failures).sum()
+    }
+
+    /// Of those, the failures classified as permanent.
+    pub fn permanent_failures(&self) -> u64 {
+        self.per_sink().values().map(|s| s.permanent_failures).sum()
     }
 
     /// Per sink, what it delivered so far.
@@ -183,12 +188,7 @@ impl SinkHealth {
         let Ok(mut all) = self.per_sink.lock() else {
             return;
         };
-        if !all.contains_key(sink) {
-            all.insert(sink.to_owned(), SinkStats::default());
-        }
-        let Some(stats) = all.get_mut(sink) else {
-            return;
-        };
+        let stats = all.entry(sink.to_owned()).or_default();
         match outcome {
             Ok(took) => {
                 stats.writes += 1;
@@ -352,12 +352,10 @@ pub fn durable_sink<'s, D: Deliver>(
                         let delay = backoff.failed(Instant::now());
                         let retry_in_ms = delay.as_millis() as u64;
                         let batch = format!("{:?}", entry.key());
-                        health.retries.fetch_add(1, Ordering::Relaxed);
                         health.note(&label, Err(!err.is_retryable()));
                         if err.is_retryable() {
                             warn!(sink = %label, %batch, error = %err, cause = ?std::error::Error::source(&err), retry_in_ms, "delivery failed; retrying");
                         } else {
-                            health.permanent_failures.fetch_add(1, Ordering::Relaxed);
                             error!(sink = %label, %batch, error = %err, cause = ?std::error::Error::source(&err), retry_in_ms, "delivery failed with a permanent error; retrying anyway, so that nothing is dropped");
                             let since = *failing_since.get_or_insert(now);
                             if now.duration_since(since) >= policy.give_up_after {

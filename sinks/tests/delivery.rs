@@ -396,7 +396,7 @@ fn permanent_failures_that_last_past_the_limit_fail_the_sink_and_transient_ones_
                 worker.drop_dataflow(id);
             }
         });
-        assert!(health.retries.load(Ordering::Relaxed) > 3);
+        assert!(health.retries() > 3);
         assert_eq!(
             health.failed().is_some(),
             expect_failed,
