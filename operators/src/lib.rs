@@ -15,6 +15,8 @@
 //! - [`state`]: snapshots of a long-horizon operator's state, for restarts;
 //! - [`product`]: command-queue, integration-health and feedback aggregates ([`product::Tally`]);
 //! - [`alerts`]: integration health across windows (breaker state) and the alert rules;
+//! - [`sampling`]: adaptive telemetry budgets (per-segment sampling rates under a global
+//!   budget, from segment counts, risk terms and damping);
 //! - [`select`]: one pass that gives each consumer only the events it reads;
 //! - [`triage`]: P1 records of critical feedback, joined with the user's recent errors.
 //!
@@ -43,6 +45,7 @@ pub mod experiment;
 pub mod funnel;
 pub mod histogram;
 pub mod product;
+pub mod sampling;
 pub mod select;
 pub mod state;
 pub mod triage;

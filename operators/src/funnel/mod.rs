@@ -232,7 +232,7 @@ impl Field {
     }
 }
 
-fn platform_name(p: sightline_schemas::Platform) -> &'static str {
+pub(crate) fn platform_name(p: sightline_schemas::Platform) -> &'static str {
     use sightline_schemas::Platform::*;
     match p {
         Web => "web",
@@ -243,7 +243,7 @@ fn platform_name(p: sightline_schemas::Platform) -> &'static str {
     }
 }
 
-fn source_name(s: sightline_schemas::Source) -> &'static str {
+pub(crate) fn source_name(s: sightline_schemas::Source) -> &'static str {
     use sightline_schemas::Source::*;
     match s {
         Client => "client",
