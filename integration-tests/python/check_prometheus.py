@@ -36,8 +36,9 @@ KEYS = {
     "experiment_exposures": ["experiment_id", "arm"],
     "guardrail_decisions": ["experiment_id", "rule", "action", "arm"],
     "experiment_did": ["experiment_id", "metric", "cohort_start_ms", "state"],
+    "sampling_budgets": ["segment"],
 }
-NOT_MEASURES = {"epoch", "config_version", "decision_epoch"}
+NOT_MEASURES = {"epoch", "config_version", "decision_epoch", "version"}
 NUMERIC = ("BIGINT", "INTEGER", "DOUBLE", "BOOLEAN")
 con = duckdb.connect()
 failures = []

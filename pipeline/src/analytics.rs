@@ -477,8 +477,13 @@ fn matcher(
 /// Which identifiers the funnels, triage and the experiments follow, for the decoders' unit
 /// links (triage always follows users), and on which events: the ones those operators read
 /// (every event when experiments are analysed: their units are (tenant, user) pairs, and any
-/// event can carry an assignment).
-pub fn link_fields(defs: &[FunnelDef], experiments: bool) -> sightline_ingest::LinkFields {
+/// event can carry an assignment), and tenants on every event when the sampling budgets'
+/// new-tenant term is on (`tenants`).
+pub fn link_fields(
+    defs: &[FunnelDef],
+    experiments: bool,
+    tenants: bool,
+) -> sightline_ingest::LinkFields {
     let mut links = sightline_ingest::LinkFields {
         user: true,
         ..Default::default()
@@ -496,6 +501,10 @@ pub fn link_fields(defs: &[FunnelDef], experiments: bool) -> sightline_ingest::L
     if experiments {
         links.tenant = true;
         links.user = true;
+        read.push(Names::All);
+    }
+    if tenants {
+        links.tenant = true;
         read.push(Names::All);
     }
     links.names = match Names::union(&read) {

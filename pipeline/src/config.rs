@@ -38,6 +38,8 @@ pub struct Config {
     pub triage: crate::analytics::TriageConfig,
     /// Experiments (`[[experiments]]`).
     pub experiments: Vec<crate::experiments::ExperimentConfig>,
+    /// Adaptive telemetry budgets (`[sampling]`).
+    pub sampling: crate::sampling::SamplingConfig,
     /// The metrics store (Prometheus remote-write); off unless `url` is set.
     pub metrics_store: MetricsStoreConfig,
     /// The pipeline's own endpoints (`/metrics`, `/healthz`, `/readyz`), for `run` and `demo`.
@@ -344,6 +346,10 @@ pub struct KafkaConfig {
     pub triage_topic: Option<String>,
     /// Topic for guardrail decisions (`kill`, `hold`, `advance`), if any.
     pub guardrail_topic: Option<String>,
+    /// Topic that receives each interval's sampling-rate table, one JSON record per segment
+    /// keyed by the segment (a compacted topic keeps the latest table); unset: the
+    /// `sampling_budgets` table only.
+    pub sampling_topic: Option<String>,
 }
 
 impl KafkaConfig {
@@ -392,6 +398,7 @@ impl Default for KafkaConfig {
             alerts_topic: None,
             triage_topic: None,
             guardrail_topic: None,
+            sampling_topic: None,
         }
     }
 }
@@ -522,6 +529,7 @@ impl Config {
             ("alerts-topic", &self.kafka.alerts_topic),
             ("triage-topic", &self.kafka.triage_topic),
             ("guardrail-topic", &self.kafka.guardrail_topic),
+            ("sampling-topic", &self.kafka.sampling_topic),
         ] {
             if topic.as_deref().is_some_and(|t| names.contains(&t)) {
                 bail!("kafka.{key} must not be one of the input topics");
@@ -538,6 +546,7 @@ impl Config {
         }
         self.funnel_defs()?;
         self.experiment_setup(&mut |_| 1)?;
+        self.sampling.rules(&self.experiments)?;
         Ok(())
     }
 

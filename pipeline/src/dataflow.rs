@@ -25,6 +25,9 @@ use sightline_operators::product::{
     COMMAND_QUEUE_EVENTS, FEEDBACK_EVENTS, INTEGRATION_EVENTS, ProductKey, Tally, command_queue,
     feedback, integration_health,
 };
+use sightline_operators::sampling::{
+    BudgetInput, BudgetWindow, SamplingRules, SamplingState, budgets, segment_counts,
+};
 use sightline_operators::select::{Names, Subscriber, select};
 use sightline_operators::state::StateShard;
 use sightline_operators::triage::{SavedItem, TriageRecord, TriageRules, triage};
@@ -34,7 +37,8 @@ use sightline_operators::{
     latency_by_variant, quality, windowed_dead_letters,
 };
 use sightline_schemas::{DeadLetter, Event};
-use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Concat, Probe};
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Partition;
@@ -115,6 +119,14 @@ pub struct ExperimentWindows<'s> {
     pub state: Option<StreamVec<'s, Time, StateShard<ExperimentSaved>>>,
 }
 
+/// What the sampling budgets compute.
+pub struct SamplingWindows<'s> {
+    /// Every processed window with the state after it, and each interval's rate table.
+    pub windows: StreamVec<'s, Time, BudgetWindow>,
+    /// The rules (for the segment's field names).
+    pub rules: Arc<SamplingRules>,
+}
+
 /// What the dataflow computes, for outputs to attach to.
 pub struct Computed<'s> {
     /// Every accepted event (both routes), at its event-time tick, shared: for operators that
@@ -137,6 +149,8 @@ pub struct Computed<'s> {
     pub funnel_defs: Arc<[FunnelDef]>,
     /// The experiments' outputs, when any experiment is analysed.
     pub experiments: Option<ExperimentWindows<'s>>,
+    /// The sampling budgets (both routes' events), window by window, when they are on.
+    pub sampling: Option<SamplingWindows<'s>>,
     /// The sources' frontier: the global watermark.
     pub watermark: ProbeHandle<Time>,
 }
@@ -168,6 +182,10 @@ pub struct Analytics {
     pub experiments: Arc<Setup>,
     /// Where the experiments resume (this worker's share of their restored state).
     pub experiments_resume: Resume<ExperimentSaved>,
+    /// The sampling budgets' rules, when they are on.
+    pub sampling: Option<Arc<SamplingRules>>,
+    /// The state the budgets resume from.
+    pub sampling_resume: SamplingState,
 }
 
 impl Analytics {
@@ -189,6 +207,8 @@ impl Analytics {
             triage_resume: Resume::default(),
             experiments: Arc::new(Setup::default()),
             experiments_resume: Resume::default(),
+            sampling: None,
+            sampling_resume: SamplingState::default(),
         }
     }
 }
@@ -301,6 +321,16 @@ pub fn compute<'s>(
         analytics.triage_resume.clone(),
         hooks.as_ref(),
     );
+    // The budgets count every accepted event of both routes: they budget all the traffic an
+    // SDK sends, and their table holds segment counts only.
+    let budget_counts = analytics.sampling.as_ref().map(|rules| {
+        close_windows(
+            segment_counts(experiment_events.clone(), windows, rules),
+            windows,
+            "CloseSegmentCounts",
+        )
+        .map(BudgetInput::Counts)
+    });
     let setup = &analytics.experiments;
     let experiments = setup.is_on().then(|| {
         let out = experiments(
@@ -319,9 +349,25 @@ pub fn compute<'s>(
             state: out.state,
         }
     });
+    let sampling = analytics.sampling.as_ref().zip(budget_counts).map(|(rules, counts)| {
+        let input = match &experiments {
+            Some(e) => counts.concat(e.decisions.clone().map(BudgetInput::Decisions)),
+            None => counts,
+        };
+        SamplingWindows {
+            windows: budgets(
+                input,
+                windows,
+                Arc::clone(rules),
+                analytics.sampling_resume.clone(),
+            ),
+            rules: Arc::clone(rules),
+        }
+    });
     Computed {
         events,
         experiments,
+        sampling,
         dead_letters,
         routes,
         funnels,

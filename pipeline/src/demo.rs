@@ -27,6 +27,8 @@ pub const DEMO_TOPIC: &str = "telemetry.events";
 pub const DEMO_DEAD_LETTER_TOPIC: &str = "telemetry.dead-letter";
 /// The demo's guardrail-decision topic.
 pub const DEMO_GUARDRAIL_TOPIC: &str = "experiments.guardrail-decisions";
+/// The demo's sampling-rate topic.
+pub const DEMO_SAMPLING_TOPIC: &str = "telemetry.sampling-rates";
 
 /// Settings of a demo run.
 #[derive(Clone, Debug)]
@@ -51,6 +53,9 @@ pub fn demo_config() -> Config {
     config.pipeline.allowed_lateness_ms = 2_000;
     config.pipeline.idle_timeout_ms = 2_000;
     config.analytics.save_state_every_ms = 10_000;
+    // A rate table every 30 s, for a budget of a quarter of the demo's 2000 events/s.
+    config.sampling.interval_windows = 3;
+    config.sampling.budget_events_per_second = 500.0;
     // The built-in funnels write a row 30 minutes (or 30 days) after its entry window; these
     // two write theirs within two minutes, so that the demo shows the funnels table.
     use crate::analytics::steps;
@@ -155,6 +160,9 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
     cluster
         .create_topic(DEMO_GUARDRAIL_TOPIC, 1, 1)
         .context("creating the demo guardrail topic")?;
+    cluster
+        .create_topic(DEMO_SAMPLING_TOPIC, 1, 1)
+        .context("creating the demo sampling topic")?;
     let bootstrap = cluster.bootstrap_servers();
 
     let mut config = options.config.clone();
@@ -163,6 +171,7 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
     config.kafka.group_id = "sightline-demo".into();
     config.kafka.dead_letter_topic = Some(DEMO_DEAD_LETTER_TOPIC.into());
     config.kafka.guardrail_topic = Some(DEMO_GUARDRAIL_TOPIC.into());
+    config.kafka.sampling_topic = Some(DEMO_SAMPLING_TOPIC.into());
     config.kafka.commit_interval_ms = 1_000;
 
     let stop = Arc::clone(&options.stop);

@@ -19,7 +19,8 @@ use sightline_sinks::kafka::{KeyedRecord, TopicSink};
 use sightline_sinks::product::{
     AlertRow, CommandQueueRow, FeedbackRow, FunnelRow, IntegrationHealthRow, TriageRow,
 };
-use sightline_sinks::state::{HealthStateSink, StateSink};
+use sightline_sinks::sampling::BudgetRow;
+use sightline_sinks::state::{StateSink, WindowStateSink, health_name};
 use sightline_sinks::tables::{
     DeadLetterRecord, DeadLetterRow, EventCountRow, LatencyRow, QualityRow, QualitySummaryRow,
     VariantLatencyRow,
@@ -61,6 +62,8 @@ pub struct Outputs {
     pub triage_topic: Option<TopicSink<TriageRow>>,
     /// The guardrail decisions topic, if configured.
     pub guardrail_topic: Option<TopicSink<DecisionRow>>,
+    /// The sampling-rate topic, if configured.
+    pub sampling_topic: Option<TopicSink<BudgetRow>>,
     /// The metrics store (Prometheus remote-write) and the dashboard board, each if there is
     /// one: every exported table's windows go there too once written.
     pub views: Views,
@@ -101,8 +104,60 @@ pub fn emit(
         alerts_topic,
         triage_topic,
         guardrail_topic,
+        sampling_topic,
         views,
     } = outputs;
+    if let Some(sampling) = computed.sampling {
+        let fields = sampling.rules.fields.clone();
+        let tables = Tables {
+            lake: lake.clone(),
+            retry,
+            health: &health,
+            durable,
+            written,
+            reports: reports.clone(),
+            views: views.clone(),
+        };
+        let table_reports = reports.clone();
+        let published = sampling.windows.clone().inspect(move |w| {
+            if let Some(t) = &w.table {
+                let _ = table_reports.send(Report::Alert(crate::report::budget_line(t)));
+            }
+        });
+        let rows = published.flat_map(move |w| {
+            let table = w.table?;
+            Some(WindowRows {
+                window_start_ms: table.window_start_ms,
+                window_end_ms: table.window_end_ms,
+                part: None,
+                rows: BudgetRow::of_table(&table, &fields),
+            })
+        });
+        if let Some(topic) = sampling_topic {
+            let records = rows.clone().flat_map(|w| {
+                w.rows
+                    .into_iter()
+                    .map(|value| KeyedRecord {
+                        key: value.key(),
+                        value,
+                    })
+                    .collect::<Vec<_>>()
+            });
+            durable_sink(records, topic, retry, &health, durable).probe_with(written);
+        }
+        // An interval's table is not a window of its own: counted in the totals only.
+        tables.write_reported(rows, Report::Later);
+        if let Some(target) = &state {
+            let sink = WindowStateSink::new(
+                target.lake.clone(),
+                &target.group,
+                "sampling",
+                durable.clone(),
+                target.windows,
+            );
+            durable_sink(sampling.windows, sink, retry, &health, durable);
+        }
+    }
     if let Some(target) = &state {
         save_state(computed.funnel_state, target, retry, &health, durable);
         save_state(computed.triage_state, target, retry, &health, durable);
@@ -308,10 +363,10 @@ pub fn emit(
                 .collect::<Vec<_>>()
         }));
         if let Some(target) = &state {
-            let sink = HealthStateSink::new(
+            let sink = WindowStateSink::new(
                 target.lake.clone(),
                 &target.group,
-                route,
+                &health_name(route),
                 durable.clone(),
                 target.windows,
             );

@@ -8,6 +8,7 @@
 //! - [`emit`]: where it goes: every output attached to the bundle through the durable sink;
 //! - [`run`]: workers, reporting and shutdown;
 //! - [`generator`]: the built-in generator of realistic events;
+//! - [`sampling`]: the `[sampling]` section (adaptive telemetry budgets);
 //! - [`demo`]: the embedded default — mock Kafka cluster, live generator, local lake;
 //! - [`pii_scan`]: the audit of stored output.
 //!
@@ -47,3 +48,4 @@ pub mod progress;
 pub mod report;
 pub mod restore;
 pub mod run;
+pub mod sampling;

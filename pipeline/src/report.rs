@@ -15,7 +15,7 @@ pub enum Report {
     /// A file written after its window was released (a funnel's entry window, written at its
     /// horizon): counted in the totals, not as a window.
     Later(WrittenWindow),
-    /// An alert changed state: the line to print.
+    /// An alert changed state, or a sampling-rate table was published: the line to print.
     Alert(String),
 }
 
@@ -93,6 +93,34 @@ impl Progress {
         }
         out
     }
+}
+
+/// One human line for a published sampling-rate table: its interval, budget, expected kept
+/// volume, and the segments kept most (risk above 1, highest rate first, at most three).
+pub fn budget_line(t: &sightline_operators::sampling::BudgetTable) -> String {
+    let start = sightline_schemas::format_rfc3339_ms(t.window_start_ms as i64);
+    let end = sightline_schemas::format_rfc3339_ms(t.window_end_ms as i64);
+    let active = t.rows.iter().filter(|r| r.volume > 0.0).count();
+    let mut risky: Vec<_> = t.rows.iter().filter(|r| r.risk > 1.0 && r.volume > 0.0).collect();
+    risky.sort_by(|a, b| b.rate.total_cmp(&a.rate).then(b.risk.total_cmp(&a.risk)));
+    let top: Vec<String> = risky
+        .iter()
+        .take(3)
+        .map(|r| format!("{} at {:.3} (risk {:.2})", r.segment.join("/"), r.rate, r.risk))
+        .collect();
+    format!(
+        "sampling rates v{} for {}–{}: {active} segments, budget {:.0} events, expected kept {:.0}{}",
+        t.version,
+        &start[..19],
+        &end[11..19],
+        t.budget,
+        t.expected_kept,
+        if top.is_empty() {
+            String::new()
+        } else {
+            format!("; kept most: {}", top.join(", "))
+        }
+    )
 }
 
 /// One human line for an alert's change of state.

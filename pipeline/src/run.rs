@@ -183,7 +183,11 @@ impl CheckpointStore for LakeCheckpoints {
 /// each Kafka topic's declared format.
 fn decoders_for(job: &Job, keys: &Arc<KeyRing>, analytics: &Analytics) -> Decoders {
     let base = Decoder::new(job.config.pipeline.max_event_bytes, Arc::clone(keys)).with_links(
-        crate::analytics::link_fields(&analytics.funnels, analytics.experiments.is_on()),
+        crate::analytics::link_fields(
+            &analytics.funnels,
+            analytics.experiments.is_on(),
+            analytics.sampling.as_ref().is_some_and(|s| s.uses_tenants()),
+        ),
     );
     let mut decoders = Decoders::new(base.clone().with_format(job.format.clone()));
     if let Input::Kafka(kafka) = &job.input {
@@ -353,10 +357,10 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         (Input::Kafka(kafka), Some(restored)) => Route::ALL
             .iter()
             .map(|route| {
-                sightline_sinks::state::load_health(
+                sightline_sinks::state::load_window_state(
                     &job.lake,
                     &kafka.group_id,
-                    route.as_str(),
+                    &sightline_sinks::state::health_name(route.as_str()),
                     restored.resume_ms,
                     windows_of(&job.config.pipeline),
                 )
@@ -364,6 +368,24 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
             })
             .collect::<anyhow::Result<Vec<_>>>()?,
         _ => Vec::new(),
+    };
+    let sampling = job
+        .config
+        .sampling
+        .rules(&job.config.experiments)?
+        .map(Arc::new);
+    let sampling_resume = match (&job.input, &restored, &sampling) {
+        (Input::Kafka(kafka), Some(restored), Some(_)) => {
+            sightline_sinks::state::load_window_state(
+                &job.lake,
+                &kafka.group_id,
+                "sampling",
+                restored.resume_ms,
+                windows_of(&job.config.pipeline),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?
+        }
+        _ => Default::default(),
     };
     let analytics = Analytics {
         resume: Vec::new(),
@@ -375,6 +397,8 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
             .map(|_| job.config.analytics.save_state_every_ms),
         flush: Arc::clone(&flush),
         experiments,
+        sampling,
+        sampling_resume,
         ..Analytics::of(funnels)
     };
     let (reports_tx, reports_rx) = mpsc::channel();
@@ -441,6 +465,12 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                             .as_ref()
                             .map(|r| r.experiments_share(index))
                             .unwrap_or_default(),
+                        // The budgets run on worker 0, which resumes their whole state.
+                        sampling_resume: if index == 0 {
+                            analytics.sampling_resume.clone()
+                        } else {
+                            Default::default()
+                        },
                         ..analytics.clone()
                     };
                     let p = &job.config.pipeline;
@@ -479,6 +509,11 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                             &job,
                             |k| k.guardrail_topic.as_deref(),
                             "guardrail",
+                        )?,
+                        sampling_topic: topic_sink(
+                            &job,
+                            |k| k.sampling_topic.as_deref(),
+                            "sampling",
                         )?,
                         views: views.clone(),
                     };

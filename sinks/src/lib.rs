@@ -39,6 +39,7 @@ mod lake;
 mod lake_sink;
 pub mod product;
 pub mod remote_write;
+pub mod sampling;
 pub mod state;
 pub mod tables;
 pub mod timing;

@@ -82,10 +82,11 @@ pub const SPECS: &[(&str, &[&str])] = &[
         "experiment_did",
         &["experiment_id", "metric", "cohort_start_ms", "state"],
     ),
+    ("sampling_budgets", &["segment"]),
 ];
 
 /// Columns that are numbers but not measures: never series.
-const NOT_MEASURES: &[&str] = &["epoch", "config_version", "decision_epoch"];
+const NOT_MEASURES: &[&str] = &["epoch", "config_version", "decision_epoch", "version"];
 
 /// One series with one sample.
 #[derive(Clone, Debug, PartialEq)]

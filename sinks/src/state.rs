@@ -270,52 +270,91 @@ pub fn load_state<D: DeserializeOwned>(
     }))
 }
 
-/// Saves the integration-health state after every evaluated window
-/// (`_sightline/state/<group>/health-<route>/<window end>.json`), and prunes the objects no
-/// restart can need: those of windows before the newest one at or before the durable frontier.
-pub struct HealthStateSink {
+/// A window-by-window operator's output that carries the state after its window (integration
+/// health, sampling budgets): what [`WindowStateSink`] saves.
+pub trait SavedWindow: ExchangeData {
+    /// The state.
+    type State: Serialize + Default;
+    /// The end of the window the state is after, ms.
+    fn window_end_ms(&self) -> Time;
+    /// The state after the window.
+    fn into_state(self) -> Self::State;
+}
+
+impl SavedWindow for sightline_operators::alerts::HealthWindow {
+    type State = sightline_operators::alerts::HealthState;
+    fn window_end_ms(&self) -> Time {
+        self.window_end_ms
+    }
+    fn into_state(self) -> Self::State {
+        self.state
+    }
+}
+
+impl SavedWindow for sightline_operators::sampling::BudgetWindow {
+    type State = sightline_operators::sampling::SamplingState;
+    fn window_end_ms(&self) -> Time {
+        self.window_end_ms
+    }
+    fn into_state(self) -> Self::State {
+        self.state
+    }
+}
+
+/// Saves a window-by-window operator's state after every window it processed
+/// (`_sightline/state/<group>/<name>/<window end>.json`; `health-<route>` for integration
+/// health, `sampling` for the budgets), and prunes the objects no restart can need: those of
+/// windows before the newest one at or before the durable frontier.
+pub struct WindowStateSink<W> {
     lake: Lake,
     dir: String,
     durable: timely::dataflow::operators::probe::Handle<Time>,
     windows: sightline_operators::Windows,
+    item: std::marker::PhantomData<W>,
 }
 
-impl HealthStateSink {
-    /// Saves under consumer group `group`, for `route`.
+impl<W> WindowStateSink<W> {
+    /// Saves under consumer group `group`, as `name`.
     pub fn new(
         lake: Lake,
         group: &str,
-        route: &str,
+        name: &str,
         durable: timely::dataflow::operators::probe::Handle<Time>,
         windows: sightline_operators::Windows,
-    ) -> HealthStateSink {
-        HealthStateSink {
+    ) -> WindowStateSink<W> {
+        WindowStateSink {
             lake,
-            dir: health_dir(group, route),
+            dir: window_state_dir(group, name),
             durable,
             windows,
+            item: std::marker::PhantomData,
         }
     }
 }
 
-/// Where a route's integration-health state is saved.
-pub fn health_dir(group: &str, route: &str) -> String {
-    state_dir("", group, &format!("health-{route}"))
+/// Where a window-by-window operator's state is saved.
+pub fn window_state_dir(group: &str, name: &str) -> String {
+    state_dir("", group, name)
 }
 
-fn health_object(dir: &str, window_end: Time) -> String {
+/// The state name of a route's integration health.
+pub fn health_name(route: &str) -> String {
+    format!("health-{route}")
+}
+
+fn window_state_object(dir: &str, window_end: Time) -> String {
     format!("{dir}/{window_end:020}.json")
 }
 
-fn health_end(dir: &str, path: &str) -> Option<Time> {
+fn window_state_end(dir: &str, path: &str) -> Option<Time> {
     path.strip_prefix(&format!("{dir}/"))?
         .strip_suffix(".json")?
         .parse()
         .ok()
 }
 
-impl Deliver for HealthStateSink {
-    type Item = sightline_operators::alerts::HealthWindow;
+impl<W: SavedWindow> Deliver for WindowStateSink<W> {
+    type Item = W;
     type Batch = Time;
     type Sealed = Result<Bytes, String>;
     type Receipt = ();
@@ -323,7 +362,7 @@ impl Deliver for HealthStateSink {
     const COMPLETENESS: Completeness = Completeness::Eager;
 
     fn name(&self) -> String {
-        "SaveHealthState".into()
+        format!("SaveState({})", self.dir.rsplit('/').next().unwrap_or_default())
     }
 
     fn route(_item: &Self::Item) -> Option<u64> {
@@ -331,14 +370,14 @@ impl Deliver for HealthStateSink {
     }
 
     fn batch_of(item: &Self::Item) -> Time {
-        item.window_end_ms
+        item.window_end_ms()
     }
 
     fn seal(&mut self, _end: &Time, items: Vec<Self::Item>) -> Self::Sealed {
         let state = items
             .into_iter()
             .last()
-            .map(|w| w.state)
+            .map(SavedWindow::into_state)
             .unwrap_or_default();
         serde_json::to_vec(&serde_json::json!({"v": STATE_VERSION, "state": state}))
             .map(Bytes::from)
@@ -347,7 +386,7 @@ impl Deliver for HealthStateSink {
 
     fn deliver(&mut self, end: &Time, sealed: &Self::Sealed) -> Result<(), Error> {
         let bytes = sealed.clone().map_err(Error::Encode)?;
-        self.lake.put(&health_object(&self.dir, *end), bytes)?;
+        self.lake.put(&window_state_object(&self.dir, *end), bytes)?;
         let durable = self
             .durable
             .with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
@@ -356,7 +395,7 @@ impl Deliver for HealthStateSink {
             .lake
             .list(&self.dir)?
             .into_iter()
-            .filter_map(|p| health_end(&self.dir, &p).map(|e| (e, p)))
+            .filter_map(|p| window_state_end(&self.dir, &p).map(|e| (e, p)))
             .collect();
         // The newest state at or before the durable window start is what a restart reads.
         let needed = ends
@@ -373,25 +412,25 @@ impl Deliver for HealthStateSink {
     }
 }
 
-/// The integration-health state a restart resumes from: the one saved after the newest window
-/// that ends at or before the window of `resume_ms` (the source's durable frontier); empty when
-/// there is none.
-pub fn load_health(
+/// The state a window-by-window operator resumes from: the one saved after the newest window
+/// that ends at or before the window of `resume_ms` (the source's durable frontier); empty
+/// when there is none.
+pub fn load_window_state<S: serde::de::DeserializeOwned + Default>(
     lake: &Lake,
     group: &str,
-    route: &str,
+    name: &str,
     resume_ms: Time,
     windows: sightline_operators::Windows,
-) -> Result<sightline_operators::alerts::HealthState, String> {
-    let dir = health_dir(group, route);
+) -> Result<S, String> {
+    let dir = window_state_dir(group, name);
     let limit = windows.start_of(resume_ms);
     let paths = lake.list(&dir).map_err(|e| format!("listing {dir}: {e}"))?;
     let Some(path) = paths
         .into_iter()
-        .filter(|p| health_end(&dir, p).is_some_and(|e| e <= limit))
-        .max_by_key(|p| health_end(&dir, p))
+        .filter(|p| window_state_end(&dir, p).is_some_and(|e| e <= limit))
+        .max_by_key(|p| window_state_end(&dir, p))
     else {
-        return Ok(Default::default());
+        return Ok(S::default());
     };
     let bytes = lake
         .get(&path)

@@ -446,10 +446,11 @@ pub fn budgets<'s>(
 ) -> StreamVec<'s, Time, BudgetWindow> {
     let to_first = Exchange::new(|_: &BudgetInput| 0u64);
     let interval_ms = rules.interval_ms(windows);
-    input.unary_frontier(to_first, "SamplingBudgets", move |capability, info| {
+    let first = input.scope().index() == 0;
+    input.unary_frontier(to_first, "SamplingBudgets", move |capability, _info| {
         // Resuming inside an interval: its table is due when the frontier passes its end,
         // whether or not another window of it comes.
-        let mut held = (info.global_id == 0 && initial.interval_start_ms.is_some()).then(|| {
+        let mut held = (first && initial.interval_start_ms.is_some()).then(|| {
             let mut cap = capability;
             cap.downgrade(&initial.window_end_ms.max(*cap.time()));
             cap

@@ -5,7 +5,8 @@
 //!
 //! - `new_release`: the share of the segment's volume from app versions first seen less than
 //!   `new_release_ms` before the interval, each weighted by how new it is (1 when first seen in
-//!   this interval, falling linearly to 0 at `new_release_ms`);
+//!   this interval, falling linearly to 0 at `new_release_ms`). What the first table ever
+//!   sees is established (a pipeline started without state cannot tell new from old);
 //! - `new_tenant`: the same for tenants (by their link, which does not rotate), over
 //!   `new_tenant_ms`;
 //! - `elevated_errors`: the z-score of the error share of the segment's *context* (the segment
@@ -185,22 +186,23 @@ pub fn close_interval(state: &mut SamplingState, rules: &SamplingRules, end: u64
         .collect();
     let mut tenants: BTreeMap<u64, Seen> =
         std::mem::take(&mut state.tenants).into_iter().collect();
+    // What the first table ever sees is established, not new: a pipeline started without
+    // state has nothing to compare with, and boosting everything would boost nothing.
+    let first_seen = if state.version == 0 { 0 } else { start };
+    let new_seen = Seen {
+        first_ms: first_seen,
+        last_ms: start,
+    };
     for (part, tally) in &partial {
         let g = segments.entry(part.segment.clone()).or_default();
         g.tally.plus_equals(tally);
         let weight = tally.sampleable_micros + tally.always_micros;
         *g.versions.entry(part.app_version.clone()).or_default() += weight;
         let seen = |s: &mut Seen| s.last_ms = s.last_ms.max(start);
-        seen(versions.entry(part.app_version.clone()).or_insert(Seen {
-            first_ms: start,
-            last_ms: start,
-        }));
+        seen(versions.entry(part.app_version.clone()).or_insert(new_seen));
         if part.tenant != 0 {
             *g.tenants.entry(part.tenant).or_default() += weight;
-            seen(tenants.entry(part.tenant).or_insert(Seen {
-                first_ms: start,
-                last_ms: start,
-            }));
+            seen(tenants.entry(part.tenant).or_insert(new_seen));
         }
         if part.assignments.iter().any(|(e, _)| hot.contains(e)) {
             g.hot += weight;
@@ -257,13 +259,13 @@ pub fn close_interval(state: &mut SamplingState, rules: &SamplingRules, end: u64
     let always: f64 = segments.values().map(|g| micros(g.tally.always_micros)).sum();
     let mut rows: Vec<BudgetRow> = Vec::new();
     let mut demands: Vec<(usize, Demand)> = Vec::new();
-    let newness = |seen: Option<&Seen>, span: u64| {
-        let age = seen.map_or(0, |s| start.saturating_sub(s.first_ms));
-        if span == 0 {
-            0.0
-        } else {
+    // First seen at 0: established (see above).
+    let newness = |seen: Option<&Seen>, span: u64| match seen {
+        Some(s) if s.first_ms > 0 && span > 0 => {
+            let age = start.saturating_sub(s.first_ms);
             (1.0 - age as f64 / span as f64).max(0.0)
         }
+        _ => 0.0,
     };
     for (segment, g) in &segments {
         let total = (g.tally.sampleable_micros + g.tally.always_micros).max(1) as f64;
