@@ -102,6 +102,7 @@ fn event(name: &str, at_ms: u64, user: u64, assignments: &Arc<[(Label, Label)]>)
         experiment_assignments: Arc::clone(assignments),
         pii_classification: PiiClassification::None,
         data_sensitivity: DataSensitivity::Internal,
+        weight_micros: sightline_schemas::WEIGHT_ONE,
         latency_us: event_name
             .spec()
             .latency()

@@ -31,6 +31,10 @@ use sightline_schemas::{
 /// Default upper bound on the size of one record: 1 MiB.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
 
+/// The lowest `sample_rate` an event may declare (the envelope schema's `minimum`): one in a
+/// million, so that a weight fits comfortably in millionths.
+pub const MIN_SAMPLE_RATE: f64 = 0.000_001;
+
 /// Why one record could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{}: {reason}", kind.as_str())]
@@ -581,6 +585,22 @@ impl Decoder {
                 )));
             }
         }
+        // Envelope 1.1.0: the rate the emitter kept the event at, in [0.000001, 1].
+        let weight_micros = match wire.sample_rate {
+            None => sightline_schemas::WEIGHT_ONE,
+            Some(rate) if (MIN_SAMPLE_RATE..=1.0).contains(&rate) => {
+                sightline_schemas::weight_of_rate(rate)
+            }
+            Some(rate) => {
+                let keyword = if rate > 1.0 { "maximum" } else { "minimum" };
+                return Err(context(DecodeError::at(
+                    FailureKind::InvalidValue,
+                    "/sample_rate",
+                    keyword,
+                    format!("sample_rate must be in [{MIN_SAMPLE_RATE}, 1], found {rate}"),
+                )));
+            }
+        };
         let checked = self.properties(text, properties, schema).map_err(|e| {
             let mut err = DecodeError::from_json(&e);
             err.reason = format!("properties: {}", err.reason);
@@ -679,6 +699,7 @@ impl Decoder {
             pii_classification: wire.pii_classification,
             data_sensitivity: wire.data_sensitivity,
             latency_us,
+            weight_micros,
             privacy,
         })
     }
@@ -1221,6 +1242,56 @@ mod tests {
         assert_eq!(err.kind, FailureKind::Truncated, "{err:?}");
     }
 
+    /// Envelope 1.1.0's `sample_rate`: the event's weight is its inverse; a rate out of
+    /// [0.000001, 1], or not a number, is a dead letter that says where and why, and the
+    /// envelope schema refuses the same records.
+    #[test]
+    fn sample_rate_sets_the_weight_and_bad_rates_are_refused() {
+        let weight = |rate: &str| {
+            decoder()
+                .decode(line(&[("sample_rate", rate)]).as_bytes())
+                .map(|e| e.weight_micros)
+        };
+        assert_eq!(
+            decoder()
+                .decode(line(&[]).as_bytes())
+                .unwrap()
+                .weight_micros,
+            sightline_schemas::WEIGHT_ONE
+        );
+        assert_eq!(weight("1").unwrap(), 1_000_000);
+        assert_eq!(weight("0.25").unwrap(), 4_000_000);
+        assert_eq!(weight("0.003").unwrap(), 333_333_333);
+        assert_eq!(weight("0.000001").unwrap(), 1_000_000_000_000);
+        let registry = Registry::embedded();
+        for (bad, kind, keyword) in [
+            ("0", FailureKind::InvalidValue, "minimum"),
+            ("-0.5", FailureKind::InvalidValue, "minimum"),
+            ("1.5", FailureKind::InvalidValue, "maximum"),
+            (r#""0.5""#, FailureKind::WrongType, "type"),
+            ("null", FailureKind::WrongType, "type"),
+        ] {
+            let record = line(&[("sample_rate", bad)]);
+            let err = decoder().decode(record.as_bytes()).unwrap_err();
+            assert_eq!(err.kind, kind, "{bad}: {err:?}");
+            let schema = registry.envelope_violations(&serde_json::from_str(&record).unwrap());
+            assert!(
+                schema
+                    .iter()
+                    .any(|v| v.pointer == "/sample_rate" && v.keyword == keyword),
+                "{bad}: the envelope schema says {schema:?}"
+            );
+            if kind == FailureKind::InvalidValue {
+                assert!(
+                    err.violations
+                        .iter()
+                        .any(|v| v.pointer == "/sample_rate" && v.keyword == keyword),
+                    "{bad}: {err:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn scrubs_and_drops_envelope_pii() {
         let event = decoder()
@@ -1329,6 +1400,7 @@ mod tests {
             let value = match (rule.get("enum"), rule["type"].as_str()) {
                 (Some(values), _) => values[0].to_string(),
                 (None, Some("boolean")) => "true".into(),
+                (None, Some("number")) => rule["maximum"].to_string(),
                 (None, Some("object")) if field == "properties" => continue,
                 (None, Some("object")) => "{}".into(),
                 (None, _) if field == "schema_version" => r#""1.0.0""#.into(),

@@ -53,6 +53,9 @@ pub(crate) struct WireEnvelope<'a> {
     pub region: bool,
     pub schema_version: Option<Cow<'a, str>>,
     pub geo_consent: Option<bool>,
+    /// The rate the emitter kept the event at (envelope 1.1.0), unchecked: the decoder checks
+    /// its range.
+    pub sample_rate: Option<f64>,
 }
 
 /// What the reader did with `properties`.
@@ -108,6 +111,7 @@ pub(crate) const FIELDS: &[&str] = &[
     "connection_type",
     "schema_version",
     "geo_consent",
+    "sample_rate",
 ];
 
 /// Reads one record's envelope from `text`, which must hold nothing else.
@@ -182,6 +186,8 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
         let mut auth_context = None::<Option<AuthContext>>;
         let mut device_type = None::<Option<DeviceType>>;
         let (mut is_internal, mut geo_consent) = (None::<Option<bool>>, None::<Option<bool>>);
+        // A number, never null (the schema's `type` is `number` alone).
+        let mut sample_rate = None::<f64>;
         let (mut request_id, mut trace_id) = (None::<Option<Text<'de>>>, None::<Option<Text<'de>>>);
         let (mut browser_family, mut os_family, mut connection_type) = (
             None::<Option<Text<'de>>>,
@@ -233,6 +239,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
                 "connection_type" => take!(connection_type),
                 "schema_version" => take!(schema_version),
                 "geo_consent" => take!(geo_consent),
+                "sample_rate" => take!(sample_rate),
                 "properties" => {
                     if properties.is_some() {
                         return Err(de::Error::duplicate_field("properties"));
@@ -299,6 +306,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
             region: region.flatten().is_some(),
             schema_version: schema_version.flatten().map(|t| t.0),
             geo_consent: geo_consent.flatten(),
+            sample_rate,
         })
     }
 }

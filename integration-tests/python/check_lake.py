@@ -76,6 +76,11 @@ late_quality = con.execute(f"SELECT sum(count) FROM {scan('quality')} WHERE outc
 rejected_quality = con.execute(f"SELECT sum(count) FROM {scan('quality')} WHERE outcome NOT IN ('accepted', 'late') AND outcome NOT IN {PRIVACY_COUNTERS}").fetchone()[0] or 0
 dead = con.execute(f"SELECT count(*) FROM {scan('dead_letter')}").fetchone()[0]
 check("event_counts total equals the accepted events", accepted_counts == numbers["accepted"], f"{accepted_counts} vs {numbers}")
+unweighted = con.execute(
+    f"SELECT (SELECT count(*) FROM {scan('event_counts')} WHERE weighted_count != count)"
+    f" + (SELECT count(*) FROM {scan('quality_summary')} WHERE weighted_accepted != accepted)"
+).fetchone()[0]
+check("events without sample_rate weigh 1 (weighted_count = count, weighted_accepted = accepted)", unweighted == 0, f"{unweighted} rows differ")
 check("quality accepted/rejected/late equal the summary", (accepted_quality, rejected_quality, late_quality) == (numbers["accepted"], numbers["rejected"], numbers["late"]), f"{(accepted_quality, rejected_quality, late_quality)} vs {numbers}")
 check("one dead letter per rejected or late record", dead == numbers["rejected"] + numbers["late"], f"{dead}")
 check("every input line was read", numbers["read"] == input_lines, f"{numbers['read']} read, {input_lines} lines")

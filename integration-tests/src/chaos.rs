@@ -240,7 +240,7 @@ pub struct Deployment {
     /// The consumer group.
     pub group: String,
     /// The topics it produces to: the dead letters, the alerts, the triage items, the
-    /// guardrail decisions.
+    /// guardrail decisions and the sampling-rate tables.
     pub output_topics: Vec<String>,
 }
 
@@ -248,7 +248,7 @@ impl Deployment {
     /// A deployment named `name` reading `workload`'s topic with `workers` workers: 2 s
     /// windows, 1 s lateness and idle timeout, offsets committed at every chance, a
     /// dead-letter topic `<name>.dlq`, an alerts topic `<name>.alerts`, a triage topic
-    /// `<name>.triage` and a guardrail topic `<name>.guardrail` (which the caller creates), the
+    /// `<name>.triage`, a guardrail topic `<name>.guardrail` and a sampling topic `<name>.sampling` (which the caller creates), the
     /// generator's experiments analysed with the defaults, and two funnels with 20 s
     /// and 30 s conversion windows whose state is saved every 4 s of event time. `extra` is appended to the
     /// configuration (TOML: more keys of the `[pipeline]` table first, then other tables).
@@ -269,6 +269,7 @@ impl Deployment {
         let alerts = format!("{name}.alerts");
         let triage = format!("{name}.triage");
         let guardrail = format!("{name}.guardrail");
+        let sampling = format!("{name}.sampling");
         let mut file = std::fs::File::create(&config).expect("config");
         write!(
             file,
@@ -287,6 +288,7 @@ dead-letter-topic = "{dlq}"
 alerts-topic = "{alerts}"
 triage-topic = "{triage}"
 guardrail-topic = "{guardrail}"
+sampling-topic = "{sampling}"
 commit-interval-ms = 0
 
 [lake]
@@ -322,7 +324,7 @@ conversion-window-ms = 30000
             lake,
             log: root.join("stderr.log"),
             group,
-            output_topics: vec![dlq, alerts, triage, guardrail],
+            output_topics: vec![dlq, alerts, triage, guardrail, sampling],
         }
     }
 
@@ -639,6 +641,25 @@ pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32) -> BTreeMap<Str
                 ended.insert(p);
             }
             _ => {}
+        }
+    }
+    out
+}
+
+/// The records of a topic whose key is not the whole identity of a record (the sampling
+/// topic's key is the segment, so that compaction keeps the latest table): re-keyed by key and
+/// `version`, which is.
+pub fn by_version(records: BTreeMap<String, Vec<String>>) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (key, values) in records {
+        for value in values {
+            let version = serde_json::from_str::<serde_json::Value>(&value)
+                .ok()
+                .and_then(|v| v["version"].as_u64())
+                .unwrap_or_default();
+            out.entry(format!("{key}@v{version}"))
+                .or_default()
+                .push(value);
         }
     }
     out

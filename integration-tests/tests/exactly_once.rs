@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use sightline_integration_tests::chaos::{
-    Deployment, Rng, Workload, difference, read_topic, seed, snapshot, topic_conflicts,
+    Deployment, Rng, Workload, by_version, difference, read_topic, seed, snapshot, topic_conflicts,
 };
 use sightline_integration_tests::servers::Tansu;
 
@@ -42,8 +42,13 @@ fn reference(
 /// key the reference's topic holds.
 fn check_output_topics(broker: &Tansu, reference: &Deployment, chaos: &Deployment) {
     for (expected, actual) in reference.output_topics.iter().zip(&chaos.output_topics) {
-        let want = read_topic(&broker.bootstrap, expected, 1);
-        let got = read_topic(&broker.bootstrap, actual, 1);
+        let (mut want, mut got) = (
+            read_topic(&broker.bootstrap, expected, 1),
+            read_topic(&broker.bootstrap, actual, 1),
+        );
+        if actual.ends_with(".sampling") {
+            (want, got) = (by_version(want), by_version(got));
+        }
         let conflicts = topic_conflicts(&got);
         assert!(
             conflicts.is_empty(),
@@ -150,6 +155,14 @@ fn kill_9_at_twenty_random_moments_changes_no_output() {
     assert!(
         experiment_files > 10,
         "the reference wrote {experiment_files} experiment_results files"
+    );
+    let sampling_files = want
+        .keys()
+        .filter(|k| k.contains("sampling_budgets/"))
+        .count();
+    assert!(
+        sampling_files > 3,
+        "the reference wrote {sampling_files} sampling_budgets files"
     );
 }
 

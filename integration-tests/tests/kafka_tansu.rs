@@ -9,7 +9,14 @@ use sightline_integration_tests::servers::Tansu;
 fn tansu_round_trip_on_one_worker() {
     let broker = Tansu::shared();
     broker.create_topic("tansu.events", 4);
-    round_trip(&broker.bootstrap, &[("tansu.events", 4)], 3_000, 1);
+    broker.create_topic("tansu.sampling", 1);
+    round_trip(
+        &broker.bootstrap,
+        &[("tansu.events", 4)],
+        3_000,
+        1,
+        Some("tansu.sampling"),
+    );
 }
 
 #[test]
@@ -24,6 +31,7 @@ fn tansu_two_topics_on_three_workers() {
         &[("tansu.product", 2), ("tansu.command-center", 1)],
         2_000,
         3,
+        None,
     );
 }
 
@@ -32,5 +40,5 @@ fn tansu_more_workers_than_partitions() {
     let broker = Tansu::shared();
     broker.create_topic("tansu.narrow", 1);
     // The second worker reads nothing and follows the wall clock, so it never holds windows open.
-    round_trip(&broker.bootstrap, &[("tansu.narrow", 1)], 1_500, 2);
+    round_trip(&broker.bootstrap, &[("tansu.narrow", 1)], 1_500, 2, None);
 }

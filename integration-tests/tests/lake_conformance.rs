@@ -40,6 +40,7 @@ fn counts(n: i64) -> Vec<EventCountRow> {
             event_type: "view".into(),
             feature_area: "projects".into(),
             count: i + 1,
+            weighted_count: (i + 1) as f64,
         })
         .collect()
 }
@@ -192,6 +193,7 @@ fn every_table_round_trips_value_by_value() {
             event_type: "view".into(),
             feature_area: "projects".into(),
             count: 7,
+            weighted_count: 12.5,
         };
         assert_eq!(
             round_trip(&lake, counts),
@@ -199,7 +201,8 @@ fn every_table_round_trips_value_by_value() {
                 "event_name=\"project_viewed\"",
                 "event_type=\"view\"",
                 "feature_area=\"projects\"",
-                "count=7"
+                "count=7",
+                "weighted_count=12.5"
             ])
         );
         tables.push(EventCountRow::NAME);
@@ -237,16 +240,23 @@ fn every_table_round_trips_value_by_value() {
             event_name: "unknown".into(),
             outcome: "truncated".into(),
             count: 4,
+            weighted_count: 4.0,
         };
         assert_eq!(
             round_trip(&lake, quality),
-            window(&["event_name=\"unknown\"", "outcome=\"truncated\"", "count=4"])
+            window(&[
+                "event_name=\"unknown\"",
+                "outcome=\"truncated\"",
+                "count=4",
+                "weighted_count=4.0"
+            ])
         );
         tables.push(QualityRow::NAME);
         let summary = QualitySummaryRow {
             window_start_ms: START,
             window_end_ms: END,
             accepted: 990,
+            weighted_accepted: 1980.5,
             rejected: 10,
             late: 3,
             pii_violations: 2,
@@ -259,6 +269,7 @@ fn every_table_round_trips_value_by_value() {
             round_trip(&lake, summary),
             window(&[
                 "accepted=990",
+                "weighted_accepted=1980.5",
                 "rejected=10",
                 "late=3",
                 "pii_violations=2",

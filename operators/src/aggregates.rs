@@ -19,6 +19,78 @@ use sightline_schemas::{DeadLetter, Event, EventName, EventType, FailureKind, La
 use crate::histogram::LatencyHistogram;
 use crate::window::{Time, WindowKey, Windows};
 
+/// Implements the difference traits of a struct of `i64` counts that add field by field
+/// (`IsZero`, `Semigroup`, `Monoid`, `Abelian`, `Multiply<isize>`); it must derive `Default`.
+macro_rules! summed_difference {
+    ($t:ident { $($f:ident),+ }) => {
+        impl differential_dataflow::difference::IsZero for $t {
+            fn is_zero(&self) -> bool {
+                *self == $t::default()
+            }
+        }
+
+        impl differential_dataflow::difference::Semigroup for $t {
+            fn plus_equals(&mut self, rhs: &Self) {
+                $(self.$f += rhs.$f;)+
+            }
+        }
+
+        impl differential_dataflow::difference::Monoid for $t {
+            fn zero() -> Self {
+                $t::default()
+            }
+        }
+
+        impl differential_dataflow::difference::Abelian for $t {
+            fn negate(&mut self) {
+                $(self.$f = -self.$f;)+
+            }
+        }
+
+        impl differential_dataflow::difference::Multiply<isize> for $t {
+            type Output = $t;
+
+            fn multiply(self, rhs: &isize) -> $t {
+                let k = *rhs as i64;
+                $t { $($f: self.$f * k),+ }
+            }
+        }
+    };
+}
+pub(crate) use summed_difference;
+
+/// The difference of `event_counts`: events, and their Horvitz–Thompson weight.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Counted {
+    /// Events.
+    pub count: i64,
+    /// The sum of their [`Event::weight_micros`]: the estimate of the events emitted, in
+    /// millionths, when the emitters sampled.
+    pub weighted_micros: i64,
+}
+
+impl Counted {
+    /// One event.
+    pub fn of_event(e: &Event) -> Counted {
+        Counted {
+            count: 1,
+            weighted_micros: e.weight_micros as i64,
+        }
+    }
+
+    /// The weighted count (events emitted, estimated).
+    pub fn weighted(&self) -> f64 {
+        self.weighted_micros as f64 / sightline_schemas::WEIGHT_ONE as f64
+    }
+}
+
+summed_difference!(Counted {
+    count,
+    weighted_micros
+});
+
 /// Key of `event_counts`: one window, event name, event type and feature area.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CountKey {
@@ -99,6 +171,9 @@ impl Outcome {
 pub struct QualityCounts {
     /// Records.
     pub records: i64,
+    /// Their Horvitz–Thompson weight in millionths (an accepted event weighs its
+    /// [`Event::weight_micros`]; any other record weighs 1).
+    pub weighted_micros: i64,
     /// Identifier and contact fields pseudonymized.
     pub pseudonymized: i64,
     /// Free-text fields in which personal data was scrubbed.
@@ -114,6 +189,7 @@ impl QualityCounts {
     pub fn records(n: i64) -> QualityCounts {
         QualityCounts {
             records: n,
+            weighted_micros: n * sightline_schemas::WEIGHT_ONE as i64,
             ..QualityCounts::default()
         }
     }
@@ -123,6 +199,7 @@ impl QualityCounts {
         let p = e.privacy;
         QualityCounts {
             records: 1,
+            weighted_micros: e.weight_micros as i64,
             pseudonymized: i64::from(p.pseudonymized),
             scrubbed: i64::from(p.scrubbed),
             dropped: i64::from(p.dropped),
@@ -141,53 +218,14 @@ impl QualityCounts {
     }
 }
 
-impl differential_dataflow::difference::IsZero for QualityCounts {
-    fn is_zero(&self) -> bool {
-        *self == QualityCounts::default()
-    }
-}
-
-impl differential_dataflow::difference::Semigroup for QualityCounts {
-    fn plus_equals(&mut self, rhs: &Self) {
-        self.records += rhs.records;
-        self.pseudonymized += rhs.pseudonymized;
-        self.scrubbed += rhs.scrubbed;
-        self.dropped += rhs.dropped;
-        self.pii_violations += rhs.pii_violations;
-    }
-}
-
-impl differential_dataflow::difference::Monoid for QualityCounts {
-    fn zero() -> Self {
-        QualityCounts::default()
-    }
-}
-
-impl differential_dataflow::difference::Abelian for QualityCounts {
-    fn negate(&mut self) {
-        *self = self.multiply_by(-1);
-    }
-}
-
-impl differential_dataflow::difference::Multiply<isize> for QualityCounts {
-    type Output = QualityCounts;
-
-    fn multiply(self, rhs: &isize) -> QualityCounts {
-        self.multiply_by(*rhs as i64)
-    }
-}
-
-impl QualityCounts {
-    fn multiply_by(self, k: i64) -> QualityCounts {
-        QualityCounts {
-            records: self.records * k,
-            pseudonymized: self.pseudonymized * k,
-            scrubbed: self.scrubbed * k,
-            dropped: self.dropped * k,
-            pii_violations: self.pii_violations * k,
-        }
-    }
-}
+summed_difference!(QualityCounts {
+    records,
+    weighted_micros,
+    pseudonymized,
+    scrubbed,
+    dropped,
+    pii_violations
+});
 
 /// Key of `quality`: one window, event name (`unknown` when the record had none) and outcome.
 ///
@@ -217,12 +255,12 @@ window_key!(CountKey, LatencyKey, VariantKey, QualityKey);
 
 /// Counts events per window, `event_name`, `event_type` and `feature_area`.
 ///
-/// Input: accepted events at their event-time tick. Output: `(CountKey, count)` as the
-/// difference.
+/// Input: accepted events at their event-time tick. Output: `(CountKey, Counted)`: the count
+/// and the weighted count as the difference.
 pub fn event_counts<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     windows: Windows,
-) -> VecCollection<'s, Time, CountKey> {
+) -> VecCollection<'s, Time, CountKey, Counted> {
     events.explode(move |e| {
         let e = e.borrow();
         let key = CountKey {
@@ -231,7 +269,7 @@ pub fn event_counts<'s, E: Borrow<Event> + Clone + 'static>(
             event_type: e.event_type,
             feature_area: e.feature_area.clone(),
         };
-        Some((key, 1isize))
+        Some((key, Counted::of_event(e)))
     })
 }
 
@@ -387,6 +425,8 @@ pub struct QualityTotals {
     pub late: i64,
     /// Accepted events with PII violations.
     pub pii_violations: i64,
+    /// The accepted events' Horvitz–Thompson weight, millionths.
+    pub weighted_accepted_micros: i64,
 }
 
 impl QualityTotals {
@@ -396,7 +436,10 @@ impl QualityTotals {
         for (key, counts) in &w.entries {
             totals.pii_violations += counts.pii_violations;
             match key.outcome {
-                Outcome::Accepted => totals.accepted += counts.records,
+                Outcome::Accepted => {
+                    totals.accepted += counts.records;
+                    totals.weighted_accepted_micros += counts.weighted_micros;
+                }
                 Outcome::Rejected(FailureKind::Late) => totals.late += counts.records,
                 Outcome::Rejected(_) => totals.rejected += counts.records,
                 Outcome::PseudonymizedFields
@@ -414,6 +457,7 @@ impl QualityTotals {
         self.rejected += other.rejected;
         self.late += other.late;
         self.pii_violations += other.pii_violations;
+        self.weighted_accepted_micros += other.weighted_accepted_micros;
     }
 
     /// `rejected / (accepted + rejected)`; 0 for an empty window.

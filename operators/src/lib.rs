@@ -52,9 +52,9 @@ pub mod triage;
 pub mod window;
 
 pub use aggregates::{
-    CountKey, LatencyKey, Outcome, PII_VIOLATION_TARGET, QualityCounts, QualityKey, QualityTotals,
-    REJECTION_TARGET, VariantKey, WindowedDeadLetter, event_counts, latency, latency_by_variant,
-    quality, windowed_dead_letters,
+    CountKey, Counted, LatencyKey, Outcome, PII_VIOLATION_TARGET, QualityCounts, QualityKey,
+    QualityTotals, REJECTION_TARGET, VariantKey, WindowedDeadLetter, event_counts, latency,
+    latency_by_variant, quality, windowed_dead_letters,
 };
 pub use close::{ClosedWindow, close_at, close_windows};
 pub use histogram::LatencyHistogram;

@@ -117,6 +117,7 @@ fn event((tenant, user, at, error): Generated, id: usize) -> Event {
         experiment_assignments: Vec::new().into(),
         pii_classification: PiiClassification::None,
         data_sensitivity: DataSensitivity::Internal,
+        weight_micros: sightline_schemas::WEIGHT_ONE,
         latency_us: None,
         privacy: PrivacyCounts::default(),
     }

@@ -102,6 +102,7 @@ fn event_of(r: &Raw) -> Event {
         } else {
             DataSensitivity::Internal
         },
+        weight_micros: sightline_schemas::WEIGHT_ONE,
         latency_us: latency_of(r),
         privacy: PrivacyCounts::default(),
     }

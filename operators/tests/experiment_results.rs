@@ -83,6 +83,7 @@ fn event(unit: u64, arm: &str, y: f64, at_ms: u64, id: usize) -> Event {
             DataSensitivity::Internal
         },
         // `y` in ms is also the event's latency measure.
+        weight_micros: sightline_schemas::WEIGHT_ONE,
         latency_us: Some((y.max(0.0) * 1000.0) as u64),
         privacy: PrivacyCounts::default(),
     }

@@ -91,6 +91,7 @@ fn event_of(raw: &Raw) -> Event {
         } else {
             DataSensitivity::Internal
         },
+        weight_micros: sightline_schemas::WEIGHT_ONE,
         latency_us: None,
         privacy: PrivacyCounts::default(),
     }

@@ -14,9 +14,9 @@ use differential_dataflow::input::Input;
 use proptest::prelude::*;
 use sightline_operators::select::{Names, Subscriber, select};
 use sightline_operators::{
-    ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityCounts, QualityKey,
-    VariantKey, Windows, close_windows, event_counts, histogram::RELATIVE_ACCURACY, latency,
-    latency_by_variant, quality,
+    ClosedWindow, CountKey, Counted, LatencyHistogram, LatencyKey, Outcome, QualityCounts,
+    QualityKey, VariantKey, Windows, close_windows, event_counts, histogram::RELATIVE_ACCURACY,
+    latency, latency_by_variant, quality,
 };
 use sightline_schemas::{
     DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification,
@@ -38,9 +38,20 @@ fn arb_event() -> impl Strategy<Value = Event> {
         proptest::option::of(proptest::sample::select(vec!["control", "treatment"])),
         proptest::option::of(proptest::sample::select(vec!["control", "a", "b"])),
         (0u16..4, 0u16..2, 0u16..3),
+        proptest::sample::select(vec![1.0, 1.0, 0.5, 0.1, 0.0123]),
     )
         .prop_map(
-            |(offset, name, area, surface, latency, e1, e2, (pseudonymized, scrubbed, dropped))| {
+            |(
+                offset,
+                name,
+                area,
+                surface,
+                latency,
+                e1,
+                e2,
+                (pseudonymized, scrubbed, dropped),
+                rate,
+            )| {
                 let mut experiments: Vec<(sightline_schemas::Label, sightline_schemas::Label)> =
                     Vec::new();
                 if let Some(v) = e1 {
@@ -70,6 +81,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
                     experiment_assignments: experiments.into(),
                     pii_classification: PiiClassification::None,
                     data_sensitivity: DataSensitivity::Internal,
+                    weight_micros: sightline_schemas::weight_of_rate(rate),
                     latency_us: latency,
                     privacy: PrivacyCounts {
                         pseudonymized,
@@ -113,7 +125,7 @@ type Captured<K, R> = Arc<Mutex<Vec<ClosedWindow<K, R>>>>;
 
 #[derive(Default, Clone)]
 struct Outputs {
-    counts: Captured<CountKey, isize>,
+    counts: Captured<CountKey, Counted>,
     latency: Captured<LatencyKey, LatencyHistogram>,
     variants: Captured<VariantKey, LatencyHistogram>,
     quality: Captured<QualityKey, QualityCounts>,
@@ -259,10 +271,12 @@ proptest! {
         let out = run_dataflow(workers, width, updates, dead.clone(), batches);
 
         // event_counts
-        let mut want_counts: BTreeMap<CountKey, isize> = BTreeMap::new();
+        let mut want_counts: BTreeMap<CountKey, Counted> = BTreeMap::new();
         for e in &events {
             let key = CountKey { window_start_ms: windows.start_of(e.event_time_ms as u64), event_name: e.event_name, event_type: e.event_type, feature_area: e.feature_area.clone() };
-            *want_counts.entry(key).or_default() += 1;
+            let c = want_counts.entry(key).or_default();
+            c.count += 1;
+            c.weighted_micros += e.weight_micros as i64;
         }
         prop_assert_eq!(flatten(&out.counts), want_counts);
 
@@ -290,9 +304,11 @@ proptest! {
 
         // quality
         let mut want_quality: BTreeMap<QualityKey, isize> = BTreeMap::new();
+        let mut want_weighted: BTreeMap<QualityKey, i64> = BTreeMap::new();
         for e in &events {
             let key = |outcome| QualityKey { window_start_ms: windows.start_of(e.event_time_ms as u64), event_name: e.event_name.as_str().into(), outcome };
             *want_quality.entry(key(Outcome::Accepted)).or_default() += 1;
+            *want_weighted.entry(key(Outcome::Accepted)).or_default() += e.weight_micros as i64;
             let p = e.privacy;
             for (outcome, n) in [
                 (Outcome::PseudonymizedFields, p.pseudonymized),
@@ -307,13 +323,17 @@ proptest! {
         }
         for (d, t) in &dead {
             let name = d.event_name.clone().unwrap_or_else(|| "unknown".into());
-            *want_quality.entry(QualityKey { window_start_ms: windows.start_of(*t), event_name: name.into(), outcome: Outcome::Rejected(d.kind) }).or_default() += 1;
+            let key = QualityKey { window_start_ms: windows.start_of(*t), event_name: name.into(), outcome: Outcome::Rejected(d.kind) };
+            *want_weighted.entry(key.clone()).or_default() += sightline_schemas::WEIGHT_ONE as i64;
+            *want_quality.entry(key).or_default() += 1;
         }
         // The quality difference carries records and privacy counters; spread it out by outcome.
         let mut got_quality: BTreeMap<QualityKey, isize> = BTreeMap::new();
+        let mut got_weighted: BTreeMap<QualityKey, i64> = BTreeMap::new();
         for (key, counts) in flatten(&out.quality) {
             if counts.records != 0 {
                 got_quality.insert(key.clone(), counts.records as isize);
+                got_weighted.insert(key.clone(), counts.weighted_micros);
             }
             for (outcome, n) in counts.privacy_counters() {
                 if n != 0 {
@@ -322,6 +342,7 @@ proptest! {
             }
         }
         prop_assert_eq!(got_quality, want_quality);
+        prop_assert_eq!(got_weighted, want_weighted);
     }
 }
 

@@ -41,7 +41,13 @@ fn segment(area: &str, kind: &str, version: &str) -> Segment {
 
 /// One window's tallies: `n` events of `kind` in `area` on `version` (errors are never
 /// sampled, the rest is).
-fn add(tallies: &mut BTreeMap<SegmentPart, SegmentTally>, area: &str, kind: &str, version: &str, n: i64) {
+fn add(
+    tallies: &mut BTreeMap<SegmentPart, SegmentTally>,
+    area: &str,
+    kind: &str,
+    version: &str,
+    n: i64,
+) {
     let error = kind == "error";
     let tally = SegmentTally {
         events: n,
@@ -138,7 +144,10 @@ fn a_failing_release_is_kept_whole_and_the_budget_holds() {
             .iter()
             .find(|r| r.segment == segment("checkout", "view", "4.3.0"))
             .expect("row");
-        assert!(row.elevated_errors > 0.0 && row.new_release > 0.0, "{row:?}");
+        assert!(
+            row.elevated_errors > 0.0 && row.new_release > 0.0,
+            "{row:?}"
+        );
     }
     // Recovered and ageing: its rate decays.
     let late: Vec<f64> = (RECOVERED_AT..INTERVALS)
@@ -151,7 +160,10 @@ fn a_failing_release_is_kept_whole_and_the_budget_holds() {
     let last = *late.last().expect("intervals");
     assert!(last < 0.5, "the release's rate at the end: {late:?}");
     // Errors are never sampled.
-    assert_eq!(rate(by_release(RELEASE_AT), "checkout", "error", "4.3.0"), 1.0);
+    assert_eq!(
+        rate(by_release(RELEASE_AT), "checkout", "error", "4.3.0"),
+        1.0
+    );
 }
 
 /// Without the release and error terms the same release is throttled like the rest: what the
@@ -163,7 +175,12 @@ fn without_risk_terms_the_release_is_throttled() {
         error_rate: 0.0,
         ..RiskWeights::default()
     }));
-    let r = rate(&tables[(RELEASE_AT + 1) as usize], "checkout", "view", "4.3.0");
+    let r = rate(
+        &tables[(RELEASE_AT + 1) as usize],
+        "checkout",
+        "view",
+        "4.3.0",
+    );
     assert!(r < 1.0, "rate {r}");
 }
 
@@ -173,4 +190,3 @@ fn the_tables_are_deterministic() {
     let rules = rules(RiskWeights::default());
     assert_eq!(simulate(&rules), simulate(&rules));
 }
-

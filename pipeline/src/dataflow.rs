@@ -32,16 +32,16 @@ use sightline_operators::select::{Names, Subscriber, select};
 use sightline_operators::state::StateShard;
 use sightline_operators::triage::{SavedItem, TriageRecord, TriageRules, triage};
 use sightline_operators::{
-    ClosedWindow, CountKey, LatencyHistogram, LatencyKey, QualityCounts, QualityKey, Time,
+    ClosedWindow, CountKey, Counted, LatencyHistogram, LatencyKey, QualityCounts, QualityKey, Time,
     VariantKey, WindowedDeadLetter, Windows, close_windows, event_counts, latency,
     latency_by_variant, quality, windowed_dead_letters,
 };
 use sightline_schemas::{DeadLetter, Event};
-use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Concat, Probe};
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::vec::Partition;
+use timely::dataflow::operators::{Concat, Probe};
 use timely::dataflow::{Scope, StreamVec};
 
 use sightline_ingest::source::{IngestSettings, IngestStats, RecordReader, ingest};
@@ -85,7 +85,7 @@ pub struct RouteWindows<'s> {
     /// Which route.
     pub route: Route,
     /// Accepted events per event name, type and feature area.
-    pub event_counts: Closed<'s, CountKey, isize>,
+    pub event_counts: Closed<'s, CountKey, Counted>,
     /// Latency histograms per event name, feature area and surface.
     pub latency: Closed<'s, LatencyKey, LatencyHistogram>,
     /// Latency histograms per event name, experiment and variant.
@@ -349,21 +349,25 @@ pub fn compute<'s>(
             state: out.state,
         }
     });
-    let sampling = analytics.sampling.as_ref().zip(budget_counts).map(|(rules, counts)| {
-        let input = match &experiments {
-            Some(e) => counts.concat(e.decisions.clone().map(BudgetInput::Decisions)),
-            None => counts,
-        };
-        SamplingWindows {
-            windows: budgets(
-                input,
-                windows,
-                Arc::clone(rules),
-                analytics.sampling_resume.clone(),
-            ),
-            rules: Arc::clone(rules),
-        }
-    });
+    let sampling = analytics
+        .sampling
+        .as_ref()
+        .zip(budget_counts)
+        .map(|(rules, counts)| {
+            let input = match &experiments {
+                Some(e) => counts.concat(e.decisions.clone().map(BudgetInput::Decisions)),
+                None => counts,
+            };
+            SamplingWindows {
+                windows: budgets(
+                    input,
+                    windows,
+                    Arc::clone(rules),
+                    analytics.sampling_resume.clone(),
+                ),
+                rules: Arc::clone(rules),
+            }
+        });
     Computed {
         events,
         experiments,

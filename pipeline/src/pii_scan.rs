@@ -269,6 +269,7 @@ mod tests {
             event_name: name.into(),
             outcome: "accepted".into(),
             count: 1,
+            weighted_count: 1.0,
         };
         lake.write_window(
             0,

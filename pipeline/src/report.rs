@@ -101,12 +101,23 @@ pub fn budget_line(t: &sightline_operators::sampling::BudgetTable) -> String {
     let start = sightline_schemas::format_rfc3339_ms(t.window_start_ms as i64);
     let end = sightline_schemas::format_rfc3339_ms(t.window_end_ms as i64);
     let active = t.rows.iter().filter(|r| r.volume > 0.0).count();
-    let mut risky: Vec<_> = t.rows.iter().filter(|r| r.risk > 1.0 && r.volume > 0.0).collect();
+    let mut risky: Vec<_> = t
+        .rows
+        .iter()
+        .filter(|r| r.risk > 1.0 && r.volume > 0.0)
+        .collect();
     risky.sort_by(|a, b| b.rate.total_cmp(&a.rate).then(b.risk.total_cmp(&a.risk)));
     let top: Vec<String> = risky
         .iter()
         .take(3)
-        .map(|r| format!("{} at {:.3} (risk {:.2})", r.segment.join("/"), r.rate, r.risk))
+        .map(|r| {
+            format!(
+                "{} at {:.3} (risk {:.2})",
+                r.segment.join("/"),
+                r.rate,
+                r.risk
+            )
+        })
         .collect();
     format!(
         "sampling rates v{} for {}–{}: {active} segments, budget {:.0} events, expected kept {:.0}{}",

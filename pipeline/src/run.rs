@@ -29,6 +29,8 @@ pub type ReaderFactory =
     Arc<dyn Fn(usize, usize) -> anyhow::Result<Box<dyn RecordReader>> + Send + Sync>;
 
 /// Where a run reads from.
+// Made once per run: the Kafka configuration's size beside a path costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Input {
     /// An NDJSON file, or `-` for standard input (bounded).
@@ -186,7 +188,10 @@ fn decoders_for(job: &Job, keys: &Arc<KeyRing>, analytics: &Analytics) -> Decode
         crate::analytics::link_fields(
             &analytics.funnels,
             analytics.experiments.is_on(),
-            analytics.sampling.as_ref().is_some_and(|s| s.uses_tenants()),
+            analytics
+                .sampling
+                .as_ref()
+                .is_some_and(|s| s.uses_tenants()),
         ),
     );
     let mut decoders = Decoders::new(base.clone().with_format(job.format.clone()));

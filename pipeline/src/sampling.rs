@@ -4,9 +4,7 @@
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use sightline_operators::sampling::plan::event_type_named;
-use sightline_operators::sampling::{
-    MAX_SEGMENT_FIELDS, RiskWeights, SamplingRules, SegmentField,
-};
+use sightline_operators::sampling::{MAX_SEGMENT_FIELDS, RiskWeights, SamplingRules, SegmentField};
 use sightline_schemas::{EventName, Label};
 
 use crate::experiments::ExperimentConfig;
@@ -53,7 +51,6 @@ pub struct SamplingConfig {
     /// App versions and tenants unseen this long are forgotten, ms.
     pub remember_ms: u64,
 }
-
 
 /// The risk terms' weights (`[sampling.weights]`), each ≥ 0.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -114,10 +111,7 @@ impl Default for SamplingConfig {
 impl SamplingConfig {
     /// The operator's rules, checked (an error names the field); `None` when off. Experiments
     /// with two or more phases ramp between their first and last phase start.
-    pub fn rules(
-        &self,
-        experiments: &[ExperimentConfig],
-    ) -> anyhow::Result<Option<SamplingRules>> {
+    pub fn rules(&self, experiments: &[ExperimentConfig]) -> anyhow::Result<Option<SamplingRules>> {
         let mut fields = Vec::new();
         for (i, name) in self.segment_fields.iter().enumerate() {
             let Some(field) = SegmentField::parse(name) else {
@@ -234,9 +228,11 @@ impl SamplingConfig {
 mod tests {
     use super::*;
 
-    fn parse(toml: &str) -> Result<SamplingConfig, figment::Error> {
+    fn parse(toml: &str) -> Result<SamplingConfig, Box<figment::Error>> {
         use figment::providers::{Format, Toml};
-        figment::Figment::from(Toml::string(toml)).extract()
+        figment::Figment::from(Toml::string(toml))
+            .extract()
+            .map_err(Box::new)
     }
 
     fn refused(toml: &str, field: &str) {
@@ -247,15 +243,27 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_field_named() {
-        refused("segment-fields = [\"user_id\"]", "sampling.segment-fields[0]");
-        refused("segment-fields = [\"country\"]", "sampling.segment-fields[0]");
+        refused(
+            "segment-fields = [\"user_id\"]",
+            "sampling.segment-fields[0]",
+        );
+        refused(
+            "segment-fields = [\"country\"]",
+            "sampling.segment-fields[0]",
+        );
         refused("segment-fields = []", "sampling.segment-fields");
-        refused("budget-events-per-second = 0", "sampling.budget-events-per-second");
+        refused(
+            "budget-events-per-second = 0",
+            "sampling.budget-events-per-second",
+        );
         refused("floor = 0", "sampling.floor");
         refused("floor = 0.5\ninitial-rate = 0.1", "sampling.initial-rate");
         refused("max-rate-increase = 0.5", "sampling.max-rate-increase");
         refused("interval-windows = 0", "sampling.interval-windows");
-        refused("weights = { error-rate = -1 }", "sampling.weights.error-rate");
+        refused(
+            "weights = { error-rate = -1 }",
+            "sampling.weights.error-rate",
+        );
         refused("never-sampled = [\"nope\"]", "sampling.never-sampled[0]");
         assert!(parse("budget = 3").is_err(), "unknown keys are refused");
         let defaults = SamplingConfig::default().rules(&[]).expect("defaults");

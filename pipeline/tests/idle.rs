@@ -107,6 +107,7 @@ fn a_record_after_an_idle_jump_never_reopens_a_written_window() {
             alerts_topic: None,
             triage_topic: None,
             guardrail_topic: None,
+            sampling_topic: None,
             views: Default::default(),
         };
         let stats = Arc::new(IngestStats::default());

@@ -191,6 +191,15 @@ impl EventName {
     }
 }
 
+/// The weight of an event that was not sampled, in millionths (see [`Event::weight_micros`]).
+pub const WEIGHT_ONE: u64 = 1_000_000;
+
+/// The weight in millionths of an event kept at `sample_rate` (in (0, 1]): `WEIGHT_ONE /
+/// sample_rate`, rounded.
+pub fn weight_of_rate(sample_rate: f64) -> u64 {
+    (WEIGHT_ONE as f64 / sample_rate).round() as u64
+}
+
 /// A decoded event in the canonical envelope.
 ///
 /// Only the fields the pipeline uses downstream are kept; the rest of the envelope is
@@ -210,6 +219,10 @@ pub struct Event {
     pub event_time_ms: i64,
     /// The event's latency measure in microseconds, for events whose schema names one.
     pub latency_us: Option<u64>,
+    /// The event's Horvitz–Thompson weight in millionths: [`WEIGHT_ONE`] / its envelope's
+    /// `sample_rate` ([`WEIGHT_ONE`], weight 1, when it declares none). Counts weight an event
+    /// by `weight_micros / WEIGHT_ONE`.
+    pub weight_micros: u64,
     /// Product area (scrubbed).
     pub feature_area: Label,
     /// Component or endpoint, if any (scrubbed).

@@ -384,7 +384,7 @@ mod tests {
         let mut files = with_changed("events/project_feedback_submitted/1.1.0.json", |_| {});
         let (_, text) = files
             .iter()
-            .find(|(p, _)| p.ends_with("1.1.0.json"))
+            .find(|(p, _)| p == "events/project_feedback_submitted/1.1.0.json")
             .cloned()
             .unwrap();
         let mut doc: Value = serde_json::from_str(&text).unwrap();

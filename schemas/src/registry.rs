@@ -412,7 +412,7 @@ macro_rules! embedded {
 }
 
 embedded!(
-    "envelope/1.0.0.json",
+    "envelope/1.1.0.json",
     "events/project_viewed/1.0.0.json",
     "events/project_created/1.0.0.json",
     "events/task_assigned/1.0.0.json",

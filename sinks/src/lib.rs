@@ -23,7 +23,7 @@
 //! let rows = vec![EventCountRow {
 //!     window_start_ms: 1_769_178_600_000, window_end_ms: 1_769_178_660_000,
 //!     event_name: "project_viewed".into(), event_type: "view".into(),
-//!     feature_area: "projects".into(), count: 3,
+//!     feature_area: "projects".into(), count: 3, weighted_count: 3.0,
 //! }];
 //! let written = lake.write_window::<EventCountRow>(1_769_178_600_000, 1_769_178_660_000, &rows).unwrap();
 //! assert_eq!(written.path, "event_counts/dt=2026-01-23/hr=14/part-20260123T143000Z-20260123T143100Z.parquet");

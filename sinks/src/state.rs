@@ -362,7 +362,10 @@ impl<W: SavedWindow> Deliver for WindowStateSink<W> {
     const COMPLETENESS: Completeness = Completeness::Eager;
 
     fn name(&self) -> String {
-        format!("SaveState({})", self.dir.rsplit('/').next().unwrap_or_default())
+        format!(
+            "SaveState({})",
+            self.dir.rsplit('/').next().unwrap_or_default()
+        )
     }
 
     fn route(_item: &Self::Item) -> Option<u64> {
@@ -386,7 +389,8 @@ impl<W: SavedWindow> Deliver for WindowStateSink<W> {
 
     fn deliver(&mut self, end: &Time, sealed: &Self::Sealed) -> Result<(), Error> {
         let bytes = sealed.clone().map_err(Error::Encode)?;
-        self.lake.put(&window_state_object(&self.dir, *end), bytes)?;
+        self.lake
+            .put(&window_state_object(&self.dir, *end), bytes)?;
         let durable = self
             .durable
             .with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));

@@ -13,10 +13,10 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
 use sightline_operators::{
-    ClosedWindow, CountKey, LatencyHistogram, LatencyKey, Outcome, QualityCounts, QualityKey,
-    QualityTotals, VariantKey, WindowedDeadLetter,
+    ClosedWindow, CountKey, Counted, LatencyHistogram, LatencyKey, Outcome, QualityCounts,
+    QualityKey, QualityTotals, VariantKey, WindowedDeadLetter,
 };
-use sightline_schemas::{DeadLetter, Origin, Violation};
+use sightline_schemas::{DeadLetter, Origin, Violation, WEIGHT_ONE};
 
 use crate::{Result, Table};
 
@@ -144,11 +144,14 @@ pub struct EventCountRow {
     pub feature_area: String,
     /// Number of accepted events.
     pub count: i64,
+    /// The events emitted, estimated: the sum of the accepted events' weights (1 / their
+    /// `sample_rate`; `count` when none was sampled).
+    pub weighted_count: f64,
 }
 
 impl EventCountRow {
     /// Rows of a closed `event_counts` window.
-    pub fn from_closed(w: ClosedWindow<CountKey, isize>) -> Vec<EventCountRow> {
+    pub fn from_closed(w: ClosedWindow<CountKey, Counted>) -> Vec<EventCountRow> {
         w.entries
             .into_iter()
             .map(|(k, n)| EventCountRow {
@@ -157,7 +160,8 @@ impl EventCountRow {
                 event_name: k.event_name.as_str().to_owned(),
                 event_type: k.event_type.as_str().to_owned(),
                 feature_area: k.feature_area.to_string(),
-                count: n as i64,
+                count: n.count,
+                weighted_count: n.weighted(),
             })
             .collect()
     }
@@ -173,6 +177,7 @@ impl Table for EventCountRow {
             Field::new("event_type", DataType::Utf8, false),
             Field::new("feature_area", DataType::Utf8, false),
             Field::new("count", DataType::Int64, false),
+            Field::new("weighted_count", DataType::Float64, false),
         ]);
         Arc::new(Schema::new(fields))
     }
@@ -184,6 +189,7 @@ impl Table for EventCountRow {
             strings(rows, |r| &r.event_type),
             strings(rows, |r| &r.feature_area),
             ints(rows, |r| r.count),
+            floats(rows, |r| r.weighted_count),
         ]);
         batch(Self::schema(), columns)
     }
@@ -322,6 +328,9 @@ pub struct QualityRow {
     pub outcome: String,
     /// Number of records.
     pub count: i64,
+    /// The records weighted by 1 / their `sample_rate` (accepted events that declare one; any
+    /// other record, and the privacy counters, count 1 each).
+    pub weighted_count: f64,
 }
 
 impl QualityRow {
@@ -329,22 +338,24 @@ impl QualityRow {
     pub fn from_closed(w: ClosedWindow<QualityKey, QualityCounts>) -> Vec<QualityRow> {
         let mut rows = Vec::with_capacity(w.entries.len() * 2);
         for (k, counts) in w.entries {
-            let row = |outcome: Outcome, count: i64| QualityRow {
+            let row = |outcome: Outcome, count: i64, weighted_count: f64| QualityRow {
                 window_start_ms: w.window_start_ms,
                 window_end_ms: w.window_end_ms,
                 event_name: k.event_name.to_string(),
                 outcome: outcome.as_str().to_owned(),
                 count,
+                weighted_count,
             };
             if counts.records != 0 {
-                rows.push(row(k.outcome, counts.records));
+                let weighted = counts.weighted_micros as f64 / WEIGHT_ONE as f64;
+                rows.push(row(k.outcome, counts.records, weighted));
             }
             rows.extend(
                 counts
                     .privacy_counters()
                     .into_iter()
                     .filter(|(_, n)| *n != 0)
-                    .map(|(o, n)| row(o, n)),
+                    .map(|(o, n)| row(o, n, n as f64)),
             );
         }
         rows
@@ -360,6 +371,7 @@ impl Table for QualityRow {
             Field::new("event_name", DataType::Utf8, false),
             Field::new("outcome", DataType::Utf8, false),
             Field::new("count", DataType::Int64, false),
+            Field::new("weighted_count", DataType::Float64, false),
         ]);
         Arc::new(Schema::new(fields))
     }
@@ -370,6 +382,7 @@ impl Table for QualityRow {
             strings(rows, |r| &r.event_name),
             strings(rows, |r| &r.outcome),
             ints(rows, |r| r.count),
+            floats(rows, |r| r.weighted_count),
         ]);
         batch(Self::schema(), columns)
     }
@@ -687,6 +700,8 @@ pub struct QualitySummaryRow {
     pub window_end_ms: u64,
     /// Records accepted.
     pub accepted: i64,
+    /// Accepted events weighted by 1 / their `sample_rate`: the events emitted, estimated.
+    pub weighted_accepted: f64,
     /// Records rejected (every failure kind but `late`).
     pub rejected: i64,
     /// Records that arrived behind the watermark.
@@ -719,6 +734,7 @@ impl QualitySummaryRow {
             window_start_ms,
             window_end_ms,
             accepted: t.accepted,
+            weighted_accepted: t.weighted_accepted_micros as f64 / WEIGHT_ONE as f64,
             rejected: t.rejected,
             late: t.late,
             pii_violations: t.pii_violations,
@@ -735,6 +751,7 @@ impl QualitySummaryRow {
             rejected: self.rejected,
             late: self.late,
             pii_violations: self.pii_violations,
+            weighted_accepted_micros: (self.weighted_accepted * WEIGHT_ONE as f64).round() as i64,
         }
     }
 }
@@ -746,6 +763,7 @@ impl Table for QualitySummaryRow {
         let mut fields = window_fields();
         fields.extend([
             Field::new("accepted", DataType::Int64, false),
+            Field::new("weighted_accepted", DataType::Float64, false),
             Field::new("rejected", DataType::Int64, false),
             Field::new("late", DataType::Int64, false),
             Field::new("pii_violations", DataType::Int64, false),
@@ -761,6 +779,7 @@ impl Table for QualitySummaryRow {
         let mut columns = window_columns(rows, |r| r.window_start_ms, |r| r.window_end_ms);
         columns.extend([
             ints(rows, |r| r.accepted),
+            floats(rows, |r| r.weighted_accepted),
             ints(rows, |r| r.rejected),
             ints(rows, |r| r.late),
             ints(rows, |r| r.pii_violations),

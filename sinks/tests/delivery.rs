@@ -126,6 +126,7 @@ fn part(k: u64, w: usize) -> WindowRows<EventCountRow> {
             event_type: "view".into(),
             feature_area: "projects".into(),
             count: k as i64 + 1,
+            weighted_count: k as f64 + 1.0,
         }],
     }
 }

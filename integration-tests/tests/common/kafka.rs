@@ -120,12 +120,22 @@ fn end_offsets(
 /// Runs the pipeline on `topics` (which must exist with the given partition counts),
 /// produces `events` generated events to them, round-robin, while it runs, and checks
 /// everything the lake and the consumer group hold.
-pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, workers: usize) {
+pub fn round_trip(
+    bootstrap: &str,
+    topics: &[(&str, i32)],
+    events: usize,
+    workers: usize,
+    sampling_topic: Option<&str>,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let lake_dir = dir.path().join("lake");
     let group = format!("sightline-test-{}", topics[0].0);
 
     let mut config = kafka_config(bootstrap, &group, workers);
+    // A rate table every window, on the topic when one is given.
+    config.sampling.interval_windows = 1;
+    config.sampling.budget_events_per_second = 20.0;
+    config.kafka.sampling_topic = sampling_topic.map(str::to_owned);
     config.kafka.topics = topics
         .iter()
         .map(|(name, _)| TopicConfig::envelope(name))
@@ -281,5 +291,93 @@ pub fn round_trip(bootstrap: &str, topics: &[(&str, i32)], events: usize, worker
         dead.len() as u64,
         want.rejected,
         "one dead letter per rejected record"
+    );
+    if let Some(topic) = sampling_topic {
+        check_sampling_topic(bootstrap, topic, &lake_dir);
+    }
+}
+
+/// The sampling topic holds exactly the `sampling_budgets` table's rows: one record per
+/// segment and table version, keyed by the segment, with the same rate, volume and reason.
+fn check_sampling_topic(bootstrap: &str, topic: &str, lake_dir: &std::path::Path) {
+    use arrow_array::{Float64Array, Int64Array, StringArray};
+    use rdkafka::Message;
+    type Row = (String, i64, String, String, String);
+    let mut want: Vec<Row> = Vec::new();
+    for b in read_table(lake_dir, "sampling_budgets") {
+        let text = |name: &str| {
+            b.column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .unwrap_or_else(|| panic!("column {name}"))
+                .clone()
+        };
+        let float = |name: &str| {
+            b.column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
+                .unwrap_or_else(|| panic!("column {name}"))
+                .clone()
+        };
+        let version = b
+            .column_by_name("version")
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            .expect("version")
+            .clone();
+        let (segment, reason, rate, volume) = (
+            text("segment"),
+            text("reason"),
+            float("rate"),
+            float("volume"),
+        );
+        for i in 0..b.num_rows() {
+            want.push((
+                segment.value(i).to_owned(),
+                version.value(i),
+                reason.value(i).to_owned(),
+                rate.value(i).to_string(),
+                volume.value(i).to_string(),
+            ));
+        }
+    }
+    assert!(
+        want.iter().any(|r| r.2 == "budget" || r.2 == "cap"),
+        "the sampling_budgets table has solved rows: {want:?}"
+    );
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "sightline-test-sampling-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("assignment");
+    consumer.assign(&tpl).expect("assign");
+    let mut got: Vec<Row> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < want.len() && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            let v: serde_json::Value =
+                serde_json::from_slice(m.payload().unwrap_or_default()).expect("a JSON record");
+            assert_eq!(
+                v["segment"].as_str(),
+                Some(key.as_str()),
+                "keyed by segment"
+            );
+            assert!(v["fields"].is_object(), "{v}");
+            got.push((
+                key,
+                v["version"].as_i64().expect("version"),
+                v["reason"].as_str().expect("reason").to_owned(),
+                v["rate"].as_f64().expect("rate").to_string(),
+                v["volume"].as_f64().expect("volume").to_string(),
+            ));
+        }
+    }
+    want.sort();
+    got.sort();
+    assert_eq!(
+        got, want,
+        "the sampling topic against the sampling_budgets table"
     );
 }

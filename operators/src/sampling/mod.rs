@@ -307,13 +307,13 @@ pub struct SegmentTally {
     pub always_micros: i64,
 }
 
-/// One event's weight in millionths (1 / its sample rate).
-pub const WEIGHT_ONE: i64 = 1_000_000;
+/// The weight of an event that was not sampled, in millionths.
+pub const WEIGHT_ONE: i64 = sightline_schemas::WEIGHT_ONE as i64;
 
 impl SegmentTally {
     /// The tally of one event.
     pub fn of_event(event: &Event, never_sampled: bool) -> SegmentTally {
-        let weight = WEIGHT_ONE;
+        let weight = event.weight_micros as i64;
         SegmentTally {
             events: 1,
             errors: i64::from(event.event_type == EventType::Error),
@@ -321,51 +321,14 @@ impl SegmentTally {
             always_micros: if never_sampled { weight } else { 0 },
         }
     }
-
-    fn scaled(self, k: i64) -> SegmentTally {
-        SegmentTally {
-            events: self.events * k,
-            errors: self.errors * k,
-            sampleable_micros: self.sampleable_micros * k,
-            always_micros: self.always_micros * k,
-        }
-    }
 }
 
-impl differential_dataflow::difference::IsZero for SegmentTally {
-    fn is_zero(&self) -> bool {
-        *self == SegmentTally::default()
-    }
-}
-
-impl differential_dataflow::difference::Semigroup for SegmentTally {
-    fn plus_equals(&mut self, rhs: &Self) {
-        self.events += rhs.events;
-        self.errors += rhs.errors;
-        self.sampleable_micros += rhs.sampleable_micros;
-        self.always_micros += rhs.always_micros;
-    }
-}
-
-impl differential_dataflow::difference::Monoid for SegmentTally {
-    fn zero() -> Self {
-        SegmentTally::default()
-    }
-}
-
-impl differential_dataflow::difference::Abelian for SegmentTally {
-    fn negate(&mut self) {
-        *self = self.scaled(-1);
-    }
-}
-
-impl differential_dataflow::difference::Multiply<isize> for SegmentTally {
-    type Output = SegmentTally;
-
-    fn multiply(self, rhs: &isize) -> SegmentTally {
-        self.scaled(*rhs as i64)
-    }
-}
+crate::aggregates::summed_difference!(SegmentTally {
+    events,
+    errors,
+    sampleable_micros,
+    always_micros
+});
 
 /// The per-event part: each accepted event's tally under its window and segment.
 pub fn segment_counts<'s, E: Borrow<Event> + Clone + 'static>(
@@ -482,9 +445,9 @@ pub fn budgets<'s>(
                                     .plus_equals(&tally);
                             }
                         }
-                        BudgetInput::Decisions(w) => {
-                            arrived.decisions.extend(w.entries.into_iter().map(|(d, _)| d))
-                        }
+                        BudgetInput::Decisions(w) => arrived
+                            .decisions
+                            .extend(w.entries.into_iter().map(|(d, _)| d)),
                     }
                 }
             });
@@ -526,7 +489,13 @@ pub fn budgets<'s>(
                 };
                 let end = windows.end_of(start);
                 let interval = start - start % interval_ms;
-                plan::add_window(&mut state, interval, end, arrived.tallies, arrived.decisions);
+                plan::add_window(
+                    &mut state,
+                    interval,
+                    end,
+                    arrived.tallies,
+                    arrived.decisions,
+                );
                 let table = (end == interval + interval_ms)
                     .then(|| plan::close_interval(&mut state, &rules, end));
                 // Held at the window's end, not before it: the window itself is complete.

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use sightline_schemas::{EventType, Label};
 
 use super::rates::{Demand, Fit, solve};
-use super::{Segment, SegmentField, SegmentPart, SegmentTally, SamplingRules, WEIGHT_ONE};
+use super::{SamplingRules, Segment, SegmentField, SegmentPart, SegmentTally, WEIGHT_ONE};
 use crate::experiment::Decision;
 
 /// A segment's published rate and how long it has been idle.
@@ -181,11 +181,9 @@ pub fn close_interval(state: &mut SamplingState, rules: &SamplingRules, end: u64
     let hot = hot_experiments(rules, state, start);
     // Per segment.
     let mut segments: BTreeMap<Segment, Gathered> = BTreeMap::new();
-    let mut versions: BTreeMap<Label, Seen> = std::mem::take(&mut state.versions)
-        .into_iter()
-        .collect();
-    let mut tenants: BTreeMap<u64, Seen> =
-        std::mem::take(&mut state.tenants).into_iter().collect();
+    let mut versions: BTreeMap<Label, Seen> =
+        std::mem::take(&mut state.versions).into_iter().collect();
+    let mut tenants: BTreeMap<u64, Seen> = std::mem::take(&mut state.tenants).into_iter().collect();
     // What the first table ever sees is established, not new: a pipeline started without
     // state has nothing to compare with, and boosting everything would boost nothing.
     let first_seen = if state.version == 0 { 0 } else { start };
@@ -219,9 +217,8 @@ pub fn close_interval(state: &mut SamplingState, rules: &SamplingRules, end: u64
         c.0 += g.tally.events;
         c.1 += g.tally.errors;
     }
-    let mut baselines: BTreeMap<Segment, f64> = std::mem::take(&mut state.baselines)
-        .into_iter()
-        .collect();
+    let mut baselines: BTreeMap<Segment, f64> =
+        std::mem::take(&mut state.baselines).into_iter().collect();
     let (all_events, all_errors) = contexts
         .values()
         .fold((0, 0), |(n, e), (cn, ce)| (n + cn, e + ce));
@@ -256,7 +253,10 @@ pub fn close_interval(state: &mut SamplingState, rules: &SamplingRules, end: u64
     let interval_s = (end - start) as f64 / 1000.0;
     let budget = rules.budget_per_second * interval_s;
     let micros = |m: i64| m as f64 / WEIGHT_ONE as f64;
-    let always: f64 = segments.values().map(|g| micros(g.tally.always_micros)).sum();
+    let always: f64 = segments
+        .values()
+        .map(|g| micros(g.tally.always_micros))
+        .sum();
     let mut rows: Vec<BudgetRow> = Vec::new();
     let mut demands: Vec<(usize, Demand)> = Vec::new();
     // First seen at 0: established (see above).
@@ -295,9 +295,7 @@ pub fn close_interval(state: &mut SamplingState, rules: &SamplingRules, end: u64
             + w.experiment * experiment;
         let volume = micros(g.tally.sampleable_micros);
         if volume > 0.0 {
-            let before = previous
-                .get(segment)
-                .map_or(rules.initial_rate, |r| r.rate);
+            let before = previous.get(segment).map_or(rules.initial_rate, |r| r.rate);
             let hi = (before * rules.max_increase).min(1.0).max(rules.floor);
             let lo = (before / rules.max_decrease).max(rules.floor).min(hi);
             let demand = Demand {
@@ -367,7 +365,11 @@ pub fn close_interval(state: &mut SamplingState, rules: &SamplingRules, end: u64
         } else {
             before.rate
         };
-        rows.push(idle_row(segment.clone(), rate, if forgotten { "forgotten" } else { "idle" }));
+        rows.push(idle_row(
+            segment.clone(),
+            rate,
+            if forgotten { "forgotten" } else { "idle" },
+        ));
         if !forgotten {
             next_rates.push(SegmentRate {
                 segment,

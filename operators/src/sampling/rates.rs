@@ -107,21 +107,19 @@ mod tests {
     }
 
     fn demands() -> impl Strategy<Value = Vec<Demand>> {
-        prop::collection::vec((1u32..1_000_000, 1.0f64..10.0, 0.0f64..0.5), 1..40).prop_map(
-            |v| {
-                v.into_iter()
-                    .map(|(volume, risk, lo)| {
-                        let volume = f64::from(volume);
-                        Demand {
-                            volume,
-                            weight: risk * (1.0 + volume).ln(),
-                            lo: lo.max(1e-4),
-                            hi: 1.0,
-                        }
-                    })
-                    .collect()
-            },
-        )
+        prop::collection::vec((1u32..1_000_000, 1.0f64..10.0, 0.0f64..0.5), 1..40).prop_map(|v| {
+            v.into_iter()
+                .map(|(volume, risk, lo)| {
+                    let volume = f64::from(volume);
+                    Demand {
+                        volume,
+                        weight: risk * (1.0 + volume).ln(),
+                        lo: lo.max(1e-4),
+                        hi: 1.0,
+                    }
+                })
+                .collect()
+        })
     }
 
     proptest! {
@@ -167,8 +165,18 @@ mod tests {
     #[test]
     fn a_capped_segment_hands_back_its_share() {
         let ds = [
-            Demand { volume: 10.0, weight: 10.0 * (11f64).ln(), lo: 0.01, hi: 1.0 },
-            Demand { volume: 10_000.0, weight: (10_001f64).ln(), lo: 0.01, hi: 1.0 },
+            Demand {
+                volume: 10.0,
+                weight: 10.0 * (11f64).ln(),
+                lo: 0.01,
+                hi: 1.0,
+            },
+            Demand {
+                volume: 10_000.0,
+                weight: (10_001f64).ln(),
+                lo: 0.01,
+                hi: 1.0,
+            },
         ];
         let (rates, fit) = solve(&ds, 1_010.0);
         assert_eq!(fit, Fit::Met);
