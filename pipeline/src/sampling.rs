@@ -133,8 +133,8 @@ impl SamplingConfig {
         if !positive(self.budget_events_per_second) {
             bail!("sampling.budget-events-per-second must be positive");
         }
-        if self.interval_windows == 0 {
-            bail!("sampling.interval-windows must be at least 1");
+        if !(1..=10_000).contains(&self.interval_windows) {
+            bail!("sampling.interval-windows must be 1 to 10000");
         }
         for (key, v) in [
             ("floor", self.floor),

@@ -399,8 +399,9 @@ struct Arrived {
 
 /// Computes the budgets: every window's tallies and decisions, in window order on worker 0,
 /// accumulated per interval (intervals are aligned to the epoch: `interval_windows` windows
-/// each), and the rate table of each interval that had data, published when the frontier has
-/// passed its end. Starts from `initial` (the state saved before a restart, or empty).
+/// each), and the rate table of each interval that had data, published when its last window
+/// is processed, or, when its last windows had no data, when the next window with data comes
+/// (or the input ends). Starts from `initial` (the state saved before a restart, or empty).
 pub fn budgets<'s>(
     input: StreamVec<'s, Time, BudgetInput>,
     windows: Windows,
@@ -452,15 +453,17 @@ pub fn budgets<'s>(
                 }
             });
             loop {
-                // The open interval ends before the next window to process (or the frontier
-                // has passed its end): its table is due.
+                // The open interval's table is due when the next window to process belongs
+                // to a later interval, or when the input has ended. Never because the frontier
+                // alone moved on: what is published depends on the input, not on how far the
+                // wall clock had moved an idle source when a run stopped.
                 let next = pending
                     .first_key_value()
                     .map(|(&start, _)| start)
                     .filter(|&start| !frontier.less_than(&windows.end_of(start)));
                 if let Some(interval) = state.interval_start_ms {
                     let end = interval + interval_ms;
-                    let due = next.map_or(!frontier.less_than(&end), |start| start >= end);
+                    let due = next.map_or(frontier.is_empty(), |start| start >= end);
                     // `held` is there while an interval is open; the next window's
                     // capability stands in should it not be.
                     let cap = held
