@@ -21,6 +21,18 @@ if (!url || !screenshot) {
 }
 const timeoutMs = 1000 * Number(timeoutArg || 240);
 
+// The demo starts in the background: wait (up to a minute) until its server answers, so that
+// a slow start is not taken for the page's failure.
+{
+  const ready = Date.now() + 60_000;
+  for (;;) {
+    try {
+      if ((await fetch(url)).ok) break;
+    } catch (_) { /* not listening yet */ }
+    if (Date.now() > ready) { console.error(`check failed: ${url} did not answer within 60 s`); process.exit(1); }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
