@@ -107,17 +107,18 @@ pub fn emit(
         sampling_topic,
         views,
     } = outputs;
+    // The standard route's tables, where the budgets and the experiments write.
+    let standard = Tables {
+        lake: lake.clone(),
+        retry,
+        health: &health,
+        durable,
+        written,
+        reports: reports.clone(),
+        views: views.clone(),
+    };
     if let Some(sampling) = computed.sampling {
         let fields = sampling.rules.fields.clone();
-        let tables = Tables {
-            lake: lake.clone(),
-            retry,
-            health: &health,
-            durable,
-            written,
-            reports: reports.clone(),
-            views: views.clone(),
-        };
         let table_reports = reports.clone();
         let published = sampling.windows.clone().inspect(move |w| {
             if let Some(t) = &w.table {
@@ -146,7 +147,7 @@ pub fn emit(
             durable_sink(records, topic, retry, &health, durable).probe_with(written);
         }
         // An interval's table is not a window of its own: counted in the totals only.
-        tables.write_reported(rows, Report::Later);
+        standard.write_reported(rows, Report::Later);
         if let Some(target) = &state {
             let sink = WindowStateSink::new(
                 target.lake.clone(),
@@ -174,22 +175,13 @@ pub fn emit(
             );
             durable_sink(shards, sink, retry, &health, durable);
         }
-        let tables = Tables {
-            lake: lake.clone(),
-            retry,
-            health: &health,
-            durable,
-            written,
-            reports: reports.clone(),
-            views: views.clone(),
-        };
-        tables.write(rows_of(experiments.results, |w| {
+        standard.write(rows_of(experiments.results, |w| {
             ExperimentResultRow::from_closed(&w)
         }));
-        tables.write(rows_of(experiments.exposures, |w| {
+        standard.write(rows_of(experiments.exposures, |w| {
             ExposureRow::from_closed(&w)
         }));
-        tables.write(rows_of(experiments.did, |w| {
+        standard.write(rows_of(experiments.did, |w| {
             ExperimentDidRow::from_closed(&w)
         }));
         // Compliance alerts join the alerts table (a part of their own in each window) and
@@ -207,7 +199,7 @@ pub fn emit(
                 .map(|(a, _)| AlertRow::of(a, "standard"))
                 .collect()
         };
-        tables.write(compliance.clone().flat_map(move |w| {
+        standard.write(compliance.clone().flat_map(move |w| {
             let rows = alert_rows(&w);
             (!rows.is_empty()).then(|| WindowRows {
                 window_start_ms: w.window_start_ms,
@@ -237,7 +229,7 @@ pub fn emit(
                 }
             }
         });
-        tables.write(
+        standard.write(
             decisions
                 .clone()
                 .flat_map(|w| window_rows(&w, DecisionRow::from_closed(&w))),
