@@ -141,6 +141,7 @@ fn windows(c: &mut Criterion) {
 fn parquet(c: &mut Criterion) {
     let stats = LatencyStats {
         count: 10,
+        weighted_count: 10.0,
         mean_ms: 12.0,
         p50_ms: 10.0,
         p90_ms: 20.0,

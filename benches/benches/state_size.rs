@@ -122,6 +122,7 @@ fn touch(at_ms: u64, step: usize, breakdown: &Arc<[(Label, Label)]>) -> Touch {
         } else {
             Arc::from(Vec::new())
         },
+        weight_micros: sightline_schemas::WEIGHT_ONE,
     }
 }
 

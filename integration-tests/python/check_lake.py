@@ -79,8 +79,10 @@ check("event_counts total equals the accepted events", accepted_counts == number
 unweighted = con.execute(
     f"SELECT (SELECT count(*) FROM {scan('event_counts')} WHERE weighted_count != count)"
     f" + (SELECT count(*) FROM {scan('quality_summary')} WHERE weighted_accepted != accepted)"
+    f" + (SELECT count(*) FROM {scan('latency')} WHERE weighted_count != count)"
+    + (f" + (SELECT count(*) FROM {scan('funnels')} WHERE weighted_units != units)" if dirs("funnels") else "")
 ).fetchone()[0]
-check("events without sample_rate weigh 1 (weighted_count = count, weighted_accepted = accepted)", unweighted == 0, f"{unweighted} rows differ")
+check("events without sample_rate weigh 1 (weighted = raw in event_counts, quality_summary, latency, funnels)", unweighted == 0, f"{unweighted} rows differ")
 check("quality accepted/rejected/late equal the summary", (accepted_quality, rejected_quality, late_quality) == (numbers["accepted"], numbers["rejected"], numbers["late"]), f"{(accepted_quality, rejected_quality, late_quality)} vs {numbers}")
 check("one dead letter per rejected or late record", dead == numbers["rejected"] + numbers["late"], f"{dead}")
 check("every input line was read", numbers["read"] == input_lines, f"{numbers['read']} read, {input_lines} lines")

@@ -109,6 +109,7 @@ fn a_rewrite_of_a_window_replaces_its_file() {
 fn stats() -> LatencyStats {
     LatencyStats {
         count: 2,
+        weighted_count: 2.0,
         mean_ms: 1.5,
         p50_ms: 1.25,
         p90_ms: 2.0,
@@ -177,6 +178,7 @@ fn window(rest: &[&str]) -> Vec<String> {
 fn every_table_round_trips_value_by_value() {
     let latency_cells = [
         "count=2",
+        "weighted_count=2.0",
         "mean_ms=1.5",
         "p50_ms=1.25",
         "p90_ms=2.0",

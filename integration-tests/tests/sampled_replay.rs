@@ -1,7 +1,8 @@
 //! The sampling contract end to end: a replay publishes rate tables; the same events, kept the
 //! way an SDK keeps them (a hash of the user against its segment's published rate, never a
 //! random draw) and stamped with `sample_rate`, replay to weighted counts within the
-//! statistical error of the unsampled replay's counts, while their raw counts are far off.
+//! statistical error of the unsampled replay's counts, and to funnel units and conversions
+//! within theirs, while their raw counts are far off.
 
 mod common;
 
@@ -81,6 +82,51 @@ fn totals(lake: &std::path::Path) -> BTreeMap<String, (i64, f64)> {
                 let t = out.entry(name.value(i).to_owned()).or_default();
                 t.0 += count.value(i);
                 t.1 += weighted.value(i);
+            }
+        }
+    }
+    out
+}
+
+/// `funnels` (breakdown `all`, both routes, all entry windows) per (funnel, step): (units,
+/// weighted units, Σ over rows of an estimate of the weighted units' variance). A row's units
+/// were seen with probability 1 / w each, w = weighted ÷ units when they share a weight, so
+/// Σ w (w − 1) over them estimates the variance of its weighted units (Horvitz–Thompson).
+fn funnel_units(lake: &std::path::Path) -> BTreeMap<(String, i64), (i64, f64, f64)> {
+    let mut out: BTreeMap<(String, i64), (i64, f64, f64)> = BTreeMap::new();
+    for route in common::routes(lake) {
+        for b in read_table(&route, "funnels") {
+            let col = |n: &str| b.column_by_name(n).unwrap_or_else(|| panic!("{n}"));
+            let text = |n: &str| {
+                col(n)
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("str")
+                    .clone()
+            };
+            let (funnel, breakdown) = (text("funnel"), text("breakdown"));
+            let int = |n: &str| {
+                col(n)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("i64")
+                    .clone()
+            };
+            let (step, units) = (int("step"), int("units"));
+            let weighted = col("weighted_units")
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .expect("f64");
+            for i in (0..b.num_rows()).filter(|&i| breakdown.value(i) == "all") {
+                let t = out
+                    .entry((funnel.value(i).to_owned(), step.value(i)))
+                    .or_default();
+                let (n, w) = (units.value(i), weighted.value(i));
+                t.0 += n;
+                t.1 += w;
+                if n > 0 {
+                    t.2 += w * (w / n as f64 - 1.0);
+                }
             }
         }
     }
@@ -207,5 +253,55 @@ fn weighted_counts_of_a_sampled_replay_match_the_unsampled_one() {
     assert!(
         raw_off.len() >= 3,
         "unweighted counts of a sampled stream should be far off: {raw_off:?}"
+    );
+
+    // Funnels: a user is kept whole by its hash, so it is seen through steps 1…k iff its hash
+    // is below the smallest rate of its events there, and weighs the inverse. Weighted units
+    // per step fall within 4 sd of the unsampled units, and so does the conversion from entry
+    // (its sd by the delta method without the steps' covariance, which is positive and would
+    // only narrow it); the raw units do not.
+    let (full, sampled) = (funnel_units(&full_lake), funnel_units(&sampled_lake));
+    assert!(
+        full.keys().filter(|(_, step)| *step > 1).count() >= 2,
+        "funnel rows: {full:?}"
+    );
+    let mut raw_units_off = Vec::new();
+    for ((funnel, step), (units, _, _)) in &full {
+        let (raw, weighted, variance) = sampled
+            .get(&(funnel.clone(), *step))
+            .copied()
+            .unwrap_or_default();
+        let sd = variance.sqrt();
+        assert!(
+            (weighted - *units as f64).abs() <= 4.0 * sd + 1e-6,
+            "{funnel} step {step}: weighted units {weighted} against {units} (sd {sd:.1})"
+        );
+        if (raw as f64 - *units as f64).abs() > 4.0 * sd.max(1.0) {
+            raw_units_off.push((funnel.clone(), *step));
+        }
+        let entry = &full[&(funnel.clone(), 1)];
+        let sampled_entry = sampled
+            .get(&(funnel.clone(), 1))
+            .copied()
+            .unwrap_or_default();
+        if *step > 1 && entry.0 > 0 && sampled_entry.1 > 0.0 {
+            let truth = *units as f64 / entry.0 as f64;
+            let estimate = weighted / sampled_entry.1;
+            let sd = estimate
+                * (variance / weighted.powi(2).max(1.0)
+                    + sampled_entry.2 / sampled_entry.1.powi(2))
+                .sqrt();
+            assert!(
+                (estimate - truth).abs() <= 4.0 * sd + 1e-9,
+                "{funnel} step {step}: conversion {estimate:.4} against {truth:.4} (sd {sd:.4})"
+            );
+            println!(
+                "{funnel} step {step}: conversion {estimate:.4} (sampled) against {truth:.4}, sd {sd:.4}"
+            );
+        }
+    }
+    assert!(
+        !raw_units_off.is_empty(),
+        "unweighted funnel units of a sampled stream should be far off"
     );
 }

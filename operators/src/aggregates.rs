@@ -276,7 +276,8 @@ pub fn event_counts<'s, E: Borrow<Event> + Clone + 'static>(
 /// Latency distribution per window, `event_name`, `feature_area` and `surface`.
 ///
 /// Input: accepted events; those without a latency measure are skipped. Output:
-/// `(LatencyKey, histogram)` with the histogram of the events' latency as the difference.
+/// `(LatencyKey, histogram)` with the histogram of the events' latency as the difference,
+/// each sample weighted by its event's `sample_rate` (see [`LatencyHistogram`]).
 pub fn latency<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     windows: Windows,
@@ -291,7 +292,10 @@ pub fn latency<'s, E: Borrow<Event> + Clone + 'static>(
             feature_area: e.feature_area.clone(),
             surface: e.surface.clone().unwrap_or_else(|| no_surface.clone()),
         };
-        Some((key, LatencyHistogram::from_sample(latency)))
+        Some((
+            key,
+            LatencyHistogram::from_weighted_sample(latency, e.weight_micros),
+        ))
     })
 }
 
@@ -309,6 +313,7 @@ pub fn latency_by_variant<'s, E: Borrow<Event> + Clone + 'static>(
         let window_start_ms = windows.start_of(e.event_time_ms as u64);
         let event_name = e.event_name;
         // The event's shared assignment list, iterated without a per-event vector.
+        let weight = e.weight_micros;
         let (latency, assignments) = match e.latency_us {
             Some(l) => (l, e.experiment_assignments.clone()),
             None => (0, Default::default()),
@@ -321,7 +326,7 @@ pub fn latency_by_variant<'s, E: Borrow<Event> + Clone + 'static>(
                 experiment_id: experiment_id.clone(),
                 variant: variant.clone(),
             };
-            (key, LatencyHistogram::from_sample(latency))
+            (key, LatencyHistogram::from_weighted_sample(latency, weight))
         })
     })
 }

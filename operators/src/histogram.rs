@@ -12,9 +12,21 @@
 //! **Stated error**: for a quantile `q`, [`LatencyHistogram::quantile`] returns a value within
 //! 1% (relative) of the exact value at rank `⌊q·(n−1)⌋` of the sorted samples; the same holds
 //! for [`LatencyHistogram::max`]. The count and the mean are exact.
+//!
+//! **Weights.** A sample of a sampled event weighs 1 / `sample_rate` (Horvitz–Thompson, in
+//! millionths: [`sightline_schemas::WEIGHT_ONE`] is 1). What weights other than 1 add is kept
+//! apart, in an [`Excess`] that is absent while every sample weighs 1: unsampled traffic costs
+//! nothing more, `count` and `buckets` stay the raw sample counts (the experiments' rank tests
+//! read them), and the quantiles and the mean are those of the weighted samples: the value at
+//! weighted rank `⌊q·(N̂−1)⌋`, `N̂` the total weight, which is the rank above when every weight
+//! is 1.
 
 use differential_dataflow::difference::{Abelian, IsZero, Monoid, Multiply, Semigroup};
 use serde::{Deserialize, Serialize};
+use sightline_schemas::WEIGHT_ONE;
+
+/// Weight 1, in millionths, as a signed count.
+const ONE: i64 = WEIGHT_ONE as i64;
 
 /// The buckets of a [`LatencyHistogram`]: one `(bucket, count)` pair inline, more on the heap.
 pub type Buckets = smallvec::SmallVec<[(u16, i64); 1]>;
@@ -69,6 +81,27 @@ pub struct LatencyHistogram {
     /// `(bucket, count)` pairs, sorted by bucket, with no zero counts. One pair is stored
     /// inline: every event's latency is a one-sample histogram, which then costs no allocation.
     pub buckets: Buckets,
+    /// What the samples' weights add beyond 1 each; `None` while every weight is 1.
+    #[serde(default)]
+    pub excess: Option<Box<Excess>>,
+}
+
+/// The part of a [`LatencyHistogram`]'s weights beyond 1 per sample, in millionths: a sample of
+/// weight `w` adds `w − 1` here.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Excess {
+    /// Σ (w − 1), millionths.
+    pub weight_micros: i64,
+    /// Σ (w − 1) × value, in µs × millionths.
+    pub sum_us_micros: i128,
+    /// `(bucket, Σ (w − 1))`, sorted by bucket, no zeros.
+    pub buckets: Buckets,
+}
+
+impl Excess {
+    fn is_zero(&self) -> bool {
+        self.weight_micros == 0 && self.sum_us_micros == 0 && self.buckets.is_empty()
+    }
 }
 
 impl LatencyHistogram {
@@ -78,7 +111,43 @@ impl LatencyHistogram {
             count: 1,
             sum_us: i128::from(value_us),
             buckets: smallvec::smallvec![(bucket_of(value_us), 1)],
+            excess: None,
         }
+    }
+
+    /// The histogram of a single sample of weight `weight_micros` (millionths; an event's
+    /// [`sightline_schemas::Event::weight_micros`]).
+    pub fn from_weighted_sample(value_us: u64, weight_micros: u64) -> LatencyHistogram {
+        LatencyHistogram::from_sample(value_us).with_weight(weight_micros)
+    }
+
+    /// This histogram with every sample weighing `weight_micros` instead of 1 (for a
+    /// histogram of unweighted samples, as [`LatencyHistogram::from_sample`] and
+    /// [`LatencyHistogram::record`] build; weights it already had are replaced alike).
+    pub fn with_weight(mut self, weight_micros: u64) -> LatencyHistogram {
+        let extra = (weight_micros.min(i64::MAX as u64) as i64).saturating_sub(ONE);
+        self.excess = (extra != 0 && self.count != 0).then(|| {
+            Box::new(Excess {
+                weight_micros: self.count.saturating_mul(extra),
+                sum_us_micros: self.sum_us * i128::from(extra),
+                buckets: self
+                    .buckets
+                    .iter()
+                    .map(|&(b, n)| (b, n.saturating_mul(extra)))
+                    .collect(),
+            })
+        });
+        self
+    }
+
+    /// The samples' total weight in millionths (`count × 1_000_000` when none is sampled).
+    pub fn weight_micros(&self) -> i64 {
+        self.count * ONE + self.excess.as_ref().map_or(0, |x| x.weight_micros)
+    }
+
+    /// The samples' total weight: the number of events they stand for.
+    pub fn weighted_count(&self) -> f64 {
+        self.weight_micros() as f64 / ONE as f64
     }
 
     /// Adds one sample.
@@ -89,32 +158,62 @@ impl LatencyHistogram {
     }
 
     fn add_to_bucket(&mut self, bucket: u16, n: i64) {
-        match self.buckets.binary_search_by_key(&bucket, |&(b, _)| b) {
-            Ok(i) => {
-                self.buckets[i].1 += n;
-                if self.buckets[i].1 == 0 {
-                    self.buckets.remove(i);
-                }
+        add_to_bucket(&mut self.buckets, bucket, n);
+    }
+
+    /// The (weighted) mean in microseconds, exact up to floating-point division; `None` when
+    /// empty.
+    pub fn mean_us(&self) -> Option<f64> {
+        if self.count <= 0 {
+            return None;
+        }
+        match &self.excess {
+            None => Some(self.sum_us as f64 / self.count as f64),
+            Some(x) => {
+                let weight = self.weight_micros();
+                let sum = self.sum_us * i128::from(ONE) + x.sum_us_micros;
+                (weight > 0).then(|| sum as f64 / weight as f64)
             }
-            Err(i) => self.buckets.insert(i, (bucket, n)),
         }
     }
 
-    /// The mean in microseconds, exact up to floating-point division; `None` when empty.
-    pub fn mean_us(&self) -> Option<f64> {
-        (self.count > 0).then(|| self.sum_us as f64 / self.count as f64)
-    }
-
-    /// The `q`-quantile (`0 ≤ q ≤ 1`) in microseconds, within 1% of the exact sample at rank
-    /// `⌊q·(n−1)⌋`; `None` when empty.
+    /// The `q`-quantile (`0 ≤ q ≤ 1`) in microseconds, within 1% of the exact sample at
+    /// (weighted) rank `⌊q·(n−1)⌋`; `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         if self.count <= 0 {
             return None;
         }
-        let rank = (q.clamp(0.0, 1.0) * (self.count - 1) as f64).floor() as i64;
-        let mut seen = 0i64;
+        let q = q.clamp(0.0, 1.0);
+        let Some(excess) = &self.excess else {
+            let rank = (q * (self.count - 1) as f64).floor() as i64;
+            let mut seen = 0i64;
+            for &(bucket, n) in &self.buckets {
+                seen += n;
+                if seen > rank {
+                    return Some(bucket_value(bucket));
+                }
+            }
+            return self.buckets.last().map(|&(b, _)| bucket_value(b));
+        };
+        // Weighted: the first bucket whose cumulative weight passes ⌊q·(N̂−1)⌋ events. With
+        // every weight 1 (N̂ = n) this is the rank above: (N̂−1) is then an exact integer.
+        let weight = self.weight_micros();
+        let events_less_one = (weight - ONE).max(0) as f64 / ONE as f64;
+        let rank = (q * events_less_one).floor() as i128 * i128::from(ONE);
+        let mut seen = 0i128;
+        let mut extra = excess.buckets.iter().peekable();
         for &(bucket, n) in &self.buckets {
-            seen += n;
+            seen += i128::from(n) * i128::from(ONE);
+            while let Some(&&(b, w)) = extra.peek() {
+                if b > bucket {
+                    break;
+                }
+                // Excess only exists where samples are (a sample's excess is in its bucket).
+                if b == bucket {
+                    seen += i128::from(w);
+                }
+                extra.next();
+            }
             if seen > rank {
                 return Some(bucket_value(bucket));
             }
@@ -128,9 +227,58 @@ impl LatencyHistogram {
     }
 }
 
+fn add_to_bucket(buckets: &mut Buckets, bucket: u16, n: i64) {
+    match buckets.binary_search_by_key(&bucket, |&(b, _)| b) {
+        Ok(i) => {
+            buckets[i].1 += n;
+            if buckets[i].1 == 0 {
+                buckets.remove(i);
+            }
+        }
+        Err(i) => buckets.insert(i, (bucket, n)),
+    }
+}
+
+/// `a += b`, bucket by bucket; zeros leave.
+fn merge_buckets(a: &mut Buckets, b: &Buckets) {
+    if let [(bucket, n)] = b[..] {
+        // The common case: merging one sample into an accumulation.
+        add_to_bucket(a, bucket, n);
+        return;
+    }
+    let mut merged = Buckets::with_capacity(a.len() + b.len());
+    let (mut a_iter, mut b_iter) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        let next = match (a_iter.peek(), b_iter.peek()) {
+            (Some(&&(ba, na)), Some(&&(bb, nb))) if ba == bb => {
+                a_iter.next();
+                b_iter.next();
+                (ba, na + nb)
+            }
+            (Some(&&(ba, na)), Some(&&(bb, _))) if ba < bb => {
+                a_iter.next();
+                (ba, na)
+            }
+            (_, Some(&&(bb, nb))) => {
+                b_iter.next();
+                (bb, nb)
+            }
+            (Some(&&(ba, na)), None) => {
+                a_iter.next();
+                (ba, na)
+            }
+            (None, None) => break,
+        };
+        if next.1 != 0 {
+            merged.push(next);
+        }
+    }
+    *a = merged;
+}
+
 impl IsZero for LatencyHistogram {
     fn is_zero(&self) -> bool {
-        self.count == 0 && self.sum_us == 0 && self.buckets.is_empty()
+        self.count == 0 && self.sum_us == 0 && self.buckets.is_empty() && self.excess.is_none()
     }
 }
 
@@ -138,45 +286,18 @@ impl Semigroup for LatencyHistogram {
     fn plus_equals(&mut self, rhs: &Self) {
         self.count += rhs.count;
         self.sum_us += rhs.sum_us;
-        if let [(bucket, n)] = rhs.buckets[..] {
-            // The common case: merging one sample into an accumulation.
-            self.add_to_bucket(bucket, n);
-            return;
-        }
-        let mut merged = Buckets::with_capacity(self.buckets.len() + rhs.buckets.len());
-        let (mut a, mut b) = (
-            self.buckets.iter().peekable(),
-            rhs.buckets.iter().peekable(),
-        );
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(&&(ba, na)), Some(&&(bb, nb))) if ba == bb => {
-                    a.next();
-                    b.next();
-                    (ba, na + nb)
-                }
-                (Some(&&(ba, na)), Some(&&(bb, _))) if ba < bb => {
-                    a.next();
-                    (ba, na)
-                }
-                (_, Some(&&(bb, nb))) => {
-                    b.next();
-                    (bb, nb)
-                }
-                (Some(&&(ba, na)), None) => {
-                    a.next();
-                    (ba, na)
-                }
-                (None, None) => break,
-            };
-            if next.1 != 0 {
-                merged.push(next);
+        merge_buckets(&mut self.buckets, &rhs.buckets);
+        if let Some(r) = &rhs.excess {
+            let x = self.excess.get_or_insert_with(Default::default);
+            x.weight_micros += r.weight_micros;
+            x.sum_us_micros += r.sum_us_micros;
+            merge_buckets(&mut x.buckets, &r.buckets);
+            if x.is_zero() {
+                self.excess = None;
             }
         }
-        self.buckets = merged;
     }
 }
-
 impl Monoid for LatencyHistogram {
     fn zero() -> Self {
         LatencyHistogram::default()
@@ -189,6 +310,13 @@ impl Abelian for LatencyHistogram {
         self.sum_us = -self.sum_us;
         for (_, n) in &mut self.buckets {
             *n = -*n;
+        }
+        if let Some(x) = &mut self.excess {
+            x.weight_micros = -x.weight_micros;
+            x.sum_us_micros = -x.sum_us_micros;
+            for (_, n) in &mut x.buckets {
+                *n = -*n;
+            }
         }
     }
 }
@@ -204,6 +332,17 @@ impl Multiply<isize> for LatencyHistogram {
             *n *= k;
             *n != 0
         });
+        if let Some(x) = &mut self.excess {
+            x.weight_micros *= k;
+            x.sum_us_micros *= i128::from(k);
+            x.buckets.retain_mut(|(_, n)| {
+                *n *= k;
+                *n != 0
+            });
+            if x.is_zero() {
+                self.excess = None;
+            }
+        }
         self
     }
 }
@@ -231,6 +370,15 @@ mod tests {
             let rep = bucket_value(bucket_of(v));
             assert!(within(rep, v as f64), "value {v} read back as {rep}");
         }
+    }
+
+    #[test]
+    fn unit_weights_add_no_excess() {
+        let h = LatencyHistogram::from_weighted_sample(1_234, WEIGHT_ONE);
+        assert_eq!(h, LatencyHistogram::from_sample(1_234));
+        let half = LatencyHistogram::from_weighted_sample(1_234, 2 * WEIGHT_ONE);
+        assert_eq!(half.weighted_count(), 2.0);
+        assert_eq!(half.count, 1);
     }
 
     #[test]
@@ -266,6 +414,36 @@ mod tests {
                 let want = exact_quantile(&samples, q);
                 prop_assert!(within(got, want), "q={} got={} want={}", q, got, want);
             }
+        }
+
+        #[test]
+        fn weighted_samples_read_as_their_replicas(samples in proptest::collection::vec((0u64..10_000_000, 1u64..6), 1..200), split in 0usize..200) {
+            // A sample of weight k (an event kept at rate 1/k) reads as k copies of itself:
+            // the naive model is the unweighted histogram of the replicated samples.
+            let split = split.min(samples.len());
+            let mut weighted = LatencyHistogram::default();
+            let mut rest = LatencyHistogram::default();
+            let mut replicas = LatencyHistogram::default();
+            for (i, &(x, k)) in samples.iter().enumerate() {
+                let h = LatencyHistogram::from_weighted_sample(x, k * WEIGHT_ONE);
+                if i < split { weighted.plus_equals(&h) } else { rest.plus_equals(&h) }
+                for _ in 0..k { replicas.record(x); }
+            }
+            weighted.plus_equals(&rest);
+            prop_assert_eq!(weighted.count, samples.len() as i64);
+            prop_assert_eq!(weighted.weighted_count(), replicas.count as f64);
+            for q in [0.0, 0.1, 0.5, 0.9, 0.95, 0.99, 1.0] {
+                prop_assert_eq!(weighted.quantile(q), replicas.quantile(q), "q={}", q);
+            }
+            let (m, r) = (weighted.mean_us().unwrap(), replicas.mean_us().unwrap());
+            prop_assert!((m - r).abs() <= 1e-9 * r.max(1.0), "mean {} vs {}", m, r);
+            // Retracting every weighted sample leaves nothing, excess included.
+            for &(x, k) in &samples {
+                let mut neg = LatencyHistogram::from_weighted_sample(x, k * WEIGHT_ONE);
+                neg.negate();
+                weighted.plus_equals(&neg);
+            }
+            prop_assert!(weighted.is_zero(), "{:?}", weighted);
         }
 
         #[test]

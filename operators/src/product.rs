@@ -26,7 +26,9 @@ pub type Name = Cow<'static, str>;
 /// name and short (a handful of names per event), so it is kept inline.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Tally {
-    /// Counters by name.
+    /// Counters by name, in millionths of an event: an event adds its Horvitz–Thompson weight
+    /// (1 / `sample_rate`, [`sightline_schemas::WEIGHT_ONE`] when not sampled), so that a
+    /// sampled stream counts what was emitted. Read them with [`Tally::get`].
     pub counts: SmallVec<[(Name, i64); 3]>,
     /// Distributions by name (values in millionths of their unit, as the histogram's
     /// "microseconds").
@@ -34,6 +36,14 @@ pub struct Tally {
     /// Latest times of named occurrences (ms), for "what came last" within a window; a
     /// tally is only ever added to (events are never retracted), where max is exact.
     pub last: SmallVec<[(Name, u64); 1]>,
+}
+
+/// One event, in the millionths [`Tally::counts`] are kept in.
+const ONE: i64 = sightline_schemas::WEIGHT_ONE as i64;
+
+/// Millionths of an event, rounded to whole events.
+fn events(micros: i64) -> i64 {
+    (micros + ONE / 2).div_euclid(ONE)
 }
 
 /// Finds `name` in a sorted list, or where it goes.
@@ -47,9 +57,26 @@ impl Tally {
         Tally::default()
     }
 
-    /// Adds one to counter `name`.
+    /// Adds one event to counter `name` (weighed by [`Tally::weighted`]).
     pub fn count(self, name: impl Into<Name>) -> Tally {
-        self.add(name.into(), 1)
+        self.add(name.into(), ONE)
+    }
+
+    /// The tally of one event of weight `weight_micros` (its
+    /// [`Event::weight_micros`]): counters and distributions built with weight 1 are scaled to
+    /// it. Unchanged for an event that was not sampled.
+    pub fn weighted(mut self, weight_micros: u64) -> Tally {
+        if weight_micros == sightline_schemas::WEIGHT_ONE {
+            return self;
+        }
+        let w = i128::from(weight_micros.min(i64::MAX as u64) as i64);
+        for (_, v) in &mut self.counts {
+            *v = (i128::from(*v) * w / i128::from(ONE)).clamp(0, i128::from(i64::MAX)) as i64;
+        }
+        for (_, h) in &mut self.dists {
+            *h = std::mem::take(h).with_weight(weight_micros);
+        }
+        self
     }
 
     fn add(mut self, name: Name, n: i64) -> Tally {
@@ -85,9 +112,10 @@ impl Tally {
         self
     }
 
-    /// Counter `name` (0 when absent).
+    /// Counter `name` in events, rounded to whole ones (0 when absent): the count when no
+    /// event was sampled, the Horvitz–Thompson estimate of the events emitted otherwise.
     pub fn get(&self, name: &str) -> i64 {
-        slot(&self.counts, name).map_or(0, |i| self.counts[i].1)
+        slot(&self.counts, name).map_or(0, |i| events(self.counts[i].1))
     }
 
     /// Distribution `name`, if any sample.
@@ -107,7 +135,7 @@ impl Tally {
     pub fn counts_with(&self, prefix: &str) -> BTreeMap<String, i64> {
         self.counts
             .iter()
-            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_owned(), *v)))
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_owned(), events(*v))))
             .filter(|(_, v)| *v != 0)
             .collect()
     }
@@ -267,6 +295,7 @@ pub fn command_queue<'s, E: Borrow<Event> + Clone + 'static>(
             }
             _ => return SmallVec::new(),
         };
+        let tally = tally.weighted(e.weight_micros);
         let start = windows.start_of(e.event_time_ms as u64);
         // `all` and the action type: two rows, inline.
         let mut out: SmallVec<[(ProductKey, Tally); 2]> = SmallVec::new();
@@ -331,7 +360,7 @@ pub fn integration_health<'s, E: Borrow<Event> + Clone + 'static>(
                 group: integration?.clone(),
                 breakdown: all(),
             },
-            tally,
+            tally.weighted(e.weight_micros),
         ))
     })
 }
@@ -362,6 +391,7 @@ pub fn feedback<'s, E: Borrow<Event> + Clone + 'static>(
         if e.kept.measure("blocked") == Some(1.0) {
             t = t.count("blocked");
         }
+        let t = t.weighted(e.weight_micros);
         let start = windows.start_of(e.event_time_ms as u64);
         let mut breakdowns = vec![all()];
         for (experiment, variant) in e.experiment_assignments.iter() {
@@ -390,4 +420,41 @@ pub fn feedback<'s, E: Borrow<Event> + Clone + 'static>(
             })
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sightline_schemas::WEIGHT_ONE;
+
+    #[test]
+    fn a_sampled_event_counts_its_weight() {
+        // Failures are never sampled; successes kept at ¼ weigh 4: the error rate read off
+        // the weighted counters is the emitted one (1 in 5), not the kept one (1 in 2).
+        let success = Tally::new()
+            .count("calls")
+            .sample("latency_ms", 12.0)
+            .weighted(4 * WEIGHT_ONE);
+        let failure = Tally::new().count("calls").count("failures");
+        let mut t = success.clone();
+        t.plus_equals(&failure);
+        assert_eq!((t.get("calls"), t.get("failures")), (5, 1));
+        let latency = t.dist("latency_ms").expect("a sample");
+        assert_eq!((latency.count, latency.weighted_count()), (1, 4.0));
+        // A weight of 1 changes nothing, and a weight of 1/0.3 rounds to whole events.
+        assert_eq!(
+            Tally::new().count("x").weighted(WEIGHT_ONE),
+            Tally::new().count("x")
+        );
+        let third = Tally::new()
+            .count("x")
+            .weighted(sightline_schemas::weight_of_rate(0.3));
+        assert_eq!(third.get("x"), 3);
+        // Retraction still cancels exactly.
+        let mut neg = success.clone();
+        neg = neg.multiply(&-1);
+        let mut zero = success;
+        zero.plus_equals(&neg);
+        assert!(zero.is_zero(), "{zero:?}");
+    }
 }

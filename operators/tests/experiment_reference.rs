@@ -7,7 +7,8 @@
 //! recomputation of the semantics from the whole log, exactly; so must the exposure counts,
 //! with the compliance counts (restricted events, and a tenant outside `exp_b`'s allowlist).
 //! Events span three days and CUPED looks back one: each unit's covariates (the same metrics
-//! on the day before its exposure's day) are part of the sums.
+//! on the day before its exposure's day) are part of the sums. Events carry weights 1, 2 or 4
+//! (sampled at 1, ½, ¼): counts and sums add the weight; indicators and latency samples do not.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,8 @@ struct Raw {
     assigned: Option<bool>,
     score: i64,
     restricted: bool,
+    /// The event's Horvitz–Thompson weight (1 / `sample_rate`): counts and sums add it.
+    weight: i64,
     id: usize,
 }
 
@@ -102,7 +105,7 @@ fn event_of(r: &Raw) -> Event {
         } else {
             DataSensitivity::Internal
         },
-        weight_micros: sightline_schemas::WEIGHT_ONE,
+        weight_micros: r.weight as u64 * sightline_schemas::WEIGHT_ONE,
         latency_us: latency_of(r),
         privacy: PrivacyCounts::default(),
     }
@@ -205,9 +208,10 @@ fn arb_raw() -> impl Strategy<Value = Raw> {
         proptest::option::weighted(0.5, proptest::bool::weighted(0.9)),
         0i64..5,
         proptest::bool::weighted(0.15),
+        prop_oneof![2 => Just(1i64), 1 => Just(2), 1 => Just(4)],
     )
         .prop_map(
-            |(tenant, user, (q, day), name, assigned, score, restricted)| Raw {
+            |(tenant, user, (q, day), name, assigned, score, restricted, weight)| Raw {
                 tenant,
                 user,
                 at_ms: BASE + day * DAY + q * 250,
@@ -215,6 +219,7 @@ fn arb_raw() -> impl Strategy<Value = Raw> {
                 assigned,
                 score,
                 restricted,
+                weight,
                 id: 0,
             },
         )
@@ -279,13 +284,20 @@ fn reference(log: &[Raw], until: u64) -> (Stats, Latency, Exposures) {
             .iter()
             .filter(|r| r.at_ms / DAY < day && r.at_ms / DAY + u64::from(LOOKBACK_DAYS) >= day)
             .collect();
-        let pre_count = |name: &str| pre.iter().filter(|r| NAMES[r.name] == name).count() as i64;
+        // Counts and sums are weighted (the conversion indicator is not).
+        let pre_count = |name: &str| {
+            pre.iter()
+                .filter(|r| NAMES[r.name] == name)
+                .map(|r| r.weight)
+                .sum::<i64>()
+        };
+        let pre_events: i64 = pre.iter().map(|r| r.weight).sum();
         let has_pre = !pre.is_empty();
         let x = |value: i64| has_pre.then_some(value * 1_000_000);
         let pre_score: i64 = pre
             .iter()
             .filter(|r| NAMES[r.name] == "task_assigned")
-            .map(|r| r.score)
+            .map(|r| r.score * r.weight)
             .sum();
         let experiments: &[&str] = if tenant == 1 {
             &EXPERIMENTS
@@ -307,16 +319,16 @@ fn reference(log: &[Raw], until: u64) -> (Stats, Latency, Exposures) {
                 multiple = true;
                 break;
             }
-            all += 1;
+            all += r.weight;
             match NAMES[r.name] {
                 "project_created" => {
-                    created += 1;
+                    created += r.weight;
                     if r.at_ms <= exposed_at + WITHIN {
                         converted = 1;
                     }
                 }
                 "task_assigned" => {
-                    score += r.score;
+                    score += r.score * r.weight;
                     if entered && r.at_ms <= exposed_at + WITHIN {
                         finished = true;
                     }
@@ -340,7 +352,7 @@ fn reference(log: &[Raw], until: u64) -> (Stats, Latency, Exposures) {
             ("created", created, pre_count("project_created")),
             ("score", score, pre_score),
             ("converted", converted, pre_count("project_created").min(1)),
-            ("events", all, pre.len() as i64),
+            ("events", all, pre_events),
         ] {
             add("exp_a", metric, Moments::unit(value * one, x(covariate)));
         }

@@ -54,6 +54,8 @@ struct Raw {
     restricted: bool,
     platform: Platform,
     variant: Option<&'static str>,
+    /// The event's Horvitz–Thompson weight (1 / `sample_rate`: 1, 2 or 4).
+    weight: u64,
     id: u32,
 }
 
@@ -91,7 +93,7 @@ fn event_of(raw: &Raw) -> Event {
         } else {
             DataSensitivity::Internal
         },
-        weight_micros: sightline_schemas::WEIGHT_ONE,
+        weight_micros: raw.weight * sightline_schemas::WEIGHT_ONE,
         latency_us: None,
         privacy: PrivacyCounts::default(),
     }
@@ -106,16 +108,20 @@ fn arb_raw() -> impl Strategy<Value = Raw> {
         proptest::bool::weighted(0.15),
         proptest::sample::select(vec![Platform::Web, Platform::Ios]),
         proptest::option::of(proptest::sample::select(vec!["control", "treatment"])),
+        prop_oneof![3 => Just(1u64), 1 => Just(2), 1 => Just(4)],
     )
-        .prop_map(|(unit, q, name, restricted, platform, variant)| Raw {
-            unit,
-            at_ms: BASE + q * 250,
-            name,
-            restricted,
-            platform,
-            variant,
-            id: 0,
-        })
+        .prop_map(
+            |(unit, q, name, restricted, platform, variant, weight)| Raw {
+                unit,
+                at_ms: BASE + q * 250,
+                name,
+                restricted,
+                platform,
+                variant,
+                weight,
+                id: 0,
+            },
+        )
 }
 
 fn arb_def() -> impl Strategy<Value = FunnelDef> {
@@ -169,7 +175,10 @@ fn arb_def() -> impl Strategy<Value = FunnelDef> {
 type Row = (bool, u64, String, String, u8);
 
 /// The reference: every chain, enumerated.
-fn reference(def: &FunnelDef, width: u64, log: &[Raw]) -> BTreeMap<Row, Vec<u64>> {
+/// Per row, each unit's (time to convert, weight). A unit's weight at step k is the largest of
+/// its window's first step-1 event's weight and the weights of the events that, earliest in
+/// its sequence, completed a chain to steps 2…k.
+fn reference(def: &FunnelDef, width: u64, log: &[Raw]) -> BTreeMap<Row, Vec<(u64, u64)>> {
     let windows = Windows::new(width);
     let n = def.steps.len();
     let step_name = |s: usize| def.steps[s].event;
@@ -185,7 +194,7 @@ fn reference(def: &FunnelDef, width: u64, log: &[Raw]) -> BTreeMap<Row, Vec<u64>
             sightline_operators::funnel::fnv1a(format!("id-{}", r.id).as_bytes()),
         )
     };
-    let mut out: BTreeMap<Row, Vec<u64>> = BTreeMap::new();
+    let mut out: BTreeMap<Row, Vec<(u64, u64)>> = BTreeMap::new();
     let mut units: BTreeMap<(bool, u64), Vec<&Raw>> = BTreeMap::new();
     for r in log {
         units.entry((r.restricted, r.unit)).or_default().push(r);
@@ -208,17 +217,20 @@ fn reference(def: &FunnelDef, width: u64, log: &[Raw]) -> BTreeMap<Row, Vec<u64>
         for (start, firsts) in by_window {
             // best[k]: shortest time to step k + 1 over the window's chains.
             let mut best: Vec<Option<u64>> = vec![None; n];
+            // earliest[k]: the first position in the sequence completing a chain to step k + 1.
+            let mut earliest: Vec<Option<usize>> = vec![None; n];
             for &i in &firsts {
                 let t1 = seq[i].at_ms;
                 let deadline = t1 + def.window_ms;
                 let later: Vec<usize> = (i + 1..seq.len())
                     .filter(|&j| seq[j].at_ms <= deadline)
                     .collect();
-                let mut record = |k: usize, at: u64| {
-                    let t = at - t1;
+                let mut record = |k: usize, j: usize| {
+                    let t = seq[j].at_ms - t1;
                     best[k] = Some(best[k].map_or(t, |b: u64| b.min(t)));
+                    earliest[k] = Some(earliest[k].map_or(j, |e: usize| e.min(j)));
                 };
-                record(0, t1);
+                record(0, i);
                 match def.order {
                     Order::Ordered => {
                         // Every chain: positions p[0] = i < p[1] < … matching steps 1, 2, ….
@@ -241,7 +253,7 @@ fn reference(def: &FunnelDef, width: u64, log: &[Raw]) -> BTreeMap<Row, Vec<u64>
                                             .any(|m| excluded(seq[m]))
                                 });
                                 if !broken {
-                                    record(k, seq[j].at_ms);
+                                    record(k, j);
                                     stack.push(next);
                                 }
                             }
@@ -254,7 +266,7 @@ fn reference(def: &FunnelDef, width: u64, log: &[Raw]) -> BTreeMap<Row, Vec<u64>
                             if r.at_ms > deadline || !matches(r, k) {
                                 break;
                             }
-                            record(k, r.at_ms);
+                            record(k, i + k);
                             k += 1;
                         }
                     }
@@ -271,7 +283,7 @@ fn reference(def: &FunnelDef, width: u64, log: &[Raw]) -> BTreeMap<Row, Vec<u64>
                             let covered =
                                 most_steps(&|j: usize, s: usize| matches(seq[j], s), prefix, n);
                             for k in 1..=covered {
-                                record(k, seq[usable[end]].at_ms);
+                                record(k, usable[end]);
                             }
                         }
                     }
@@ -287,11 +299,16 @@ fn reference(def: &FunnelDef, width: u64, log: &[Raw]) -> BTreeMap<Row, Vec<u64>
                 pairs.push(("experiment:exp_1".into(), v.into()));
             }
             let reached = best.iter().take_while(|b| b.is_some()).count();
+            let mut weights = vec![first.weight; n];
+            for k in 1..reached {
+                let completing = earliest[k].map_or(1, |j| seq[j].weight);
+                weights[k] = weights[k - 1].max(completing);
+            }
             for (b, v) in pairs {
                 for (k, t) in best.iter().take(reached).enumerate() {
                     out.entry((restricted, start, b.clone(), v.clone(), (k + 1) as u8))
                         .or_default()
-                        .push(t.unwrap());
+                        .push((t.unwrap(), weights[k]));
                 }
             }
         }
@@ -441,12 +458,13 @@ fn rows_of(
     Ok(got)
 }
 
-/// `got` is `expected` (exact counts and sums, medians within the histogram's accuracy), and
-/// keeps the funnel invariants: no step above the one before; conversion in [0, 1].
+/// `got` is `expected` (exact counts, sums and weights, weighted medians within the
+/// histogram's accuracy), and keeps the funnel invariants: no step above the one before;
+/// conversion in [0, 1].
 fn check(
     def: &FunnelDef,
     got: &BTreeMap<Row, LatencyHistogram>,
-    expected: &BTreeMap<Row, Vec<u64>>,
+    expected: &BTreeMap<Row, Vec<(u64, u64)>>,
 ) -> Result<(), TestCaseError> {
     prop_assert_eq!(
         got.keys().collect::<Vec<_>>(),
@@ -461,11 +479,27 @@ fn check(
         prop_assert_eq!(h.count, times.len() as i64, "{:?}", row);
         prop_assert_eq!(
             h.sum_us,
-            times.iter().map(|&t| i128::from(t) * 1000).sum::<i128>(),
+            times
+                .iter()
+                .map(|&(t, _)| i128::from(t) * 1000)
+                .sum::<i128>(),
             "{:?}",
             row
         );
-        let exact = times[(times.len() - 1) / 2] as f64 * 1000.0;
+        let weight: u64 = times.iter().map(|&(_, w)| w).sum();
+        prop_assert_eq!(
+            h.weighted_count(),
+            weight as f64,
+            "{:?}: weights {:?}",
+            row,
+            times
+        );
+        // A unit of weight w counts as w units: the median of the replicated times.
+        let replicated: Vec<u64> = times
+            .iter()
+            .flat_map(|&(t, w)| std::iter::repeat_n(t, w as usize))
+            .collect();
+        let exact = replicated[(replicated.len() - 1) / 2] as f64 * 1000.0;
         let median = h.quantile(0.5).unwrap();
         prop_assert!((median - exact).abs() <= RELATIVE_ACCURACY * exact + 1e-6);
     }

@@ -232,15 +232,29 @@ fn within(got: f64, exact: f64) -> bool {
     (got - exact).abs() <= RELATIVE_ACCURACY * exact * (1.0 + 1e-9) + 1e-9
 }
 
-fn check_histogram(h: &LatencyHistogram, samples: &mut [u64]) -> Result<(), TestCaseError> {
+/// `h` holds `samples` (value µs, weight millionths): raw count and sum exactly, total weight
+/// exactly, and each quantile within 1% of the sample at weighted rank ⌊q·(N̂−1)⌋ (the first
+/// sample, in value order, whose cumulative weight passes that many events).
+fn check_histogram(h: &LatencyHistogram, samples: &mut [(u64, u64)]) -> Result<(), TestCaseError> {
     samples.sort_unstable();
     prop_assert_eq!(h.count, samples.len() as i64);
     prop_assert_eq!(
         h.sum_us,
-        samples.iter().map(|&s| i128::from(s)).sum::<i128>()
+        samples.iter().map(|&(s, _)| i128::from(s)).sum::<i128>()
     );
+    let one = i128::from(sightline_schemas::WEIGHT_ONE);
+    let total: i128 = samples.iter().map(|&(_, w)| i128::from(w)).sum();
+    prop_assert_eq!(i128::from(h.weight_micros()), total);
     for q in [0.5, 0.9, 0.95, 0.99, 1.0] {
-        let exact = samples[(q * (samples.len() - 1) as f64).floor() as usize] as f64;
+        let rank = (q * ((total - one).max(0) as f64 / one as f64)).floor() as i128 * one;
+        let mut seen = 0i128;
+        let exact = samples
+            .iter()
+            .find(|&&(_, w)| {
+                seen += i128::from(w);
+                seen > rank
+            })
+            .map_or(samples[samples.len() - 1].0, |&(s, _)| s) as f64;
         let got = h.quantile(q).unwrap_or(f64::NAN);
         prop_assert!(within(got, exact), "q {} got {} exact {}", q, got, exact);
     }
@@ -281,14 +295,14 @@ proptest! {
         prop_assert_eq!(flatten(&out.counts), want_counts);
 
         // latency
-        let mut want_latency: BTreeMap<LatencyKey, Vec<u64>> = BTreeMap::new();
-        let mut want_variants: BTreeMap<VariantKey, Vec<u64>> = BTreeMap::new();
+        let mut want_latency: BTreeMap<LatencyKey, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut want_variants: BTreeMap<VariantKey, Vec<(u64, u64)>> = BTreeMap::new();
         for e in &events {
             let Some(l) = e.latency_us else { continue };
             let window_start_ms = windows.start_of(e.event_time_ms as u64);
-            want_latency.entry(LatencyKey { window_start_ms, event_name: e.event_name, feature_area: e.feature_area.clone(), surface: e.surface.clone().unwrap_or_default() }).or_default().push(l);
+            want_latency.entry(LatencyKey { window_start_ms, event_name: e.event_name, feature_area: e.feature_area.clone(), surface: e.surface.clone().unwrap_or_default() }).or_default().push((l, e.weight_micros));
             for (experiment_id, variant) in e.experiment_assignments.iter() {
-                want_variants.entry(VariantKey { window_start_ms, event_name: e.event_name, experiment_id: experiment_id.clone(), variant: variant.clone() }).or_default().push(l);
+                want_variants.entry(VariantKey { window_start_ms, event_name: e.event_name, experiment_id: experiment_id.clone(), variant: variant.clone() }).or_default().push((l, e.weight_micros));
             }
         }
         let got_latency = flatten(&out.latency);

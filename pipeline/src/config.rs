@@ -478,6 +478,31 @@ impl Config {
         Ok(config)
     }
 
+    /// One line on what this configuration runs (for `sightline config check`).
+    pub fn summary(&self) -> String {
+        let topics: Vec<&str> = self.kafka.topics.iter().map(|t| t.name.as_str()).collect();
+        format!(
+            "{} worker(s), {} ms windows, topics [{}] from {}, lake {}, {} funnel(s), {} experiment(s){}{}",
+            self.pipeline.workers,
+            self.pipeline.window_ms,
+            topics.join(", "),
+            self.kafka.bootstrap_servers,
+            self.lake.location,
+            self.funnel_defs().map_or(0, |f| f.len()),
+            self.experiments.len(),
+            if self.metrics_store.url.is_some() {
+                ", remote-write on"
+            } else {
+                ""
+            },
+            if self.kafka.sampling_topic.is_some() {
+                ", sampling topic on"
+            } else {
+                ""
+            },
+        )
+    }
+
     /// Checks the relations between fields.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.metrics_store.options()?;

@@ -57,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         command: SchemasCommand,
     },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Audit stored output for personal data: every string in every Parquet file under a lake
     /// directory, or every record of a Kafka topic (dead letters). Exits 1 if anything is found.
     PiiScan {
@@ -135,6 +140,18 @@ enum SchemasCommand {
         /// The registry directory (default: `schemas/registry`).
         #[arg(default_value = "schemas/registry")]
         dir: PathBuf,
+    },
+}
+
+/// What `config` does.
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Checks a configuration file as `run` would load it (with the `SIGHTLINE__*`
+    /// environment over it): unknown keys and bad values are refused with the field named.
+    /// Exits 0 and prints a summary when it is valid.
+    Check {
+        /// The configuration file (TOML).
+        file: PathBuf,
     },
 }
 
@@ -278,6 +295,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{} problem(s) in {}", problems.len(), dir.display());
             }
         },
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let config = Config::load(Some(&file))?;
+            println!("{}: valid; {}", file.display(), config.summary());
+            if config.privacy.key_ring()?.is_none() {
+                println!(
+                    "note: no privacy.key or privacy.key-file: `run` needs one (SIGHTLINE__PRIVACY__KEY, for example from a Secret)"
+                );
+            }
+        }
         Command::PiiScan {
             target,
             topic,

@@ -119,6 +119,47 @@ fn errors_are_clear_and_exit_non_zero() {
 }
 
 #[test]
+fn config_check_accepts_the_example_and_names_the_bad_field() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../sightline.example.toml");
+    let output = sightline()
+        .args(["config", "check", example])
+        .output()
+        .expect("config check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("valid"), "{stdout}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (text, field) in [
+        ("[pipeline]\nwindows-ms = 60000\n", "windows-ms"),
+        ("[kafka]\nbootstrap-servers = 7\n", "bootstrap-servers"),
+        (
+            "[sampling]\ninterval-windows = 0\n",
+            "sampling.interval-windows",
+        ),
+        (
+            "[lake]\nlocation = \"/data\"\n[lake.s3]\nregion = [1]\n",
+            "region",
+        ),
+    ] {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, text).expect("config");
+        let output = sightline()
+            .args(["config", "check"])
+            .arg(&file)
+            .output()
+            .expect("config check");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{text}: {stderr}");
+        assert!(stderr.contains(field), "{text}: {stderr}");
+    }
+}
+
+#[test]
 fn demo_runs_on_the_embedded_default_and_stops_by_itself() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("sightline-data");

@@ -34,9 +34,12 @@ pub struct FunnelRow {
     pub step_name: String,
     /// Units that entered in the window and reached the step.
     pub units: i64,
-    /// `units` ÷ the units of step 1.
+    /// The units they stand for, Horvitz–Thompson (each weighs 1 / the smallest `sample_rate`
+    /// of its events through the step; `units` when nothing was sampled).
+    pub weighted_units: f64,
+    /// `weighted_units` ÷ the weighted units of step 1.
     pub conversion_from_entry: f64,
-    /// `units` ÷ the units of the step before (1 for step 1).
+    /// `weighted_units` ÷ the weighted units of the step before (1 for step 1).
     pub conversion_from_previous: f64,
     /// Median time from the step-1 event to the step, ms (within 1%).
     pub median_time_to_convert_ms: f64,
@@ -67,6 +70,7 @@ impl FunnelRow {
                 step: i64::from(key.step),
                 step_name: def.step_name(usize::from(key.step)),
                 units: h.count,
+                weighted_units: h.weighted_count(),
                 conversion_from_entry: 0.0,
                 conversion_from_previous: 0.0,
                 median_time_to_convert_ms: ms(0.5),
@@ -89,6 +93,7 @@ impl Table for FunnelRow {
             Field::new("step", DataType::Int64, false),
             Field::new("step_name", DataType::Utf8, false),
             Field::new("units", DataType::Int64, false),
+            Field::new("weighted_units", DataType::Float64, false),
             Field::new("conversion_from_entry", DataType::Float64, false),
             Field::new("conversion_from_previous", DataType::Float64, false),
             Field::new("median_time_to_convert_ms", DataType::Float64, false),
@@ -106,6 +111,7 @@ impl Table for FunnelRow {
             ints(rows, |r| r.step),
             strings(rows, |r| &r.step_name),
             ints(rows, |r| r.units),
+            floats(rows, |r| r.weighted_units),
             floats(rows, |r| r.conversion_from_entry),
             floats(rows, |r| r.conversion_from_previous),
             floats(rows, |r| r.median_time_to_convert_ms),
@@ -117,7 +123,7 @@ impl Table for FunnelRow {
     /// Fills in the conversions, which need the units of step 1 and of the step before: the
     /// steps of one breakdown value may have been counted on different workers.
     fn combine(mut rows: Vec<Self>) -> Vec<Self> {
-        let units: BTreeMap<(String, String, String, i64), i64> = rows
+        let units: BTreeMap<(String, String, String, i64), f64> = rows
             .iter()
             .map(|r| {
                 (
@@ -127,7 +133,7 @@ impl Table for FunnelRow {
                         r.breakdown_value.clone(),
                         r.step,
                     ),
-                    r.units,
+                    r.weighted_units,
                 )
             })
             .collect();
@@ -141,14 +147,15 @@ impl Table for FunnelRow {
                         step,
                     ))
                     .copied()
-                    .unwrap_or(0)
+                    .unwrap_or(0.0)
             };
-            let ratio = |n: i64, d: i64| if d > 0 { n as f64 / d as f64 } else { 0.0 };
-            r.conversion_from_entry = ratio(r.units, of(1));
+            // With no weights, n and d are whole numbers and the ratio is units ÷ units.
+            let ratio = |n: f64, d: f64| if d > 0.0 { n / d } else { 0.0 };
+            r.conversion_from_entry = ratio(r.weighted_units, of(1));
             r.conversion_from_previous = if r.step == 1 {
                 1.0
             } else {
-                ratio(r.units, of(r.step - 1))
+                ratio(r.weighted_units, of(r.step - 1))
             };
         }
         rows

@@ -79,6 +79,9 @@ pub(crate) fn batch(schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordB
 pub struct LatencyStats {
     /// Number of samples.
     pub count: i64,
+    /// The events they stand for: Σ 1 / `sample_rate` (Horvitz–Thompson; `count` when none
+    /// is sampled). The mean and the quantiles are those of the weighted samples.
+    pub weighted_count: f64,
     /// Exact mean.
     pub mean_ms: f64,
     /// Median, within 1%.
@@ -99,6 +102,7 @@ impl LatencyStats {
         let q = |q: f64| h.quantile(q).unwrap_or(0.0) / 1000.0;
         LatencyStats {
             count: h.count,
+            weighted_count: h.weighted_count(),
             mean_ms: h.mean_us().unwrap_or(0.0) / 1000.0,
             p50_ms: q(0.5),
             p90_ms: q(0.9),
@@ -109,7 +113,10 @@ impl LatencyStats {
     }
 
     fn fields() -> Vec<Field> {
-        let mut fields = vec![Field::new("count", DataType::Int64, false)];
+        let mut fields = vec![
+            Field::new("count", DataType::Int64, false),
+            Field::new("weighted_count", DataType::Float64, false),
+        ];
         for name in ["mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms"] {
             fields.push(Field::new(name, DataType::Float64, false));
         }
@@ -119,6 +126,7 @@ impl LatencyStats {
     fn columns<T>(rows: &[T], f: impl Fn(&T) -> &LatencyStats) -> Vec<ArrayRef> {
         vec![
             ints(rows, |r| f(r).count),
+            floats(rows, |r| f(r).weighted_count),
             floats(rows, |r| f(r).mean_ms),
             floats(rows, |r| f(r).p50_ms),
             floats(rows, |r| f(r).p90_ms),

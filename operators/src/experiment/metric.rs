@@ -8,6 +8,17 @@ use sightline_stats::Moments;
 /// Fixed-point scale of metric values (millionths), as [`sightline_stats::moments::SCALE`].
 pub(super) const ONE: i64 = 1_000_000;
 
+/// `increment` (millionths) times the event's Horvitz–Thompson weight (1 / `sample_rate`):
+/// unchanged for an event that was not sampled.
+fn weighted(increment: i64, event: &Event) -> i64 {
+    if event.weight_micros == sightline_schemas::WEIGHT_ONE {
+        return increment;
+    }
+    let product = i128::from(increment) * i128::from(event.weight_micros)
+        / i128::from(sightline_schemas::WEIGHT_ONE);
+    product.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
 /// What a metric measures per unit since exposure.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MetricKind {
@@ -167,29 +178,37 @@ impl Metric {
     }
 
     /// The value `event` adds to a unit whose value is `value`, exposed at `exposed_at`.
+    ///
+    /// Counts and sums add the event weighted by 1 / its `sample_rate` (Horvitz–Thompson), so
+    /// that a unit's value estimates what it emitted; the indicators (conversion, abandonment)
+    /// are not weighted (see the README's "Adaptive sampling budgets").
     pub(super) fn apply(&self, value: i64, event: &Event, at_ms: u64, exposed_at: u64) -> i64 {
         match &self.kind {
-            MetricKind::Count { event: name } if event.event_name == *name => value + ONE,
+            MetricKind::Count { event: name } if event.event_name == *name => {
+                value.saturating_add(weighted(ONE, event))
+            }
             MetricKind::Errors if event.event_type == sightline_schemas::EventType::Error => {
-                value + ONE
+                value.saturating_add(weighted(ONE, event))
             }
             MetricKind::Sum { event: name, field } if event.event_name == *name => {
-                value
-                    + event
-                        .kept
-                        .get(field)
-                        .and_then(|v| match v {
-                            sightline_schemas::KeptValue::Measure(m) => Some(m.0),
-                            _ => None,
-                        })
-                        .unwrap_or(0)
+                let measure = event
+                    .kept
+                    .get(field)
+                    .and_then(|v| match v {
+                        sightline_schemas::KeptValue::Measure(m) => Some(m.0),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                value.saturating_add(weighted(measure, event))
             }
             MetricKind::Conversion {
                 event: name,
                 within_ms,
             } if event.event_name == *name && at_ms <= exposed_at + within_ms => ONE,
-            MetricKind::Events => value + ONE,
-            MetricKind::Tickets { rules } if rules.is_critical(event) => value + ONE,
+            MetricKind::Events => value.saturating_add(weighted(ONE, event)),
+            MetricKind::Tickets { rules } if rules.is_critical(event) => {
+                value.saturating_add(weighted(ONE, event))
+            }
             MetricKind::Abandonment {
                 entry,
                 goal,

@@ -26,6 +26,10 @@
 //!   `k`. Its **time to convert** to step k is the shortest `t_k − t₁` over those chains.
 //!   A unit that reaches k has reached every step before it, so a step never counts more
 //!   units than the one before, and conversion is in [0, 1].
+//! - **Weights.** Under sampling (events with a `sample_rate`), a unit counts at step k with
+//!   its Horvitz–Thompson weight there: the largest weight among its first step-1 event of
+//!   `W` and the events that first took it to steps 2…k ([`Entry::weights`]); the rows' time
+//!   to convert is weighted the same way. Without sampling every weight is 1.
 //! - **Breakdowns** are first-touch: the unit's value in `W` is the value on its first step-1
 //!   event in `W` (`(none)` when that event has no value; for experiments, each experiment the
 //!   event carries an assignment of).
@@ -432,6 +436,7 @@ impl FunnelDef {
                 steps,
                 exclusions,
                 breakdown,
+                weight_micros: event.weight_micros,
             },
         ))
     }
@@ -500,6 +505,14 @@ pub struct Touch {
     pub exclusions: u32,
     /// `(breakdown, value)` pairs of a step-1 event; empty otherwise.
     pub breakdown: Breakdowns,
+    /// The event's Horvitz–Thompson weight, millionths (1 / `sample_rate`; see [`Entry`]).
+    #[serde(default = "unit_weight")]
+    pub weight_micros: u64,
+}
+
+/// Weight 1, in millionths: an event that was not sampled.
+pub fn unit_weight() -> u64 {
+    sightline_schemas::WEIGHT_ONE
 }
 
 /// One unit's result in one entry window, for one breakdown value and one step it reached.
@@ -515,6 +528,8 @@ pub struct Reach {
     pub step: u8,
     /// Shortest time from a step-1 event of the window to the step, ms.
     pub ttc_ms: u64,
+    /// The unit's Horvitz–Thompson weight at this step, millionths (see [`Entry`]).
+    pub weight_micros: u64,
 }
 
 /// The key of one funnel row.
@@ -802,8 +817,10 @@ fn funnel_operator<'s>(
                     };
                     if let Some(entry) = progress.take(start) {
                         for reach in entry.reaches() {
-                            let sample =
-                                LatencyHistogram::from_sample(reach.ttc_ms.saturating_mul(1000));
+                            let sample = LatencyHistogram::from_weighted_sample(
+                                reach.ttc_ms.saturating_mul(1000),
+                                reach.weight_micros,
+                            );
                             match rows.entry(FunnelKey {
                                 window_start_ms: start,
                                 restricted: key.0,
@@ -926,6 +943,7 @@ mod tests {
             steps,
             exclusions,
             breakdown: Arc::from(Vec::new()),
+            weight_micros: unit_weight(),
         }
     }
 

@@ -26,6 +26,7 @@
 //! this against such an enumeration).
 
 use serde::{Deserialize, Serialize};
+use sightline_schemas::WEIGHT_ONE;
 use smallvec::SmallVec;
 
 use super::{Breakdowns, FunnelDef, Order, Reach, Touch};
@@ -67,6 +68,32 @@ pub struct Entry {
     pub chains: SmallVec<[Chain; 3]>,
     /// Chains still able to go further (`unordered`).
     pub matchings: Vec<Matching>,
+    /// Per step, the unit's Horvitz–Thompson weight once it has reached the step, millionths:
+    /// the weight of the entry's first step-1 event, then at each step the larger of the step
+    /// before's and that of the event that first took the entry to the step. Under the
+    /// sampling contract (keep a unit's event iff `hash(unit) < rate`), a unit is seen through
+    /// steps 1…k iff its hash is below the smallest of their events' rates, so the largest
+    /// weight is exactly 1 / the probability of seeing it there (Horvitz–Thompson), whenever a
+    /// step's events share a rate. Empty while every weight is 1 (unsampled traffic allocates
+    /// nothing).
+    #[serde(default)]
+    pub weights: Vec<u64>,
+}
+
+/// Step `k` of `n` is reached for the first time, by an event of weight `w`.
+fn first_reach(weights: &mut Vec<u64>, n: usize, k: usize, w: u64) {
+    if weights.is_empty() {
+        if w == WEIGHT_ONE {
+            return;
+        }
+        *weights = vec![WEIGHT_ONE; n];
+    }
+    if k > 0
+        && k < weights.len()
+        && let Some(&before) = weights.get(k - 1)
+    {
+        weights[k] = before.max(w);
+    }
 }
 
 /// A unit's open entry windows, oldest first.
@@ -99,6 +126,11 @@ impl Progress {
                     fastest: vec![u64::MAX; def.steps.len()],
                     chains: SmallVec::new(),
                     matchings: Vec::new(),
+                    weights: if touch.weight_micros == WEIGHT_ONE {
+                        Vec::new()
+                    } else {
+                        vec![touch.weight_micros; def.steps.len()]
+                    },
                 });
                 Some(start)
             }
@@ -148,6 +180,8 @@ impl Entry {
         let at = touch.at_ms;
         let alive = |t1: u64| t1.saturating_add(def.window_ms) >= at;
         let fastest = &mut self.fastest;
+        let weights = &mut self.weights;
+        let w = touch.weight_micros;
         match def.order {
             Order::Ordered => {
                 self.chains.retain(|c| alive(c.t1));
@@ -176,6 +210,9 @@ impl Entry {
                     for i in 0..before {
                         let c = self.chains[i];
                         if usize::from(c.step) + 1 == k && usize::from(c.ceiling) > k {
+                            if fastest[k] == u64::MAX {
+                                first_reach(weights, n, k, w);
+                            }
                             fastest[k] = fastest[k].min(at - c.t1);
                             self.chains.push(Chain { step: k as u8, ..c });
                         }
@@ -189,6 +226,9 @@ impl Entry {
                     let k = usize::from(c.step) + 1;
                     if !alive(c.t1) || k >= n || touch.steps & (1 << k) == 0 {
                         return false;
+                    }
+                    if fastest[k] == u64::MAX {
+                        first_reach(weights, n, k, w);
                     }
                     fastest[k] = fastest[k].min(at - c.t1);
                     c.step = k as u8;
@@ -213,6 +253,9 @@ impl Entry {
                         return true;
                     }
                     let done = m.masks.len();
+                    if fastest[done] == u64::MAX {
+                        first_reach(weights, n, done, w);
+                    }
                     fastest[done] = fastest[done].min(at - m.t1);
                     done + 1 < n
                 });
@@ -234,6 +277,7 @@ impl Entry {
                     value: value.clone(),
                     step: (k + 1) as u8,
                     ttc_ms: *ttc,
+                    weight_micros: self.weights.get(k).copied().unwrap_or(WEIGHT_ONE),
                 });
             }
         }
