@@ -19,6 +19,17 @@ use sightline_schemas::{DeadLetter, Event, EventName, EventType, FailureKind, La
 use crate::histogram::LatencyHistogram;
 use crate::window::{Time, WindowKey, Windows};
 
+/// `value` (any fixed-point quantity) times a Horvitz–Thompson weight in millionths (an
+/// event's [`Event::weight_micros`]): unchanged for weight 1, saturating at the `i64` bounds.
+pub fn scaled_by_weight(value: i64, weight_micros: u64) -> i64 {
+    if weight_micros == sightline_schemas::WEIGHT_ONE {
+        return value;
+    }
+    let product =
+        i128::from(value) * i128::from(weight_micros) / i128::from(sightline_schemas::WEIGHT_ONE);
+    product.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
 /// Implements the difference traits of a struct of `i64` counts that add field by field
 /// (`IsZero`, `Semigroup`, `Monoid`, `Abelian`, `Multiply<isize>`); it must derive `Default`.
 macro_rules! summed_difference {

@@ -69,9 +69,8 @@ impl Tally {
         if weight_micros == sightline_schemas::WEIGHT_ONE {
             return self;
         }
-        let w = i128::from(weight_micros.min(i64::MAX as u64) as i64);
         for (_, v) in &mut self.counts {
-            *v = (i128::from(*v) * w / i128::from(ONE)).clamp(0, i128::from(i64::MAX)) as i64;
+            *v = crate::aggregates::scaled_by_weight(*v, weight_micros);
         }
         for (_, h) in &mut self.dists {
             *h = std::mem::take(h).with_weight(weight_micros);

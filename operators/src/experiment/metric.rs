@@ -11,12 +11,7 @@ pub(super) const ONE: i64 = 1_000_000;
 /// `increment` (millionths) times the event's Horvitz–Thompson weight (1 / `sample_rate`):
 /// unchanged for an event that was not sampled.
 fn weighted(increment: i64, event: &Event) -> i64 {
-    if event.weight_micros == sightline_schemas::WEIGHT_ONE {
-        return increment;
-    }
-    let product = i128::from(increment) * i128::from(event.weight_micros)
-        / i128::from(sightline_schemas::WEIGHT_ONE);
-    product.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+    crate::aggregates::scaled_by_weight(increment, event.weight_micros)
 }
 
 /// What a metric measures per unit since exposure.
