@@ -330,6 +330,12 @@ conversion-window-ms = 30000
 
     /// Starts `sightline run` on this deployment.
     pub fn start(&self) -> Process {
+        self.start_with_env(&[])
+    }
+
+    /// Starts `sightline run` on this deployment with environment variables added (for
+    /// example `SIGHTLINE__CLUSTER__PROCESS`: one process of a cluster).
+    pub fn start_with_env(&self, env: &[(&str, String)]) -> Process {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -341,6 +347,7 @@ conversion-window-ms = 30000
             .arg("--config")
             .arg(&self.config)
             .env("SIGHTLINE_LOG", "warn,sightline_ingest=info,sightline=info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -44,6 +44,8 @@ pub struct Config {
     pub metrics_store: MetricsStoreConfig,
     /// The pipeline's own endpoints (`/metrics`, `/healthz`, `/readyz`), for `run` and `demo`.
     pub http: HttpConfig,
+    /// The processes of a multi-process run (`[cluster]`); absent: one process.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// Where `run` and `demo` serve the dashboard page (`/`, `/api/status`, `/api/board`),
@@ -564,6 +566,7 @@ impl Config {
             bail!("lake.restricted-prefix must not be empty: restricted data is kept apart");
         }
         self.privacy.key_ring().context("privacy")?;
+        self.cluster.check()?;
         self.alerts.validate()?;
         self.triage.validate()?;
         if self.analytics.save_state_every_ms == 0 {

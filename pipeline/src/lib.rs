@@ -7,6 +7,7 @@
 //! - [`dataflow`]: what the dataflow computes, as a typed bundle of closed-window streams;
 //! - [`emit`]: where it goes: every output attached to the bundle through the durable sink;
 //! - [`run`]: workers, reporting and shutdown;
+//! - [`cluster`]: `[cluster]`, connecting the processes of a multi-process run;
 //! - [`generator`]: the built-in generator of realistic events;
 //! - [`sampling`]: the `[sampling]` section (adaptive telemetry budgets);
 //! - [`demo`]: the embedded default — mock Kafka cluster, live generator, local lake;
@@ -36,6 +37,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod analytics;
+pub mod cluster;
 pub mod config;
 pub mod dataflow;
 pub mod demo;

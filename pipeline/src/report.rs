@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use sightline_operators::QualityTotals;
 use sightline_sinks::WrittenWindow;
 
-/// Something a worker tells the reporting thread.
-#[derive(Clone, Debug)]
+/// Something a worker tells the reporting thread (in a cluster, through process 0's worker 0:
+/// see `run`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Report {
     /// A worker's share of one window's quality totals: window start and end (ms), totals.
     Quality(u64, u64, QualityTotals),
@@ -17,6 +18,36 @@ pub enum Report {
     Later(WrittenWindow),
     /// An alert changed state, or a sampling-rate table was published: the line to print.
     Alert(String),
+    /// What one process of a cluster read and retried, sent once at its end.
+    Totals(ProcessTotals),
+}
+
+/// One process's counts, summed into a cluster's summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessTotals {
+    /// Records read.
+    pub read: u64,
+    /// Events accepted.
+    pub accepted: u64,
+    /// Records rejected.
+    pub rejected: u64,
+    /// Late events.
+    pub late: u64,
+    /// Records read again after a restart whose windows had already been written.
+    pub already_written: u64,
+    /// Deliveries retried.
+    pub retries: u64,
+}
+
+impl ProcessTotals {
+    fn add(&mut self, other: &ProcessTotals) {
+        self.read += other.read;
+        self.accepted += other.accepted;
+        self.rejected += other.rejected;
+        self.late += other.late;
+        self.already_written += other.already_written;
+        self.retries += other.retries;
+    }
 }
 
 /// What is known of one window so far.
@@ -51,6 +82,8 @@ pub struct Progress {
     pub totals: WindowProgress,
     /// Windows released.
     pub windows: u64,
+    /// The sum of the processes' [`Report::Totals`] (a cluster's process 0 only).
+    pub processes: Option<(usize, ProcessTotals)>,
 }
 
 impl Progress {
@@ -75,6 +108,11 @@ impl Progress {
                 self.totals.bytes += written.bytes;
             }
             Report::Alert(_) => {}
+            Report::Totals(t) => {
+                let (n, sum) = self.processes.get_or_insert_default();
+                *n += 1;
+                sum.add(&t);
+            }
         }
     }
 

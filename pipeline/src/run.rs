@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::config::{Config, KafkaConfig};
 use crate::dataflow::{Analytics, Route, build, windows_of};
 use crate::emit::Outputs;
-use crate::report::{Progress, Report, window_line};
+use crate::report::{ProcessTotals, Progress, Report, window_line};
 use sightline_ingest::source::checkpoint::CheckpointStore;
 use sightline_ingest::source::kafka::KafkaReader;
 use sightline_ingest::source::ndjson::NdjsonReader;
@@ -97,6 +97,9 @@ pub struct Summary {
     /// The metrics store, when configured: samples sent, rejected for good, dropped from a
     /// full queue, still queued at the end; and requests retried.
     pub remote_write: Option<(u64, u64, u64, u64, u64)>,
+    /// In a cluster: this process's index and the number of processes. Process 0's summary
+    /// is the cluster's; another process's is its own share.
+    pub cluster: Option<(usize, usize)>,
 }
 
 impl std::fmt::Display for Summary {
@@ -134,6 +137,14 @@ impl std::fmt::Display for Summary {
             if retries > 0 {
                 write!(f, " ({retries} requests retried)")?;
             }
+        }
+        match self.cluster {
+            Some((0, n)) => write!(f, " · cluster of {n} processes")?,
+            Some((i, n)) => write!(
+                f,
+                " · process {i} of {n}: its own share (process 0 reports the cluster's)"
+            )?,
+            None => {}
         }
         Ok(())
     }
@@ -296,6 +307,68 @@ impl CloseDelays {
     }
 }
 
+/// In a cluster, the reports of each process reach process 0's run loop through a small
+/// dataflow of their own: each process's first worker sends what its sinks report, at the
+/// durable frontier it has seen, to worker 0, which hands them to its run loop; the dataflow's
+/// frontier there says up to where every process's reports are in.
+struct Forward {
+    /// The input (each process's first worker only; dropped elsewhere).
+    input: Option<timely::dataflow::InputHandleVec<Time, Report>>,
+    /// What this process's sinks report.
+    from: Option<mpsc::Receiver<Report>>,
+    /// Where every process's reports have all arrived at worker 0.
+    probe: timely::dataflow::ProbeHandle<Time>,
+}
+
+impl Forward {
+    fn build(
+        worker: &mut timely::worker::Worker,
+        from: Option<mpsc::Receiver<Report>>,
+        to_run_loop: mpsc::Sender<Report>,
+    ) -> Forward {
+        use timely::dataflow::operators::vec::Input as _;
+        use timely::dataflow::operators::{Exchange as _, Inspect as _, Probe as _};
+        let mut input = timely::dataflow::InputHandleVec::new();
+        let probe = worker.dataflow::<Time, _, _>(|scope| {
+            scope
+                .input_from(&mut input)
+                .exchange(|_| 0)
+                .inspect(move |report: &Report| {
+                    let _ = to_run_loop.send(report.clone());
+                })
+                .probe()
+                .0
+        });
+        Forward {
+            input: from.is_some().then_some(input),
+            from,
+            probe,
+        }
+    }
+
+    /// Sends what the sinks reported so far, then promises nothing more before `durable`: the
+    /// sinks report a window before the durable frontier passes it, and `durable` was read
+    /// before the reports.
+    fn pass(&mut self, durable: u64) {
+        let (Some(input), Some(from)) = (self.input.as_mut(), self.from.as_ref()) else {
+            return;
+        };
+        while let Ok(report) = from.try_recv() {
+            input.send(report);
+        }
+        if durable > *input.time() {
+            input.advance_to(durable);
+        }
+    }
+
+    /// Sends this process's totals and closes the input.
+    fn finish(&mut self, totals: ProcessTotals) {
+        if let Some(mut input) = self.input.take() {
+            input.send(Report::Totals(totals));
+        }
+    }
+}
+
 /// What `sightline run` logs (info) once a stop signal is handled: before that line, SIGTERM
 /// ends the process at once, like any process that has not set up its handlers yet.
 pub const STOP_HANDLED: &str = "stop signals handled (SIGTERM, SIGINT, SIGHUP)";
@@ -314,8 +387,12 @@ pub fn run_with_stats(job: Job, stats: Arc<IngestStats>) -> anyhow::Result<Summa
 pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow::Result<Summary> {
     let stats = Arc::clone(&telemetry.ingest);
     let workers = job.config.pipeline.workers;
+    let place = job.config.cluster.place()?;
     let keys = match job.config.privacy.key_ring()? {
         Some(ring) => Arc::new(ring),
+        None if place.is_some() => anyhow::bail!(
+            "a cluster needs a configured pseudonymization key (privacy.key or privacy.key-file): every process must pseudonymize alike"
+        ),
         None => {
             warn!(
                 "no pseudonymization key configured (privacy.key or privacy.key-file): using a random key for this run"
@@ -406,7 +483,21 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         sampling_resume,
         ..Analytics::of(funnels)
     };
+    // What the run loop reads. In a cluster the sinks report to their process's first worker,
+    // which forwards everything to process 0's worker 0 (`Forward`), so that process 0's lines
+    // and summary are the cluster's.
     let (reports_tx, reports_rx) = mpsc::channel();
+    let (sink_tx, forward_rx) = match place {
+        Some(_) => {
+            let (tx, rx) = mpsc::channel();
+            (tx, Some(rx))
+        }
+        None => (reports_tx.clone(), None),
+    };
+    let forward_rx = Arc::new(Mutex::new(forward_rx));
+    // How far process 0 has every process's reports (a cluster's process 0 only).
+    let reported = Arc::new(AtomicU64::new(0));
+    let main_done = Arc::new(AtomicU64::new(0));
     let frontiers: Arc<Vec<AtomicU64>> =
         Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
     let watermarks: Arc<Vec<AtomicU64>> =
@@ -446,8 +537,34 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
             board: telemetry.board.clone(),
         };
         let reports_tx = std::sync::Mutex::new(reports_tx);
-        timely::execute(
-            timely::Config::process(workers),
+        let sink_tx = std::sync::Mutex::new(sink_tx);
+        let (forward_rx, reported, main_done) = (
+            Arc::clone(&forward_rx),
+            Arc::clone(&reported),
+            Arc::clone(&main_done),
+        );
+        let cluster = place.is_some();
+        let (builders, comms) = match &place {
+            None => (
+                timely::CommunicationConfig::Process(workers)
+                    .try_build()
+                    .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
+                    .0,
+                None,
+            ),
+            Some(place) => {
+                crate::cluster::exit_on_lost_peer(place.process, Arc::clone(&job.stop));
+                let probe = sightline_privacy::Pseudonymizer::new(Arc::clone(&keys))
+                    .pseudonym("sightline-cluster-probe", 0);
+                let fingerprint = crate::cluster::fingerprint(&job.config, &probe);
+                let (builders, comms) = crate::cluster::start(place, workers, &fingerprint)?;
+                (builders, Some(comms))
+            }
+        };
+        let guards = timely::execute::execute_from(
+            builders,
+            Box::new(()),
+            timely::WorkerConfig::default(),
             move |worker| -> anyhow::Result<()> {
                 let mut exit = WorkerExit {
                     finished: &finished,
@@ -456,6 +573,8 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                 };
                 let result = (|| {
                     let (index, peers) = (worker.index(), worker.peers());
+                    // A process's workers are `process × workers + local`.
+                    let local = index % workers;
                     let reader = open_reader(&job, index, peers)?;
                     let analytics = Analytics {
                         resume: restored
@@ -489,7 +608,7 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                         max_future_skew_ms: p.max_future_skew_ms,
                         drain: Arc::clone(&drain),
                     };
-                    let reports = reports_tx
+                    let reports = sink_tx
                         .lock()
                         .map_err(|_| anyhow::anyhow!("report channel poisoned"))?
                         .clone();
@@ -522,22 +641,43 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                         )?,
                         views: views.clone(),
                     };
-                    let stats = Arc::clone(&stats);
+                    let main_id = worker.next_dataflow_index();
                     let probes = worker.dataflow::<Time, _, _>(|scope| {
-                        build(scope, reader, settings, &analytics, stats, outputs)
+                        build(scope, reader, settings, &analytics, Arc::clone(&stats), outputs)
                     });
+                    let mut forward = if cluster {
+                        let to_run_loop = reports_tx
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("report channel poisoned"))?
+                            .clone();
+                        let from = if local == 0 {
+                            forward_rx.lock().ok().and_then(|mut rx| rx.take())
+                        } else {
+                            None
+                        };
+                        Some(Forward::build(worker, from, to_run_loop))
+                    } else {
+                        None
+                    };
                     let windows = windows_of(p);
+                    let frontier = |p: &timely::dataflow::ProbeHandle<Time>| {
+                        p.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX))
+                    };
                     let mut deadline = None;
                     let stopped = loop {
-                        let frontier = |p: &timely::dataflow::operators::probe::Handle<Time>| {
-                            p.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX))
-                        };
                         let durable = frontier(&probes.durable);
                         let mark = frontier(&probes.watermark);
                         // Windows are reported once their files are written; the saved state
                         // may follow a little later.
-                        frontiers[index].store(frontier(&probes.written), Ordering::Release);
-                        watermarks[index].store(mark, Ordering::Release);
+                        let written = frontier(&probes.written);
+                        frontiers[local].store(written, Ordering::Release);
+                        watermarks[local].store(mark, Ordering::Release);
+                        if let Some(forward) = forward.as_mut() {
+                            forward.pass(written);
+                            if index == 0 {
+                                reported.store(frontier(&forward.probe), Ordering::Release);
+                            }
+                        }
                         if abort.load(Ordering::Relaxed) {
                             break true;
                         }
@@ -558,7 +698,8 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                                 break true;
                             }
                         }
-                        if !worker.step_or_park(Some(Duration::from_millis(20))) {
+                        worker.step_or_park(Some(Duration::from_millis(20)));
+                        if !worker.installed_dataflows().contains(&main_id) {
                             break false;
                         }
                     };
@@ -569,7 +710,34 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                             worker.drop_dataflow(id);
                         }
                     } else {
-                        frontiers[index].store(u64::MAX, Ordering::Release);
+                        frontiers[local].store(u64::MAX, Ordering::Release);
+                        main_done.fetch_add(1, Ordering::AcqRel);
+                        if let Some(mut forward) = forward.take()
+                            && forward.input.is_some()
+                        {
+                            // This process's last reports and its totals, once every worker of
+                            // the process is done reading.
+                            while main_done.load(Ordering::Acquire) < workers as u64 {
+                                forward.pass(u64::MAX);
+                                worker.step_or_park(Some(Duration::from_millis(20)));
+                            }
+                            forward.pass(u64::MAX);
+                            let (read, accepted, rejected, late) = stats.snapshot();
+                            forward.finish(ProcessTotals {
+                                read,
+                                accepted,
+                                rejected,
+                                late,
+                                already_written: stats.already_written.load(Ordering::Relaxed),
+                                retries: health.retries(),
+                            });
+                            // Process 0's worker 0 keeps the reports frontier up to date
+                            // until every process has finished.
+                            while index == 0 && worker.step_or_park(Some(Duration::from_millis(20))) {
+                                reported.store(frontier(&forward.probe), Ordering::Release);
+                            }
+                            reported.store(u64::MAX, Ordering::Release);
+                        }
                     }
                     Ok(())
                 })();
@@ -577,8 +745,10 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                 result
             },
         )
-        .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?
+        .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?;
+        (guards, comms)
     };
+    let (guards, comms) = guards;
 
     let mut progress = Progress::default();
     let mut delays = CloseDelays::new(job.config.pipeline.window_ms);
@@ -592,6 +762,12 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
             .map(|f| f.load(Ordering::Acquire))
             .min()
             .unwrap_or(u64::MAX);
+        // In a cluster, a window's line waits for every process's reports of it.
+        let release = if place.is_some() {
+            reported.load(Ordering::Acquire)
+        } else {
+            durable
+        };
         let watermark = watermarks
             .iter()
             .map(|f| f.load(Ordering::Acquire))
@@ -612,7 +788,7 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
             }
             progress.add(report);
         }
-        for (start, window) in progress.release(durable) {
+        for (start, window) in progress.release(release) {
             if job.print_windows {
                 println!("{}", window_line(start, &window));
             }
@@ -635,6 +811,17 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
     }
     if let Some(failure) = health.failed() {
         errors.insert(0, failure);
+    }
+    // The network threads end once every process has ended cleanly; after a stop or an error
+    // the other processes may still run: this process exits without waiting for them (they
+    // lose their peer and stop too).
+    if let Some(comms) = comms {
+        if errors.is_empty() && !job.stop.load(Ordering::Relaxed) && !abort.load(Ordering::Relaxed)
+        {
+            drop(comms);
+        } else {
+            std::mem::forget(comms);
+        }
     }
     if !job.stop.load(Ordering::Relaxed) && !abort.load(Ordering::Relaxed) {
         for (start, window) in progress.release(u64::MAX) {
@@ -664,19 +851,30 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
     });
     telemetry.observe(&progress);
     let (read, accepted, rejected, late) = stats.snapshot();
-    let t = &progress.totals;
-    let summary = Summary {
+    let mine = ProcessTotals {
         read,
         accepted,
         rejected,
         late,
+        already_written: stats.already_written.load(Ordering::Relaxed),
+        retries: health.retries(),
+    };
+    // Process 0 of a cluster sums every process's totals.
+    let totals = progress.processes.map_or(mine, |(_, sum)| sum);
+    let t = &progress.totals;
+    let summary = Summary {
+        read: totals.read,
+        accepted: totals.accepted,
+        rejected: totals.rejected,
+        late: totals.late,
         windows: progress.windows,
         files: t.files,
         rows: t.rows,
         bytes: t.bytes,
-        already_written: stats.already_written.load(Ordering::Relaxed),
-        retries: health.retries(),
+        already_written: totals.already_written,
+        retries: totals.retries,
         remote_write,
+        cluster: place.as_ref().map(|p| (p.process, p.addresses.len())),
     };
     info!(elapsed_ms = started.elapsed().as_millis() as u64, %summary, "run finished");
     Ok(summary)

@@ -214,8 +214,9 @@ impl Drain {
         self.handed.iter().all(|h| h.load(Ordering::Acquire) >= ms)
     }
 
+    /// `worker` is timely's index; a process's workers are `process × workers + i`.
     fn hand(&self, worker: usize, ms: u64) {
-        if let Some(h) = self.handed.get(worker) {
+        if let Some(h) = self.handed.get(worker % self.handed.len().max(1)) {
             h.fetch_max(ms, Ordering::Release);
         }
     }

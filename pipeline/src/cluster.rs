@@ -1,0 +1,566 @@
+//! A multi-process cluster: `[cluster]`, the connection of the processes, and what a lost peer
+//! does.
+//!
+//! Every process runs `pipeline.workers` timely workers; together they are one timely
+//! computation of `processes × workers` workers, the Kafka partitions spread over all of them
+//! and every aggregation exchanged by key across processes as it is across threads. The
+//! processes connect to each other before timely starts, with Sightline's own handshake
+//! (timely's own connects forever and checks nothing):
+//!
+//! - process *i* listens on its address (or `cluster.listen`) and accepts every process above
+//!   it; it connects to every process below it, retrying until `cluster.connect-timeout-ms`;
+//! - a connecting process sends its index, the number of processes and workers, and a
+//!   fingerprint of its configuration (one hash per configuration value, the privacy key as a
+//!   keyed hash of a fixed probe, never the key); the accepting one compares and answers. A
+//!   mismatch stops both with the first differing field named;
+//! - the connected sockets go to timely (`initialize_networking_from_sockets`).
+//!
+//! A peer lost later is fatal: timely's network threads panic with "timely communication
+//! error", and [`exit_on_lost_peer`] turns that into one error line and exit code
+//! [`LOST_PEER_EXIT`]; the other processes see their connection close and do the same. The
+//! restarted cluster resumes from the committed offsets and checkpoints, as one process does.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use timely::communication::allocator::zero_copy::initialize::{
+    CommsGuard, initialize_networking_from_sockets,
+};
+use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
+use tracing::{info, warn};
+
+/// The exit code of a process that lost a peer of its cluster.
+pub const LOST_PEER_EXIT: i32 = 3;
+
+/// `[cluster]`: the processes of a multi-process run. Absent (or one process): one process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Every process's `host:port`, in process order (the same list in every process).
+    pub processes: Vec<String>,
+    /// A file with one `host:port` per line, instead of `processes`.
+    pub hostfile: Option<PathBuf>,
+    /// This process's index in the list. Absent: the number after the last `-` of the host
+    /// name (a StatefulSet pod `sightline-2` is process 2).
+    pub process: Option<usize>,
+    /// The address this process listens on, when not its own entry of the list (in a pod,
+    /// `0.0.0.0:2101`: its own DNS name may not resolve before it is ready).
+    pub listen: Option<String>,
+    /// How long start-up waits for every peer, ms.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            processes: Vec::new(),
+            hostfile: None,
+            process: None,
+            listen: None,
+            connect_timeout_ms: 120_000,
+        }
+    }
+}
+
+/// This process's place in a cluster of more than one process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    /// Every process's address.
+    pub addresses: Vec<String>,
+    /// This process's index.
+    pub process: usize,
+    /// Where this process listens.
+    pub listen: String,
+    /// How long start-up waits for the peers.
+    pub timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// Every process's address (from `processes` or `hostfile`), checked. Errors name the field.
+    pub fn addresses(&self) -> anyhow::Result<Vec<String>> {
+        let addresses: Vec<String> = match (&self.hostfile, self.processes.is_empty()) {
+            (Some(_), false) => {
+                bail!("cluster.processes and cluster.hostfile are both set: give one of them")
+            }
+            (Some(path), true) => std::fs::read_to_string(path)
+                .with_context(|| format!("cluster.hostfile: reading {}", path.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect(),
+            (None, _) => self.processes.clone(),
+        };
+        for (i, a) in addresses.iter().enumerate() {
+            if !a.contains(':') || a.split_whitespace().count() != 1 {
+                bail!("cluster.processes[{i}] = {a:?} is not a host:port");
+            }
+        }
+        Ok(addresses)
+    }
+
+    /// Checks what can be checked before start-up (the host name is not read).
+    pub fn check(&self) -> anyhow::Result<()> {
+        let n = self.addresses()?.len();
+        if let Some(p) = self.process
+            && n > 1
+            && p >= n
+        {
+            bail!("cluster.process = {p} is not an index of the {n} processes");
+        }
+        if self.connect_timeout_ms == 0 {
+            bail!("cluster.connect-timeout-ms must be positive");
+        }
+        Ok(())
+    }
+
+    /// This process's place, or `None` for a one-process run. Errors name the field.
+    pub fn place(&self) -> anyhow::Result<Option<Place>> {
+        self.check()?;
+        let addresses = self.addresses()?;
+        if addresses.len() <= 1 {
+            return Ok(None);
+        }
+        let process = match self.process {
+            Some(p) => p,
+            None => {
+                let host = host_name().context(
+                    "cluster.process is not set and the host name cannot be read to infer it",
+                )?;
+                ordinal_of(&host).with_context(|| {
+                    format!("cluster.process is not set and the host name {host:?} does not end in -<index>")
+                })?
+            }
+        };
+        if process >= addresses.len() {
+            bail!(
+                "cluster.process = {process} (from the host name) is not an index of the {} processes",
+                addresses.len()
+            );
+        }
+        Ok(Some(Place {
+            listen: self
+                .listen
+                .clone()
+                .unwrap_or_else(|| addresses[process].clone()),
+            addresses,
+            process,
+            timeout: Duration::from_millis(self.connect_timeout_ms),
+        }))
+    }
+}
+
+/// The index at the end of a StatefulSet pod's name: `sightline-2` → 2 (the part before the
+/// first `.` of a fully qualified name).
+pub fn ordinal_of(host: &str) -> Option<usize> {
+    let short = host.split('.').next()?;
+    short.rsplit_once('-')?.1.parse().ok()
+}
+
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+}
+
+/// What the processes of a cluster must agree on: per configuration value (a dotted path), a
+/// hash of it. Left out: what is each process's own (`cluster.process`, `cluster.listen`,
+/// `http`) and where the key is read from (`privacy.key`, `privacy.key-file`); `key_probe`
+/// stands for the key itself (a keyed pseudonym of a fixed value).
+pub fn fingerprint(config: &crate::config::Config, key_probe: &str) -> BTreeMap<String, u64> {
+    let mut value = serde_json::to_value(config).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.remove("http");
+        if let Some(c) = map.get_mut("cluster").and_then(|c| c.as_object_mut()) {
+            c.remove("process");
+            c.remove("listen");
+        }
+        if let Some(p) = map.get_mut("privacy").and_then(|p| p.as_object_mut()) {
+            p.remove("key");
+            p.remove("key-file");
+            p.insert("key (probe)".into(), key_probe.into());
+        }
+    }
+    let mut leaves = BTreeMap::new();
+    flatten("", &value, &mut leaves);
+    leaves
+}
+
+fn flatten(path: &str, value: &serde_json::Value, out: &mut BTreeMap<String, u64>) {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                flatten(&join(k), v, out);
+            }
+        }
+        serde_json::Value::Array(items) if !items.is_empty() => {
+            for (i, v) in items.iter().enumerate() {
+                flatten(&format!("{path}[{i}]"), v, out);
+            }
+        }
+        leaf => {
+            out.insert(
+                path.to_owned(),
+                sightline_operators::funnel::fnv1a(leaf.to_string().as_bytes()),
+            );
+        }
+    }
+}
+
+/// The first difference between two fingerprints, as a sentence naming the field.
+pub fn difference(mine: &BTreeMap<String, u64>, theirs: &BTreeMap<String, u64>) -> Option<String> {
+    let keys: std::collections::BTreeSet<&String> = mine.keys().chain(theirs.keys()).collect();
+    keys.into_iter()
+        .find_map(|k| match (mine.get(k), theirs.get(k)) {
+            (Some(a), Some(b)) if a == b => None,
+            (Some(_), Some(_)) => Some(format!("`{k}` differs")),
+            (Some(_), None) => Some(format!("`{k}` is set here only")),
+            (None, _) => Some(format!("`{k}` is set there only")),
+        })
+}
+
+/// The greeting a connecting process sends.
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    magic: String,
+    process: usize,
+    processes: usize,
+    workers: usize,
+    config: BTreeMap<String, u64>,
+}
+
+/// The answer: `None` accepted, `Some(why)` refused.
+#[derive(Debug, Serialize, Deserialize)]
+struct Answer {
+    refused: Option<String>,
+}
+
+const MAGIC: &str = "sightline-cluster/1";
+
+fn send<T: Serialize>(stream: &mut TcpStream, message: &T) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    stream.write_all(&(bytes.len() as u32).to_be_bytes())?;
+    stream.write_all(&bytes)
+}
+
+fn receive<T: for<'de> Deserialize<'de>>(stream: &mut TcpStream) -> std::io::Result<T> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > 16 << 20 {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            "a greeting larger than 16 MiB: not a Sightline process",
+        ));
+    }
+    let mut bytes = vec![0u8; len];
+    stream.read_exact(&mut bytes)?;
+    serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))
+}
+
+/// Connects this process to every other one, checks that they agree, and returns one socket
+/// per process (`None` at this process's own index).
+pub fn connect(
+    place: &Place,
+    workers: usize,
+    config: &BTreeMap<String, u64>,
+) -> anyhow::Result<Vec<Option<TcpStream>>> {
+    let n = place.addresses.len();
+    let me = place.process;
+    let deadline = Instant::now() + place.timeout;
+    let listener = TcpListener::bind(&place.listen).with_context(|| {
+        format!(
+            "cluster: process {me} cannot listen on {} (cluster.listen, or its entry of cluster.processes)",
+            place.listen
+        )
+    })?;
+    listener.set_nonblocking(true)?;
+    info!(process = me, processes = n, listen = %place.listen, "cluster: waiting for every peer");
+    let mut sockets: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let hello = Hello {
+        magic: MAGIC.into(),
+        process: me,
+        processes: n,
+        workers,
+        config: config.clone(),
+    };
+    let mut last_log = Instant::now();
+    let mut lower = 0;
+    while sockets
+        .iter()
+        .enumerate()
+        .any(|(i, s)| i != me && s.is_none())
+    {
+        let mut progressed = false;
+        // Lower processes: connect to them, one at a time, in order.
+        if lower < me
+            && let Ok(mut stream) = TcpStream::connect_timeout(
+                &resolve(&place.addresses[lower])?,
+                Duration::from_secs(1),
+            )
+        {
+            greet(&mut stream, &hello, lower)?;
+            sockets[lower] = Some(stream);
+            info!(process = me, peer = lower, "cluster: connected");
+            lower += 1;
+            progressed = true;
+        }
+        // Higher processes connect to this one.
+        match listener.accept() {
+            Ok((mut stream, from)) => {
+                stream.set_nonblocking(false)?;
+                let peer = welcome(&mut stream, &hello, &sockets, from)?;
+                info!(process = me, peer, "cluster: connected");
+                sockets[peer] = Some(stream);
+                progressed = true;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).context("cluster: accepting a peer"),
+        }
+        if progressed {
+            continue;
+        }
+        let missing: Vec<usize> = (0..n)
+            .filter(|&i| i != me && sockets[i].is_none())
+            .collect();
+        if Instant::now() >= deadline {
+            bail!(
+                "cluster: process {me} gave up waiting for process(es) {missing:?} ({}) after {} ms (cluster.connect-timeout-ms)",
+                missing
+                    .iter()
+                    .map(|&i| place.addresses[i].as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                place.timeout.as_millis()
+            );
+        }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            warn!(process = me, waiting_for = ?missing, left_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64, "cluster: still waiting for peers");
+            last_log = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for s in sockets.iter().flatten() {
+        s.set_read_timeout(None)?;
+        s.set_nodelay(true)?;
+    }
+    info!(process = me, processes = n, "cluster: every peer connected");
+    Ok(sockets)
+}
+
+fn resolve(address: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    match address.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .with_context(|| format!("cluster: {address} resolves to no address")),
+        // A peer's name may not resolve before its pod exists: try again later.
+        Err(_) => Ok(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+    }
+}
+
+/// Sends `hello` to the lower process `peer` and reads its answer.
+fn greet(stream: &mut TcpStream, hello: &Hello, peer: usize) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    send(stream, hello).with_context(|| format!("cluster: greeting process {peer}"))?;
+    let answer: Answer =
+        receive(stream).with_context(|| format!("cluster: reading process {peer}'s answer"))?;
+    if let Some(why) = answer.refused {
+        bail!(
+            "cluster: process {peer} refused process {}: {why}",
+            hello.process
+        );
+    }
+    Ok(())
+}
+
+/// Reads a higher process's greeting, checks it against `mine`, and answers.
+fn welcome(
+    stream: &mut TcpStream,
+    mine: &Hello,
+    sockets: &[Option<TcpStream>],
+    from: std::net::SocketAddr,
+) -> anyhow::Result<usize> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let theirs: Hello =
+        receive(stream).with_context(|| format!("cluster: reading a greeting from {from}"))?;
+    let me = mine.process;
+    let refusal = if theirs.magic != MAGIC {
+        Some(format!(
+            "{from} is not a Sightline process of this version ({:?})",
+            theirs.magic
+        ))
+    } else if theirs.processes != mine.processes {
+        Some(format!(
+            "process {} counts {} processes, process {me} counts {} (cluster.processes)",
+            theirs.process, theirs.processes, mine.processes
+        ))
+    } else if theirs.process <= me || theirs.process >= mine.processes {
+        Some(format!(
+            "process {me} expected a connection from a process above it, got index {} (cluster.process)",
+            theirs.process
+        ))
+    } else if sockets[theirs.process].is_some() {
+        Some(format!(
+            "process {} connected twice (cluster.process)",
+            theirs.process
+        ))
+    } else if theirs.workers != mine.workers {
+        Some(format!(
+            "process {} runs {} workers, process {me} runs {} (pipeline.workers)",
+            theirs.process, theirs.workers, mine.workers
+        ))
+    } else {
+        difference(&mine.config, &theirs.config).map(|d| {
+            format!(
+                "the configuration of process {} differs from process {me}'s: {}",
+                theirs.process,
+                d.replace("here only", &format!("in process {me} only"))
+                    .replace("there only", &format!("in process {} only", theirs.process))
+            )
+        })
+    };
+    send(
+        stream,
+        &Answer {
+            refused: refusal.clone(),
+        },
+    )
+    .with_context(|| format!("cluster: answering {from}"))?;
+    match refusal {
+        Some(why) => bail!("cluster: refused {from}: {why}"),
+        None => Ok(theirs.process),
+    }
+}
+
+/// Connects the cluster and builds timely's allocators for this process's `workers` workers.
+/// The guard keeps the network threads: drop it to wait for them after a clean end.
+pub fn start(
+    place: &Place,
+    workers: usize,
+    config: &BTreeMap<String, u64>,
+) -> anyhow::Result<(Vec<AllocatorBuilder>, CommsGuard)> {
+    let sockets = connect(place, workers, config)?;
+    let hooks = timely::communication::Hooks::default();
+    let local =
+        ProcessBuilder::new_typed_vector(workers, hooks.refill.clone(), hooks.spill.clone());
+    let (builders, guard) =
+        initialize_networking_from_sockets(local, sockets, place.process, workers, hooks)
+            .context("cluster: starting timely's network threads")?;
+    Ok((
+        builders.into_iter().map(AllocatorBuilder::Tcp).collect(),
+        guard,
+    ))
+}
+
+/// Makes the loss of a peer end this process with one error line and exit code
+/// [`LOST_PEER_EXIT`], instead of a panicking network thread and workers that wait forever
+/// (what Materialize's `halt_on_timely_communication_panic` does). A process that was asked
+/// to stop (`stop`) exits 0 instead: a cluster stopped as a whole stops cleanly, whichever
+/// process finishes first. Other panics keep the previous hook.
+pub fn exit_on_lost_peer(process: usize, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("timely communication error") {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "stopped: a peer of the cluster stopped first (what was not committed is read again at the next start)"
+                );
+                std::process::exit(0);
+            }
+            eprintln!(
+                "error: cluster process {process} lost a peer ({message}): every process of the cluster stops; restart them all, they resume from the committed offsets and checkpoints"
+            );
+            std::process::exit(LOST_PEER_EXIT);
+        }
+        previous(info);
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinals_come_from_pod_names() {
+        assert_eq!(ordinal_of("sightline-2"), Some(2));
+        assert_eq!(
+            ordinal_of("my-release-sightline-10.sightline-headless.ns.svc"),
+            Some(10)
+        );
+        assert_eq!(ordinal_of("laptop"), None);
+        assert_eq!(ordinal_of("sightline-x"), None);
+    }
+
+    #[test]
+    fn a_place_needs_a_valid_index_and_addresses() {
+        let mut c = ClusterConfig {
+            processes: vec!["127.0.0.1:2101".into(), "127.0.0.1:2102".into()],
+            process: Some(1),
+            ..ClusterConfig::default()
+        };
+        let place = c.place().unwrap().unwrap();
+        assert_eq!(
+            (place.process, place.listen.as_str()),
+            (1, "127.0.0.1:2102")
+        );
+        c.process = Some(2);
+        assert!(format!("{:#}", c.place().unwrap_err()).contains("cluster.process = 2"));
+        c.process = Some(0);
+        c.processes[1] = "nohost".into();
+        assert!(format!("{:#}", c.place().unwrap_err()).contains("cluster.processes[1]"));
+        c.processes.truncate(1);
+        assert_eq!(c.place().unwrap(), None);
+    }
+
+    #[test]
+    fn a_difference_names_the_field() {
+        let mut a = crate::config::Config::default();
+        let mut b = a.clone();
+        assert_eq!(
+            difference(&fingerprint(&a, "k"), &fingerprint(&b, "k")),
+            None
+        );
+        b.pipeline.window_ms = 30_000;
+        assert_eq!(
+            difference(&fingerprint(&a, "k"), &fingerprint(&b, "k")).as_deref(),
+            Some("`pipeline.window-ms` differs")
+        );
+        // Each process's own address and HTTP port may differ; the key may not.
+        a.http.listen = Some("127.0.0.1:1".into());
+        b = a.clone();
+        b.http.listen = Some("127.0.0.1:2".into());
+        b.cluster.process = Some(1);
+        assert_eq!(
+            difference(&fingerprint(&a, "k"), &fingerprint(&b, "k")),
+            None
+        );
+        assert_eq!(
+            difference(&fingerprint(&a, "k"), &fingerprint(&b, "other")).as_deref(),
+            Some("`privacy.key (probe)` differs")
+        );
+    }
+}
