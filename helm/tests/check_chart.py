@@ -111,6 +111,43 @@ for name, values in sets.items():
           spec["podManagementPolicy"] == "Parallel"
           and any(s["spec"].get("clusterIP") == "None" and s["spec"].get("publishNotReadyAddresses") for s in by_kind["Service"]))
 
+    # A cluster: every pod's address in the configuration, the port open on pods and on the
+    # headless Service; secured brokers: the Secrets mounted where the configuration reads them.
+    import tomllib
+
+    toml = tomllib.loads(config_map["data"]["sightline.toml"])
+    replicas = values.get("replicas", 1)
+    full = sts["metadata"]["name"]
+    if replicas > 1:
+        want = [f"{full}-{i}.{full}-headless.observability.svc.cluster.local:2101" for i in range(replicas)]
+        ports = [p["name"] for p in container["ports"]]
+        headless = next(s for s in by_kind["Service"] if s["spec"].get("clusterIP") == "None")
+        check(
+            f"{name}: a {replicas}-process cluster: every pod's address, its own index from the host name, the port on pods and Service",
+            toml.get("cluster", {}).get("processes") == want
+            and "process" not in toml["cluster"]
+            and toml["cluster"].get("listen") == "0.0.0.0:2101"
+            and "cluster" in ports
+            and any(p["name"] == "cluster" for p in headless["spec"]["ports"])
+            and toml["lake"]["location"].startswith("s3://"),
+            json.dumps([toml.get("cluster"), ports]),
+        )
+    else:
+        check(f"{name}: one process, no [cluster]", "cluster" not in toml, json.dumps(toml.get("cluster")))
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    tls = values.get("kafka", {}).get("tls", {}).get("existingSecret")
+    sasl = values.get("kafka", {}).get("sasl", {}).get("existingSecret")
+    options = toml.get("kafka", {}).get("options", {})
+    files = toml.get("kafka", {}).get("option-files", {})
+    check(
+        f"{name}: the brokers' CA and SASL password come from Secrets, mounted where the configuration reads them",
+        (not tls or (secrets.get("kafka-tls") == tls and options.get("ssl.ca.location", "").startswith(mounts["kafka-tls"])))
+        and (not sasl or (secrets.get("kafka-sasl") == sasl and files.get("sasl.password", "").startswith(mounts["kafka-sasl"])))
+        and "sasl.password" not in options,
+        json.dumps([mounts, secrets, options, files]),
+    )
+
     for rule in by_kind.get("PrometheusRule", []):
         rules_path = os.path.join(work, f"{name}-rules.yml")
         with open(rules_path, "w") as f:
@@ -125,7 +162,10 @@ for name, values in sets.items():
 # Invalid values: refused by the schema before anything renders, naming the value.
 for values, named in [
     ({"replicas": 0}, "replicas"),
-    ({"replicas": 3}, "replicas"),
+    ({"replicas": 3}, "location"),
+    ({"replicas": 2, "config": {"kafka": {"topics": [{"name": "t"}]}, "lake": {"location": "/data/lake"}}}, "location"),
+    ({"config": {"kafka": {"topics": [{"name": "t"}]}, "lake": {"location": "s3://b"}, "cluster": {"processes": []}}}, "cluster"),
+    ({"kafka": {"sasl": {"password": "hunter2"}}}, "password"),
     ({"httpPort": "9464"}, "httpPort"),
     ({"privacy": {"existingSecret": ""}}, "existingSecret"),
     ({"config": {"kafka": {"topics": []}}}, "topics"),
@@ -153,14 +193,15 @@ commands = dockerfile.parse_file(os.path.join(os.path.dirname(ROOT), "Dockerfile
 stages = [c for c in commands if c.cmd.upper() == "FROM"]
 runs = " ".join(" ".join(c.value) for c in commands if c.cmd.upper() == "RUN")
 user = [c.value[0] for c in commands if c.cmd.upper() == "USER"]
-exposed = [c.value[0] for c in commands if c.cmd.upper() == "EXPOSE"]
+exposed = [v for c in commands if c.cmd.upper() == "EXPOSE" for v in c.value]
 defaults = chart.values
 check("Dockerfile: multi-stage (build, runtime)", len(stages) == 2, str([c.value for c in stages]))
 check("Dockerfile: builds with cargo build --release --locked -p sightline", "cargo build --release --locked -p sightline" in runs, runs)
+check("Dockerfile: the runtime has CA certificates and OpenSSL (TLS to brokers)", "ca-certificates" in runs, runs)
 check(
-    "Dockerfile: runs as the chart's non-root user and exposes its port",
+    "Dockerfile: runs as the chart's non-root user and exposes its HTTP and cluster ports",
     user == [f"{defaults['podSecurityContext']['runAsUser']}:{defaults['podSecurityContext']['runAsGroup']}"]
-    and exposed == [str(defaults["httpPort"])],
+    and exposed == [str(defaults["httpPort"]), str(defaults["cluster"]["port"])],
     f"{user} {exposed}",
 )
 

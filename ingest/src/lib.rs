@@ -79,8 +79,9 @@ pub enum Error {
         #[source]
         source: source::checkpoint::CheckpointError,
     },
-    /// A configured topic does not exist (or has no partitions).
-    #[error("topic `{topic}` not found on {servers} within {timeout_ms} ms")]
+    /// A configured topic does not exist (or has no partitions), or the brokers could not be
+    /// asked (unreachable, a TLS or SASL failure): `last_error` says which.
+    #[error("topic `{topic}` not found on {servers} within {timeout_ms} ms{}", last_error.as_deref().map(|e| format!(" (the brokers could not be asked: {e}; check kafka.bootstrap-servers and the TLS/SASL settings in kafka.options)")).unwrap_or_default())]
     TopicNotFound {
         /// The topic.
         topic: String,
@@ -88,6 +89,8 @@ pub enum Error {
         servers: String,
         /// How long they were asked.
         timeout_ms: u64,
+        /// The last error of asking them, if the last attempt failed.
+        last_error: Option<String>,
     },
 }
 

@@ -15,7 +15,8 @@ pub mod servers {
 
     use sightline_sinks::{Lake, S3Options};
 
-    fn free_port() -> u16 {
+    /// A free loopback port.
+    pub fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -58,10 +59,20 @@ pub mod servers {
     impl Tansu {
         /// Starts `tansu broker` with in-memory storage and waits until it accepts connections.
         pub fn start() -> Tansu {
+            Tansu::start_with(None, &[])
+        }
+
+        /// [`Tansu::start`], telling clients to connect to `advertised` (a proxy in front of
+        /// the broker, such as a TLS terminator) instead of the broker's own port, with
+        /// `extra` arguments (`--authentication`). [`Tansu::bootstrap`] is the broker's own
+        /// address.
+        pub fn start_with(advertised: Option<&str>, extra: &[&str]) -> Tansu {
             let port = free_port();
             let url = format!("tcp://127.0.0.1:{port}");
+            let advertised = advertised.map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
             let child = Command::new(tansu_binary())
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised, "--storage-engine", "memory://tansu/"])
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

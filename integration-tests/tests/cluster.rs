@@ -282,7 +282,10 @@ fn a_replay_on_two_processes_reports_the_cluster() {
     let counts = |line: &str| line.split(" · files").next().unwrap_or("").to_owned();
     assert_eq!(counts(&out0), counts(&one_out), "{out0}");
     assert!(out0.contains("cluster of 2 processes"), "{out0}");
-    assert!(out1.contains("process 1 of 2: its own share"), "{out1}");
+    assert!(
+        out1.contains("process 1 of 2: its own share of the records"),
+        "{out1}"
+    );
 }
 
 /// Processes with different configurations are refused, naming the field; a cluster without

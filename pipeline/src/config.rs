@@ -337,6 +337,14 @@ pub struct KafkaConfig {
     /// `pii-scan` (for example `security.protocol`). They override the pipeline's own settings,
     /// except `acks`: producers always use `acks=all`, which their delivery contract needs.
     pub options: BTreeMap<String, String>,
+    /// librdkafka properties whose values are read from files when a client is made (`run`,
+    /// `pii-scan`): secrets mounted from a Kubernetes Secret, such as `sasl.password` or
+    /// `ssl.key.password`. Surrounding whitespace is trimmed. A key may not also be in
+    /// `options`; the values are never written anywhere nor logged.
+    pub option_files: BTreeMap<String, std::path::PathBuf>,
+    /// The values read from `option_files` ([`KafkaConfig::read_option_files`]).
+    #[serde(skip)]
+    pub secrets: Secrets,
     /// Topic that receives one JSON record per dead letter (unset: dead letters go to the
     /// `dead_letter` table only).
     pub dead_letter_topic: Option<String>,
@@ -367,7 +375,27 @@ impl KafkaConfig {
         for (key, value) in &self.options {
             client.set(key, value);
         }
+        for (key, value) in &self.secrets.0 {
+            client.set(key, value);
+        }
         client
+    }
+
+    /// Reads `option_files` into [`KafkaConfig::secrets`]; an unreadable file is an error that
+    /// names its key.
+    pub fn read_option_files(&mut self) -> anyhow::Result<()> {
+        self.secrets.0 = self
+            .option_files
+            .iter()
+            .map(|(key, path)| {
+                std::fs::read_to_string(path)
+                    .map(|v| (key.clone(), v.trim().to_owned()))
+                    .with_context(|| {
+                        format!("kafka.option-files.\"{key}\": reading {}", path.display())
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(())
     }
 
     /// What the Kafka source reads: the consumer's settings (group, the reader's own
@@ -396,12 +424,24 @@ impl Default for KafkaConfig {
             commit_interval_ms: 5_000,
             metadata_timeout_ms: 30_000,
             options: BTreeMap::new(),
+            option_files: BTreeMap::new(),
+            secrets: Secrets::default(),
             dead_letter_topic: None,
             alerts_topic: None,
             triage_topic: None,
             guardrail_topic: None,
             sampling_topic: None,
         }
+    }
+}
+
+/// librdkafka settings read from files (`kafka.option-files`): shown as their keys only.
+#[derive(Clone, Default, PartialEq)]
+pub struct Secrets(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
     }
 }
 
@@ -502,7 +542,10 @@ impl Config {
             } else {
                 ""
             },
-        )
+        ) + &match self.cluster.addresses().map(|a| a.len()) {
+            Ok(n) if n > 1 => format!(", a cluster of {n} processes"),
+            _ => String::new(),
+        }
     }
 
     /// Checks the relations between fields.
@@ -529,6 +572,13 @@ impl Config {
                 d.retry_initial_ms,
                 d.retry_max_ms
             );
+        }
+        for key in self.kafka.option_files.keys() {
+            if self.kafka.options.contains_key(key) {
+                bail!(
+                    "kafka.options.{key:?} and kafka.option-files.{key:?} are both set: give one of them"
+                );
+            }
         }
         for (key, value) in sightline_ingest::source::kafka::KafkaReader::CONSUMER_SETTINGS {
             if let Some(given) = self.kafka.options.get(key)
@@ -655,6 +705,20 @@ mod tests {
         });
     }
 
+    /// Loads and validates `text` as a configuration file; the error must name `field`.
+    fn assert_refused_naming(text: &str, field: &str) {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", text)?;
+            let err = Config::load(Some(Path::new("c.toml")))
+                .and_then(|c| c.validate().map(|()| c))
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+            assert!(err.contains(field), "`{err}` should name {field}");
+            Ok(())
+        });
+    }
+
     #[test]
     fn a_bad_metrics_store_is_refused_with_the_field_named() {
         for (text, field) in [
@@ -672,17 +736,95 @@ mod tests {
                 "metrics-store.headers",
             ),
         ] {
-            figment::Jail::expect_with(|jail| {
-                jail.create_file("m.toml", text)?;
-                let err = Config::load(Some(Path::new("m.toml")))
-                    .and_then(|c| c.validate().map(|()| c))
-                    .err()
-                    .map(|e| format!("{e:#}"))
-                    .unwrap_or_default();
-                assert!(err.contains(field), "`{err}` should name {field}");
-                Ok(())
-            });
+            assert_refused_naming(text, field);
         }
+    }
+
+    #[test]
+    fn bad_cluster_and_option_files_are_refused_with_the_field_named() {
+        for (text, field) in [
+            (
+                "[cluster]\nprocesses = [\"a:1\", \"b\"]\n",
+                "cluster.processes[1]",
+            ),
+            (
+                "[cluster]\nprocesses = [\"a:1\", \"b:1\"]\nprocess = 2\n",
+                "cluster.process",
+            ),
+            (
+                "[cluster]\nprocesses = [\"a:1\"]\nhostfile = \"/h\"\n",
+                "cluster.hostfile",
+            ),
+            (
+                "[cluster]\nconnect-timeout-ms = 0\n",
+                "cluster.connect-timeout-ms",
+            ),
+            (
+                "[kafka.options]\n\"sasl.password\" = \"x\"\n[kafka.option-files]\n\"sasl.password\" = \"/p\"\n",
+                "kafka.option-files",
+            ),
+        ] {
+            assert_refused_naming(text, field);
+        }
+    }
+
+    #[test]
+    fn option_files_are_read_and_never_shown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("password");
+        std::fs::write(&file, "s3cr3t-value\n").expect("write");
+        let mut kafka = KafkaConfig::default();
+        kafka.option_files.insert("sasl.password".into(), file);
+        kafka.read_option_files().expect("read");
+        assert_eq!(
+            kafka.client_config(&[]).get("sasl.password"),
+            Some("s3cr3t-value")
+        );
+        assert!(!format!("{kafka:?}").contains("s3cr3t"));
+        kafka
+            .option_files
+            .insert("ssl.key.password".into(), dir.path().join("missing"));
+        let err = format!("{:#}", kafka.read_option_files().unwrap_err());
+        assert!(
+            err.contains("kafka.option-files.\"ssl.key.password\""),
+            "{err}"
+        );
+    }
+
+    /// librdkafka refuses, when a client is made, a security protocol or SASL mechanism it was
+    /// built without: this build has TLS and SCRAM, PLAIN and OAUTHBEARER, and no GSSAPI.
+    #[test]
+    fn the_kafka_client_is_built_with_tls_and_sasl() {
+        use rdkafka::consumer::BaseConsumer;
+        let client = |protocol: &str, mechanism: &str| {
+            let mut kafka = KafkaConfig::default();
+            for (k, v) in [
+                ("security.protocol", protocol),
+                ("sasl.mechanism", mechanism),
+                ("sasl.username", "u"),
+                ("sasl.password", "p"),
+                ("enable.sasl.oauthbearer.unsecure.jwt", "true"),
+            ] {
+                kafka.options.insert(k.into(), v.into());
+            }
+            kafka
+                .client_config(&[("group.id", "g")])
+                .create::<BaseConsumer>()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN", "OAUTHBEARER"] {
+            for protocol in ["SASL_SSL", "SASL_PLAINTEXT"] {
+                assert_eq!(
+                    client(protocol, mechanism),
+                    Ok(()),
+                    "{protocol} {mechanism}"
+                );
+            }
+        }
+        assert_eq!(client("SSL", "PLAIN"), Ok(()));
+        let gssapi = client("SASL_SSL", "GSSAPI");
+        assert!(gssapi.is_err(), "GSSAPI needs Cyrus SASL: {gssapi:?}");
     }
 
     #[test]

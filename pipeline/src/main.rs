@@ -216,6 +216,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 config.pipeline.workers = w;
             }
             config.validate()?;
+            config.kafka.read_option_files()?;
             let lake = config.lake.open()?;
             if config.privacy.key_ring()?.is_none() {
                 anyhow::bail!(
@@ -311,7 +312,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             topic,
             config,
         } => {
-            let config = Config::load(config.as_deref())?;
+            let mut config = Config::load(config.as_deref())?;
+            config.kafka.read_option_files()?;
             let report = match (target, topic) {
                 (_, Some(topic)) => sightline::pii_scan::scan_topic(&config.kafka, &topic)?,
                 (Some(target), None) => sightline::pii_scan::scan_lake(&target, &config.lake.s3)?,

@@ -142,7 +142,7 @@ impl std::fmt::Display for Summary {
             Some((0, n)) => write!(f, " · cluster of {n} processes")?,
             Some((i, n)) => write!(
                 f,
-                " · process {i} of {n}: its own share (process 0 reports the cluster's)"
+                " · process {i} of {n}: its own share of the records (process 0 counts the cluster's windows and files)"
             )?,
             None => {}
         }

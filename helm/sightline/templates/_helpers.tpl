@@ -24,8 +24,28 @@ Sightline's configuration: `config` from the values, with http.listen set to the
 (the probes and the metrics Service need it on all interfaces).
 */}}
 {{- define "sightline.config" -}}
-{{- $http := dict "http" (dict "listen" (printf "0.0.0.0:%d" (int .Values.httpPort))) -}}
-{{- $config := mergeOverwrite (deepCopy .Values.config) $http -}}
+{{- $fullname := include "sightline.fullname" . -}}
+{{- $chart := dict "http" (dict "listen" (printf "0.0.0.0:%d" (int .Values.httpPort))) -}}
+{{- if gt (int .Values.replicas) 1 -}}
+{{- /* Every process: its pod's stable name behind the headless Service; each process finds
+       its own index in its host name (the pod's name, ending in -<ordinal>). */ -}}
+{{- $processes := list -}}
+{{- range $i := until (int .Values.replicas) -}}
+{{- $processes = append $processes (printf "%s-%d.%s-headless.%s.svc.%s:%d" $fullname $i $fullname $.Release.Namespace $.Values.cluster.domain (int $.Values.cluster.port)) -}}
+{{- end -}}
+{{- $_ := set $chart "cluster" (dict "processes" $processes "listen" (printf "0.0.0.0:%d" (int .Values.cluster.port)) "connect-timeout-ms" (int .Values.cluster.connectTimeoutMs)) -}}
+{{- end -}}
+{{- $kafka := dict -}}
+{{- with .Values.kafka.tls.existingSecret -}}
+{{- $_ := set $kafka "options" (dict "ssl.ca.location" (printf "/etc/sightline/kafka-tls/%s" $.Values.kafka.tls.caKey)) -}}
+{{- end -}}
+{{- with .Values.kafka.sasl.existingSecret -}}
+{{- $_ := set $kafka "option-files" (dict "sasl.password" (printf "/etc/sightline/kafka-sasl/%s" $.Values.kafka.sasl.passwordKey)) -}}
+{{- end -}}
+{{- if $kafka -}}
+{{- $_ := set $chart "kafka" $kafka -}}
+{{- end -}}
+{{- $config := mergeOverwrite (deepCopy .Values.config) $chart -}}
 {{- include "sightline.toml.table" (dict "path" "" "table" $config) -}}
 {{- end -}}
 

@@ -186,9 +186,12 @@ impl KafkaReader {
         let deadline = Instant::now() + source.metadata_timeout;
         let mut counts = Vec::new();
         for topic in &source.topics {
+            let mut last_error = None;
             let partitions = loop {
                 let found = consumer
                     .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .inspect(|_| last_error = None)
+                    .map_err(|e| last_error = Some(e.to_string()))
                     .ok()
                     .and_then(|md| {
                         md.topics()
@@ -211,6 +214,7 @@ impl KafkaReader {
                                 .unwrap_or_default()
                                 .to_owned(),
                             timeout_ms: source.metadata_timeout.as_millis() as u64,
+                            last_error,
                         });
                     }
                 }

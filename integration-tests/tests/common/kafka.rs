@@ -76,16 +76,26 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A test client of `bootstrap` with `security`'s settings (TLS, SASL) added.
+fn client(bootstrap: &str, security: &[(&str, &str)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    for (k, v) in security {
+        config.set(*k, *v);
+    }
+    config
+}
+
 /// Reads `topics` from the beginning with a plain consumer until `events` records have come
 /// back, and returns each partition's next offset (last offset + 1).
 fn end_offsets(
     bootstrap: &str,
+    security: &[(&str, &str)],
     topics: &[(&str, i32)],
     events: usize,
 ) -> BTreeMap<(String, i32), i64> {
     use rdkafka::Message;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let consumer: BaseConsumer = client(bootstrap, security)
         .set("group.id", "sightline-test-reader")
         .set("enable.auto.commit", "false")
         .create()
@@ -127,11 +137,34 @@ pub fn round_trip(
     workers: usize,
     sampling_topic: Option<&str>,
 ) {
+    round_trip_secured(
+        bootstrap,
+        &[],
+        |_| {},
+        topics,
+        events,
+        workers,
+        sampling_topic,
+    )
+}
+
+/// [`round_trip`] against a secured broker: the test's own clients use `security`, the
+/// pipeline's configuration is what `configure` makes of the test's.
+pub fn round_trip_secured(
+    bootstrap: &str,
+    security: &[(&str, &str)],
+    configure: impl FnOnce(&mut Config),
+    topics: &[(&str, i32)],
+    events: usize,
+    workers: usize,
+    sampling_topic: Option<&str>,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let lake_dir = dir.path().join("lake");
     let group = format!("sightline-test-{}", topics[0].0);
 
     let mut config = kafka_config(bootstrap, &group, workers);
+    configure(&mut config);
     // A rate table every window, on the topic when one is given.
     config.sampling.interval_windows = 1;
     config.sampling.budget_events_per_second = 20.0;
@@ -152,8 +185,7 @@ pub fn round_trip(
         jitter_ms: 500,
         ..GeneratorConfig::default()
     });
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let producer: ThreadedProducer<DefaultProducerContext> = client(bootstrap, security)
         .set("linger.ms", "5")
         .create()
         .expect("producer");
@@ -201,9 +233,8 @@ pub fn round_trip(
     }
     // The end of each partition, read by a plain consumer from the beginning. (tansu 0.6's
     // ListOffsets answer lags behind what it serves, so the high watermark is not used.)
-    let end_offsets = end_offsets(bootstrap, topics, events);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let end_offsets = end_offsets(bootstrap, security, topics, events);
+    let consumer: BaseConsumer = client(bootstrap, security)
         .set("group.id", &group)
         .create()
         .expect("consumer");
@@ -293,13 +324,18 @@ pub fn round_trip(
         "one dead letter per rejected record"
     );
     if let Some(topic) = sampling_topic {
-        check_sampling_topic(bootstrap, topic, &lake_dir);
+        check_sampling_topic(bootstrap, security, topic, &lake_dir);
     }
 }
 
 /// The sampling topic holds exactly the `sampling_budgets` table's rows: one record per
 /// segment and table version, keyed by the segment, with the same rate, volume and reason.
-fn check_sampling_topic(bootstrap: &str, topic: &str, lake_dir: &std::path::Path) {
+fn check_sampling_topic(
+    bootstrap: &str,
+    security: &[(&str, &str)],
+    topic: &str,
+    lake_dir: &std::path::Path,
+) {
     use arrow_array::{Float64Array, Int64Array, StringArray};
     use rdkafka::Message;
     type Row = (String, i64, String, String, String);
@@ -342,8 +378,7 @@ fn check_sampling_topic(bootstrap: &str, topic: &str, lake_dir: &std::path::Path
         want.iter().any(|r| r.2 == "budget" || r.2 == "cap"),
         "the sampling_budgets table has solved rows: {want:?}"
     );
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let consumer: BaseConsumer = client(bootstrap, security)
         .set("group.id", "sightline-test-sampling-reader")
         .set("enable.auto.commit", "false")
         .create()
