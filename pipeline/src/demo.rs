@@ -150,6 +150,16 @@ pub fn demo_config() -> Config {
 
 /// Runs the demo; returns the pipeline's summary and the number of events produced.
 pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
+    run_demo_with(options, |_| Ok(()))
+}
+
+/// [`run_demo`], calling `before_run` with the final configuration (the mock cluster's
+/// brokers in it) just before the pipeline starts: `sightline demo --processes N` starts the
+/// cluster's other processes there.
+pub fn run_demo_with(
+    options: DemoOptions,
+    before_run: impl FnOnce(&Config) -> anyhow::Result<()>,
+) -> anyhow::Result<(Summary, u64)> {
     let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
     cluster
         .create_topic(DEMO_TOPIC, 4, 1)
@@ -198,6 +208,11 @@ pub fn run_demo(options: DemoOptions) -> anyhow::Result<(Summary, u64)> {
         });
     }
     let lake = config.lake.open()?;
+    if let Err(e) = before_run(&config) {
+        stop.store(true, Ordering::Relaxed);
+        let _ = producer_thread.join();
+        return Err(e);
+    }
     let job = Job {
         config: config.clone(),
         input: Input::Kafka(config.kafka.clone()),

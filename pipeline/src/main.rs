@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sightline::config::Config;
-use sightline::demo::{DemoOptions, demo_config, run_demo};
+use sightline::demo::{DemoOptions, demo_config};
 use sightline::generator::{Generator, GeneratorConfig};
 use sightline::run::{Input, Job, STOP_HANDLED};
 use sightline_ingest::Format;
@@ -119,6 +119,11 @@ enum Command {
         /// Worker threads.
         #[arg(long)]
         workers: Option<usize>,
+        /// Run as a cluster of this many processes on loopback: this one (process 0: the
+        /// mock Kafka cluster, the producer, the window lines) and N-1 `sightline run`
+        /// processes it starts and stops (see README, "Running a cluster").
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
     },
 }
 
@@ -183,6 +188,115 @@ fn main() {
     if let Err(err) = real_main(Cli::parse()) {
         eprintln!("error: {err:#}");
         std::process::exit(1);
+    }
+}
+
+/// Makes `config` process 0 of a loopback cluster of `processes` processes: free ports, and a
+/// random pseudonymization key when none is configured (a cluster needs one key everywhere).
+fn demo_cluster(config: &mut Config, processes: usize) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for _ in 0..processes {
+        listeners.push(std::net::TcpListener::bind("127.0.0.1:0").context("a free port")?);
+    }
+    config.cluster.processes = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<Result<_, _>>()?;
+    config.cluster.process = Some(0);
+    if config.privacy.key_ring()?.is_none() && config.privacy.key_file.is_none() {
+        use std::io::Read;
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .context("reading a random key for the demo cluster")?;
+        config.privacy.key = Some(bytes.iter().map(|b| format!("{b:02x}")).collect());
+    }
+    Ok(())
+}
+
+/// Starts processes 1.. of the demo's cluster (`sightline run` on a copy of `config`, written
+/// to a private temporary directory), and a thread that sends them SIGTERM once `stop` is set.
+fn start_demo_peers(
+    config: &Config,
+    processes: usize,
+    stop: &Arc<AtomicBool>,
+    peers: &std::sync::Mutex<Vec<std::process::Child>>,
+) -> anyhow::Result<()> {
+    if processes <= 1 {
+        return Ok(());
+    }
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = std::env::temp_dir().join(format!("sightline-demo-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&dir)
+        .context("creating the demo cluster's directory")?;
+    let exe = std::env::current_exe().context("finding the sightline binary")?;
+    let mut started = peers
+        .lock()
+        .map_err(|_| anyhow::anyhow!("demo peers poisoned"))?;
+    for i in 1..processes {
+        let mut peer = config.clone();
+        peer.cluster.process = Some(i);
+        peer.http.listen = Some(String::new());
+        let path = dir.join(format!("process-{i}.toml"));
+        let text = toml::to_string(&peer).context("writing a peer's configuration")?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        let child = std::process::Command::new(&exe)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting process {i} of the demo cluster"))?;
+        println!("demo cluster: process {i} started (pid {})", child.id());
+        started.push(child);
+    }
+    let pids: Vec<u32> = started.iter().map(|c| c.id()).collect();
+    let stop = Arc::clone(stop);
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for pid in pids {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    });
+    Ok(())
+}
+
+/// Waits for the demo cluster's other processes; an error if one did not exit 0.
+fn wait_for_demo_peers(peers: &std::sync::Mutex<Vec<std::process::Child>>) -> anyhow::Result<()> {
+    let Ok(mut peers) = peers.lock() else {
+        anyhow::bail!("demo peers poisoned");
+    };
+    let mut failed = Vec::new();
+    for (i, child) in peers.iter_mut().enumerate() {
+        let status = child.wait().context("waiting for a demo process")?;
+        if !status.success() {
+            failed.push(format!("process {} exited with {status}", i + 1));
+        }
+    }
+    if let Some(dir) = std::env::temp_dir()
+        .join(format!("sightline-demo-{}", std::process::id()))
+        .to_str()
+    {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("the demo cluster: {}", failed.join(", "))
     }
 }
 
@@ -369,6 +483,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             config,
             workers,
             metrics_store,
+            processes,
         } => {
             let mut config = Config::load_over(demo_config(), config.as_deref())?;
             if let Some(out) = out {
@@ -381,14 +496,25 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if let Some(w) = workers {
                 config.pipeline.workers = w;
             }
+            if processes == 0 {
+                anyhow::bail!("--processes must be at least 1");
+            }
+            if processes > 1 {
+                demo_cluster(&mut config, processes)?;
+            }
             config.validate()?;
             println!(
                 "sightline demo: in-process Kafka (librdkafka mock cluster), topic {} with 4 partitions, {rate} events/s;\n\
-                 {} s windows, {} s allowed lateness, {} worker(s); writing Parquet to {out}. Ctrl-C stops.",
+                 {} s windows, {} s allowed lateness, {} worker(s){}; writing Parquet to {out}. Ctrl-C stops.",
                 sightline::demo::DEMO_TOPIC,
                 config.pipeline.window_ms / 1000,
                 config.pipeline.allowed_lateness_ms / 1000,
                 config.pipeline.workers,
+                if processes > 1 {
+                    format!(" in each of {processes} processes (a cluster on loopback)")
+                } else {
+                    String::new()
+                },
             );
             if let Some(url) = &config.metrics_store.url {
                 println!(
@@ -402,8 +528,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 print_windows: true,
                 stop: stop_on_ctrl_c()?,
             };
-            let (summary, produced) = run_demo(options)?;
+            let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let stop = Arc::clone(&options.stop);
+            let started = {
+                let peers = Arc::clone(&peers);
+                move |config: &Config| start_demo_peers(config, processes, &stop, &peers)
+            };
+            let result = sightline::demo::run_demo_with(options, started);
+            let peers_ok = wait_for_demo_peers(&peers);
+            let (summary, produced) = result?;
             println!("stopped after producing {produced} events: {summary}");
+            peers_ok?;
             println!(
                 "query it: duckdb -c \"SELECT * FROM read_parquet('{out}/latency/**/*.parquet', hive_partitioning=true) LIMIT 10\""
             );

@@ -97,9 +97,11 @@ pub struct Summary {
     /// The metrics store, when configured: samples sent, rejected for good, dropped from a
     /// full queue, still queued at the end; and requests retried.
     pub remote_write: Option<(u64, u64, u64, u64, u64)>,
-    /// In a cluster: this process's index and the number of processes. Process 0's summary
-    /// is the cluster's; another process's is its own share.
-    pub cluster: Option<(usize, usize)>,
+    /// In a cluster: this process's index, the number of processes, and whether the record
+    /// counts are the whole cluster's (process 0 after a bounded run, when every process has
+    /// reported its totals) or this process's own share (the other processes, and any process
+    /// after a stop).
+    pub cluster: Option<(usize, usize, bool)>,
 }
 
 impl std::fmt::Display for Summary {
@@ -139,8 +141,12 @@ impl std::fmt::Display for Summary {
             }
         }
         match self.cluster {
-            Some((0, n)) => write!(f, " · cluster of {n} processes")?,
-            Some((i, n)) => write!(
+            Some((_, n, true)) => write!(f, " · cluster of {n} processes")?,
+            Some((0, n, false)) => write!(
+                f,
+                " · process 0 of {n}: the cluster's windows and files, its own share of the records"
+            )?,
+            Some((i, n, false)) => write!(
                 f,
                 " · process {i} of {n}: its own share of the records (process 0 counts the cluster's windows and files)"
             )?,
@@ -874,7 +880,13 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         already_written: totals.already_written,
         retries: totals.retries,
         remote_write,
-        cluster: place.as_ref().map(|p| (p.process, p.addresses.len())),
+        cluster: place.as_ref().map(|p| {
+            let n = p.addresses.len();
+            let whole = progress
+                .processes
+                .is_some_and(|(reported, _)| reported == n);
+            (p.process, n, whole)
+        }),
     };
     info!(elapsed_ms = started.elapsed().as_millis() as u64, %summary, "run finished");
     Ok(summary)

@@ -159,6 +159,59 @@ fn config_check_accepts_the_example_and_names_the_bad_field() {
     }
 }
 
+/// `demo --processes 2`: a loopback cluster of this process and one it starts; both stop by
+/// themselves and exit 0, and process 0 reports the cluster's windows and summary.
+#[test]
+fn demo_runs_as_a_two_process_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("sightline-data");
+    let config = dir.path().join("demo.toml");
+    std::fs::write(&config, "[http]\nlisten = \"\"\n").expect("config");
+    let output = sightline()
+        .args([
+            "demo",
+            "--processes",
+            "2",
+            "--seconds",
+            "20",
+            "--rate",
+            "1000",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("demo cluster: process 1 started"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("window ") && l.contains(" closed: in ")),
+        "no closed window in:\n{stdout}"
+    );
+    // A stopped cluster's process 0 counts every window, and its own share of the records.
+    assert!(
+        stdout.contains("process 0 of 2: the cluster's windows and files"),
+        "{stdout}"
+    );
+    assert!(
+        parquet_files(&out)
+            .iter()
+            .any(|f| f.starts_with("latency/dt=")),
+        "no latency files"
+    );
+}
+
 #[test]
 fn demo_runs_on_the_embedded_default_and_stops_by_itself() {
     let dir = tempfile::tempdir().expect("tempdir");
