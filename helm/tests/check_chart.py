@@ -143,6 +143,9 @@ for name, values in sets.items():
     check(
         f"{name}: the brokers' CA and SASL password come from Secrets, mounted where the configuration reads them",
         (not tls or (secrets.get("kafka-tls") == tls and options.get("ssl.ca.location", "").startswith(mounts["kafka-tls"])))
+        and all(options.get(opt, "").startswith("/etc/sightline/kafka-tls/")
+                for key, opt in [("certKey", "ssl.certificate.location"), ("keyKey", "ssl.key.location")]
+                if values.get("kafka", {}).get("tls", {}).get(key))
         and (not sasl or (secrets.get("kafka-sasl") == sasl and files.get("sasl.password", "").startswith(mounts["kafka-sasl"])))
         and "sasl.password" not in options,
         json.dumps([mounts, secrets, options, files]),

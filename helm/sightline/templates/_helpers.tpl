@@ -37,7 +37,15 @@ Sightline's configuration: `config` from the values, with http.listen set to the
 {{- end -}}
 {{- $kafka := dict -}}
 {{- with .Values.kafka.tls.existingSecret -}}
-{{- $_ := set $kafka "options" (dict "ssl.ca.location" (printf "/etc/sightline/kafka-tls/%s" $.Values.kafka.tls.caKey)) -}}
+{{- $tls := dict "ssl.ca.location" (printf "/etc/sightline/kafka-tls/%s" $.Values.kafka.tls.caKey) -}}
+{{- /* Mutual TLS: the client's certificate and key from the same Secret, when named. */ -}}
+{{- with $.Values.kafka.tls.certKey -}}
+{{- $_ := set $tls "ssl.certificate.location" (printf "/etc/sightline/kafka-tls/%s" .) -}}
+{{- end -}}
+{{- with $.Values.kafka.tls.keyKey -}}
+{{- $_ := set $tls "ssl.key.location" (printf "/etc/sightline/kafka-tls/%s" .) -}}
+{{- end -}}
+{{- $_ := set $kafka "options" $tls -}}
 {{- end -}}
 {{- with .Values.kafka.sasl.existingSecret -}}
 {{- $_ := set $kafka "option-files" (dict "sasl.password" (printf "/etc/sightline/kafka-sasl/%s" $.Values.kafka.sasl.passwordKey)) -}}
