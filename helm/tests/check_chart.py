@@ -118,7 +118,21 @@ for name, values in sets.items():
     toml = tomllib.loads(config_map["data"]["sightline.toml"])
     replicas = values.get("replicas", 1)
     full = sts["metadata"]["name"]
+    strategy = spec["updateStrategy"]["type"]
+    check(
+        f"{name}: {'OnDelete' if replicas > 1 else 'RollingUpdate'} updates ({strategy})",
+        strategy == ("OnDelete" if replicas > 1 else values.get("updateStrategy", {}).get("type", "RollingUpdate")),
+    )
     if replicas > 1:
+        policy = by_kind.get("NetworkPolicy", [])
+        rules = policy[0]["spec"]["ingress"] if policy else []
+        cluster_rule = next((r for r in rules if any(p["port"] == 2101 for p in r.get("ports", []))), {})
+        check(
+            f"{name}: a NetworkPolicy admits the cluster's port from the release's pods only",
+            len(policy) == 1
+            and cluster_rule.get("from", [{}])[0].get("podSelector", {}).get("matchLabels") == spec["selector"]["matchLabels"],
+            json.dumps(rules),
+        )
         want = [f"{full}-{i}.{full}-headless.observability.svc.cluster.local:2101" for i in range(replicas)]
         ports = [p["name"] for p in container["ports"]]
         headless = next(s for s in by_kind["Service"] if s["spec"].get("clusterIP") == "None")
@@ -169,6 +183,8 @@ for values, named in [
     ({"replicas": 2, "config": {"kafka": {"topics": [{"name": "t"}]}, "lake": {"location": "/data/lake"}}}, "location"),
     ({"config": {"kafka": {"topics": [{"name": "t"}]}, "lake": {"location": "s3://b"}, "cluster": {"processes": []}}}, "cluster"),
     ({"kafka": {"sasl": {"password": "hunter2"}}}, "password"),
+    ({"replicas": 3, "updateStrategy": {"type": "RollingUpdate"},
+      "config": {"kafka": {"topics": [{"name": "t"}]}, "lake": {"location": "s3://b"}}}, "OnDelete"),
     ({"httpPort": "9464"}, "httpPort"),
     ({"privacy": {"existingSecret": ""}}, "existingSecret"),
     ({"config": {"kafka": {"topics": []}}}, "topics"),

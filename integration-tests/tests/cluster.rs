@@ -28,10 +28,12 @@ fn free_addresses(n: usize) -> Vec<String> {
 
 /// The `[cluster]` table of `n` loopback processes (the index comes from the environment).
 fn cluster_table(n: usize) -> String {
-    let list: Vec<String> = free_addresses(n)
-        .into_iter()
-        .map(|a| format!("{a:?}"))
-        .collect();
+    cluster_table_of(&free_addresses(n))
+}
+
+/// The `[cluster]` table of processes at `addresses`.
+fn cluster_table_of(addresses: &[String]) -> String {
+    let list: Vec<String> = addresses.iter().map(|a| format!("{a:?}")).collect();
     format!(
         "\n[cluster]\nprocesses = [{}]\nconnect-timeout-ms = 60000\n\n[http]\nlisten = \"\"\n",
         list.join(", ")
@@ -241,19 +243,25 @@ fn finish(child: std::process::Child) -> (ExitStatus, String, String) {
     )
 }
 
-/// A bounded replay on two processes: the same lake as one process, and process 0's summary
-/// counts the whole cluster's records.
-#[test]
-fn a_replay_on_two_processes_reports_the_cluster() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let input = dir.path().join("events.ndjson");
+/// `events` generated events in `dir/events.ndjson`.
+fn generate(dir: &Path, events: usize) -> std::path::PathBuf {
+    let input = dir.join("events.ndjson");
     let status = Command::new(sightline_binary())
-        .args(["generate", "--events", "12000", "--out"])
+        .args(["generate", "--events", &events.to_string(), "--out"])
         .arg(&input)
         .stdout(Stdio::null())
         .status()
         .expect("generate");
     assert!(status.success());
+    input
+}
+
+/// A bounded replay on two processes: the same lake as one process, and process 0's summary
+/// counts the whole cluster's records.
+#[test]
+fn a_replay_on_two_processes_reports_the_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 12000);
     let single = replay_config(
         dir.path(),
         "one.toml",
@@ -261,17 +269,35 @@ fn a_replay_on_two_processes_reports_the_cluster() {
     );
     let (status, one_out, err) = finish(replay(&single, &input, &dir.path().join("one"), 0));
     assert!(status.success(), "{err}");
+    let addresses = free_addresses(2);
     let cluster = replay_config(
         dir.path(),
         "two.toml",
         &format!(
             "[pipeline]\nworkers = 1\n[privacy]\nkey = \"{KEY}\"\n{}",
-            cluster_table(2)
+            cluster_table_of(&addresses)
         ),
     );
     let out = dir.path().join("two");
+    // Process 0 first; a stranger knocks on its port (an HTTP request, then a connection
+    // that says nothing) before process 1 comes: process 0 drops them and waits on.
+    let p0 = replay(&cluster, &input, &out, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut knock = loop {
+        if let Ok(s) = std::net::TcpStream::connect(&addresses[0]) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "process 0 never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    knock
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("a stranger's request");
+    drop(knock);
+    let silent = std::net::TcpStream::connect(&addresses[0]).expect("a silent connection");
     let p1 = replay(&cluster, &input, &out, 1);
-    let (s0, out0, err0) = finish(replay(&cluster, &input, &out, 0));
+    let (s0, out0, err0) = finish(p0);
+    drop(silent);
     let (s1, out1, err1) = finish(p1);
     assert!(s0.success() && s1.success(), "{err0}\n{err1}");
     if let Some(diff) = difference(&snapshot(&dir.path().join("one")), &snapshot(&out)) {
@@ -338,4 +364,35 @@ fn mismatched_keyless_and_lonely_processes_are_refused() {
     assert!(!status.success());
     assert!(err.contains("gave up waiting for process(es) [0]"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// An error in one process (its input cannot be read) stops the other with the lost-peer exit
+/// instead of leaving it waiting for a peer that is gone.
+#[test]
+fn an_error_in_one_process_stops_the_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 2000);
+    let cluster = replay_config(
+        dir.path(),
+        "two.toml",
+        &format!("[privacy]\nkey = \"{KEY}\"\n{}", cluster_table(2)),
+    );
+    let out = dir.path().join("lake");
+    let started = Instant::now();
+    let p1 = replay(&cluster, &dir.path().join("missing.ndjson"), &out, 1);
+    let (s0, _, err0) = finish(replay(&cluster, &input, &out, 0));
+    let (s1, _, err1) = finish(p1);
+    assert_eq!(
+        s1.code(),
+        Some(1),
+        "the failing process reports its own error: {err1}"
+    );
+    assert!(err1.contains("missing.ndjson"), "{err1}");
+    assert_eq!(
+        s0.code(),
+        Some(sightline::cluster::LOST_PEER_EXIT),
+        "the other process stops: {err0}"
+    );
+    assert!(err0.contains("lost a peer"), "{err0}");
+    assert!(started.elapsed() < Duration::from_secs(60));
 }

@@ -32,7 +32,7 @@ use timely::communication::allocator::zero_copy::initialize::{
     CommsGuard, initialize_networking_from_sockets,
 };
 use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The exit code of a process that lost a peer of its cluster.
 pub const LOST_PEER_EXIT: i32 = 3;
@@ -173,11 +173,20 @@ fn host_name() -> Option<String> {
         })
 }
 
-/// What the processes of a cluster must agree on: per configuration value (a dotted path), a
-/// hash of it. Left out: what is each process's own (`cluster.process`, `cluster.listen`,
-/// `http`) and where the key is read from (`privacy.key`, `privacy.key-file`); `key_probe`
-/// stands for the key itself (a keyed pseudonym of a fixed value).
-pub fn fingerprint(config: &crate::config::Config, key_probe: &str) -> BTreeMap<String, u64> {
+/// The leaf of a fingerprint that stands for the privacy key: the keyed hash of a fixed value.
+const KEY_PROBE: &str = "privacy.key (probe)";
+
+/// What the processes of a cluster must agree on: per configuration value (a dotted path), its
+/// hash by `keyed`, a hash keyed with the privacy key (the pseudonymizer's), so that what
+/// crosses the network reveals no value, secrets in `kafka.options` or `metrics-store.headers`
+/// included, to whoever lacks the key. Left out: what is each process's own
+/// (`cluster.process`, `cluster.listen`, `http`) and where the key is read from
+/// (`privacy.key`, `privacy.key-file`); the key itself is compared through the hash of a fixed
+/// probe.
+pub fn fingerprint(
+    config: &crate::config::Config,
+    keyed: &mut dyn FnMut(&str) -> u64,
+) -> BTreeMap<String, u64> {
     let mut value = serde_json::to_value(config).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
         map.remove("http");
@@ -188,15 +197,17 @@ pub fn fingerprint(config: &crate::config::Config, key_probe: &str) -> BTreeMap<
         if let Some(p) = map.get_mut("privacy").and_then(|p| p.as_object_mut()) {
             p.remove("key");
             p.remove("key-file");
-            p.insert("key (probe)".into(), key_probe.into());
         }
     }
     let mut leaves = BTreeMap::new();
-    flatten("", &value, &mut leaves);
+    flatten("", &value, &mut |path, leaf| {
+        leaves.insert(path, keyed(leaf));
+    });
+    leaves.insert(KEY_PROBE.into(), keyed("sightline-cluster-probe"));
     leaves
 }
 
-fn flatten(path: &str, value: &serde_json::Value, out: &mut BTreeMap<String, u64>) {
+fn flatten(path: &str, value: &serde_json::Value, out: &mut dyn FnMut(String, &str)) {
     let join = |key: &str| {
         if path.is_empty() {
             key.to_owned()
@@ -205,27 +216,27 @@ fn flatten(path: &str, value: &serde_json::Value, out: &mut BTreeMap<String, u64
         }
     };
     match value {
-        serde_json::Value::Object(map) if !map.is_empty() => {
+        // An empty table or list has no values to compare (its entries are compared one by one).
+        serde_json::Value::Object(map) => {
             for (k, v) in map {
                 flatten(&join(k), v, out);
             }
         }
-        serde_json::Value::Array(items) if !items.is_empty() => {
+        serde_json::Value::Array(items) => {
             for (i, v) in items.iter().enumerate() {
                 flatten(&format!("{path}[{i}]"), v, out);
             }
         }
-        leaf => {
-            out.insert(
-                path.to_owned(),
-                sightline_operators::funnel::fnv1a(leaf.to_string().as_bytes()),
-            );
-        }
+        leaf => out(path.to_owned(), &leaf.to_string()),
     }
 }
 
-/// The first difference between two fingerprints, as a sentence naming the field.
+/// The first difference between two fingerprints, as a sentence naming the field (the key
+/// first: with another key every hash differs).
 pub fn difference(mine: &BTreeMap<String, u64>, theirs: &BTreeMap<String, u64>) -> Option<String> {
+    if mine.get(KEY_PROBE) != theirs.get(KEY_PROBE) {
+        return Some("the privacy key differs (privacy.key, privacy.key-file)".into());
+    }
     let keys: std::collections::BTreeSet<&String> = mine.keys().chain(theirs.keys()).collect();
     keys.into_iter()
         .find_map(|k| match (mine.get(k), theirs.get(k)) {
@@ -309,28 +320,49 @@ pub fn connect(
         .any(|(i, s)| i != me && s.is_none())
     {
         let mut progressed = false;
-        // Lower processes: connect to them, one at a time, in order.
+        // Lower processes: connect to them, one at a time, in order. A failed attempt (the
+        // peer not listening yet, its name not resolving yet, a connection that breaks) is
+        // tried again; a refusal is final.
         if lower < me
-            && let Ok(mut stream) = TcpStream::connect_timeout(
-                &resolve(&place.addresses[lower])?,
-                Duration::from_secs(1),
-            )
+            && let Some(mut stream) = try_connect(&place.addresses[lower])
         {
-            greet(&mut stream, &hello, lower)?;
-            sockets[lower] = Some(stream);
-            info!(process = me, peer = lower, "cluster: connected");
-            lower += 1;
-            progressed = true;
-        }
-        // Higher processes connect to this one.
-        match listener.accept() {
-            Ok((mut stream, from)) => {
-                stream.set_nonblocking(false)?;
-                let peer = welcome(&mut stream, &hello, &sockets, from)?;
-                info!(process = me, peer, "cluster: connected");
-                sockets[peer] = Some(stream);
-                progressed = true;
+            match greet(&mut stream, &hello, lower) {
+                Ok(()) => {
+                    sockets[lower] = Some(stream);
+                    info!(process = me, peer = lower, "cluster: connected");
+                    lower += 1;
+                    progressed = true;
+                }
+                Err(Greeting::Refused(why)) => {
+                    bail!("cluster: process {lower} refused process {me}: {why}")
+                }
+                Err(Greeting::Failed(e)) => {
+                    debug!(process = me, peer = lower, error = %e, "cluster: greeting failed; trying again");
+                }
             }
+        }
+        // Higher processes connect to this one. A connection that is not a Sightline process
+        // of this cluster (a probe, a scanner, one that says nothing) is dropped; a process
+        // that connects again (it restarted) replaces its earlier connection; a process whose
+        // configuration differs is refused, and this process stops too.
+        match listener.accept() {
+            Ok((mut stream, from)) => match welcome(&mut stream, &hello, from) {
+                Ok(peer) => {
+                    if sockets[peer].is_some() {
+                        warn!(
+                            process = me,
+                            peer, "cluster: a peer connected again; keeping its new connection"
+                        );
+                    }
+                    info!(process = me, peer, "cluster: connected");
+                    sockets[peer] = Some(stream);
+                    progressed = true;
+                }
+                Err(Welcome::Refused(why)) => bail!("cluster: refused {from}: {why}"),
+                Err(Welcome::Dropped(why)) => {
+                    warn!(process = me, %from, "cluster: dropped a connection: {why}");
+                }
+            },
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => return Err(e).context("cluster: accepting a peer"),
         }
@@ -365,49 +397,65 @@ pub fn connect(
     Ok(sockets)
 }
 
-fn resolve(address: &str) -> anyhow::Result<std::net::SocketAddr> {
+/// One connection attempt to `address`, over each address it resolves to (a peer's name may
+/// not resolve before its pod exists).
+fn try_connect(address: &str) -> Option<TcpStream> {
     use std::net::ToSocketAddrs;
-    match address.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .with_context(|| format!("cluster: {address} resolves to no address")),
-        // A peer's name may not resolve before its pod exists: try again later.
-        Err(_) => Ok(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+    let addrs = address.to_socket_addrs().ok()?;
+    addrs
+        .into_iter()
+        .find_map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok())
+}
+
+/// Why a greeting did not succeed.
+enum Greeting {
+    /// The peer answered no: final.
+    Refused(String),
+    /// The connection failed: try again.
+    Failed(std::io::Error),
+}
+
+/// Sends `hello` to a lower process and reads its answer.
+fn greet(stream: &mut TcpStream, hello: &Hello, _peer: usize) -> Result<(), Greeting> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(Greeting::Failed)?;
+    send(stream, hello).map_err(Greeting::Failed)?;
+    let answer: Answer = receive(stream).map_err(Greeting::Failed)?;
+    match answer.refused {
+        Some(why) => Err(Greeting::Refused(why)),
+        None => Ok(()),
     }
 }
 
-/// Sends `hello` to the lower process `peer` and reads its answer.
-fn greet(stream: &mut TcpStream, hello: &Hello, peer: usize) -> anyhow::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    send(stream, hello).with_context(|| format!("cluster: greeting process {peer}"))?;
-    let answer: Answer =
-        receive(stream).with_context(|| format!("cluster: reading process {peer}'s answer"))?;
-    if let Some(why) = answer.refused {
-        bail!(
-            "cluster: process {peer} refused process {}: {why}",
-            hello.process
-        );
-    }
-    Ok(())
+/// Why a connection was not taken.
+enum Welcome {
+    /// A process of this cluster that disagrees: final, for both.
+    Refused(String),
+    /// Not a process of this cluster, or a connection that failed: dropped.
+    Dropped(String),
 }
 
 /// Reads a higher process's greeting, checks it against `mine`, and answers.
 fn welcome(
     stream: &mut TcpStream,
     mine: &Hello,
-    sockets: &[Option<TcpStream>],
     from: std::net::SocketAddr,
-) -> anyhow::Result<usize> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let theirs: Hello =
-        receive(stream).with_context(|| format!("cluster: reading a greeting from {from}"))?;
+) -> Result<usize, Welcome> {
+    let dropped = |e: std::io::Error| Welcome::Dropped(e.to_string());
+    stream.set_nonblocking(false).map_err(dropped)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(dropped)?;
+    let theirs: Hello = receive(stream).map_err(dropped)?;
     let me = mine.process;
-    let refusal = if theirs.magic != MAGIC {
-        Some(format!(
+    if theirs.magic != MAGIC {
+        return Err(Welcome::Dropped(format!(
             "{from} is not a Sightline process of this version ({:?})",
             theirs.magic
-        ))
-    } else if theirs.processes != mine.processes {
+        )));
+    }
+    let refusal = if theirs.processes != mine.processes {
         Some(format!(
             "process {} counts {} processes, process {me} counts {} (cluster.processes)",
             theirs.process, theirs.processes, mine.processes
@@ -415,11 +463,6 @@ fn welcome(
     } else if theirs.process <= me || theirs.process >= mine.processes {
         Some(format!(
             "process {me} expected a connection from a process above it, got index {} (cluster.process)",
-            theirs.process
-        ))
-    } else if sockets[theirs.process].is_some() {
-        Some(format!(
-            "process {} connected twice (cluster.process)",
             theirs.process
         ))
     } else if theirs.workers != mine.workers {
@@ -443,9 +486,9 @@ fn welcome(
             refused: refusal.clone(),
         },
     )
-    .with_context(|| format!("cluster: answering {from}"))?;
+    .map_err(dropped)?;
     match refusal {
-        Some(why) => bail!("cluster: refused {from}: {why}"),
+        Some(why) => Err(Welcome::Refused(why)),
         None => Ok(theirs.process),
     }
 }
@@ -456,7 +499,7 @@ pub fn start(
     place: &Place,
     workers: usize,
     config: &BTreeMap<String, u64>,
-) -> anyhow::Result<(Vec<AllocatorBuilder>, CommsGuard)> {
+) -> anyhow::Result<(Vec<AllocatorBuilder>, Comms)> {
     let sockets = connect(place, workers, config)?;
     let hooks = timely::communication::Hooks::default();
     let local =
@@ -466,16 +509,43 @@ pub fn start(
             .context("cluster: starting timely's network threads")?;
     Ok((
         builders.into_iter().map(AllocatorBuilder::Tcp).collect(),
-        guard,
+        Comms { guard },
     ))
+}
+
+/// A started cluster's network: timely's send and receive threads.
+pub struct Comms {
+    guard: CommsGuard,
+}
+
+impl Comms {
+    /// After a clean end (every process finished): waits for the network threads.
+    pub fn finish(self) {
+        drop(self.guard);
+    }
+
+    /// Leaving on its own (a stop, an error): the network threads are not waited for (they
+    /// would wait for peers that may still run). See `run` for how the peers learn of it.
+    pub fn leave(self) {
+        std::mem::forget(self.guard);
+    }
 }
 
 /// Makes the loss of a peer end this process with one error line and exit code
 /// [`LOST_PEER_EXIT`], instead of a panicking network thread and workers that wait forever
 /// (what Materialize's `halt_on_timely_communication_panic` does). A process that was asked
 /// to stop (`stop`) exits 0 instead: a cluster stopped as a whole stops cleanly, whichever
-/// process finishes first. Other panics keep the previous hook.
-pub fn exit_on_lost_peer(process: usize, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// process finishes first. A process that is leaving on its own (`leaving`: it broke its
+/// connections after a stop or an error, [`Comms::abandon`]) ignores its network threads'
+/// failures and ends with its own result; `peer_gone` tells it that a peer has gone. Any other panic is reported by the previous hook and
+/// ends the process (exit 101), as Materialize's processes abort on a panic.
+pub fn exit_on_lost_peer(
+    process: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    leaving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    peer_gone: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let message = info
@@ -485,7 +555,11 @@ pub fn exit_on_lost_peer(process: usize, stop: std::sync::Arc<std::sync::atomic:
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
         if message.starts_with("timely communication error") {
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            peer_gone.store(true, Relaxed);
+            if leaving.load(Relaxed) {
+                return;
+            }
+            if stop.load(Relaxed) {
                 eprintln!(
                     "stopped: a peer of the cluster stopped first (what was not committed is read again at the next start)"
                 );
@@ -496,7 +570,10 @@ pub fn exit_on_lost_peer(process: usize, stop: std::sync::Arc<std::sync::atomic:
             );
             std::process::exit(LOST_PEER_EXIT);
         }
+        // Any other panic is a bug: report it and end the process at once, before the
+        // unwinding thread's connections say a clean goodbye after which the peers would wait.
         previous(info);
+        std::process::exit(101);
     }));
 }
 
@@ -538,29 +615,42 @@ mod tests {
 
     #[test]
     fn a_difference_names_the_field() {
+        // A keyed hash, as the pseudonymizer's: `key` stands for the privacy key.
+        let print = |c: &crate::config::Config, key: &str| {
+            let key = key.to_owned();
+            fingerprint(c, &mut |v| {
+                sightline_operators::funnel::fnv1a(format!("{key}/{v}").as_bytes())
+            })
+        };
         let mut a = crate::config::Config::default();
         let mut b = a.clone();
-        assert_eq!(
-            difference(&fingerprint(&a, "k"), &fingerprint(&b, "k")),
-            None
-        );
+        assert_eq!(difference(&print(&a, "k"), &print(&b, "k")), None);
         b.pipeline.window_ms = 30_000;
         assert_eq!(
-            difference(&fingerprint(&a, "k"), &fingerprint(&b, "k")).as_deref(),
+            difference(&print(&a, "k"), &print(&b, "k")).as_deref(),
             Some("`pipeline.window-ms` differs")
         );
-        // Each process's own address and HTTP port may differ; the key may not.
+        b.pipeline.window_ms = a.pipeline.window_ms;
+        b.kafka.options.insert("sasl.password".into(), "x".into());
+        assert_eq!(
+            difference(&print(&a, "k"), &print(&b, "k")).as_deref(),
+            Some("`kafka.options.sasl.password` is set there only")
+        );
+        // Each process's own address and HTTP port may differ; the key may not, and with
+        // another key no value is compared.
         a.http.listen = Some("127.0.0.1:1".into());
         b = a.clone();
         b.http.listen = Some("127.0.0.1:2".into());
         b.cluster.process = Some(1);
+        assert_eq!(difference(&print(&a, "k"), &print(&b, "k")), None);
         assert_eq!(
-            difference(&fingerprint(&a, "k"), &fingerprint(&b, "k")),
-            None
+            difference(&print(&a, "k"), &print(&b, "other")).as_deref(),
+            Some("the privacy key differs (privacy.key, privacy.key-file)")
         );
-        assert_eq!(
-            difference(&fingerprint(&a, "k"), &fingerprint(&b, "other")).as_deref(),
-            Some("`privacy.key (probe)` differs")
+        // No value crosses in clear: the same value under another key hashes otherwise.
+        assert_ne!(
+            print(&a, "k")["pipeline.window-ms"],
+            print(&a, "other")["pipeline.window-ms"]
         );
     }
 }

@@ -388,11 +388,15 @@ impl KafkaConfig {
             .option_files
             .iter()
             .map(|(key, path)| {
-                std::fs::read_to_string(path)
-                    .map(|v| (key.clone(), v.trim().to_owned()))
+                let value = std::fs::read_to_string(path)
+                    .map(|v| v.trim().to_owned())
                     .with_context(|| {
                         format!("kafka.option-files.\"{key}\": reading {}", path.display())
-                    })
+                    })?;
+                if value.is_empty() {
+                    bail!("kafka.option-files.\"{key}\": {} is empty", path.display());
+                }
+                Ok((key.clone(), value))
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(())

@@ -204,15 +204,35 @@ fn demo_cluster(config: &mut Config, processes: usize) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     config.cluster.process = Some(0);
     if config.privacy.key_ring()?.is_none() && config.privacy.key_file.is_none() {
-        use std::io::Read;
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut bytes))
-            .context("reading a random key for the demo cluster")?;
-        config.privacy.key = Some(bytes.iter().map(|b| format!("{b:02x}")).collect());
+        config.privacy.key = Some(random_hex(32)?);
     }
     Ok(())
 }
+
+/// `bytes` random bytes from the kernel, in hex.
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("reading random bytes")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The demo cluster's private directory: a new one with a random name, readable by this user
+/// only (the peers' configuration files hold the privacy key).
+fn demo_dir() -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("sightline-demo-{}", random_hex(8)?));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The demo cluster's directory, removed at the end.
+static DEMO_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 /// Starts processes 1.. of the demo's cluster (`sightline run` on a copy of `config`, written
 /// to a private temporary directory), and a thread that sends them SIGTERM once `stop` is set.
@@ -225,13 +245,8 @@ fn start_demo_peers(
     if processes <= 1 {
         return Ok(());
     }
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let dir = std::env::temp_dir().join(format!("sightline-demo-{}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(&dir)
-        .context("creating the demo cluster's directory")?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = demo_dir()?;
     let exe = std::env::current_exe().context("finding the sightline binary")?;
     let mut started = peers
         .lock()
@@ -244,8 +259,7 @@ fn start_demo_peers(
         let text = toml::to_string(&peer).context("writing a peer's configuration")?;
         std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&path)
             .and_then(|mut f| f.write_all(text.as_bytes()))
@@ -260,6 +274,9 @@ fn start_demo_peers(
         println!("demo cluster: process {i} started (pid {})", child.id());
         started.push(child);
     }
+    // The peers have read their files once they are connected; the directory goes when the
+    // demo ends (wait_for_demo_peers) or, at the latest, with the temporary directory.
+    DEMO_DIR.get_or_init(|| dir.clone());
     let pids: Vec<u32> = started.iter().map(|c| c.id()).collect();
     let stop = Arc::clone(stop);
     std::thread::spawn(move || {
@@ -287,10 +304,7 @@ fn wait_for_demo_peers(peers: &std::sync::Mutex<Vec<std::process::Child>>) -> an
             failed.push(format!("process {} exited with {status}", i + 1));
         }
     }
-    if let Some(dir) = std::env::temp_dir()
-        .join(format!("sightline-demo-{}", std::process::id()))
-        .to_str()
-    {
+    if let Some(dir) = DEMO_DIR.get() {
         let _ = std::fs::remove_dir_all(dir);
     }
     if failed.is_empty() {

@@ -504,6 +504,12 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
     // How far process 0 has every process's reports (a cluster's process 0 only).
     let reported = Arc::new(AtomicU64::new(0));
     let main_done = Arc::new(AtomicU64::new(0));
+    // A cluster's process that leaves on its own (a stop, an error): its network threads'
+    // failures are then expected, and its workers' errors are collected here, since they do
+    // not return (see below).
+    let leaving = Arc::new(AtomicBool::new(false));
+    let peer_gone = Arc::new(AtomicBool::new(false));
+    let left_errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let frontiers: Arc<Vec<AtomicU64>> =
         Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
     let watermarks: Arc<Vec<AtomicU64>> =
@@ -544,10 +550,11 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         };
         let reports_tx = std::sync::Mutex::new(reports_tx);
         let sink_tx = std::sync::Mutex::new(sink_tx);
-        let (forward_rx, reported, main_done) = (
+        let (forward_rx, reported, main_done, left_errors) = (
             Arc::clone(&forward_rx),
             Arc::clone(&reported),
             Arc::clone(&main_done),
+            Arc::clone(&left_errors),
         );
         let cluster = place.is_some();
         let (builders, comms) = match &place {
@@ -559,10 +566,16 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                 None,
             ),
             Some(place) => {
-                crate::cluster::exit_on_lost_peer(place.process, Arc::clone(&job.stop));
-                let probe = sightline_privacy::Pseudonymizer::new(Arc::clone(&keys))
-                    .pseudonym("sightline-cluster-probe", 0);
-                let fingerprint = crate::cluster::fingerprint(&job.config, &probe);
+                crate::cluster::exit_on_lost_peer(
+                    place.process,
+                    Arc::clone(&job.stop),
+                    Arc::clone(&leaving),
+                    Arc::clone(&peer_gone),
+                );
+                // Every value hashed with the privacy key: nothing sent reveals a value.
+                let mut keyed = sightline_privacy::Pseudonymizer::new(Arc::clone(&keys));
+                let fingerprint =
+                    crate::cluster::fingerprint(&job.config, &mut |v| keyed.link_of(v));
                 let (builders, comms) = crate::cluster::start(place, workers, &fingerprint)?;
                 (builders, Some(comms))
             }
@@ -723,7 +736,13 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                         {
                             // This process's last reports and its totals, once every worker of
                             // the process is done reading.
+                            let leaving = || {
+                                job.stop.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed)
+                            };
                             while main_done.load(Ordering::Acquire) < workers as u64 {
+                                if leaving() {
+                                    return Ok(true);
+                                }
                                 forward.pass(u64::MAX);
                                 worker.step_or_park(Some(Duration::from_millis(20)));
                             }
@@ -740,15 +759,37 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                             // Process 0's worker 0 keeps the reports frontier up to date
                             // until every process has finished.
                             while index == 0 && worker.step_or_park(Some(Duration::from_millis(20))) {
+                                if leaving() {
+                                    return Ok(true);
+                                }
                                 reported.store(frontier(&forward.probe), Ordering::Release);
                             }
                             reported.store(u64::MAX, Ordering::Release);
                         }
                     }
-                    Ok(())
+                    Ok(stopped)
                 })();
                 exit.failed = result.is_err();
-                result
+                // A cluster's process that leaves on its own (a stop, an error) keeps this
+                // thread: when a worker returns, its connections say a clean goodbye, after
+                // which the peers would wait for it forever. The process ends without joining
+                // it, the connections break, and the peers stop (`cluster::exit_on_lost_peer`).
+                let leaves = match &result {
+                    Ok(stopped) => *stopped,
+                    Err(_) => true,
+                };
+                if cluster && leaves {
+                    if let Err(e) = &result
+                        && let Ok(mut errors) = left_errors.lock()
+                    {
+                        errors.push(format!("{e:#}"));
+                    }
+                    drop(exit);
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                result.map(|_| ())
             },
         )
         .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?;
@@ -785,6 +826,9 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         {
             warn!(%failure, "a sink gave up; stopping");
         }
+        if place.is_some() && abort.load(Ordering::Relaxed) {
+            leaving.store(true, Ordering::Relaxed);
+        }
         while let Ok(report) = reports_rx.try_recv() {
             if let Report::Alert(line) = &report {
                 if job.print_windows {
@@ -805,11 +849,23 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         }
     }
     let mut errors = Vec::new();
-    for result in guards.join() {
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => errors.push(format!("{e:#}")),
-            Err(panic) => errors.push(format!("worker panicked: {panic}")),
+    // A cluster's process that leaves on its own does not join its workers (they wait for the
+    // process to end: see the worker closure); their errors were collected.
+    let left =
+        place.is_some() && (job.stop.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed));
+    if left {
+        leaving.store(true, Ordering::Relaxed);
+        std::mem::forget(guards);
+        if let Ok(mut left_errors) = left_errors.lock() {
+            errors.append(&mut left_errors);
+        }
+    } else {
+        for result in guards.join() {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(format!("{e:#}")),
+                Err(panic) => errors.push(format!("worker panicked: {panic}")),
+            }
         }
     }
     while let Ok(report) = reports_rx.try_recv() {
@@ -819,14 +875,25 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         errors.insert(0, failure);
     }
     // The network threads end once every process has ended cleanly; after a stop or an error
-    // the other processes may still run: this process exits without waiting for them (they
+    // the other processes may still run: this process ends without waiting for them (they
     // lose their peer and stop too).
     if let Some(comms) = comms {
-        if errors.is_empty() && !job.stop.load(Ordering::Relaxed) && !abort.load(Ordering::Relaxed)
-        {
-            drop(comms);
+        if left || !errors.is_empty() {
+            comms.leave();
         } else {
-            std::mem::forget(comms);
+            comms.finish();
+        }
+    }
+    // A cluster stopped as a whole: the other processes give process 0, which reports the
+    // cluster's windows, a few seconds to go first (its peers then stop quietly instead of it).
+    if let Some(place) = &place
+        && left
+        && place.process != 0
+        && job.stop.load(Ordering::Relaxed)
+    {
+        let until = Instant::now() + grace.min(Duration::from_secs(5));
+        while !peer_gone.load(Ordering::Relaxed) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     if !job.stop.load(Ordering::Relaxed) && !abort.load(Ordering::Relaxed) {

@@ -194,9 +194,17 @@ impl KafkaReader {
                     .map_err(|e| last_error = Some(e.to_string()))
                     .ok()
                     .and_then(|md| {
-                        md.topics()
-                            .iter()
-                            .find(|t| t.name() == topic && t.error().is_none())
+                        let found = md.topics().iter().find(|t| t.name() == topic);
+                        // A topic-level error (not authorized, unknown) is the reason to give
+                        // if the topic never appears.
+                        if let Some(code) = found.and_then(|t| t.error()) {
+                            last_error = Some(format!(
+                                "the topic's metadata says {}",
+                                rdkafka::types::RDKafkaErrorCode::from(code)
+                            ));
+                        }
+                        found
+                            .filter(|t| t.error().is_none())
                             .map(|t| t.partitions().len() as i32)
                     })
                     .filter(|n| *n > 0);
