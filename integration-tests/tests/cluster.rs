@@ -112,11 +112,23 @@ fn two_and_three_processes_write_the_lake_of_one_and_survive_a_lost_peer() {
     broker.create_topic(&workload.topic, workload.partitions);
     workload.produce(&broker.bootstrap);
 
+    let deploy = |name: &str, workers: usize, extra: &str| {
+        let deployment = Deployment::new(
+            dir.path(),
+            name,
+            &broker.bootstrap,
+            &workload,
+            workers,
+            extra,
+        );
+        for topic in &deployment.output_topics {
+            broker.create_topic(topic, 1);
+        }
+        deployment
+    };
+
     // One process, two workers.
-    let one = Deployment::new(dir.path(), "one", &broker.bootstrap, &workload, 2, "");
-    for topic in &one.output_topics {
-        broker.create_topic(topic, 1);
-    }
+    let one = deploy("one", 2, "");
     let mut process = one.start();
     one.wait_for_records(&mut process, workload.events, Duration::from_secs(180));
     let (status, _) = process.terminate(Duration::from_secs(30));
@@ -125,17 +137,7 @@ fn two_and_three_processes_write_the_lake_of_one_and_survive_a_lost_peer() {
     assert!(want.len() > 20, "the reference wrote {} files", want.len());
 
     // Two processes of one worker each.
-    let two = Deployment::new(
-        dir.path(),
-        "two",
-        &broker.bootstrap,
-        &workload,
-        1,
-        &cluster_table(2),
-    );
-    for topic in &two.output_topics {
-        broker.create_topic(topic, 1);
-    }
+    let two = deploy("two", 1, &cluster_table(2));
     let mut cluster = start_cluster(&two, 2);
     two.wait_for_records(
         &mut cluster.processes[0],
@@ -154,17 +156,7 @@ fn two_and_three_processes_write_the_lake_of_one_and_survive_a_lost_peer() {
 
     // Three processes; process 1 is killed mid-run: the others stop with the error line and
     // a non-zero exit; the restarted cluster completes the lake, equal to one process's.
-    let three = Deployment::new(
-        dir.path(),
-        "three",
-        &broker.bootstrap,
-        &workload,
-        1,
-        &cluster_table(3),
-    );
-    for topic in &three.output_topics {
-        broker.create_topic(topic, 1);
-    }
+    let three = deploy("three", 1, &cluster_table(3));
     let mut processes = start_cluster(&three, 3).processes;
     // Mid-run: some windows written, not all.
     let deadline = Instant::now() + Duration::from_secs(120);

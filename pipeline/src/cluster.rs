@@ -326,7 +326,7 @@ pub fn connect(
         if lower < me
             && let Some(mut stream) = try_connect(&place.addresses[lower])
         {
-            match greet(&mut stream, &hello, lower) {
+            match greet(&mut stream, &hello) {
                 Ok(()) => {
                     sockets[lower] = Some(stream);
                     info!(process = me, peer = lower, "cluster: connected");
@@ -416,7 +416,7 @@ enum Greeting {
 }
 
 /// Sends `hello` to a lower process and reads its answer.
-fn greet(stream: &mut TcpStream, hello: &Hello, _peer: usize) -> Result<(), Greeting> {
+fn greet(stream: &mut TcpStream, hello: &Hello) -> Result<(), Greeting> {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(Greeting::Failed)?;
@@ -558,6 +558,15 @@ pub fn exit_on_lost_peer(
             peer_gone.store(true, Relaxed);
             if leaving.load(Relaxed) {
                 return;
+            }
+            // A lost peer fails its receive and its send thread at once: one of them speaks
+            // and ends the process, the other waits for the end.
+            static SPOKEN: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if SPOKEN.swap(true, Relaxed) {
+                loop {
+                    std::thread::park();
+                }
             }
             if stop.load(Relaxed) {
                 eprintln!(

@@ -375,6 +375,19 @@ impl Forward {
     }
 }
 
+/// What this process read and retried so far.
+fn process_totals(stats: &IngestStats, health: &SinkHealth) -> ProcessTotals {
+    let (read, accepted, rejected, late) = stats.snapshot();
+    ProcessTotals {
+        read,
+        accepted,
+        rejected,
+        late,
+        already_written: stats.already_written.load(Ordering::Relaxed),
+        retries: health.retries(),
+    }
+}
+
 /// What `sightline run` logs (info) once a stop signal is handled: before that line, SIGTERM
 /// ends the process at once, like any process that has not set up its handlers yet.
 pub const STOP_HANDLED: &str = "stop signals handled (SIGTERM, SIGINT, SIGHUP)";
@@ -747,15 +760,7 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
                                 worker.step_or_park(Some(Duration::from_millis(20)));
                             }
                             forward.pass(u64::MAX);
-                            let (read, accepted, rejected, late) = stats.snapshot();
-                            forward.finish(ProcessTotals {
-                                read,
-                                accepted,
-                                rejected,
-                                late,
-                                already_written: stats.already_written.load(Ordering::Relaxed),
-                                retries: health.retries(),
-                            });
+                            forward.finish(process_totals(&stats, &health));
                             // Process 0's worker 0 keeps the reports frontier up to date
                             // until every process has finished.
                             while index == 0 && worker.step_or_park(Some(Duration::from_millis(20))) {
@@ -923,17 +928,10 @@ pub fn run_observed(job: Job, telemetry: Arc<crate::http::Telemetry>) -> anyhow:
         (sent, rejected, dropped, r.queued() as u64, retries)
     });
     telemetry.observe(&progress);
-    let (read, accepted, rejected, late) = stats.snapshot();
-    let mine = ProcessTotals {
-        read,
-        accepted,
-        rejected,
-        late,
-        already_written: stats.already_written.load(Ordering::Relaxed),
-        retries: health.retries(),
-    };
     // Process 0 of a cluster sums every process's totals.
-    let totals = progress.processes.map_or(mine, |(_, sum)| sum);
+    let totals = progress
+        .processes
+        .map_or_else(|| process_totals(&stats, &health), |(_, sum)| sum);
     let t = &progress.totals;
     let summary = Summary {
         read: totals.read,

@@ -183,15 +183,26 @@ fn demo_runs_as_a_two_process_cluster() {
         .arg(&out)
         .output()
         .expect("demo");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = demo_succeeded(&output, &out);
+    assert!(
+        stdout.contains("demo cluster: process 1 started"),
+        "{stdout}"
+    );
+    // A stopped cluster's process 0 counts every window, and its own share of the records.
+    assert!(
+        stdout.contains("process 0 of 2: the cluster's windows and files"),
+        "{stdout}"
+    );
+}
+
+/// Checks what every demo run shows: exit 0, a closed window's line, latency files in `out`;
+/// returns its standard output.
+fn demo_succeeded(output: &std::process::Output, out: &std::path::Path) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        stdout.contains("demo cluster: process 1 started"),
-        "{stdout}"
     );
     assert!(
         stdout
@@ -199,17 +210,13 @@ fn demo_runs_as_a_two_process_cluster() {
             .any(|l| l.starts_with("window ") && l.contains(" closed: in ")),
         "no closed window in:\n{stdout}"
     );
-    // A stopped cluster's process 0 counts every window, and its own share of the records.
     assert!(
-        stdout.contains("process 0 of 2: the cluster's windows and files"),
-        "{stdout}"
-    );
-    assert!(
-        parquet_files(&out)
+        parquet_files(out)
             .iter()
             .any(|f| f.starts_with("latency/dt=")),
         "no latency files"
     );
+    stdout
 }
 
 #[test]
@@ -221,23 +228,6 @@ fn demo_runs_on_the_embedded_default_and_stops_by_itself() {
         .arg(&out)
         .output()
         .expect("demo");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with("window ") && l.contains(" closed: in ")),
-        "no closed window in:\n{stdout}"
-    );
+    let stdout = demo_succeeded(&output, &out);
     assert!(stdout.contains("stopped after producing"), "{stdout}");
-    assert!(
-        parquet_files(&out)
-            .iter()
-            .any(|f| f.starts_with("latency/dt=")),
-        "no latency files"
-    );
 }
