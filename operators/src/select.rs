@@ -130,6 +130,11 @@ where
         .unzip();
     builder.build(move |_| {
         let mut parts: Vec<Vec<(E, Time, isize)>> = vec![Vec::new(); outputs.len()];
+        // How many events each consumer got from the last batch: a part handed on leaves an
+        // empty buffer behind, which is given that capacity at once instead of growing by
+        // doubling (copying its events each time). One pass: a second pass over the events
+        // to count them first would read each event twice.
+        let mut sizes: Vec<usize> = vec![0; outputs.len()];
         move |_frontiers| {
             let mut handles: Vec<_> = outputs.iter_mut().map(|o| o.activate()).collect();
             input.for_each_stamp(|cap, data| {
@@ -143,10 +148,14 @@ where
                         }
                     }
                 }
-                for (part, handle) in parts.iter_mut().zip(handles.iter_mut()) {
+                for ((part, handle), size) in
+                    parts.iter_mut().zip(handles.iter_mut()).zip(&mut sizes)
+                {
+                    *size = part.len();
                     // Sends the records and hands back an empty (possibly recycled) buffer.
                     handle.give(&cap, part);
                     part.clear();
+                    part.reserve(*size);
                 }
             });
         }

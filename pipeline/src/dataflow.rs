@@ -260,11 +260,16 @@ pub fn compute<'s>(
         });
     }
     // Experiments read every event (an assignment can be on any event) of both routes
-    // (restricted events that carry an assignment are counted for compliance, never analysed).
-    readers.push(Subscriber {
-        restricted: None,
-        names: Names::All,
-    });
+    // (restricted events that carry an assignment are counted for compliance, never analysed);
+    // so do the sampling budgets. Without either, no stream of every event is made for them.
+    let setup = &analytics.experiments;
+    let every_event = setup.is_on() || analytics.sampling.is_some();
+    if every_event {
+        readers.push(Subscriber {
+            restricted: None,
+            names: Names::All,
+        });
+    }
     let mut selected = select(events.inner.clone(), &readers)
         .into_iter()
         .map(|s| s.as_collection());
@@ -297,7 +302,8 @@ pub fn compute<'s>(
             (&analytics.rules, health),
         ));
     }
-    let (funnel_events, triage_events, experiment_events) = (next(), next(), next());
+    let (funnel_events, triage_events) = (next(), next());
+    let experiment_events = every_event.then(&mut next);
     let hooks = analytics.save_every_ms.map(|every_ms| StateHooks {
         every_ms,
         outputs,
@@ -323,18 +329,21 @@ pub fn compute<'s>(
     );
     // The budgets count every accepted event of both routes: they budget all the traffic an
     // SDK sends, and their table holds segment counts only.
-    let budget_counts = analytics.sampling.as_ref().map(|rules| {
-        close_windows(
-            segment_counts(experiment_events.clone(), windows, rules),
-            windows,
-            "CloseSegmentCounts",
-        )
-        .map(BudgetInput::Counts)
-    });
-    let setup = &analytics.experiments;
-    let experiments = setup.is_on().then(|| {
+    let budget_counts = analytics
+        .sampling
+        .as_ref()
+        .zip(experiment_events.as_ref())
+        .map(|(rules, events)| {
+            close_windows(
+                segment_counts(events.clone(), windows, rules),
+                windows,
+                "CloseSegmentCounts",
+            )
+            .map(BudgetInput::Counts)
+        });
+    let experiments = experiment_events.filter(|_| setup.is_on()).map(|events| {
         let out = experiments(
-            experiment_events,
+            events,
             Arc::clone(setup),
             windows,
             analytics.experiments_resume.clone(),

@@ -406,7 +406,11 @@ impl FunnelDef {
 
     /// The touch of `event`, keyed by `(restricted, unit)`; `None` for an event that takes
     /// no part in the funnel.
-    pub fn touch_of(&self, event: &Event, empty: &Breakdowns) -> Option<((bool, u64), Touch)> {
+    pub fn touch_of(
+        &self,
+        event: &Event,
+        memo: &mut BreakdownMemo,
+    ) -> Option<((bool, u64), Touch)> {
         let mut steps = 0u32;
         for (i, step) in self.steps.iter().enumerate() {
             if step.matches(event) {
@@ -424,9 +428,9 @@ impl FunnelDef {
         }
         let unit = self.unit.unit_of(event)?;
         let breakdown = if steps & 1 != 0 {
-            self.breakdown_of(event)
+            memo.breakdown_of(self, event)
         } else {
-            empty.clone()
+            memo.empty.clone()
         };
         Some((
             (event.is_restricted(), unit),
@@ -465,6 +469,60 @@ impl FunnelDef {
             }
         }
         pairs.into()
+    }
+}
+
+/// The breakdown values of step-1 events, made once per assignment set where they can be.
+///
+/// A funnel whose breakdowns are all experiments gives every event with the same experiment
+/// assignments the same values, and the decoder hands events with the same assignments one
+/// shared list: so the values are looked up by the list's address (one hash of a pointer)
+/// instead of built for each event. The memo holds each list it has seen, so that an address
+/// is never reused while it is a key; it is emptied when it reaches [`BreakdownMemo::MAX`].
+/// A funnel broken down by a field gets its values built per event.
+#[derive(Debug)]
+pub struct BreakdownMemo {
+    /// The breakdowns of a touch that is not a step-1 event.
+    empty: Breakdowns,
+    /// Whether the funnel's values depend on the assignments only.
+    by_assignments: bool,
+    /// Assignment list address → (the list, its breakdown values).
+    seen: HashMap<usize, (Breakdowns, Breakdowns), foldhash::fast::RandomState>,
+}
+
+impl BreakdownMemo {
+    /// Assignment sets held at most.
+    pub const MAX: usize = 4096;
+
+    /// The memo of `def`'s breakdowns.
+    pub fn new(def: &FunnelDef) -> BreakdownMemo {
+        BreakdownMemo {
+            empty: Arc::from(Vec::new()),
+            by_assignments: def
+                .breakdowns
+                .iter()
+                .all(|b| !matches!(b, Breakdown::Field(_))),
+            seen: HashMap::default(),
+        }
+    }
+
+    /// `def`'s breakdown values for the step-1 event `event`.
+    fn breakdown_of(&mut self, def: &FunnelDef, event: &Event) -> Breakdowns {
+        if !self.by_assignments {
+            return def.breakdown_of(event);
+        }
+        let set = &event.experiment_assignments;
+        let address = Arc::as_ptr(set).cast::<()>() as usize;
+        if let Some((_, values)) = self.seen.get(&address) {
+            return Arc::clone(values);
+        }
+        if self.seen.len() >= BreakdownMemo::MAX {
+            self.seen.clear();
+        }
+        let values = def.breakdown_of(event);
+        self.seen
+            .insert(address, (Arc::clone(set), Arc::clone(&values)));
+        values
     }
 }
 
@@ -647,13 +705,13 @@ where
     for ((index, def), events) in defs.iter().enumerate().zip(selected) {
         let from = resume.get(index).cloned().unwrap_or_default();
         let def = Arc::new(def.clone());
-        let empty: Breakdowns = Arc::from(Vec::new());
+        let mut memo = BreakdownMemo::new(&def);
         let of = Arc::clone(&def);
         let restored_at = from.restored_at;
         // Input before the restored frontier is in the restored state.
         let touches = events.flat_map(move |(e, time, diff)| {
             (time >= restored_at)
-                .then(|| of.touch_of(e.borrow(), &empty))
+                .then(|| of.touch_of(e.borrow(), &mut memo))
                 .flatten()
                 .map(|touch| (touch, time, diff))
         });
