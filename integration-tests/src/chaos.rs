@@ -187,7 +187,21 @@ impl Workload {
                 }
             }
         }
-        producer.flush(Duration::from_secs(60)).expect("flush");
+        // The broker may take a while with every record its own request (a 10× burst on a
+        // busy two-core machine has taken more than a minute): wait as long as the records
+        // still leave, and give up only when none has left for a whole minute.
+        let (mut waiting, mut since) = (producer.in_flight_count(), Instant::now());
+        while let Err(err) = producer.flush(Duration::from_secs(10)) {
+            let now = producer.in_flight_count();
+            if now < waiting {
+                (waiting, since) = (now, Instant::now());
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(60),
+                "flush: {err}: {now} records to {} have not left for a minute",
+                self.topic
+            );
+        }
     }
 
     /// Checks, at `probes` offsets per partition, that a consumer asked to start there gets
