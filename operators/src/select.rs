@@ -130,9 +130,9 @@ where
         .unzip();
     builder.build(move |_| {
         let mut parts: Vec<Vec<(E, Time, isize)>> = vec![Vec::new(); outputs.len()];
-        // How many events each consumer got from the last batch: a part handed on leaves an
-        // empty buffer behind, which is given that capacity at once instead of growing by
-        // doubling (copying its events each time). One pass: a second pass over the events
+        // How many events each consumer's last part held: a part handed on leaves an empty
+        // buffer behind, which is given that capacity at once instead of growing by doubling
+        // (copying its events each time). One pass: a second pass over the events
         // to count them first would read each event twice.
         let mut sizes: Vec<usize> = vec![0; outputs.len()];
         move |_frontiers| {

@@ -3,7 +3,7 @@
 //! The funnel operator against a naive reference model.
 //!
 //! Random funnels (2–4 steps, repeated step events, all three order modes, exclusions,
-//! breakdowns by platform and experiment), random event logs of a few units with repeats,
+//! breakdowns by platform and experiment or by experiment only), random event logs of a few units with repeats,
 //! ties and events of both routes; events arrive out of order within an allowed lateness, in
 //! random batches, on 1–3 workers. The reference enumerates every chain explicitly from the
 //! semantics in `sightline_operators::funnel` (it shares no code with the operator); unit
@@ -59,11 +59,28 @@ struct Raw {
     id: u32,
 }
 
+/// The assignment list of a variant, one list per variant shared by every event that has it,
+/// as the decoder hands them out (the operator looks breakdowns up by the list's address).
+fn assignments_of(variant: Option<&'static str>) -> Arc<[(Label, Label)]> {
+    thread_local! {
+        static LISTS: std::cell::RefCell<BTreeMap<Option<&'static str>, Arc<[(Label, Label)]>>> =
+            Default::default();
+    }
+    LISTS.with(|lists| {
+        lists
+            .borrow_mut()
+            .entry(variant)
+            .or_insert_with(|| {
+                variant
+                    .map(|v| vec![(Label::from("exp_1"), Label::from(v))])
+                    .unwrap_or_default()
+                    .into()
+            })
+            .clone()
+    })
+}
+
 fn event_of(raw: &Raw) -> Event {
-    let assignments: Vec<(Label, Label)> = raw
-        .variant
-        .map(|v| vec![(Label::from("exp_1"), Label::from(v))])
-        .unwrap_or_default();
     Event {
         event_time_ms: raw.at_ms as i64,
         event_name: name(raw.name),
@@ -86,7 +103,7 @@ fn event_of(raw: &Raw) -> Event {
         feature_area: "projects".into(),
         workflow_name: None,
         surface: None,
-        experiment_assignments: assignments.into(),
+        experiment_assignments: assignments_of(raw.variant),
         pii_classification: PiiClassification::None,
         data_sensitivity: if raw.restricted {
             DataSensitivity::Restricted
@@ -130,8 +147,11 @@ fn arb_def() -> impl Strategy<Value = FunnelDef> {
         proptest::sample::select(vec![Order::Ordered, Order::Strict, Order::Unordered]),
         proptest::sample::select(vec![30_000u64, 90_000, 240_000]),
         proptest::option::of((1usize..4, 1usize..4)),
+        // With the platform breakdown, or by experiments only (whose values the operator looks
+        // up by assignment list).
+        proptest::bool::ANY,
     )
-        .prop_map(|(steps, order, window_ms, exclusion)| {
+        .prop_map(|(steps, order, window_ms, exclusion, by_platform)| {
             let n = steps.len();
             let exclusions = exclusion
                 .map(|(a, b)| {
@@ -166,7 +186,11 @@ fn arb_def() -> impl Strategy<Value = FunnelDef> {
                 window_ms,
                 order,
                 exclusions,
-                breakdowns: vec![Breakdown::Field(Field::Platform), Breakdown::Experiments],
+                breakdowns: if by_platform {
+                    vec![Breakdown::Field(Field::Platform), Breakdown::Experiments]
+                } else {
+                    vec![Breakdown::Experiments]
+                },
             }
         })
 }
@@ -291,10 +315,12 @@ fn reference(def: &FunnelDef, width: u64, log: &[Raw]) -> BTreeMap<Row, Vec<(u64
             }
             let first = seq[firsts[0]];
             let mut pairs = vec![("all".to_string(), "all".to_string())];
-            pairs.push((
-                "platform".into(),
-                format!("{:?}", first.platform).to_lowercase(),
-            ));
+            if def.breakdowns.contains(&Breakdown::Field(Field::Platform)) {
+                pairs.push((
+                    "platform".into(),
+                    format!("{:?}", first.platform).to_lowercase(),
+                ));
+            }
             if let Some(v) = first.variant {
                 pairs.push(("experiment:exp_1".into(), v.into()));
             }
