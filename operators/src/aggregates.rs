@@ -272,16 +272,18 @@ pub fn event_counts<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     windows: Windows,
 ) -> VecCollection<'s, Time, CountKey, Counted> {
-    events.explode(move |e| {
-        let e = e.borrow();
-        let key = CountKey {
-            window_start_ms: windows.start_of(e.event_time_ms as u64),
-            event_name: e.event_name,
-            event_type: e.event_type,
-            feature_area: e.feature_area.clone(),
-        };
-        Some((key, Counted::of_event(e)))
-    })
+    events.explode(move |e| Some(count_update(e.borrow(), windows)))
+}
+
+/// The `event_counts` update of one event.
+pub fn count_update(e: &Event, windows: Windows) -> (CountKey, Counted) {
+    let key = CountKey {
+        window_start_ms: windows.start_of(e.event_time_ms as u64),
+        event_name: e.event_name,
+        event_type: e.event_type,
+        feature_area: e.feature_area.clone(),
+    };
+    (key, Counted::of_event(e))
 }
 
 /// Latency distribution per window, `event_name`, `feature_area` and `surface`.
@@ -293,21 +295,25 @@ pub fn latency<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     windows: Windows,
 ) -> VecCollection<'s, Time, LatencyKey, LatencyHistogram> {
-    let no_surface = Label::from("");
-    events.explode(move |e| {
-        let e = e.borrow();
-        let latency = e.latency_us?;
-        let key = LatencyKey {
-            window_start_ms: windows.start_of(e.event_time_ms as u64),
-            event_name: e.event_name,
-            feature_area: e.feature_area.clone(),
-            surface: e.surface.clone().unwrap_or_else(|| no_surface.clone()),
-        };
-        Some((
-            key,
-            LatencyHistogram::from_weighted_sample(latency, e.weight_micros),
-        ))
-    })
+    events.explode(move |e| latency_update(e.borrow(), windows))
+}
+
+/// The empty surface, shared.
+static NO_SURFACE: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from(""));
+
+/// The `latency` update of one event: none without a latency measure.
+pub fn latency_update(e: &Event, windows: Windows) -> Option<(LatencyKey, LatencyHistogram)> {
+    let latency = e.latency_us?;
+    let key = LatencyKey {
+        window_start_ms: windows.start_of(e.event_time_ms as u64),
+        event_name: e.event_name,
+        feature_area: e.feature_area.clone(),
+        surface: e.surface.clone().unwrap_or_else(|| NO_SURFACE.clone()),
+    };
+    Some((
+        key,
+        LatencyHistogram::from_weighted_sample(latency, e.weight_micros),
+    ))
 }
 
 /// Latency distribution per window, `event_name`, experiment and variant.
@@ -319,26 +325,32 @@ pub fn latency_by_variant<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     windows: Windows,
 ) -> VecCollection<'s, Time, VariantKey, LatencyHistogram> {
-    events.explode(move |e| {
-        let e = e.borrow();
-        let window_start_ms = windows.start_of(e.event_time_ms as u64);
-        let event_name = e.event_name;
-        // The event's shared assignment list, iterated without a per-event vector.
-        let weight = e.weight_micros;
-        let (latency, assignments) = match e.latency_us {
-            Some(l) => (l, e.experiment_assignments.clone()),
-            None => (0, Default::default()),
+    events.explode(move |e| variant_updates(e.borrow(), windows))
+}
+
+/// The `latency_by_variant` updates of one event: one per assignment, none without a latency
+/// measure.
+pub fn variant_updates(
+    e: &Event,
+    windows: Windows,
+) -> impl Iterator<Item = (VariantKey, LatencyHistogram)> + use<> {
+    let window_start_ms = windows.start_of(e.event_time_ms as u64);
+    let event_name = e.event_name;
+    // The event's shared assignment list, iterated without a per-event vector.
+    let weight = e.weight_micros;
+    let (latency, assignments) = match e.latency_us {
+        Some(l) => (l, e.experiment_assignments.clone()),
+        None => (0, Default::default()),
+    };
+    (0..assignments.len()).map(move |i| {
+        let (experiment_id, variant) = &assignments[i];
+        let key = VariantKey {
+            window_start_ms,
+            event_name,
+            experiment_id: experiment_id.clone(),
+            variant: variant.clone(),
         };
-        (0..assignments.len()).map(move |i| {
-            let (experiment_id, variant) = &assignments[i];
-            let key = VariantKey {
-                window_start_ms,
-                event_name,
-                experiment_id: experiment_id.clone(),
-                variant: variant.clone(),
-            };
-            (key, LatencyHistogram::from_weighted_sample(latency, weight))
-        })
+        (key, LatencyHistogram::from_weighted_sample(latency, weight))
     })
 }
 
@@ -353,19 +365,29 @@ pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
     rejected: VecCollection<'s, Time, DeadLetter>,
     windows: Windows,
 ) -> VecCollection<'s, Time, QualityKey, QualityCounts> {
+    let accepted = events.explode(move |e| Some(quality_update(e.borrow(), windows)));
+    accepted.concat(quality_rejected(rejected, windows))
+}
+
+/// The `quality` update of one accepted event.
+pub fn quality_update(e: &Event, windows: Windows) -> (QualityKey, QualityCounts) {
+    let key = QualityKey {
+        window_start_ms: windows.start_of(e.event_time_ms as u64),
+        event_name: Cow::Borrowed(e.event_name.as_str()),
+        outcome: Outcome::Accepted,
+    };
+    (key, QualityCounts::of_event(e))
+}
+
+/// The `quality` updates of the rejected records.
+pub fn quality_rejected<'s>(
+    rejected: VecCollection<'s, Time, DeadLetter>,
+    windows: Windows,
+) -> VecCollection<'s, Time, QualityKey, QualityCounts> {
     use differential_dataflow::AsCollection;
     use timely::dataflow::operators::vec::Map;
 
-    let accepted = events.explode(move |e| {
-        let e = e.borrow();
-        let key = QualityKey {
-            window_start_ms: windows.start_of(e.event_time_ms as u64),
-            event_name: Cow::Borrowed(e.event_name.as_str()),
-            outcome: Outcome::Accepted,
-        };
-        Some((key, QualityCounts::of_event(e)))
-    });
-    let rejected = rejected
+    rejected
         .inner
         .map(move |(record, time, diff)| {
             let key = QualityKey {
@@ -377,8 +399,7 @@ pub fn quality<'s, E: Borrow<Event> + Clone + 'static>(
             };
             (key, time, QualityCounts::records(diff as i64))
         })
-        .as_collection();
-    accepted.concat(rejected)
+        .as_collection()
 }
 
 /// A dead letter keyed by the window of the time at which it was processed: the key of the

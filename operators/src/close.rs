@@ -71,8 +71,6 @@ where
     K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
     R: Semigroup + ExchangeData,
 {
-    use timely::dataflow::operators::vec::Map;
-
     let partials = accumulate(
         updates.inner,
         Pipeline,
@@ -80,6 +78,38 @@ where
         horizon.clone(),
         &format!("{name}Combine"),
     );
+    merge_partials(partials, windows, horizon, name)
+}
+
+/// The first phase of [`close_windows`] alone: each worker's own updates combined per window
+/// and key, one partial [`ClosedWindow`] per window, when the frontier has passed its end.
+pub(crate) fn combine<'s, K, R>(
+    updates: VecCollection<'s, Time, K, R>,
+    windows: Windows,
+    name: &str,
+) -> StreamVec<'s, Time, ClosedWindow<K, R>>
+where
+    K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
+    R: Semigroup + ExchangeData,
+{
+    let horizon = move |key: &K| windows.end_of(key.window_start_ms());
+    accumulate(updates.inner, Pipeline, windows, horizon, name)
+}
+
+/// The second phase of [`close_at`]: the workers' partial windows (each emitted at its
+/// horizon − 1), exchanged by key and added up, each window once when every partial is in.
+pub(crate) fn merge_partials<'s, K, R>(
+    partials: StreamVec<'s, Time, ClosedWindow<K, R>>,
+    windows: Windows,
+    horizon: impl Fn(&K) -> u64 + Clone + 'static,
+    name: &str,
+) -> StreamVec<'s, Time, ClosedWindow<K, R>>
+where
+    K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
+    R: Semigroup + ExchangeData,
+{
+    use timely::dataflow::operators::vec::Map;
+
     let at = horizon.clone();
     let partials = partials.flat_map(move |w| {
         let at = at.clone();

@@ -14,6 +14,7 @@
 //! - [`funnel`]: conversion funnels, the first operator whose state spans windows;
 //! - [`state`]: snapshots of a long-horizon operator's state, for restarts;
 //! - [`product`]: command-queue, integration-health and feedback aggregates ([`product::Tally`]);
+//! - [`route`]: every per-event aggregate of one route in one pass ([`route::route_aggregates`]);
 //! - [`alerts`]: integration health across windows (breaker state) and the alert rules;
 //! - [`sampling`]: adaptive telemetry budgets (per-segment sampling rates under a global
 //!   budget, from segment counts, risk terms and damping);
@@ -45,6 +46,7 @@ pub mod experiment;
 pub mod funnel;
 pub mod histogram;
 pub mod product;
+pub mod route;
 pub mod sampling;
 pub mod select;
 pub mod state;

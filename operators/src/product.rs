@@ -262,62 +262,65 @@ pub fn command_queue<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     windows: Windows,
 ) -> VecCollection<'s, Time, ProductKey, Tally> {
-    events.explode(move |e| {
-        let e: &Event = e.borrow();
-        let aps = || e.kept.measure("aps_score");
-        let tally = match e.event_name.as_str() {
-            "recommendation_generated" => Tally::new().count("generated"),
-            "recommendation_viewed" => Tally::new().count("viewed"),
-            "recommendation_accepted" => {
-                let mut t = Tally::new().count("accepted");
-                if let Some(aps) = aps() {
-                    t = t.sample("aps_accepted", aps);
-                }
-                if let Some(s) = e.kept.measure("time_to_decision_seconds") {
-                    t = t.sample("time_to_decision_s", s);
-                }
-                t
+    events.explode(move |e| command_queue_updates(e.borrow(), windows))
+}
+
+/// The `command_queue` updates of one event: `all` and its action type; none for an event
+/// [`command_queue`] does not read.
+pub fn command_queue_updates(e: &Event, windows: Windows) -> SmallVec<[(ProductKey, Tally); 2]> {
+    let aps = || e.kept.measure("aps_score");
+    let tally = match e.event_name.as_str() {
+        "recommendation_generated" => Tally::new().count("generated"),
+        "recommendation_viewed" => Tally::new().count("viewed"),
+        "recommendation_accepted" => {
+            let mut t = Tally::new().count("accepted");
+            if let Some(aps) = aps() {
+                t = t.sample("aps_accepted", aps);
             }
-            "recommendation_dismissed" => {
-                let reason = e
-                    .kept
-                    .label("dismiss_reason")
-                    .map_or("(none)", |l| &**l)
-                    .to_owned();
-                let mut t = Tally::new()
-                    .count("dismissed")
-                    .count(format!("reason:{reason}"));
-                if let Some(aps) = aps() {
-                    t = t.sample("aps_dismissed", aps);
-                }
-                t
+            if let Some(s) = e.kept.measure("time_to_decision_seconds") {
+                t = t.sample("time_to_decision_s", s);
             }
-            _ => return SmallVec::new(),
-        };
-        let tally = tally.weighted(e.weight_micros);
-        let start = windows.start_of(e.event_time_ms as u64);
-        // `all` and the action type: two rows, inline.
-        let mut out: SmallVec<[(ProductKey, Tally); 2]> = SmallVec::new();
+            t
+        }
+        "recommendation_dismissed" => {
+            let reason = e
+                .kept
+                .label("dismiss_reason")
+                .map_or("(none)", |l| &**l)
+                .to_owned();
+            let mut t = Tally::new()
+                .count("dismissed")
+                .count(format!("reason:{reason}"));
+            if let Some(aps) = aps() {
+                t = t.sample("aps_dismissed", aps);
+            }
+            t
+        }
+        _ => return SmallVec::new(),
+    };
+    let tally = tally.weighted(e.weight_micros);
+    let start = windows.start_of(e.event_time_ms as u64);
+    // `all` and the action type: two rows, inline.
+    let mut out: SmallVec<[(ProductKey, Tally); 2]> = SmallVec::new();
+    out.push((
+        ProductKey {
+            window_start_ms: start,
+            group: ALL.clone(),
+            breakdown: all(),
+        },
+        tally.clone(),
+    ));
+    if let Some(action_type) = e.kept.label("action_type") {
         out.push((
             ProductKey {
                 window_start_ms: start,
-                group: ALL.clone(),
+                group: action_type.clone(),
                 breakdown: all(),
             },
-            tally.clone(),
+            tally,
         ));
-        if let Some(action_type) = e.kept.label("action_type") {
-            out.push((
-                ProductKey {
-                    window_start_ms: start,
-                    group: action_type.clone(),
-                    breakdown: all(),
-                },
-                tally,
-            ));
-        }
-        out
-    })
+    }
+    out
 }
 
 /// Integration health per window and integration: calls, failures, rate-limit hits (status
@@ -327,41 +330,44 @@ pub fn integration_health<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     windows: Windows,
 ) -> VecCollection<'s, Time, ProductKey, Tally> {
-    events.explode(move |e| {
-        let e: &Event = e.borrow();
-        let at = e.event_time_ms.max(0) as u64;
-        let (integration, tally) = if name_is(e, "integration_call_success") {
-            let mut t = Tally::new().count("calls").at("success", at);
-            if let Some(us) = e.latency_us {
-                t = t.sample("latency_ms", us as f64 / 1000.0);
-            }
-            if e.kept.measure("status_code") == Some(429.0) {
-                t = t.count("rate_limited");
-            }
-            (e.kept.label("integration"), t)
-        } else if name_is(e, "integration_call_failed") {
-            let mut t = Tally::new().count("calls").count("failures");
-            if e.kept.measure("status_code") == Some(429.0) {
-                t = t.count("rate_limited");
-            }
-            (e.kept.label("integration"), t)
-        } else if name_is(e, "circuit_breaker_opened") {
-            (
-                e.kept.label("service"),
-                Tally::new().count("breaker_opens").at("opened", at),
-            )
-        } else {
-            return None;
-        };
-        Some((
-            ProductKey {
-                window_start_ms: windows.start_of(at),
-                group: integration?.clone(),
-                breakdown: all(),
-            },
-            tally.weighted(e.weight_micros),
-        ))
-    })
+    events.explode(move |e| integration_update(e.borrow(), windows))
+}
+
+/// The `integration_health` update of one event; none for an event [`integration_health`]
+/// does not read, or one without its integration (service).
+pub fn integration_update(e: &Event, windows: Windows) -> Option<(ProductKey, Tally)> {
+    let at = e.event_time_ms.max(0) as u64;
+    let (integration, tally) = if name_is(e, "integration_call_success") {
+        let mut t = Tally::new().count("calls").at("success", at);
+        if let Some(us) = e.latency_us {
+            t = t.sample("latency_ms", us as f64 / 1000.0);
+        }
+        if e.kept.measure("status_code") == Some(429.0) {
+            t = t.count("rate_limited");
+        }
+        (e.kept.label("integration"), t)
+    } else if name_is(e, "integration_call_failed") {
+        let mut t = Tally::new().count("calls").count("failures");
+        if e.kept.measure("status_code") == Some(429.0) {
+            t = t.count("rate_limited");
+        }
+        (e.kept.label("integration"), t)
+    } else if name_is(e, "circuit_breaker_opened") {
+        (
+            e.kept.label("service"),
+            Tally::new().count("breaker_opens").at("opened", at),
+        )
+    } else {
+        return None;
+    };
+    Some((
+        ProductKey {
+            window_start_ms: windows.start_of(at),
+            group: integration?.clone(),
+            breakdown: all(),
+        },
+        tally.weighted(e.weight_micros),
+    ))
 }
 
 /// Feedback per window, `feature_area` and breakdown (`all`, each experiment's variant, and
@@ -371,54 +377,57 @@ pub fn feedback<'s, E: Borrow<Event> + Clone + 'static>(
     events: VecCollection<'s, Time, E>,
     windows: Windows,
 ) -> VecCollection<'s, Time, ProductKey, Tally> {
-    events.explode(move |e| {
-        let e: &Event = e.borrow();
-        if !name_is(e, "project_feedback_submitted") {
-            return Vec::new();
-        }
-        let mut t = Tally::new().count("feedback");
-        if let Some(score) = e.kept.measure("score") {
-            t = t.count(format!("score:{}", score.round() as i64));
-            t = t.sample("score", score);
-        }
-        if let Some(sentiment) = e.kept.label("sentiment") {
-            t = t.count(format!("sentiment:{sentiment}"));
-        }
-        for tag in e.kept.labels("tags") {
-            t = t.count(format!("tag:{tag}"));
-        }
-        if e.kept.measure("blocked") == Some(1.0) {
-            t = t.count("blocked");
-        }
-        let t = t.weighted(e.weight_micros);
-        let start = windows.start_of(e.event_time_ms as u64);
-        let mut breakdowns = vec![all()];
-        for (experiment, variant) in e.experiment_assignments.iter() {
-            breakdowns.push((
-                Label::from(format!("experiment:{experiment}").as_str()),
-                variant.clone(),
-            ));
-        }
+    events.explode(move |e| feedback_updates(e.borrow(), windows))
+}
+
+/// The `feedback` updates of one event: `all`, each experiment's variant and `user_role`;
+/// none for an event [`feedback`] does not read.
+pub fn feedback_updates(e: &Event, windows: Windows) -> Vec<(ProductKey, Tally)> {
+    if !name_is(e, "project_feedback_submitted") {
+        return Vec::new();
+    }
+    let mut t = Tally::new().count("feedback");
+    if let Some(score) = e.kept.measure("score") {
+        t = t.count(format!("score:{}", score.round() as i64));
+        t = t.sample("score", score);
+    }
+    if let Some(sentiment) = e.kept.label("sentiment") {
+        t = t.count(format!("sentiment:{sentiment}"));
+    }
+    for tag in e.kept.labels("tags") {
+        t = t.count(format!("tag:{tag}"));
+    }
+    if e.kept.measure("blocked") == Some(1.0) {
+        t = t.count("blocked");
+    }
+    let t = t.weighted(e.weight_micros);
+    let start = windows.start_of(e.event_time_ms as u64);
+    let mut breakdowns = vec![all()];
+    for (experiment, variant) in e.experiment_assignments.iter() {
         breakdowns.push((
-            Label::from("user_role"),
-            e.user_role
-                .clone()
-                .unwrap_or_else(|| Label::from(crate::funnel::NONE_VALUE)),
+            Label::from(format!("experiment:{experiment}").as_str()),
+            variant.clone(),
         ));
-        breakdowns
-            .into_iter()
-            .map(|breakdown| {
-                (
-                    ProductKey {
-                        window_start_ms: start,
-                        group: e.feature_area.clone(),
-                        breakdown,
-                    },
-                    t.clone(),
-                )
-            })
-            .collect()
-    })
+    }
+    breakdowns.push((
+        Label::from("user_role"),
+        e.user_role
+            .clone()
+            .unwrap_or_else(|| Label::from(crate::funnel::NONE_VALUE)),
+    ));
+    breakdowns
+        .into_iter()
+        .map(|breakdown| {
+            (
+                ProductKey {
+                    window_start_ms: start,
+                    group: e.feature_area.clone(),
+                    breakdown,
+                },
+                t.clone(),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -12,6 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::Input;
 use proptest::prelude::*;
+use sightline_operators::product::{
+    ProductKey, Tally, command_queue, feedback, integration_health,
+};
+use sightline_operators::route::route_aggregates;
 use sightline_operators::select::{Names, Subscriber, select};
 use sightline_operators::{
     ClosedWindow, CountKey, Counted, LatencyHistogram, LatencyKey, Outcome, QualityCounts,
@@ -19,8 +23,8 @@ use sightline_operators::{
     latency, latency_by_variant, quality,
 };
 use sightline_schemas::{
-    DataSensitivity, DeadLetter, Event, EventName, FailureKind, Origin, PiiClassification,
-    Platform, PrivacyCounts, Source,
+    DataSensitivity, DeadLetter, Event, EventName, FailureKind, Kept, KeptValue, Label, Measure,
+    Origin, PiiClassification, Platform, PrivacyCounts, Source,
 };
 use timely::dataflow::operators::Inspect;
 
@@ -39,6 +43,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
         proptest::option::of(proptest::sample::select(vec!["control", "a", "b"])),
         (0u16..4, 0u16..2, 0u16..3),
         proptest::sample::select(vec![1.0, 1.0, 0.5, 0.1, 0.0123]),
+        proptest::option::of((proptest::sample::select(vec!["crm", "mail"]), 1u8..6)),
     )
         .prop_map(
             |(
@@ -51,7 +56,26 @@ fn arb_event() -> impl Strategy<Value = Event> {
                 e2,
                 (pseudonymized, scrubbed, dropped),
                 rate,
+                kept,
             )| {
+                // What the product aggregates read (their groups, scores and status codes),
+                // on some events; every name may carry it, as a schema could keep it.
+                let kept = kept.map_or_else(Kept::default, |(group, score)| {
+                    let label = |v: &str| KeptValue::Label(Label::from(v));
+                    let measure = |v: i64| KeptValue::Measure(Measure(v * 1_000_000));
+                    Kept::new(vec![
+                        (Label::from("action_type"), label(group)),
+                        (Label::from("integration"), label(group)),
+                        (Label::from("service"), label(group)),
+                        (Label::from("dismiss_reason"), label("not_relevant")),
+                        (Label::from("aps_score"), measure(i64::from(score) * 10)),
+                        (Label::from("score"), measure(i64::from(score))),
+                        (
+                            Label::from("status_code"),
+                            measure(if score == 5 { 429 } else { 500 }),
+                        ),
+                    ])
+                });
                 let mut experiments: Vec<(sightline_schemas::Label, sightline_schemas::Label)> =
                     Vec::new();
                 if let Some(v) = e1 {
@@ -74,7 +98,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
                     links: Default::default(),
                     user_role: None,
                     country: None,
-                    kept: Default::default(),
+                    kept,
                     feature_area: area.into(),
                     workflow_name: None,
                     surface: surface.map(Into::into),
@@ -129,6 +153,18 @@ struct Outputs {
     latency: Captured<LatencyKey, LatencyHistogram>,
     variants: Captured<VariantKey, LatencyHistogram>,
     quality: Captured<QualityKey, QualityCounts>,
+    command_queue: Captured<ProductKey, Tally>,
+    feedback: Captured<ProductKey, Tally>,
+    integrations: Captured<ProductKey, Tally>,
+}
+
+/// Captures each closed window of `stream` into `into`.
+fn capture<'s, K: Clone + 'static, R: Clone + 'static>(
+    stream: timely::dataflow::StreamVec<'s, u64, ClosedWindow<K, R>>,
+    into: &Captured<K, R>,
+) {
+    let into = into.clone();
+    stream.inspect(move |w| into.lock().unwrap().push(w.clone()));
 }
 
 /// Flattens the closed windows of every worker into one map, checking that no key of a
@@ -160,9 +196,10 @@ fn run_dataflow(
     updates: Vec<(Event, u64, isize)>,
     dead: Vec<(DeadLetter, u64)>,
     batches: Vec<usize>,
-) -> Outputs {
+) -> (Outputs, Outputs) {
     let outputs = Outputs::default();
-    let shared = outputs.clone();
+    let fused_outputs = Outputs::default();
+    let shared = (outputs.clone(), fused_outputs.clone());
     // One time-ordered stream of input actions, cut into batches of the given sizes.
     let mut actions: Vec<(u64, Result<(Event, isize), DeadLetter>)> = updates
         .into_iter()
@@ -174,24 +211,47 @@ fn run_dataflow(
     let batches = Arc::new(batches);
     timely::execute(timely::Config::process(workers), move |worker| {
         let windows = Windows::new(width);
-        let out = shared.clone();
+        let (out, fused) = shared.clone();
         let (mut events_in, mut dead_in) = worker.dataflow::<u64, _, _>(|scope| {
             let (events_in, events) = scope.new_collection::<Event, isize>();
             let (dead_in, dead) = scope.new_collection::<DeadLetter, isize>();
-            let (c, l, v, q) = (
-                out.counts.clone(),
-                out.latency.clone(),
-                out.variants.clone(),
-                out.quality.clone(),
+            // Each aggregate alone, and all of them in one pass (what the pipeline runs).
+            capture(
+                close_windows(event_counts(events.clone(), windows), windows, "c"),
+                &out.counts,
             );
-            close_windows(event_counts(events.clone(), windows), windows, "c")
-                .inspect(move |w| c.lock().unwrap().push(w.clone()));
-            close_windows(latency(events.clone(), windows), windows, "l")
-                .inspect(move |w| l.lock().unwrap().push(w.clone()));
-            close_windows(latency_by_variant(events.clone(), windows), windows, "v")
-                .inspect(move |w| v.lock().unwrap().push(w.clone()));
-            close_windows(quality(events, dead, windows), windows, "q")
-                .inspect(move |w| q.lock().unwrap().push(w.clone()));
+            capture(
+                close_windows(latency(events.clone(), windows), windows, "l"),
+                &out.latency,
+            );
+            capture(
+                close_windows(latency_by_variant(events.clone(), windows), windows, "v"),
+                &out.variants,
+            );
+            capture(
+                close_windows(quality(events.clone(), dead.clone(), windows), windows, "q"),
+                &out.quality,
+            );
+            capture(
+                close_windows(command_queue(events.clone(), windows), windows, "cq"),
+                &out.command_queue,
+            );
+            capture(
+                close_windows(feedback(events.clone(), windows), windows, "f"),
+                &out.feedback,
+            );
+            capture(
+                close_windows(integration_health(events.clone(), windows), windows, "i"),
+                &out.integrations,
+            );
+            let all = route_aggregates(events, dead, windows, "test");
+            capture(all.event_counts, &fused.counts);
+            capture(all.latency, &fused.latency);
+            capture(all.latency_by_variant, &fused.variants);
+            capture(all.quality, &fused.quality);
+            capture(all.command_queue, &fused.command_queue);
+            capture(all.feedback, &fused.feedback);
+            capture(all.integrations, &fused.integrations);
             (events_in, dead_in)
         });
         let (index, peers) = (worker.index(), worker.peers());
@@ -225,7 +285,7 @@ fn run_dataflow(
         }
     })
     .unwrap();
-    outputs
+    (outputs, fused_outputs)
 }
 
 fn within(got: f64, exact: f64) -> bool {
@@ -282,7 +342,15 @@ proptest! {
             updates.push((e.clone(), t, 1));
             updates.push((e.clone(), (t + later * TICK).min(last_tick), -1));
         }
-        let out = run_dataflow(workers, width, updates, dead.clone(), batches);
+        let (out, fused) = run_dataflow(workers, width, updates, dead.clone(), batches);
+        // The pipeline's one-pass operator computes exactly what the aggregates compute alone.
+        prop_assert_eq!(flatten(&fused.counts), flatten(&out.counts));
+        prop_assert_eq!(flatten(&fused.latency), flatten(&out.latency));
+        prop_assert_eq!(flatten(&fused.variants), flatten(&out.variants));
+        prop_assert_eq!(flatten(&fused.quality), flatten(&out.quality));
+        prop_assert_eq!(flatten(&fused.command_queue), flatten(&out.command_queue));
+        prop_assert_eq!(flatten(&fused.feedback), flatten(&out.feedback));
+        prop_assert_eq!(flatten(&fused.integrations), flatten(&out.integrations));
 
         // event_counts
         let mut want_counts: BTreeMap<CountKey, Counted> = BTreeMap::new();

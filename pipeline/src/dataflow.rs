@@ -21,10 +21,8 @@ use sightline_operators::funnel::Resume;
 use sightline_operators::funnel::{
     FunnelDef, FunnelKey, FunnelResume, Funnels, SavedFunnel, StateHooks, funnels,
 };
-use sightline_operators::product::{
-    COMMAND_QUEUE_EVENTS, FEEDBACK_EVENTS, INTEGRATION_EVENTS, ProductKey, Tally, command_queue,
-    feedback, integration_health,
-};
+use sightline_operators::product::{ProductKey, Tally};
+use sightline_operators::route::route_aggregates;
 use sightline_operators::sampling::{
     BudgetInput, BudgetWindow, SamplingRules, SamplingState, budgets, segment_counts,
 };
@@ -33,8 +31,7 @@ use sightline_operators::state::StateShard;
 use sightline_operators::triage::{SavedItem, TriageRecord, TriageRules, triage};
 use sightline_operators::{
     ClosedWindow, CountKey, Counted, LatencyHistogram, LatencyKey, QualityCounts, QualityKey, Time,
-    VariantKey, WindowedDeadLetter, Windows, close_windows, event_counts, latency,
-    latency_by_variant, quality, windowed_dead_letters,
+    VariantKey, WindowedDeadLetter, Windows, close_windows, windowed_dead_letters,
 };
 use sightline_schemas::{DeadLetter, Event};
 use timely::dataflow::operators::core::OkErr;
@@ -239,18 +236,13 @@ pub fn compute<'s>(
     let dead_letters = errs.as_collection();
     // One pass gives each consumer the events it reads (by route and name); events stay in
     // their `Arc`, shared by every consumer instead of copied.
-    let only = |names: &[&str]| Names::of(names, &[]);
     let mut readers = Vec::new();
     for route in Route::ALL {
         let restricted = Some(route == Route::Restricted);
-        for names in [
-            Names::All,
-            only(&INTEGRATION_EVENTS),
-            only(&COMMAND_QUEUE_EVENTS),
-            only(&FEEDBACK_EVENTS),
-        ] {
-            readers.push(Subscriber { restricted, names });
-        }
+        readers.push(Subscriber {
+            restricted,
+            names: Names::All,
+        });
     }
     let funnel_names: Vec<Names> = analytics.funnels.iter().map(FunnelDef::names).collect();
     for names in [Names::union(&funnel_names), TriageRules::names()] {
@@ -288,15 +280,9 @@ pub fn compute<'s>(
             .get(route as usize)
             .cloned()
             .unwrap_or_default();
-        let events = RouteEvents {
-            all: next(),
-            integrations: next(),
-            command_queue: next(),
-            feedback: next(),
-        };
         routes.push(aggregate(
             route,
-            events,
+            next(),
             dead.as_collection(),
             windows,
             (&analytics.rules, health),
@@ -392,70 +378,28 @@ pub fn compute<'s>(
     }
 }
 
-/// The events of one route, as its aggregates read them.
-struct RouteEvents<'s> {
-    /// Every event.
-    all: VecCollection<'s, Time, Arc<Event>>,
-    /// The events [`integration_health`] reads.
-    integrations: VecCollection<'s, Time, Arc<Event>>,
-    /// The events [`command_queue`] reads.
-    command_queue: VecCollection<'s, Time, Arc<Event>>,
-    /// The events [`feedback`] reads.
-    feedback: VecCollection<'s, Time, Arc<Event>>,
-}
-
 /// Every aggregate of one route, closed.
 fn aggregate<'s>(
     route: Route,
-    events: RouteEvents<'s>,
+    events: VecCollection<'s, Time, Arc<Event>>,
     dead: VecCollection<'s, Time, DeadLetter>,
     windows: Windows,
     (rules, health_from): (&AlertRules, HealthState),
 ) -> RouteWindows<'s> {
-    let name = |what: &str| format!("{what}({})", route.as_str());
-    let integrations = close_windows(
-        integration_health(events.integrations, windows),
-        windows,
-        &name("CloseIntegrationHealth"),
-    );
-    let events_all = events.all;
+    let aggregates = route_aggregates(events, dead.clone(), windows, route.as_str());
     RouteWindows {
-        command_queue: close_windows(
-            command_queue(events.command_queue, windows),
-            windows,
-            &name("CloseCommandQueue"),
-        ),
-        feedback: close_windows(
-            feedback(events.feedback, windows),
-            windows,
-            &name("CloseFeedback"),
-        ),
-        health: health(integrations, windows, rules.clone(), health_from),
+        health: health(aggregates.integrations, windows, rules.clone(), health_from),
         route,
-        event_counts: close_windows(
-            event_counts(events_all.clone(), windows),
-            windows,
-            &name("CloseEventCounts"),
-        ),
-        latency: close_windows(
-            latency(events_all.clone(), windows),
-            windows,
-            &name("CloseLatency"),
-        ),
-        latency_by_variant: close_windows(
-            latency_by_variant(events_all.clone(), windows),
-            windows,
-            &name("CloseLatencyByVariant"),
-        ),
-        quality: close_windows(
-            quality(events_all, dead.clone(), windows),
-            windows,
-            &name("CloseQuality"),
-        ),
+        event_counts: aggregates.event_counts,
+        latency: aggregates.latency,
+        latency_by_variant: aggregates.latency_by_variant,
+        quality: aggregates.quality,
+        command_queue: aggregates.command_queue,
+        feedback: aggregates.feedback,
         dead_letters: close_windows(
             windowed_dead_letters(dead, windows),
             windows,
-            &name("CloseDeadLetters"),
+            &format!("CloseDeadLetters({})", route.as_str()),
         ),
     }
 }
