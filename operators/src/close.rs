@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
-use differential_dataflow::difference::Semigroup;
+use differential_dataflow::difference::{IsZero, Semigroup};
 use differential_dataflow::{Hashable, VecCollection};
 use serde::{Deserialize, Serialize};
 use timely::ExchangeData;
@@ -13,6 +13,10 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 
 use crate::window::{Time, WindowKey, Windows};
+
+/// Closed windows of one aggregate: each window once, when the frontier has passed it, one
+/// part per worker that owns some of its keys.
+pub type Closed<'s, K, R> = StreamVec<'s, Time, ClosedWindow<K, R>>;
 
 /// The final contents of one window on one worker: every key with a non-zero accumulation,
 /// sorted by key.
@@ -49,12 +53,12 @@ where
     K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
     R: Semigroup + ExchangeData,
 {
-    close_at(
-        updates,
-        windows,
-        move |key: &K| windows.end_of(key.window_start_ms()),
-        name,
-    )
+    close_at(updates, windows, window_end(windows), name)
+}
+
+/// The horizon of a key in [`close_windows`]: the end of its window.
+fn window_end<K: WindowKey>(windows: Windows) -> impl Fn(&K) -> u64 + Clone + 'static {
+    move |key: &K| windows.end_of(key.window_start_ms())
 }
 
 /// [`close_windows`] with a later horizon: each key's window is emitted once the frontier has
@@ -92,13 +96,25 @@ where
     K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
     R: Semigroup + ExchangeData,
 {
-    let horizon = move |key: &K| windows.end_of(key.window_start_ms());
-    accumulate(updates.inner, Pipeline, windows, horizon, name)
+    accumulate(updates.inner, Pipeline, windows, window_end(windows), name)
+}
+
+/// The second phase of [`close_windows`]: [`merge_partials`] at each window's end.
+pub(crate) fn close_partials<'s, K, R>(
+    partials: StreamVec<'s, Time, ClosedWindow<K, R>>,
+    windows: Windows,
+    name: &str,
+) -> StreamVec<'s, Time, ClosedWindow<K, R>>
+where
+    K: WindowKey + ExchangeData + Hash + Eq + Ord + Clone,
+    R: Semigroup + ExchangeData,
+{
+    merge_partials(partials, windows, window_end(windows), name)
 }
 
 /// The second phase of [`close_at`]: the workers' partial windows (each emitted at its
 /// horizon − 1), exchanged by key and added up, each window once when every partial is in.
-pub(crate) fn merge_partials<'s, K, R>(
+fn merge_partials<'s, K, R>(
     partials: StreamVec<'s, Time, ClosedWindow<K, R>>,
     windows: Windows,
     horizon: impl Fn(&K) -> u64 + Clone + 'static,
@@ -124,7 +140,22 @@ where
 
 /// One window's accumulation per key. foldhash rather than std's SipHash: the keys are short
 /// labels, hashed once per update, and foldhash is seeded per process like SipHash.
-type Accumulation<K, R> = HashMap<K, R, foldhash::fast::RandomState>;
+pub(crate) type Accumulation<K, R> = HashMap<K, R, foldhash::fast::RandomState>;
+
+/// Adds `diff` to `key`'s accumulation.
+pub(crate) fn add_to<K: Hash + Eq, R: Semigroup>(acc: &mut Accumulation<K, R>, key: K, diff: R) {
+    match acc.entry(key) {
+        std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().plus_equals(&diff),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(diff);
+        }
+    }
+}
+
+/// The keys of an accumulation whose sum is not zero, in no order.
+pub(crate) fn non_zero<K, R: IsZero>(acc: Accumulation<K, R>) -> Vec<(K, R)> {
+    acc.into_iter().filter(|(_, r)| !r.is_zero()).collect()
+}
 
 /// An open window: the capability to emit it, and its accumulation.
 type Open<K, R> = (Capability<Time>, Accumulation<K, R>);
@@ -160,14 +191,7 @@ where
                         let emit_at = closes.saturating_sub(1).max(least);
                         (cap.delayed(&emit_at, 0), Accumulation::default())
                     });
-                    match acc.entry(key) {
-                        std::collections::hash_map::Entry::Occupied(mut o) => {
-                            o.get_mut().plus_equals(&diff)
-                        }
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(diff);
-                        }
-                    }
+                    add_to(acc, key, diff);
                 }
             });
             while let Some((&(closes, start), _)) = open.first_key_value() {
@@ -176,8 +200,7 @@ where
                 }
                 let end = windows.end_of(start);
                 if let Some((_, (cap, acc))) = open.pop_first() {
-                    let mut entries: Vec<(K, R)> =
-                        acc.into_iter().filter(|(_, r)| !r.is_zero()).collect();
+                    let mut entries = non_zero(acc);
                     if entries.is_empty() {
                         continue;
                     }

@@ -13,13 +13,12 @@
 //! reference tests run both.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::hash::Hash;
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::difference::{IsZero, Multiply, Semigroup};
 use sightline_schemas::{DeadLetter, Event, EventName};
-use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::Concat;
@@ -30,16 +29,15 @@ use crate::aggregates::{
     CountKey, Counted, LatencyKey, QualityCounts, QualityKey, VariantKey, count_update,
     latency_update, quality_rejected, quality_update, variant_updates,
 };
-use crate::close::{ClosedWindow, combine, merge_partials};
+use crate::close::{Accumulation, ClosedWindow, add_to, close_partials, combine, non_zero};
 use crate::histogram::LatencyHistogram;
 use crate::product::{
     COMMAND_QUEUE_EVENTS, FEEDBACK_EVENTS, INTEGRATION_EVENTS, ProductKey, Tally,
     command_queue_updates, feedback_updates, integration_update,
 };
-use crate::window::{Time, WindowKey, Windows};
+use crate::window::{Time, Windows};
 
-/// Closed windows of one aggregate (see [`crate::close_windows`]).
-pub type Closed<'s, K, R> = StreamVec<'s, Time, ClosedWindow<K, R>>;
+pub use crate::close::Closed;
 
 /// Every per-event aggregate of one route, closed: each window once, when the frontier has
 /// passed it, one part per worker that owns some of its keys.
@@ -97,8 +95,8 @@ impl Readers {
     }
 }
 
-/// One window's sums of one aggregate on one worker (foldhash, as in [`crate::close`]).
-type Sums<K, R> = HashMap<K, R, foldhash::fast::RandomState>;
+/// One window's sums of one aggregate on one worker, as [`crate::close_windows`] keeps them.
+type Sums<K, R> = Accumulation<K, R>;
 
 /// Adds `diff` copies of `r` to `key`'s sum.
 fn add<K: Hash + Eq, R: Semigroup + Multiply<isize, Output = R>>(
@@ -107,13 +105,7 @@ fn add<K: Hash + Eq, R: Semigroup + Multiply<isize, Output = R>>(
     r: R,
     diff: isize,
 ) {
-    let r = if diff == 1 { r } else { r.multiply(&diff) };
-    match sums.entry(key) {
-        std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().plus_equals(&r),
-        std::collections::hash_map::Entry::Vacant(v) => {
-            v.insert(r);
-        }
-    }
+    add_to(sums, key, if diff == 1 { r } else { r.multiply(&diff) });
 }
 
 /// The sums of one window, every aggregate.
@@ -170,7 +162,7 @@ impl WindowSums {
             start: u64,
             end: u64,
         ) -> Option<ClosedWindow<K, R>> {
-            let entries: Vec<(K, R)> = sums.into_iter().filter(|(_, r)| !r.is_zero()).collect();
+            let entries = non_zero(sums);
             (!entries.is_empty()).then_some(ClosedWindow {
                 window_start_ms: start,
                 window_end_ms: end,
@@ -283,7 +275,6 @@ where
             })
         };
     }
-    let end = move |key: &dyn WindowKey| windows.end_of(key.window_start_ms());
     let label = |what: &str| format!("{what}({name})");
     let counts = pick!(next(), Partial::Counts);
     let latency = pick!(next(), Partial::Latency);
@@ -299,32 +290,12 @@ where
         &label("CombineRejected"),
     );
     RouteAggregates {
-        event_counts: merge_partials(counts, windows, move |k| end(k), &label("CloseEventCounts")),
-        latency: merge_partials(latency, windows, move |k| end(k), &label("CloseLatency")),
-        latency_by_variant: merge_partials(
-            variants,
-            windows,
-            move |k| end(k),
-            &label("CloseLatencyByVariant"),
-        ),
-        quality: merge_partials(
-            quality.concat(rejected),
-            windows,
-            move |k| end(k),
-            &label("CloseQuality"),
-        ),
-        command_queue: merge_partials(
-            command_queue,
-            windows,
-            move |k| end(k),
-            &label("CloseCommandQueue"),
-        ),
-        feedback: merge_partials(feedback, windows, move |k| end(k), &label("CloseFeedback")),
-        integrations: merge_partials(
-            integrations,
-            windows,
-            move |k| end(k),
-            &label("CloseIntegrationHealth"),
-        ),
+        event_counts: close_partials(counts, windows, &label("CloseEventCounts")),
+        latency: close_partials(latency, windows, &label("CloseLatency")),
+        latency_by_variant: close_partials(variants, windows, &label("CloseLatencyByVariant")),
+        quality: close_partials(quality.concat(rejected), windows, &label("CloseQuality")),
+        command_queue: close_partials(command_queue, windows, &label("CloseCommandQueue")),
+        feedback: close_partials(feedback, windows, &label("CloseFeedback")),
+        integrations: close_partials(integrations, windows, &label("CloseIntegrationHealth")),
     }
 }

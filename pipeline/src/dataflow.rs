@@ -30,8 +30,8 @@ use sightline_operators::select::{Names, Subscriber, select};
 use sightline_operators::state::StateShard;
 use sightline_operators::triage::{SavedItem, TriageRecord, TriageRules, triage};
 use sightline_operators::{
-    ClosedWindow, CountKey, Counted, LatencyHistogram, LatencyKey, QualityCounts, QualityKey, Time,
-    VariantKey, WindowedDeadLetter, Windows, close_windows, windowed_dead_letters,
+    CountKey, Counted, LatencyHistogram, LatencyKey, QualityCounts, QualityKey, Time, VariantKey,
+    WindowedDeadLetter, Windows, close_windows, windowed_dead_letters,
 };
 use sightline_schemas::{DeadLetter, Event};
 use timely::dataflow::operators::core::OkErr;
@@ -73,9 +73,7 @@ impl Route {
     }
 }
 
-/// Closed windows of one aggregate: each window once, when the frontier has passed it, one
-/// part per worker that owns some of its keys.
-pub type Closed<'s, K, R> = StreamVec<'s, Time, ClosedWindow<K, R>>;
+pub use sightline_operators::close::Closed;
 
 /// Everything one route computes, window by window.
 pub struct RouteWindows<'s> {
