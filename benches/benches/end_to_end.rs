@@ -127,7 +127,7 @@ fn scrape_like_a_page(addr: std::net::SocketAddr, done: &std::sync::atomic::Atom
 }
 
 fn child(mode: &str, workers: usize, events: u64) -> anyhow::Result<()> {
-    let block = Block::generate(BLOCK, 1);
+    let block = Block::generate_or_load(BLOCK, 1)?;
     let started = Instant::now();
     match mode {
         "pipeline" => {
@@ -649,6 +649,12 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1], args[i + 2].parse()?, args[i + 3].parse()?);
+    }
+    if let Some(i) = args.iter().position(|a| a == "--dump-block") {
+        let path = args.get(i + 1).ok_or_else(|| anyhow::anyhow!("--dump-block FILE"))?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        Block::generate(BLOCK, 1).write_to(&mut out)?;
+        return Ok(std::io::Write::flush(&mut out)?);
     }
     let report = args
         .iter()

@@ -27,24 +27,67 @@ impl Block {
             seed,
             ..GeneratorConfig::default()
         });
-        let mut lines = Vec::with_capacity(size);
-        let mut timestamp_at = Vec::with_capacity(size);
-        for _ in 0..size {
-            let mut line = Vec::new();
-            generator.next_line(&mut line);
-            let key = b"\"timestamp\":\"";
-            let at = line
-                .windows(key.len())
-                .position(|w| w == key)
-                .map(|i| i + key.len())
-                .filter(|i| line.len() >= i + 24);
-            lines.push(line);
-            timestamp_at.push(at);
+        Block::of_lines(
+            (0..size)
+                .map(|_| {
+                    let mut line = Vec::new();
+                    generator.next_line(&mut line);
+                    line
+                })
+                .collect(),
+        )
+    }
+
+    /// The block the benchmarks run on: the lines of the NDJSON file `SIGHTLINE_BENCH_INPUT`
+    /// when it is set (so that two benchmark binaries, say one from before a change of the
+    /// generator, can run on the same bytes), else `size` generated lines.
+    pub fn generate_or_load(size: usize, seed: u64) -> std::io::Result<Arc<Block>> {
+        match std::env::var_os("SIGHTLINE_BENCH_INPUT") {
+            Some(path) => {
+                let text = std::fs::read(&path)?;
+                let lines: Vec<Vec<u8>> = text
+                    .split(|b| *b == b'\n')
+                    .filter(|line| !line.is_empty())
+                    .map(<[u8]>::to_vec)
+                    .collect();
+                if lines.is_empty() {
+                    return Err(std::io::Error::other(format!(
+                        "SIGHTLINE_BENCH_INPUT {} has no lines",
+                        std::path::Path::new(&path).display()
+                    )));
+                }
+                Ok(Block::of_lines(lines))
+            }
+            None => Ok(Block::generate(size, seed)),
         }
+    }
+
+    /// A block of `lines`, each line's timestamp found for [`CyclingReader`] to rewrite.
+    fn of_lines(lines: Vec<Vec<u8>>) -> Arc<Block> {
+        let key = b"\"timestamp\":\"";
+        let timestamp_at = lines
+            .iter()
+            .map(|line| {
+                line.windows(key.len())
+                    .position(|w| w == key)
+                    .map(|i| i + key.len())
+                    .filter(|i| line.len() >= i + 24)
+            })
+            .collect();
         Arc::new(Block {
             lines,
             timestamp_at,
         })
+    }
+
+    /// The block's lines as NDJSON (`end_to_end --dump-block FILE` writes them, for
+    /// `SIGHTLINE_BENCH_INPUT`).
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        for line in &self.lines {
+            out.write_all(line)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
     }
 
     /// Total bytes of the block.
