@@ -651,7 +651,9 @@ fn main() -> anyhow::Result<()> {
         return child(&args[i + 1], args[i + 2].parse()?, args[i + 3].parse()?);
     }
     if let Some(i) = args.iter().position(|a| a == "--dump-block") {
-        let path = args.get(i + 1).ok_or_else(|| anyhow::anyhow!("--dump-block FILE"))?;
+        let path = args
+            .get(i + 1)
+            .ok_or_else(|| anyhow::anyhow!("--dump-block FILE"))?;
         let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
         Block::generate(BLOCK, 1).write_to(&mut out)?;
         return Ok(std::io::Write::flush(&mut out)?);
