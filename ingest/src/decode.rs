@@ -760,12 +760,8 @@ fn kept_values(
     captured: Vec<(usize, Captured)>,
     label: &mut impl FnMut(&str) -> Label,
 ) -> Kept {
-    let mut label = |field: &KeptField, text: &str| {
-        if field.scrub {
-            label(text)
-        } else {
-            Label::from(text)
-        }
+    let mut label = |field: &KeptField, text: Label| {
+        if field.scrub { label(&text) } else { text }
     };
     if captured.is_empty() {
         return Kept::default();
@@ -783,10 +779,10 @@ fn kept_values(
                 }
             }
             Captured::Text(text) => {
-                pairs.push((field.label.clone(), KeptValue::Label(label(field, &text))))
+                pairs.push((field.label.clone(), KeptValue::Label(label(field, text))))
             }
             Captured::Item(text) => {
-                let value = label(field, &text);
+                let value = label(field, text);
                 match lists.iter_mut().find(|(i, _)| *i == index) {
                     Some((_, list)) => list.push(value),
                     None => lists.push((index, vec![value])),

@@ -16,7 +16,7 @@ use sightline_schemas::Text;
 use sightline_schemas::registry::{
     EventSchema, FieldRule, Kept, KeptKind, ObjectRule, PiiAction, Types,
 };
-use sightline_schemas::{MAX_VIOLATIONS, Violation};
+use sightline_schemas::{Label, MAX_VIOLATIONS, Violation};
 
 /// Names that mark exact coordinates; an event carrying one is rejected, whatever its schema.
 const COORDINATE_NAMES: &[&str] = &[
@@ -54,10 +54,11 @@ pub struct Checked {
 pub enum Captured {
     /// A number, or a boolean as 0 or 1.
     Number(f64),
-    /// A string.
-    Text(String),
+    /// A string (a shared label from the start: a kept string that is not scrubbed is stored
+    /// as it is, without a second copy).
+    Text(Label),
     /// One string of an array of strings.
-    Item(String),
+    Item(Label),
 }
 
 /// What the validator picks up on its way, besides violations: the latency measure and the
@@ -363,11 +364,11 @@ impl ValueSeed<'_, '_, '_> {
         }
         match (self.depth, &self.path.segment, self.path.parent) {
             (1, Segment::Key(key), _) => {
-                self.capture(key, KeptKind::Label, || Captured::Text(value.to_owned()))
+                self.capture(key, KeptKind::Label, || Captured::Text(Label::from(value)))
             }
             (2, Segment::Index(_), Some(parent)) => {
                 if let Segment::Key(key) = parent.segment {
-                    self.capture(key, KeptKind::Labels, || Captured::Item(value.to_owned()))
+                    self.capture(key, KeptKind::Labels, || Captured::Item(Label::from(value)))
                 }
             }
             _ => {}

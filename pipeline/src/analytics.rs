@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use sightline_operators::alerts::AlertRules;
 use sightline_operators::funnel::{
-    Breakdown, Exclusion, Field, FunnelDef, MAX_STEPS, Matcher, Order,
+    Breakdown, Exclusion, Field, FunnelDef, MAX_FUNNELS, MAX_STEPS, Matcher, Order,
 };
 use sightline_operators::select::Names;
 use sightline_operators::triage::TriageRules;
@@ -295,6 +295,12 @@ pub fn funnel_defs(
     }
     for (i, f) in configured.iter().enumerate() {
         all.push((format!("funnels[{i}]"), f));
+    }
+    if all.len() > MAX_FUNNELS {
+        bail!(
+            "funnels: at most {MAX_FUNNELS} funnels, built-in ones included ({} defined)",
+            all.len()
+        );
     }
     let mut names = BTreeSet::new();
     let mut defs = Vec::new();
@@ -591,6 +597,20 @@ breakdowns = ["user_id"]"#,
                 .to_string()
                 .contains("funnels[0].conversion-window-ms (0) must be a positive multiple")
         );
+    }
+
+    #[test]
+    fn too_many_funnels_are_refused() {
+        let funnel = |i: usize| {
+            format!(
+                "[[funnels]]\nname = \"f{i}\"\nunit = \"user_id\"\nconversion-window-ms = 60000\nsteps = [\"project_viewed\", \"project_created\"]\n"
+            )
+        };
+        let fits: String = (0..MAX_FUNNELS).map(funnel).collect();
+        assert_eq!(one(&fits).unwrap().len(), MAX_FUNNELS);
+        let over: String = (0..=MAX_FUNNELS).map(funnel).collect();
+        let err = one(&over).unwrap_err().to_string();
+        assert!(err.contains("funnels: at most 32 funnels"), "{err}");
     }
 
     #[test]

@@ -19,7 +19,8 @@ use sightline_operators::experiment::{
 };
 use sightline_operators::funnel::Resume;
 use sightline_operators::funnel::{
-    FunnelDef, FunnelKey, FunnelResume, Funnels, SavedFunnel, StateHooks, funnels,
+    FunnelDef, FunnelKey, FunnelResume, Funnels, SavedFunnel, StateHooks, funnels_of,
+    subscribers as funnel_subscribers,
 };
 use sightline_operators::product::{ProductKey, Tally};
 use sightline_operators::route::route_aggregates;
@@ -242,13 +243,12 @@ pub fn compute<'s>(
             names: Names::All,
         });
     }
-    let funnel_names: Vec<Names> = analytics.funnels.iter().map(FunnelDef::names).collect();
-    for names in [Names::union(&funnel_names), TriageRules::names()] {
-        readers.push(Subscriber {
-            restricted: None,
-            names,
-        });
-    }
+    readers.push(Subscriber {
+        restricted: None,
+        names: TriageRules::names(),
+    });
+    // Each funnel reads its own events straight from this pass.
+    readers.extend(funnel_subscribers(&analytics.funnels));
     // Experiments read every event (an assignment can be on any event) of both routes
     // (restricted events that carry an assignment are counted for compliance, never analysed);
     // so do the sampling budgets. Without either, no stream of every event is made for them.
@@ -286,7 +286,8 @@ pub fn compute<'s>(
             (&analytics.rules, health),
         ));
     }
-    let (funnel_events, triage_events) = (next(), next());
+    let triage_events = next();
+    let funnel_events: Vec<_> = analytics.funnels.iter().map(|_| next().inner).collect();
     let experiment_events = every_event.then(&mut next);
     let hooks = analytics.save_every_ms.map(|every_ms| StateHooks {
         every_ms,
@@ -297,7 +298,8 @@ pub fn compute<'s>(
     let Funnels {
         closed: funnels,
         state: funnel_state,
-    } = funnels(
+    } = funnels_of(
+        scope,
         funnel_events,
         Arc::clone(&analytics.funnels),
         windows,

@@ -65,13 +65,13 @@ use differential_dataflow::difference::Semigroup;
 use serde::{Deserialize, Serialize};
 use sightline_schemas::{Event, EventName, Label};
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::Concatenate;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::vec::Map;
+use timely::dataflow::{Scope, StreamVec};
 
 pub use progress::{Chain, Entry, Matching, Progress};
 
@@ -83,6 +83,10 @@ use crate::window::{Time, WindowKey, Windows};
 
 /// Most steps a funnel may have (and most exclusions).
 pub const MAX_STEPS: usize = 16;
+
+/// Most funnels a pipeline may define: each is one consumer of the pipeline's one pass over
+/// its events ([`select`] serves at most 64).
+pub const MAX_FUNNELS: usize = 32;
 
 /// How the steps of a chain may be ordered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -666,8 +670,39 @@ pub struct Funnels<'s> {
     pub state: Option<StreamVec<'s, Time, StateShard<SavedFunnel>>>,
 }
 
+/// The events each funnel of `defs` reads, as [`select`] subscribers (one per funnel, in
+/// order): a pipeline that selects its consumers' events in one pass adds these to it and
+/// hands the streams to [`funnels_of`].
+pub fn subscribers(defs: &[FunnelDef]) -> Vec<Subscriber> {
+    defs.iter()
+        .map(|def| Subscriber {
+            restricted: None,
+            names: def.names(),
+        })
+        .collect()
+}
+
 /// Every funnel of `defs` over the accepted `events`, resuming from `resume` (one per funnel,
-/// or none), saving state with `hooks` when given.
+/// or none), saving state with `hooks` when given: [`funnels_of`] over each funnel's events,
+/// selected here.
+pub fn funnels<'s, E>(
+    events: VecCollection<'s, Time, E>,
+    defs: Arc<[FunnelDef]>,
+    windows: Windows,
+    resume: &[FunnelResume],
+    hooks: Option<&StateHooks>,
+) -> Funnels<'s>
+where
+    E: std::borrow::Borrow<Event> + Clone + 'static,
+{
+    let scope = events.inner.scope();
+    let selected = select(events.inner, &subscribers(&defs));
+    funnels_of(scope, selected, defs, windows, resume, hooks)
+}
+
+/// Every funnel of `defs`, each over its own events (`events[i]`: the events
+/// [`subscribers`]`(defs)[i]` reads), resuming from `resume` (one per funnel, or none), saving
+/// state with `hooks` when given.
 ///
 /// Each funnel is one operator on worker 0 (every touch is exchanged to it): it buffers
 /// touches until the frontier passes their time, applies them to their unit's [`Progress`]
@@ -681,8 +716,9 @@ pub struct Funnels<'s> {
 /// whose rows are not yet durable (`hooks.outputs`). A snapshot is emitted under a capability
 /// held at the previous one's `S`, so the durable frontier, which gates offset commits, never
 /// passes state that is not saved (see ARCHITECTURE.md, "Long-horizon state").
-pub fn funnels<'s, E>(
-    events: VecCollection<'s, Time, E>,
+pub fn funnels_of<'s, E>(
+    scope: Scope<'s, Time>,
+    events: Vec<StreamVec<'s, Time, (E, Time, isize)>>,
     defs: Arc<[FunnelDef]>,
     windows: Windows,
     resume: &[FunnelResume],
@@ -691,18 +727,14 @@ pub fn funnels<'s, E>(
 where
     E: std::borrow::Borrow<Event> + Clone + 'static,
 {
-    let scope = events.inner.scope();
+    assert_eq!(
+        events.len(),
+        defs.len(),
+        "funnels_of: one stream per funnel"
+    );
     let mut closed = Vec::new();
     let mut shards = Vec::new();
-    let readers: Vec<Subscriber> = defs
-        .iter()
-        .map(|def| Subscriber {
-            restricted: None,
-            names: def.names(),
-        })
-        .collect();
-    let selected = select(events.inner, &readers);
-    for ((index, def), events) in defs.iter().enumerate().zip(selected) {
+    for ((index, def), events) in defs.iter().enumerate().zip(events) {
         let from = resume.get(index).cloned().unwrap_or_default();
         let def = Arc::new(def.clone());
         let mut memo = BreakdownMemo::new(&def);
