@@ -25,7 +25,7 @@ use sightline_schemas::Label;
 use sightline_schemas::registry::{EventSchema, Kept as KeptField, PiiAction, Registry, Version};
 use sightline_schemas::{
     DataSensitivity, DeadLetter, Event, EventName, FailureKind, Kept, KeptValue, Links, Measure,
-    Origin, PiiClassification, PrivacyCounts, Violation,
+    Origin, PiiClassification, PrivacyCounts, Pseudonym, Violation,
 };
 
 /// Default upper bound on the size of one record: 1 MiB.
@@ -210,6 +210,9 @@ pub struct Decoder {
     /// The raw JSON of `experiment_assignments` → the sorted, scrubbed pairs and how many of
     /// their strings scrubbing changed; `None` when the JSON is not an object of strings.
     assignments: Memo<Option<(Assignments, u16)>>,
+    /// `tenant_id` values → their key period and pseudonym in it: every event names a tenant
+    /// and there are few, so a tenant costs one keyed hash per key period, not one per event.
+    tenants: Memo<(i64, Pseudonym)>,
     /// Which unit links to compute ([`Links`]).
     links: LinkFields,
 }
@@ -274,6 +277,7 @@ impl Decoder {
             labels: Memo::new(LABEL_MEMO),
             versions: Memo::new(LABEL_MEMO),
             assignments: Memo::new(LABEL_MEMO),
+            tenants: Memo::new(LABEL_MEMO),
             links: LinkFields::default(),
         }
     }
@@ -647,7 +651,12 @@ impl Decoder {
         };
         let pseudonyms = &mut self.privacy.pseudonyms;
         let user_id = pseudonyms.pseudonym_of(&wire.user_id, event_time_ms);
-        let tenant_id = pseudonyms.pseudonym_of(&wire.tenant_id, event_time_ms);
+        let period = pseudonyms.period_of(event_time_ms);
+        let (_, tenant_id) = self.tenants.get_valid_or_derive(
+            &wire.tenant_id,
+            |(p, _)| *p == period,
+            |tenant| (period, pseudonyms.pseudonym_of(tenant, event_time_ms)),
+        );
         let session_id = pseudonyms.pseudonym_of(&wire.session_id, event_time_ms);
         let here = self.links.wanted(event_name);
         let link = |wanted: bool, value: &str, p: &mut sightline_privacy::Pseudonymizer| {
@@ -1120,6 +1129,32 @@ mod tests {
             .decode(line(&[("timestamp", r#""2026-05-23T14:30:00.250Z""#)]).as_bytes())
             .unwrap();
         assert_eq!(later.links.user, all.user);
+    }
+
+    #[test]
+    fn a_memoized_tenant_pseudonym_follows_the_key_period() {
+        // One decoder, the same tenant in two key periods (30 days apart) and back: each
+        // pseudonym is the one a fresh pseudonymizer gives, never the memo's older period's.
+        let ring = Arc::new(KeyRing::from_hex("test", &"5a".repeat(32), 30).unwrap());
+        let mut one = Decoder::new(DEFAULT_MAX_EVENT_BYTES, Arc::clone(&ring));
+        let mut fresh = sightline_privacy::Pseudonymizer::new(ring);
+        let mut seen = Vec::new();
+        for at in [
+            "2026-01-23T14:30:00.250Z",
+            "2026-01-23T14:31:00.250Z",
+            "2026-05-23T14:30:00.250Z",
+            "2026-01-23T14:32:00.250Z",
+        ] {
+            let event = one
+                .decode(line(&[("timestamp", &format!("\"{at}\""))]).as_bytes())
+                .unwrap();
+            let expected = fresh.pseudonym("t_1", event.event_time_ms);
+            assert_eq!(event.tenant_id.as_str(), expected);
+            seen.push(expected);
+        }
+        assert_eq!(seen[0], seen[1]);
+        assert_ne!(seen[0], seen[2]);
+        assert_eq!(seen[0], seen[3]);
     }
 
     #[test]

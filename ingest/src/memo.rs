@@ -6,9 +6,9 @@
 //! as a shared [`Label`], so that a repeat costs one hash lookup instead of a scrub pass and an
 //! allocation, and every later copy (into the aggregates' keys) is a reference count.
 //!
-//! Identifiers (users, sessions) are not memoized: there are too many active at once for a
+//! User and session identifiers are not memoized: there are too many active at once for a
 //! table of them to stay in cache, and a keyed hash costs less than the misses
-//! ([`sightline_schemas::Pseudonym`]).
+//! ([`sightline_schemas::Pseudonym`]). Tenants are: every event names one, and there are few.
 //!
 //! A [`Memo`] keeps two generations of at most `capacity` entries each: when the current one is
 //! full it becomes the previous one, and the previous one is dropped. A value found in the
@@ -46,14 +46,29 @@ impl<V: Clone> Memo<V> {
 
     /// The value memoized for `key`; otherwise `derive(key)`, memoized.
     pub fn get_or_derive(&mut self, key: &str, derive: impl FnOnce(&str) -> V) -> V {
-        if let Some(value) = self.current.get(key) {
+        self.get_valid_or_derive(key, |_| true, derive)
+    }
+
+    /// The value memoized for `key` if it passes `valid`; otherwise `derive(key)`, memoized in
+    /// its place (a value that depends on something besides the key, such as a key period).
+    pub fn get_valid_or_derive(
+        &mut self,
+        key: &str,
+        valid: impl Fn(&V) -> bool,
+        derive: impl FnOnce(&str) -> V,
+    ) -> V {
+        if let Some(value) = self.current.get_mut(key) {
+            if !valid(value) {
+                *value = derive(key);
+            }
             return value.clone();
         }
         let (boxed, value) = match self.previous.remove_entry(key) {
-            Some(entry) => entry,
+            Some((boxed, value)) if valid(&value) => (boxed, value),
+            Some((boxed, _)) => (boxed, derive(key)),
             None => (Box::from(key), derive(key)),
         };
-        if self.current.len() >= self.capacity && !self.current.contains_key(key) {
+        if self.current.len() >= self.capacity {
             self.previous = std::mem::take(&mut self.current);
         }
         self.current.insert(boxed, value.clone());
@@ -91,6 +106,22 @@ mod tests {
             }
         }
         assert_eq!(calls, 3);
+    }
+
+    #[test]
+    fn a_value_that_is_no_longer_valid_is_derived_again() {
+        let mut memo = Memo::new(4);
+        // (the current period, the period `derive` stamps, what the memo must hand out)
+        for (period, stamp, want) in [(1, 1, "t@1"), (1, 99, "t@1"), (2, 2, "t@2"), (2, 99, "t@2")]
+        {
+            let got = memo.get_valid_or_derive(
+                "t",
+                |v: &(i32, String)| v.0 == period,
+                |k| (stamp, format!("{k}@{stamp}")),
+            );
+            assert_eq!(got.1, want);
+        }
+        assert_eq!(memo.len(), 1);
     }
 
     proptest! {

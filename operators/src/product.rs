@@ -104,11 +104,55 @@ impl Tally {
 
     /// Records that `name` happened at `at_ms`.
     pub fn at(mut self, name: &'static str, at_ms: u64) -> Tally {
+        self.add_at(name, at_ms);
+        self
+    }
+
+    /// Adds `micros` millionths of an event to counter `name` in place (an event of weight
+    /// `w` adds `w`: what [`Tally::count`] then [`Tally::weighted`] give, added with
+    /// [`Semigroup::plus_equals`]).
+    pub fn add_count(&mut self, name: &str, micros: i64) {
+        match slot(&self.counts, name) {
+            Ok(i) => {
+                self.counts[i].1 += micros;
+                if self.counts[i].1 == 0 {
+                    self.counts.remove(i);
+                }
+            }
+            Err(i) => self
+                .counts
+                .insert(i, (Name::Owned(name.to_owned()), micros)),
+        }
+    }
+
+    /// Adds `value` (in its unit) of weight `weight_micros` to distribution `name` in place,
+    /// as [`Tally::sample`] then [`Tally::weighted`] then [`Semigroup::plus_equals`] would;
+    /// negative or non-finite values are left out.
+    pub fn add_sample(&mut self, name: &'static str, value: f64, weight_micros: u64) {
+        if !(value.is_finite() && value >= 0.0) {
+            return;
+        }
+        let sample = LatencyHistogram::from_weighted_sample(
+            (value * 1_000_000.0).round() as u64,
+            weight_micros,
+        );
+        match slot(&self.dists, name) {
+            Ok(i) => {
+                self.dists[i].1.plus_equals(&sample);
+                if self.dists[i].1.is_zero() {
+                    self.dists.remove(i);
+                }
+            }
+            Err(i) => self.dists.insert(i, (Name::Borrowed(name), sample)),
+        }
+    }
+
+    /// Records in place that `name` happened at `at_ms` (what [`Tally::at`] does).
+    pub fn add_at(&mut self, name: &'static str, at_ms: u64) {
         match slot(&self.last, name) {
             Ok(i) => self.last[i].1 = self.last[i].1.max(at_ms),
             Err(i) => self.last.insert(i, (Name::Borrowed(name), at_ms)),
         }
-        self
     }
 
     /// Counter `name` in events, rounded to whole ones (0 when absent): the count when no
@@ -255,6 +299,45 @@ fn all() -> (Label, Label) {
     (ALL.clone(), ALL.clone())
 }
 
+/// Where one event's product updates go: for each of its keys, the tally they are added to.
+/// A fresh tally per key makes the event's difference (the `explode` of [`command_queue`] and
+/// the others); a window's sums take the updates in place (the fused route operator,
+/// [`crate::route::route_aggregates`]), without a tally per event.
+pub trait Tallies {
+    /// The tally to add the event's updates under `key` to.
+    fn of(&mut self, key: ProductKey) -> &mut Tally;
+}
+
+/// One fresh tally per key, in the order the keys come.
+impl Tallies for Vec<(ProductKey, Tally)> {
+    fn of(&mut self, key: ProductKey) -> &mut Tally {
+        self.push((key, Tally::new()));
+        let last = self.len() - 1;
+        &mut self[last].1
+    }
+}
+
+/// A window's sums: the tally already held for the key, or a new one.
+impl<S: std::hash::BuildHasher> Tallies for std::collections::HashMap<ProductKey, Tally, S> {
+    fn of(&mut self, key: ProductKey) -> &mut Tally {
+        self.entry(key).or_default()
+    }
+}
+
+/// The key of group `group`, breakdown `all`, in the window of `e`.
+fn key_of(e: &Event, windows: Windows, group: Label) -> ProductKey {
+    ProductKey {
+        window_start_ms: windows.start_of(e.event_time_ms.max(0) as u64),
+        group,
+        breakdown: all(),
+    }
+}
+
+/// An event's weight as the millionths it adds to a counter.
+fn weight_of(e: &Event) -> i64 {
+    crate::aggregates::scaled_by_weight(ONE, e.weight_micros)
+}
+
 /// Command-queue health per window and `action_type` (and `all`): recommendations generated,
 /// viewed (`all` only: views carry no action type), accepted and dismissed; APS scores of
 /// accepted and dismissed ones; time to decision; dismissals per reason.
@@ -265,62 +348,49 @@ pub fn command_queue<'s, E: Borrow<Event> + Clone + 'static>(
     events.explode(move |e| command_queue_updates(e.borrow(), windows))
 }
 
-/// The `command_queue` updates of one event: `all` and its action type; none for an event
-/// [`command_queue`] does not read.
-pub fn command_queue_updates(e: &Event, windows: Windows) -> SmallVec<[(ProductKey, Tally); 2]> {
-    let aps = || e.kept.measure("aps_score");
-    let tally = match e.event_name.as_str() {
-        "recommendation_generated" => Tally::new().count("generated"),
-        "recommendation_viewed" => Tally::new().count("viewed"),
-        "recommendation_accepted" => {
-            let mut t = Tally::new().count("accepted");
-            if let Some(aps) = aps() {
-                t = t.sample("aps_accepted", aps);
+/// The `command_queue` updates of one event, one tally per key: `all` and its action type;
+/// none for an event [`command_queue`] does not read.
+pub fn command_queue_updates(e: &Event, windows: Windows) -> Vec<(ProductKey, Tally)> {
+    let mut out = Vec::new();
+    command_queue_into(e, windows, &mut out);
+    out
+}
+
+/// Adds the `command_queue` updates of one event to `out`: under `all` and under its action
+/// type.
+pub fn command_queue_into(e: &Event, windows: Windows, out: &mut dyn Tallies) {
+    let w = weight_of(e);
+    let aps = e.kept.measure("aps_score");
+    let reason;
+    let apply: &dyn Fn(&mut Tally) = match e.event_name.as_str() {
+        "recommendation_generated" => &|t: &mut Tally| t.add_count("generated", w),
+        "recommendation_viewed" => &|t: &mut Tally| t.add_count("viewed", w),
+        "recommendation_accepted" => &|t: &mut Tally| {
+            t.add_count("accepted", w);
+            if let Some(aps) = aps {
+                t.add_sample("aps_accepted", aps, e.weight_micros);
             }
             if let Some(s) = e.kept.measure("time_to_decision_seconds") {
-                t = t.sample("time_to_decision_s", s);
+                t.add_sample("time_to_decision_s", s, e.weight_micros);
             }
-            t
-        }
-        "recommendation_dismissed" => {
-            let reason = e
-                .kept
-                .label("dismiss_reason")
-                .map_or("(none)", |l| &**l)
-                .to_owned();
-            let mut t = Tally::new()
-                .count("dismissed")
-                .count(format!("reason:{reason}"));
-            if let Some(aps) = aps() {
-                t = t.sample("aps_dismissed", aps);
-            }
-            t
-        }
-        _ => return SmallVec::new(),
-    };
-    let tally = tally.weighted(e.weight_micros);
-    let start = windows.start_of(e.event_time_ms as u64);
-    // `all` and the action type: two rows, inline.
-    let mut out: SmallVec<[(ProductKey, Tally); 2]> = SmallVec::new();
-    out.push((
-        ProductKey {
-            window_start_ms: start,
-            group: ALL.clone(),
-            breakdown: all(),
         },
-        tally.clone(),
-    ));
+        "recommendation_dismissed" => {
+            let why = e.kept.label("dismiss_reason").map_or("(none)", |l| &**l);
+            reason = format!("reason:{why}");
+            &|t: &mut Tally| {
+                t.add_count("dismissed", w);
+                t.add_count(&reason, w);
+                if let Some(aps) = aps {
+                    t.add_sample("aps_dismissed", aps, e.weight_micros);
+                }
+            }
+        }
+        _ => return,
+    };
+    apply(out.of(key_of(e, windows, ALL.clone())));
     if let Some(action_type) = e.kept.label("action_type") {
-        out.push((
-            ProductKey {
-                window_start_ms: start,
-                group: action_type.clone(),
-                breakdown: all(),
-            },
-            tally,
-        ));
+        apply(out.of(key_of(e, windows, action_type.clone())));
     }
-    out
 }
 
 /// Integration health per window and integration: calls, failures, rate-limit hits (status
@@ -336,38 +406,47 @@ pub fn integration_health<'s, E: Borrow<Event> + Clone + 'static>(
 /// The `integration_health` update of one event; none for an event [`integration_health`]
 /// does not read, or one without its integration (service).
 pub fn integration_update(e: &Event, windows: Windows) -> Option<(ProductKey, Tally)> {
+    let mut out = Vec::new();
+    integration_into(e, windows, &mut out);
+    out.pop()
+}
+
+/// Adds the `integration_health` update of one event to `out`, under its integration.
+pub fn integration_into(e: &Event, windows: Windows, out: &mut dyn Tallies) {
     let at = e.event_time_ms.max(0) as u64;
-    let (integration, tally) = if name_is(e, "integration_call_success") {
-        let mut t = Tally::new().count("calls").at("success", at);
+    let w = weight_of(e);
+    let rate_limited = || e.kept.measure("status_code") == Some(429.0);
+    if name_is(e, "integration_call_success") {
+        let Some(integration) = e.kept.label("integration") else {
+            return;
+        };
+        let t = out.of(key_of(e, windows, integration.clone()));
+        t.add_count("calls", w);
+        t.add_at("success", at);
         if let Some(us) = e.latency_us {
-            t = t.sample("latency_ms", us as f64 / 1000.0);
+            t.add_sample("latency_ms", us as f64 / 1000.0, e.weight_micros);
         }
-        if e.kept.measure("status_code") == Some(429.0) {
-            t = t.count("rate_limited");
+        if rate_limited() {
+            t.add_count("rate_limited", w);
         }
-        (e.kept.label("integration"), t)
     } else if name_is(e, "integration_call_failed") {
-        let mut t = Tally::new().count("calls").count("failures");
-        if e.kept.measure("status_code") == Some(429.0) {
-            t = t.count("rate_limited");
+        let Some(integration) = e.kept.label("integration") else {
+            return;
+        };
+        let t = out.of(key_of(e, windows, integration.clone()));
+        t.add_count("calls", w);
+        t.add_count("failures", w);
+        if rate_limited() {
+            t.add_count("rate_limited", w);
         }
-        (e.kept.label("integration"), t)
     } else if name_is(e, "circuit_breaker_opened") {
-        (
-            e.kept.label("service"),
-            Tally::new().count("breaker_opens").at("opened", at),
-        )
-    } else {
-        return None;
-    };
-    Some((
-        ProductKey {
-            window_start_ms: windows.start_of(at),
-            group: integration?.clone(),
-            breakdown: all(),
-        },
-        tally.weighted(e.weight_micros),
-    ))
+        let Some(service) = e.kept.label("service") else {
+            return;
+        };
+        let t = out.of(key_of(e, windows, service.clone()));
+        t.add_count("breaker_opens", w);
+        t.add_at("opened", at);
+    }
 }
 
 /// Feedback per window, `feature_area` and breakdown (`all`, each experiment's variant, and
@@ -380,28 +459,46 @@ pub fn feedback<'s, E: Borrow<Event> + Clone + 'static>(
     events.explode(move |e| feedback_updates(e.borrow(), windows))
 }
 
-/// The `feedback` updates of one event: `all`, each experiment's variant and `user_role`;
-/// none for an event [`feedback`] does not read.
+/// The `feedback` updates of one event, one tally per key: `all`, each experiment's variant
+/// and `user_role`; none for an event [`feedback`] does not read.
 pub fn feedback_updates(e: &Event, windows: Windows) -> Vec<(ProductKey, Tally)> {
+    let mut out = Vec::new();
+    feedback_into(e, windows, &mut out);
+    out
+}
+
+/// Adds the `feedback` updates of one event to `out`, under each of its breakdowns.
+pub fn feedback_into(e: &Event, windows: Windows, out: &mut dyn Tallies) {
     if !name_is(e, "project_feedback_submitted") {
-        return Vec::new();
+        return;
     }
-    let mut t = Tally::new().count("feedback");
-    if let Some(score) = e.kept.measure("score") {
-        t = t.count(format!("score:{}", score.round() as i64));
-        t = t.sample("score", score);
+    let w = weight_of(e);
+    let score = e.kept.measure("score");
+    // The counters named after values, named once for every breakdown.
+    let mut named: Vec<String> = Vec::new();
+    if let Some(score) = score {
+        named.push(format!("score:{}", score.round() as i64));
     }
     if let Some(sentiment) = e.kept.label("sentiment") {
-        t = t.count(format!("sentiment:{sentiment}"));
+        named.push(format!("sentiment:{sentiment}"));
     }
     for tag in e.kept.labels("tags") {
-        t = t.count(format!("tag:{tag}"));
+        named.push(format!("tag:{tag}"));
     }
-    if e.kept.measure("blocked") == Some(1.0) {
-        t = t.count("blocked");
-    }
-    let t = t.weighted(e.weight_micros);
-    let start = windows.start_of(e.event_time_ms as u64);
+    let blocked = e.kept.measure("blocked") == Some(1.0);
+    let apply = |t: &mut Tally| {
+        t.add_count("feedback", w);
+        for name in &named {
+            t.add_count(name, w);
+        }
+        if let Some(score) = score {
+            t.add_sample("score", score, e.weight_micros);
+        }
+        if blocked {
+            t.add_count("blocked", w);
+        }
+    };
+    let start = windows.start_of(e.event_time_ms.max(0) as u64);
     let mut breakdowns = vec![all()];
     for (experiment, variant) in e.experiment_assignments.iter() {
         breakdowns.push((
@@ -415,19 +512,13 @@ pub fn feedback_updates(e: &Event, windows: Windows) -> Vec<(ProductKey, Tally)>
             .clone()
             .unwrap_or_else(|| Label::from(crate::funnel::NONE_VALUE)),
     ));
-    breakdowns
-        .into_iter()
-        .map(|breakdown| {
-            (
-                ProductKey {
-                    window_start_ms: start,
-                    group: e.feature_area.clone(),
-                    breakdown,
-                },
-                t.clone(),
-            )
-        })
-        .collect()
+    for breakdown in breakdowns {
+        apply(out.of(ProductKey {
+            window_start_ms: start,
+            group: e.feature_area.clone(),
+            breakdown,
+        }));
+    }
 }
 
 #[cfg(test)]

@@ -32,8 +32,8 @@ use crate::aggregates::{
 use crate::close::{Accumulation, ClosedWindow, add_to, close_partials, combine, non_zero};
 use crate::histogram::LatencyHistogram;
 use crate::product::{
-    COMMAND_QUEUE_EVENTS, FEEDBACK_EVENTS, INTEGRATION_EVENTS, ProductKey, Tally,
-    command_queue_updates, feedback_updates, integration_update,
+    COMMAND_QUEUE_EVENTS, FEEDBACK_EVENTS, INTEGRATION_EVENTS, ProductKey, Tallies, Tally,
+    command_queue_into, feedback_into, integration_into,
 };
 use crate::window::{Time, Windows};
 
@@ -137,21 +137,17 @@ impl WindowSums {
         add(&mut self.quality, key, q, diff);
         match readers.of(e.event_name) {
             Product::None => {}
-            Product::CommandQueue => {
-                for (key, t) in command_queue_updates(e, windows) {
-                    add(&mut self.command_queue, key, t, diff);
-                }
-            }
+            Product::CommandQueue => add_product(
+                &mut self.command_queue,
+                e,
+                diff,
+                windows,
+                command_queue_into,
+            ),
             Product::Integrations => {
-                if let Some((key, t)) = integration_update(e, windows) {
-                    add(&mut self.integrations, key, t, diff);
-                }
+                add_product(&mut self.integrations, e, diff, windows, integration_into)
             }
-            Product::Feedback => {
-                for (key, t) in feedback_updates(e, windows) {
-                    add(&mut self.feedback, key, t, diff);
-                }
-            }
+            Product::Feedback => add_product(&mut self.feedback, e, diff, windows, feedback_into),
         }
     }
 
@@ -180,6 +176,27 @@ impl WindowSums {
         ]
         .into_iter()
         .flatten()
+    }
+}
+
+/// Adds `diff` copies of `e`'s updates of one product aggregate (`into`, such as
+/// [`command_queue_into`]) to `sums`: in place for one copy (every accepted event), without a
+/// tally per event; through one tally per key, multiplied, otherwise.
+fn add_product(
+    sums: &mut Sums<ProductKey, Tally>,
+    e: &Event,
+    diff: isize,
+    windows: Windows,
+    into: fn(&Event, Windows, &mut dyn Tallies),
+) {
+    if diff == 1 {
+        into(e, windows, sums);
+        return;
+    }
+    let mut updates = Vec::new();
+    into(e, windows, &mut updates);
+    for (key, t) in updates {
+        add(sums, key, t, diff);
     }
 }
 

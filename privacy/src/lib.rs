@@ -334,10 +334,10 @@ impl KeyRing {
 
 /// A key ring with the key of the most recent period cached. One per worker.
 ///
-/// Pseudonyms are computed for every identifier of every event, not memoized: a memo of the
+/// Pseudonyms of users and sessions are computed for every event, not memoized: a memo of the
 /// active users and sessions missed cache on nearly every lookup (the input streams through
 /// the caches), and a keyed hash of a short identifier costs less than those misses
-/// (`benches/README.md`).
+/// (`benches/README.md`). Tenants are few, and the decoder memoizes theirs per key period.
 #[derive(Clone, Debug)]
 pub struct Pseudonymizer {
     ring: Arc<KeyRing>,
@@ -355,6 +355,11 @@ impl Pseudonymizer {
             link: None,
             cached: None,
         }
+    }
+
+    /// The key period of `event_time_ms`: pseudonyms of one value are equal within it.
+    pub fn period_of(&self, event_time_ms: i64) -> i64 {
+        self.ring.period(event_time_ms)
     }
 
     /// The pseudonym of `value` at `event_time_ms`: `<key-id>.<period>.<24 hex digits>`.
