@@ -62,28 +62,32 @@ pub enum Captured {
 }
 
 /// What the validator picks up on its way, besides violations: the latency measure and the
-/// kept properties of the event's schema.
+/// kept properties of the event's schema. Properties are named by their index in the schema's
+/// `properties` rule, which the validator has in hand when it reads one: no name is compared.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Capture<'r> {
-    /// The top-level property whose number is the event's latency.
-    pub latency: Option<&'r str>,
+    /// The index of the top-level property whose number is the event's latency.
+    pub latency: Option<usize>,
     /// The kept properties (`x-sightline.keep`), sorted by name.
     pub keep: &'r [Kept],
+    /// For each top-level property, its place in `keep` ([`EventSchema::keep_of`]).
+    pub keep_of: &'r [Option<usize>],
 }
 
 impl<'r> Capture<'r> {
-    /// What to capture for `schema`.
+    /// What to capture for `schema`, whose `properties` rule is the one validated.
     pub fn of(schema: &'r EventSchema) -> Capture<'r> {
         Capture {
-            latency: schema.latency.as_ref().map(|l| l.field.as_str()),
+            latency: schema.latency_of,
             keep: &schema.keep,
+            keep_of: &schema.keep_of,
         }
     }
 
-    fn kept(&self, field: &str, kind: KeptKind) -> Option<usize> {
-        self.keep
-            .iter()
-            .position(|k| k.field == field && k.kind == kind)
+    /// The place in `keep` of top-level property `field`, if it is kept as `kind`.
+    fn kept(&self, field: usize, kind: KeptKind) -> Option<usize> {
+        let k = (*self.keep_of.get(field)?)?;
+        (self.keep.get(k)?.kind == kind).then_some(k)
     }
 }
 
@@ -123,6 +127,7 @@ fn check<'de, D: de::Deserializer<'de>>(
         path: &root,
         state: &mut state,
         depth: 0,
+        top: usize::MAX,
     }
     .deserialize(deserializer)?;
     Ok(checked)
@@ -234,6 +239,9 @@ struct ValueSeed<'a, 's, 'r> {
     state: &'a mut State<'s, 'r>,
     /// 0 for the `properties` object itself, 1 for its fields, and so on.
     depth: u32,
+    /// The index of the top-level property this value is in (for captures); meaningless at
+    /// depth 0.
+    top: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for ValueSeed<'_, '_, '_> {
@@ -293,23 +301,21 @@ impl ValueSeed<'_, '_, '_> {
             );
             return;
         }
-        if self.depth == 1
-            && let Segment::Key(key) = self.path.segment
-        {
-            if self.state.capture.latency == Some(key) {
+        if self.depth == 1 {
+            if self.state.capture.latency == Some(self.top) {
                 self.state.checked.latency = Some(value);
             }
-            self.capture(key, KeptKind::Measure, || Captured::Number(value));
+            self.capture(KeptKind::Measure, || Captured::Number(value));
         }
         self.privacy(None);
     }
 
-    /// Records the value of a kept top-level property (`key`, at depth 1).
-    fn capture(&mut self, key: &str, kind: KeptKind, value: impl FnOnce() -> Captured) {
+    /// Records the value of a kept top-level property (the one this value is in).
+    fn capture(&mut self, kind: KeptKind, value: impl FnOnce() -> Captured) {
         if self.state.capture.keep.is_empty() {
             return;
         }
-        if let Some(index) = self.state.capture.kept(key, kind) {
+        if let Some(index) = self.state.capture.kept(self.top, kind) {
             self.state.checked.kept.push((index, value()));
         }
     }
@@ -362,14 +368,10 @@ impl ValueSeed<'_, '_, '_> {
             );
             return;
         }
-        match (self.depth, &self.path.segment, self.path.parent) {
-            (1, Segment::Key(key), _) => {
-                self.capture(key, KeptKind::Label, || Captured::Text(Label::from(value)))
-            }
-            (2, Segment::Index(_), Some(parent)) => {
-                if let Segment::Key(key) = parent.segment {
-                    self.capture(key, KeptKind::Labels, || Captured::Item(Label::from(value)))
-                }
+        match (self.depth, &self.path.segment) {
+            (1, _) => self.capture(KeptKind::Label, || Captured::Text(Label::from(value))),
+            (2, Segment::Index(_)) => {
+                self.capture(KeptKind::Labels, || Captured::Item(Label::from(value)))
             }
             _ => {}
         }
@@ -413,10 +415,8 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
 
     fn visit_bool<E: de::Error>(mut self, v: bool) -> Result<(), E> {
         if self.type_ok(Types::BOOLEAN) {
-            if self.depth == 1
-                && let Segment::Key(key) = self.path.segment
-            {
-                self.capture(key, KeptKind::Measure, || {
+            if self.depth == 1 {
+                self.capture(KeptKind::Measure, || {
                     Captured::Number(f64::from(u8::from(v)))
                 });
             }
@@ -474,6 +474,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
                         path: &path,
                         state: self.state,
                         depth: self.depth + 1,
+                        top: self.top,
                     })?
                     .is_some()
                 }
@@ -514,6 +515,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
                         path: &path,
                         state: self.state,
                         depth: self.depth + 1,
+                        top: if self.depth == 0 { index } else { self.top },
                     })?;
                 }
                 None => {

@@ -325,6 +325,12 @@ pub struct EventSchema {
     pub latency: Option<Latency>,
     /// The properties accepted events keep, sorted by name (`x-sightline.keep`).
     pub keep: Vec<Kept>,
+    /// For each property (in the order of `properties.fields`), its place in `keep`, if kept:
+    /// the validator finds what to capture by the index it already has, without comparing
+    /// names.
+    pub keep_of: Vec<Option<usize>>,
+    /// The index in `properties.fields` of the latency measure's property.
+    pub latency_of: Option<usize>,
     /// The file's JSON, for lint and the reference validator.
     pub document: Value,
     /// Where it was loaded from.
@@ -794,6 +800,15 @@ fn compile_event(
         }
     }
     let keep = compile_keep(path, meta.get("keep"), &properties)?;
+    let keep_of = properties
+        .fields
+        .iter()
+        .map(|(name, _)| keep.iter().position(|k| k.field == *name))
+        .collect();
+    let latency_of = latency
+        .as_ref()
+        .and_then(|l| properties.field(&l.field))
+        .map(|(i, _)| i);
     Ok((
         EventSchema {
             version,
@@ -802,6 +817,8 @@ fn compile_event(
             properties,
             latency,
             keep,
+            keep_of,
+            latency_of,
             document,
             file: path.to_owned(),
         },
@@ -1098,6 +1115,30 @@ fn compile_field(path: &str, pointer: &str, schema: &Value) -> Result<FieldRule,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_schema_indexes_its_kept_properties_and_latency_by_property() {
+        let mut kept = 0;
+        for spec in Registry::embedded().events() {
+            for schema in &spec.versions {
+                let fields = &schema.properties.fields;
+                assert_eq!(schema.keep_of.len(), fields.len(), "{}", spec.name);
+                for ((name, _), place) in fields.iter().zip(&schema.keep_of) {
+                    let want = schema.keep.iter().position(|k| k.field == *name);
+                    assert_eq!(*place, want, "{} {name}", spec.name);
+                    kept += usize::from(place.is_some());
+                }
+                let latency = schema.latency.as_ref().map(|l| l.field.as_str());
+                assert_eq!(
+                    schema.latency_of.map(|i| fields[i].0.as_str()),
+                    latency,
+                    "{}",
+                    spec.name
+                );
+            }
+        }
+        assert!(kept > 10, "the registry keeps properties: {kept}");
+    }
 
     #[test]
     fn embedded_registry_loads_both_seed_taxonomies() {

@@ -879,10 +879,15 @@ fn funnel_operator<'s>(
             if frontier > applied_to {
                 let ready = pending.take_before(frontier, |(_, t)| (t.at_ms, t.order));
                 for (key, touch) in &ready {
-                    if touch.steps & 1 == 0 && !units.contains_key(key) {
-                        continue;
-                    }
-                    let progress = units.entry(*key).or_default();
+                    // A step-1 event may enter a new unit; any other only follows a known one.
+                    let progress = if touch.steps & 1 != 0 {
+                        units.entry(*key).or_default()
+                    } else {
+                        match units.get_mut(key) {
+                            Some(progress) => progress,
+                            None => continue,
+                        }
+                    };
                     if let Some(start) = progress.apply(&def, windows, touch)
                         && let Some(window) = open.get_mut(&(horizon(start), start))
                     {
