@@ -244,7 +244,7 @@ impl LinkFields {
 /// An event's experiment assignments, shared by the events that have the same ones.
 type Assignments = Arc<[(Label, Label)]>;
 
-/// Distinct labels, versions and assignment sets a decoder memoizes (per generation).
+/// Distinct labels, versions, assignment sets and tenants a decoder memoizes (per generation).
 const LABEL_MEMO: usize = 4096;
 
 impl WireEnvelope<'_> {

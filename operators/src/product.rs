@@ -64,8 +64,9 @@ impl Tally {
     }
 
     /// Adds one event to counter `name` (weighed by [`Tally::weighted`]).
-    pub fn count(self, name: impl Into<Name>) -> Tally {
-        self.add(name.into(), ONE)
+    pub fn count(mut self, name: impl Into<Name>) -> Tally {
+        self.add_count(&name.into(), ONE);
+        self
     }
 
     /// The tally of one event of weight `weight_micros` (its
@@ -84,27 +85,10 @@ impl Tally {
         self
     }
 
-    fn add(mut self, name: Name, n: i64) -> Tally {
-        match slot(&self.counts, &name) {
-            Ok(i) => self.counts[i].1 += n,
-            Err(i) => self.counts.insert(i, (name, n)),
-        }
-        self
-    }
-
     /// Adds `value` (in its unit; kept in millionths) to distribution `name`; negative or
     /// non-finite values are left out.
     pub fn sample(mut self, name: &'static str, value: f64) -> Tally {
-        if value.is_finite() && value >= 0.0 {
-            let scaled = (value * 1_000_000.0).round() as u64;
-            match slot(&self.dists, name) {
-                Ok(i) => self.dists[i].1.record(scaled),
-                Err(i) => self.dists.insert(
-                    i,
-                    (Name::Borrowed(name), LatencyHistogram::from_sample(scaled)),
-                ),
-            }
-        }
+        self.add_sample(name, value, sightline_schemas::WEIGHT_ONE);
         self
     }
 
