@@ -30,7 +30,7 @@ use crate::aggregates::{
     latency_update, quality_rejected, quality_update, variant_updates,
 };
 use crate::close::{Accumulation, ClosedWindow, add_to, close_partials, combine, non_zero};
-use crate::histogram::LatencyHistogram;
+use crate::histogram::{HistogramSum, LatencyHistogram};
 use crate::product::{
     COMMAND_QUEUE_EVENTS, FEEDBACK_EVENTS, INTEGRATION_EVENTS, ProductKey, Tallies, Tally,
     command_queue_into, feedback_into, integration_into,
@@ -108,12 +108,23 @@ fn add<K: Hash + Eq, R: Semigroup + Multiply<isize, Output = R>>(
     add_to(sums, key, if diff == 1 { r } else { r.multiply(&diff) });
 }
 
+/// Adds `diff` copies of the histogram `h` to `key`'s sum.
+fn add_histogram<K: Hash + Eq>(
+    sums: &mut Sums<K, HistogramSum>,
+    key: K,
+    h: LatencyHistogram,
+    diff: isize,
+) {
+    let h = if diff == 1 { h } else { h.multiply(&diff) };
+    sums.entry(key).or_default().add(&h);
+}
+
 /// The sums of one window, every aggregate.
 #[derive(Default)]
 struct WindowSums {
     counts: Sums<CountKey, Counted>,
-    latency: Sums<LatencyKey, LatencyHistogram>,
-    variants: Sums<VariantKey, LatencyHistogram>,
+    latency: Sums<LatencyKey, HistogramSum>,
+    variants: Sums<VariantKey, HistogramSum>,
     quality: Sums<QualityKey, QualityCounts>,
     command_queue: Sums<ProductKey, Tally>,
     feedback: Sums<ProductKey, Tally>,
@@ -126,11 +137,11 @@ impl WindowSums {
         let (key, count) = count_update(e, windows);
         add(&mut self.counts, key, count, diff);
         if let Some((key, h)) = latency_update(e, windows) {
-            add(&mut self.latency, key, h, diff);
+            add_histogram(&mut self.latency, key, h, diff);
         }
         if !e.experiment_assignments.is_empty() {
             for (key, h) in variant_updates(e, windows) {
-                add(&mut self.variants, key, h, diff);
+                add_histogram(&mut self.variants, key, h, diff);
             }
         }
         let (key, q) = quality_update(e, windows);
@@ -158,7 +169,17 @@ impl WindowSums {
             start: u64,
             end: u64,
         ) -> Option<ClosedWindow<K, R>> {
-            let entries = non_zero(sums);
+            entries(non_zero(sums), start, end)
+        }
+        fn histograms<K>(
+            sums: Sums<K, HistogramSum>,
+            start: u64,
+            end: u64,
+        ) -> Option<ClosedWindow<K, LatencyHistogram>> {
+            let sums = sums.into_iter().map(|(k, sum)| (k, sum.into_histogram()));
+            entries(sums.filter(|(_, h)| !h.is_zero()).collect(), start, end)
+        }
+        fn entries<K, R>(entries: Vec<(K, R)>, start: u64, end: u64) -> Option<ClosedWindow<K, R>> {
             (!entries.is_empty()).then_some(ClosedWindow {
                 window_start_ms: start,
                 window_end_ms: end,
@@ -167,8 +188,8 @@ impl WindowSums {
         }
         [
             part(self.counts, start, end).map(Partial::Counts),
-            part(self.latency, start, end).map(Partial::Latency),
-            part(self.variants, start, end).map(Partial::Variants),
+            histograms(self.latency, start, end).map(Partial::Latency),
+            histograms(self.variants, start, end).map(Partial::Variants),
             part(self.quality, start, end).map(Partial::Quality),
             part(self.command_queue, start, end).map(Partial::CommandQueue),
             part(self.feedback, start, end).map(Partial::Feedback),
