@@ -98,6 +98,11 @@ impl Readers {
 /// One window's sums of one aggregate on one worker, as [`crate::close_windows`] keeps them.
 type Sums<K, R> = Accumulation<K, R>;
 
+/// `diff` copies of `r` (`r` itself for one copy, as for every accepted event).
+fn copies<R: Multiply<isize, Output = R>>(r: R, diff: isize) -> R {
+    if diff == 1 { r } else { r.multiply(&diff) }
+}
+
 /// Adds `diff` copies of `r` to `key`'s sum.
 fn add<K: Hash + Eq, R: Semigroup + Multiply<isize, Output = R>>(
     sums: &mut Sums<K, R>,
@@ -105,7 +110,7 @@ fn add<K: Hash + Eq, R: Semigroup + Multiply<isize, Output = R>>(
     r: R,
     diff: isize,
 ) {
-    add_to(sums, key, if diff == 1 { r } else { r.multiply(&diff) });
+    add_to(sums, key, copies(r, diff));
 }
 
 /// Adds `diff` copies of the histogram `h` to `key`'s sum.
@@ -115,8 +120,7 @@ fn add_histogram<K: Hash + Eq>(
     h: LatencyHistogram,
     diff: isize,
 ) {
-    let h = if diff == 1 { h } else { h.multiply(&diff) };
-    sums.entry(key).or_default().add(&h);
+    sums.entry(key).or_default().add(&copies(h, diff));
 }
 
 /// The sums of one window, every aggregate.
@@ -169,7 +173,7 @@ impl WindowSums {
             start: u64,
             end: u64,
         ) -> Option<ClosedWindow<K, R>> {
-            entries(non_zero(sums), start, end)
+            closed(non_zero(sums), start, end)
         }
         fn histograms<K>(
             sums: Sums<K, HistogramSum>,
@@ -177,9 +181,9 @@ impl WindowSums {
             end: u64,
         ) -> Option<ClosedWindow<K, LatencyHistogram>> {
             let sums = sums.into_iter().map(|(k, sum)| (k, sum.into_histogram()));
-            entries(sums.filter(|(_, h)| !h.is_zero()).collect(), start, end)
+            closed(sums.filter(|(_, h)| !h.is_zero()).collect(), start, end)
         }
-        fn entries<K, R>(entries: Vec<(K, R)>, start: u64, end: u64) -> Option<ClosedWindow<K, R>> {
+        fn closed<K, R>(entries: Vec<(K, R)>, start: u64, end: u64) -> Option<ClosedWindow<K, R>> {
             (!entries.is_empty()).then_some(ClosedWindow {
                 window_start_ms: start,
                 window_end_ms: end,
