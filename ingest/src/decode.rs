@@ -207,6 +207,9 @@ pub struct Decoder {
     labels: Memo<(Label, bool)>,
     /// `app_version` values (kept as they are).
     versions: Memo<Label>,
+    /// Kept property values from a fixed set (`enum`), kept as they are
+    /// ([`KeptField::bounded`]).
+    kept_labels: Memo<Label>,
     /// The raw JSON of `experiment_assignments` → the sorted, scrubbed pairs and how many of
     /// their strings scrubbing changed; `None` when the JSON is not an object of strings.
     assignments: Memo<Option<(Assignments, u16)>>,
@@ -215,6 +218,9 @@ pub struct Decoder {
     tenants: Memo<(i64, Pseudonym)>,
     /// Which unit links to compute ([`Links`]).
     links: LinkFields,
+    /// The buffer each event's kept values are gathered in ([`Kept::drain_from`]), empty
+    /// between events.
+    kept_buffer: Vec<(Label, KeptValue)>,
 }
 
 /// Which identifiers get a unit link ([`Links`]): only those an operator follows across key
@@ -276,9 +282,11 @@ impl Decoder {
             format: Format::Envelope,
             labels: Memo::new(LABEL_MEMO),
             versions: Memo::new(LABEL_MEMO),
+            kept_labels: Memo::new(LABEL_MEMO),
             assignments: Memo::new(LABEL_MEMO),
             tenants: Memo::new(LABEL_MEMO),
             links: LinkFields::default(),
+            kept_buffer: Vec::new(),
         }
     }
 
@@ -486,7 +494,11 @@ impl Decoder {
         error
     }
 
-    fn finish(&mut self, text: &str, mut wire: WireEnvelope<'_>) -> Result<Event, DecodeError> {
+    fn finish<'t>(
+        &mut self,
+        text: &'t str,
+        mut wire: WireEnvelope<'t>,
+    ) -> Result<Event, DecodeError> {
         let properties = std::mem::replace(&mut wire.properties, Properties::Absent);
         let context = |mut e: DecodeError| {
             e.event_name = Some(wire.event_name.to_string());
@@ -682,7 +694,14 @@ impl Decoder {
             Some(true) => wire.country.as_deref().map(&mut label),
             _ => None,
         };
-        let kept = kept_values(&schema.keep, checked.kept, &mut label);
+        let kept_labels = &mut self.kept_labels;
+        let mut share = |text: &str| kept_labels.get_or_derive(text, |v| Label::from(v));
+        let kept = kept_values(
+            &schema.keep,
+            checked.kept,
+            (&mut label, &mut share),
+            &mut self.kept_buffer,
+        );
         let app_version = self
             .versions
             .get_or_derive(&wire.app_version, |v| Label::from(v));
@@ -716,12 +735,12 @@ impl Decoder {
     /// What validating the record's `properties` against `schema` found. The envelope reader
     /// has usually done it on its pass; a record whose `schema_version` came after its
     /// `properties` and chose another schema than the one assumed is read again.
-    fn properties(
+    fn properties<'t>(
         &self,
-        text: &str,
-        properties: Properties<'_>,
+        text: &'t str,
+        properties: Properties<'t>,
         schema: &'static EventSchema,
-    ) -> Result<Checked, serde_json::Error> {
+    ) -> Result<Checked<'t>, serde_json::Error> {
         let raw = match properties {
             Properties::Checked(checked, assumed) if std::ptr::eq(assumed, schema) => {
                 return Ok(checked);
@@ -760,22 +779,30 @@ impl Decoder {
     }
 }
 
-/// `text` scrubbed, as a shared label, and whether scrubbing changed it; memoized in `labels`.
 /// The kept values of an event (`x-sightline.keep`) from what the validator captured: numbers
-/// as measures, strings through `label` (the scrubbing pass) when their action is `scrub` and
-/// as they are otherwise, the strings of an array gathered into one list.
-fn kept_values(
+/// as measures, strings through `scrub` (the scrubbing pass) when their action is `scrub`,
+/// through `share` (one label per value) when they come from a fixed set, and as they are
+/// otherwise; the strings of an array gathered into one list. `pairs` is the decoder's
+/// buffer, left empty.
+fn kept_values<'de>(
     keep: &[KeptField],
-    captured: Vec<(usize, Captured)>,
-    label: &mut impl FnMut(&str) -> Label,
+    captured: impl IntoIterator<Item = (usize, Captured<'de>)>,
+    (scrub, share): (
+        &mut impl FnMut(&str) -> Label,
+        &mut impl FnMut(&str) -> Label,
+    ),
+    pairs: &mut Vec<(Label, KeptValue)>,
 ) -> Kept {
-    let mut label = |field: &KeptField, text: Label| {
-        if field.scrub { label(&text) } else { text }
+    let mut label = |field: &KeptField, text: Cow<'de, str>| {
+        if field.scrub {
+            scrub(&text)
+        } else if field.bounded {
+            share(&text)
+        } else {
+            Label::from(&*text)
+        }
     };
-    if captured.is_empty() {
-        return Kept::default();
-    }
-    let mut pairs: Vec<(Label, KeptValue)> = Vec::with_capacity(captured.len());
+    pairs.clear();
     let mut lists: Vec<(usize, Vec<Label>)> = Vec::new();
     for (index, value) in captured {
         let Some(field) = keep.get(index) else {
@@ -804,9 +831,10 @@ fn kept_values(
             pairs.push((field.label.clone(), KeptValue::Labels(list.into())));
         }
     }
-    Kept::new(pairs)
+    Kept::drain_from(pairs)
 }
 
+/// `text` scrubbed, as a shared label, and whether scrubbing changed it; memoized in `labels`.
 fn scrub_label(
     labels: &mut Memo<(Label, bool)>,
     scrubber: &sightline_privacy::Scrubber,

@@ -16,7 +16,7 @@ use sightline_schemas::Text;
 use sightline_schemas::registry::{
     EventSchema, FieldRule, Kept, KeptKind, ObjectRule, PiiAction, Types,
 };
-use sightline_schemas::{Label, MAX_VIOLATIONS, Violation};
+use sightline_schemas::{MAX_VIOLATIONS, Violation};
 
 /// Names that mark exact coordinates; an event carrying one is rejected, whatever its schema.
 const COORDINATE_NAMES: &[&str] = &[
@@ -32,14 +32,14 @@ const COORDINATE_NAMES: &[&str] = &[
 
 /// What validating one payload found.
 #[derive(Debug, Default)]
-pub struct Checked {
+pub struct Checked<'de> {
     /// Every violation, up to [`MAX_VIOLATIONS`], in document order.
     pub violations: Vec<Violation>,
     /// The latency property's value, if the payload had it.
     pub latency: Option<f64>,
     /// The kept properties' values (`x-sightline.keep`), as `(index into the keep list, value)`,
     /// in document order.
-    pub kept: Vec<(usize, Captured)>,
+    pub kept: Vec<(usize, Captured<'de>)>,
     /// Identifier and contact fields, which are never stored as they arrived.
     pub pseudonymized: u32,
     /// Free-text fields in which the scrubber found personal data or a secret.
@@ -51,14 +51,14 @@ pub struct Checked {
 /// A valid value of a kept property, as the payload had it (the decoder scrubs labels whose
 /// action says so).
 #[derive(Clone, Debug, PartialEq)]
-pub enum Captured {
+pub enum Captured<'de> {
     /// A number, or a boolean as 0 or 1.
     Number(f64),
-    /// A string (a shared label from the start: a kept string that is not scrubbed is stored
-    /// as it is, without a second copy).
-    Text(Label),
+    /// A string, borrowed from the record unless it had escapes: the decoder makes the label
+    /// (shared for a value from a fixed set, scrubbed when the action says so).
+    Text(Cow<'de, str>),
     /// One string of an array of strings.
-    Item(Label),
+    Item(Cow<'de, str>),
 }
 
 /// What the validator picks up on its way, besides violations: the latency measure and the
@@ -93,12 +93,12 @@ impl<'r> Capture<'r> {
 
 /// Validates the JSON object `raw` against `rule`, capturing what `capture` names. JSON
 /// syntax errors come back as `Err`.
-pub fn check_properties(
-    raw: &str,
+pub fn check_properties<'de>(
+    raw: &'de str,
     rule: &ObjectRule,
     capture: Capture<'_>,
     scrubber: &Scrubber,
-) -> Result<Checked, serde_json::Error> {
+) -> Result<Checked<'de>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(raw);
     let checked = check(&mut de, rule, capture, scrubber)?;
     de.end()?;
@@ -111,7 +111,7 @@ fn check<'de, D: de::Deserializer<'de>>(
     rule: &ObjectRule,
     capture: Capture<'_>,
     scrubber: &Scrubber,
-) -> Result<Checked, D::Error> {
+) -> Result<Checked<'de>, D::Error> {
     let mut checked = Checked::default();
     let root = Path {
         parent: None,
@@ -146,46 +146,46 @@ pub(crate) struct PropertiesSeed<'r> {
 }
 
 impl<'de> DeserializeSeed<'de> for PropertiesSeed<'_> {
-    type Value = Option<Checked>;
+    type Value = Option<Checked<'de>>;
 
     fn deserialize<D: de::Deserializer<'de>>(
         self,
         deserializer: D,
-    ) -> Result<Option<Checked>, D::Error> {
+    ) -> Result<Option<Checked<'de>>, D::Error> {
         deserializer.deserialize_option(self)
     }
 }
 
 impl<'de> Visitor<'de> for PropertiesSeed<'_> {
-    type Value = Option<Checked>;
+    type Value = Option<Checked<'de>>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "the event's properties")
     }
 
-    fn visit_none<E: de::Error>(self) -> Result<Option<Checked>, E> {
+    fn visit_none<E: de::Error>(self) -> Result<Option<Checked<'de>>, E> {
         Ok(None)
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Option<Checked>, E> {
+    fn visit_unit<E: de::Error>(self) -> Result<Option<Checked<'de>>, E> {
         Ok(None)
     }
 
     fn visit_some<D: de::Deserializer<'de>>(
         self,
         deserializer: D,
-    ) -> Result<Option<Checked>, D::Error> {
+    ) -> Result<Option<Checked<'de>>, D::Error> {
         check(deserializer, self.rule, self.capture, self.scrubber).map(Some)
     }
 }
 
-struct State<'s, 'r> {
-    checked: &'s mut Checked,
+struct State<'s, 'r, 'de> {
+    checked: &'s mut Checked<'de>,
     capture: Capture<'r>,
     scrubber: &'r Scrubber,
 }
 
-impl State<'_, '_> {
+impl State<'_, '_, '_> {
     fn violation(&mut self, path: &Path<'_>, keyword: &'static str, message: impl fmt::Display) {
         if self.checked.violations.len() < MAX_VIOLATIONS {
             self.checked.violations.push(Violation {
@@ -233,10 +233,10 @@ enum Rule<'r> {
     Object(&'r ObjectRule),
 }
 
-struct ValueSeed<'a, 's, 'r> {
+struct ValueSeed<'a, 's, 'r, 'de> {
     rule: Rule<'r>,
     path: &'a Path<'a>,
-    state: &'a mut State<'s, 'r>,
+    state: &'a mut State<'s, 'r, 'de>,
     /// 0 for the `properties` object itself, 1 for its fields, and so on.
     depth: u32,
     /// The index of the top-level property this value is in (for captures); meaningless at
@@ -244,7 +244,7 @@ struct ValueSeed<'a, 's, 'r> {
     top: usize,
 }
 
-impl<'de> DeserializeSeed<'de> for ValueSeed<'_, '_, '_> {
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_, '_, '_, 'de> {
     type Value = ();
 
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
@@ -252,7 +252,7 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_, '_, '_> {
     }
 }
 
-impl ValueSeed<'_, '_, '_> {
+impl<'de> ValueSeed<'_, '_, '_, 'de> {
     fn types(&self) -> Types {
         match self.rule {
             Rule::Field(f) => f.types,
@@ -311,7 +311,7 @@ impl ValueSeed<'_, '_, '_> {
     }
 
     /// Records the value of a kept top-level property (the one this value is in).
-    fn capture(&mut self, kind: KeptKind, value: impl FnOnce() -> Captured) {
+    fn capture(&mut self, kind: KeptKind, value: impl FnOnce() -> Captured<'de>) {
         if self.state.capture.keep.is_empty() {
             return;
         }
@@ -320,7 +320,9 @@ impl ValueSeed<'_, '_, '_> {
         }
     }
 
-    fn string(mut self, value: &str) {
+    /// Checks the string `value`; `text` gives it for a capture (borrowed from the record when
+    /// it can be).
+    fn string(mut self, value: &str, text: impl FnOnce() -> Cow<'de, str>) {
         if !self.type_ok(Types::STRING) {
             return;
         }
@@ -369,10 +371,8 @@ impl ValueSeed<'_, '_, '_> {
             return;
         }
         match (self.depth, &self.path.segment) {
-            (1, _) => self.capture(KeptKind::Label, || Captured::Text(Label::from(value))),
-            (2, Segment::Index(_)) => {
-                self.capture(KeptKind::Labels, || Captured::Item(Label::from(value)))
-            }
+            (1, _) => self.capture(KeptKind::Label, || Captured::Text(text())),
+            (2, Segment::Index(_)) => self.capture(KeptKind::Labels, || Captured::Item(text())),
             _ => {}
         }
         self.privacy(Some(value));
@@ -406,7 +406,7 @@ fn truncate(s: &str) -> Cow<'_, str> {
     }
 }
 
-impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
+impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_, 'de> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -442,7 +442,12 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        self.string(v);
+        self.string(v, || Cow::Owned(v.to_owned()));
+        Ok(())
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<(), E> {
+        self.string(v, || Cow::Borrowed(v));
         Ok(())
     }
 
@@ -555,7 +560,7 @@ mod tests {
     use super::*;
     use sightline_schemas::registry::Registry;
 
-    fn check(event: &str, raw: &str) -> Checked {
+    fn check<'r>(event: &str, raw: &'r str) -> Checked<'r> {
         let (_, spec) = Registry::embedded().event(event).unwrap();
         let schema = spec.default_schema().unwrap();
         check_properties(

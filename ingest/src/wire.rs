@@ -66,7 +66,7 @@ pub(crate) enum Properties<'a> {
     Raw(&'a RawValue),
     /// Validated while it was read, against this schema (chosen from the `event_name` and
     /// `schema_version` read before it).
-    Checked(Checked, &'static EventSchema),
+    Checked(Checked<'a>, &'static EventSchema),
 }
 
 /// How [`read`] treats `properties`.

@@ -52,11 +52,19 @@ pub struct Kept(Option<Arc<[(Label, KeptValue)]>>);
 impl Kept {
     /// Kept values from pairs (sorted here).
     pub fn new(mut pairs: Vec<(Label, KeptValue)>) -> Kept {
-        if pairs.is_empty() {
+        Kept::drain_from(&mut pairs)
+    }
+
+    /// Kept values from the pairs in `scratch` (sorted here), which is left empty with its
+    /// capacity: a decoder reuses one buffer for every event, and the shared list is the
+    /// event's one allocation for its kept values (a drained `Vec` has an exact length, so the
+    /// list is allocated once, at its size).
+    pub fn drain_from(scratch: &mut Vec<(Label, KeptValue)>) -> Kept {
+        if scratch.is_empty() {
             return Kept(None);
         }
-        pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        Kept(Some(pairs.into()))
+        scratch.sort_by(|a, b| a.0.cmp(&b.0));
+        Kept(Some(scratch.drain(..).collect()))
     }
 
     /// Every kept pair, sorted by property name.

@@ -308,6 +308,9 @@ pub struct Kept {
     /// Whether its values are scrubbed first (its action is `scrub`); other labels are kept
     /// as they are, like the identifiers and enums they are (`x-pii: none`).
     pub scrub: bool,
+    /// Whether its strings come from a fixed set (the schema lists them in an `enum`), so that
+    /// a decoder can share one label per value instead of allocating one per event.
+    pub bounded: bool,
 }
 
 /// One version of one event's schema.
@@ -869,6 +872,7 @@ fn compile_keep(
                 ));
             };
             let mut scrub = false;
+            let mut bounded = false;
             let kind = if measures {
                 let numeric = Types::NUMBER.0 | Types::INTEGER.0 | Types::BOOLEAN.0 | Types::NULL.0;
                 if rule.types.0 & !numeric != 0 || rule.action != PiiAction::Keep {
@@ -899,6 +903,7 @@ fn compile_keep(
                     ));
                 }
                 scrub = rule.action == PiiAction::Scrub;
+                bounded = rule.enum_values.is_some();
                 kind
             };
             kept.push(Kept {
@@ -906,6 +911,7 @@ fn compile_keep(
                 label: crate::Label::from(name),
                 kind,
                 scrub,
+                bounded,
             });
         }
     }
