@@ -694,12 +694,16 @@ impl Decoder {
             Some(true) => wire.country.as_deref().map(&mut label),
             _ => None,
         };
+        // Kept properties: the validator counted the ones it found personal data in already
+        // (`checked.scrubbed`), so their labels are scrubbed here without counting again.
+        let (labels, scrubber) = (&mut self.labels, &self.privacy.scrubber);
+        let mut scrub = |text: &str| scrub_label(labels, scrubber, text).0;
         let kept_labels = &mut self.kept_labels;
         let mut share = |text: &str| kept_labels.get_or_derive(text, |v| Label::from(v));
         let kept = kept_values(
             &schema.keep,
             checked.kept,
-            (&mut label, &mut share),
+            (&mut scrub, &mut share),
             &mut self.kept_buffer,
         );
         let app_version = self
@@ -1286,6 +1290,76 @@ mod tests {
         let scrubbed = warm.decode(lines[2].as_bytes()).unwrap();
         assert_eq!(&*scrubbed.experiment_assignments[0].1, "call [phone]");
         assert_eq!(scrubbed.privacy.scrubbed, 1);
+    }
+
+    #[test]
+    fn kept_values_are_labelled_once_whatever_the_field_order() {
+        let integration = |name: &str, properties_first: bool| {
+            let mut f = fields(&[
+                ("event_name", r#""integration_call_success""#),
+                ("event_type", r#""system_health""#),
+                (
+                    "properties",
+                    &format!(
+                        r#"{{"integration":"{name}","endpoint":"/x","method":"GET","status_code":200,"duration_ms":5}}"#
+                    ),
+                ),
+            ]);
+            if properties_first {
+                let at = f.iter().position(|(k, _)| k == "properties").unwrap();
+                let p = f.remove(at);
+                f.insert(0, p);
+            }
+            join(&f)
+        };
+        let mut d = decoder();
+        // An enum field: every event of one value shares one label, in either field order
+        // (properties validated on the envelope pass, or read again afterwards).
+        let a = d.decode(integration("hubspot", false).as_bytes()).unwrap();
+        let b = d.decode(integration("hubspot", true).as_bytes()).unwrap();
+        let (la, lb) = (a.kept.label("integration"), b.kept.label("integration"));
+        assert_eq!(la.map(|l| &**l), Some("hubspot"));
+        assert!(Arc::ptr_eq(la.unwrap(), lb.unwrap()), "not shared");
+        assert_eq!(a.kept.measure("status_code"), Some(200.0));
+        // An escaped string is captured owned and reads as its value.
+        let escaped = d
+            .decode(integration("hub\\u0073pot", false).as_bytes())
+            .unwrap();
+        assert_eq!(
+            escaped.kept.label("integration").map(|l| &**l),
+            Some("hubspot")
+        );
+        // A free-text field is scrubbed; an identifier is kept as it came.
+        let dismissed = |reason: &str, id: &str| {
+            line(&[
+                ("event_name", r#""recommendation_dismissed""#),
+                ("event_type", r#""action""#),
+                (
+                    "properties",
+                    &format!(
+                        r#"{{"recommendation_id":"{id}","queue_item_id":"q","aps_score":40,"action_type":"send_email","dismiss_reason":"{reason}"}}"#
+                    ),
+                ),
+            ])
+        };
+        let e = d
+            .decode(dismissed("mail jane@example.com", "rec\\u0031").as_bytes())
+            .unwrap();
+        assert_eq!(
+            e.kept.label("dismiss_reason").map(|l| &**l),
+            Some("mail [email]")
+        );
+        assert_eq!(
+            e.kept.label("recommendation_id").map(|l| &**l),
+            Some("rec1")
+        );
+        assert_eq!(e.privacy.scrubbed, 1);
+        assert_eq!(
+            e,
+            decoder()
+                .decode(dismissed("mail jane@example.com", "rec\\u0031").as_bytes())
+                .unwrap()
+        );
     }
 
     #[test]
