@@ -171,12 +171,21 @@ impl Schedule {
 /// their inputs in event-time order, and only then is the order known).
 pub struct Pending<T> {
     by_time: BTreeMap<Time, Vec<T>>,
+    /// Emptied buffers of times already taken, with their capacity: a new time's items go
+    /// into one of them instead of a buffer that grows by doubling (copying its items each
+    /// time, into memory no cache holds).
+    spare: Vec<Vec<T>>,
 }
+
+/// Emptied buffers a [`Pending`] keeps for reuse (times wait only for the allowed lateness,
+/// so a few are in use at once).
+const SPARE_BUFFERS: usize = 8;
 
 impl<T> Default for Pending<T> {
     fn default() -> Self {
         Pending {
             by_time: BTreeMap::new(),
+            spare: Vec::new(),
         }
     }
 }
@@ -188,7 +197,11 @@ impl<T: Clone> Pending<T> {
         if diff <= 0 {
             return;
         }
-        let at = self.by_time.entry(time).or_default();
+        let spare = &mut self.spare;
+        let at = self
+            .by_time
+            .entry(time)
+            .or_insert_with(|| spare.pop().unwrap_or_default());
         for _ in 1..diff {
             at.push(item.clone());
         }
@@ -215,6 +228,9 @@ impl<T: Clone> Pending<T> {
                 items.sort_by_cached_key(&order);
             }
             ready.append(&mut items);
+            if self.spare.len() < SPARE_BUFFERS {
+                self.spare.push(items);
+            }
         }
         if !ready.is_sorted_by_key(&order) {
             ready.sort_by_cached_key(order);
