@@ -205,11 +205,9 @@ pub struct Decoder {
     /// Envelope labels (feature areas, surfaces, workflows, experiment ids and variants) →
     /// the label after scrubbing, and whether scrubbing changed it.
     labels: Memo<(Label, bool)>,
-    /// `app_version` values (kept as they are).
-    versions: Memo<Label>,
-    /// Kept property values from a fixed set (`enum`), kept as they are
-    /// ([`KeptField::bounded`]).
-    kept_labels: Memo<Label>,
+    /// Labels stored as they came, from small sets: `app_version` values, and kept property
+    /// values from a fixed set (`enum`, [`KeptField::bounded`]).
+    verbatim: Memo<Label>,
     /// The raw JSON of `experiment_assignments` → the sorted, scrubbed pairs and how many of
     /// their strings scrubbing changed; `None` when the JSON is not an object of strings.
     assignments: Memo<Option<(Assignments, u16)>>,
@@ -281,8 +279,7 @@ impl Decoder {
             privacy: Privacy::new(keys),
             format: Format::Envelope,
             labels: Memo::new(LABEL_MEMO),
-            versions: Memo::new(LABEL_MEMO),
-            kept_labels: Memo::new(LABEL_MEMO),
+            verbatim: Memo::new(LABEL_MEMO),
             assignments: Memo::new(LABEL_MEMO),
             tenants: Memo::new(LABEL_MEMO),
             links: LinkFields::default(),
@@ -698,8 +695,8 @@ impl Decoder {
         // (`checked.scrubbed`), so their labels are scrubbed here without counting again.
         let (labels, scrubber) = (&mut self.labels, &self.privacy.scrubber);
         let mut scrub = |text: &str| scrub_label(labels, scrubber, text).0;
-        let kept_labels = &mut self.kept_labels;
-        let mut share = |text: &str| kept_labels.get_or_derive(text, |v| Label::from(v));
+        let verbatim = &mut self.verbatim;
+        let mut share = |text: &str| verbatim.get_or_derive(text, |v| Label::from(v));
         let kept = kept_values(
             &schema.keep,
             checked.kept,
@@ -707,7 +704,7 @@ impl Decoder {
             &mut self.kept_buffer,
         );
         let app_version = self
-            .versions
+            .verbatim
             .get_or_derive(&wire.app_version, |v| Label::from(v));
         Ok(Event {
             event_time_ms,
